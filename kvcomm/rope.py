@@ -1,0 +1,70 @@
+"""Rotary position embeddings (HF "rotate_half" convention) and exact re-rotation of cached keys.
+
+Keys are stored post-RoPE. Because R(a)R(b) = R(a+b), moving a cached key from position p to q is one more
+rotation by q - p; values never change. All angles are computed in fp32 exactly as transformers computes them
+(``inv_freq[:, None] @ positions[None, :]``), so the runner matches transformers to float rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .model_spec import ModelSpec
+
+
+def inverse_frequencies(spec: ModelSpec) -> torch.Tensor:
+    """[head_dim // 2] fp32 inverse frequencies, with llama3 scaling applied when the spec asks for it."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = spec.rope_scaling
+    if scaling and scaling.get("rope_type") == "llama3":
+        factor = scaling["factor"]
+        low_freq_factor = scaling["low_freq_factor"]
+        high_freq_factor = scaling["high_freq_factor"]
+        old_context_len = scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, inv_freq_llama)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rope:
+    """RoPE tables for one model on one device."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device | str = "cpu"):
+        self.spec = spec
+        self.inv_freq = inverse_frequencies(spec).to(device)  # [head_dim // 2], fp32
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [len(positions), head_dim] for integer positions, computed in fp32, cast to dtype."""
+        freqs = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [..., tokens, head_dim] by per-token angles (cos/sin [tokens, head_dim])."""
+        return x * cos + rotate_half(x) * sin
+
+    def shift_keys(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """Move post-RoPE keys [..., tokens, head_dim] by `delta` positions (may be negative).
+
+        The rotation is computed in fp32 whatever the storage dtype and cast back; delta 0 returns `keys` itself.
+        """
+        if delta == 0:
+            return keys
+        angle = float(delta) * self.inv_freq.double()  # fp64 angle of one constant shift: exact composition
+        emb = torch.cat((angle, angle)).float()
+        cos, sin = emb.cos(), emb.sin()
+        k32 = keys.float()
+        return (k32 * cos + rotate_half(k32) * sin).to(keys.dtype)
