@@ -1,0 +1,99 @@
+"""The `kvcomm` command line: demo, run, submit, serve, and the benchmarks.
+
+Each subcommand imports what it needs when it runs, so `kvcomm --help` is instant and a CPU-only machine
+never imports GPU code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _write_json(path: str | None, report: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="embedded name, HF checkpoint dir, .gguf file, or preset (with --random-weights)")
+    p.add_argument("--random-weights", action="store_true", help="random weights for a preset architecture")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+
+
+def cmd_bench_runner(args: argparse.Namespace) -> int:
+    from kvcomm.bench import runner_bench
+    report = runner_bench.run(args.model, device=args.device, dtype=args.dtype, random_weights=args.random_weights,
+                              repeats=args.repeats, decode_tokens=args.decode_tokens,
+                              prefill_lengths=tuple(int(x) for x in args.prefill.split(",")),
+                              batch_sizes=tuple(int(x) for x in args.batches.split(",")))
+    print(runner_bench.markdown_table(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kvcomm.harness.jobs import load_jobs
+    from kvcomm.job_runner import run_job
+    from kvcomm.session import build_engine
+    jobs = load_jobs(args.job)
+    engine = build_engine(args.model, device=args.device, dtype=args.dtype, random_weights=args.random_weights)
+    results = []
+    for job in jobs:
+        for mode in (args.mode.split(",") if args.mode else [job.mode]):
+            print(f"== job {job.id}  mode {mode}")
+            result = run_job(engine, job, mode=mode, on_turn=lambda t: print(
+                f"-- agent {t.agent_id} ({t.role}, round {t.round})  TTFT {t.ttft_s*1e3:.0f} ms  "
+                f"{'reused' if t.reused else 'prefilled'} [{t.reason}]\n{t.text.strip()}\n", flush=True))
+            print(f"== final answer: {result.final_answer.strip()}\n== reuse rate {result.reuse_rate:.0%}  "
+                  f"wall {result.wall_s:.1f} s\n")
+            results.append(result.to_dict())
+    _write_json(args.json, {"results": results})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcomm", description="KVCOMM multi-agent KV sharing on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run multi-agent job(s) from a JSON/JSONL/YAML file in this process")
+    p.add_argument("job")
+    p.add_argument("--mode", default=None, help="override the job's mode; a comma list runs each")
+    p.add_argument("--json", default=None)
+    _model_args(p)
+    p.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("runner", help="our runner vs transformers: prefill ms and decode tok/s")
+    _model_args(p)
+    p.add_argument("--prefill", default="256,512,1024,2048")
+    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_bench_runner)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _apply_threads(args)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`kvcomm bench runner`: our model runner against transformers' own model, side by side in one run.
+
+Prefill latency at several prompt lengths and decode throughput at several batch sizes, on identical weights
+and identical token ids, alternating the two implementations so drift on a shared machine hits both alike.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..generation import DecodeBatch, Sampling
+from ..model_loading import build_hf_model, load_model
+from ..runner import ModelRunner
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run(model: str = "smollm2-135m-instruct", *, prefill_lengths=(256, 512, 1024, 2048), batch_sizes=(1, 4, 16),
+        decode_tokens: int = 32, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
+        random_weights: bool = False, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    loaded = load_model(model, device=device, dtype=dtype, random_weights=random_weights)
+    runner = ModelRunner(loaded.spec, loaded.state_dict)
+    hf = build_hf_model(loaded)
+    gen = torch.Generator().manual_seed(0)
+    vocab = loaded.spec.vocab_size
+    rows: list[dict[str, Any]] = []
+
+    for n in prefill_lengths:
+        ids = torch.randint(0, vocab, (n,), generator=gen).to(loaded.device)
+
+        def ours() -> None:
+            runner.prefill(ids)
+
+        def theirs() -> None:
+            with torch.inference_mode():
+                hf(ids[None], logits_to_keep=1)
+
+        t_ours, t_hf = _median_time(ours, repeats), _median_time(theirs, repeats)
+        rows.append({"kind": "prefill", "tokens": n, "ours_ms": t_ours * 1e3, "transformers_ms": t_hf * 1e3,
+                     "speedup": t_hf / t_ours})
+        progress(f"prefill {n:5d} tokens: ours {t_ours*1e3:8.1f} ms   transformers {t_hf*1e3:8.1f} ms")
+
+    prompt_len = 128
+    for b in batch_sizes:
+        prompts = torch.randint(0, vocab, (b, prompt_len), generator=gen).to(loaded.device)
+        sampling = Sampling(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens)
+
+        def ours_decode() -> float:
+            batch = DecodeBatch(runner)
+            for row in prompts:
+                logits, kv = runner.prefill(row, extra_capacity=decode_tokens + 1)
+                batch.add(kv, logits[-1], sampling)
+            t = time.perf_counter()
+            batch.run_until_done()
+            return time.perf_counter() - t
+
+        def theirs_decode() -> float:
+            with torch.inference_mode():
+                out = hf(prompts, use_cache=True, logits_to_keep=1)
+                cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+                t = time.perf_counter()
+                for _ in range(decode_tokens):
+                    out = hf(token, cache=cache, use_cache=True)
+                    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+                return time.perf_counter() - t
+
+        ours_decode(), theirs_decode()  # warm-up
+        t_ours = statistics.median(ours_decode() for _ in range(repeats))
+        t_hf = statistics.median(theirs_decode() for _ in range(repeats))
+        tok_ours, tok_hf = b * decode_tokens / t_ours, b * decode_tokens / t_hf
+        rows.append({"kind": "decode", "batch": b, "ours_tok_s": tok_ours, "transformers_tok_s": tok_hf,
+                     "speedup": tok_ours / tok_hf})
+        progress(f"decode batch {b:3d}: ours {tok_ours:8.1f} tok/s   transformers {tok_hf:8.1f} tok/s")
+    return {"benchmark": "runner", "model": loaded.source, "device": str(loaded.device), "dtype": str(loaded.dtype),
+            "threads": torch.get_num_threads(), "attention": runner.attention_backend, "rows": rows}
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = ["| measurement | ours | transformers | ours vs transformers |", "|---|---|---|---|"]
+    for r in report["rows"]:
+        if r["kind"] == "prefill":
+            lines.append(f"| prefill {r['tokens']} tokens | {r['ours_ms']:.0f} ms | {r['transformers_ms']:.0f} ms "
+                         f"| {r['speedup']:.2f}x |")
+        else:
+            lines.append(f"| decode batch {r['batch']} | {r['ours_tok_s']:.1f} tok/s | "
+                         f"{r['transformers_tok_s']:.1f} tok/s | {r['speedup']:.2f}x |")
+    return "\n".join(lines)

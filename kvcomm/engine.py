@@ -1,0 +1,383 @@
+"""The per-turn engine: builds one agent turn's KV cache in the requested serving mode and generates.
+
+Modes, all on the same runner and the same token sequence:
+  dense         full prefill of the whole prompt (the oracle)
+  dense-prefix  exact prefix caching of the agent's leading fixed segment, prefill of the rest
+  naive         reuse every placeholder's base KV and every fixed segment, positions re-rotated, no offsets
+  cacheblend    naive assembly, then the worst-deviating tokens recomputed from the check layer on
+  kvcomm        naive assembly plus offsets interpolated from the anchor pool, gated by entropy with a
+                dense fallback that records a new anchor
+  hybrid        kvcomm's assembly, then CacheBlend-style recompute of the worst-matching tokens
+
+The engine owns per-process caches (each agent's fixed-segment KV, shared contents' base KV) and reads and
+stages anchors through an `AnchorPool`-like object. It holds no global state: a Ray worker owns one engine.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .anchor_pool import AnchorPool, PoolTransaction
+from .config import KVCommConfig
+from .gate import gate
+from .generation import DecodeBatch, Sampling, SequenceState, result_of
+from .kv import KVSegment, concat
+from .offsets import estimate_offsets
+from .runner import ModelRunner, SequenceKV
+from .templates import AgentTemplate, RenderedTemplate, TemplateError, render_template
+
+MODES = ("dense", "dense-prefix", "naive", "cacheblend", "kvcomm", "hybrid")
+
+
+class ContextLengthError(ValueError):
+    """A prompt plus its output budget does not fit the model's context."""
+
+
+@dataclass
+class SharedContent:
+    """A placeholder's content: its tokens and its base KV at positions 0..n-1 (computed once, shared)."""
+    kind: str                          # "input" | "response" | "condition"
+    token_ids: tuple[int, ...]
+    base: KVSegment | None = None      # [layers, kv_heads, n, head_dim] at positions 0..n-1
+    content_key: str = ""              # hash of (kind, tokens): identifies the content within a namespace
+    anchor_ids: dict[str, str] = field(default_factory=dict)  # placeholder name -> anchor staged for it
+    gate_reason: dict[str, str] = field(default_factory=dict)  # placeholder name -> gate decision reason
+
+    def __post_init__(self) -> None:
+        if not self.content_key:
+            self.content_key = hashlib.sha256(repr((self.kind, self.token_ids)).encode()).hexdigest()[:20]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class TurnRequest:
+    agent: AgentTemplate
+    contents: Mapping[str, SharedContent]   # placeholder name -> content
+    mode: str = "kvcomm"
+    sampling: Sampling = field(default_factory=Sampling)
+    namespace: str = "default"
+    transaction: PoolTransaction | None = None   # the job's staged pool updates (kvcomm and hybrid modes)
+
+
+@dataclass
+class TurnResult:
+    agent_id: str
+    mode: str
+    token_ids: list[int]
+    text: str
+    first_logits: torch.Tensor       # [vocab] fp32
+    reused: bool                     # skipped the prefill of every placeholder and fixed segment
+    reason: str                      # why: "reused", "dense_mode", "new_anchor:<gate reason>", ...
+    prompt_ids: list[int]
+    ttft_s: float
+    total_s: float
+    timings: dict[str, float]        # fetch, align, offset, prefill (tail or full), decode
+    recomputed_tokens: int           # prompt tokens that went through the model before the first token
+    response: SharedContent | None = None
+    finish_reason: str = ""
+
+
+@dataclass
+class _AgentState:
+    rendered: RenderedTemplate
+    fixed_kv: list[KVSegment]        # each fixed segment's KV at its template positions
+
+
+@dataclass
+class _Prepared:
+    """A turn whose prompt is in its KV buffer, ready to decode."""
+    request: TurnRequest
+    kv: SequenceKV
+    last_logits: torch.Tensor
+    prompt_ids: list[int]
+    reused: bool
+    reason: str
+    started: float
+    timings: dict[str, float]
+    recomputed: int
+
+
+class KVCommEngine:
+    """One model, one process: agent templates, shared contents, and turns in any mode."""
+
+    def __init__(self, runner: ModelRunner, tokenizer: Any, config: KVCommConfig | None = None,
+                 pool: AnchorPool | None = None):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config or KVCommConfig()
+        self.pool = pool if pool is not None else AnchorPool(self.config, runner.rope)
+        self.spec = runner.spec
+        self._agents: dict[str, _AgentState] = {}
+        self._lead_in = self._input_lead_in()
+        self._lead_in_kv: KVSegment | None = None
+        self._weight_cache: dict = {}
+
+    # ---- templates and contents ---------------------------------------------------------------------------
+    def _input_lead_in(self) -> tuple[int, ...]:
+        """Tokens prepended when computing an input's base KV in isolation (then dropped): a user-turn header,
+        so the content's first token is not the attention sink."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            marker = "\u2063KVCOMM\u2063"
+            text = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+            head = text.split(marker)[0]
+            return tuple(tok.encode(head, add_special_tokens=False))
+        bos = getattr(tok, "bos_token_id", None)
+        return (bos,) if bos is not None else ()
+
+    def agent_state(self, template: AgentTemplate) -> _AgentState:
+        """The agent's rendered template and fixed-segment KV, computed once per template (by content)."""
+        rendered = render_template(template, self.tokenizer)
+        state = self._agents.get(rendered.key)
+        if state is None:
+            ids = rendered.template_ids()
+            self._check_fits(len(ids), 0, template.agent_id)
+            _, kv = self.runner.prefill(ids)
+            segments, cursor = [], 0
+            spans = [len(rendered.fixed[0])]
+            for marker, fixed in zip(rendered.marker_ids, rendered.fixed[1:]):
+                spans += [len(marker), len(fixed)]
+            for i, n in enumerate(spans):
+                if i % 2 == 0:  # fixed segment (odd entries are placeholder markers)
+                    segments.append(_copy(kv.segment(cursor, cursor + n)))   # copied out of the buffer
+                cursor += n
+            state = _AgentState(rendered, segments)
+            self._agents[rendered.key] = state
+        return state
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def make_input(self, text_or_ids: str | Sequence[int], kind: str = "input") -> SharedContent:
+        """A user input or condition: its base KV computed once in isolation (after the lead-in, dropped)."""
+        ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else tuple(int(t) for t in text_or_ids)
+        content = SharedContent(kind=kind, token_ids=ids)
+        if ids:
+            self._check_fits(len(self._lead_in) + len(ids), 0, f"{kind} content")
+            context = self._lead_in_cache()
+            _, kv = self.runner.prefill(ids, context=context)
+            seg = kv.segment(len(self._lead_in))
+            content.base = KVSegment(seg.keys.clone(), seg.values.clone(), seg.start).shifted(self.runner.rope, 0)
+        else:
+            content.base = KVSegment.empty(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
+                                           dtype=self.runner.dtype, device=self.runner.device)
+        return content
+
+    def _lead_in_cache(self) -> KVSegment | None:
+        if not self._lead_in:
+            return None
+        if self._lead_in_kv is None:
+            _, kv = self.runner.prefill(self._lead_in)
+            seg = kv.segment()
+            self._lead_in_kv = KVSegment(seg.keys.clone(), seg.values.clone(), 0)
+        return self._lead_in_kv
+
+    def _check_fits(self, prompt_len: int, new_tokens: int, what: str) -> None:
+        limit = self.spec.max_position_embeddings
+        if prompt_len + new_tokens > limit:
+            raise ContextLengthError(f"{what}: {prompt_len} prompt tokens + {new_tokens} new tokens exceed the "
+                                     f"model's context of {limit}")
+
+    # ---- anchors: the gate on new content -----------------------------------------------------------------
+    def offer_content(self, namespace: str, placeholder: str, content: SharedContent,
+                      txn: PoolTransaction | None) -> str:
+        """Run the entropy gate on new content for `placeholder`; stage a new anchor when it says so.
+
+        Returns the gate's reason. Content flagged as a new anchor sends every consumer to a dense prefill.
+        """
+        if txn is None or content.base is None or content.num_tokens == 0:
+            return "no_pool"
+        snapshot = self.pool.snapshot(namespace)
+        decision = gate(content.base, snapshot.anchors(placeholder), self.config)
+        content.gate_reason[placeholder] = decision.reason
+        if decision.new_anchor:
+            content.anchor_ids[placeholder] = txn.add_anchor(placeholder, content.base)
+        elif decision.activated_ids:
+            txn.activate(decision.activated_ids)
+        return decision.reason
+
+    # ---- turns --------------------------------------------------------------------------------------------
+    def run_turn(self, request: TurnRequest) -> TurnResult:
+        return self.run_turns([request])[0]
+
+    def run_turns(self, requests: Sequence[TurnRequest]) -> list[TurnResult]:
+        """Prepare every turn's cache (one after another), then decode them together in one batch."""
+        batch = DecodeBatch(self.runner, max_batch_size=max(1, len(requests)))
+        prepared, states = [], []
+        for request in requests:
+            p = self.prepare(request)
+            prepared.append(p)
+            states.append(batch.add(p.kv, p.last_logits[-1], request.sampling, started_at=p.started))
+        decode_start = time.perf_counter()
+        batch.run_until_done()
+        decode_s = time.perf_counter() - decode_start
+        return [self.finish(p, s, decode_s) for p, s in zip(prepared, states)]
+
+    def prepare(self, request: TurnRequest) -> _Prepared:
+        """Build the turn's KV cache up to the first token's logits, in the request's mode."""
+        if request.mode not in MODES:
+            raise ValueError(f"unknown mode {request.mode!r}; modes: {', '.join(MODES)}")
+        started = time.perf_counter()
+        state = self.agent_state(request.agent)
+        rendered = state.rendered
+        missing = [p for p in rendered.placeholders if p not in request.contents]
+        if missing:
+            raise TemplateError(f"agent {request.agent.agent_id!r}: no content for placeholder(s) "
+                                f"{', '.join(missing)}")
+        contents = [request.contents[p] for p in rendered.placeholders]
+        prompt_ids = rendered.fill({p: c.token_ids for p, c in zip(rendered.placeholders, contents)})
+        self._check_fits(len(prompt_ids), request.sampling.max_new_tokens, f"agent {request.agent.agent_id!r}")
+
+        mode = request.mode
+        if mode in ("kvcomm", "hybrid"):
+            dense_reason = self._needs_dense(request, state, contents)
+            if dense_reason is not None:
+                return self._dense(request, state, contents, prompt_ids, started, dense_reason, record=True)
+        if mode == "dense":
+            return self._dense(request, state, contents, prompt_ids, started, "dense_mode", record=False)
+        if mode == "dense-prefix":
+            return self._dense(request, state, contents, prompt_ids, started, "dense_prefix_mode", record=False,
+                               reuse_prefix=True)
+        return self._reuse(request, state, contents, prompt_ids, started)
+
+    def _needs_dense(self, request: TurnRequest, state: _AgentState,
+                     contents: Sequence[SharedContent]) -> str | None:
+        """Why this kvcomm turn must prefill densely (and record anchors), or None when it can reuse."""
+        if request.transaction is None:
+            return None
+        for name, content in zip(state.rendered.placeholders, contents):
+            if name in content.anchor_ids:
+                return "new_anchor:" + content.gate_reason.get(name, "gate")
+        if not self.config.rerotate_deltas:
+            return None   # reference mode: a placeholder without compatible anchors is reused naively
+        snapshot = self.pool.snapshot(request.namespace)
+        consumer = state.rendered.key
+        for name, content in zip(state.rendered.placeholders, contents):
+            if content.num_tokens == 0:
+                continue
+            usable = [a for a in snapshot.anchors(name)
+                      if a.num_tokens >= content.num_tokens and consumer in a.deltas]
+            if not usable:
+                # promote the content to an anchor so this consumer's deltas get learned
+                content.anchor_ids[name] = request.transaction.add_anchor(name, content.base)
+                content.gate_reason[name] = "no_compatible_anchor"
+                return "no_compatible_anchor"
+        return None
+
+    def _dense(self, request: TurnRequest, state: _AgentState, contents: Sequence[SharedContent],
+               prompt_ids: list[int], started: float, reason: str, *, record: bool,
+               reuse_prefix: bool = False) -> _Prepared:
+        t0 = time.perf_counter()
+        n_prefix = len(state.rendered.fixed[0]) if reuse_prefix else 0
+        if n_prefix and n_prefix < len(prompt_ids):
+            logits, kv = self.runner.prefill(prompt_ids[n_prefix:], context=state.fixed_kv[0],
+                                             extra_capacity=request.sampling.max_new_tokens + 1)
+        else:
+            n_prefix = 0
+            logits, kv = self.runner.prefill(prompt_ids, extra_capacity=request.sampling.max_new_tokens + 1)
+        timings = {"prefill": time.perf_counter() - t0}
+        if record and request.transaction is not None:
+            t1 = time.perf_counter()
+            self._record_deltas(request, state, contents, kv)
+            timings["record"] = time.perf_counter() - t1
+        return _Prepared(request, kv, logits, prompt_ids, False, reason, started, timings,
+                         len(prompt_ids) - n_prefix)
+
+    def _record_deltas(self, request: TurnRequest, state: _AgentState, contents: Sequence[SharedContent],
+                       kv: SequenceKV) -> None:
+        """Stage real-minus-base deltas for every placeholder of this turn that is a new anchor."""
+        rope = self.runner.rope
+        layout = state.rendered.layout([c.num_tokens for c in contents])
+        for i, (name, content) in enumerate(zip(state.rendered.placeholders, contents)):
+            anchor_id = content.anchor_ids.get(name)
+            if anchor_id is None or content.num_tokens == 0:
+                continue
+            ph_start, ph_end = layout.placeholder_spans[i]
+            pf_start, pf_end = layout.fixed_spans[i + 1]
+            request.transaction.add_deltas(
+                anchor_id, state.rendered.key,
+                ph_real=_copy(kv.segment(ph_start, ph_end)), ph_base_rotated=content.base.shifted(rope, ph_start),
+                pf_real=_copy(kv.segment(pf_start, pf_end)),
+                pf_base=state.fixed_kv[i + 1].shifted(rope, pf_start))
+
+    def _reuse(self, request: TurnRequest, state: _AgentState, contents: Sequence[SharedContent],
+               prompt_ids: list[int], started: float) -> _Prepared:
+        rope, cfg, mode = self.runner.rope, self.config, request.mode
+        rendered = state.rendered
+        layout = rendered.layout([c.num_tokens for c in contents])
+        timings = {"fetch": 0.0, "align": 0.0, "offset": 0.0}
+        t = time.perf_counter()
+        bases = [c.base for c in contents]   # in-process: already here (Ray workers time their fetch)
+        timings["fetch"] += time.perf_counter() - t
+        snapshot = self.pool.snapshot(request.namespace) if mode in ("kvcomm", "hybrid") else None
+
+        pieces: list[KVSegment] = [state.fixed_kv[0]]
+        for i, (name, content) in enumerate(zip(rendered.placeholders, contents)):
+            t = time.perf_counter()
+            ph = bases[i].shifted(rope, layout.placeholder_spans[i][0])
+            pf = state.fixed_kv[i + 1].shifted(rope, layout.fixed_spans[i + 1][0])
+            timings["align"] += time.perf_counter() - t
+            if snapshot is not None and content.num_tokens:
+                t = time.perf_counter()
+                estimate = estimate_offsets(ph, pf, snapshot.anchors(name), rendered.key, rope, cfg,
+                                            weight_cache=None if cfg.per_consumer_weights else self._weight_cache)
+                if estimate is not None:
+                    ph = ph.plus(estimate.ph_key, estimate.ph_value)
+                    pf = pf.plus(estimate.pf_key, estimate.pf_value)
+                timings["offset"] += time.perf_counter() - t
+            pieces += [ph, pf]
+
+        t = time.perf_counter()
+        tail_len = self._tail_length(rendered, len(prompt_ids))
+        assembled = concat([p for p in pieces if p.num_tokens]).slice(0, len(prompt_ids) - tail_len)
+        tail_ids = torch.tensor(prompt_ids[len(prompt_ids) - tail_len:], dtype=torch.int64)
+        timings["align"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        extra = request.sampling.max_new_tokens + 1
+        if mode in ("cacheblend", "hybrid"):
+            ratio = cfg.blend_recompute_ratio if mode == "cacheblend" else cfg.hybrid_recompute_ratio
+            logits, kv, selected = self.runner.blend_prefill(
+                assembled, torch.tensor(prompt_ids[:assembled.num_tokens]), tail_ids, recompute_ratio=ratio,
+                check_layer=min(cfg.blend_check_layer, self.spec.num_layers - 1),
+                protected_prefix=len(rendered.fixed[0]), extra_capacity=extra)
+            recomputed = tail_len + int(selected.numel())
+        else:
+            logits, kv = self.runner.prefill(tail_ids, context=assembled, extra_capacity=extra)
+            recomputed = tail_len
+        timings["prefill"] = time.perf_counter() - t
+        return _Prepared(request, kv, logits, prompt_ids, True, "reused", started, timings, recomputed)
+
+    def _tail_length(self, rendered: RenderedTemplate, prompt_len: int) -> int:
+        """How many trailing prompt tokens are recomputed instead of reused (at least one)."""
+        if self.config.tail_policy == "last_segment" and rendered.placeholders:
+            return max(1, min(len(rendered.fixed[-1]), prompt_len))
+        return 1
+
+    def finish(self, prepared: _Prepared, state: SequenceState, decode_s: float) -> TurnResult:
+        gen = result_of(state)
+        request = prepared.request
+        text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        response = None
+        if gen.token_ids:
+            seg = gen.kv.segment(gen.prompt_len, gen.prompt_len + len(gen.token_ids))
+            base = KVSegment(seg.keys.clone(), seg.values.clone(), seg.start).shifted(self.runner.rope, 0)
+            response = SharedContent(kind="response", token_ids=tuple(gen.token_ids), base=base)
+        timings = dict(prepared.timings)
+        timings["decode"] = gen.total_s - gen.ttft_s
+        return TurnResult(
+            agent_id=request.agent.agent_id, mode=request.mode, token_ids=gen.token_ids, text=text,
+            first_logits=gen.first_logits, reused=prepared.reused, reason=prepared.reason,
+            prompt_ids=prepared.prompt_ids, ttft_s=gen.ttft_s, total_s=gen.total_s, timings=timings,
+            recomputed_tokens=prepared.recomputed, response=response, finish_reason=gen.finish_reason)
+
+
+def _copy(segment: KVSegment) -> KVSegment:
+    return KVSegment(segment.keys.clone(), segment.values.clone(), segment.start)

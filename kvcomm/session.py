@@ -1,0 +1,19 @@
+"""One call from a model name to a ready engine: load weights, build the runner, the pool and the engine."""
+from __future__ import annotations
+
+from .anchor_pool import AnchorPool
+from .config import KVCommConfig
+from .engine import KVCommEngine
+from .model_loading import load_model
+from .runner import ModelRunner
+
+
+def build_engine(model: str = "smollm2-135m-instruct", *, device: str = "cpu", dtype: str | None = None,
+                 random_weights: bool = False, config: KVCommConfig | None = None,
+                 pool: AnchorPool | None = None) -> KVCommEngine:
+    loaded = load_model(model, device=device, dtype=dtype, random_weights=random_weights)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{model}: no tokenizer available; agent templates need one")
+    runner = ModelRunner(loaded.spec, loaded.state_dict)
+    config = config or KVCommConfig()
+    return KVCommEngine(runner, loaded.tokenizer, config, pool if pool is not None else AnchorPool(config, runner.rope))
