@@ -1,0 +1,490 @@
+"""The anchor pool: observed placeholder contents and the KV offsets consumers saw for them.
+
+This module owns the pool as a plain, thread-safe data structure (no model, no Ray): `Anchor` and
+`ConsumerDeltas` (immutable records of tensors), `AnchorPool` (versioned, copy-on-write, namespaced state with
+the LFU-in-window eviction and a global byte budget), `PoolSnapshot` (an immutable, consistent view of one
+namespace) and `PoolTransaction` (changes staged by one request, published atomically by `AnchorPool.commit`).
+
+Positions. An anchor's base KV is stored at canonical positions ``0 .. T-1``. Key deltas are stored either
+de-rotated to position 0 (``config.rerotate_deltas``, the corrected mode: rotation is linear, so de-rotating a
+difference is exact) or as observed (reference mode, together with the writer's rotated base key; the last writer
+of an anchor overwrites it, exactly like the reference's ``ph_key_embedding``).
+
+Separating tensors from metadata (for an actor that keeps tensors in an object store):
+``Anchor.to_state()`` returns ``(metadata, tensors)``, a JSON-able dict and a flat ``{name: Tensor}`` dict;
+``Anchor.from_state(metadata, tensors)`` rebuilds the anchor. The pool itself only ever replaces whole
+`Anchor` objects, so an actor can map anchor ids to object references and rebuild on the worker.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from .config import KVCommConfig
+from .kv import KVSegment
+from .rope import Rope
+
+
+def _tensor_bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Records
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ConsumerDeltas:
+    """What one consumer agent observed for one anchor in its dense prefill: real KV minus base KV.
+
+    ph_key, ph_value: [layers, kv_heads, T, head_dim], the placeholder's delta (T = the anchor's length).
+    pf_key, pf_value: [layers, kv_heads, S, head_dim], the delta of the consumer's fixed segment right after it.
+    ph_start, pf_start: the positions at which the placeholder and the following segment were observed.
+    keys_canonical: True when ph_key/pf_key were de-rotated to start at position 0 (corrected mode); False when
+      they are stored as observed, rotated for ph_start.. / pf_start.. (reference mode).
+    rotated_base_key: [layers, kv_heads, T, head_dim], the anchor's base keys rotated to ph_start (reference mode
+      only, and only on the anchor's last writer; None otherwise).
+    """
+    ph_key: torch.Tensor
+    ph_value: torch.Tensor
+    pf_key: torch.Tensor
+    pf_value: torch.Tensor
+    ph_start: int
+    pf_start: int
+    rotated_base_key: torch.Tensor | None = None
+    keys_canonical: bool = True
+
+    @property
+    def ph_tokens(self) -> int:
+        return self.ph_key.shape[2]
+
+    @property
+    def pf_tokens(self) -> int:
+        return self.pf_key.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_tensor_bytes(t) for t in (self.ph_key, self.ph_value, self.pf_key, self.pf_value,
+                                               self.rotated_base_key))
+
+
+@dataclass(frozen=True, eq=False)
+class Anchor:
+    """One observed content of a placeholder kind: its base KV and, per consumer agent id, the observed deltas.
+
+    base_keys, base_values: [layers, kv_heads, T, head_dim], keys rotated for positions 0..T-1.
+    inserted_seq: the pool-wide insertion order (eviction looks at the oldest first).
+    last_writer: the consumer whose deltas were recorded last (reference mode reads its rotated base key).
+    Equality is identity: anchors hold tensors.
+    """
+    anchor_id: str
+    placeholder: str
+    base_keys: torch.Tensor
+    base_values: torch.Tensor
+    deltas: Mapping[str, ConsumerDeltas] = field(default_factory=lambda: MappingProxyType({}))
+    activation_count: int = 0
+    inserted_seq: int = -1
+    last_writer: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.base_keys.shape[2]
+
+    @cached_property
+    def nbytes(self) -> int:
+        """Bytes of every tensor this anchor holds (base and all consumers' deltas)."""
+        return (_tensor_bytes(self.base_keys) + _tensor_bytes(self.base_values)
+                + sum(d.nbytes for d in self.deltas.values()))
+
+    @property
+    def reference_base_key(self) -> torch.Tensor | None:
+        """[layers, kv_heads, T, head_dim]: the last writer's rotated base key (reference mode), else None."""
+        if self.last_writer is None:
+            return None
+        return self.deltas[self.last_writer].rotated_base_key
+
+    # ---- tensors separable from metadata ----------------------------------------------------------------------
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(metadata, tensors): plain-Python metadata and a flat dict of named tensors; see `from_state`."""
+        tensors: dict[str, torch.Tensor] = {"base_keys": self.base_keys, "base_values": self.base_values}
+        consumers = []
+        for index, (consumer, d) in enumerate(self.deltas.items()):
+            prefix = f"deltas.{index}."
+            tensors[prefix + "ph_key"] = d.ph_key
+            tensors[prefix + "ph_value"] = d.ph_value
+            tensors[prefix + "pf_key"] = d.pf_key
+            tensors[prefix + "pf_value"] = d.pf_value
+            if d.rotated_base_key is not None:
+                tensors[prefix + "rotated_base_key"] = d.rotated_base_key
+            consumers.append({"consumer": consumer, "ph_start": d.ph_start, "pf_start": d.pf_start,
+                              "keys_canonical": d.keys_canonical,
+                              "has_rotated_base_key": d.rotated_base_key is not None})
+        metadata = {"anchor_id": self.anchor_id, "placeholder": self.placeholder,
+                    "activation_count": self.activation_count, "inserted_seq": self.inserted_seq,
+                    "last_writer": self.last_writer, "consumers": consumers}
+        return metadata, tensors
+
+    @classmethod
+    def from_state(cls, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> "Anchor":
+        deltas: dict[str, ConsumerDeltas] = {}
+        for index, entry in enumerate(metadata["consumers"]):
+            prefix = f"deltas.{index}."
+            deltas[entry["consumer"]] = ConsumerDeltas(
+                ph_key=tensors[prefix + "ph_key"], ph_value=tensors[prefix + "ph_value"],
+                pf_key=tensors[prefix + "pf_key"], pf_value=tensors[prefix + "pf_value"],
+                ph_start=int(entry["ph_start"]), pf_start=int(entry["pf_start"]),
+                rotated_base_key=tensors[prefix + "rotated_base_key"] if entry["has_rotated_base_key"] else None,
+                keys_canonical=bool(entry["keys_canonical"]))
+        return cls(anchor_id=metadata["anchor_id"], placeholder=metadata["placeholder"],
+                   base_keys=tensors["base_keys"], base_values=tensors["base_values"],
+                   deltas=MappingProxyType(deltas), activation_count=int(metadata["activation_count"]),
+                   inserted_seq=int(metadata["inserted_seq"]), last_writer=metadata["last_writer"])
+
+
+def _with_consumer_deltas(anchor: Anchor, consumer: str, new: ConsumerDeltas) -> Anchor:
+    """A copy of `anchor` with `consumer`'s deltas set (replacing any earlier ones) and it as the last writer.
+
+    In reference mode only the last writer keeps its rotated base key (the reference overwrites one
+    ``ph_key_embedding``); earlier writers' copies are dropped so the pool does not pay for them.
+    """
+    merged: dict[str, ConsumerDeltas] = {}
+    for name, old in anchor.deltas.items():
+        if name == consumer:
+            continue
+        merged[name] = replace(old, rotated_base_key=None) if new.rotated_base_key is not None else old
+    merged[consumer] = new
+    return replace(anchor, deltas=MappingProxyType(merged), last_writer=consumer)
+
+
+def choose_victim(anchors: Sequence[Anchor], window: int, protected_ids: frozenset[str] = frozenset()) -> int:
+    """Index in `anchors` (insertion order) of the eviction victim: the least activated among the `window`
+    oldest, the first one on ties. Anchors in `protected_ids` (inserted by the commit being applied; the
+    reference evicts before inserting) are passed over unless nothing else is left."""
+    if not anchors:
+        raise ValueError("choose_victim needs a non-empty anchor list")
+    candidates = [i for i, a in enumerate(anchors) if a.anchor_id not in protected_ids] or list(range(len(anchors)))
+    oldest = candidates[:window]
+    return min(oldest, key=lambda i: anchors[i].activation_count)  # min() keeps the first on ties
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Snapshots
+# ------------------------------------------------------------------------------------------------------------
+_PlaceholderLists = Mapping[str, tuple[Anchor, ...]]  # placeholder kind -> anchors in insertion order
+
+
+@dataclass(frozen=True)
+class _PoolState:
+    """One published version of the whole pool. Never mutated after publication."""
+    version: int
+    namespaces: Mapping[str, _PlaceholderLists]
+    total_bytes: int
+
+
+@dataclass(frozen=True, eq=False)
+class PoolSnapshot:
+    """An immutable, consistent view of one namespace at one pool version.
+
+    An unknown namespace gives an empty snapshot (the engine then goes dense and records an anchor).
+    `namespaces` lists the namespaces the pool held at that version (names only; never their anchors).
+    """
+    namespace: str
+    version: int
+    lists: _PlaceholderLists
+    namespaces: tuple[str, ...]
+
+    def anchors(self, placeholder: str) -> list[Anchor]:
+        """The anchors of one placeholder kind, in insertion order (a new list each call)."""
+        return list(self.lists.get(placeholder, ()))
+
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        return tuple(self.lists)
+
+    def anchor(self, anchor_id: str) -> Anchor | None:
+        for anchors in self.lists.values():
+            for anchor in anchors:
+                if anchor.anchor_id == anchor_id:
+                    return anchor
+        return None
+
+    def __len__(self) -> int:
+        return sum(len(anchors) for anchors in self.lists.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for anchors in self.lists.values() for a in anchors)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Transactions
+# ------------------------------------------------------------------------------------------------------------
+class PoolTransaction:
+    """Changes to one namespace staged by one request; visible to nobody until `AnchorPool.commit`.
+
+    Not thread-safe itself: one transaction belongs to one request. Tensor arithmetic (deltas, de-rotation)
+    happens here, at staging time, so that commit only rearranges references.
+    """
+
+    def __init__(self, pool: "AnchorPool", namespace: str, rope: Rope | None):
+        self._pool = pool
+        self.namespace = namespace
+        self._rope = rope
+        self._new_anchors: dict[str, Anchor] = {}                        # anchor id -> anchor, staging order
+        self._deltas: dict[str, dict[str, ConsumerDeltas]] = {}          # anchor id -> consumer -> deltas
+        self._activations: Counter[str] = Counter()
+        self.state = "open"                                              # "open" | "committed" | "aborted"
+
+    # ---- staging ------------------------------------------------------------------------------------------------
+    def add_anchor(self, placeholder: str, base: KVSegment) -> str:
+        """Stage a new anchor for `placeholder`; `base` is shifted to canonical position 0 if needed. Returns its id."""
+        self._require_open()
+        if not placeholder:
+            raise ValueError("add_anchor: placeholder kind must be a non-empty string")
+        if base.start != 0:
+            base = base.shifted(self._require_rope("add_anchor with a base not at position 0"), 0)
+        anchor_id = uuid.uuid4().hex
+        self._new_anchors[anchor_id] = Anchor(
+            anchor_id=anchor_id, placeholder=placeholder,
+            base_keys=base.keys.detach().clone(), base_values=base.values.detach().clone())
+        return anchor_id
+
+    def add_deltas(self, anchor_id: str, consumer: str, ph_real: KVSegment, ph_base_rotated: KVSegment,
+                   pf_real: KVSegment, pf_base: KVSegment) -> None:
+        """Stage `consumer`'s observed deltas for an anchor (staged here or already committed in this namespace).
+
+        ph_real / ph_base_rotated: the placeholder's KV in the consumer's dense prefill and the anchor's base rotated
+        to the same start; pf_real / pf_base: the same for the consumer's fixed segment right after it.
+        """
+        self._require_open()
+        anchor_tokens = self._anchor_tokens(anchor_id)
+        for name, real, base in (("placeholder", ph_real, ph_base_rotated), ("following segment", pf_real, pf_base)):
+            if real.keys.shape != base.keys.shape:
+                raise ValueError(f"add_deltas({anchor_id}, {consumer}): {name} real KV {tuple(real.keys.shape)} "
+                                 f"and base KV {tuple(base.keys.shape)} differ in shape")
+            if real.start != base.start:
+                raise ValueError(f"add_deltas({anchor_id}, {consumer}): {name} real KV starts at {real.start} "
+                                 f"but its base was rotated to {base.start}")
+        if ph_real.num_tokens != anchor_tokens:
+            raise ValueError(f"add_deltas({anchor_id}, {consumer}): placeholder has {ph_real.num_tokens} tokens, "
+                             f"the anchor has {anchor_tokens}")
+        rerotate = self._pool.config.rerotate_deltas
+        ph_key = _difference(ph_real.keys, ph_base_rotated.keys)     # [L, H, T, D]
+        pf_key = _difference(pf_real.keys, pf_base.keys)             # [L, H, S, D]
+        if rerotate:
+            rope = self._require_rope("add_deltas in corrected mode (rerotate_deltas)")
+            ph_key = rope.shift_keys(ph_key, -ph_real.start)
+            pf_key = rope.shift_keys(pf_key, -pf_real.start)
+        self._deltas.setdefault(anchor_id, {})[consumer] = ConsumerDeltas(
+            ph_key=ph_key, ph_value=_difference(ph_real.values, ph_base_rotated.values),
+            pf_key=pf_key, pf_value=_difference(pf_real.values, pf_base.values),
+            ph_start=ph_real.start, pf_start=pf_real.start,
+            rotated_base_key=None if rerotate else ph_base_rotated.keys.detach().clone(),
+            keys_canonical=rerotate)
+
+    def activate(self, anchor_ids: Iterable[str]) -> None:
+        """+1 activation for each id (applied at commit; ids evicted meanwhile are ignored)."""
+        self._require_open()
+        if isinstance(anchor_ids, str):
+            raise TypeError(f"activate takes an iterable of anchor ids, got the single string {anchor_ids!r}")
+        self._activations.update(anchor_ids)
+
+    @property
+    def staged_anchor_ids(self) -> tuple[str, ...]:
+        return tuple(self._new_anchors)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self._new_anchors or self._deltas or self._activations)
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _require_open(self) -> None:
+        if self.state != "open":
+            raise RuntimeError(f"transaction on namespace {self.namespace!r} is already {self.state}")
+
+    def _require_rope(self, what: str) -> Rope:
+        if self._rope is None:
+            raise ValueError(f"{what} needs a Rope: construct AnchorPool(config, rope=Rope(spec))")
+        return self._rope
+
+    def _anchor_tokens(self, anchor_id: str) -> int:
+        staged = self._new_anchors.get(anchor_id)
+        if staged is not None:
+            return staged.num_tokens
+        committed = self._pool._find_committed(self.namespace, anchor_id)
+        if committed is None:
+            raise KeyError(f"anchor {anchor_id!r} is neither staged in this transaction nor committed in "
+                           f"namespace {self.namespace!r}")
+        return committed.num_tokens
+
+
+def _difference(real: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """real - base, computed in fp32 and stored in the real KV's dtype."""
+    return (real.float() - base.float()).to(real.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The pool
+# ------------------------------------------------------------------------------------------------------------
+class AnchorPool:
+    """Namespaced anchor pool: versioned copy-on-write state behind one lock.
+
+    Readers (`snapshot`) take the lock only to read one reference. Writers (`commit`) hold it while they
+    rearrange references (no tensor math), so neither blocks the other for long, and commits apply under
+    continuous load. Bounds, applied at every commit:
+      * per (namespace, placeholder): while more than V (`config.max_anchors`) anchors, evict the least activated
+        among the W (`config.window`) oldest, first on ties; anchors inserted by this very commit are passed over
+        while others remain (the reference evicts before inserting).
+      * whole pool: while the tensor bytes exceed `config.pool_byte_budget`, evict by the same rule from the
+        (namespace, placeholder) list holding the most bytes.
+    Unlike the reference (which peaks at V + 1), a list never holds more than V anchors after a commit.
+
+    `rope` is needed only to store deltas at canonical positions (corrected mode) or to move a base not given at
+    position 0.
+    """
+
+    def __init__(self, config: KVCommConfig, rope: Rope | None = None):
+        self.config = config
+        self.rope = rope
+        self._lock = threading.Lock()
+        self._state = _PoolState(version=0, namespaces=MappingProxyType({}), total_bytes=0)
+        self._next_seq = 0
+        self._evictions: Counter[str] = Counter()         # reason ("count" | "bytes") -> anchors evicted
+        self._stale_updates = 0                           # deltas/activations whose anchor was gone at commit
+
+    # ---- reading ------------------------------------------------------------------------------------------------
+    def snapshot(self, namespace: str) -> PoolSnapshot:
+        with self._lock:
+            state = self._state
+        return PoolSnapshot(namespace=namespace, version=state.version,
+                            lists=state.namespaces.get(namespace, MappingProxyType({})),
+                            namespaces=tuple(state.namespaces))
+
+    @property
+    def version(self) -> int:
+        return self._state.version
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            state = self._state
+            evictions = dict(self._evictions)
+            stale = self._stale_updates
+        return {
+            "version": state.version,
+            "total_bytes": state.total_bytes,
+            "byte_budget": self.config.pool_byte_budget,
+            "evictions": {"count": evictions.get("count", 0), "bytes": evictions.get("bytes", 0)},
+            "stale_updates": stale,
+            "namespaces": {ns: {ph: {"anchors": len(anchors), "bytes": sum(a.nbytes for a in anchors)}
+                                for ph, anchors in lists.items()}
+                           for ns, lists in state.namespaces.items()},
+        }
+
+    def _find_committed(self, namespace: str, anchor_id: str) -> Anchor | None:
+        return self.snapshot(namespace).anchor(anchor_id)
+
+    # ---- writing ------------------------------------------------------------------------------------------------
+    def begin(self, namespace: str) -> PoolTransaction:
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
+        return PoolTransaction(self, namespace, self.rope)
+
+    def abort(self, txn: PoolTransaction) -> None:
+        self._require_own_open(txn)
+        txn.state = "aborted"
+
+    def commit(self, txn: PoolTransaction) -> int:
+        """Publish `txn` atomically, apply the bounds, and return the new version (unchanged for an empty txn)."""
+        self._require_own_open(txn)
+        txn.state = "committed"
+        if txn.is_empty:
+            return self._state.version
+        with self._lock:
+            state = self._state
+            namespaces = dict(state.namespaces)
+            lists = {ph: list(anchors) for ph, anchors in namespaces.get(txn.namespace, {}).items()}
+            activations = Counter(txn._activations)
+            # 1. new anchors, in staging order, with their own deltas and activations
+            for anchor_id, staged in txn._new_anchors.items():
+                anchor = replace(staged, inserted_seq=self._next_seq, activation_count=activations.pop(anchor_id, 0))
+                self._next_seq += 1
+                for consumer, deltas in txn._deltas.get(anchor_id, {}).items():
+                    anchor = _with_consumer_deltas(anchor, consumer, deltas)
+                lists.setdefault(anchor.placeholder, []).append(anchor)
+            # 2. deltas and activations for anchors committed earlier (gone ones are counted as stale)
+            updates = {anchor_id: per_consumer for anchor_id, per_consumer in txn._deltas.items()
+                       if anchor_id not in txn._new_anchors}
+            touched = {a.placeholder for a in txn._new_anchors.values()}
+            for ph, anchors in lists.items():
+                for index, anchor in enumerate(anchors):
+                    changed = anchor
+                    for consumer, deltas in updates.pop(anchor.anchor_id, {}).items():
+                        changed = _with_consumer_deltas(changed, consumer, deltas)
+                    count = activations.pop(anchor.anchor_id, 0)
+                    if count:
+                        changed = replace(changed, activation_count=changed.activation_count + count)
+                    if changed is not anchor:
+                        anchors[index] = changed
+                        touched.add(ph)
+            self._stale_updates += len(updates) + len(activations)
+            # 3. the per-placeholder bound V
+            protected = frozenset(txn._new_anchors)
+            for ph in touched:
+                anchors = lists[ph]
+                while len(anchors) > self.config.max_anchors:
+                    anchors.pop(choose_victim(anchors, self.config.window, protected))
+                    self._evictions["count"] += 1
+            namespaces[txn.namespace] = MappingProxyType({ph: tuple(a) for ph, a in lists.items() if a})
+            # 4. the global byte budget
+            namespaces, total_bytes = self._apply_byte_budget(namespaces, protected)
+            self._state = _PoolState(version=state.version + 1, namespaces=MappingProxyType(namespaces),
+                                     total_bytes=total_bytes)
+            return self._state.version
+
+    def drop_namespace(self, namespace: str) -> int:
+        """Forget every anchor of `namespace`; returns the new version (unchanged if it held nothing)."""
+        with self._lock:
+            state = self._state
+            if namespace not in state.namespaces:
+                return state.version
+            namespaces = {ns: lists for ns, lists in state.namespaces.items() if ns != namespace}
+            dropped = sum(a.nbytes for anchors in state.namespaces[namespace].values() for a in anchors)
+            self._state = _PoolState(version=state.version + 1, namespaces=MappingProxyType(namespaces),
+                                     total_bytes=state.total_bytes - dropped)
+            return self._state.version
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _require_own_open(self, txn: PoolTransaction) -> None:
+        if txn._pool is not self:
+            raise ValueError("transaction belongs to another AnchorPool")
+        txn._require_open()
+
+    def _apply_byte_budget(self, namespaces: dict[str, _PlaceholderLists],
+                           protected: frozenset[str]) -> tuple[dict[str, _PlaceholderLists], int]:
+        """Evict until the pool fits the byte budget; returns the new namespace map and its total bytes."""
+        list_bytes = {(ns, ph): sum(a.nbytes for a in anchors)
+                      for ns, lists in namespaces.items() for ph, anchors in lists.items()}
+        total = sum(list_bytes.values())
+        budget = self.config.pool_byte_budget
+        if total <= budget:
+            return namespaces, total
+        working = {ns: dict(lists) for ns, lists in namespaces.items()}
+        while total > budget and list_bytes:
+            ns, ph = max(list_bytes, key=list_bytes.__getitem__)
+            anchors = list(working[ns][ph])
+            victim = anchors.pop(choose_victim(anchors, self.config.window, protected))
+            self._evictions["bytes"] += 1
+            total -= victim.nbytes
+            list_bytes[(ns, ph)] -= victim.nbytes
+            if anchors:
+                working[ns][ph] = tuple(anchors)
+            else:
+                del working[ns][ph]
+                del list_bytes[(ns, ph)]
+        return {ns: MappingProxyType(lists) for ns, lists in working.items()}, total
