@@ -30,6 +30,7 @@ from .offsets import estimate_offsets
 from .runner import ModelRunner, SequenceKV
 from .templates import AgentTemplate, RenderedTemplate, TemplateError, render_template
 
+_WEIGHT_CACHE_ENTRIES = 256   # reference mode's shared anchor weights, cleared when it grows past this
 MODES = ("dense", "dense-prefix", "naive", "cacheblend", "kvcomm", "hybrid")
 
 
@@ -326,6 +327,8 @@ class KVCommEngine:
             timings["align"] += time.perf_counter() - t
             if snapshot is not None and content.num_tokens:
                 t = time.perf_counter()
+                if len(self._weight_cache) > _WEIGHT_CACHE_ENTRIES:
+                    self._weight_cache.clear()   # bounded: the reference's weight_dict grows forever
                 estimate = estimate_offsets(ph, pf, snapshot.anchors(name), rendered.key, rope, cfg,
                                             weight_cache=None if cfg.per_consumer_weights else self._weight_cache)
                 if estimate is not None:

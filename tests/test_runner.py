@@ -47,7 +47,9 @@ def test_smollm2_logits_and_greedy_generation_match_transformers(smollm2, smollm
     logits, _ = runner.prefill(ids, all_logits=True)
     assert (logits - _hf_logits(smollm2_hf, ids)).abs().max().item() < 1e-4
 
-    ours = generate_from_ids(runner, ids, Sampling(max_new_tokens=32))
+    # transformers masks its EOS ids until min_new_tokens; ours does the same with the same stop ids
+    stop = tuple(sorted(set(smollm2.spec.eos_token_ids) | {tok.eos_token_id}))
+    ours = generate_from_ids(runner, ids, Sampling(max_new_tokens=32, min_new_tokens=32, stop_token_ids=stop))
     with torch.no_grad():
         theirs = smollm2_hf.generate(ids[None], max_new_tokens=32, min_new_tokens=32, do_sample=False)
     assert ours.token_ids == theirs[0, ids.numel():].tolist()
