@@ -1,0 +1,374 @@
+"""`AgentWorker`: one model replica on Ray serving any agent role of any job, with continuous batching.
+
+This module owns the worker side of the cluster:
+
+* `WorkerSettings`: what a worker needs to start (built by `cluster.config.ClusterConfig.worker_settings`, the one
+  home of the defaults; the actors layer never sees pydantic).
+* `TurnScheduler` (plain Python, no Ray): a single *model thread* owns the `KVCommEngine`. Callers submit engine
+  calls (`call`) and turns (`turn`) and get `concurrent.futures.Future`s. Between two decode steps the thread runs
+  the queued engine calls, admits newly arrived turns (`engine.prepare`: their prefill, or reuse) into the running
+  `DecodeBatch` up to `max_batch_size`, advances every active sequence by one token in one batched forward, and
+  resolves the futures of finished turns (`engine.finish`). A replica's throughput therefore grows with
+  concurrent load: sixteen turns decode in one forward pass instead of sixteen.
+* `AgentWorker`: an async Ray actor around one engine and one scheduler. `run_job` runs a whole job on this
+  worker: the level loop of `kvcomm.job_runner.run_job`, on the same per-job bookkeeping (`JobContents`,
+  `TurnRecord`, `JobResult`), with every engine touch on the model thread, so the turns of concurrent jobs are
+  batched together. The engine's pool is a `RemoteAnchorPool` on the cluster's `AnchorPoolActor`.
+* `start_agent_worker`: applies `ray.remote` with the resources and restart policy the caller chooses.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from kvcomm.config import KVCommConfig
+from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
+from kvcomm.generation import DecodeBatch, SequenceState
+
+from .anchor_pool_actor import RemoteAnchorPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything one worker needs; no defaults here (they live in `cluster.config.ClusterConfig`)."""
+    model: str
+    random_weights: bool
+    device: str
+    dtype: str | None
+    threads: int                      # torch intra-op threads (Ray sets OMP_NUM_THREADS=1 in actors)
+    max_batch_size: int               # sequences decoded together in one step
+    max_queued_turns: int             # turns admitted to the scheduler at once (queued + decoding)
+    anchor_cache_bytes: int           # fetched anchor tensors kept (LRU)
+    pool_actor_name: str | None       # None: no anchor pool (every kvcomm turn prefills densely)
+    ray_namespace: str
+    pool_call_timeout_s: float
+    kvcomm: KVCommConfig
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The model thread
+# ------------------------------------------------------------------------------------------------------------
+class SchedulerStopped(RuntimeError):
+    """The scheduler was stopped before this work ran."""
+
+
+class TurnScheduler:
+    """Continuous batching on one engine: one model thread runs engine calls, prefills and decode steps."""
+
+    def __init__(self, engine: KVCommEngine, max_batch_size: int, name: str = "kvcomm-model"):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self._batch = DecodeBatch(engine.runner, max_batch_size=max_batch_size)
+        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self._pending: collections.deque[tuple[TurnRequest, concurrent.futures.Future]] = collections.deque()
+        self._running: dict[int, tuple[Any, concurrent.futures.Future]] = {}   # id(SequenceState) -> work
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        # statistics (written by the model thread only)
+        self.steps = 0
+        self.step_sequences = 0           # sum over steps of the sequences advanced: mean batch = this / steps
+        self.turns_finished = 0
+        self.turns_failed = 0
+        self.tokens_generated = 0
+        self.busy_s = 0.0
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+
+    # ---- control ------------------------------------------------------------------------------------------------
+    def start(self) -> "TurnScheduler":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- submitting ---------------------------------------------------------------------------------------------
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """Run `fn(*args, **kwargs)` on the model thread before the next decode step."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._enqueue(self._calls, (lambda: fn(*args, **kwargs), future))
+        return future
+
+    def turn(self, request: TurnRequest) -> concurrent.futures.Future:
+        """Prefill (or reuse) and decode one turn in the shared batch; the future holds its `TurnResult`."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._enqueue(self._pending, (request, future))
+        return future
+
+    def _enqueue(self, queue: collections.deque, item: tuple[Any, concurrent.futures.Future]) -> None:
+        with self._cv:
+            if self._stopping:
+                raise SchedulerStopped("the worker's model thread is stopped")
+            queue.append(item)
+            self._cv.notify()
+
+    def load(self) -> dict[str, int]:
+        return {"queued": len(self._pending), "active": len(self._batch.active), "calls": len(self._calls)}
+
+    def stats(self) -> dict[str, float]:
+        return {"steps": self.steps, "step_sequences": self.step_sequences,
+                "mean_batch": self.step_sequences / self.steps if self.steps else 0.0,
+                "turns_finished": self.turns_finished, "turns_failed": self.turns_failed,
+                "tokens_generated": self.tokens_generated, "busy_s": self.busy_s, "prefill_s": self.prefill_s,
+                "decode_s": self.decode_s}
+
+    # ---- the model thread ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._calls or self._pending or self._batch.active or self._stopping):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+                room = self.max_batch_size - len(self._batch.active)
+                admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            t0 = time.perf_counter()
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                        future.set_exception(exc)
+            for request, future in admitted:
+                self._admit(request, future)
+            t1 = time.perf_counter()
+            self.prefill_s += t1 - t0
+            if self._batch.active:
+                self._step()
+                self.decode_s += time.perf_counter() - t1
+            self.busy_s += time.perf_counter() - t0
+        self._fail_everything(SchedulerStopped("the worker's model thread stopped"))
+
+    def _admit(self, request: TurnRequest, future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            prepared = self.engine.prepare(request)
+            state = self._batch.add(prepared.kv, prepared.last_logits[-1], request.sampling,
+                                    started_at=prepared.started)
+        except BaseException as exc:  # noqa: BLE001 - this turn fails, the batch goes on
+            self.turns_failed += 1
+            future.set_exception(exc)
+            return
+        if state.done:          # stopped at its first token
+            self._finish(prepared, state, future)
+        else:
+            self._running[id(state)] = (prepared, future)
+
+    def _step(self) -> None:
+        advanced = min(len(self._batch.active), self.max_batch_size)
+        try:
+            finished = self._batch.step()
+        except BaseException as exc:  # noqa: BLE001 - a failed forward fails the turns in it, not the worker
+            log.exception("decode step failed; failing the %d turns in the batch", len(self._running))
+            self._fail_running(exc)
+            return
+        self.steps += 1
+        self.step_sequences += advanced
+        for state in finished:
+            prepared, future = self._running.pop(id(state))
+            self._finish(prepared, state, future)
+
+    def _finish(self, prepared: Any, state: SequenceState, future: concurrent.futures.Future) -> None:
+        try:
+            result = self.engine.finish(prepared, state, state.finished_at - state.first_token_at)
+        except BaseException as exc:  # noqa: BLE001
+            self.turns_failed += 1
+            future.set_exception(exc)
+            return
+        self.turns_finished += 1
+        self.tokens_generated += len(result.token_ids)
+        future.set_result(result)
+
+    def _fail_running(self, exc: BaseException) -> None:
+        for prepared, future in self._running.values():
+            self.turns_failed += 1
+            future.set_exception(exc)
+        self._running.clear()
+        self._batch.active.clear()
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        self._fail_running(exc)
+        with self._cv:
+            leftovers = list(self._calls) + list(self._pending)
+            self._calls.clear()
+            self._pending.clear()
+        for _, future in leftovers:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Ray actor
+# ------------------------------------------------------------------------------------------------------------
+class AgentWorker:
+    """One model replica serving any agent of any job; turns of concurrent jobs share decode steps.
+
+    Use as an async Ray actor (`start_agent_worker`); every method that touches the engine hands the work to
+    the model thread and awaits it, so the event loop stays free to accept more jobs and answer `load()`.
+    """
+
+    def __init__(self, settings: WorkerSettings, worker_id: str = "worker-0"):
+        from kvcomm.model_loading import load_model
+        from kvcomm.runner import ModelRunner
+
+        self.settings = settings
+        self.worker_id = worker_id
+        # The only blocking ray.get calls (the pool client's) run on the model thread, never on the event loop;
+        # Ray's warning about them cannot tell the two apart.
+        os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
+        torch.set_num_threads(settings.threads)
+        started = time.perf_counter()
+        loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype,
+                            random_weights=settings.random_weights)
+        if loaded.tokenizer is None:
+            raise ValueError(f"{settings.model}: no tokenizer available; agent templates need one")
+        runner = ModelRunner(loaded.spec, loaded.state_dict)
+        self.pool = RemoteAnchorPool(self._find_pool_actor(), settings.kvcomm, runner.rope,
+                                     cache_bytes=settings.anchor_cache_bytes, device=runner.device,
+                                     call_timeout_s=settings.pool_call_timeout_s,
+                                     resolve_actor=self._find_pool_actor)
+        self.engine = KVCommEngine(runner, loaded.tokenizer, settings.kvcomm, self.pool)
+        self.scheduler = TurnScheduler(self.engine, settings.max_batch_size, name=f"kvcomm-model-{worker_id}").start()
+        self._admission: asyncio.Semaphore | None = None   # made on the actor's event loop, on first use
+        self._jobs_running = 0
+        self._jobs_done = 0
+        self._jobs_failed = 0
+        self._namespaces: collections.Counter[str] = collections.Counter()
+        self.load_s = time.perf_counter() - started
+        self.model_source = loaded.source
+
+    def _find_pool_actor(self) -> Any:
+        if self.settings.pool_actor_name is None:
+            return None
+        import ray
+        try:
+            return ray.get_actor(self.settings.pool_actor_name, namespace=self.settings.ray_namespace)
+        except ValueError:
+            log.warning("anchor pool actor %r not found in namespace %r; serving without a pool",
+                        self.settings.pool_actor_name, self.settings.ray_namespace)
+            return None
+
+    # ---- model-thread helpers -----------------------------------------------------------------------------------
+    async def _on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self.scheduler.call(fn, *args))
+
+    async def _turn(self, request: TurnRequest) -> TurnResult:
+        if self._admission is None:
+            self._admission = asyncio.Semaphore(self.settings.max_queued_turns)
+        async with self._admission:
+            return await asyncio.wrap_future(self.scheduler.turn(request))
+
+    # ---- jobs ---------------------------------------------------------------------------------------------------
+    async def run_job(self, job: dict[str, Any], mode: str | None = None) -> dict[str, Any]:
+        """Run a whole job (a `JobSpec` as a dict) on this worker; its `JobResult.to_dict()` plus the worker id."""
+        from kvcomm.harness.jobs import JobSpec
+        spec = JobSpec.from_dict(job)
+        self._jobs_running += 1
+        self._namespaces[spec.namespace] += 1
+        try:
+            result = await self._run_job(spec, mode or spec.mode)
+        except BaseException:
+            self._jobs_failed += 1
+            raise
+        finally:
+            self._jobs_running -= 1
+        self._jobs_done += 1
+        out = result.to_dict()
+        out["worker"] = self.worker_id
+        return out
+
+    async def _run_job(self, job: Any, mode: str) -> Any:
+        """`kvcomm.job_runner.run_job`'s level loop with every engine touch on the model thread."""
+        from kvcomm.job_runner import JobContents, JobResult, TurnRecord, agent_template, sampling_for
+
+        started = time.perf_counter()
+        agents = {a.id: a for a in job.agents}
+        contents = await self._on_model_thread(JobContents, self.engine, job, mode)
+        records: list[TurnRecord] = []
+        try:
+            for level in job.turn_levels():
+                requests = []
+                for turn in level:
+                    agent = agents[turn.agent_id]
+                    template = agent_template(agent)
+                    placeholders = {name: contents.resolve(turn, name) for name in template.placeholders()}
+                    requests.append(TurnRequest(template, placeholders, mode=mode,
+                                                sampling=sampling_for(agent, self.engine),
+                                                namespace=job.namespace, transaction=contents.txn))
+                results = await asyncio.gather(*(self._turn(r) for r in requests))
+                for turn, result in zip(level, results):
+                    agent = agents[turn.agent_id]
+                    await self._on_model_thread(contents.add_response, turn, agent, result)
+                    records.append(TurnRecord(
+                        agent_id=turn.agent_id, round=turn.round, role=agent.role, text=result.text,
+                        token_ids=result.token_ids, ttft_s=result.ttft_s, total_s=result.total_s,
+                        reused=result.reused, reason=result.reason, prompt_tokens=len(result.prompt_ids),
+                        recomputed_tokens=result.recomputed_tokens, timings=result.timings))
+        except BaseException:
+            await self._on_model_thread(contents.abort)
+            raise
+        await self._on_model_thread(contents.commit)
+        final = records[-1].text if records else ""
+        return JobResult(job.id, mode, records, final, time.perf_counter() - started, job.namespace,
+                         dict(job.metadata or {}))
+
+    # ---- routing and health -------------------------------------------------------------------------------------
+    async def load(self) -> dict[str, Any]:
+        """What the router looks at: queued and decoding turns, running jobs."""
+        load = self.scheduler.load()
+        load.update(worker=self.worker_id, jobs=self._jobs_running, max_batch_size=self.settings.max_batch_size)
+        return load
+
+    async def stats(self) -> dict[str, Any]:
+        return {"worker": self.worker_id, "pid": os.getpid(), "model": self.model_source,
+                "device": str(self.engine.runner.device), "threads": torch.get_num_threads(),
+                "load_s": self.load_s, "jobs_done": self._jobs_done, "jobs_failed": self._jobs_failed,
+                "jobs_running": self._jobs_running, "namespaces": dict(self._namespaces),
+                "scheduler": self.scheduler.stats(), "pool": self.pool.stats()}
+
+    async def ping(self) -> str:
+        if not self.scheduler.alive:
+            raise RuntimeError(f"{self.worker_id}: the model thread is not running")
+        return self.worker_id
+
+    def __del__(self) -> None:
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.stop(timeout=1.0)
+
+
+def start_agent_worker(settings: WorkerSettings, worker_id: str, *, num_cpus: float, num_gpus: float = 0.0,
+                       max_restarts: int = 0, max_task_retries: int = 0, scheduling_strategy: Any = None,
+                       max_concurrency: int = 1000) -> Any:
+    """Start one `AgentWorker` actor with these resources; returns its handle (the model loads in the actor)."""
+    import ray
+    options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                   max_task_retries=max_task_retries, max_concurrency=max_concurrency)
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
+    return ray.remote(AgentWorker).options(**options).remote(settings, worker_id)

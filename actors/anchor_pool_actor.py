@@ -1,0 +1,523 @@
+"""The centralized anchor pool on Ray: `AnchorPoolActor` (metadata and ObjectRefs) and its worker-side client.
+
+This module owns the cluster's anchor pool and the wire format between workers and it:
+
+* `AnchorPoolState` (no Ray needed, tested in-process) holds a *metadata mirror*: a real `kvcomm.anchor_pool.
+  AnchorPool` whose anchors carry ``meta``-device tensors (shape and dtype, no storage). Every rule of the pool
+  (versioned copy-on-write commits, namespaces, the V-per-placeholder LFU-in-window eviction, the global byte
+  budget, stale updates) is therefore `AnchorPool`'s own code, applied to exact byte counts; nothing is restated.
+  Next to the mirror it keeps one ObjectRef per tensor *part*: an anchor's base KV, one consumer's deltas, and a
+  reference-mode writer's rotated base key. Parts are immutable and named by a unique key, so a worker caches
+  them by key (= anchor id + part version); parts evicted by a commit have their refs dropped.
+* `AnchorPoolActor` wraps the state in a Ray actor (one method at a time, so a commit is atomic against
+  snapshots). Workers send the numpy payload *in* the commit call and the actor `ray.put`s it itself: the actor
+  owns every anchor object, so anchors survive the loss of the worker that recorded them (a ref put by a worker
+  dies with that worker). The price is one copy of a commit's new tensors into the object store, paid once per
+  new anchor or delta (milliseconds for a few MB), never on the read path.
+* `RemoteAnchorPool` lives in a worker and has the interface the engine uses (`snapshot`, `begin`, `commit`,
+  `abort`, `config`, `rope`). Its snapshots are real `PoolSnapshot`s of real `Anchor`s rebuilt from cached
+  parts (LRU with a byte budget); its transactions are real `PoolTransaction`s (staging and tensor math happen
+  on the worker). When the actor is unreachable a snapshot is empty and a commit is dropped with a warning: the
+  engine then prefills densely, so losing the pool costs speed, never correctness.
+
+Tensors cross Ray as numpy (zero-copy reads from the object store); bfloat16, which numpy lacks, travels as its
+raw 16-bit pattern with the dtype's name next to it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from kvcomm.anchor_pool import Anchor, AnchorPool, ConsumerDeltas, PoolSnapshot, PoolTransaction
+from kvcomm.config import KVCommConfig
+from kvcomm.rope import Rope
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POOL_ACTOR_NAME = "kvcomm-anchor-pool"
+DEFAULT_RAY_NAMESPACE = "kvcomm"
+DELTA_TENSORS = ("ph_key", "ph_value", "pf_key", "pf_value")
+_SNAPSHOTS_KEPT = 8   # namespaces whose last snapshot a client keeps to answer "unchanged" without a rebuild
+
+# ------------------------------------------------------------------------------------------------------------
+# Tensors as numpy
+# ------------------------------------------------------------------------------------------------------------
+_RAW_16_BIT = {"bfloat16": torch.bfloat16}   # dtypes numpy lacks: shipped as int16 bit patterns
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU numpy array with the tensor's bytes (bfloat16 as int16 bit patterns)."""
+    tensor = tensor.detach().contiguous().cpu()
+    if tensor.dtype in _RAW_16_BIT.values():
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy()
+
+
+def numpy_to_tensor(array: np.ndarray, dtype: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A tensor owning a copy of `array` (object-store arrays are read-only), as `dtype`, on `device`."""
+    tensor = torch.from_numpy(np.array(array, copy=True))
+    if dtype in _RAW_16_BIT:
+        tensor = tensor.view(_RAW_16_BIT[dtype])
+    elif dtype_name(tensor.dtype) != dtype:
+        raise ValueError(f"array of dtype {array.dtype} does not hold {dtype} tensors")
+    return tensor.to(device)
+
+
+def _meta_like(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """A storage-less tensor with the shape and dtype a shipped array stands for (the mirror's bytes)."""
+    return torch.empty(array.shape, dtype=getattr(torch, dtype), device="meta")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The wire format of a commit
+# ------------------------------------------------------------------------------------------------------------
+def transaction_payload(txn: PoolTransaction) -> dict[str, Any]:
+    """What a staged transaction commits, as plain Python + numpy (for `AnchorPoolActor.commit`).
+
+    Reads the transaction's staged anchors, deltas and activations (the fields `AnchorPool.commit` reads).
+    """
+    anchors = []
+    for anchor in txn._new_anchors.values():
+        anchors.append({"anchor_id": anchor.anchor_id, "placeholder": anchor.placeholder,
+                        "dtype": dtype_name(anchor.base_keys.dtype),
+                        "base": {"base_keys": tensor_to_numpy(anchor.base_keys),
+                                 "base_values": tensor_to_numpy(anchor.base_values)}})
+    deltas = []
+    for anchor_id, per_consumer in txn._deltas.items():
+        for consumer, d in per_consumer.items():
+            deltas.append({
+                "anchor_id": anchor_id, "consumer": consumer, "ph_start": d.ph_start, "pf_start": d.pf_start,
+                "keys_canonical": d.keys_canonical, "dtype": dtype_name(d.ph_key.dtype),
+                "tensors": {name: tensor_to_numpy(getattr(d, name)) for name in DELTA_TENSORS},
+                "rotated_base_key": None if d.rotated_base_key is None else tensor_to_numpy(d.rotated_base_key)})
+    return {"namespace": txn.namespace, "anchors": anchors, "deltas": deltas,
+            "activations": dict(txn._activations)}
+
+
+def payload_nbytes(payload: Mapping[str, Any]) -> int:
+    total = 0
+    for a in payload["anchors"]:
+        total += sum(x.nbytes for x in a["base"].values())
+    for d in payload["deltas"]:
+        total += sum(x.nbytes for x in d["tensors"].values())
+        total += 0 if d["rotated_base_key"] is None else d["rotated_base_key"].nbytes
+    return total
+
+
+class _PreparedTransaction(PoolTransaction):
+    """A transaction on the metadata mirror whose records arrive ready-made (a worker did the tensor math)."""
+
+    def stage_anchor(self, anchor: Anchor) -> None:
+        self._require_open()
+        self._new_anchors[anchor.anchor_id] = anchor
+
+    def stage_deltas(self, anchor_id: str, consumer: str, deltas: ConsumerDeltas) -> None:
+        self._require_open()
+        self._deltas.setdefault(anchor_id, {})[consumer] = deltas
+
+    def stage_activations(self, counts: Mapping[str, int]) -> None:
+        self._require_open()
+        self._activations.update(counts)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The pool's state: a metadata mirror plus one ObjectRef per tensor part
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PartRef:
+    """One immutable group of an anchor's tensors in the object store."""
+    key: str          # unique: "<anchor id>/<part>/<uuid>"; a cache key that never goes stale
+    ref: Any          # ObjectRef (or, in-process, the payload itself) of {name: np.ndarray}
+    nbytes: int
+    dtype: str        # the tensors' torch dtype name (bfloat16 travels as int16)
+
+
+class AnchorPoolState:
+    """The anchor pool's metadata and tensor-part references; `put` stores a part (ray.put in the actor)."""
+
+    def __init__(self, config: KVCommConfig, put: Callable[[dict[str, np.ndarray]], Any]):
+        self.config = config
+        self._put = put
+        self._mirror = AnchorPool(config, rope=None)        # meta tensors: the pool's rules on exact byte counts
+        self._base_parts: dict[str, PartRef] = {}            # anchor id -> base KV
+        self._delta_parts: dict[tuple[str, str], PartRef] = {}   # (anchor id, consumer) -> deltas
+        self._rbk_parts: dict[tuple[str, str], PartRef] = {}     # (anchor id, consumer) -> rotated base key
+        self._commits = 0
+        self._bytes_received = 0
+        self.epoch = uuid.uuid4().hex[:12]   # a restarted pool is a new epoch: versions restart from 0
+
+    # ---- writing ------------------------------------------------------------------------------------------------
+    def commit(self, payload: Mapping[str, Any]) -> int:
+        """Apply one worker's staged transaction atomically; returns the new pool version."""
+        namespace = payload["namespace"]
+        txn = _PreparedTransaction(self._mirror, namespace, None)
+        base_parts, delta_parts, rbk_parts = {}, {}, {}
+        for a in payload["anchors"]:
+            base = a["base"]
+            txn.stage_anchor(Anchor(anchor_id=a["anchor_id"], placeholder=a["placeholder"],
+                                    base_keys=_meta_like(base["base_keys"], a["dtype"]),
+                                    base_values=_meta_like(base["base_values"], a["dtype"])))
+            base_parts[a["anchor_id"]] = self._store(a["anchor_id"], "base", base, a["dtype"])
+        for d in payload["deltas"]:
+            tensors, rbk, dtype = d["tensors"], d["rotated_base_key"], d["dtype"]
+            key = (d["anchor_id"], d["consumer"])
+            txn.stage_deltas(d["anchor_id"], d["consumer"], ConsumerDeltas(
+                **{name: _meta_like(tensors[name], dtype) for name in DELTA_TENSORS},
+                ph_start=int(d["ph_start"]), pf_start=int(d["pf_start"]),
+                rotated_base_key=None if rbk is None else _meta_like(rbk, dtype),
+                keys_canonical=bool(d["keys_canonical"])))
+            delta_parts[key] = self._store(d["anchor_id"], "deltas", tensors, dtype)
+            if rbk is not None:
+                rbk_parts[key] = self._store(d["anchor_id"], "rbk", {"rotated_base_key": rbk}, dtype)
+        txn.stage_activations({str(k): int(v) for k, v in payload["activations"].items()})
+        version = self._mirror.commit(txn)
+        self._base_parts.update(base_parts)
+        self._delta_parts.update(delta_parts)
+        for key in delta_parts:          # a consumer's newer deltas without a rotated base key replace the old
+            self._rbk_parts.pop(key, None)
+        self._rbk_parts.update(rbk_parts)
+        self._drop_dead_parts()
+        self._commits += 1
+        return version
+
+    def drop_namespace(self, namespace: str) -> int:
+        version = self._mirror.drop_namespace(namespace)
+        self._drop_dead_parts()
+        return version
+
+    def _store(self, anchor_id: str, part: str, tensors: dict[str, np.ndarray], dtype: str) -> PartRef:
+        nbytes = sum(int(t.nbytes) for t in tensors.values())
+        self._bytes_received += nbytes
+        return PartRef(f"{anchor_id}/{part}/{uuid.uuid4().hex[:12]}", self._put(dict(tensors)), nbytes, dtype)
+
+    def _drop_dead_parts(self) -> None:
+        """Forget the refs of every part the mirror no longer holds (evicted, stale, or superseded)."""
+        live_base, live_deltas, live_rbk = set(), set(), set()
+        state = self._mirror.snapshot("")   # any namespace: only the version's namespace map is read below
+        for namespace in state.namespaces:
+            for anchors in self._mirror.snapshot(namespace).lists.values():
+                for anchor in anchors:
+                    live_base.add(anchor.anchor_id)
+                    for consumer, d in anchor.deltas.items():
+                        live_deltas.add((anchor.anchor_id, consumer))
+                        if d.rotated_base_key is not None:
+                            live_rbk.add((anchor.anchor_id, consumer))
+        self._base_parts = {k: v for k, v in self._base_parts.items() if k in live_base}
+        self._delta_parts = {k: v for k, v in self._delta_parts.items() if k in live_deltas}
+        self._rbk_parts = {k: v for k, v in self._rbk_parts.items() if k in live_rbk}
+
+    # ---- reading ------------------------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self._mirror.version
+
+    def snapshot(self, namespace: str, known: tuple[str, int] | None = None) -> dict[str, Any] | None:
+        """One namespace's anchors as metadata + part refs, or None when the pool is still at `known`
+        ((epoch, version) of the caller's last snapshot)."""
+        snap = self._mirror.snapshot(namespace)
+        if known is not None and tuple(known) == (self.epoch, snap.version):
+            return None
+        lists = {}
+        for placeholder, anchors in snap.lists.items():
+            entries = []
+            for anchor in anchors:
+                metadata, _ = anchor.to_state()
+                parts = {"base": self._base_parts[anchor.anchor_id], "deltas": {}, "rbk": {}}
+                for entry in metadata["consumers"]:
+                    key = (anchor.anchor_id, entry["consumer"])
+                    parts["deltas"][entry["consumer"]] = self._delta_parts[key]
+                    if entry["has_rotated_base_key"]:
+                        parts["rbk"][entry["consumer"]] = self._rbk_parts[key]
+                entries.append({"metadata": metadata, "parts": parts})
+            lists[placeholder] = entries
+        return {"namespace": namespace, "epoch": self.epoch, "version": snap.version,
+                "namespaces": list(snap.namespaces), "lists": lists}
+
+    def stats(self) -> dict[str, Any]:
+        stats = self._mirror.stats()
+        stats.update(epoch=self.epoch, commits=self._commits, bytes_received=self._bytes_received,
+                     parts={"base": len(self._base_parts), "deltas": len(self._delta_parts),
+                            "rotated_base_keys": len(self._rbk_parts)})
+        return stats
+
+
+class AnchorPoolActor:
+    """The Ray actor around `AnchorPoolState`: one method at a time, the actor owns every tensor object."""
+
+    def __init__(self, config: KVCommConfig | None = None):
+        import ray
+        self._state = AnchorPoolState(config or KVCommConfig(), put=ray.put)
+        self._started = time.time()
+
+    def commit(self, payload: dict[str, Any]) -> int:
+        return self._state.commit(payload)
+
+    def snapshot(self, namespace: str, known: tuple[str, int] | None = None) -> dict[str, Any] | None:
+        return self._state.snapshot(namespace, known)
+
+    def version(self) -> int:
+        return self._state.version
+
+    def drop_namespace(self, namespace: str) -> int:
+        return self._state.drop_namespace(namespace)
+
+    def stats(self) -> dict[str, Any]:
+        stats = self._state.stats()
+        stats["uptime_s"] = time.time() - self._started
+        return stats
+
+    def ping(self) -> str:
+        return "ok"
+
+
+def get_or_create_pool_actor(config: KVCommConfig | None = None, *, name: str = DEFAULT_POOL_ACTOR_NAME,
+                             namespace: str = DEFAULT_RAY_NAMESPACE, detached: bool = False,
+                             max_restarts: int = 0) -> tuple[Any, bool]:
+    """The named pool actor in `namespace`: (handle, created). An existing one is reused as it is.
+
+    The actor asks for no CPU (it only rearranges metadata), so it never takes a worker's slot. A restarted
+    actor comes back empty: workers then prefill densely until anchors are learned again.
+    """
+    import ray
+    remote_cls = ray.remote(AnchorPoolActor)
+    try:
+        return ray.get_actor(name, namespace=namespace), False
+    except ValueError:
+        pass
+    options: dict[str, Any] = dict(name=name, namespace=namespace, num_cpus=0, max_restarts=max_restarts,
+                                   max_concurrency=1, get_if_exists=True)
+    if detached:
+        options["lifetime"] = "detached"
+    handle = remote_cls.options(**options).remote(config or KVCommConfig())
+    return handle, True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The worker-side client
+# ------------------------------------------------------------------------------------------------------------
+class PartCache:
+    """Fetched tensor parts by key, least recently used evicted first once over `budget_bytes`."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The cached tensors (now the most recently used), or None; counted as a hit or a miss."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor], nbytes: int) -> None:
+        if key in self._entries:
+            return
+        self._entries[key] = (tensors, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.budget_bytes and len(self._entries) > 1:
+            _, (_, size) = self._entries.popitem(last=False)
+            self.nbytes -= size
+            self.evictions += 1
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass
+class _ClientStats:
+    snapshots: int = 0
+    snapshots_unchanged: int = 0
+    commits: int = 0
+    commits_dropped: int = 0
+    snapshots_failed: int = 0
+    fetch_s: float = 0.0
+    fetched_bytes: int = 0
+    commit_s: float = 0.0
+    committed_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class RemoteAnchorPool:
+    """The engine's pool interface over an `AnchorPoolActor`; one per worker, used from one thread.
+
+    `actor` may be None (no pool reachable): then every snapshot is empty and every commit is dropped.
+    After a failed call the actor is not asked again for `retry_after_s`, so a lost pool does not add a
+    timeout to every turn; then `resolve_actor` (e.g. a lookup by name) gives the handle to try next, so a
+    pool re-created under the same name is found again.
+    """
+
+    def __init__(self, actor: Any, config: KVCommConfig, rope: Rope | None, *, cache_bytes: int = 256 << 20,
+                 device: torch.device | str = "cpu", call_timeout_s: float = 10.0, retry_after_s: float = 5.0,
+                 resolve_actor: Callable[[], Any] | None = None):
+        self.actor = actor
+        self._resolve_actor = resolve_actor
+        self._needs_resolve = False
+        self.config = config
+        self.rope = rope
+        self.device = torch.device(device)
+        self.call_timeout_s = call_timeout_s
+        self.retry_after_s = retry_after_s
+        self.cache = PartCache(cache_bytes)
+        self._snapshots: OrderedDict[str, tuple[str, PoolSnapshot]] = OrderedDict()  # namespace -> (epoch, last)
+        self._unreachable_until = 0.0
+        self._stats = _ClientStats()
+
+    # ---- reading ------------------------------------------------------------------------------------------------
+    def snapshot(self, namespace: str) -> PoolSnapshot:
+        """The namespace's anchors at the pool's current version (an empty snapshot when the pool is lost)."""
+        import ray
+        self._stats.snapshots += 1
+        cached = self._snapshots.get(namespace)
+        if not self._reachable():
+            return _empty_snapshot(namespace)
+        known = None if cached is None else (cached[0], cached[1].version)
+        try:
+            wire = ray.get(self.actor.snapshot.remote(namespace, known), timeout=self.call_timeout_s)
+            if wire is None:
+                self._stats.snapshots_unchanged += 1
+                return cached[1]
+            snap = self._build_snapshot(wire)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the pool costs speed, never the turn
+            self._lost("snapshot", exc)
+            self._stats.snapshots_failed += 1
+            return _empty_snapshot(namespace)
+        self._snapshots[namespace] = (wire["epoch"], snap)
+        self._snapshots.move_to_end(namespace)
+        while len(self._snapshots) > _SNAPSHOTS_KEPT:    # their tensors are outside the cache's budget
+            self._snapshots.popitem(last=False)
+        return snap
+
+    def _build_snapshot(self, wire: Mapping[str, Any]) -> PoolSnapshot:
+        import ray
+        have: dict[str, dict[str, torch.Tensor]] = {}    # part key -> tensors (held here: the LRU may evict)
+        wanted: dict[str, PartRef] = {}
+        for entries in wire["lists"].values():
+            for entry in entries:
+                parts = entry["parts"]
+                for part in [parts["base"], *parts["deltas"].values(), *parts["rbk"].values()]:
+                    if part.key in have or part.key in wanted:
+                        continue
+                    cached = self.cache.get(part.key)
+                    if cached is None:
+                        wanted[part.key] = part
+                    else:
+                        have[part.key] = cached
+        if wanted:
+            t0 = time.perf_counter()
+            arrays = ray.get([p.ref for p in wanted.values()], timeout=self.call_timeout_s)
+            for part, entry_arrays in zip(wanted.values(), arrays):
+                have[part.key] = {n: numpy_to_tensor(a, part.dtype, self.device) for n, a in entry_arrays.items()}
+                self.cache.put(part.key, have[part.key], part.nbytes)
+                self._stats.fetched_bytes += part.nbytes
+            self._stats.fetch_s += time.perf_counter() - t0
+
+        lists = {}
+        for placeholder, entries in wire["lists"].items():
+            anchors = []
+            for entry in entries:
+                metadata, parts = entry["metadata"], entry["parts"]
+                tensors = dict(have[parts["base"].key])
+                for index, consumer in enumerate(metadata["consumers"]):
+                    name = consumer["consumer"]
+                    for tensor_name, tensor in have[parts["deltas"][name].key].items():
+                        tensors[f"deltas.{index}.{tensor_name}"] = tensor
+                    if consumer["has_rotated_base_key"]:
+                        tensors[f"deltas.{index}.rotated_base_key"] = have[parts["rbk"][name].key]["rotated_base_key"]
+                anchors.append(Anchor.from_state(metadata, tensors))
+            lists[placeholder] = tuple(anchors)
+        return PoolSnapshot(namespace=wire["namespace"], version=int(wire["version"]),
+                            lists=MappingProxyType(lists), namespaces=tuple(wire["namespaces"]))
+
+    def _find_committed(self, namespace: str, anchor_id: str) -> Anchor | None:
+        """`PoolTransaction.add_deltas` for an anchor committed earlier asks its pool for it."""
+        return self.snapshot(namespace).anchor(anchor_id)
+
+    # ---- writing ------------------------------------------------------------------------------------------------
+    def begin(self, namespace: str) -> PoolTransaction:
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
+        return PoolTransaction(self, namespace, self.rope)
+
+    def abort(self, txn: PoolTransaction) -> None:
+        self._require_own_open(txn)
+        txn.state = "aborted"
+
+    def commit(self, txn: PoolTransaction) -> int | None:
+        """Send the staged changes to the pool actor; the new version, or None when dropped (pool lost)."""
+        import ray
+        self._require_own_open(txn)
+        txn.state = "committed"
+        if txn.is_empty:
+            return None
+        if not self._reachable():
+            self._stats.commits_dropped += 1
+            return None
+        payload = transaction_payload(txn)
+        t0 = time.perf_counter()
+        try:
+            version = ray.get(self.actor.commit.remote(payload), timeout=self.call_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a lost pool loses the anchors, never the job
+            self._lost("commit", exc)
+            self._stats.commits_dropped += 1
+            return None
+        self._stats.commits += 1
+        self._stats.commit_s += time.perf_counter() - t0
+        self._stats.committed_bytes += payload_nbytes(payload)
+        return int(version)
+
+    # ---- health -------------------------------------------------------------------------------------------------
+    def _reachable(self) -> bool:
+        if time.monotonic() < self._unreachable_until:
+            return False
+        if (self.actor is None or self._needs_resolve) and self._resolve_actor is not None:
+            self.actor = self._resolve_actor()
+            self._needs_resolve = False
+            if self.actor is None:
+                self._unreachable_until = time.monotonic() + self.retry_after_s
+        return self.actor is not None
+
+    def _lost(self, what: str, exc: BaseException) -> None:
+        self._unreachable_until = time.monotonic() + self.retry_after_s
+        self._needs_resolve = True
+        message = (f"anchor pool unreachable ({what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                   f"{'serving an empty pool' if what == 'snapshot' else 'commit dropped'}, "
+                   f"retrying in {self.retry_after_s:.0f} s")
+        log.warning(message)
+        self._stats.warnings = (self._stats.warnings + [message])[-5:]
+
+    def _require_own_open(self, txn: PoolTransaction) -> None:
+        if txn._pool is not self:
+            raise ValueError("transaction belongs to another pool")
+        txn._require_open()
+
+    def stats(self) -> dict[str, Any]:
+        s = self._stats
+        return {"snapshots": s.snapshots, "snapshots_unchanged": s.snapshots_unchanged,
+                "snapshots_failed": s.snapshots_failed, "commits": s.commits, "commits_dropped": s.commits_dropped,
+                "fetch_s": s.fetch_s, "fetched_bytes": s.fetched_bytes, "commit_s": s.commit_s,
+                "committed_bytes": s.committed_bytes, "cache_entries": len(self.cache),
+                "cache_bytes": self.cache.nbytes, "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
+                "cache_evictions": self.cache.evictions,
+                "reachable": self.actor is not None and time.monotonic() >= self._unreachable_until,
+                "recent_warnings": list(s.warnings)}
+
+
+def _empty_snapshot(namespace: str) -> PoolSnapshot:
+    return PoolSnapshot(namespace=namespace, version=-1, lists=MappingProxyType({}), namespaces=())

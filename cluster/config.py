@@ -1,0 +1,152 @@
+"""Deployment configuration of the Ray cluster: `ClusterConfig`, a pydantic model loadable from YAML.
+
+This module owns every deployment knob (model and device, workers and their resources, placement, batching,
+restarts, caches, the anchor-pool actor's name) with one default each. The algorithm's knobs keep their one home
+in `kvcomm.config.KVCommConfig`: `KVCommSettings` is generated from that dataclass's fields (same names, types
+and defaults), validated by the dataclass itself, and turned back into it with `to_kvcomm()`. Unknown keys are
+errors that name the key (``extra="forbid"``), in YAML files as in code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from actors.agent_worker import WorkerSettings
+from kvcomm.config import KVCommConfig
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+def _kvcomm_settings_model() -> type[BaseModel]:
+    """A pydantic model with exactly KVCommConfig's fields, types and defaults (derived, never restated)."""
+    hints = typing.get_type_hints(KVCommConfig)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(KVCommConfig)}
+    return create_model("KVCommSettings", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
+_KVCommSettingsBase = _kvcomm_settings_model()
+
+
+class KVCommSettings(_KVCommSettingsBase):  # type: ignore[misc, valid-type]
+    """`kvcomm.config.KVCommConfig` as a pydantic model: the algorithm knobs inside a cluster config."""
+
+    @model_validator(mode="after")
+    def _valid_as_dataclass(self) -> "KVCommSettings":
+        self.to_kvcomm()   # the dataclass's own __post_init__ checks are the one set of rules
+        return self
+
+    def to_kvcomm(self) -> KVCommConfig:
+        return KVCommConfig(**self.model_dump())
+
+    @classmethod
+    def from_kvcomm(cls, config: KVCommConfig) -> "KVCommSettings":
+        return cls(**config.to_dict())
+
+
+class ClusterConfig(BaseModel):
+    """Everything a cluster deployment needs besides the algorithm (which is `kvcomm`)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- the model every worker serves ---
+    model: str = "smollm2-135m-instruct"   # embedded name, HF checkpoint dir, .gguf, or preset (random_weights)
+    random_weights: bool = False
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: str | None = None               # float32 / bfloat16 / float16; None: fp32 on CPU, bf16 on GPU
+    # --- workers and their resources ---
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)         # 0 on CPU; 1 on GPU nodes
+    threads_per_worker: int | None = Field(None, ge=1)  # torch threads in a worker; None: ceil(cpus_per_worker)
+    placement_strategy: PlacementStrategy = "PACK"
+    placement_timeout_s: float = Field(60.0, gt=0)
+    worker_start_timeout_s: float = Field(300.0, gt=0)   # model load in every worker (first run converts it)
+    # --- continuous batching in a worker ---
+    max_batch_size: int = Field(16, ge=1)             # sequences decoded together in one step
+    max_queued_turns: int = Field(256, ge=1)          # turns admitted per worker (queued + decoding); more wait
+    # --- fault tolerance ---
+    worker_max_restarts: int = Field(1, ge=-1)        # Ray restarts a dead worker this often (-1: forever)
+    worker_max_task_retries: int = Field(0, ge=-1)    # Ray retries of a method on a restarted worker
+    job_retries: int = Field(1, ge=0)                 # the runner resubmits a job whose worker died this often
+    # --- routing ---
+    affinity_slack: int = Field(2, ge=0)              # keep a namespace on its worker while it runs at most this
+                                                      # many more jobs than the least loaded worker
+    # --- caches and the anchor pool actor ---
+    anchor_cache_bytes: int = Field(256 << 20, ge=0)  # fetched anchor tensors cached per worker (LRU)
+    pool_actor_name: str = "kvcomm-anchor-pool"
+    ray_namespace: str = "kvcomm"
+    pool_detached: bool = False                       # the pool outlives the runner (and the driver)
+    pool_call_timeout_s: float = Field(10.0, gt=0)    # past this, a pool call counts as a lost pool
+    # --- the algorithm ---
+    kvcomm: KVCommSettings = Field(default_factory=KVCommSettings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ClusterConfig":
+        if self.device == "cuda" and self.gpus_per_worker <= 0:
+            raise ValueError("device 'cuda' needs gpus_per_worker > 0 (one GPU per worker: gpus_per_worker: 1)")
+        if self.device == "cpu" and self.gpus_per_worker > 0:
+            raise ValueError(f"device 'cpu' with gpus_per_worker={self.gpus_per_worker}: set device: cuda or "
+                             "gpus_per_worker: 0")
+        return self
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ClusterConfig":
+        """Load a YAML file (a mapping of these fields; `kvcomm:` holds algorithm knobs). Errors name the file."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"cluster config {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"cluster config {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"cluster config {path} must be a mapping of settings, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(f"cluster config {path}: {_describe(exc)}") from None
+
+    def with_(self, **changes: Any) -> "ClusterConfig":
+        """A validated copy with `changes` applied (`kvcomm` may be a dict of algorithm knobs)."""
+        data = self.model_dump()
+        kvcomm_changes = changes.pop("kvcomm", None)
+        data.update(changes)
+        if kvcomm_changes is not None:
+            data["kvcomm"] = {**data["kvcomm"], **(kvcomm_changes if isinstance(kvcomm_changes, dict)
+                                                   else kvcomm_changes.model_dump())}
+        return ClusterConfig.model_validate(data)
+
+    # ---- derived ------------------------------------------------------------------------------------------------
+    @property
+    def worker_threads(self) -> int:
+        return self.threads_per_worker or max(1, int(-(-self.cpus_per_worker // 1)))
+
+    def bundle(self) -> dict[str, float]:
+        """One worker's placement-group bundle: {"CPU": k} on CPU, {"GPU": g, "CPU": k} on GPU nodes."""
+        bundle = {"CPU": float(self.cpus_per_worker)}
+        if self.gpus_per_worker:
+            bundle["GPU"] = float(self.gpus_per_worker)
+        return bundle
+
+    def worker_settings(self) -> WorkerSettings:
+        """What one `AgentWorker` needs (the actors layer never sees this pydantic model)."""
+        return WorkerSettings(
+            model=self.model, random_weights=self.random_weights, device=self.device, dtype=self.dtype,
+            threads=self.worker_threads, max_batch_size=self.max_batch_size,
+            max_queued_turns=self.max_queued_turns, anchor_cache_bytes=self.anchor_cache_bytes,
+            pool_actor_name=self.pool_actor_name, ray_namespace=self.ray_namespace,
+            pool_call_timeout_s=self.pool_call_timeout_s, kvcomm=self.kvcomm.to_kvcomm())
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per problem: `field.path: message`."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
