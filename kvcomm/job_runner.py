@@ -17,7 +17,6 @@ from .generation import Sampling
 from .harness.jobs import AgentSpec, JobSpec, Turn
 from .harness.sandbox import run_python
 from .harness.scoring import extract_code
-from .templates import AgentTemplate, PLACEHOLDER_PATTERN
 
 POOL_MODES = ("kvcomm", "hybrid")
 
@@ -65,10 +64,6 @@ class JobResult:
                 "metadata": self.metadata, "turns": [t.to_dict() for t in self.turns]}
 
 
-def agent_template(agent: AgentSpec) -> AgentTemplate:
-    return AgentTemplate(agent.id, agent.system_prompt, agent.user_template, agent.assistant_prefix)
-
-
 def sampling_for(agent: AgentSpec, engine: KVCommEngine) -> Sampling:
     g = agent.generation
     stop = set(engine.spec.eos_token_ids)
@@ -87,7 +82,7 @@ class JobContents:
         self.txn = engine.pool.begin(job.namespace) if mode in POOL_MODES else None
         self.responses: dict[tuple[str, int], SharedContent] = {}
         self.conditions: dict[tuple[str, int], SharedContent] = {}
-        self.consumed_names = {name for a in job.agents for name in PLACEHOLDER_PATTERN.findall(a.user_template)}
+        self.consumed_names = {name for a in job.agents for name in job.placeholders_of(a.id)}
         self.user_input = engine.make_input(job.task) if "user_question" in self.consumed_names else None
         if self.user_input is not None:
             engine.offer_content(job.namespace, "user_question", self.user_input, self.txn)
@@ -146,7 +141,7 @@ def run_job(engine: KVCommEngine, job: JobSpec, *, mode: str | None = None, keep
             requests = []
             for turn in level:
                 agent = agents[turn.agent_id]
-                template = agent_template(agent)
+                template = agent.template_for_round(turn.round)
                 placeholders = {name: contents.resolve(turn, name) for name in template.placeholders()}
                 requests.append(TurnRequest(template, placeholders, mode=mode, sampling=sampling_for(agent, engine),
                                             namespace=job.namespace, transaction=contents.txn))
