@@ -10,10 +10,12 @@ This module owns the worker side of the cluster:
   `DecodeBatch` up to `max_batch_size`, advances every active sequence by one token in one batched forward, and
   resolves the futures of finished turns (`engine.finish`). A replica's throughput therefore grows with
   concurrent load: sixteen turns decode in one forward pass instead of sixteen.
+* `ScheduledEngine`: the engine as `kvcomm.job_runner.run_job` uses it, callable from any thread: its
+  `run_turns` joins the shared batch and its other calls (inputs, the gate, the pool) run on the model thread.
 * `AgentWorker`: an async Ray actor around one engine and one scheduler. `run_job` runs a whole job on this
-  worker: the level loop of `kvcomm.job_runner.run_job`, on the same per-job bookkeeping (`JobContents`,
-  `TurnRecord`, `JobResult`), with every engine touch on the model thread, so the turns of concurrent jobs are
-  batched together. The engine's pool is a `RemoteAnchorPool` on the cluster's `AnchorPoolActor`.
+  worker by calling the single-process oracle `kvcomm.job_runner.run_job` itself, unchanged, in a job thread on
+  the `ScheduledEngine`: no job logic is copied, and the turns of concurrent jobs are batched together. The
+  engine's pool is a `RemoteAnchorPool` on the cluster's `AnchorPoolActor`.
 * `start_agent_worker`: applies `ray.remote` with the resources and restart policy the caller chooses.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -66,10 +69,14 @@ class SchedulerStopped(RuntimeError):
 class TurnScheduler:
     """Continuous batching on one engine: one model thread runs engine calls, prefills and decode steps."""
 
-    def __init__(self, engine: KVCommEngine, max_batch_size: int, name: str = "kvcomm-model"):
+    def __init__(self, engine: KVCommEngine, max_batch_size: int, max_queued_turns: int = 1024,
+                 name: str = "kvcomm-model"):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queued_turns < 1:
+            raise ValueError(f"max_queued_turns must be >= 1, got {max_queued_turns}")
         self.engine = engine
+        self._turn_slots = threading.BoundedSemaphore(max_queued_turns)   # queued + decoding turns
         self.max_batch_size = max_batch_size
         self._batch = DecodeBatch(engine.runner, max_batch_size=max_batch_size)
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
@@ -104,6 +111,13 @@ class TurnScheduler:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def set_max_batch_size(self, max_batch_size: int) -> None:
+        """Change how many sequences decode together (already decoding ones finish in the current batch)."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        with self._cv:
+            self.max_batch_size = max_batch_size
+
     # ---- submitting ---------------------------------------------------------------------------------------------
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run `fn(*args, **kwargs)` on the model thread before the next decode step."""
@@ -112,9 +126,17 @@ class TurnScheduler:
         return future
 
     def turn(self, request: TurnRequest) -> concurrent.futures.Future:
-        """Prefill (or reuse) and decode one turn in the shared batch; the future holds its `TurnResult`."""
+        """Prefill (or reuse) and decode one turn in the shared batch; the future holds its `TurnResult`.
+
+        Blocks while `max_queued_turns` turns are already queued or decoding (backpressure on job threads)."""
+        self._turn_slots.acquire()
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._enqueue(self._pending, (request, future))
+        future.add_done_callback(lambda _: self._turn_slots.release())
+        try:
+            self._enqueue(self._pending, (request, future))
+        except BaseException:
+            self._turn_slots.release()
+            raise
         return future
 
     def _enqueue(self, queue: collections.deque, item: tuple[Any, concurrent.futures.Future]) -> None:
@@ -180,7 +202,8 @@ class TurnScheduler:
             self._running[id(state)] = (prepared, future)
 
     def _step(self) -> None:
-        advanced = min(len(self._batch.active), self.max_batch_size)
+        advanced = len(self._batch.active)   # admission keeps it <= max_batch_size, unless that just shrank
+        self._batch.max_batch_size = max(self.max_batch_size, advanced)
         try:
             finished = self._batch.step()
         except BaseException as exc:  # noqa: BLE001 - a failed forward fails the turns in it, not the worker
@@ -222,6 +245,60 @@ class TurnScheduler:
                 future.set_exception(exc)
 
 
+class ScheduledEngine:
+    """The engine as `kvcomm.job_runner.run_job` sees it, for use from any thread: every call that touches the
+    engine runs on the scheduler's model thread, and `run_turns` joins the shared continuous batch.
+
+    Forwarding is explicit: an engine attribute not listed here raises AttributeError instead of silently
+    running on the wrong thread.
+    """
+
+    def __init__(self, engine: KVCommEngine, scheduler: TurnScheduler):
+        self._engine = engine
+        self._scheduler = scheduler
+        self.pool = _ScheduledPool(engine.pool, scheduler)
+        # read-only after construction: safe from any thread
+        self.spec = engine.spec
+        self.tokenizer = engine.tokenizer
+        self.config = engine.config
+
+    def run_turns(self, requests: list[TurnRequest]) -> list[TurnResult]:
+        futures = [self._scheduler.turn(request) for request in requests]
+        return [future.result() for future in futures]
+
+    def run_turn(self, request: TurnRequest) -> TurnResult:
+        return self._scheduler.turn(request).result()
+
+    def make_input(self, *args: Any, **kwargs: Any) -> Any:
+        return self._scheduler.call(self._engine.make_input, *args, **kwargs).result()
+
+    def offer_content(self, *args: Any, **kwargs: Any) -> str:
+        return self._scheduler.call(self._engine.offer_content, *args, **kwargs).result()
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        return self._scheduler.call(self._engine.encode, text).result()
+
+
+class _ScheduledPool:
+    """The engine's pool, each call on the model thread (the pool client is not shared across threads)."""
+
+    def __init__(self, pool: Any, scheduler: TurnScheduler):
+        self._pool = pool
+        self._scheduler = scheduler
+
+    def begin(self, namespace: str) -> Any:
+        return self._scheduler.call(self._pool.begin, namespace).result()
+
+    def commit(self, txn: Any) -> Any:
+        return self._scheduler.call(self._pool.commit, txn).result()
+
+    def abort(self, txn: Any) -> None:
+        return self._scheduler.call(self._pool.abort, txn).result()
+
+    def snapshot(self, namespace: str) -> Any:
+        return self._scheduler.call(self._pool.snapshot, namespace).result()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The Ray actor
 # ------------------------------------------------------------------------------------------------------------
@@ -253,8 +330,12 @@ class AgentWorker:
                                      call_timeout_s=settings.pool_call_timeout_s,
                                      resolve_actor=self._find_pool_actor)
         self.engine = KVCommEngine(runner, loaded.tokenizer, settings.kvcomm, self.pool)
-        self.scheduler = TurnScheduler(self.engine, settings.max_batch_size, name=f"kvcomm-model-{worker_id}").start()
-        self._admission: asyncio.Semaphore | None = None   # made on the actor's event loop, on first use
+        self.scheduler = TurnScheduler(self.engine, settings.max_batch_size, settings.max_queued_turns,
+                                       name=f"kvcomm-model-{worker_id}").start()
+        self.view = ScheduledEngine(self.engine, self.scheduler)
+        # one thread per running job: it only waits on the model thread (and runs a job's code sandbox)
+        self._job_threads = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_queued_turns,
+                                                                  thread_name_prefix=f"kvcomm-job-{worker_id}")
         self._jobs_running = 0
         self._jobs_done = 0
         self._jobs_failed = 0
@@ -272,16 +353,6 @@ class AgentWorker:
             log.warning("anchor pool actor %r not found in namespace %r; serving without a pool",
                         self.settings.pool_actor_name, self.settings.ray_namespace)
             return None
-
-    # ---- model-thread helpers -----------------------------------------------------------------------------------
-    async def _on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.wrap_future(self.scheduler.call(fn, *args))
-
-    async def _turn(self, request: TurnRequest) -> TurnResult:
-        if self._admission is None:
-            self._admission = asyncio.Semaphore(self.settings.max_queued_turns)
-        async with self._admission:
-            return await asyncio.wrap_future(self.scheduler.turn(request))
 
     # ---- jobs ---------------------------------------------------------------------------------------------------
     async def run_job(self, job: dict[str, Any], mode: str | None = None) -> dict[str, Any]:
@@ -303,39 +374,10 @@ class AgentWorker:
         return out
 
     async def _run_job(self, job: Any, mode: str) -> Any:
-        """`kvcomm.job_runner.run_job`'s level loop with every engine touch on the model thread."""
-        from kvcomm.job_runner import JobContents, JobResult, TurnRecord, agent_template, sampling_for
-
-        started = time.perf_counter()
-        agents = {a.id: a for a in job.agents}
-        contents = await self._on_model_thread(JobContents, self.engine, job, mode)
-        records: list[TurnRecord] = []
-        try:
-            for level in job.turn_levels():
-                requests = []
-                for turn in level:
-                    agent = agents[turn.agent_id]
-                    template = agent_template(agent)
-                    placeholders = {name: contents.resolve(turn, name) for name in template.placeholders()}
-                    requests.append(TurnRequest(template, placeholders, mode=mode,
-                                                sampling=sampling_for(agent, self.engine),
-                                                namespace=job.namespace, transaction=contents.txn))
-                results = await asyncio.gather(*(self._turn(r) for r in requests))
-                for turn, result in zip(level, results):
-                    agent = agents[turn.agent_id]
-                    await self._on_model_thread(contents.add_response, turn, agent, result)
-                    records.append(TurnRecord(
-                        agent_id=turn.agent_id, round=turn.round, role=agent.role, text=result.text,
-                        token_ids=result.token_ids, ttft_s=result.ttft_s, total_s=result.total_s,
-                        reused=result.reused, reason=result.reason, prompt_tokens=len(result.prompt_ids),
-                        recomputed_tokens=result.recomputed_tokens, timings=result.timings))
-        except BaseException:
-            await self._on_model_thread(contents.abort)
-            raise
-        await self._on_model_thread(contents.commit)
-        final = records[-1].text if records else ""
-        return JobResult(job.id, mode, records, final, time.perf_counter() - started, job.namespace,
-                         dict(job.metadata or {}))
+        """`kvcomm.job_runner.run_job` itself, in a job thread, on the engine view: its turns join the batch."""
+        from kvcomm.job_runner import run_job
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._job_threads, functools.partial(run_job, self.view, job, mode=mode))
 
     # ---- routing and health -------------------------------------------------------------------------------------
     async def load(self) -> dict[str, Any]:
@@ -345,11 +387,19 @@ class AgentWorker:
         return load
 
     async def stats(self) -> dict[str, Any]:
+        spec = self.engine.spec
         return {"worker": self.worker_id, "pid": os.getpid(), "model": self.model_source,
-                "device": str(self.engine.runner.device), "threads": torch.get_num_threads(),
+                "device": str(self.engine.runner.device), "dtype": str(self.engine.runner.dtype).removeprefix("torch."),
+                "kv_shape": {"layers": spec.num_layers, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim},
+                "threads": torch.get_num_threads(),
                 "load_s": self.load_s, "jobs_done": self._jobs_done, "jobs_failed": self._jobs_failed,
                 "jobs_running": self._jobs_running, "namespaces": dict(self._namespaces),
                 "scheduler": self.scheduler.stats(), "pool": self.pool.stats()}
+
+    async def set_max_batch_size(self, max_batch_size: int) -> int:
+        """Tune continuous batching at run time (1 turns it off: one sequence per decode step)."""
+        self.scheduler.set_max_batch_size(max_batch_size)
+        return max_batch_size
 
     async def ping(self) -> str:
         if not self.scheduler.alive:
@@ -360,6 +410,9 @@ class AgentWorker:
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             scheduler.stop(timeout=1.0)
+        threads = getattr(self, "_job_threads", None)
+        if threads is not None:
+            threads.shutdown(wait=False, cancel_futures=True)
 
 
 def start_agent_worker(settings: WorkerSettings, worker_id: str, *, num_cpus: float, num_gpus: float = 0.0,

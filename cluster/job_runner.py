@@ -192,7 +192,10 @@ class ClusterRunner:
     def run_job(self, job: JobSpec | Mapping[str, Any], mode: str | None = None, *, worker: int | None = None,
                 timeout_s: float | None = None) -> dict[str, Any]:
         """Run one job and return its result dict (`JobResult.to_dict()` plus "worker"); raises on failure."""
-        ticket = self.submit(job, mode, worker=worker)
+        return self.result(self.submit(job, mode, worker=worker), timeout_s=timeout_s)
+
+    def result(self, ticket: JobTicket, timeout_s: float | None = None) -> dict[str, Any]:
+        """Wait for a submitted job; resubmits it elsewhere if its worker dies (up to `job_retries` times)."""
         while True:
             try:
                 return ray.get(ticket.ref, timeout=timeout_s)

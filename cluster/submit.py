@@ -186,7 +186,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
     return config.with_(**overrides) if overrides else config
 
 
-class _RayConnection:
+class RayConnection:
     """Joins or starts Ray; `close()` shuts down only a cluster this object started or connected."""
 
     def __init__(self, address: str | None, num_cpus: int, object_store_mb: int):
@@ -234,7 +234,7 @@ def submit(args: argparse.Namespace) -> int:
         if todo:
             from .job_runner import ClusterRunner
             needed = math.ceil(config.num_workers * config.cpus_per_worker)
-            connection = _RayConnection(args.address, args.num_cpus or max(os.cpu_count() or 1, needed),
+            connection = RayConnection(args.address, args.num_cpus or max(os.cpu_count() or 1, needed),
                                         args.object_store_mb)
             runner = ClusterRunner(config).start()
             for record in _with_ids(runner.run_jobs(todo, mode=args.mode, concurrency=args.concurrency)):

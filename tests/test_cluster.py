@@ -341,6 +341,27 @@ def test_routing_keeps_a_namespace_on_its_worker_and_spreads_new_ones(cluster) -
     assert "agents" in by_id["broken"]["error"] and {"r0", "r1", "r2"} <= set(by_id)
 
 
+def test_job_whose_worker_dies_is_rerun_on_another_worker(cluster) -> None:
+    import ray
+    from ray.exceptions import ActorUnavailableError
+    job = build_job("math", TASKS[11], num_agents=3, mode="dense", job_id="survivor", namespace="die",
+                    generation=GenerationParams(max_new_tokens=200, min_new_tokens=200))
+    resubmitted = cluster.jobs_resubmitted
+    ticket = cluster.submit(job, worker=0)
+    ray.kill(cluster.workers[0], no_restart=False)    # worker 0 dies (Ray restarts it: worker_max_restarts=1)
+    result = cluster.result(ticket)
+    assert result["worker"] == "worker-1" and len(result["turns"]) == 3
+    assert cluster.jobs_resubmitted == resubmitted + 1
+    deadline = time.monotonic() + 120
+    while True:                                       # back, with a fresh model (calls fail while it restarts)
+        try:
+            assert ray.get(cluster.workers[0].ping.remote(), timeout=120) == "worker-0"
+            break
+        except ActorUnavailableError:
+            assert time.monotonic() < deadline, "worker 0 did not come back"
+            time.sleep(0.5)
+
+
 def test_lost_pool_costs_speed_never_answers_and_shutdown_leaves_nothing(ray_cluster, tiny_model_dir) -> None:
     """A second, one-worker runner: kill its pool actor mid-way; a kvcomm job still answers exactly like dense.
     Then shutdown: the worker, the pool and the placement group are gone and the CPUs are free again."""
@@ -371,3 +392,23 @@ def test_lost_pool_costs_speed_never_answers_and_shutdown_leaves_nothing(ray_clu
     while ray.available_resources().get("CPU", 0) < free_before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == free_before
+
+
+def test_throughput_benchmark_reports_batching_workers_and_transfer(ray_cluster, tiny_model_dir) -> None:
+    from cluster import bench_throughput
+    base = cluster_config(tiny_model_dir, kvcomm={"gamma": GAMMA})
+    report = bench_throughput.run(workers=(1, 2), jobs=6, model=tiny_model_dir, random_weights=True, agents=2,
+                                  new_tokens=6, max_batch_size=8, transfer_tokens=(64,), transfer_repeats=2,
+                                  reuse_jobs=4, reuse_warmup=2, config=base)
+    settings = {(s["workers"], s["max_batch_size"]): s for s in report["settings"]}
+    assert set(settings) == {(1, 1), (1, 8), (2, 8)}
+    assert settings[(1, 1)]["mean_batch"] == 1.0 and settings[(1, 8)]["mean_batch"] > 1.5
+    assert settings[(2, 8)]["used_workers"] == ["worker-0", "worker-1"]
+    for s in settings.values():
+        assert s["turns"] == 12 and s["decode_tok_per_s"] > 0
+    [transfer] = report["transfer"]
+    assert transfer["tokens"] == 64 and transfer["get_mb_per_s"] > 0
+    assert report["reuse"]["reuse_rate"] == 1.0                      # gamma 1: the measured jobs all reuse
+    assert 0 < report["ratios"]["transfer_share_of_reused_ttft"]
+    table = bench_throughput.markdown_table(report)
+    assert "| 2 | 8 |" in table and "continuous batching vs batch-1" in table
