@@ -1,7 +1,8 @@
 """Offset estimation: predict the KV change a consumer's prefix causes in a placeholder and the segment after it.
 
-This module owns the formulas of kvcomm-algorithm.md section 1.4, vectorized over anchors (tensors stacked to
-``[N, ...]``, no Python loops over tokens or layers):
+This module owns the formulas of kvcomm-algorithm.md section 1.4, with no Python loops over tokens or layers
+(distances are computed on anchors stacked to ``[N, ...]`` in one fp32 buffer, differenced in place; the weighted
+sums are accumulated one anchor at a time, so no ``[N, ...]`` copy of the deltas is ever made):
 
 * length filter: an anchor takes part iff it is at least as long as the current placeholder (T) and holds deltas
   for this consumer whose following segment has the current length (S);
@@ -86,6 +87,34 @@ def _softmax_over_anchors(distances: torch.Tensor, temperature: float) -> torch.
     return torch.softmax(-distances / temperature, dim=0)
 
 
+def _anchor_distances(current: torch.Tensor, anchors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Placeholder and prefix distances of N anchors from the current base, one side (K or V).
+
+    current: [L, H, T, D]; anchors: N tensors [L, H, T_a, D] with T_a >= T. Returns
+    (mean_{l,h,c} |B - E_a| per token, anchor aligned at its start: [N, T];
+     ||B - E_a||_2 over tokens per (l, h, c), anchor aligned at its tail: [N, L, H, D]).
+    One fp32 buffer per alignment, differenced in place; when every anchor has exactly T tokens the two
+    alignments coincide and the buffer is shared.
+    """
+    layers, heads, tokens, dim = current.shape
+    current32 = current.float()                                                       # [L, H, T, D]
+    head = torch.empty((len(anchors), layers, heads, tokens, dim), dtype=torch.float32,
+                       device=current.device)                                         # [N, L, H, T, D]
+    for i, anchor in enumerate(anchors):
+        head[i].copy_(anchor[:, :, :tokens])                                          # start-aligned
+    head.sub_(current32)                                                              # E_a - B
+    if all(anchor.shape[2] == tokens for anchor in anchors):
+        prefix_dist = torch.linalg.vector_norm(head, dim=3)                           # [N, L, H, D]
+    else:
+        tail = torch.empty_like(head)                                                 # [N, L, H, T, D]
+        for i, anchor in enumerate(anchors):
+            tail[i].copy_(anchor[:, :, anchor.shape[2] - tokens:])                    # tail-aligned
+        prefix_dist = torch.linalg.vector_norm(tail.sub_(current32), dim=3)           # [N, L, H, D]
+        del tail
+    placeholder_dist = head.abs_().mean(dim=(1, 2, 4))                                # [N, T]
+    return placeholder_dist, prefix_dist
+
+
 def anchor_weights(current_keys: torch.Tensor, current_values: torch.Tensor, anchor_keys: Sequence[torch.Tensor],
                    anchor_values: Sequence[torch.Tensor], temperature: float) -> AnchorWeights:
     """Weights of N anchors for a placeholder of T tokens.
@@ -93,21 +122,20 @@ def anchor_weights(current_keys: torch.Tensor, current_values: torch.Tensor, anc
     current_keys, current_values: [L, H, T, D], the current base as it is compared (see the module docstring).
     anchor_keys, anchor_values: N tensors [L, H, T_a, D] with T_a >= T, in the same frame as current_keys.
     """
-    tokens = current_keys.shape[2]
-    current_k = current_keys.float().unsqueeze(0)                                      # [1, L, H, T, D]
-    current_v = current_values.float().unsqueeze(0)                                    # [1, L, H, T, D]
-    head_k = torch.stack([k[:, :, :tokens].float() for k in anchor_keys])             # [N, L, H, T, D] start
-    head_v = torch.stack([v[:, :, :tokens].float() for v in anchor_values])           # [N, L, H, T, D]
-    tail_k = torch.stack([k[:, :, k.shape[2] - tokens:].float() for k in anchor_keys])  # [N, L, H, T, D] tail
-    tail_v = torch.stack([v[:, :, v.shape[2] - tokens:].float() for v in anchor_values])
-    ph_dist_k = (current_k - head_k).abs().mean(dim=(1, 2, 4))                         # [N, T]
-    ph_dist_v = (current_v - head_v).abs().mean(dim=(1, 2, 4))                         # [N, T]
-    pf_dist_k = torch.linalg.vector_norm(current_k - tail_k, dim=3)                    # [N, L, H, D]
-    pf_dist_v = torch.linalg.vector_norm(current_v - tail_v, dim=3)                    # [N, L, H, D]
+    ph_dist_k, pf_dist_k = _anchor_distances(current_keys, anchor_keys)              # [N, T], [N, L, H, D]
+    ph_dist_v, pf_dist_v = _anchor_distances(current_values, anchor_values)          # [N, T], [N, L, H, D]
     return AnchorWeights(ph_k=_softmax_over_anchors(ph_dist_k, temperature),
                          ph_v=_softmax_over_anchors(ph_dist_v, temperature),
                          pf_k=_softmax_over_anchors(pf_dist_k, temperature),
                          pf_v=_softmax_over_anchors(pf_dist_v, temperature))
+
+
+def _weighted_sum(weights: torch.Tensor, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_a weights[a] * deltas[a] in fp32. weights: [N, ...] broadcastable against each delta [L, H, X, D]."""
+    total = deltas[0].float() * weights[0]
+    for weight, delta in zip(weights[1:], deltas[1:]):
+        total.addcmul_(delta.float(), weight)
+    return total
 
 
 def _effective_count(weights: torch.Tensor) -> float:
@@ -178,19 +206,18 @@ def estimate_offsets(base: KVSegment, following: KVSegment, anchors: Sequence[An
         if cache_key is not None:
             weight_cache[cache_key] = weights
 
-    ph_delta_k = torch.stack([d.ph_key[:, :, :tokens].float() for d in deltas])    # [N, L, H, T, D]
-    ph_delta_v = torch.stack([d.ph_value[:, :, :tokens].float() for d in deltas])  # [N, L, H, T, D]
-    pf_delta_k = torch.stack([d.pf_key.float() for d in deltas])                   # [N, L, H, S, D]
-    pf_delta_v = torch.stack([d.pf_value.float() for d in deltas])                 # [N, L, H, S, D]
-    if config.rerotate_deltas:
-        # Prefix weights differ per channel and RoPE mixes channel c with c +- D/2, so rotate each anchor's
-        # delta before weighting. Placeholder weights are per token only, so rotating the sum is exact.
-        pf_delta_k = rope.shift_keys(pf_delta_k, following.start)
-
-    ph_key = torch.einsum("nt,nlhtd->lhtd", weights.ph_k, ph_delta_k)              # [L, H, T, D]
-    ph_value = torch.einsum("nt,nlhtd->lhtd", weights.ph_v, ph_delta_v)            # [L, H, T, D]
-    pf_key = torch.einsum("nlhd,nlhsd->lhsd", weights.pf_k, pf_delta_k)            # [L, H, S, D]
-    pf_value = torch.einsum("nlhd,nlhsd->lhsd", weights.pf_v, pf_delta_v)          # [L, H, S, D]
+    # Weighted sums over anchors, accumulated one anchor at a time into fp32 outputs (no [N, ...] stack).
+    # ph weights [N, T] -> [N, 1, 1, T, 1]; deltas [L, H, T_a, D] cut to their first T tokens -> [L, H, T, D]
+    ph_key = _weighted_sum(weights.ph_k[:, None, None, :, None], [d.ph_key[:, :, :tokens] for d in deltas])
+    ph_value = _weighted_sum(weights.ph_v[:, None, None, :, None], [d.ph_value[:, :, :tokens] for d in deltas])
+    # Prefix weights differ per channel and RoPE mixes channel c with c +- D/2, so (corrected mode) rotate each
+    # anchor's delta to the current start before weighting. Placeholder weights are per token only, so rotating
+    # the sum is exact.
+    pf_deltas_k = [rope.shift_keys(d.pf_key.float(), following.start) if config.rerotate_deltas else d.pf_key
+                   for d in deltas]
+    # pf weights [N, L, H, D] -> [N, L, H, 1, D]; deltas [L, H, S, D]
+    pf_key = _weighted_sum(weights.pf_k[:, :, :, None, :], pf_deltas_k)              # [L, H, S, D]
+    pf_value = _weighted_sum(weights.pf_v[:, :, :, None, :], [d.pf_value for d in deltas])
     if config.rerotate_deltas:
         ph_key = rope.shift_keys(ph_key, base.start)
     for offset in (ph_key, ph_value, pf_key, pf_value):
