@@ -73,8 +73,10 @@ class ClusterConfig(BaseModel):
     worker_max_task_retries: int = Field(0, ge=-1)    # Ray retries of a method on a restarted worker
     job_retries: int = Field(1, ge=0)                 # the runner resubmits a job whose worker died this often
     # --- routing ---
-    affinity_slack: int = Field(2, ge=0)              # keep a namespace on its worker while it runs at most this
-                                                      # many more jobs than the least loaded worker
+    affinity_slack: int = Field(0, ge=0)              # keep a namespace on its worker while it runs at most this
+                                                      # many more jobs than the least loaded worker (0: affinity
+                                                      # only breaks ties; fetching anchors costs ~1% of a reused
+                                                      # turn's TTFT on CPU, so load comes first there)
     # --- caches and the anchor pool actor ---
     anchor_cache_bytes: int = Field(256 << 20, ge=0)  # fetched anchor tensors cached per worker (LRU)
     pool_actor_name: str = "kvcomm-anchor-pool"

@@ -90,9 +90,11 @@ class ClusterRunner:
         tag = uuid.uuid4().hex[:8]
         try:
             self._group = create_worker_placement_group(cfg, name=f"kvcomm-workers-{tag}")
+            # a crashed pool comes back empty (restarts are free); workers then prefill densely and relearn
             self.pool_actor, self._pool_created = get_or_create_pool_actor(
                 cfg.kvcomm.to_kvcomm(), name=cfg.pool_actor_name, namespace=cfg.ray_namespace,
-                detached=cfg.pool_detached)
+                detached=cfg.pool_detached, max_restarts=-1)
+            _warn_if_pool_outgrows_object_store(cfg)
             settings = cfg.worker_settings()
             self.workers = [
                 start_agent_worker(settings, f"worker-{i}", num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
@@ -257,6 +259,16 @@ class ClusterRunner:
             pool = {"error": error_message(exc)}
         return {"workers": workers, "pool": pool, "jobs_submitted": self.jobs_submitted,
                 "jobs_resubmitted": self.jobs_resubmitted}
+
+
+def _warn_if_pool_outgrows_object_store(config: ClusterConfig) -> None:
+    """Anchor tensors live in the object store: a byte budget above half of it means spilling to disk."""
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    budget = config.kvcomm.pool_byte_budget
+    if store and budget > store / 2:
+        log.warning("kvcomm.pool_byte_budget (%.2f GiB) exceeds half of the cluster's object store (%.2f GiB): "
+                    "anchors will spill to disk; lower the budget or give Ray a larger object store",
+                    budget / 2**30, store / 2**30)
 
 
 def _job_id_of(job: Any) -> str:
