@@ -135,7 +135,7 @@ def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm
     base = config or ClusterConfig(cpus_per_worker=1, threads_per_worker=1)
     cfg = base.with_(model=model, random_weights=random_weights, num_workers=most, max_batch_size=max_batch_size,
                      pool_actor_name=f"bench-pool-{uuid.uuid4().hex[:8]}")
-    connection = RayConnection(address, num_cpus=int(most * cfg.cpus_per_worker) or 1, object_store_mb=1024)
+    connection = RayConnection(address, num_cpus=int(most * cfg.cpus_per_worker) or 1, object_store_mb=2560)
     report: dict[str, Any] = {"model": model, "random_weights": random_weights, "agents": agents,
                               "new_tokens": new_tokens, "jobs": jobs, "settings": []}
     try:

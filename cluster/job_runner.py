@@ -262,11 +262,11 @@ class ClusterRunner:
 
 
 def _warn_if_pool_outgrows_object_store(config: ClusterConfig) -> None:
-    """Anchor tensors live in the object store: a byte budget above half of it means spilling to disk."""
+    """Anchor tensors live in the object store: a byte budget above its size means spilling to disk."""
     store = ray.cluster_resources().get("object_store_memory", 0)
     budget = config.kvcomm.pool_byte_budget
-    if store and budget > store / 2:
-        log.warning("kvcomm.pool_byte_budget (%.2f GiB) exceeds half of the cluster's object store (%.2f GiB): "
+    if store and budget > store:
+        log.warning("kvcomm.pool_byte_budget (%.2f GiB) exceeds the cluster's object store (%.2f GiB): "
                     "anchors will spill to disk; lower the budget or give Ray a larger object store",
                     budget / 2**30, store / 2**30)
 

@@ -161,7 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="jobs in flight (default: workers x max_batch_size)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="CPUs of a local cluster (default: this machine's, at least what the workers need)")
-    parser.add_argument("--object-store-mb", type=int, default=1024, help="object store of a local cluster")
+    parser.add_argument("--object-store-mb", type=int, default=2560,
+                        help="object store of a local cluster (holds the anchor pool: >= kvcomm.pool_byte_budget)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
