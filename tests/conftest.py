@@ -1,0 +1,27 @@
+"""Ray fixtures: ONE local Ray cluster for the whole test session, started only by tests that ask for it.
+
+Model fixtures (the embedded SmolLM2 and its transformers twin) live in the repository's root conftest.py.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # Ray 2.60 enables token auth by default; local only here
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield ray
+    finally:
+        try:
+            from ray import serve
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
