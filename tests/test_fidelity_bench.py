@@ -1,0 +1,120 @@
+"""The fidelity benchmark on a tiny random-weight Llama with the embedded tokenizer: report structure and the
+invariants every run must satisfy (dense against dense is exact; KL is never negative; per-layer arrays)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from kvcomm.bench import fidelity
+from kvcomm.model_loading import hf_config_from_spec, load_model
+from kvcomm.model_spec import PRESETS
+from kvcomm.templates import AgentTemplate
+
+QUESTIONS = [
+    "Tom has 3 apples and buys 5 more. How many apples does he have?",
+    "A train travels 60 miles per hour for 2 hours. How far does it go?",
+    "Sara reads 12 pages a day for 4 days, then 7 more pages. How many pages did she read?",
+    "A box holds 6 eggs. How many eggs are in 9 boxes?",
+]
+
+
+def _agents() -> list[AgentTemplate]:
+    """Three fully connected agents: agent k reads the question and every agent j < k."""
+    roles = ("math solver", "mathematical analyst", "inspector")
+    agents = []
+    for k, role in enumerate(roles, start=1):
+        upstream = "".join(f"Agent {j} said:\n{{agent_{j}_current}}\n\n" for j in range(1, k))
+        agents.append(AgentTemplate(str(k), f"You are a {role}. Answer with one number.",
+                                    "Q:\n{user_question}\n" + upstream + "Your answer:", "A: "))
+    return agents
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model's ops are too small to split: one thread is faster, and far faster on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """tiny-llama's architecture with the embedded tokenizer's vocabulary, random weights."""
+    directory = tmp_path_factory.mktemp("tiny-llama-49152")
+    spec = PRESETS["tiny-llama"].with_(vocab_size=49152)
+    hf_config_from_spec(spec).save_pretrained(directory)
+    loaded = load_model(str(directory), random_weights=True, seed=3)
+    assert loaded.tokenizer is not None
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def report(tiny_model, tmp_path_factory):
+    data = tmp_path_factory.mktemp("gsm8k") / "test.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "#### 0"}) + "\n" for q in QUESTIONS))
+    setting = fidelity.Setting(questions=2, warmup=2, response_tokens=6, continuation_tokens=4, bootstrap=200,
+                               data=str(data))
+    return fidelity.run(setting=setting, agents=_agents(), loaded=tiny_model, progress=False)
+
+
+def test_report_structure(report, tiny_model):
+    layers = tiny_model.spec.num_layers
+    assert report["turns"] == 2 * 3 == len(report["rows"])
+    assert set(report["methods"]) == set(fidelity.METHODS)
+    assert not set(report["questions"]["measured"]) & set(report["questions"]["warmup"])
+    for method, m in report["methods"].items():
+        assert m["turns"] == 6
+        for group in fidelity.ERROR_GROUPS:
+            for side in ("k", "v"):
+                values = m[f"{group}_rel_err_{side}"]
+                assert len(values) == layers, (method, group, side)
+                assert all(v >= 0 and math.isfinite(v) for v in values), (method, group, side)
+        lo, hi = m["kl_ci95"]
+        assert lo <= m["kl_mean"] + 1e-12 and m["kl_mean"] <= hi + 1e-12, method
+        assert 0 <= m["top1_agree"] <= m["turns"] and 0 <= m["greedy_exact"] <= m["turns"]
+        assert m["prepare_ms_mean"] > 0
+    for method in ("kvcomm-reference", "kvcomm-corrected"):
+        assert 0.0 <= report["methods"][method]["gate_reuse_rate"] <= 1.0
+        assert report["methods"][method]["offset_ms_mean"] is not None
+    assert report["pools"]["corrected"]["anchors"], "warm-up recorded no anchors"
+    json.dumps(report)   # JSON-able
+    table = fidelity.markdown_table(report)
+    assert all(f"| {m} |" in table for m in fidelity.METHODS)
+
+
+def test_invariants(report):
+    dense = report["methods"]["dense"]
+    assert dense["kl_mean"] == pytest.approx(0.0, abs=1e-9)
+    assert dense["top1_agree"] == dense["turns"]
+    assert dense["greedy_exact"] == dense["turns"]
+    assert dense["span_rel_err_v_mean"] == pytest.approx(0.0, abs=1e-6)
+    for row in report["rows"]:
+        for method, cell in row["methods"].items():
+            assert cell["kl"] >= 0.0, (method, cell["kl"])
+    # the diagnostic splices copy the oracle's own KV for their part
+    assert report["methods"]["diag-exact-placeholders"]["placeholders_rel_err_v_mean"] == 0.0
+    assert report["methods"]["diag-exact-fixed"]["fixed_rel_err_k_mean"] == 0.0
+    # layer 0 KV depends only on token and position: every method without recompute gets it exactly
+    assert report["methods"]["base-only"]["span_rel_err_v"][0] == pytest.approx(0.0, abs=1e-5)
+    assert report["methods"]["kvcomm-corrected"]["span_rel_err_v"][0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_plot_and_sweep(report, tiny_model, tmp_path):
+    path = tmp_path / "fidelity.png"
+    fidelity.plot(report, str(path))
+    assert path.stat().st_size > 0
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
+    setting = fidelity.Setting(questions=1, warmup=3, response_tokens=4, bootstrap=100, data=str(data))
+    sweep = fidelity.sweep_anchors(anchors=(1, 2), setting=setting, agents=_agents(), loaded=tiny_model,
+                                   progress=False)
+    assert [r["max_anchors"] for r in sweep["rows"]] == [1, 2]
+    for row in sweep["rows"]:
+        assert all(n <= row["max_anchors"] for n in row["anchors"].values())
+        assert row["kl_mean"] >= 0 and 0 <= row["gate_reuse_rate"] <= 1
+    assert "| 2 |" in fidelity.sweep_markdown_table(sweep)
+    fidelity.plot_sweep(sweep, str(tmp_path / "sweep.png"))
