@@ -85,6 +85,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench_runner)
+
+    # the options of each benchmark live next to its code (one home); building them imports torch
+    from kvcomm.bench import fidelity, ttft
+    from cluster import bench_throughput, submit
+
+    p = bench.add_parser("ttft", help="TTFT per agent and serving mode (the paper's Tables 2 and 3)")
+    ttft.add_arguments(p)
+    p.set_defaults(func=ttft.cli_main)
+    p = bench.add_parser("fidelity", help="KV error, first-token agreement and KL of every reuse method vs dense")
+    fidelity.add_arguments(p)
+    p.set_defaults(func=fidelity.cli_main)
+    p = bench.add_parser("anchors", help="anchor-pool size V against memory, reuse rate, KL and offset time")
+    fidelity.add_sweep_arguments(p)
+    p.set_defaults(func=fidelity.sweep_cli_main)
+    p = bench.add_parser("throughput", help="continuous batching vs batch-1, 1 vs N workers, KV transfer")
+    bench_throughput.add_arguments(p)
+    p.set_defaults(func=bench_throughput.cli_main)
+
+    submit.add_submit_parser(sub)
     return parser
 
 

@@ -16,14 +16,16 @@ from ..model_loading import build_hf_model, load_model
 from ..runner import ModelRunner
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _paired_median_times(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median wall time of each, measured alternately so machine drift hits both alike."""
+    ours(), theirs()  # warm-up
+    t_ours, t_theirs = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(t_ours), statistics.median(t_theirs)
 
 
 def run(model: str = "smollm2-135m-instruct", *, prefill_lengths=(256, 512, 1024, 2048), batch_sizes=(1, 4, 16),
@@ -46,7 +48,7 @@ def run(model: str = "smollm2-135m-instruct", *, prefill_lengths=(256, 512, 1024
             with torch.inference_mode():
                 hf(ids[None], logits_to_keep=1)
 
-        t_ours, t_hf = _median_time(ours, repeats), _median_time(theirs, repeats)
+        t_ours, t_hf = _paired_median_times(ours, theirs, repeats)
         rows.append({"kind": "prefill", "tokens": n, "ours_ms": t_ours * 1e3, "transformers_ms": t_hf * 1e3,
                      "speedup": t_hf / t_ours})
         progress(f"prefill {n:5d} tokens: ours {t_ours*1e3:8.1f} ms   transformers {t_hf*1e3:8.1f} ms")
@@ -76,8 +78,9 @@ def run(model: str = "smollm2-135m-instruct", *, prefill_lengths=(256, 512, 1024
                 return time.perf_counter() - t
 
         ours_decode(), theirs_decode()  # warm-up
-        t_ours = statistics.median(ours_decode() for _ in range(repeats))
-        t_hf = statistics.median(theirs_decode() for _ in range(repeats))
+        pairs = [(ours_decode(), theirs_decode()) for _ in range(repeats)]
+        t_ours = statistics.median(p[0] for p in pairs)
+        t_hf = statistics.median(p[1] for p in pairs)
         tok_ours, tok_hf = b * decode_tokens / t_ours, b * decode_tokens / t_hf
         rows.append({"kind": "decode", "batch": b, "ours_tok_s": tok_ours, "transformers_tok_s": tok_hf,
                      "speedup": tok_ours / tok_hf})
