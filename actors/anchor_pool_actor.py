@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from kvcomm.codec import dtype_name, numpy_to_tensor, tensor_to_numpy
 from kvcomm.anchor_pool import Anchor, AnchorPool, ConsumerDeltas, PoolSnapshot, PoolTransaction
 from kvcomm.config import KVCommConfig
 from kvcomm.rope import Rope
@@ -50,29 +51,7 @@ _SNAPSHOTS_KEPT = 8   # namespaces whose last snapshot a client keeps to answer 
 # ------------------------------------------------------------------------------------------------------------
 # Tensors as numpy
 # ------------------------------------------------------------------------------------------------------------
-_RAW_16_BIT = {"bfloat16": torch.bfloat16}   # dtypes numpy lacks: shipped as int16 bit patterns
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU numpy array with the tensor's bytes (bfloat16 as int16 bit patterns)."""
-    tensor = tensor.detach().contiguous().cpu()
-    if tensor.dtype in _RAW_16_BIT.values():
-        tensor = tensor.view(torch.int16)
-    return tensor.numpy()
-
-
-def numpy_to_tensor(array: np.ndarray, dtype: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A tensor owning a copy of `array` (object-store arrays are read-only), as `dtype`, on `device`."""
-    tensor = torch.from_numpy(np.array(array, copy=True))
-    if dtype in _RAW_16_BIT:
-        tensor = tensor.view(_RAW_16_BIT[dtype])
-    elif dtype_name(tensor.dtype) != dtype:
-        raise ValueError(f"array of dtype {array.dtype} does not hold {dtype} tensors")
-    return tensor.to(device)
+# tensor_to_numpy / numpy_to_tensor / dtype_name: kvcomm.codec (bfloat16 travels as int16 bit patterns)
 
 
 def _meta_like(array: np.ndarray, dtype: str) -> torch.Tensor:
