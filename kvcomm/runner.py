@@ -234,8 +234,11 @@ class ModelRunner:
         return out
 
     def _causal_mask(self, context_len: int, new_len: int) -> torch.Tensor | None:
-        """Bool mask [new, context + new]: new token i sees the whole context and new tokens <= i."""
-        if new_len == 1:
+        """Bool mask [new, context + new]: new token i sees the whole context and new tokens <= i.
+
+        None when no mask is needed (one new token) or when plain causal attention is exact (no context),
+        which lets SDPA take its fused causal kernel."""
+        if new_len == 1 or context_len == 0:
             return None
         cols = torch.arange(context_len + new_len, device=self.device)
         rows = torch.arange(new_len, device=self.device)[:, None] + context_len
@@ -250,8 +253,10 @@ class ModelRunner:
             out = self._flash(q.unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
                               causal=t > 1, softmax_scale=self._scale)                    # [1, t, H, D]
             return out.reshape(t, -1)
+        causal = mask is None and t > 1   # no context: top-left causal alignment is the right one
         out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-                                             attn_mask=mask, scale=self._scale, enable_gqa=True)  # [1, H, t, D]
+                                             attn_mask=mask, is_causal=causal, scale=self._scale,
+                                             enable_gqa=True)  # [1, H, t, D]
         return out[0].transpose(0, 1).reshape(t, -1)
 
     # ---- conveniences -------------------------------------------------------------------------------------
