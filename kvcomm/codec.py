@@ -9,7 +9,6 @@ arrays, which the object store shares zero-copy between processes on one node.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import msgpack
@@ -31,7 +30,10 @@ class CodecError(ValueError):
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise CodecError(f"unsupported dtype {name!r}; supported: {', '.join(_DTYPES)}")
+    return name
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -59,11 +61,11 @@ def numpy_to_tensor(array: np.ndarray, dtype: str, device: torch.device | str = 
     """
     target = _torch_dtype(dtype)
     if copy:
-        array = np.array(array, copy=True)
-    with warnings.catch_warnings():
-        # torch warns that a read-only array gives a tensor it cannot protect; the docstring's rule covers it
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tensor = torch.from_numpy(array)
+        tensor = torch.from_numpy(np.array(array, copy=True))
+    else:
+        # DLPack shares read-only memory without torch's non-writable warning (and without touching the
+        # process-wide warning filters, which other threads share)
+        tensor = torch.from_dlpack(np.ascontiguousarray(array))
     if target in _RAW_16_BIT:
         tensor = tensor.view(target)
     elif tensor.dtype != target:
