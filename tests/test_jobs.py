@@ -93,6 +93,10 @@ VALIDATION_CASES = [
     ("agents", "non-empty list", lambda d: d.update(agents=[])),
     ("agents[0]", "expected a mapping, got list", lambda d: d.update(agents=[["1"]])),
     ("generation.seed", "expected an integer", lambda d: d.update(generation={"seed": 1.5})),
+    ("agents[0].generation.stop", "expected a list of strings, got str",
+     lambda d: d["agents"][0].update(generation={"stop": "\n\n"})),
+    ("agents[0].generation.stop[1]", "expected a non-empty string, got ''",
+     lambda d: d["agents"][0].update(generation={"stop": ["END", ""]})),
 ]
 
 
@@ -233,6 +237,20 @@ def test_job_level_generation_defaults_are_overridden_per_agent():
     job = JobSpec.from_dict(data)
     assert job.agent("1").generation == GenerationParams(max_new_tokens=40, temperature=0.5)
     assert job.agent("3").generation == GenerationParams(max_new_tokens=10, temperature=0.5)
+
+
+def test_stop_strings_load_from_lists_and_cut_the_response():
+    data = three_agent_dict()
+    data["generation"] = {"stop": ["\nQ:", "END"]}
+    job = JobSpec.from_dict(data)
+    params = job.agent("2").generation
+    assert params.stop == ("\nQ:", "END") and params == GenerationParams(stop=("\nQ:", "END"))
+    assert params.to_dict()["stop"] == ["\nQ:", "END"]
+    assert JobSpec.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+    assert params.cut_at_stop("The answer is 5.END\nQ: next") == ("The answer is 5.", True)
+    assert params.cut_at_stop("x\nQ: y END") == ("x", True)          # the earliest stop string wins
+    assert params.cut_at_stop("no stop here") == ("no stop here", False)
+    assert GenerationParams().cut_at_stop("END") == ("END", False)
 
 
 def test_load_jobs_reads_the_examples():

