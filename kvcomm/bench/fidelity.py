@@ -79,6 +79,7 @@ import torch
 from tqdm import tqdm
 
 from ..anchor_pool import AnchorPool
+from ..harness.datasets import DEFAULT_GSM8K_PATH
 from ..config import KVCommConfig
 from ..engine import KVCommEngine, SharedContent, TurnRequest
 from ..generation import DecodeBatch, Sampling
@@ -91,7 +92,7 @@ from ..templates import AgentTemplate
 if TYPE_CHECKING:
     from ..engine import _Prepared   # what `KVCommEngine.prepare` returns
 
-DEFAULT_DATA = "/work/shared/data/gsm8k/test.jsonl"
+DEFAULT_DATA = DEFAULT_GSM8K_PATH
 NAMESPACE = "fidelity-bench"
 METHODS = ("dense", "base-only", "base-only+tail", "naive-other", "kvcomm-reference", "kvcomm-corrected-lasttoken",
            "kvcomm-corrected", "cacheblend", "hybrid", "diag-exact-placeholders", "diag-exact-fixed")

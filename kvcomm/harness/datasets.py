@@ -6,12 +6,15 @@ This module owns reading and checking the records; scoring them is `scoring`'s j
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from .scoring import gsm8k_answer
 
-DEFAULT_GSM8K_PATH = "/work/shared/data/gsm8k/test.jsonl"
+# the checkout's sibling shared/ folder (where this project's data lives); KVCOMM_GSM8K points elsewhere
+DEFAULT_GSM8K_PATH = os.environ.get(
+    "KVCOMM_GSM8K", str(Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"))
 HUMANEVAL_KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
 
