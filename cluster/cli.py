@@ -161,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _apply_threads(args)
-    return args.func(args)
+    from kvcomm.harness.jobs import JobSpecError
+    from kvcomm.model_loading import ModelLoadError
+    from kvcomm.templates import TemplateError
+    try:
+        return args.func(args)
+    except (JobSpecError, ModelLoadError, TemplateError, FileNotFoundError) as exc:
+        print(f"kvcomm {args.command}: error: {exc}", file=sys.stderr)   # the problem, named; no traceback
+        return 2
 
 
 if __name__ == "__main__":
