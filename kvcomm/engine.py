@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +31,7 @@ from .offsets import estimate_offsets
 from .runner import ModelRunner, SequenceKV
 from .templates import AgentTemplate, RenderedTemplate, TemplateError, render_template
 
+_AGENT_STATES = 256          # agent templates whose rendering and fixed-segment KV stay cached
 _WEIGHT_CACHE_ENTRIES = 256   # reference mode's shared anchor weights, cleared when it grows past this
 MODES = ("dense", "dense-prefix", "naive", "cacheblend", "kvcomm", "hybrid")
 
@@ -115,7 +117,7 @@ class KVCommEngine:
         self.config = config or KVCommConfig()
         self.pool = pool if pool is not None else AnchorPool(self.config, runner.rope)
         self.spec = runner.spec
-        self._agents: dict[str, _AgentState] = {}
+        self._agents: OrderedDict[AgentTemplate, _AgentState] = OrderedDict()  # LRU
         self._lead_in = self._input_lead_in()
         self._lead_in_kv: KVSegment | None = None
         self._weight_cache: dict = {}
@@ -134,23 +136,30 @@ class KVCommEngine:
         return (bos,) if bos is not None else ()
 
     def agent_state(self, template: AgentTemplate) -> _AgentState:
-        """The agent's rendered template and fixed-segment KV, computed once per template (by content)."""
+        """The agent's rendered template and fixed-segment KV, computed once per template (by content).
+
+        Kept for the `_AGENT_STATES` most recently used templates, so memory stays bounded when many distinct
+        templates pass through one engine."""
+        state = self._agents.get(template)
+        if state is not None:
+            self._agents.move_to_end(template)
+            return state
         rendered = render_template(template, self.tokenizer)
-        state = self._agents.get(rendered.key)
-        if state is None:
-            ids = rendered.template_ids()
-            self._check_fits(len(ids), 0, template.agent_id)
-            _, kv = self.runner.prefill(ids)
-            segments, cursor = [], 0
-            spans = [len(rendered.fixed[0])]
-            for marker, fixed in zip(rendered.marker_ids, rendered.fixed[1:]):
-                spans += [len(marker), len(fixed)]
-            for i, n in enumerate(spans):
-                if i % 2 == 0:  # fixed segment (odd entries are placeholder markers)
-                    segments.append(_copy(kv.segment(cursor, cursor + n)))   # copied out of the buffer
-                cursor += n
-            state = _AgentState(rendered, segments)
-            self._agents[rendered.key] = state
+        ids = rendered.template_ids()
+        self._check_fits(len(ids), 0, template.agent_id)
+        _, kv = self.runner.prefill(ids)
+        segments, cursor = [], 0
+        spans = [len(rendered.fixed[0])]
+        for marker, fixed in zip(rendered.marker_ids, rendered.fixed[1:]):
+            spans += [len(marker), len(fixed)]
+        for i, n in enumerate(spans):
+            if i % 2 == 0:  # fixed segment (odd entries are placeholder markers)
+                segments.append(_copy(kv.segment(cursor, cursor + n)))   # copied out of the buffer
+            cursor += n
+        state = _AgentState(rendered, segments)
+        self._agents[template] = state
+        if len(self._agents) > _AGENT_STATES:
+            self._agents.popitem(last=False)
         return state
 
     def encode(self, text: str) -> tuple[int, ...]:
