@@ -1,22 +1,15 @@
-"""The `kvcomm` command line: demo, run, submit, serve, and the benchmarks.
+"""The `kvcomm` command line: demo, run, submit, and the benchmarks (runner, ttft, fidelity, anchors, throughput).
 
-Each subcommand imports what it needs when it runs, so `kvcomm --help` is instant and a CPU-only machine
-never imports GPU code.
+Each benchmark's options live next to its code and are added here; commands import the heavy parts (Ray, the
+model) only when they run, and nothing imports GPU code on a CPU-only machine.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
-
-def _write_json(path: str | None, report: dict[str, Any]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2, default=str))
-        print(f"wrote {path}", file=sys.stderr)
+from kvcomm.bench import write_json_report
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +34,7 @@ def cmd_bench_runner(args: argparse.Namespace) -> int:
                               prefill_lengths=tuple(int(x) for x in args.prefill.split(",")),
                               batch_sizes=tuple(int(x) for x in args.batches.split(",")))
     print(runner_bench.markdown_table(report))
-    _write_json(args.json, report)
+    write_json_report(args.json, report)
     return 0
 
 
@@ -61,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"== final answer: {result.final_answer.strip()}\n== reuse rate {result.reuse_rate:.0%}  "
                   f"wall {result.wall_s:.1f} s\n")
             results.append(result.to_dict())
-    _write_json(args.json, {"results": results})
+    write_json_report(args.json, {"results": results})
     return 0
 
 

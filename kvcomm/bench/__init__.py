@@ -1,0 +1,15 @@
+"""Benchmarks that compare modes side by side in one run: runner, fidelity (+ anchor sweep), TTFT."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def write_json_report(path: str | None, report: dict[str, Any]) -> None:
+    """Write a benchmark report as JSON (parent folders created) and say where on stderr; no-op without a path."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {path}", file=sys.stderr)

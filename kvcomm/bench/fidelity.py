@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from . import write_json_report
 from ..anchor_pool import AnchorPool
 from ..harness.datasets import DEFAULT_GSM8K_PATH
 from ..config import KVCommConfig
@@ -1027,13 +1028,6 @@ def _setting(args: argparse.Namespace, methods: Sequence[str] = METHODS) -> Sett
                    methods=tuple(methods), seed=args.seed, data=args.data, warmup_mode=args.warmup_mode)
 
 
-def _write_json(path: str | None, report: dict[str, Any]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2, default=str))
-        print(f"wrote {path}", file=sys.stderr)
-
-
 def _apply_threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -1046,7 +1040,7 @@ def cli_main(args: argparse.Namespace) -> int:
     report = run(args.model, setting=_setting(args, methods), device=args.device, dtype=args.dtype,
                  random_weights=args.random_weights, progress=not args.quiet)
     print(markdown_table(report))
-    _write_json(args.json, report)
+    write_json_report(args.json, report)
     if args.plot:
         plot(report, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -1062,7 +1056,7 @@ def sweep_cli_main(args: argparse.Namespace) -> int:
                            device=args.device, dtype=args.dtype, random_weights=args.random_weights,
                            progress=not args.quiet)
     print(sweep_markdown_table(report))
-    _write_json(args.json, report)
+    write_json_report(args.json, report)
     if args.plot:
         plot_sweep(report, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
