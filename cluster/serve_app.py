@@ -1,0 +1,849 @@
+"""The Ray Serve application: an HTTP ingress in front of agent-worker replicas and the shared anchor pool.
+
+This module owns the HTTP service and its configuration:
+
+* `ServeSettings` / `ServeAppConfig`: the service's knobs (pydantic, one default each) next to the cluster's own
+  `cluster.config.ClusterConfig`; `load_serve_config_file` reads a Ray Serve config file (``applications:`` with
+  ``import_path: cluster.serve_app:app_builder`` and ``args: {cluster: ..., serve: ...}``) and validates it with
+  Serve's own schema and these models.
+* `AgentWorkerDeployment`: one model replica per Serve replica. It composes an `actors.agent_worker.AgentWorker`
+  (model, engine, continuous-batching `TurnScheduler`, `RemoteAnchorPool`) and runs jobs through the oracle
+  `kvcomm.job_runner.run_job` on the worker's scheduled engine view, streaming one event per finished turn; chat
+  completions decode on the same model thread (`cluster.openai_api.ChatDecoder`). Resources: one placement-group
+  bundle per replica (``{"CPU": k}`` or ``{"GPU": 1, "CPU": k}``) with the configured strategy; ``num_replicas``
+  is the cluster's ``num_workers`` unless ``serve.autoscaling`` gives bounds. Every replica gets or creates the
+  named `AnchorPoolActor` (detached: replicas come and go, the pool stays).
+* `KVCommIngress`: the FastAPI ingress (one replica: it keeps the jobs it accepted in memory). Routes:
+  ``POST /v1/jobs`` (``?wait=true``, ``?mode=``), ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` (SSE),
+  ``POST /v1/chat/completions`` (OpenAI, streaming too), ``GET /v1/models``, ``GET /healthz``, ``GET /metrics``.
+  Auth: when API keys are configured (``serve.api_keys`` or the ``KVCOMM_API_KEY`` environment variable, comma
+  separated), every route but ``/healthz`` needs ``Authorization: Bearer <key>``; only SHA-256 digests of the
+  keys reach the ingress and they are compared with `hmac.compare_digest`. Anchors are namespaced per key (a hash
+  of it) and per ``X-KVCOMM-Namespace`` header (or the job's own ``namespace``); a job's status, events and
+  result are readable only with the key and namespace header it was submitted with. Bad input is a 4xx whose
+  message starts with the offending field, in OpenAI's error shape.
+* `build_app(config)` / `app_builder(args)` (for ``serve run``), and `kvcomm serve`: `add_serve_parser`.
+"""
+# no `from __future__ import annotations`: FastAPI must see the routes' real annotations after Serve rebinds them
+
+import argparse
+import asyncio
+import collections
+import concurrent.futures
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from ray import serve
+
+from actors.agent_worker import AgentWorker, WorkerSettings
+from actors.anchor_pool_actor import get_or_create_pool_actor
+from kvcomm.config import KVCommConfig
+from kvcomm.engine import ContextLengthError
+from kvcomm.harness.jobs import MODES, JobSpec, JobSpecError
+from kvcomm.templates import TemplateError
+
+from .config import ClusterConfig, _describe
+from .metrics import ServiceMetrics
+from .openai_api import (ChatCompletionRequest, ChatDecoder, ChatParams, ChatRequestError, chunk_body,
+                         completion_body, new_completion_id, usage_body)
+
+log = logging.getLogger(__name__)
+
+APP_IMPORT_PATH = "cluster.serve_app:app_builder"
+API_KEY_ENV = "KVCOMM_API_KEY"
+NAMESPACE_HEADER = "X-KVCOMM-Namespace"
+_NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------------------
+class AutoscalingSettings(BaseModel):
+    """Serve autoscaling bounds for the worker deployment (replaces a fixed ``num_workers``)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)   # jobs + chats in flight per replica before scaling up
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeSettings(BaseModel):
+    """The HTTP service's knobs (the cluster's are `ClusterConfig`, the algorithm's `KVCommSettings`)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    served_model_name: str | None = None     # the id in /v1/models and chat requests; None: the cluster's model
+    api_keys: list[SecretStr] = Field(default_factory=list)   # plus KVCOMM_API_KEY; none: no auth
+    max_body_bytes: int = Field(1 << 20, ge=1024)             # larger request bodies get 413
+    default_max_tokens: int = Field(256, ge=1)                # chat completions without max_tokens
+    max_jobs_kept: int = Field(1000, ge=1)                    # finished jobs whose results stay readable
+    worker_max_ongoing_requests: int = Field(64, ge=1)        # jobs + chats one worker replica runs at once
+    ingress_max_ongoing_requests: int = Field(1000, ge=1)
+    autoscaling: AutoscalingSettings | None = None            # None: cluster.num_workers replicas
+
+
+class ServeAppConfig(BaseModel):
+    """The ``args`` of one Serve application: ``cluster`` (ClusterConfig) and ``serve`` (ServeSettings)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+
+    @classmethod
+    def from_args(cls, args: Any, source: str = "application args") -> "ServeAppConfig":
+        """Validate ``args``; errors name the field (``cluster.num_workers: ...``)."""
+        if isinstance(args, ServeAppConfig):
+            return args
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise ValueError(f"{source}: expected a mapping with 'cluster' and 'serve', got {type(args).__name__}")
+        try:
+            return cls.model_validate(args)
+        except ValidationError as exc:
+            raise ValueError(f"{source}: {_describe(exc)}") from None
+
+    @property
+    def model_name(self) -> str:
+        return self.serve.served_model_name or self.cluster.model
+
+
+@dataclass(frozen=True)
+class ServeApplication:
+    """One application of a Serve config file that this module builds."""
+    name: str
+    route_prefix: str
+    config: ServeAppConfig
+
+
+@dataclass(frozen=True)
+class ServeConfigFile:
+    host: str
+    port: int
+    applications: list[ServeApplication]
+    raw: dict[str, Any]
+
+
+def load_serve_config_file(path: str | Path) -> ServeConfigFile:
+    """Read a Serve config file, validate it with Serve's `ServeDeploySchema` and each of this module's
+    applications' ``args`` with `ServeAppConfig`. Errors name the file and the field."""
+    from ray.serve.schema import ServeDeploySchema
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"serve config {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"serve config {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"serve config {path} must be a mapping (a Ray Serve config file), got {type(raw).__name__}")
+    try:
+        schema = ServeDeploySchema.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"serve config {path}: {_describe(exc)}") from None
+    apps = []
+    for index, app in enumerate(schema.applications):
+        if app.import_path != APP_IMPORT_PATH:
+            continue
+        config = ServeAppConfig.from_args(app.args, f"serve config {path}: applications[{index}].args")
+        apps.append(ServeApplication(app.name, app.route_prefix or "/", config))
+    if not apps:
+        raise ValueError(f"serve config {path}: no application with import_path {APP_IMPORT_PATH!r}")
+    http = schema.http_options
+    return ServeConfigFile(host=http.host or "127.0.0.1", port=int(http.port or 8000), applications=apps, raw=raw)
+
+
+def api_key_digests(settings: ServeSettings, environ: dict[str, str] | None = None) -> tuple[bytes, ...]:
+    """SHA-256 digests of the configured keys and those in KVCOMM_API_KEY (comma separated); the keys themselves
+    go no further than this function."""
+    environ = os.environ if environ is None else environ
+    keys = [k.get_secret_value() for k in settings.api_keys]
+    keys += [k.strip() for k in environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    return tuple(hashlib.sha256(k.encode()).digest() for k in dict.fromkeys(keys))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The worker deployment
+# ------------------------------------------------------------------------------------------------------------
+class AgentWorkerDeployment:
+    """One model replica: an `AgentWorker` (composed) serving jobs (streamed turn by turn) and chat completions."""
+
+    def __init__(self, settings: WorkerSettings, default_max_tokens: int):
+        try:
+            worker_id = f"replica-{serve.get_replica_context().replica_id.unique_id}"
+        except Exception:  # noqa: BLE001 - outside Serve (direct construction)
+            worker_id = f"replica-{uuid.uuid4().hex[:8]}"
+        if settings.pool_actor_name is not None:
+            get_or_create_pool_actor(settings.kvcomm, name=settings.pool_actor_name, namespace=settings.ray_namespace,
+                                     detached=True, max_restarts=-1)
+        self.worker_id = worker_id
+        self.worker = AgentWorker(settings, worker_id)
+        self.chats = ChatDecoder(self.worker.scheduler, self.worker.engine, settings.max_batch_size,
+                                 default_max_tokens)
+        self._job_threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.max_queued_turns, thread_name_prefix=f"kvcomm-serve-job-{worker_id}")
+
+    async def run_job_events(self, job: dict[str, Any], mode: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Run a job; yield ``{"event": "turn", "turn": ...}`` per finished turn, then ``{"event": "result"}`` or
+        ``{"event": "error", "status": 4xx/5xx, "message": ...}``."""
+        from kvcomm.job_runner import run_job
+        try:
+            spec = JobSpec.from_dict(job)
+        except JobSpecError as exc:
+            yield {"event": "error", "status": 400, "param": exc.field, "message": str(exc)}
+            return
+        loop = asyncio.get_running_loop()
+        turns: asyncio.Queue = asyncio.Queue()
+
+        def on_turn(record: Any) -> None:       # on the job thread
+            loop.call_soon_threadsafe(turns.put_nowait, record.to_dict())
+
+        running = loop.run_in_executor(self._job_threads,
+                                       functools.partial(run_job, self.worker.view, spec, mode=mode or spec.mode,
+                                                         on_turn=on_turn))
+        while True:
+            getter = asyncio.ensure_future(turns.get())
+            await asyncio.wait({getter, running}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield {"event": "turn", "turn": getter.result(), "worker": self.worker_id}
+                continue
+            getter.cancel()
+            break
+        while not turns.empty():                  # turns reported just before the job ended
+            yield {"event": "turn", "turn": turns.get_nowait(), "worker": self.worker_id}
+        try:
+            result = running.result()
+        except (JobSpecError, ContextLengthError, TemplateError) as exc:
+            yield {"event": "error", "status": 400, "param": getattr(exc, "field", None) or "job",
+                   "message": f"{type(exc).__name__}: {exc}"}
+            return
+        except Exception as exc:  # noqa: BLE001 - reported to the client as the job's error
+            log.exception("job %s failed", spec.id)
+            yield {"event": "error", "status": 500, "param": None, "message": f"{type(exc).__name__}: {exc}"}
+            return
+        out = result.to_dict()
+        out["worker"] = self.worker_id
+        yield {"event": "result", "result": out}
+
+    async def chat(self, params: ChatParams) -> AsyncIterator[dict[str, Any]]:
+        """One chat completion: ``{"event": "start", "prompt_tokens"}`` (or an error event), ``delta`` events, and
+        a final ``done`` event with the finish reason and token counts."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        admitted, sequence = self.chats.start(params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        try:
+            try:
+                prompt_tokens = await asyncio.wrap_future(admitted)
+            except ChatRequestError as exc:
+                yield {"event": "error", "status": 400, "param": exc.param, "message": str(exc)}
+                return
+            yield {"event": "start", "prompt_tokens": prompt_tokens, "worker": self.worker_id}
+            while True:
+                event = await events.get()
+                yield event
+                if event["event"] == "done":
+                    return
+        finally:
+            if not sequence.finished:
+                self.chats.cancel(sequence)
+
+    async def model_info(self) -> dict[str, Any]:
+        spec = self.worker.engine.spec
+        return {"source": self.worker.model_source, "context_length": int(spec.max_position_embeddings),
+                "vocab_size": int(spec.vocab_size), "worker": self.worker_id}
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.worker.stats()
+
+    async def check_health(self) -> None:
+        await self.worker.ping()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The ingress
+# ------------------------------------------------------------------------------------------------------------
+api = FastAPI(title="KVCOMM on Ray", description="Multi-agent jobs with KV-cache reuse, and an OpenAI-compatible "
+                                                 "chat API, on Ray Serve.", docs_url=None, redoc_url=None)
+
+
+class APIError(Exception):
+    """An error response: HTTP status, a message starting with the offending field, OpenAI's ``param``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, error_type: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.error_type = error_type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def response(self, extra: dict[str, Any] | None = None) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        body.update(extra or {})
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    """What the ingress needs (built from `ServeAppConfig`; API keys only as digests)."""
+    served_model: str
+    api_key_digests: tuple[bytes, ...]
+    max_body_bytes: int
+    max_jobs_kept: int
+    pool_actor_name: str | None
+    ray_namespace: str
+    kvcomm: KVCommConfig
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the tenant (a hash of the API key; None without auth) and the namespace header."""
+    tenant: str | None
+    namespace_header: str | None
+
+    def anchor_namespace(self, requested: Any) -> Any:
+        """The anchor namespace of a job: the header, else the job's own, per tenant."""
+        name = self.namespace_header or (requested if requested is not None else "default")
+        if self.tenant is None or not isinstance(name, str):
+            return name                      # a non-string is reported by JobSpec as `namespace`
+        return f"{self.tenant}.{name}"
+
+    @property
+    def owner(self) -> tuple[str | None, str | None]:
+        return (self.tenant, self.namespace_header)
+
+
+@dataclass
+class JobRecord:
+    """A job the ingress accepted: its status, its events so far, and its result or error."""
+    id: str
+    owner: tuple[str | None, str | None]
+    spec_id: str
+    mode: str
+    namespace: str
+    created_at: float = field(default_factory=time.time)
+    status: str = "queued"                # queued | running | succeeded | failed
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+    error: APIError | None = None
+    finished_at: float | None = None
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    task: asyncio.Task | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+    async def publish(self, event: str, data: dict[str, Any]) -> None:
+        async with self.changed:
+            self.events.append((event, data))
+            self.changed.notify_all()
+
+    async def finish(self, result: dict[str, Any] | None, error: APIError | None) -> None:
+        async with self.changed:
+            self.result, self.error = result, error
+            self.status = "succeeded" if error is None else "failed"
+            self.finished_at = time.time()
+            self.changed.notify_all()
+
+    def public(self, with_result: bool = True) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": self.id, "object": "kvcomm.job", "job_id": self.spec_id, "status": self.status,
+                                "mode": self.mode, "namespace": self.namespace, "created_at": self.created_at,
+                                "finished_at": self.finished_at,
+                                "turns_done": sum(1 for name, _ in self.events if name == "turn"),
+                                "events": f"/v1/jobs/{self.id}/events"}
+        if with_result and self.result is not None:
+            body["result"] = self.result
+        if self.error is not None:
+            body["error"] = {"message": self.error.message, "type": self.error.error_type, "param": self.error.param}
+        return body
+
+    def final_event(self) -> dict[str, Any]:
+        return self.public(with_result=True)
+
+
+def _sse(data: Any, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"{head}data: {payload}\n\n".encode()
+
+
+def _query_flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name)
+    if value is None:
+        return False
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on", ""):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise APIError(400, f"{name}: expected true or false, got {value!r}", param=name)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as a field path: ``messages[0].role``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("str", "list[TextPart]", "literal['text']") or str(part).startswith(("function-", "list[")):
+            continue                   # union-branch names, not fields
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "body"
+
+
+@serve.ingress(api)   # at import, in every process: Serve binds the routes below to the replica's instance
+class KVCommIngress:
+    """The HTTP API (see the module docstring); its deployment options are applied in `build_app`."""
+
+    def __init__(self, workers: Any, settings: IngressSettings):
+        self._workers = workers
+        self._settings = settings
+        self._metrics = ServiceMetrics(export_to_ray=True)
+        self._jobs: collections.OrderedDict[str, JobRecord] = collections.OrderedDict()
+        self._inflight = 0
+        self._model_info: dict[str, Any] | None = None
+        self._started = int(time.time())
+        self._pool = None
+        if settings.pool_actor_name is not None:
+            self._pool, _ = get_or_create_pool_actor(settings.kvcomm, name=settings.pool_actor_name,
+                                                     namespace=settings.ray_namespace, detached=True, max_restarts=-1)
+
+    # ---- plumbing -----------------------------------------------------------------------------------------------
+    async def _handle(self, route: str, request: Request, handler: Any, *, authenticate: bool = True) -> Response:
+        """Authenticate, run the route, turn `APIError` into its response, count the response."""
+        try:
+            caller = self._authenticate(request) if authenticate else Caller(None, None)
+            response = await handler(request, caller)
+        except APIError as exc:
+            response = exc.response()
+        except Exception as exc:  # noqa: BLE001 - a bug is a 500 with its message, never a dropped connection
+            log.exception("%s failed", route)
+            response = APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+        self._metrics.observe_response(route, response.status_code)
+        return response
+
+    def _authenticate(self, request: Request) -> Caller:
+        digests = self._settings.api_key_digests
+        tenant = None
+        if digests:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise APIError(401, "Authorization: missing API key; send 'Authorization: Bearer <key>'",
+                               param="Authorization", error_type="authentication_error", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+            presented = hashlib.sha256(token.encode()).digest()
+            matched = None
+            for known in digests:            # every key compared: the time taken does not tell which matched
+                if hmac.compare_digest(presented, known):
+                    matched = known
+            if matched is None:
+                raise APIError(401, "Authorization: invalid API key", param="Authorization",
+                               error_type="authentication_error", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+            tenant = "k" + matched.hex()[:16]
+        header = request.headers.get(NAMESPACE_HEADER)
+        if header is not None and not _NAMESPACE_PATTERN.fullmatch(header):
+            raise APIError(400, f"{NAMESPACE_HEADER}: must be 1-64 characters of letters, digits and . _ : - "
+                                f"(starting with a letter or digit), got {header[:80]!r}", param=NAMESPACE_HEADER)
+        return Caller(tenant, header)
+
+    async def _read_json(self, request: Request) -> Any:
+        limit = self._settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"body: {declared} bytes exceed the limit of {limit} bytes (serve.max_body_bytes)",
+                           param="body", code="body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"body: more than {limit} bytes (serve.max_body_bytes)", param="body",
+                               code="body_too_large")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if not body.strip():
+            raise APIError(400, "body: empty; expected a JSON object", param="body")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise APIError(400, f"body: invalid JSON ({reason}{where})", param="body") from None
+
+    async def _worker_model(self) -> dict[str, Any]:
+        if self._model_info is None:
+            self._model_info = await self._workers.model_info.remote()
+        return self._model_info
+
+    def _queue_changed(self, delta: int) -> None:
+        self._inflight += delta
+        self._metrics.set_queue_length(self._inflight)
+
+    # ---- routes: health, models, metrics ------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self, request: Request) -> Response:
+        async def handler(_: Request, __: Caller) -> Response:
+            return JSONResponse({"status": "ok", "model": self._settings.served_model, "jobs_in_flight": self._inflight})
+        return await self._handle("/healthz", request, handler, authenticate=False)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        async def handler(_: Request, __: Caller) -> Response:
+            info = await self._worker_model()
+            return JSONResponse({"object": "list", "data": [
+                {"id": self._settings.served_model, "object": "model", "created": self._started, "owned_by": "kvcomm",
+                 "root": info["source"], "max_model_len": info["context_length"]}]})
+        return await self._handle("/v1/models", request, handler)
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        async def handler(_: Request, __: Caller) -> Response:
+            await self._refresh_pool_metrics()
+            return PlainTextResponse(self._metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return await self._handle("/metrics", request, handler)
+
+    async def _refresh_pool_metrics(self) -> None:
+        if self._pool is None:
+            return
+        try:
+            stats = await asyncio.wait_for(self._pool.stats.remote(), timeout=2.0)
+        except Exception as exc:  # noqa: BLE001 - a lost pool leaves the last values
+            log.warning("anchor pool stats unavailable: %s", exc)
+            return
+        anchors = sum(entry["anchors"] for lists in stats.get("namespaces", {}).values() for entry in lists.values())
+        self._metrics.set_pool(anchors, int(stats.get("total_bytes", 0)))
+
+    # ---- routes: jobs -------------------------------------------------------------------------------------------
+    @api.post("/v1/jobs")
+    async def create_job(self, request: Request) -> Response:
+        return await self._handle("/v1/jobs", request, self._create_job)
+
+    async def _create_job(self, request: Request, caller: Caller) -> Response:
+        wait = _query_flag(request, "wait")
+        mode = request.query_params.get("mode")
+        if mode is not None and mode not in MODES:
+            raise APIError(400, f"mode: unknown mode {mode!r}; valid modes: {', '.join(MODES)}", param="mode")
+        body = await self._read_json(request)
+        if not isinstance(body, dict):
+            raise APIError(400, f"body: expected a JSON object (a job spec), got {type(body).__name__}", param="body")
+        record_id = f"job-{uuid.uuid4().hex[:16]}"
+        job = dict(body)
+        job.setdefault("id", record_id)
+        job["namespace"] = caller.anchor_namespace(job.get("namespace"))
+        try:
+            spec = JobSpec.from_dict(job)
+        except JobSpecError as exc:
+            raise APIError(400, str(exc), param=exc.field or "body") from None
+        except (TypeError, ValueError) as exc:
+            raise APIError(400, f"body: {exc}", param="body") from None
+        context = (await self._worker_model())["context_length"]
+        for index, agent in enumerate(spec.agents):
+            if agent.generation.max_new_tokens >= context:
+                field_path = f"agents[{index}].generation.max_new_tokens"
+                raise APIError(400, f"{field_path}: {agent.generation.max_new_tokens} new tokens do not fit the "
+                                    f"model's context of {context} tokens", param=field_path)
+        record = JobRecord(record_id, caller.owner, spec.id, mode or spec.mode, spec.namespace)
+        self._remember(record)
+        record.task = asyncio.ensure_future(self._run_job(record, spec.to_dict(), record.mode))
+        if not wait:
+            return JSONResponse(record.public(), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
+        await asyncio.shield(record.task)
+        return self._job_response(record)
+
+    def _remember(self, record: JobRecord) -> None:
+        self._jobs[record.id] = record
+        while len(self._jobs) > self._settings.max_jobs_kept:
+            oldest = next((key for key, r in self._jobs.items() if r.done), None)
+            if oldest is None:
+                break
+            del self._jobs[oldest]
+
+    def _job_response(self, record: JobRecord) -> Response:
+        if record.error is not None:
+            return record.error.response(extra={"id": record.id, "status": record.status})
+        return JSONResponse(record.public())
+
+    async def _run_job(self, record: JobRecord, job: dict[str, Any], mode: str) -> None:
+        self._queue_changed(+1)
+        record.status = "running"
+        result, error = None, None
+        try:
+            stream = self._workers.options(stream=True).run_job_events.remote(job, mode)
+            async for event in stream:
+                kind = event["event"]
+                if kind == "turn":
+                    turn = event["turn"]
+                    self._metrics.observe_turn(mode, turn["reason"], turn["ttft_s"], turn["reused"],
+                                               turn["prompt_tokens"], len(turn["token_ids"]))
+                    await record.publish("turn", {**turn, "job": record.id, "worker": event["worker"]})
+                elif kind == "result":
+                    result = event["result"]
+                elif kind == "error":
+                    error = APIError(event["status"], event["message"], param=event.get("param"))
+            if result is None and error is None:
+                error = APIError(502, "job: the worker ended without a result")
+        except Exception as exc:  # noqa: BLE001 - a lost worker fails this job, not the server
+            log.warning("job %s: worker call failed: %s", record.id, exc)
+            error = APIError(502, f"job: worker failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        finally:
+            await record.finish(result, error)
+            self._metrics.observe_job(mode, record.status)
+            self._queue_changed(-1)
+
+    def _readable_job(self, request: Request, caller: Caller) -> JobRecord:
+        job_id = request.path_params["job_id"]
+        record = self._jobs.get(job_id)
+        if record is None or record.owner != caller.owner:      # someone else's job does not exist for you
+            raise APIError(404, f"job_id: no job {job_id!r} (jobs are visible only to the API key and "
+                                f"{NAMESPACE_HEADER} that submitted them)", param="job_id", code="job_not_found")
+        return record
+
+    @api.get("/v1/jobs/{job_id}")
+    async def get_job(self, request: Request) -> Response:
+        async def handler(req: Request, caller: Caller) -> Response:
+            return JSONResponse(self._readable_job(req, caller).public())
+        return await self._handle("/v1/jobs/{id}", request, handler)
+
+    @api.get("/v1/jobs/{job_id}/events")
+    async def job_events(self, request: Request) -> Response:
+        async def handler(req: Request, caller: Caller) -> Response:
+            record = self._readable_job(req, caller)
+            return StreamingResponse(self._job_event_stream(record), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await self._handle("/v1/jobs/{id}/events", request, handler)
+
+    async def _job_event_stream(self, record: JobRecord) -> AsyncIterator[bytes]:
+        """Every turn event so far and as they come (``event: turn``), then ``event: done`` with the job."""
+        sent = 0
+        while True:
+            async with record.changed:
+                while sent >= len(record.events) and not record.done:
+                    await record.changed.wait()
+                pending = record.events[sent:]
+                sent += len(pending)
+                finished = record.done and sent >= len(record.events)
+            for name, data in pending:
+                yield _sse(data, event=name)
+            if finished:
+                yield _sse(record.final_event(), event="done")
+                return
+
+    # ---- routes: OpenAI chat ------------------------------------------------------------------------------------
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle("/v1/chat/completions", request, self._chat)
+
+    async def _chat(self, request: Request, caller: Caller) -> Response:
+        body = await self._read_json(request)
+        if not isinstance(body, dict):
+            raise APIError(400, f"body: expected a JSON object, got {type(body).__name__}", param="body")
+        try:
+            chat = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = _loc(first["loc"])
+            raise APIError(400, f"{param}: {first['msg']}" + (f" (and {len(exc.errors()) - 1} more problems: "
+                                                              f"{_describe(exc)})" if len(exc.errors()) > 1 else ""),
+                           param=param) from None
+        if chat.model != self._settings.served_model:
+            raise APIError(404, f"model: the model {chat.model!r} does not exist; this server serves "
+                                f"{self._settings.served_model!r}", param="model", code="model_not_found")
+        stream = self._workers.options(stream=True).chat.remote(chat.params())
+        self._queue_changed(+1)
+        try:
+            first = await stream.__anext__()
+            if first["event"] == "error":
+                raise APIError(first["status"], first["message"], param=first.get("param"))
+        except BaseException:
+            self._queue_changed(-1)
+            stream.cancel()
+            raise
+        completion_id, created = new_completion_id(), int(time.time())
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(self._chat_chunks(stream, completion_id, created, first["prompt_tokens"],
+                                                       include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            parts, done = [], None
+            async for event in stream:
+                if event["event"] == "delta":
+                    parts.append(event["text"])
+                elif event["event"] == "done":
+                    done = event
+        finally:
+            self._queue_changed(-1)
+        if done is None:
+            raise APIError(502, "the worker ended the completion without finishing it")
+        self._metrics.observe_chat(done["ttft_s"], done["prompt_tokens"], done["completion_tokens"],
+                                   done["finish_reason"])
+        return JSONResponse(completion_body(completion_id, self._settings.served_model, created, "".join(parts),
+                                            done["finish_reason"], done["prompt_tokens"], done["completion_tokens"]))
+
+    async def _chat_chunks(self, stream: Any, completion_id: str, created: int, prompt_tokens: int,
+                           include_usage: bool) -> AsyncIterator[bytes]:
+        model = self._settings.served_model
+        finished = False
+        try:
+            yield _sse(chunk_body(completion_id, model, created, {"role": "assistant", "content": ""}))
+            async for event in stream:
+                if event["event"] == "delta":
+                    yield _sse(chunk_body(completion_id, model, created, {"content": event["text"]}))
+                elif event["event"] == "done":
+                    finished = True
+                    self._metrics.observe_chat(event["ttft_s"], event["prompt_tokens"], event["completion_tokens"],
+                                               event["finish_reason"])
+                    yield _sse(chunk_body(completion_id, model, created, {}, finish_reason=event["finish_reason"]))
+                    if include_usage:
+                        yield _sse(chunk_body(completion_id, model, created, {}, with_choice=False,
+                                              usage=usage_body(event["prompt_tokens"], event["completion_tokens"])))
+            yield _sse("[DONE]")
+        finally:
+            if not finished:
+                stream.cancel()            # the client went away: the worker stops decoding this chat
+            self._queue_changed(-1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Building the application
+# ------------------------------------------------------------------------------------------------------------
+def build_app(config: ServeAppConfig, *, environ: dict[str, str] | None = None) -> Any:
+    """The Serve `Application`: the ingress bound to the worker deployment (see the module docstring)."""
+    cluster = config.cluster
+    settings = cluster.worker_settings()
+    worker_options: dict[str, Any] = dict(
+        name="AgentWorkerDeployment",
+        ray_actor_options={"num_cpus": cluster.cpus_per_worker, "num_gpus": cluster.gpus_per_worker},
+        placement_group_bundles=[cluster.bundle()], placement_group_strategy=cluster.placement_strategy,
+        max_ongoing_requests=config.serve.worker_max_ongoing_requests,
+        health_check_period_s=10.0, health_check_timeout_s=60.0, graceful_shutdown_timeout_s=30.0)
+    scaling = config.serve.autoscaling
+    if scaling is None:
+        worker_options["num_replicas"] = cluster.num_workers
+    else:
+        worker_options["autoscaling_config"] = {"min_replicas": scaling.min_replicas,
+                                                "max_replicas": scaling.max_replicas,
+                                                "target_ongoing_requests": scaling.target_ongoing_requests}
+    workers = serve.deployment(**worker_options)(AgentWorkerDeployment).bind(settings,
+                                                                              config.serve.default_max_tokens)
+    ingress_settings = IngressSettings(
+        served_model=config.model_name, api_key_digests=api_key_digests(config.serve, environ),
+        max_body_bytes=config.serve.max_body_bytes, max_jobs_kept=config.serve.max_jobs_kept,
+        pool_actor_name=cluster.pool_actor_name, ray_namespace=cluster.ray_namespace,
+        kvcomm=cluster.kvcomm.to_kvcomm())
+    ingress = serve.deployment(name="KVCommIngress", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=config.serve.ingress_max_ongoing_requests)(KVCommIngress)
+    return ingress.bind(workers, ingress_settings)
+
+
+def app_builder(args: dict[str, Any] | None = None) -> Any:
+    """The ``import_path`` target of a Serve config file: ``args`` are a `ServeAppConfig` as a mapping."""
+    return build_app(ServeAppConfig.from_args(args))
+
+
+def kill_pool_actor(config: ServeAppConfig) -> None:
+    """Remove the (detached) anchor pool actor of `config`, if it exists."""
+    import ray
+    try:
+        ray.kill(ray.get_actor(config.cluster.pool_actor_name, namespace=config.cluster.ray_namespace))
+    except ValueError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------------------
+# `kvcomm serve`
+# ------------------------------------------------------------------------------------------------------------
+def start_local_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to `address` (``auto``, ``ray://...``) or start a local cluster; True when this process started it."""
+    import ray
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a local cluster on this machine only
+    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+             object_store_memory=2560 << 20)
+    return True
+
+
+def run_server(config_path: str | Path, *, host: str | None = None, port: int | None = None,
+               address: str | None = None, num_cpus: int | None = None, ready: Any = None) -> int:
+    """Start Ray (or connect), Serve on host:port, every application of the config file; serve until Ctrl-C
+    (or until `ready(urls)` returns, for callers that drive the server themselves); then shut it all down."""
+    import ray
+    spec = load_serve_config_file(config_path)
+    host, port = host or spec.host, port or spec.port
+    started = start_local_ray(address, num_cpus)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        urls = []
+        for app in spec.applications:
+            print(f"[serve] deploying {app.name!r} ({app.config.cluster.num_workers} worker(s) of "
+                  f"{app.config.cluster.model}) ...", flush=True)
+            serve.run(build_app(app.config), name=app.name, route_prefix=app.route_prefix)
+            urls.append(f"http://{host}:{port}{app.route_prefix.rstrip('/')}")
+        for url in urls:
+            print(f"[serve] ready at {url}  (POST /v1/jobs, /v1/chat/completions; GET /v1/models, /healthz, "
+                  "/metrics)", flush=True)
+        if ready is not None:
+            ready(urls)
+        else:
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print("\n[serve] shutting down ...", flush=True)
+    finally:
+        try:
+            serve.shutdown()
+            for app in spec.applications:
+                kill_pool_actor(app.config)
+        finally:
+            if started:
+                ray.shutdown()
+    return 0
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``kvcomm serve`` to an argparse subparsers object (``func``: `serve_cli_main`)."""
+    parser = subparsers.add_parser(
+        "serve", help="serve the HTTP API (jobs, OpenAI chat, metrics) with Ray Serve",
+        description="Start (or join) a Ray cluster and serve the applications of a Ray Serve config file. "
+                    f"API keys: serve.api_keys in the file or the {API_KEY_ENV} environment variable.")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Ray Serve config file (default: %(default)s)")
+    parser.add_argument("--host", default=None, help="bind address (default: the file's http_options.host, "
+                                                     "127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: the file's http_options.port, 8000)")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://...); default: start a "
+                                                        "local one")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster (default: all)")
+    parser.set_defaults(func=serve_cli_main)
+    return parser
+
+
+def serve_cli_main(args: argparse.Namespace) -> int:
+    try:
+        return run_server(args.config, host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus)
+    except ValueError as exc:
+        print(f"kvcomm serve: error: {exc}", file=sys.stderr)
+        return 2
