@@ -1,0 +1,267 @@
+"""The Ray Serve application over real HTTP on 127.0.0.1: jobs, OpenAI chat, metrics, auth and bad input.
+
+One Serve app for the module (the session's local Ray cluster, tiny-llama with random weights and the embedded
+tokenizer, one worker replica on half a CPU), built through `app_builder` exactly as ``serve run`` builds it, with
+two API keys. The in-process engine (`kvcomm.job_runner.run_job`) is the oracle for jobs; the official `openai`
+client talks to the chat endpoint. Serve is shut down at the end of the module.
+"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import uuid
+
+import httpx
+import pytest
+
+from kvcomm.config import KVCommConfig
+from kvcomm.generation import Sampling, generate_from_ids
+from kvcomm.harness.jobs import GenerationParams
+from kvcomm.harness.topologies import build_job
+from kvcomm.job_runner import run_job
+from kvcomm.model_loading import hf_config_from_spec
+from kvcomm.model_spec import PRESETS
+from kvcomm.session import build_engine
+
+from cluster.serve_app import ServeAppConfig, api_key_digests, load_serve_config_file
+from cluster.openai_api import chat_prompt_ids, stop_token_ids
+
+KEY, OTHER_KEY = "test-key-" + uuid.uuid4().hex, "other-key-" + uuid.uuid4().hex
+MODEL_NAME = "tiny-test"
+NEW_TOKENS = 8
+
+
+def math_job(task: str, mode: str, job_id: str = "serve-job") -> dict:
+    return build_job("math", task, num_agents=3, mode=mode, job_id=job_id,
+                     generation=GenerationParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)).to_dict()
+
+
+def parse_sse(text: str) -> list[tuple[str | None, str]]:
+    """(event name or None, data) per server-sent event."""
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        name, data = None, []
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                data.append(line[len("data: "):])
+        events.append((name, "\n".join(data)))
+    return events
+
+
+def metric(text: str, sample: str) -> float:
+    """The value of one exact sample line (name and labels) of a Prometheus text page; 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# configuration (no Ray needed)
+# ------------------------------------------------------------------------------------------------------------
+def test_shipped_configs_validate_and_bad_args_name_the_field(tmp_path) -> None:
+    local = load_serve_config_file("configs/local.yaml")
+    assert (local.host, local.port) == ("127.0.0.1", 8000)
+    [app] = local.applications
+    assert app.config.cluster.model == "smollm2-135m-instruct" and app.config.cluster.bundle() == {"CPU": 2.0}
+
+    gpu = load_serve_config_file("configs/h100x8-llama3.1-8b.yaml")
+    [app] = gpu.applications
+    cluster = app.config.cluster
+    assert (cluster.device, cluster.num_workers, cluster.bundle()) == ("cuda", 8, {"CPU": 8.0, "GPU": 1.0})
+    assert app.config.serve.autoscaling.max_replicas == 8 and app.config.model_name == "llama-3.1-8b-instruct"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({**local.raw, "applications": [
+        {**local.raw["applications"][0], "args": {"cluster": {"num_wrokers": 2}}}]}))
+    with pytest.raises(ValueError, match=r"applications\[0\]\.args: cluster\.num_wrokers"):
+        load_serve_config_file(bad)
+    bad.write_text(json.dumps({"applications": [{"import_path": "cluster.serve_app:app_builder",
+                                                 "args": {"serve": {"autoscaling": {"min_replicas": 3,
+                                                                                    "max_replicas": 2}}}}]}))
+    with pytest.raises(ValueError, match=r"serve\.autoscaling"):
+        load_serve_config_file(bad)
+    settings = ServeAppConfig.from_args({"serve": {"api_keys": ["sekrit-1"]}}).serve
+    assert len(api_key_digests(settings, {"KVCOMM_API_KEY": "sekrit-2, sekrit-3,sekrit-1"})) == 3
+    assert "sekrit" not in repr(settings)                # keys never show in a repr (logs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the running app
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    directory = tmp_path_factory.mktemp("tiny-llama-serve")
+    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_cluster, tiny_model_dir):
+    from ray import serve
+    from cluster.serve_app import app_builder, kill_pool_actor
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = {"cluster": {"model": tiny_model_dir, "random_weights": True, "num_workers": 1, "cpus_per_worker": 0.5,
+                        "threads_per_worker": 1, "pool_actor_name": f"serve-test-pool-{uuid.uuid4().hex[:8]}",
+                        "ray_namespace": "kvcomm-test", "kvcomm": {"gamma": 1.0}},
+            "serve": {"served_model_name": MODEL_NAME, "api_keys": [KEY, OTHER_KEY], "max_body_bytes": 64 * 1024}}
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder(args), name="kvcomm-test", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        kill_pool_actor(ServeAppConfig.from_args(args))
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    with httpx.Client(base_url=app_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model_dir):
+    return build_engine(tiny_model_dir, random_weights=True, config=KVCommConfig(gamma=1.0))
+
+
+@pytest.mark.ray
+def test_job_over_http_equals_the_in_process_engine_and_streams_its_turns(client, oracle) -> None:
+    from kvcomm.harness.jobs import JobSpec
+    job = math_job("Tom has 3 apples and buys 5 more. How many apples does Tom have?", "dense")
+    expected = run_job(oracle, JobSpec.from_dict(job))
+
+    waited = client.post("/v1/jobs", params={"wait": "true"}, json=job)
+    assert waited.status_code == 200, waited.text
+    body = waited.json()
+    assert body["status"] == "succeeded" and body["result"]["mode"] == "dense"
+    assert [t["token_ids"] for t in body["result"]["turns"]] == [t.token_ids for t in expected.turns]
+    assert body["result"]["final_answer"] == expected.final_answer
+
+    accepted = client.post("/v1/jobs", json=job, headers={"X-KVCOMM-Namespace": "team-a"})
+    assert accepted.status_code == 202 and accepted.json()["status"] in ("queued", "running")
+    job_id = accepted.json()["id"]
+    stream = client.get(f"/v1/jobs/{job_id}/events", headers={"X-KVCOMM-Namespace": "team-a"})
+    assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(stream.text)
+    assert [name for name, _ in events] == ["turn", "turn", "turn", "done"]
+    turns = [json.loads(data) for _, data in events[:3]]
+    assert sorted(t["agent_id"] for t in turns) == ["1", "2", "3"] and all(t["ttft_s"] > 0 for t in turns)
+    done = json.loads(events[-1][1])
+    assert done["status"] == "succeeded"
+    assert [t["token_ids"] for t in done["result"]["turns"]] == [t.token_ids for t in expected.turns]
+    status = client.get(f"/v1/jobs/{job_id}", headers={"X-KVCOMM-Namespace": "team-a"}).json()
+    assert status["status"] == "succeeded" and status["turns_done"] == 3
+    # the anchor namespace is the key's hash plus the header; other keys and namespaces do not see the job
+    assert status["namespace"].endswith(".team-a") and status["namespace"] != "team-a"
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert client.get(f"/v1/jobs/{job_id}", headers={"X-KVCOMM-Namespace": "team-a",
+                                                     "Authorization": f"Bearer {OTHER_KEY}"}).status_code == 404
+
+
+@pytest.mark.ray
+def test_openai_client_gets_a_completion_and_a_stream(app_url, oracle) -> None:
+    import openai
+    api = openai.OpenAI(base_url=f"{app_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    assert [m.id for m in api.models.list().data] == [MODEL_NAME]
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count to three."}]
+    completion = api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
+                                             seed=7)
+    prompt = chat_prompt_ids(oracle.tokenizer, messages)
+    want = generate_from_ids(oracle.runner, prompt, Sampling(max_new_tokens=6, stop_token_ids=stop_token_ids(oracle)))
+    text = completion.choices[0].message.content
+    assert text == oracle.tokenizer.decode(want.token_ids, skip_special_tokens=True)
+    assert completion.usage.prompt_tokens == len(prompt)
+    assert completion.usage.completion_tokens == len(want.token_ids)
+    assert completion.usage.total_tokens == len(prompt) + len(want.token_ids)
+    assert completion.choices[0].finish_reason == ("length" if len(want.token_ids) == 6 else "stop")
+
+    chunks = list(api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 1 and "".join(deltas) == text            # token by token, the same greedy answer
+    assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+    # the raw stream ends with data: [DONE]
+    raw = httpx.post(f"{app_url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                     json={"model": MODEL_NAME, "messages": messages, "max_tokens": 2, "stream": True, "seed": 1})
+    assert raw.status_code == 200 and parse_sse(raw.text)[-1] == (None, "[DONE]")
+
+
+@pytest.mark.ray
+def test_metrics_appear_after_traffic(client) -> None:
+    before = client.get("/metrics").text
+    job = math_job("Sam has 4 pens and buys 2 more. How many pens does Sam have?", "kvcomm", job_id="metrics-job")
+    assert client.post("/v1/jobs", params={"wait": "1"}, json=job).status_code == 200
+    page = client.get("/metrics")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    text = page.text
+    assert "# TYPE kvcomm_ttft_seconds histogram" in text and "# TYPE kvcomm_turns_total counter" in text
+    turns = sum(float(v) for v in re.findall(r'^kvcomm_turns_total\{mode="kvcomm",reason="[^"]+"\} (\S+)$', text,
+                                             re.MULTILINE))
+    turns_before = sum(float(v) for v in re.findall(r'^kvcomm_turns_total\{mode="kvcomm",reason="[^"]+"\} (\S+)$',
+                                                    before, re.MULTILINE))
+    assert turns == turns_before + 3
+    assert metric(text, 'kvcomm_ttft_seconds_count{mode="kvcomm"}') == turns
+    assert metric(text, 'kvcomm_jobs_total{mode="kvcomm",status="succeeded"}') >= 1
+    assert 0.0 <= metric(text, 'kvcomm_reuse_rate{mode="kvcomm"}') <= 1.0 and 'kvcomm_reuse_rate{mode="kvcomm"}' in text
+    assert metric(text, "kvcomm_anchor_pool_anchors") > 0 and metric(text, "kvcomm_anchor_pool_bytes") > 0
+    assert metric(text, 'kvcomm_http_requests_total{route="/v1/jobs",code="200"}') >= 1
+    assert metric(text, "kvcomm_queue_length") == 0
+
+
+@pytest.mark.ray
+def test_every_route_but_healthz_needs_the_key(app_url) -> None:
+    with httpx.Client(base_url=app_url, timeout=60) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200
+        for method, path in [("GET", "/v1/models"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/job-x"),
+                             ("GET", "/v1/jobs/job-x/events"), ("POST", "/v1/chat/completions"), ("GET", "/metrics")]:
+            response = anonymous.request(method, path, json={})
+            assert response.status_code == 401, (method, path, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert response.json()["error"]["type"] == "authentication_error"
+        wrong = anonymous.get("/v1/models", headers={"Authorization": "Bearer not-the-key"})
+        assert wrong.status_code == 401 and "not-the-key" not in wrong.text
+        assert anonymous.get("/v1/models", headers={"Authorization": f"Bearer {OTHER_KEY}"}).status_code == 200
+
+
+@pytest.mark.ray
+def test_bad_input_is_a_4xx_naming_the_field_and_the_server_still_answers(client) -> None:
+    job = math_job("Ann has 2 cats and gets 1 more. How many cats does Ann have?", "dense", job_id="bad-input")
+    cyclic = {**job, "edges": [["1", "2"], ["2", "3"], ["3", "1"]]}
+    too_long = {**job, "agents": [{**job["agents"][0], "generation": {"max_new_tokens": 5000}}, *job["agents"][1:]]}
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        ("/v1/jobs", {"content": b'{"id": "x", "agents": [', "headers": {"content-type": "application/json"}},
+         400, "body"),
+        ("/v1/jobs", {"json": cyclic}, 400, "edges"),
+        ("/v1/jobs", {"json": {**job, "mode": "turbo"}}, 400, "mode"),
+        ("/v1/jobs?mode=turbo", {"json": job}, 400, "mode"),
+        ("/v1/jobs", {"json": too_long}, 400, "agents[0].generation.max_new_tokens"),
+        ("/v1/jobs", {"json": {**job, "agents": [{**job["agents"][0], "role": 7}]}}, 400, "agents[0].role"),
+        ("/v1/jobs", {"content": b"[" + b"1," * 40_000 + b"1]", "headers": {"content-type": "application/json"}},
+         413, "body"),
+        ("/v1/jobs", {"json": job, "headers": {"X-KVCOMM-Namespace": "no spaces please"}}, 400, "X-KVCOMM-Namespace"),
+        ("/v1/chat/completions", {"json": {**chat, "max_tokens": 100_000}}, 400, "max_tokens"),
+        ("/v1/chat/completions", {"json": {**chat, "messages": []}}, 400, "messages"),
+        ("/v1/chat/completions", {"json": {**chat, "messages": [{"role": "robot", "content": "x"}]}}, 400,
+         "messages[0].role"),
+        ("/v1/chat/completions", {"json": {**chat, "temperature": -1}}, 400, "temperature"),
+        ("/v1/chat/completions", {"json": {**chat, "model": "gpt-9"}}, 404, "model"),
+        ("/v1/chat/completions", {"content": b"not json", "headers": {"content-type": "application/json"}}, 400,
+         "body"),
+    ]
+    for path, request, status, field in cases:
+        response = client.post(path, **request)
+        assert response.status_code == status, (path, field, response.status_code, response.text)
+        error = response.json()["error"]
+        assert error["param"] == field and error["message"].startswith(field), (path, field, error)
+    ok = client.post("/v1/chat/completions", json=chat)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+    assert client.post("/v1/jobs?wait=true", json=job).json()["status"] == "succeeded"
