@@ -15,18 +15,19 @@ This module owns the HTTP service and its configuration:
   named `AnchorPoolActor` (detached: replicas come and go, the pool stays).
 * `KVCommIngress`: the FastAPI ingress (one replica: it keeps the jobs it accepted in memory). Routes:
   ``POST /v1/jobs`` (``?wait=true``, ``?mode=``), ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` (SSE),
-  ``POST /v1/chat/completions`` (OpenAI, streaming too), ``GET /v1/models``, ``GET /healthz``, ``GET /metrics``.
+  ``POST /v1/chat/completions`` (OpenAI, streaming too), ``GET /v1/models[/{model}]``, ``GET /healthz``,
+  ``GET /metrics``.
   Auth: when API keys are configured (``serve.api_keys`` or the ``KVCOMM_API_KEY`` environment variable, comma
   separated), every route but ``/healthz`` needs ``Authorization: Bearer <key>``; only SHA-256 digests of the
   keys reach the ingress and they are compared with `hmac.compare_digest`. Anchors are namespaced per key (a hash
   of it) and per ``X-KVCOMM-Namespace`` header (or the job's own ``namespace``); a job's status, events and
   result are readable only with the key and namespace header it was submitted with. Bad input is a 4xx whose
   message starts with the offending field, in OpenAI's error shape.
-* `build_app(config)` / `app_builder(args)` (for ``serve run``), and `kvcomm serve`: `add_serve_parser`.
+* `build_app(config)` / `app_builder(args)` (for ``serve run``), and `run_server`, the body of ``kvcomm serve``
+  (its command line is in `cluster.demo`, which imports this module only when a command runs).
 """
 # no `from __future__ import annotations`: FastAPI must see the routes' real annotations after Serve rebinds them
 
-import argparse
 import asyncio
 import collections
 import concurrent.futures
@@ -37,7 +38,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -505,14 +505,26 @@ class KVCommIngress:
             return JSONResponse({"status": "ok", "model": self._settings.served_model, "jobs_in_flight": self._inflight})
         return await self._handle("/healthz", request, handler, authenticate=False)
 
+    async def _model_card(self) -> dict[str, Any]:
+        info = await self._worker_model()
+        return {"id": self._settings.served_model, "object": "model", "created": self._started, "owned_by": "kvcomm",
+                "root": info["source"], "max_model_len": info["context_length"]}
+
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
         async def handler(_: Request, __: Caller) -> Response:
-            info = await self._worker_model()
-            return JSONResponse({"object": "list", "data": [
-                {"id": self._settings.served_model, "object": "model", "created": self._started, "owned_by": "kvcomm",
-                 "root": info["source"], "max_model_len": info["context_length"]}]})
+            return JSONResponse({"object": "list", "data": [await self._model_card()]})
         return await self._handle("/v1/models", request, handler)
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, request: Request) -> Response:
+        async def handler(req: Request, __: Caller) -> Response:
+            name = req.path_params["model"]
+            if name != self._settings.served_model:
+                raise APIError(404, f"model: the model {name!r} does not exist; this server serves "
+                                    f"{self._settings.served_model!r}", param="model", code="model_not_found")
+            return JSONResponse(await self._model_card())
+        return await self._handle("/v1/models/{model}", request, handler)
 
     @api.get("/metrics")
     async def metrics(self, request: Request) -> Response:
@@ -786,12 +798,13 @@ def start_local_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def run_server(config_path: str | Path, *, host: str | None = None, port: int | None = None,
+def run_server(config: str | Path | ServeConfigFile, *, host: str | None = None, port: int | None = None,
                address: str | None = None, num_cpus: int | None = None, ready: Any = None) -> int:
     """Start Ray (or connect), Serve on host:port, every application of the config file; serve until Ctrl-C
-    (or until `ready(urls)` returns, for callers that drive the server themselves); then shut it all down."""
+    (or until `ready(urls)` returns, for callers that drive the server themselves: its int is the exit status);
+    then shut down Serve, the anchor pool actor and a Ray cluster this call started."""
     import ray
-    spec = load_serve_config_file(config_path)
+    spec = config if isinstance(config, ServeConfigFile) else load_serve_config_file(config)
     host, port = host or spec.host, port or spec.port
     started = start_local_ray(address, num_cpus)
     try:
@@ -805,8 +818,10 @@ def run_server(config_path: str | Path, *, host: str | None = None, port: int | 
         for url in urls:
             print(f"[serve] ready at {url}  (POST /v1/jobs, /v1/chat/completions; GET /v1/models, /healthz, "
                   "/metrics)", flush=True)
+        code = 0
         if ready is not None:
-            ready(urls)
+            outcome = ready(urls)
+            code = outcome if isinstance(outcome, int) else 0
         else:
             try:
                 while True:
@@ -821,29 +836,4 @@ def run_server(config_path: str | Path, *, host: str | None = None, port: int | 
         finally:
             if started:
                 ray.shutdown()
-    return 0
-
-
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``kvcomm serve`` to an argparse subparsers object (``func``: `serve_cli_main`)."""
-    parser = subparsers.add_parser(
-        "serve", help="serve the HTTP API (jobs, OpenAI chat, metrics) with Ray Serve",
-        description="Start (or join) a Ray cluster and serve the applications of a Ray Serve config file. "
-                    f"API keys: serve.api_keys in the file or the {API_KEY_ENV} environment variable.")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Ray Serve config file (default: %(default)s)")
-    parser.add_argument("--host", default=None, help="bind address (default: the file's http_options.host, "
-                                                     "127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: the file's http_options.port, 8000)")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (auto, ray://...); default: start a "
-                                                        "local one")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster (default: all)")
-    parser.set_defaults(func=serve_cli_main)
-    return parser
-
-
-def serve_cli_main(args: argparse.Namespace) -> int:
-    try:
-        return run_server(args.config, host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus)
-    except ValueError as exc:
-        print(f"kvcomm serve: error: {exc}", file=sys.stderr)
-        return 2
+    return code

@@ -171,6 +171,9 @@ def test_openai_client_gets_a_completion_and_a_stream(app_url, oracle) -> None:
     import openai
     api = openai.OpenAI(base_url=f"{app_url}/v1", api_key=KEY, max_retries=0, timeout=120)
     assert [m.id for m in api.models.list().data] == [MODEL_NAME]
+    assert api.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("gpt-9")
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count to three."}]
     completion = api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
                                              seed=7)
