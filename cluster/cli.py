@@ -1,4 +1,4 @@
-"""The `kvcomm` command line: demo, run, submit, and the benchmarks (runner, ttft, fidelity, anchors, throughput).
+"""The `kvcomm` command line: demo, run, serve, submit, and the benchmarks (runner, ttft, fidelity, anchors, throughput).
 
 Each benchmark's options live next to its code and are added here; commands import the heavy parts (Ray, the
 model) only when they run, and nothing imports GPU code on a CPU-only machine.
@@ -101,6 +101,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.serve_app import run_server
+    return run_server(args.config, host=args.host, port=args.port, address=args.address)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcomm", description="KVCOMM multi-agent KV sharing on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=1.0, help="entropy gate (1.0 as the reference TTFT script)")
     _model_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve the HTTP API (jobs, OpenAI chat, metrics) from a Serve config file")
+    p.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "local.yaml"))
+    p.add_argument("--host", default=None, help="default: the config's (127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default: the config's (8000)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="run multi-agent job(s) from a JSON/JSONL/YAML file in this process")
     p.add_argument("job")
