@@ -213,6 +213,11 @@ class ChatDecoder:
         self._stop_ids = stop_token_ids(engine)
 
     @property
+    def running(self) -> int:
+        """Chats admitted and not finished (a snapshot; read from any thread)."""
+        return len(self._sequences)
+
+    @property
     def context_length(self) -> int:
         return int(self.engine.spec.max_position_embeddings)
 

@@ -270,6 +270,12 @@ class AgentWorkerDeployment:
         return {"source": self.worker.model_source, "context_length": int(spec.max_position_embeddings),
                 "vocab_size": int(spec.vocab_size), "worker": self.worker_id}
 
+    async def load(self) -> dict[str, Any]:
+        """The worker's queued and decoding turns and running jobs, plus the chats it is decoding."""
+        load = await self.worker.load()
+        load["chats"] = self.chats.running
+        return load
+
     async def stats(self) -> dict[str, Any]:
         return await self.worker.stats()
 

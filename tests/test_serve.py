@@ -198,6 +198,27 @@ def test_openai_client_gets_a_completion_and_a_stream(app_url, oracle) -> None:
 
 
 @pytest.mark.ray
+def test_a_stream_the_client_drops_stops_decoding(client) -> None:
+    import time
+    from ray import serve
+    workers = serve.get_deployment_handle("AgentWorkerDeployment", "kvcomm-test")
+    request = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000,
+               "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=request) as stream:
+        chunks = 0
+        for line in stream.iter_lines():
+            chunks += line.startswith("data: ")
+            if chunks == 4:
+                assert workers.load.remote().result()["chats"] == 1
+                break
+    deadline = time.monotonic() + 30
+    while workers.load.remote().result()["chats"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers.load.remote().result()["chats"] == 0          # cancelled long before 4000 tokens
+    assert metric(client.get("/metrics").text, "kvcomm_queue_length") == 0
+
+
+@pytest.mark.ray
 def test_metrics_appear_after_traffic(client) -> None:
     before = client.get("/metrics").text
     job = math_job("Sam has 4 pens and buys 2 more. How many pens does Sam have?", "kvcomm", job_id="metrics-job")
