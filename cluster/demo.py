@@ -51,7 +51,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from .serve_app import run_server
     try:
         return run_server(args.config, host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus)
-    except ValueError as exc:            # a bad config file: one line naming the field
+    except (ValueError, FileNotFoundError) as exc:   # a bad or missing config file: one line naming the field
         print(f"kvcomm serve: error: {exc}", file=sys.stderr)
         return 2
 
