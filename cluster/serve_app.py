@@ -68,7 +68,6 @@ APP_IMPORT_PATH = "cluster.serve_app:app_builder"
 API_KEY_ENV = "KVCOMM_API_KEY"
 NAMESPACE_HEADER = "X-KVCOMM-Namespace"
 _NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 
 
 # ------------------------------------------------------------------------------------------------------------
