@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from kvcomm.bench import write_json_report
 
@@ -58,71 +57,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """A 3-agent GSM8K-style job in dense and kvcomm mode on the embedded model, in this process."""
-    import time
-
-    from kvcomm.harness.jobs import load_jobs
-    from kvcomm.job_runner import run_job
-    from kvcomm.session import build_engine
-    from kvcomm.config import KVCommConfig
-
-    jobs = load_jobs(args.jobs)
-    # anchors match content no longer than themselves: show the job with the shortest question, warm on the rest
-    demo = min(jobs, key=lambda j: len(j.task))
-    warmup = [j for j in jobs if j is not demo]
-    print(f"[demo] loading {args.model} ...", flush=True)
-    engine = build_engine(args.model, device=args.device, dtype=args.dtype, random_weights=args.random_weights,
-                          config=KVCommConfig(gamma=args.gamma))
-    for job in warmup:
-        t = time.perf_counter()
-        r = run_job(engine, job, mode="kvcomm")
-        print(f"[demo] warm-up job {job.id} in kvcomm mode: anchors learned, reuse {r.reuse_rate:.0%} "
-              f"({time.perf_counter() - t:.0f} s)", flush=True)
-    results = {}
-    for mode in ("dense", "kvcomm"):
-        print(f"[demo] job {demo.id} in {mode} mode ...", flush=True)
-        results[mode] = run_job(engine, demo, mode=mode)
-    print(f"\nQuestion: {demo.task}\n")
-    for d, k in zip(results["dense"].turns, results["kvcomm"].turns):
-        print(f"agent {d.agent_id} ({d.role})\n  dense : {' '.join(d.text.split())[:160]}\n"
-              f"  kvcomm: {' '.join(k.text.split())[:160]}\n")
-    print(f"{'agent':<8}{'role':<24}{'dense TTFT':>12}{'kvcomm TTFT':>13}{'speedup':>9}{'same tokens':>13}"
-          "  kvcomm decision")
-    for d, k in zip(results["dense"].turns, results["kvcomm"].turns):
-        prefix = next((i for i, (a, b) in enumerate(zip(d.token_ids, k.token_ids)) if a != b),
-                      min(len(d.token_ids), len(k.token_ids)))
-        print(f"{d.agent_id:<8}{d.role[:23]:<24}{d.ttft_s*1e3:>10.0f}ms{k.ttft_s*1e3:>11.0f}ms"
-              f"{d.ttft_s / k.ttft_s:>8.1f}x{prefix:>6}/{len(d.token_ids):<6}  {k.reason}")
-    same = sum(d.token_ids == k.token_ids for d, k in zip(results["dense"].turns, results["kvcomm"].turns))
-    print(f"\nreuse rate {results['kvcomm'].reuse_rate:.0%}; answers identical to dense for {same} of "
-          f"{len(results['dense'].turns)} agents ('same tokens': how many leading tokens match dense; upstream "
-          "answers differ once one agent diverges)")
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.serve_app import run_server
-    return run_server(args.config, host=args.host, port=args.port, address=args.address)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcomm", description="KVCOMM multi-agent KV sharing on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="a 3-agent job in dense and kvcomm mode, side by side")
-    p.add_argument("--jobs", default=str(Path(__file__).resolve().parent.parent / "examples" / "gsm8k_3agents.jsonl"),
-                   help="job file: the job with the shortest question is shown, the others warm the anchor pool")
-    p.add_argument("--gamma", type=float, default=1.0, help="entropy gate (1.0 as the reference TTFT script)")
-    _model_args(p)
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("serve", help="serve the HTTP API (jobs, OpenAI chat, metrics) from a Serve config file")
-    p.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "local.yaml"))
-    p.add_argument("--host", default=None, help="default: the config's (127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="default: the config's (8000)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
-    p.set_defaults(func=cmd_serve)
+    from cluster.demo import add_demo_parser, add_serve_parser   # light import: heavy parts load on run
+    add_demo_parser(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser("run", help="run multi-agent job(s) from a JSON/JSONL/YAML file in this process")
     p.add_argument("job")
