@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from kvcomm.codec import dtype_name, numpy_to_tensor, tensor_to_numpy
-from kvcomm.anchor_pool import Anchor, AnchorPool, ConsumerDeltas, PoolSnapshot, PoolTransaction
+from kvcomm.anchor_pool import (Anchor, AnchorPool, ConsumerDeltas, PoolSnapshot, PoolTransaction,
+                                TransactionHost)
 from kvcomm.config import KVCommConfig
 from kvcomm.rope import Rope
 
@@ -333,7 +334,7 @@ class _ClientStats:
     warnings: list[str] = field(default_factory=list)
 
 
-class RemoteAnchorPool:
+class RemoteAnchorPool(TransactionHost):
     """The engine's pool interface over an `AnchorPoolActor`; one per worker, used from one thread.
 
     `actor` may be None (no pool reachable): then every snapshot is empty and every commit is dropped.
@@ -424,20 +425,7 @@ class RemoteAnchorPool:
         return PoolSnapshot(namespace=wire["namespace"], version=int(wire["version"]),
                             lists=MappingProxyType(lists), namespaces=tuple(wire["namespaces"]))
 
-    def _find_committed(self, namespace: str, anchor_id: str) -> Anchor | None:
-        """`PoolTransaction.add_deltas` for an anchor committed earlier asks its pool for it."""
-        return self.snapshot(namespace).anchor(anchor_id)
-
-    # ---- writing ------------------------------------------------------------------------------------------------
-    def begin(self, namespace: str) -> PoolTransaction:
-        if not isinstance(namespace, str) or not namespace:
-            raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
-        return PoolTransaction(self, namespace, self.rope)
-
-    def abort(self, txn: PoolTransaction) -> None:
-        self._require_own_open(txn)
-        txn.state = "aborted"
-
+    # ---- writing (begin / abort: kvcomm.anchor_pool.TransactionHost) --------------------------------------------
     def commit(self, txn: PoolTransaction) -> int | None:
         """Send the staged changes to the pool actor; the new version, or None when dropped (pool lost)."""
         import ray
@@ -480,11 +468,6 @@ class RemoteAnchorPool:
                    f"retrying in {self.retry_after_s:.0f} s")
         log.warning(message)
         self._stats.warnings = (self._stats.warnings + [message])[-5:]
-
-    def _require_own_open(self, txn: PoolTransaction) -> None:
-        if txn._pool is not self:
-            raise ValueError("transaction belongs to another pool")
-        txn._require_open()
 
     def stats(self) -> dict[str, Any]:
         s = self._stats

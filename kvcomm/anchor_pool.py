@@ -332,7 +332,32 @@ def _difference(real: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------
 # The pool
 # ------------------------------------------------------------------------------------------------------------
-class AnchorPool:
+class TransactionHost:
+    """The transaction lifecycle every pool shares (the in-process `AnchorPool`, the Ray client
+    `actors.anchor_pool_actor.RemoteAnchorPool`): begin, abort, and the committed-anchor lookup that
+    `PoolTransaction.add_deltas` needs. Subclasses set `self.rope` and implement `snapshot` and `commit`."""
+
+    rope: Rope | None
+
+    def _find_committed(self, namespace: str, anchor_id: str) -> Anchor | None:
+        return self.snapshot(namespace).anchor(anchor_id)
+
+    def begin(self, namespace: str) -> PoolTransaction:
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
+        return PoolTransaction(self, namespace, self.rope)
+
+    def abort(self, txn: PoolTransaction) -> None:
+        self._require_own_open(txn)
+        txn.state = "aborted"
+
+    def _require_own_open(self, txn: PoolTransaction) -> None:
+        if txn._pool is not self:
+            raise ValueError(f"transaction belongs to another pool than this {type(self).__name__}")
+        txn._require_open()
+
+
+class AnchorPool(TransactionHost):
     """Namespaced anchor pool: versioned copy-on-write state behind one lock.
 
     Readers (`snapshot`) take the lock only to read one reference. Writers (`commit`) hold it while they
@@ -386,19 +411,7 @@ class AnchorPool:
                            for ns, lists in state.namespaces.items()},
         }
 
-    def _find_committed(self, namespace: str, anchor_id: str) -> Anchor | None:
-        return self.snapshot(namespace).anchor(anchor_id)
-
-    # ---- writing ------------------------------------------------------------------------------------------------
-    def begin(self, namespace: str) -> PoolTransaction:
-        if not isinstance(namespace, str) or not namespace:
-            raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
-        return PoolTransaction(self, namespace, self.rope)
-
-    def abort(self, txn: PoolTransaction) -> None:
-        self._require_own_open(txn)
-        txn.state = "aborted"
-
+    # ---- writing (begin / abort: TransactionHost) ---------------------------------------------------------------
     def commit(self, txn: PoolTransaction) -> int:
         """Publish `txn` atomically, apply the bounds, and return the new version (unchanged for an empty txn)."""
         self._require_own_open(txn)
@@ -460,11 +473,6 @@ class AnchorPool:
             return self._state.version
 
     # ---- helpers ------------------------------------------------------------------------------------------------
-    def _require_own_open(self, txn: PoolTransaction) -> None:
-        if txn._pool is not self:
-            raise ValueError("transaction belongs to another AnchorPool")
-        txn._require_open()
-
     def _apply_byte_budget(self, namespaces: dict[str, _PlaceholderLists],
                            protected: frozenset[str]) -> tuple[dict[str, _PlaceholderLists], int]:
         """Evict until the pool fits the byte budget; returns the new namespace map and its total bytes."""
