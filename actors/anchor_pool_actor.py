@@ -96,6 +96,47 @@ def payload_nbytes(payload: Mapping[str, Any]) -> int:
     return total
 
 
+def merge_payloads(payloads: list[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """One job's transactions, staged turn by turn on several workers, as one payload (None when all are empty).
+
+    Two turns on different workers may both promote the same content to an anchor (each saw no compatible
+    anchor, and neither sees the other's staging); identical anchors of one placeholder are kept once and the
+    deltas and activations naming a duplicate are moved to the kept one, so the pool ends as a single process
+    would leave it. Later deltas of one (anchor, consumer) replace earlier ones, as in one transaction.
+    """
+    present = [p for p in payloads if p]
+    if not present:
+        return None
+    namespaces = {p["namespace"] for p in present}
+    if len(namespaces) != 1:
+        raise ValueError(f"merge_payloads: one job's payloads span namespaces {sorted(namespaces)}")
+    anchors: list[dict[str, Any]] = []
+    same_as: dict[str, str] = {}                     # duplicate anchor id -> kept anchor id
+    for payload in present:
+        for anchor in payload["anchors"]:
+            twin = next((kept for kept in anchors if _same_anchor(kept, anchor)), None)
+            if twin is None:
+                anchors.append(anchor)
+            else:
+                same_as[anchor["anchor_id"]] = twin["anchor_id"]
+    deltas: dict[tuple[str, str], dict[str, Any]] = {}
+    activations: dict[str, int] = {}
+    for payload in present:
+        for d in payload["deltas"]:
+            anchor_id = same_as.get(d["anchor_id"], d["anchor_id"])
+            deltas[(anchor_id, d["consumer"])] = {**d, "anchor_id": anchor_id}
+        for anchor_id, count in payload["activations"].items():
+            anchor_id = same_as.get(anchor_id, anchor_id)
+            activations[anchor_id] = activations.get(anchor_id, 0) + int(count)
+    return {"namespace": namespaces.pop(), "anchors": anchors, "deltas": list(deltas.values()),
+            "activations": activations}
+
+
+def _same_anchor(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return (a["placeholder"] == b["placeholder"] and a["dtype"] == b["dtype"]
+            and all(np.array_equal(a["base"][name], b["base"][name]) for name in ("base_keys", "base_values")))
+
+
 class _PreparedTransaction(PoolTransaction):
     """A transaction on the metadata mirror whose records arrive ready-made (a worker did the tensor math)."""
 
@@ -243,6 +284,12 @@ class AnchorPoolActor:
 
     def commit(self, payload: dict[str, Any]) -> int:
         return self._state.commit(payload)
+
+    def commit_parts(self, *payloads: dict[str, Any] | None) -> int:
+        """Commit one job's per-turn payloads (passed as ObjectRefs: Ray resolves them before this runs) as one
+        atomic update; the new pool version."""
+        merged = merge_payloads(list(payloads))
+        return self._state.version if merged is None else self._state.commit(merged)
 
     def snapshot(self, namespace: str, known: tuple[str, int] | None = None) -> dict[str, Any] | None:
         return self._state.snapshot(namespace, known)

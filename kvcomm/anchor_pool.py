@@ -239,6 +239,7 @@ class PoolTransaction:
         self._new_anchors: dict[str, Anchor] = {}                        # anchor id -> anchor, staging order
         self._deltas: dict[str, dict[str, ConsumerDeltas]] = {}          # anchor id -> consumer -> deltas
         self._activations: Counter[str] = Counter()
+        self._sibling_anchors: dict[str, int] = {}                       # anchor id -> tokens (see adopt_anchor)
         self.state = "open"                                              # "open" | "committed" | "aborted"
 
     # ---- staging ------------------------------------------------------------------------------------------------
@@ -288,6 +289,19 @@ class PoolTransaction:
             rotated_base_key=None if rerotate else ph_base_rotated.keys.detach().clone(),
             keys_canonical=rerotate)
 
+    def adopt_anchor(self, anchor_id: str, num_tokens: int) -> None:
+        """Let `add_deltas` name an anchor staged by a *sibling* transaction of the same job.
+
+        On a cluster one job's turns run on several workers, each staging into its own transaction; the job's
+        driver merges them into one commit. A consumer that prefills densely because of an anchor staged on
+        another worker adopts it here (its id and token count), so its deltas can be staged against it. An
+        adopted anchor is not part of this transaction's own staged anchors: the sibling commits it.
+        """
+        self._require_open()
+        if num_tokens < 1:
+            raise ValueError(f"adopt_anchor({anchor_id}): an anchor has at least one token, got {num_tokens}")
+        self._sibling_anchors[anchor_id] = int(num_tokens)
+
     def activate(self, anchor_ids: Iterable[str]) -> None:
         """+1 activation for each id (applied at commit; ids evicted meanwhile are ignored)."""
         self._require_open()
@@ -317,6 +331,8 @@ class PoolTransaction:
         staged = self._new_anchors.get(anchor_id)
         if staged is not None:
             return staged.num_tokens
+        if anchor_id in self._sibling_anchors:
+            return self._sibling_anchors[anchor_id]
         committed = self._pool._find_committed(self.namespace, anchor_id)
         if committed is None:
             raise KeyError(f"anchor {anchor_id!r} is neither staged in this transaction nor committed in "
