@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .engine import KVCommEngine, SharedContent, TurnRequest, TurnResult
 from .generation import Sampling
@@ -87,37 +87,15 @@ class JobContents:
         if self.user_input is not None:
             engine.offer_content(job.namespace, "user_question", self.user_input, self.txn)
 
-    def _latest(self, store: dict[tuple[str, int], SharedContent], agent_id: str, before_round: int,
-                name: str) -> SharedContent:
-        rounds = [r for (a, r) in store if a == agent_id and r <= before_round]
-        if not rounds:
-            raise KeyError(f"placeholder {{{name}}}: agent {agent_id!r} has produced nothing yet")
-        return store[(agent_id, max(rounds))]
-
     def resolve(self, turn: Turn, name: str) -> SharedContent:
-        if name == "user_question":
-            return self.user_input
-        kind, owner, when = name.split("_")
-        store = self.responses if kind == "agent" else self.conditions
-        latest_round = turn.round if when == "current" else turn.round - 1
-        return self._latest(store, owner, latest_round, name)
+        return resolve_placeholder(name, turn, self.user_input, self.responses, self.conditions)
 
     def add_response(self, turn: Turn, agent: AgentSpec, result: TurnResult) -> None:
-        content = result.response or SharedContent("response", (), base=self.engine.make_input(()).base)
-        self.responses[(turn.agent_id, turn.round)] = content
-        for when in ("current", "history"):
-            name = f"agent_{turn.agent_id}_{when}"
-            if name in self.consumed_names:
-                self.engine.offer_content(self.job.namespace, name, content, self.txn)
-        if agent.condition == "python":
-            outcome = run_python(extract_code(result.text))
-            text = outcome.stdout if outcome.ok else f"error: {outcome.error}"
-            condition = self.engine.make_input(text.strip()[:2000], kind="condition")
+        response, condition = share_turn_output(self.engine, self.job.namespace, agent, result,
+                                                self.consumed_names, self.txn)
+        self.responses[(turn.agent_id, turn.round)] = response
+        if condition is not None:
             self.conditions[(turn.agent_id, turn.round)] = condition
-            for when in ("current", "history"):
-                name = f"condition_{turn.agent_id}_{when}"
-                if name in self.consumed_names:
-                    self.engine.offer_content(self.job.namespace, name, condition, self.txn)
 
     def commit(self) -> None:
         if self.txn is not None:
@@ -126,6 +104,59 @@ class JobContents:
     def abort(self) -> None:
         if self.txn is not None:
             self.engine.pool.abort(self.txn)
+
+
+def resolve_placeholder(name: str, turn: Turn, user_input: Any, responses: Mapping[tuple[str, int], Any],
+                        conditions: Mapping[tuple[str, int], Any]) -> Any:
+    """What placeholder `name` of `turn` reads: the user input, or an agent's latest response (or condition) of
+    this round ("_current") or of an earlier round ("_history"); `responses`/`conditions`: (agent, round) -> it."""
+    if name == "user_question":
+        return user_input
+    kind, owner, when = name.split("_")
+    store = responses if kind == "agent" else conditions
+    latest_round = turn.round if when == "current" else turn.round - 1
+    rounds = [r for (a, r) in store if a == owner and r <= latest_round]
+    if not rounds:
+        raise KeyError(f"placeholder {{{name}}}: agent {owner!r} has produced nothing yet")
+    return store[(owner, max(rounds))]
+
+
+def share_turn_output(engine: KVCommEngine, namespace: str, agent: AgentSpec, result: TurnResult,
+                      consumed_names: set[str] | frozenset[str], txn: Any) -> tuple[SharedContent, SharedContent | None]:
+    """A finished turn's response (and, for a programming agent, its code's output) as shared contents, each
+    offered to the entropy gate under every placeholder name downstream agents read it by."""
+    response = result.response or SharedContent("response", (), base=engine.make_input(()).base)
+    for when in ("current", "history"):
+        name = f"agent_{agent.id}_{when}"
+        if name in consumed_names:
+            engine.offer_content(namespace, name, response, txn)
+    condition = None
+    if agent.condition == "python":
+        outcome = run_python(extract_code(result.text))
+        text = outcome.stdout if outcome.ok else f"error: {outcome.error}"
+        condition = engine.make_input(text.strip()[:2000], kind="condition")
+        for when in ("current", "history"):
+            name = f"condition_{agent.id}_{when}"
+            if name in consumed_names:
+                engine.offer_content(namespace, name, condition, txn)
+    return response, condition
+
+
+def turn_record(turn: Turn, agent: AgentSpec, result: TurnResult, keep_logits: bool = False) -> TurnRecord:
+    """What the job result keeps of one turn."""
+    return TurnRecord(agent_id=turn.agent_id, round=turn.round, role=agent.role, text=result.text,
+                      token_ids=result.token_ids, ttft_s=result.ttft_s, total_s=result.total_s,
+                      reused=result.reused, reason=result.reason, prompt_tokens=len(result.prompt_ids),
+                      recomputed_tokens=result.recomputed_tokens, timings=result.timings,
+                      first_logits=result.first_logits if keep_logits else None)
+
+
+def turn_request(job: JobSpec, turn: Turn, mode: str, contents: Mapping[str, SharedContent], engine: Any,
+                 txn: Any) -> TurnRequest:
+    """The engine request for `turn` of `job`, its placeholders filled from `contents` (name -> content)."""
+    agent = job.agent(turn.agent_id)
+    return TurnRequest(agent.template_for_round(turn.round), contents, mode=mode,
+                       sampling=sampling_for(agent, engine), namespace=job.namespace, transaction=txn)
 
 
 def run_job(engine: KVCommEngine, job: JobSpec, *, mode: str | None = None, keep_logits: bool = False,
@@ -140,19 +171,13 @@ def run_job(engine: KVCommEngine, job: JobSpec, *, mode: str | None = None, keep
         for level in job.turn_levels():
             requests = []
             for turn in level:
-                agent = agents[turn.agent_id]
-                template = agent.template_for_round(turn.round)
-                placeholders = {name: contents.resolve(turn, name) for name in template.placeholders()}
-                requests.append(TurnRequest(template, placeholders, mode=mode, sampling=sampling_for(agent, engine),
-                                            namespace=job.namespace, transaction=contents.txn))
+                template = agents[turn.agent_id].template_for_round(turn.round)
+                filled = {name: contents.resolve(turn, name) for name in template.placeholders()}
+                requests.append(turn_request(job, turn, mode, filled, engine, contents.txn))
             for turn, result in zip(level, engine.run_turns(requests)):
                 agent = agents[turn.agent_id]
                 contents.add_response(turn, agent, result)
-                record = TurnRecord(agent_id=turn.agent_id, round=turn.round, role=agent.role, text=result.text,
-                                    token_ids=result.token_ids, ttft_s=result.ttft_s, total_s=result.total_s,
-                                    reused=result.reused, reason=result.reason,
-                                    prompt_tokens=len(result.prompt_ids), recomputed_tokens=result.recomputed_tokens,
-                                    timings=result.timings, first_logits=result.first_logits if keep_logits else None)
+                record = turn_record(turn, agent, result, keep_logits)
                 records.append(record)
                 if on_turn is not None:
                     on_turn(record)
