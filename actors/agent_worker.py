@@ -38,6 +38,7 @@ from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
 from kvcomm.generation import DecodeBatch, SequenceState
 
 from .anchor_pool_actor import RemoteAnchorPool
+from .turns import ContentOrder, ContentResolver, TurnOrder, execute_content, execute_turn
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class WorkerSettings:
     max_batch_size: int               # sequences decoded together in one step
     max_queued_turns: int             # turns admitted to the scheduler at once (queued + decoding)
     anchor_cache_bytes: int           # fetched anchor tensors kept (LRU)
+    content_cache_bytes: int          # shared contents' base KV (inputs, responses) kept (LRU)
     pool_actor_name: str | None       # None: no anchor pool (every kvcomm turn prefills densely)
     ray_namespace: str
     pool_call_timeout_s: float
@@ -336,6 +338,8 @@ class AgentWorker:
         # one thread per running job: it only waits on the model thread (and runs a job's code sandbox)
         self._job_threads = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_queued_turns,
                                                                   thread_name_prefix=f"kvcomm-job-{worker_id}")
+        self.contents = ContentResolver(self.view, settings.content_cache_bytes, runner.device)
+        self._turns_run = 0
         self._jobs_running = 0
         self._jobs_done = 0
         self._jobs_failed = 0
@@ -376,8 +380,25 @@ class AgentWorker:
     async def _run_job(self, job: Any, mode: str) -> Any:
         """`kvcomm.job_runner.run_job` itself, in a job thread, on the engine view: its turns join the batch."""
         from kvcomm.job_runner import run_job
+        return await self._in_job_thread(functools.partial(run_job, mode=mode), self.view, job)
+
+    # ---- single turns of a job driven by the cluster (cluster.dag) ----------------------------------------------
+    async def make_content(self, order: ContentOrder) -> tuple[Any, Any, Any]:
+        """A user input's base KV, offered to the gate; call with ``.options(num_returns=3)``:
+        (`TurnOutcome`, the KV as a `SegmentPayload`, the staged pool payload or None)."""
+        return await self._in_job_thread(execute_content, self.view, order, self.contents, self.worker_id)
+
+    async def run_turn(self, order: TurnOrder) -> tuple[Any, Any, Any, Any]:
+        """One agent turn of a job the cluster drives; call with ``.options(num_returns=4)``: (`TurnOutcome`,
+        response KV, condition KV or None, staged pool payload or None). The KV returns are owned by the caller."""
+        self._namespaces[order.namespace] += 1
+        out = await self._in_job_thread(execute_turn, self.view, order, self.contents, self.worker_id)
+        self._turns_run += 1
+        return out
+
+    async def _in_job_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._job_threads, functools.partial(run_job, self.view, job, mode=mode))
+        return await loop.run_in_executor(self._job_threads, functools.partial(fn, *args))
 
     # ---- routing and health -------------------------------------------------------------------------------------
     async def load(self) -> dict[str, Any]:
@@ -393,7 +414,8 @@ class AgentWorker:
                 "kv_shape": {"layers": spec.num_layers, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim},
                 "threads": torch.get_num_threads(),
                 "load_s": self.load_s, "jobs_done": self._jobs_done, "jobs_failed": self._jobs_failed,
-                "jobs_running": self._jobs_running, "namespaces": dict(self._namespaces),
+                "jobs_running": self._jobs_running, "turns_run": self._turns_run,
+                "namespaces": dict(self._namespaces), "contents": self.contents.stats(),
                 "scheduler": self.scheduler.stats(), "pool": self.pool.stats()}
 
     async def set_max_batch_size(self, max_batch_size: int) -> int:

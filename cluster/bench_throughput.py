@@ -60,6 +60,7 @@ def _scheduler_totals(runner: Any, workers: Sequence[int]) -> tuple[int, int]:
 def _run_setting(runner: Any, jobs: list[JobSpec], workers: Sequence[int], max_batch_size: int) -> dict[str, Any]:
     """All `jobs` in flight at once on `workers` (round-robin when one, else routed by load)."""
     import ray
+    from .job_runner import workers_of
     ray.get([runner.workers[i].set_max_batch_size.remote(max_batch_size) for i in workers])
     steps0, seqs0 = _scheduler_totals(runner, workers)
     started = time.perf_counter()
@@ -67,7 +68,7 @@ def _run_setting(runner: Any, jobs: list[JobSpec], workers: Sequence[int], max_b
         tickets = [runner.submit(job, worker=workers[0]) for job in jobs]
     else:
         tickets = [runner.submit(job) for job in jobs]
-    results = ray.get([t.ref for t in tickets])
+    results = [runner.result(t) for t in tickets]
     wall = time.perf_counter() - started
     steps1, seqs1 = _scheduler_totals(runner, workers)
     turns = [t for r in results for t in r["turns"]]
@@ -76,7 +77,7 @@ def _run_setting(runner: Any, jobs: list[JobSpec], workers: Sequence[int], max_b
             "wall_s": wall, "jobs_per_min": len(jobs) / wall * 60, "decode_tok_per_s": tokens / wall,
             "mean_batch": (seqs1 - seqs0) / max(steps1 - steps0, 1),
             "ttft_median_s": statistics.median(t["ttft_s"] for t in turns),
-            "used_workers": sorted({r["worker"] for r in results})}
+            "used_workers": sorted({w for r in results for w in workers_of(r)})}
 
 
 def _transfer(kv_shape: dict[str, int], tokens: int, repeats: int) -> dict[str, Any]:
@@ -142,7 +143,8 @@ def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm
         with ClusterRunner(cfg) as runner:
             worker_info = ray.get(runner.workers[0].stats.remote())
             warm = make_jobs(most, agents=agents, new_tokens=new_tokens, mode="dense", tag="warm")
-            ray.get([runner.submit(job, worker=i).ref for i, job in enumerate(warm)])   # templates, first calls
+            for ticket in [runner.submit(job, worker=i) for i, job in enumerate(warm)]:   # templates, first calls
+                runner.result(ticket)
             tag = 0
             for batch in (1, max_batch_size):
                 tag += 1

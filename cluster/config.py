@@ -71,14 +71,19 @@ class ClusterConfig(BaseModel):
     # --- fault tolerance ---
     worker_max_restarts: int = Field(1, ge=-1)        # Ray restarts a dead worker this often (-1: forever)
     worker_max_task_retries: int = Field(0, ge=-1)    # Ray retries of a method on a restarted worker
-    job_retries: int = Field(1, ge=0)                 # the runner resubmits a job whose worker died this often
+    job_retries: int = Field(1, ge=0)                 # a turn (dispatch "turn") or job (dispatch "job") whose
+                                                      # worker died is resubmitted to another worker this often
     # --- routing ---
+    dispatch: Literal["turn", "job"] = "turn"         # turn: the runner drives each job's DAG, every turn routed
+                                                      # on its own (agents of one level run on several workers);
+                                                      # job: a whole job runs on one worker
     affinity_slack: int = Field(0, ge=0)              # keep a namespace on its worker while it runs at most this
                                                       # many more jobs than the least loaded worker (0: affinity
                                                       # only breaks ties; fetching anchors costs ~1% of a reused
                                                       # turn's TTFT on CPU, so load comes first there)
     # --- caches and the anchor pool actor ---
     anchor_cache_bytes: int = Field(256 << 20, ge=0)  # fetched anchor tensors cached per worker (LRU)
+    content_cache_bytes: int = Field(256 << 20, ge=0) # shared contents' base KV cached per worker (LRU)
     pool_actor_name: str = "kvcomm-anchor-pool"
     ray_namespace: str = "kvcomm"
     pool_detached: bool = False                       # the pool outlives the runner (and the driver)
@@ -141,6 +146,7 @@ class ClusterConfig(BaseModel):
             model=self.model, random_weights=self.random_weights, device=self.device, dtype=self.dtype,
             threads=self.worker_threads, max_batch_size=self.max_batch_size,
             max_queued_turns=self.max_queued_turns, anchor_cache_bytes=self.anchor_cache_bytes,
+            content_cache_bytes=self.content_cache_bytes,
             pool_actor_name=self.pool_actor_name, ray_namespace=self.ray_namespace,
             pool_call_timeout_s=self.pool_call_timeout_s, kvcomm=self.kvcomm.to_kvcomm())
 

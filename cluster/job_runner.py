@@ -1,19 +1,23 @@
 """`ClusterRunner`: runs multi-agent jobs on a pool of `AgentWorker`s placed on a Ray cluster.
 
 This module owns the cluster's lifecycle and routing: `start()` places one bundle per worker (cluster.placement),
-creates (or joins) the named `AnchorPoolActor` and starts the workers in their bundles; `submit`/`run_job`
-route a job to one worker, which runs it whole with continuous batching; `run_jobs` keeps many jobs in flight
-and yields each result as it finishes (a failed job becomes an error record, the batch goes on); `shutdown()`
-kills what `start()` created and removes the placement group.
+creates (or joins) the named `AnchorPoolActor` and starts the workers in their bundles; `submit`/`run_job` start
+a job on a driver thread, either turn by turn across workers (dispatch "turn", the default: `cluster.dag`) or
+whole on one worker (dispatch "job"); `run_jobs` keeps many jobs in flight and yields each result as it finishes
+(a failed job becomes an error record, the batch goes on); `shutdown()` kills what `start()` created and removes
+the placement group.
 
-Routing. A job goes to the worker that last ran its namespace (that worker holds the namespace's anchors in its
-cache) unless that worker runs more than `affinity_slack` jobs more than the least loaded one; otherwise, and
-for a new namespace, to the least loaded worker (jobs in flight from this runner, ties to the worker idle
-longest). A job whose worker died is resubmitted to another worker up to `job_retries` times.
+Routing. Each unit of work (a turn, or a whole job) goes to a least-loaded worker (units this runner has in
+flight; `affinity_slack` lets a worker carry that many more); among those, to the one that computed most of the
+contents the turn reads (their KV is in its cache), then to the one that last served the job's namespace (its
+anchors are in its cache), then to the one idle longest. A turn or job whose worker died is sent to another
+worker, up to `job_retries` times per job.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,10 +31,11 @@ from actors.anchor_pool_actor import get_or_create_pool_actor
 from kvcomm.harness.jobs import JobSpec, JobSpecError
 
 from .config import ClusterConfig
+from .dag import DagJob
 from .placement import bundle_strategy, create_worker_placement_group, remove_placement_group
 
 log = logging.getLogger(__name__)
-_WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 class ClusterNotStarted(RuntimeError):
@@ -39,13 +44,13 @@ class ClusterNotStarted(RuntimeError):
 
 @dataclass
 class JobTicket:
-    """One submitted job: its id, its dict, the worker running it and the pending result."""
+    """One submitted job: its id, its dict, how it is dispatched, and the future of its result dict."""
     job_id: str
     job: dict[str, Any]
     mode: str | None
-    worker: int
-    ref: Any
-    attempts: int = 1
+    dispatch: str                 # "turn" | "job"
+    worker: int | None            # the worker running it whole (dispatch "job"); None when turns are routed
+    future: concurrent.futures.Future
     submitted_at: float = field(default_factory=time.perf_counter)
 
 
@@ -54,6 +59,11 @@ def job_as_dict(job: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(job, JobSpec):
         return job.to_dict()
     return JobSpec.from_dict(dict(job)).to_dict()
+
+
+def workers_of(result: Mapping[str, Any]) -> list[str]:
+    """The workers a job result ran on: its turns' (dispatch "turn") or its one worker's (dispatch "job")."""
+    return list(result["workers"]) if "workers" in result else [result["worker"]]
 
 
 def error_message(exc: BaseException) -> str:
@@ -73,11 +83,14 @@ class ClusterRunner:
         self.pool_actor: Any = None
         self._pool_created = False
         self._group = None
-        self._inflight: dict[Any, int] = {}          # result ref -> worker index
+        self._lock = threading.Lock()                # driver threads route concurrently
+        self._load: list[int] = []                   # turns (or whole jobs) in flight on each worker
         self._affinity: dict[str, int] = {}          # namespace -> worker that last ran it
         self._last_assigned: list[float] = []
+        self._driver: concurrent.futures.ThreadPoolExecutor | None = None   # one thread per job in flight
         self.jobs_submitted = 0
         self.jobs_resubmitted = 0
+        self.commits_dropped = 0
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> "ClusterRunner":
@@ -107,6 +120,9 @@ class ClusterRunner:
             self.shutdown()
             raise
         self._last_assigned = [0.0] * len(self.workers)
+        self._load = [0] * len(self.workers)
+        self._driver = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(8, 2 * cfg.num_workers * cfg.max_batch_size), thread_name_prefix="kvcomm-job-driver")
         return self
 
     def shutdown(self) -> None:
@@ -119,7 +135,9 @@ class ClusterRunner:
         if kill_pool:
             _kill(pool)
         self.workers, self.pool_actor, self._pool_created = [], None, False
-        self._inflight.clear()
+        if self._driver is not None:
+            self._driver.shutdown(wait=False, cancel_futures=True)
+            self._driver = None
         self._affinity.clear()
         remove_placement_group(self._group)
         self._group = None
@@ -137,78 +155,101 @@ class ClusterRunner:
             raise ClusterNotStarted("the cluster runner is not started (call start() or use it as a context manager)")
 
     def inflight_per_worker(self) -> list[int]:
-        """Jobs this runner has in flight on each worker (finished ones pruned)."""
-        if self._inflight:
-            refs = list(self._inflight)
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-            for ref in done:
-                self._inflight.pop(ref, None)
-        counts = [0] * len(self.workers)
-        for index in self._inflight.values():
-            counts[index] += 1
-        return counts
+        """Turns (dispatch "turn") or whole jobs (dispatch "job") this runner has in flight on each worker."""
+        with self._lock:
+            return list(self._load)
 
-    def choose_worker(self, namespace: str, exclude: Iterable[int] = ()) -> int:
-        """The worker for a job of `namespace` (see the module docstring)."""
+    def choose_worker(self, namespace: str, exclude: Iterable[int] = (), holders: Iterable[int] = ()) -> int:
+        """The worker for the next turn or job of `namespace` (see the module docstring); counts nothing."""
         self._require_started()
-        excluded = set(exclude)
+        with self._lock:
+            return self._choose(namespace, set(exclude), list(holders))
+
+    def _choose(self, namespace: str, excluded: set[int], holders: list[int]) -> int:
         candidates = [i for i in range(len(self.workers)) if i not in excluded] or list(range(len(self.workers)))
-        counts = self.inflight_per_worker()
-        least = min(counts[i] for i in candidates)
-        preferred = self._affinity.get(namespace)
-        if preferred in candidates and counts[preferred] <= least + self.config.affinity_slack:
-            return preferred
-        return min(candidates, key=lambda i: (counts[i], self._last_assigned[i]))
+        least = min(self._load[i] for i in candidates)
+        eligible = [i for i in candidates if self._load[i] <= least + self.config.affinity_slack]
+        home = self._affinity.get(namespace)
+        return min(eligible, key=lambda i: (-holders.count(i), i != home, self._load[i], self._last_assigned[i]))
+
+    def acquire_worker(self, namespace: str, *, holders: Iterable[int] = (), exclude: Iterable[int] = (),
+                       pinned: int | None = None) -> int:
+        """Choose a worker (or take `pinned`) and count one more unit of work on it; `release_worker` undoes."""
+        self._require_started()
+        with self._lock:
+            index = pinned if pinned is not None else self._choose(namespace, set(exclude), list(holders))
+            self._load[index] += 1
+            self._affinity[namespace] = index
+            self._last_assigned[index] = time.perf_counter()
+            return index
+
+    def release_worker(self, index: int) -> None:
+        with self._lock:
+            if 0 <= index < len(self._load):
+                self._load[index] = max(0, self._load[index] - 1)
+
+    def note_resubmitted(self) -> None:
+        with self._lock:
+            self.jobs_resubmitted += 1
+
+    def note_commit_dropped(self) -> None:
+        with self._lock:
+            self.commits_dropped += 1
 
     # ---- jobs ---------------------------------------------------------------------------------------------------
-    def submit(self, job: JobSpec | Mapping[str, Any], mode: str | None = None, *,
-               worker: int | None = None) -> JobTicket:
-        """Validate `job` and start it on the routed worker (or on worker index `worker`);
-        `ray.get(ticket.ref)` is its result dict."""
+    def submit(self, job: JobSpec | Mapping[str, Any], mode: str | None = None, *, worker: int | None = None,
+               dispatch: str | None = None) -> JobTicket:
+        """Validate `job` and start it; `result(ticket)` waits for its result dict.
+
+        `dispatch` (default: the config's) is "turn" (this runner drives the job's DAG, every turn routed on its
+        own, see `cluster.dag`) or "job" (the job runs whole on one worker). `worker` pins it to that worker."""
         self._require_started()
         if worker is not None and not 0 <= worker < len(self.workers):
             raise ValueError(f"worker must be in [0, {len(self.workers)}), got {worker}")
+        dispatch = dispatch or self.config.dispatch
+        if dispatch not in ("turn", "job"):
+            raise ValueError(f"dispatch must be 'turn' or 'job', got {dispatch!r}")
         data = job_as_dict(job)
-        return self._dispatch(data, mode, worker=worker)
+        with self._lock:
+            self.jobs_submitted += 1
+        if dispatch == "turn":
+            spec = JobSpec.from_dict(data)
+            dag = DagJob(self, spec, mode or spec.mode, worker=worker)
+            return JobTicket(spec.id, data, mode, dispatch, None, self._driver.submit(dag.run))
+        index = self.acquire_worker(data.get("namespace", "default"), pinned=worker)
+        future = self._driver.submit(self._run_whole_job, data, mode, index)
+        return JobTicket(str(data["id"]), data, mode, dispatch, index, future)
 
-    def _dispatch(self, data: dict[str, Any], mode: str | None, *, worker: int | None = None,
-                  exclude: Iterable[int] = (), attempts: int = 1) -> JobTicket:
+    def _run_whole_job(self, data: dict[str, Any], mode: str | None, index: int) -> dict[str, Any]:
+        """Dispatch "job": the worker runs the job whole; a job whose worker died is rerun on another one."""
+        retries = self.config.job_retries
         namespace = data.get("namespace", "default")
-        index = worker if worker is not None else self.choose_worker(namespace, exclude)
-        ref = self.workers[index].run_job.remote(data, mode)
-        self._inflight[ref] = index
-        self._affinity[namespace] = index
-        self._last_assigned[index] = time.perf_counter()
-        self.jobs_submitted += 1
-        return JobTicket(str(data["id"]), data, mode, index, ref, attempts)
-
-    def _retry(self, ticket: JobTicket, exc: BaseException) -> JobTicket | None:
-        """A new ticket on another worker when the job's worker died and retries are left, else None."""
-        if not isinstance(exc, _WORKER_LOST) or ticket.attempts > self.config.job_retries:
-            return None
-        log.warning("job %s: worker-%d lost (%s); resubmitting (attempt %d)", ticket.job_id, ticket.worker,
-                    error_message(exc), ticket.attempts + 1)
-        self.jobs_resubmitted += 1
-        return self._dispatch(ticket.job, ticket.mode, exclude=[ticket.worker], attempts=ticket.attempts + 1)
+        try:
+            while True:
+                try:
+                    return ray.get(self.workers[index].run_job.remote(data, mode))
+                except WORKER_LOST as exc:
+                    if retries <= 0:
+                        raise
+                    retries -= 1
+                    self.note_resubmitted()
+                    log.warning("job %s: worker-%d lost (%s); resubmitting", data["id"], index, error_message(exc))
+                    self.release_worker(index)
+                    index = self.acquire_worker(namespace, exclude=[index])
+        finally:
+            self.release_worker(index)
 
     def run_job(self, job: JobSpec | Mapping[str, Any], mode: str | None = None, *, worker: int | None = None,
-                timeout_s: float | None = None) -> dict[str, Any]:
-        """Run one job and return its result dict (`JobResult.to_dict()` plus "worker"); raises on failure."""
-        return self.result(self.submit(job, mode, worker=worker), timeout_s=timeout_s)
+                dispatch: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+        """Run one job and return its result dict (`JobResult.to_dict()` plus where it ran); raises on failure."""
+        return self.result(self.submit(job, mode, worker=worker, dispatch=dispatch), timeout_s=timeout_s)
 
     def result(self, ticket: JobTicket, timeout_s: float | None = None) -> dict[str, Any]:
-        """Wait for a submitted job; resubmits it elsewhere if its worker dies (up to `job_retries` times)."""
-        while True:
-            try:
-                return ray.get(ticket.ref, timeout=timeout_s)
-            except _WORKER_LOST as exc:
-                retry = self._retry(ticket, exc)
-                if retry is None:
-                    raise
-                ticket = retry
+        """Wait for a submitted job (its lost turns or job already resubmitted as `job_retries` allows)."""
+        return ticket.future.result(timeout=timeout_s)
 
     def run_jobs(self, jobs: Iterable[JobSpec | Mapping[str, Any]], *, mode: str | None = None,
-                 concurrency: int | None = None) -> Iterator[dict[str, Any]]:
+                 concurrency: int | None = None, dispatch: str | None = None) -> Iterator[dict[str, Any]]:
         """Run `jobs` with at most `concurrency` in flight (default: every worker's batch full); yield each
         result as it finishes. A job that fails yields ``{"id": ..., "error": "..."}`` and the rest go on."""
         self._require_started()
@@ -216,7 +257,7 @@ class ClusterRunner:
         if limit < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         queue = iter(jobs)
-        tickets: dict[Any, JobTicket] = {}
+        tickets: dict[concurrent.futures.Future, JobTicket] = {}
         exhausted = False
         while True:
             while not exhausted and len(tickets) < limit:
@@ -226,24 +267,23 @@ class ClusterRunner:
                     exhausted = True
                     break
                 try:
-                    ticket = self.submit(job, mode)
+                    ticket = self.submit(job, mode, dispatch=dispatch)
                 except (JobSpecError, TypeError, ValueError) as exc:
                     yield {"id": _job_id_of(job), "error": error_message(exc)}
                     continue
-                tickets[ticket.ref] = ticket
+                tickets[ticket.future] = ticket
             if not tickets:
                 return
-            done, _ = ray.wait(list(tickets), num_returns=1)
-            for ref in done:
-                ticket = tickets.pop(ref)
+            done, _ = concurrent.futures.wait(list(tickets), return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                ticket = tickets.pop(future)
                 try:
-                    yield ray.get(ref)
+                    yield future.result()
                 except Exception as exc:  # noqa: BLE001 - one job's failure is its own error record
-                    retry = self._retry(ticket, exc)
-                    if retry is not None:
-                        tickets[retry.ref] = retry
-                    else:
-                        yield {"id": ticket.job_id, "error": error_message(exc), "worker": f"worker-{ticket.worker}"}
+                    record = {"id": ticket.job_id, "error": error_message(exc)}
+                    if ticket.worker is not None:
+                        record["worker"] = f"worker-{ticket.worker}"
+                    yield record
 
     # ---- observability ------------------------------------------------------------------------------------------
     def loads(self) -> list[dict[str, Any]]:
@@ -255,10 +295,10 @@ class ClusterRunner:
         workers = ray.get([w.stats.remote() for w in self.workers])
         try:
             pool = ray.get(self.pool_actor.stats.remote(), timeout=self.config.pool_call_timeout_s)
-        except (GetTimeoutError, *_WORKER_LOST) as exc:
+        except (GetTimeoutError, *WORKER_LOST) as exc:
             pool = {"error": error_message(exc)}
         return {"workers": workers, "pool": pool, "jobs_submitted": self.jobs_submitted,
-                "jobs_resubmitted": self.jobs_resubmitted}
+                "jobs_resubmitted": self.jobs_resubmitted, "commits_dropped": self.commits_dropped}
 
 
 def _warn_if_pool_outgrows_object_store(config: ClusterConfig) -> None:
@@ -293,7 +333,7 @@ def _await_gone(handles: list[Any], timeout_s: float) -> None:
         while time.monotonic() < deadline:
             try:
                 ray.get(handle.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
-            except _WORKER_LOST:
+            except WORKER_LOST:
                 break
             except GetTimeoutError:
                 break

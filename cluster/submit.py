@@ -5,8 +5,8 @@ local one (``ray.init(num_cpus=..., include_dashboard=False)`` with ``RAY_AUTH_M
 `ClusterRunner`, a progress bar (jobs done, reuse rate, throughput), and the results file:
 
 * one JSON line per job, written and flushed as the job finishes: the job's result (`JobResult.to_dict()` plus
-  ``"id"`` and ``"worker"``) or ``{"id": ..., "error": "..."}`` when the job is invalid or fails; one failure
-  never stops the batch;
+  ``"id"`` and where it ran: ``"workers"``, or ``"worker"`` with dispatch "job") or ``{"id": ..., "error": ...}``
+  when the job is invalid or fails; one failure never stops the batch;
 * resumable: ids that already have a result line in the output file are skipped; ids that only have error lines
   are run again (a later line for an id supersedes earlier ones); a torn last line (a crash mid-write) is ignored;
 * everything this command started (the workers, the pool actor, a local Ray cluster) is shut down on exit, on

@@ -36,9 +36,9 @@ TASKS = [f"Tom has {a} apples and buys {b} more. How many apples does Tom have?"
                       (6, 6), (7, 7), (8, 8), (9, 9)]]
 
 
-def make_job(index: int, mode: str, namespace: str, job_id: str | None = None):
+def make_job(index: int, mode: str, namespace: str, job_id: str | None = None, topology: str = "fully_connected"):
     return build_job("math", TASKS[index], num_agents=3, mode=mode, job_id=job_id or f"job{index}-{mode}",
-                     namespace=namespace,
+                     namespace=namespace, topology=topology, decision=topology == "star",
                      generation=GenerationParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS))
 
 
@@ -66,7 +66,7 @@ def cluster_config(model_dir: str, **changes) -> ClusterConfig:
 @pytest.fixture(scope="module")
 def cluster(ray_cluster, tiny_model_dir):
     from cluster.job_runner import ClusterRunner
-    runner = ClusterRunner(cluster_config(tiny_model_dir)).start()
+    runner = ClusterRunner(cluster_config(tiny_model_dir, worker_max_restarts=-1)).start()
     yield runner
     runner.shutdown()
 
@@ -276,18 +276,37 @@ def test_pool_snapshots_never_see_a_partial_commit(ray_cluster) -> None:
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["dense", "kvcomm"])
 def test_jobs_through_two_workers_equal_the_single_process_engine(cluster, tiny_model_dir, mode) -> None:
+    """Dispatch "turn": the runner drives each job's DAG, its turns routed on their own across both workers
+    (a star: three agents in parallel, then the decision agent reading all three)."""
     namespace = f"parity-{mode}-{uuid.uuid4().hex[:8]}"
-    jobs = [make_job(i, mode, namespace) for i in range(4)]
+    jobs = [make_job(i, mode, namespace, topology="star") for i in range(4)]
     engine = oracle_engine(tiny_model_dir)
     expected = [run_job(engine, job) for job in jobs]
-    got = [cluster.run_job(job, worker=i % 2) for i, job in enumerate(jobs)]   # alternate: 0, 1, 0, 1
-    assert [g["worker"] for g in got] == ["worker-0", "worker-1", "worker-0", "worker-1"]
+    got = [cluster.run_job(job) for job in jobs]
+    assert all(sorted(g["workers"]) == ["worker-0", "worker-1"] for g in got)   # a level's agents share both
     for job, want, have in zip(jobs, expected, got):
         assert token_ids(have) == token_ids(want), job.id
         assert [t["reason"] for t in have["turns"]] == [t.reason for t in want.turns], job.id
         assert have["final_answer"] == want.final_answer
     if mode == "kvcomm":
-        # jobs 0 and 1 recorded anchors (on workers 0 and 1); jobs 2 and 3 reuse them on the other worker too
+        # jobs 0 and 1 recorded anchors from turns on both workers; jobs 2 and 3 reuse them on both workers
+        assert [g["reuse_rate"] for g in got] == [w.reuse_rate for w in expected]
+        assert got[3]["reuse_rate"] == 1.0
+
+
+@pytest.mark.parametrize("mode", ["dense", "kvcomm"])
+def test_whole_jobs_on_alternating_workers_equal_the_single_process_engine(cluster, tiny_model_dir, mode) -> None:
+    """Dispatch "job": each job runs whole on one worker (0, 1, 0, 1)."""
+    namespace = f"whole-{mode}-{uuid.uuid4().hex[:8]}"
+    jobs = [make_job(i, mode, namespace) for i in range(4)]
+    engine = oracle_engine(tiny_model_dir)
+    expected = [run_job(engine, job) for job in jobs]
+    got = [cluster.run_job(job, worker=i % 2, dispatch="job") for i, job in enumerate(jobs)]
+    assert [g["worker"] for g in got] == ["worker-0", "worker-1", "worker-0", "worker-1"]
+    for job, want, have in zip(jobs, expected, got):
+        assert token_ids(have) == token_ids(want), job.id
+        assert [t["reason"] for t in have["turns"]] == [t.reason for t in want.turns], job.id
+    if mode == "kvcomm":
         assert [g["reuse_rate"] for g in got] == [w.reuse_rate for w in expected]
         assert got[3]["reuse_rate"] == 1.0
 
@@ -299,7 +318,7 @@ def test_anchor_recorded_on_one_worker_is_reused_on_the_other(cluster) -> None:
         assert first["reuse_rate"] == 0.0                       # cold pool: dense prefill, anchors recorded
     fetched_before = worker_stats(cluster, 1)["pool"]["fetched_bytes"]
     result = cluster.run_job(make_job(6, "kvcomm", namespace), worker=1)
-    assert result["worker"] == "worker-1"
+    assert result["workers"] == ["worker-1"]
     assert [t["reason"] for t in result["turns"]] == ["reused"] * 3
     assert worker_stats(cluster, 1)["pool"]["fetched_bytes"] > fetched_before   # worker 0's anchors, fetched
 
@@ -314,7 +333,7 @@ def test_sixteen_concurrent_jobs_on_one_worker_equal_sequential_runs(cluster) ->
     before = worker_stats(cluster, 0)["scheduler"]
     t0 = time.perf_counter()
     tickets = [cluster.submit(job, worker=0) for job in jobs]
-    concurrent = ray.get([t.ref for t in tickets])
+    concurrent = [cluster.result(t) for t in tickets]
     concurrent_s = time.perf_counter() - t0
     after = worker_stats(cluster, 0)["scheduler"]
     for job, one, many in zip(jobs, sequential, concurrent):
@@ -328,30 +347,42 @@ def test_routing_keeps_a_namespace_on_its_worker_and_spreads_new_ones(cluster) -
     counts = cluster.inflight_per_worker()
     assert counts == [0, 0]
     namespace = f"route-{uuid.uuid4().hex[:8]}"
-    home = cluster.run_job(make_job(7, "dense", namespace))["worker"]
-    assert cluster.run_job(make_job(8, "dense", namespace))["worker"] == home
-    tickets = [cluster.submit(make_job(i, "dense", f"spread-{uuid.uuid4().hex[:6]}-{i}", job_id=f"s{i}"))
-               for i in range(4)]
+    home = cluster.run_job(make_job(7, "dense", namespace), dispatch="job")["worker"]
+    assert cluster.run_job(make_job(8, "dense", namespace), dispatch="job")["worker"] == home
+    tickets = [cluster.submit(make_job(i, "dense", f"spread-{uuid.uuid4().hex[:6]}-{i}", job_id=f"s{i}"),
+                              dispatch="job") for i in range(4)]
     assert sorted(t.worker for t in tickets) == [0, 0, 1, 1]    # new namespaces go to the least loaded worker
     results = list(cluster.run_jobs([make_job(i, "dense", namespace, job_id=f"r{i}") for i in range(3)]
                                     + [{"id": "broken", "task": "x", "agents": []}], concurrency=2))
-    import ray
-    ray.get([t.ref for t in tickets])
+    for ticket in tickets:
+        cluster.result(ticket)
     by_id = {r["id"] if "error" in r else r["job_id"]: r for r in results}
     assert "agents" in by_id["broken"]["error"] and {"r0", "r1", "r2"} <= set(by_id)
+    assert cluster.inflight_per_worker() == [0, 0]              # every routed unit was released
 
 
-def test_job_whose_worker_dies_is_rerun_on_another_worker(cluster) -> None:
+def test_turns_go_to_the_worker_holding_their_contents_when_loads_tie(cluster) -> None:
+    namespace = f"hold-{uuid.uuid4().hex[:8]}"
+    assert cluster.choose_worker(namespace, holders=[1, 1, 0]) == 1
+    assert cluster.choose_worker(namespace, holders=[0]) == 0
+    assert cluster.choose_worker(namespace, holders=[0], exclude=[0]) == 1
+
+
+@pytest.mark.parametrize("dispatch", ["turn", "job"])
+def test_work_whose_worker_dies_is_rerun_on_another_worker(cluster, dispatch) -> None:
+    """Kill worker 0 mid-job: the job still completes on worker 1 with the answers of a fault-free run."""
     import ray
     from ray.exceptions import ActorUnavailableError
-    job = build_job("math", TASKS[11], num_agents=3, mode="dense", job_id="survivor", namespace="die",
+    job = build_job("math", TASKS[11], num_agents=3, mode="dense", job_id=f"survivor-{dispatch}", namespace="die",
                     generation=GenerationParams(max_new_tokens=200, min_new_tokens=200))
+    fault_free = cluster.run_job(job, worker=1, dispatch=dispatch)
     resubmitted = cluster.jobs_resubmitted
-    ticket = cluster.submit(job, worker=0)
+    ticket = cluster.submit(job, worker=0, dispatch=dispatch)
     ray.kill(cluster.workers[0], no_restart=False)    # worker 0 dies (Ray restarts it: worker_max_restarts=1)
     result = cluster.result(ticket)
-    assert result["worker"] == "worker-1" and len(result["turns"]) == 3
-    assert cluster.jobs_resubmitted == resubmitted + 1
+    assert "worker-1" in (result["workers"] if dispatch == "turn" else [result["worker"]])
+    assert token_ids(result) == token_ids(fault_free)
+    assert cluster.jobs_resubmitted > resubmitted
     deadline = time.monotonic() + 120
     while True:                                       # back, with a fresh model (calls fail while it restarts)
         try:

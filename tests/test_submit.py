@@ -79,7 +79,7 @@ def test_submit_writes_results_records_errors_and_resumes(ray_cluster, tmp_path,
         by_id.setdefault(record["id"], []).append(record)
     assert by_id["ok1"] == [{"id": "ok1", "final_answer": "from the earlier run"}]     # skipped: already done
     [ok2] = by_id["ok2"]
-    assert ok2["job_id"] == "ok2" and len(ok2["turns"]) == 2 and ok2["worker"] == "worker-0"
+    assert ok2["job_id"] == "ok2" and len(ok2["turns"]) == 2 and ok2["workers"] == ["worker-0"]
     assert "mode" in by_id["badmode"][0]["error"] and "warp" in by_id["badmode"][0]["error"]
     assert "ContextLengthError" in by_id["toolong"][0]["error"]
     assert "invalid JSON" in by_id["line-5"][0]["error"]

@@ -1,0 +1,203 @@
+"""One piece of a job run on whichever worker the cluster's DAG driver picks: the wire format and the worker side.
+
+On a cluster a job does not have to run whole on one worker: `cluster.dag` drives its DAG level by level and
+sends every turn (and the user input's base KV) to a worker of its choice. This module owns what crosses:
+
+* `ContentHandle`: a shared content as the driver holds it: its tokens, its base KV as a `SegmentRef` (bytes in
+  the object store, never in the driver), which worker computed it (routing prefers that worker), and the job's
+  gate state for it (placeholder name -> anchor staged for it, and the gate's reason). Small and picklable.
+* `ContentOrder` (compute a user input or condition's base KV and offer it to the gate) and `TurnOrder` (run one
+  agent turn on given contents, then offer its response downstream), and `TurnOutcome`, the small answer.
+* `execute_content` / `execute_turn`: the worker side, on the worker's `ScheduledEngine` view. Each order
+  stages its pool updates in a transaction of its own and hands it back as a commit payload; the driver merges a
+  job's payloads and commits them once (`AnchorPoolActor.commit_parts`), so the job stays atomic for the pool.
+  Anchors staged by an earlier turn on another worker are *adopted* (`PoolTransaction.adopt_anchor`), so a
+  consumer records its deltas against them exactly as in one process.
+
+KV bytes leave a worker as separate return values of the Ray call (see `AgentWorker.run_turn`): the caller owns
+a task's returns, so a response outlives the worker that produced it and a turn can be retried elsewhere.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from kvcomm.engine import SharedContent, TurnRequest
+from kvcomm.harness.jobs import AgentSpec, Turn
+from kvcomm.job_runner import sampling_for, share_turn_output, turn_record
+from kvcomm.kv import KVSegment
+
+from .anchor_pool_actor import PartCache, transaction_payload
+from .transfer import SegmentPayload, SegmentRef, get_segment, segment_to_payload
+
+
+@dataclass(frozen=True)
+class ContentHandle:
+    """A shared content of one job, held by the driver; its KV stays in the object store."""
+    kind: str                               # "input" | "response" | "condition"
+    token_ids: tuple[int, ...]
+    content_key: str
+    base: SegmentRef | None                 # None only for empty content
+    cache_key: str                          # names the KV in worker caches (unique per produced content)
+    holder: int                             # index of the worker that computed it (it has the KV cached)
+    anchor_ids: dict[str, str] = field(default_factory=dict)    # placeholder name -> anchor staged for it
+    gate_reason: dict[str, str] = field(default_factory=dict)   # placeholder name -> the gate's reason
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def learn_gate_state(self, anchor_ids: Mapping[str, str], gate_reason: Mapping[str, str]) -> None:
+        """Take in what a turn that read this content staged for it (a consumer may promote it to an anchor);
+        the dicts are the driver's own, so later turns of the job see it."""
+        self.anchor_ids.update(anchor_ids)
+        self.gate_reason.update(gate_reason)
+
+
+@dataclass(frozen=True)
+class ContentOrder:
+    """Compute a user input's (or condition's) base KV and offer it to the gate under `offer_as` names."""
+    namespace: str
+    text: str
+    kind: str = "input"
+    offer_as: tuple[str, ...] = ()
+    pooled: bool = False                    # kvcomm / hybrid: the gate runs and stages anchors
+
+
+@dataclass(frozen=True)
+class TurnOrder:
+    """Run agent `agent` (a `AgentSpec.to_dict()`) in round `round` on `contents` (placeholder -> handle)."""
+    job_id: str
+    namespace: str
+    mode: str
+    agent: Mapping[str, Any]
+    round: int
+    contents: Mapping[str, ContentHandle]
+    consumed_names: frozenset[str]          # every placeholder name some agent of the job reads
+    pooled: bool
+
+
+@dataclass
+class TurnOutcome:
+    """A worker's small answer; the KV payloads travel next to it as separate return values."""
+    worker: str
+    record: dict[str, Any] | None = None                 # `TurnRecord.to_dict()` (turns only)
+    produced: dict[str, Any] | None = None               # the response's (or input's) metadata, see `_produced`
+    condition: dict[str, Any] | None = None              # a programming agent's condition, same shape
+    gate_state: dict[str, tuple[dict[str, str], dict[str, str]]] = field(default_factory=dict)
+    # ^ placeholder name -> (anchor ids, gate reasons) of each content the turn read, after the turn
+
+
+def _produced(content: SharedContent, resolver: "ContentResolver") -> dict[str, Any]:
+    """A produced content's metadata; its KV is remembered in this worker's cache under a fresh key."""
+    base = content.base
+    cache_key = uuid.uuid4().hex
+    if base is not None and content.num_tokens:
+        resolver.remember(cache_key, base)
+    return {"kind": content.kind, "token_ids": tuple(content.token_ids), "content_key": content.content_key,
+            "cache_key": cache_key,
+            "anchor_ids": dict(content.anchor_ids), "gate_reason": dict(content.gate_reason),
+            "segment": None if base is None or content.num_tokens == 0 else
+            {"num_tokens": base.num_tokens, "nbytes": base.nbytes, "dtype": str(base.dtype).removeprefix("torch."),
+             "start": int(base.start), "shape": tuple(int(d) for d in base.keys.shape)}}
+
+
+def handle_of(produced: Mapping[str, Any], payload_ref: Any, holder: int) -> ContentHandle:
+    """The driver's handle on a content a worker produced (`payload_ref`: the return value holding its KV)."""
+    meta = produced["segment"]
+    base = None if meta is None else SegmentRef(object_ref=payload_ref, num_tokens=meta["num_tokens"],
+                                                nbytes=meta["nbytes"], dtype=meta["dtype"], start=meta["start"],
+                                                shape=tuple(meta["shape"]))
+    return ContentHandle(produced["kind"], tuple(produced["token_ids"]), produced["content_key"], base,
+                         produced["cache_key"], holder, dict(produced["anchor_ids"]), dict(produced["gate_reason"]))
+
+
+def _payload(content: SharedContent | None) -> SegmentPayload | None:
+    if content is None or content.base is None or content.num_tokens == 0:
+        return None
+    return segment_to_payload(content.base)
+
+
+class ContentResolver:
+    """A worker's view of contents: KV it computed or fetched, cached by object (LRU, byte budget)."""
+
+    def __init__(self, engine: Any, cache_bytes: int, device: Any):
+        self.engine = engine
+        self.cache = PartCache(cache_bytes)
+        self.device = device
+        self._lock = threading.Lock()       # turns of concurrent jobs run on several job threads
+
+    def remember(self, key: str, segment: KVSegment) -> None:
+        with self._lock:
+            self.cache.put(key, {"keys": segment.keys, "values": segment.values}, segment.nbytes)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"entries": len(self.cache), "bytes": self.cache.nbytes, "hits": self.cache.hits,
+                    "misses": self.cache.misses, "evictions": self.cache.evictions}
+
+    def content(self, handle: ContentHandle) -> SharedContent:
+        """A fresh `SharedContent` for one turn (gate state is per job: never shared between turns)."""
+        if handle.base is None:
+            base = self.engine.make_input(()).base
+        else:
+            with self._lock:
+                cached = self.cache.get(handle.cache_key)
+            if cached is None:
+                base = get_segment(handle.base, device=self.device)
+                self.remember(handle.cache_key, base)
+            else:
+                base = KVSegment(cached["keys"], cached["values"], handle.base.start)
+        return SharedContent(handle.kind, tuple(handle.token_ids), base=base, content_key=handle.content_key,
+                             anchor_ids=dict(handle.anchor_ids), gate_reason=dict(handle.gate_reason))
+
+
+def execute_content(view: Any, order: ContentOrder, resolver: ContentResolver, worker_id: str
+                    ) -> tuple[TurnOutcome, SegmentPayload | None, dict[str, Any] | None]:
+    """Compute the content's base KV and run the gate on it: (outcome, KV payload, staged pool payload)."""
+    txn = view.pool.begin(order.namespace) if order.pooled else None
+    try:
+        content = view.make_input(order.text, kind=order.kind)
+        for name in order.offer_as:
+            view.offer_content(order.namespace, name, content, txn)
+        staged = _staged(txn)
+    finally:
+        _close(view, txn)
+    return TurnOutcome(worker=worker_id, produced=_produced(content, resolver)), _payload(content), staged
+
+
+def execute_turn(view: Any, order: TurnOrder, resolver: ContentResolver, worker_id: str
+                 ) -> tuple[TurnOutcome, SegmentPayload | None, SegmentPayload | None, dict[str, Any] | None]:
+    """Run one turn and offer its output downstream: (outcome, response KV, condition KV, staged pool payload)."""
+    agent = AgentSpec.from_dict(dict(order.agent))
+    txn = view.pool.begin(order.namespace) if order.pooled else None
+    try:
+        contents = {name: resolver.content(handle) for name, handle in order.contents.items()}
+        if txn is not None:
+            for content in contents.values():
+                for anchor_id in content.anchor_ids.values():
+                    txn.adopt_anchor(anchor_id, content.num_tokens)
+        request = TurnRequest(agent.template_for_round(order.round), contents, mode=order.mode,
+                              sampling=sampling_for(agent, view), namespace=order.namespace, transaction=txn)
+        result = view.run_turn(request)
+        response, condition = share_turn_output(view, order.namespace, agent, result, order.consumed_names, txn)
+        staged = _staged(txn)
+    finally:
+        _close(view, txn)
+    record = turn_record(Turn(agent.id, order.round), agent, result).to_dict()
+    outcome = TurnOutcome(worker=worker_id, record=record, produced=_produced(response, resolver),
+                          condition=None if condition is None else _produced(condition, resolver),
+                          gate_state={name: (dict(c.anchor_ids), dict(c.gate_reason)) for name, c in contents.items()})
+    return outcome, _payload(response), _payload(condition), staged
+
+
+def _staged(txn: Any) -> dict[str, Any] | None:
+    return None if txn is None or txn.is_empty else transaction_payload(txn)
+
+
+def _close(view: Any, txn: Any) -> None:
+    """The worker's transaction only stages: the driver commits the job's merged payload, so close it here."""
+    if txn is not None and txn.state == "open":
+        view.pool.abort(txn)
