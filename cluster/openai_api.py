@@ -75,7 +75,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -111,6 +111,20 @@ class ChatCompletionRequest(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("at most 4 non-empty stop strings")
         return stop
+
+    def check_limits(self, max_prompt_chars: int, max_output_tokens: int) -> None:
+        """Raise `ChatRequestError` naming the field when the request is beyond the server's limits (the knobs
+        ``serve.max_prompt_chars``: the messages' roles, names and contents together, and
+        ``serve.max_output_tokens``: max_tokens / max_completion_tokens)."""
+        chars = sum(len(m.role) + len(m.name or "") + len(m.text()) for m in self.messages)
+        if chars > max_prompt_chars:
+            raise ChatRequestError("messages", f"{chars} characters (roles, names and contents), over the limit "
+                                               f"of {max_prompt_chars} (serve.max_prompt_chars)")
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and value > max_output_tokens:
+                raise ChatRequestError(name, f"{value} tokens, over the limit of {max_output_tokens} "
+                                             "(serve.max_output_tokens)")
 
     def params(self) -> "ChatParams":
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -23,6 +23,10 @@ This module owns the HTTP service and its configuration:
   of it) and per ``X-KVCOMM-Namespace`` header (or the job's own ``namespace``); a job's status, events and
   result are readable only with the key and namespace header it was submitted with. Bad input is a 4xx whose
   message starts with the offending field, in OpenAI's error shape.
+  Limits (each a `ServeSettings` knob, named in the refusal): at most ``max_in_flight`` jobs and chats accepted
+  and not finished (beyond: 429 with ``Retry-After``), ``max_jobs_kept`` finished jobs (the oldest finished are
+  forgotten), ``max_body_bytes`` (413), ``max_prompt_chars``, ``max_output_tokens``, ``max_job_agents`` and
+  ``max_job_turns`` (400).
 * `build_app(config)` / `app_builder(args)` (for ``serve run``), and `run_server`, the body of ``kvcomm serve``
   (its command line is in `cluster.demo`, which imports this module only when a command runs).
 """
@@ -36,6 +40,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -49,6 +54,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.agent_worker import AgentWorker, WorkerSettings
 from actors.anchor_pool_actor import get_or_create_pool_actor
@@ -94,10 +100,24 @@ class ServeSettings(BaseModel):
     api_keys: list[SecretStr] = Field(default_factory=list)   # plus KVCOMM_API_KEY; none: no auth
     max_body_bytes: int = Field(1 << 20, ge=1024)             # larger request bodies get 413
     default_max_tokens: int = Field(256, ge=1)                # chat completions without max_tokens
-    max_jobs_kept: int = Field(1000, ge=1)                    # finished jobs whose results stay readable
+    max_jobs_kept: int = Field(1000, ge=1)                    # finished jobs whose results stay readable (the
+                                                              # oldest finished are forgotten first)
+    max_in_flight: int = Field(256, ge=1)                     # jobs + chats accepted and not finished; beyond: 429
+    retry_after_s: int = Field(1, ge=1)                       # the Retry-After header of that 429
+    max_prompt_chars: int = Field(131072, ge=1)               # a chat's messages / one agent's prompt text: 400
+    max_output_tokens: int = Field(4096, ge=1)                # chat max_tokens, an agent's max_new_tokens: 400
+    max_job_agents: int = Field(32, ge=1)                     # agents of one job: 400 above
+    max_job_turns: int = Field(128, ge=1)                     # turns of one job (rounds x agents): 400 above
     worker_max_ongoing_requests: int = Field(64, ge=1)        # jobs + chats one worker replica runs at once
     ingress_max_ongoing_requests: int = Field(1000, ge=1)
     autoscaling: AutoscalingSettings | None = None            # None: cluster.num_workers replicas
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> "ServeSettings":
+        if self.default_max_tokens > self.max_output_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_output_tokens "
+                             f"({self.max_output_tokens})")
+        return self
 
 
 class ServeAppConfig(BaseModel):
@@ -306,7 +326,8 @@ class APIError(Exception):
 
 @dataclass(frozen=True)
 class IngressSettings:
-    """What the ingress needs (built from `ServeAppConfig`; API keys only as digests)."""
+    """What the ingress needs (built from `ServeAppConfig` by `from_config`, where the defaults live in
+    `ServeSettings`; API keys only as digests)."""
     served_model: str
     api_key_digests: tuple[bytes, ...]
     max_body_bytes: int
@@ -314,6 +335,23 @@ class IngressSettings:
     pool_actor_name: str | None
     ray_namespace: str
     kvcomm: KVCommConfig
+    max_in_flight: int
+    retry_after_s: int
+    max_prompt_chars: int
+    max_output_tokens: int
+    max_job_agents: int
+    max_job_turns: int
+
+    @classmethod
+    def from_config(cls, config: ServeAppConfig, api_key_digests: tuple[bytes, ...]) -> "IngressSettings":
+        serve_settings, cluster = config.serve, config.cluster
+        return cls(served_model=config.model_name, api_key_digests=api_key_digests,
+                   max_body_bytes=serve_settings.max_body_bytes, max_jobs_kept=serve_settings.max_jobs_kept,
+                   pool_actor_name=cluster.pool_actor_name, ray_namespace=cluster.ray_namespace,
+                   kvcomm=cluster.kvcomm.to_kvcomm(), max_in_flight=serve_settings.max_in_flight,
+                   retry_after_s=serve_settings.retry_after_s, max_prompt_chars=serve_settings.max_prompt_chars,
+                   max_output_tokens=serve_settings.max_output_tokens,
+                   max_job_agents=serve_settings.max_job_agents, max_job_turns=serve_settings.max_job_turns)
 
 
 @dataclass(frozen=True)
@@ -414,6 +452,89 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return path or "body"
 
 
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def _limit_error(param: str, what: str, knob: str, limit: int | str) -> "APIError":
+    """400 for a request beyond one of the service's limits: names the field, the limit and its knob."""
+    return APIError(400, f"{param}: {what}, over the limit of {limit} (serve.{knob})", param=param,
+                    code="limit_exceeded")
+
+
+MAX_JSON_DEPTH = 64     # nesting of arrays and objects in a request body (deeper: 400; no spec needs more than 5)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_json_value(value: Any) -> None:
+    """Raise ValueError for nesting beyond MAX_JSON_DEPTH or a string (or key) that is not valid Unicode (an
+    unpaired surrogate from a ``\\ud800`` escape): such values would fail deep inside a worker instead."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                item.encode("utf-8")             # UnicodeEncodeError (a ValueError) on a lone surrogate
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((key, depth) for key in item)
+            stack.extend((child, depth + 1) for child in item.values())
+        else:
+            stack.extend((child, depth + 1) for child in item)
+
+
+def parse_json_body(body: bytes) -> Any:
+    """A request body as JSON, or `APIError` 400 (``body``): malformed JSON with line and column, NaN and
+    Infinity (not JSON), numbers out of range, integers of more than 4300 digits, nesting deeper than
+    MAX_JSON_DEPTH, unpaired surrogates."""
+    if not body.strip():
+        raise APIError(400, "body: empty; expected a JSON object", param="body")
+    try:
+        value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"body: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
+                       param="body") from None
+    except UnicodeDecodeError:
+        raise APIError(400, "body: invalid JSON (not UTF-8)", param="body") from None
+    except RecursionError:
+        raise APIError(400, f"body: invalid JSON (nested deeper than {MAX_JSON_DEPTH} levels)", param="body") from None
+    except ValueError as exc:                    # NaN, 1e999, an integer of more than 4300 digits
+        raise APIError(400, f"body: invalid JSON ({str(exc)[:200]})", param="body") from None
+    try:
+        _check_json_value(value)
+    except ValueError as exc:
+        reason = "a string is not valid Unicode (unpaired surrogate)" if isinstance(exc, UnicodeError) else str(exc)
+        raise APIError(400, f"body: invalid JSON ({reason})", param="body") from None
+    return value
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Unknown routes (404) and methods (405) in the same OpenAI error shape as every other error."""
+    if exc.status_code == 404:
+        message = f"path: no route {request.method} {request.url.path[:200]}"
+    elif exc.status_code == 405:
+        message = f"method: {request.method} is not allowed on {request.url.path[:200]}"
+    else:
+        message = str(exc.detail)
+    return APIError(exc.status_code, message, param="method" if exc.status_code == 405 else "path",
+                    code="not_found" if exc.status_code == 404 else None,
+                    headers=dict(exc.headers or {})).response()
+
+
 @serve.ingress(api)   # at import, in every process: Serve binds the routes below to the replica's instance
 class KVCommIngress:
     """The HTTP API (see the module docstring); its deployment options are applied in `build_app`."""
@@ -422,8 +543,9 @@ class KVCommIngress:
         self._workers = workers
         self._settings = settings
         self._metrics = ServiceMetrics(export_to_ray=True)
-        self._jobs: collections.OrderedDict[str, JobRecord] = collections.OrderedDict()
-        self._inflight = 0
+        self._jobs: dict[str, JobRecord] = {}                   # every job accepted and not yet forgotten
+        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()   # finished, in order
+        self._inflight = 0                                     # jobs + chats accepted and not finished
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
         self._pool = None
@@ -484,15 +606,7 @@ class KVCommIngress:
                 raise APIError(413, f"body: more than {limit} bytes (serve.max_body_bytes)", param="body",
                                code="body_too_large")
             chunks.append(chunk)
-        body = b"".join(chunks)
-        if not body.strip():
-            raise APIError(400, "body: empty; expected a JSON object", param="body")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-            raise APIError(400, f"body: invalid JSON ({reason}{where})", param="body") from None
+        return parse_json_body(b"".join(chunks))
 
     async def _worker_model(self) -> dict[str, Any]:
         if self._model_info is None:
@@ -503,11 +617,23 @@ class KVCommIngress:
         self._inflight += delta
         self._metrics.set_queue_length(self._inflight)
 
+    def _reserve(self) -> None:
+        """Take one of the `max_in_flight` slots for a job or chat (released by whoever ends it), or refuse with
+        429 and Retry-After. Synchronous, so concurrent requests cannot both take the last slot."""
+        limit = self._settings.max_in_flight
+        if self._inflight >= limit:
+            retry = self._settings.retry_after_s
+            raise APIError(429, f"server busy: {self._inflight} jobs and chat completions are in flight, the limit "
+                                f"(serve.max_in_flight = {limit}); retry after {retry} s",
+                           error_type="rate_limit_error", code="server_busy", headers={"Retry-After": str(retry)})
+        self._queue_changed(+1)
+
     # ---- routes: health, models, metrics ------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self, request: Request) -> Response:
         async def handler(_: Request, __: Caller) -> Response:
-            return JSONResponse({"status": "ok", "model": self._settings.served_model, "jobs_in_flight": self._inflight})
+            return JSONResponse({"status": "ok", "model": self._settings.served_model, "jobs_in_flight": self._inflight,
+                                 "max_in_flight": self._settings.max_in_flight})
         return await self._handle("/healthz", request, handler, authenticate=False)
 
     async def _model_card(self) -> dict[str, Any]:
@@ -559,12 +685,36 @@ class KVCommIngress:
         mode = request.query_params.get("mode")
         if mode is not None and mode not in MODES:
             raise APIError(400, f"mode: unknown mode {mode!r}; valid modes: {', '.join(MODES)}", param="mode")
+        self._reserve()                          # before the body is read: a busy server answers at once
+        try:
+            record_id = f"job-{uuid.uuid4().hex[:16]}"
+            spec = await self._job_spec(request, caller, record_id)
+            record = JobRecord(record_id, caller.owner, spec.id, mode or spec.mode, spec.namespace)
+            self._jobs[record.id] = record
+        except BaseException:
+            self._queue_changed(-1)
+            raise
+        record.task = asyncio.ensure_future(self._run_job(record, spec.to_dict(), record.mode))   # it releases
+        if not wait:
+            return JSONResponse(record.public(), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
+        await asyncio.shield(record.task)
+        return self._job_response(record)
+
+    async def _job_spec(self, request: Request, caller: Caller, default_id: str) -> JobSpec:
+        """The request's job (its ``id`` defaults to `default_id`), validated, within the job limits (`max_job_agents`, `max_job_turns`,
+        `max_prompt_chars`, `max_output_tokens`) and the model's context; `APIError` 400 naming the field else."""
+        settings = self._settings
         body = await self._read_json(request)
         if not isinstance(body, dict):
             raise APIError(400, f"body: expected a JSON object (a job spec), got {type(body).__name__}", param="body")
-        record_id = f"job-{uuid.uuid4().hex[:16]}"
+        agents, edges = body.get("agents"), body.get("edges")
+        if isinstance(agents, list) and len(agents) > settings.max_job_agents:   # before validating them all
+            raise _limit_error("agents", f"{len(agents)} agents", "max_job_agents", settings.max_job_agents)
+        if isinstance(edges, list) and len(edges) > settings.max_job_agents ** 2:
+            raise _limit_error("edges", f"{len(edges)} edges", "max_job_agents, squared",
+                               settings.max_job_agents ** 2)
         job = dict(body)
-        job.setdefault("id", record_id)
+        job.setdefault("id", default_id)
         job["namespace"] = caller.anchor_namespace(job.get("namespace"))
         try:
             spec = JobSpec.from_dict(job)
@@ -572,27 +722,45 @@ class KVCommIngress:
             raise APIError(400, str(exc), param=exc.field or "body") from None
         except (TypeError, ValueError) as exc:
             raise APIError(400, f"body: {exc}", param="body") from None
+        workers = len(spec.workers())
+        turns = spec.rounds * workers + (spec.decision_agent is not None)
+        if turns > settings.max_job_turns:
+            raise _limit_error("rounds" if spec.rounds > 1 else "agents",
+                               f"{turns} turns ({spec.rounds} round(s) of {workers} agent(s)"
+                               f"{' and the decision agent' if spec.decision_agent is not None else ''})",
+                               "max_job_turns", settings.max_job_turns)
+        if len(spec.task) > settings.max_prompt_chars:
+            raise _limit_error("task", f"{len(spec.task)} characters", "max_prompt_chars", settings.max_prompt_chars)
+        for index, agent in enumerate(spec.agents):
+            chars = (len(spec.task) + len(agent.system_prompt) + len(agent.assistant_prefix)
+                     + max(len(agent.user_template), len(agent.first_round_template or "")))
+            if chars > settings.max_prompt_chars:
+                raise _limit_error(f"agents[{index}]", f"a prompt of {chars} characters (task, system_prompt, "
+                                                       "user_template, assistant_prefix)",
+                                   "max_prompt_chars", settings.max_prompt_chars)
+            generation = agent.generation
+            field_path = f"agents[{index}].generation"
+            if generation.max_new_tokens > settings.max_output_tokens:
+                raise _limit_error(f"{field_path}.max_new_tokens", f"{generation.max_new_tokens} new tokens",
+                                   "max_output_tokens", settings.max_output_tokens)
+            if not _INT64_MIN <= generation.seed <= _INT64_MAX:
+                raise APIError(400, f"{field_path}.seed: must be a 64-bit integer, got {generation.seed}",
+                               param=f"{field_path}.seed")
         context = (await self._worker_model())["context_length"]
         for index, agent in enumerate(spec.agents):
             if agent.generation.max_new_tokens >= context:
                 field_path = f"agents[{index}].generation.max_new_tokens"
                 raise APIError(400, f"{field_path}: {agent.generation.max_new_tokens} new tokens do not fit the "
                                     f"model's context of {context} tokens", param=field_path)
-        record = JobRecord(record_id, caller.owner, spec.id, mode or spec.mode, spec.namespace)
-        self._remember(record)
-        record.task = asyncio.ensure_future(self._run_job(record, spec.to_dict(), record.mode))
-        if not wait:
-            return JSONResponse(record.public(), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
-        await asyncio.shield(record.task)
-        return self._job_response(record)
+        return spec
 
-    def _remember(self, record: JobRecord) -> None:
-        self._jobs[record.id] = record
-        while len(self._jobs) > self._settings.max_jobs_kept:
-            oldest = next((key for key, r in self._jobs.items() if r.done), None)
-            if oldest is None:
-                break
-            del self._jobs[oldest]
+    def _forget_old_jobs(self, record: JobRecord) -> None:
+        """`record` just finished: keep it readable, forgetting the oldest finished jobs beyond `max_jobs_kept`
+        (jobs still running are bounded by `max_in_flight`)."""
+        self._finished[record.id] = None
+        while len(self._finished) > self._settings.max_jobs_kept:
+            oldest, _ = self._finished.popitem(last=False)
+            self._jobs.pop(oldest, None)
 
     def _job_response(self, record: JobRecord) -> Response:
         if record.error is not None:
@@ -600,7 +768,6 @@ class KVCommIngress:
         return JSONResponse(record.public())
 
     async def _run_job(self, record: JobRecord, job: dict[str, Any], mode: str) -> None:
-        self._queue_changed(+1)
         record.status = "running"
         result, error = None, None
         try:
@@ -623,8 +790,9 @@ class KVCommIngress:
             error = APIError(502, f"job: worker failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         finally:
             await record.finish(result, error)
+            self._forget_old_jobs(record)
             self._metrics.observe_job(mode, record.status)
-            self._queue_changed(-1)
+            self._queue_changed(-1)               # the slot `_create_job` reserved
 
     def _readable_job(self, request: Request, caller: Caller) -> JobRecord:
         job_id = request.path_params["job_id"]
@@ -670,37 +838,42 @@ class KVCommIngress:
         return await self._handle("/v1/chat/completions", request, self._chat)
 
     async def _chat(self, request: Request, caller: Caller) -> Response:
-        body = await self._read_json(request)
-        if not isinstance(body, dict):
-            raise APIError(400, f"body: expected a JSON object, got {type(body).__name__}", param="body")
+        self._reserve()                          # before the body is read: a busy server answers at once
+        handed_off = False                       # the streaming response releases the slot itself
         try:
-            chat = ChatCompletionRequest.model_validate(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = _loc(first["loc"])
-            raise APIError(400, f"{param}: {first['msg']}" + (f" (and {len(exc.errors()) - 1} more problems: "
-                                                              f"{_describe(exc)})" if len(exc.errors()) > 1 else ""),
-                           param=param) from None
-        if chat.model != self._settings.served_model:
-            raise APIError(404, f"model: the model {chat.model!r} does not exist; this server serves "
-                                f"{self._settings.served_model!r}", param="model", code="model_not_found")
-        stream = self._workers.options(stream=True).chat.remote(chat.params())
-        self._queue_changed(+1)
-        try:
-            first = await stream.__anext__()
-            if first["event"] == "error":
-                raise APIError(first["status"], first["message"], param=first.get("param"))
-        except BaseException:
-            self._queue_changed(-1)
-            stream.cancel()
-            raise
-        completion_id, created = new_completion_id(), int(time.time())
-        if chat.stream:
-            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(self._chat_chunks(stream, completion_id, created, first["prompt_tokens"],
-                                                       include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
+            body = await self._read_json(request)
+            if not isinstance(body, dict):
+                raise APIError(400, f"body: expected a JSON object, got {type(body).__name__}", param="body")
+            try:
+                chat = ChatCompletionRequest.model_validate(body)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                param = _loc(first["loc"])
+                more = (f" (and {len(exc.errors()) - 1} more problems: {_describe(exc)})"
+                        if len(exc.errors()) > 1 else "")
+                raise APIError(400, f"{param}: {first['msg']}{more}", param=param) from None
+            try:
+                chat.check_limits(self._settings.max_prompt_chars, self._settings.max_output_tokens)
+            except ChatRequestError as exc:
+                raise APIError(400, str(exc), param=exc.param, code="limit_exceeded") from None
+            if chat.model != self._settings.served_model:
+                raise APIError(404, f"model: the model {chat.model!r} does not exist; this server serves "
+                                    f"{self._settings.served_model!r}", param="model", code="model_not_found")
+            stream = self._workers.options(stream=True).chat.remote(chat.params())
+            try:
+                first = await stream.__anext__()
+                if first["event"] == "error":
+                    raise APIError(first["status"], first["message"], param=first.get("param"))
+            except BaseException:
+                stream.cancel()
+                raise
+            completion_id, created = new_completion_id(), int(time.time())
+            if chat.stream:
+                include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+                chunks = self._chat_chunks(stream, completion_id, created, first["prompt_tokens"], include_usage)
+                await chunks.__anext__()   # started: its `finally` now runs however the response ends (even unsent)
+                handed_off = True
+                return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             parts, done = [], None
             async for event in stream:
                 if event["event"] == "delta":
@@ -708,7 +881,8 @@ class KVCommIngress:
                 elif event["event"] == "done":
                     done = event
         finally:
-            self._queue_changed(-1)
+            if not handed_off:
+                self._queue_changed(-1)
         if done is None:
             raise APIError(502, "the worker ended the completion without finishing it")
         self._metrics.observe_chat(done["ttft_s"], done["prompt_tokens"], done["completion_tokens"],
@@ -718,9 +892,12 @@ class KVCommIngress:
 
     async def _chat_chunks(self, stream: Any, completion_id: str, created: int, prompt_tokens: int,
                            include_usage: bool) -> AsyncIterator[bytes]:
+        """The SSE chunks of a streaming chat; the first item (empty) is taken by `_chat` to start it. Ends the
+        worker's decoding if the client goes away, and releases the chat's in-flight slot."""
         model = self._settings.served_model
         finished = False
         try:
+            yield b""
             yield _sse(chunk_body(completion_id, model, created, {"role": "assistant", "content": ""}))
             async for event in stream:
                 if event["event"] == "delta":
@@ -762,11 +939,7 @@ def build_app(config: ServeAppConfig, *, environ: dict[str, str] | None = None) 
                                                 "target_ongoing_requests": scaling.target_ongoing_requests}
     workers = serve.deployment(**worker_options)(AgentWorkerDeployment).bind(settings,
                                                                               config.serve.default_max_tokens)
-    ingress_settings = IngressSettings(
-        served_model=config.model_name, api_key_digests=api_key_digests(config.serve, environ),
-        max_body_bytes=config.serve.max_body_bytes, max_jobs_kept=config.serve.max_jobs_kept,
-        pool_actor_name=cluster.pool_actor_name, ray_namespace=cluster.ray_namespace,
-        kvcomm=cluster.kvcomm.to_kvcomm())
+    ingress_settings = IngressSettings.from_config(config, api_key_digests(config.serve, environ))
     ingress = serve.deployment(name="KVCommIngress", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=config.serve.ingress_max_ongoing_requests)(KVCommIngress)
     return ingress.bind(workers, ingress_settings)
