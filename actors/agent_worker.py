@@ -26,6 +26,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import resource
 import threading
 import time
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class WorkerSettings:
     pool_actor_name: str | None       # None: no anchor pool (every kvcomm turn prefills densely)
     ray_namespace: str
     pool_call_timeout_s: float
+    pool_retry_after_s: float         # after a failed pool call, serve an empty pool this long before asking again
     kvcomm: KVCommConfig
 
 
@@ -330,6 +332,7 @@ class AgentWorker:
         self.pool = RemoteAnchorPool(self._find_pool_actor(), settings.kvcomm, runner.rope,
                                      cache_bytes=settings.anchor_cache_bytes, device=runner.device,
                                      call_timeout_s=settings.pool_call_timeout_s,
+                                     retry_after_s=settings.pool_retry_after_s,
                                      resolve_actor=self._find_pool_actor)
         self.engine = KVCommEngine(runner, loaded.tokenizer, settings.kvcomm, self.pool)
         self.scheduler = TurnScheduler(self.engine, settings.max_batch_size, settings.max_queued_turns,
@@ -413,6 +416,7 @@ class AgentWorker:
                 "device": str(self.engine.runner.device), "dtype": str(self.engine.runner.dtype).removeprefix("torch."),
                 "kv_shape": {"layers": spec.num_layers, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim},
                 "threads": torch.get_num_threads(),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,   # Linux: KiB
                 "load_s": self.load_s, "jobs_done": self._jobs_done, "jobs_failed": self._jobs_failed,
                 "jobs_running": self._jobs_running, "turns_run": self._turns_run,
                 "namespaces": dict(self._namespaces), "contents": self.contents.stats(),

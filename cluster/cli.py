@@ -1,4 +1,5 @@
-"""The `kvcomm` command line: demo, run, serve, submit, and the benchmarks (runner, ttft, fidelity, anchors, throughput).
+"""The `kvcomm` command line: demo, run, serve, submit, and the benchmarks (runner, ttft, fidelity, anchors,
+throughput, reliability).
 
 Each benchmark's options live next to its code and are added here; commands import the heavy parts (Ray, the
 model) only when they run, and nothing imports GPU code on a CPU-only machine.
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the options of each benchmark live next to its code (one home); building them imports torch
     from kvcomm.bench import fidelity, ttft
-    from cluster import bench_throughput, submit
+    from cluster import bench_reliability, bench_throughput, submit
 
     p = bench.add_parser("ttft", help="TTFT per agent and serving mode (the paper's Tables 2 and 3)")
     ttft.add_arguments(p)
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("throughput", help="continuous batching vs batch-1, 1 vs N workers, KV transfer")
     bench_throughput.add_arguments(p)
     p.set_defaults(func=bench_throughput.cli_main)
+    p = bench.add_parser("reliability", help="workers and the anchor pool killed under load; bad input; memory")
+    bench_reliability.add_arguments(p)
+    p.set_defaults(func=bench_reliability.cli_main)
 
     submit.add_submit_parser(sub)
     return parser

@@ -88,6 +88,7 @@ class ClusterConfig(BaseModel):
     ray_namespace: str = "kvcomm"
     pool_detached: bool = False                       # the pool outlives the runner (and the driver)
     pool_call_timeout_s: float = Field(10.0, gt=0)    # past this, a pool call counts as a lost pool
+    pool_retry_after_s: float = Field(5.0, ge=0)      # a worker that lost the pool asks again after this long
     # --- the algorithm ---
     kvcomm: KVCommSettings = Field(default_factory=KVCommSettings)
 
@@ -148,7 +149,8 @@ class ClusterConfig(BaseModel):
             max_queued_turns=self.max_queued_turns, anchor_cache_bytes=self.anchor_cache_bytes,
             content_cache_bytes=self.content_cache_bytes,
             pool_actor_name=self.pool_actor_name, ray_namespace=self.ray_namespace,
-            pool_call_timeout_s=self.pool_call_timeout_s, kvcomm=self.kvcomm.to_kvcomm())
+            pool_call_timeout_s=self.pool_call_timeout_s, pool_retry_after_s=self.pool_retry_after_s,
+            kvcomm=self.kvcomm.to_kvcomm())
 
 
 def _describe(exc: ValidationError) -> str:

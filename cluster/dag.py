@@ -116,8 +116,9 @@ class DagJob:
         return self._wait(method, order, refs, index, holders, num_returns)
 
     def _send(self, method: str, order: Any, holders: Any, num_returns: int,
-              exclude: tuple[int, ...] = ()) -> tuple[list[Any], int]:
-        index = self.runner.acquire_worker(self.job.namespace, holders=holders, exclude=exclude, pinned=self.pinned)
+              pinned: int | None = None) -> tuple[list[Any], int]:
+        index = self.runner.acquire_worker(self.job.namespace, holders=holders,
+                                           pinned=self.pinned if pinned is None else pinned)
         try:
             refs = getattr(self.runner.workers[index], method).options(num_returns=num_returns).remote(order)
         except BaseException:
@@ -142,7 +143,8 @@ class DagJob:
                 log.warning("job %s: worker-%d lost during %s (%s); sending it to another worker", self.job.id,
                             index, method, error_message(exc))
                 self.pinned = None            # a job pinned to a worker that died moves on like any other
-                refs, index = self._send(method, order, holders, num_returns, exclude=(index,))
+                live = self.runner.await_live_worker(exclude=(index,))   # another one, or this one restarted
+                refs, index = self._send(method, order, holders, num_returns, pinned=live)
                 continue
             except BaseException:
                 self.runner.release_worker(index)

@@ -188,6 +188,32 @@ class ClusterRunner:
             if 0 <= index < len(self._load):
                 self._load[index] = max(0, self._load[index] - 1)
 
+    def await_live_worker(self, exclude: Iterable[int] = (), timeout_s: float | None = None) -> int:
+        """A worker that answers `ping` (those not in `exclude` first, then the least loaded); when none does,
+        wait for Ray to restart one, up to `timeout_s` (default `worker_start_timeout_s`)."""
+        self._require_started()
+        excluded = set(exclude)
+        deadline = time.monotonic() + (timeout_s or self.config.worker_start_timeout_s)
+        while True:
+            with self._lock:
+                order = sorted(range(len(self.workers)), key=lambda i: (i in excluded, self._load[i]))
+            pings = {self.workers[i].ping.remote(): i for i in order}
+            ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=2.0)
+            alive = set()
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                    alive.add(pings[ref])
+                except Exception:  # noqa: BLE001 - dead or restarting: not a candidate now
+                    pass
+            for index in order:
+                if index in alive:
+                    return index
+            if time.monotonic() > deadline:
+                waited = timeout_s or self.config.worker_start_timeout_s
+                raise ClusterNotStarted(f"no agent worker answered for {waited:.0f} s after a worker was lost")
+            time.sleep(0.5)
+
     def note_resubmitted(self) -> None:
         with self._lock:
             self.jobs_resubmitted += 1
@@ -235,7 +261,7 @@ class ClusterRunner:
                     self.note_resubmitted()
                     log.warning("job %s: worker-%d lost (%s); resubmitting", data["id"], index, error_message(exc))
                     self.release_worker(index)
-                    index = self.acquire_worker(namespace, exclude=[index])
+                    index = self.acquire_worker(namespace, pinned=self.await_live_worker(exclude=[index]))
         finally:
             self.release_worker(index)
 

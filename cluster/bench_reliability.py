@@ -1,0 +1,250 @@
+"""`kvcomm bench reliability`: faults injected into a live cluster, and what the jobs saw.
+
+This module owns the cluster-side fault drills, as functions the reliability tests call too:
+
+* `worker_faults`: a batch of dense jobs runs fault-free, then again while agent workers die mid-batch (one
+  killed through Ray, then one process killed with SIGKILL): every job must complete with the fault-free answers
+  (dense decoding is deterministic, so any difference is a lost or mixed-up result).
+* `pool_faults`: kvcomm jobs stream through the cluster while the anchor-pool actor is killed and restarted by
+  Ray: no job may fail; turns fall back to dense prefill while the pool is gone; reuse comes back as anchors
+  are learned again (or at once, when the pool restores a snapshot).
+* `memory_report`: peak resident memory of every worker and the pool's bytes against their budgets.
+
+`run` puts them together on a fresh cluster and returns one report; `markdown_table` is the README's table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from kvcomm.harness.jobs import GenerationParams, JobSpec
+from kvcomm.harness.topologies import build_job
+
+from .config import ClusterConfig
+
+TASK = "A shop sells {a} pencils on Monday and {b} on Tuesday. How many pencils does it sell in total?"
+
+
+def make_jobs(count: int, *, mode: str, tag: str, new_tokens: int, namespace: str | None = None) -> list[JobSpec]:
+    """`count` star-shaped math jobs (three agents in parallel, then a decision agent), distinct numbers."""
+    return [build_job("math", TASK.format(a=3 + i % 11, b=12 + i % 7), num_agents=3, topology="star", decision=True,
+                      mode=mode, job_id=f"{tag}-{i}", namespace=namespace or f"rel-{tag}",
+                      generation=GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens))
+            for i in range(count)]
+
+
+def _tokens(result: dict[str, Any]) -> list[list[int]]:
+    return [t["token_ids"] for t in result["turns"]]
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step_s)
+    return False
+
+
+def _busy(runner: Any) -> bool:
+    return sum(runner.inflight_per_worker()) > 0
+
+
+def _ping_all(runner: Any, timeout_s: float = 300.0) -> None:
+    """Wait until every worker answers again (restarted ones reload their model)."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+    deadline = time.monotonic() + timeout_s
+    for worker in runner.workers:
+        while True:
+            try:
+                ray.get(worker.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+def worker_faults(runner: Any, jobs: Sequence[JobSpec], *, kill_process: bool = True) -> dict[str, Any]:
+    """Run `jobs` fault-free, then again while workers die; compare every job's tokens."""
+    import ray
+    reference = {r["job_id"]: r for r in runner.run_jobs(jobs)}
+    resubmitted = runner.jobs_resubmitted
+    started = time.perf_counter()
+    tickets = [runner.submit(job) for job in jobs]
+    faults = []
+    _wait_until(lambda: _busy(runner), 30)
+    ray.kill(runner.workers[0], no_restart=False)                    # the actor dies; Ray restarts it
+    faults.append("ray.kill(worker-0)")
+    if kill_process and len(runner.workers) > 1:
+        time.sleep(0.5)
+        pid = ray.get(runner.workers[1].stats.remote())["pid"]
+        if _busy(runner):
+            os.kill(pid, signal.SIGKILL)                             # its process dies; Ray restarts it
+            faults.append(f"SIGKILL worker-1 process {pid}")
+    results, errors = [], []
+    for ticket in tickets:
+        try:
+            results.append(runner.result(ticket))
+        except Exception as exc:  # noqa: BLE001 - counted: a lost job is what this measures
+            errors.append(f"{ticket.job_id}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    wall = time.perf_counter() - started
+    mismatched = [r["job_id"] for r in results
+                  if r["job_id"] not in reference or _tokens(r) != _tokens(reference[r["job_id"]])]
+    _ping_all(runner)
+    return {"faults": faults, "jobs_submitted": len(jobs), "jobs_completed": len(results),
+            "jobs_failed": len(errors), "errors": errors[:5], "results_mismatched": len(mismatched),
+            "mismatched_ids": mismatched[:5], "resubmitted": runner.jobs_resubmitted - resubmitted, "wall_s": wall}
+
+
+def pool_faults(runner: Any, jobs: Sequence[JobSpec], *, kill_after: int) -> dict[str, Any]:
+    """Run kvcomm `jobs` one after another; kill the pool actor after `kill_after` of them (Ray restarts it).
+
+    Reports the reuse rate before the loss, on the job right after it, and on the rest, and how long after the
+    kill (seconds, jobs) the first job reused again."""
+    import ray
+    phases: dict[str, list[dict[str, Any]]] = {"before": [], "right_after": [], "recovered": []}
+    errors = []
+    dropped = runner.commits_dropped
+    faults, killed_at, recovered_after = [], None, None
+    for i, job in enumerate(jobs):
+        if i == kill_after:
+            ray.kill(runner.pool_actor, no_restart=False)
+            killed_at = time.perf_counter()
+            faults.append("ray.kill(anchor pool)")
+        try:
+            result = runner.run_job(job)
+        except Exception as exc:  # noqa: BLE001 - counted
+            errors.append(f"{job.id}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        phase = "before" if i < kill_after else "right_after" if i == kill_after else "recovered"
+        phases[phase].append(result)
+        if killed_at is not None and recovered_after is None and result["reuse_rate"] > 0:
+            recovered_after = {"seconds": time.perf_counter() - killed_at, "jobs": i - kill_after + 1}
+    reuse = {name: statistics.mean(r["reuse_rate"] for r in rs) if rs else None for name, rs in phases.items()}
+    stats = ray.get(runner.pool_actor.stats.remote(), timeout=30)
+    return {"faults": faults, "jobs_submitted": len(jobs), "jobs_completed": sum(len(v) for v in phases.values()),
+            "jobs_failed": len(errors), "errors": errors[:5], "reuse_rate": reuse,
+            "reuse_recovered_after": recovered_after, "commits_dropped": runner.commits_dropped - dropped,
+            "pool_after": {"anchors": _anchor_count(stats), "bytes": stats.get("total_bytes"),
+                           "restored_from_snapshot": stats.get("restored_from_snapshot")}}
+
+
+def _anchor_count(pool_stats: dict[str, Any]) -> int:
+    return sum(entry["anchors"] for lists in pool_stats.get("namespaces", {}).values() for entry in lists.values())
+
+
+def memory_report(runner: Any) -> dict[str, Any]:
+    """Peak RSS per worker and the pool's and caches' bytes against their budgets."""
+    import ray
+    workers = ray.get([w.stats.remote() for w in runner.workers])
+    pool = ray.get(runner.pool_actor.stats.remote(), timeout=30)
+    cfg = runner.config
+    return {"workers": [{"worker": w["worker"], "peak_rss_mb": w.get("peak_rss_bytes", 0) / 2**20,
+                         "anchor_cache_mb": w["pool"]["cache_bytes"] / 2**20,
+                         "content_cache_mb": w["contents"]["bytes"] / 2**20} for w in workers],
+            "anchor_cache_budget_mb": cfg.anchor_cache_bytes / 2**20,
+            "content_cache_budget_mb": cfg.content_cache_bytes / 2**20,
+            "pool_mb": (pool.get("total_bytes") or 0) / 2**20, "pool_budget_mb": cfg.kvcomm.pool_byte_budget / 2**20}
+
+
+def run(*, model: str = "smollm2-135m-instruct", random_weights: bool = False, jobs: int = 16, new_tokens: int = 16,
+        pool_jobs: int = 8, address: str | None = None, config: ClusterConfig | None = None,
+        extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every drill on a fresh 2-worker cluster; `extra` adds sections run after them (the HTTP drills)."""
+    from .job_runner import ClusterRunner
+    from .submit import RayConnection
+
+    base = config or ClusterConfig(num_workers=2, cpus_per_worker=1, threads_per_worker=1)
+    cfg = base.with_(model=model, random_weights=random_weights, worker_max_restarts=-1, job_retries=4,
+                     pool_retry_after_s=1.0,
+                     pool_actor_name=f"rel-pool-{uuid.uuid4().hex[:8]}")
+    connection = RayConnection(address, num_cpus=max(2, int(cfg.num_workers * cfg.cpus_per_worker)),
+                               object_store_mb=1024)
+    report: dict[str, Any] = {"model": model, "random_weights": random_weights, "workers": cfg.num_workers,
+                              "new_tokens": new_tokens}
+    try:
+        with ClusterRunner(cfg) as runner:
+            print(f"worker faults: {jobs} dense jobs, fault-free then with workers killed", file=sys.stderr)
+            report["worker_faults"] = worker_faults(runner, make_jobs(jobs, mode="dense", tag="wf",
+                                                                      new_tokens=new_tokens))
+            print(f"pool faults: {pool_jobs} kvcomm jobs, pool killed after {pool_jobs // 2}", file=sys.stderr)
+            report["pool_faults"] = pool_faults(runner, make_jobs(pool_jobs, mode="kvcomm", tag="pf",
+                                                                  new_tokens=new_tokens), kill_after=pool_jobs // 2)
+            report["memory"] = memory_report(runner)
+    finally:
+        connection.close()
+    if extra is not None:
+        report.update(extra())
+    return report
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = [f"Model {report['model']}{' (random weights)' if report['random_weights'] else ''}, "
+             f"{report['workers']} workers, {report['new_tokens']} tokens per response.", "",
+             "| drill | faults injected | jobs submitted | completed | failed | results mismatched |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name in ("worker_faults", "pool_faults", "http_load"):
+        d = report.get(name)
+        if d:
+            lines.append(f"| {name.replace('_', ' ')} | {'; '.join(d.get('faults', [])) or '-'} | "
+                         f"{d['jobs_submitted']} | {d['jobs_completed']} | {d['jobs_failed']} | "
+                         f"{d.get('results_mismatched', '-')} |")
+    pool = report.get("pool_faults")
+    if pool:
+        r = pool["reuse_rate"]
+        fmt = lambda v: "-" if v is None else f"{v:.0%}"   # noqa: E731
+        lines.append("")
+        back = pool.get("reuse_recovered_after")
+        lines.append(f"- pool loss: reuse {fmt(r['before'])} before, {fmt(r['right_after'])} on the job right after, "
+                     f"{fmt(r['recovered'])} on the jobs after that"
+                     + (f" (first reuse {back['seconds']:.1f} s / {back['jobs']} job(s) after the kill)" if back
+                        else " (no reuse after the kill)") + f"; commits dropped: {pool['commits_dropped']}")
+    fuzz = report.get("fuzz")
+    if fuzz:
+        codes = ", ".join(f"{k}: {v}" for k, v in sorted(fuzz["status_codes"].items()))
+        lines.append(f"- malformed requests: {fuzz['requests']} sent, status codes {{{codes}}}, 5xx: "
+                     f"{fuzz['server_errors']}, valid request afterwards: {fuzz['healthy_after']}")
+    mem = report.get("memory")
+    if mem:
+        peak = max(w["peak_rss_mb"] for w in mem["workers"])
+        cache = max(w["anchor_cache_mb"] for w in mem["workers"])
+        lines.append(f"- memory: peak worker RSS {peak:.0f} MB; anchor cache {cache:.1f} of "
+                     f"{mem['anchor_cache_budget_mb']:.0f} MB; pool {mem['pool_mb']:.1f} of "
+                     f"{mem['pool_budget_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--jobs", type=int, default=16, help="dense jobs in the worker-fault drill")
+    parser.add_argument("--pool-jobs", type=int, default=8, help="kvcomm jobs in the pool-fault drill")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    parser.add_argument("--config", default=None, help="cluster config YAML (resources, kvcomm knobs)")
+    parser.add_argument("--json", default=None, help="write the report here")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    config = ClusterConfig.from_yaml(args.config) if args.config else None
+    report = run(model=args.model, random_weights=args.random_weights, jobs=args.jobs, pool_jobs=args.pool_jobs,
+                 new_tokens=args.new_tokens, address=args.address, config=config)
+    print(markdown_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
