@@ -7,7 +7,9 @@ What it measures, all in one run on one cluster (ratios are the figures to quote
 absolute numbers drift by 15-20%):
 
 * continuous batching vs batch-1 on one worker: the same N jobs, all in flight at once, on worker 0 with
-  ``max_batch_size`` B and then 1 (the scheduler then decodes one sequence per step);
+  ``max_batch_size`` B and then 1 (the scheduler then decodes one sequence per step); in dense mode, and (with
+  ``--modes dense,kvcomm``) in kvcomm mode after a warm-up that records anchors, where reused turns skip most of
+  their prefill, so a replica is decode-bound and batching pays more;
 * 1 vs 2 (or more) workers, continuous batching, jobs routed by load;
 * KV transfer: a response segment of T tokens of this model's KV (fp32 numpy, one object per segment) `ray.put`
   by the driver and `ray.get` + copied into a torch tensor in another process: MB/s both ways;
@@ -40,13 +42,15 @@ TASK_TEMPLATE = ("A shop sells {a} boxes of pencils with {b} pencils in each box
                  "How many pencils does the shop sell in total?")
 
 
-def make_jobs(count: int, *, agents: int, new_tokens: int, mode: str, tag: str) -> list[JobSpec]:
-    """`count` fully connected math jobs with distinct numbers, each in its own namespace (routing by load)."""
+def make_jobs(count: int, *, agents: int, new_tokens: int, mode: str, tag: str, offset: int = 0,
+              namespace: str | None = None) -> list[JobSpec]:
+    """`count` fully connected math jobs with distinct numbers (question `offset` on); dense jobs each in their
+    own namespace (routing by load), other modes in `namespace` (default: one per tag) so they share anchors."""
     jobs = []
-    for i in range(count):
+    for i in range(offset, offset + count):
         task = TASK_TEMPLATE.format(a=3 + i % 7, b=12 + i % 5, c=5 + i % 9)
         jobs.append(build_job("math", task, num_agents=agents, mode=mode, job_id=f"{tag}-{i}",
-                              namespace=f"bench-{tag}-{i}" if mode == "dense" else f"bench-{tag}",
+                              namespace=f"bench-{tag}-{i}" if mode == "dense" else namespace or f"bench-{tag}",
                               generation=GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)))
     return jobs
 
@@ -57,7 +61,8 @@ def _scheduler_totals(runner: Any, workers: Sequence[int]) -> tuple[int, int]:
     return (sum(s["scheduler"]["steps"] for s in stats), sum(s["scheduler"]["step_sequences"] for s in stats))
 
 
-def _run_setting(runner: Any, jobs: list[JobSpec], workers: Sequence[int], max_batch_size: int) -> dict[str, Any]:
+def _run_setting(runner: Any, jobs: list[JobSpec], workers: Sequence[int], max_batch_size: int,
+                 mode: str = "dense") -> dict[str, Any]:
     """All `jobs` in flight at once on `workers` (round-robin when one, else routed by load)."""
     import ray
     from .job_runner import workers_of
@@ -73,7 +78,8 @@ def _run_setting(runner: Any, jobs: list[JobSpec], workers: Sequence[int], max_b
     steps1, seqs1 = _scheduler_totals(runner, workers)
     turns = [t for r in results for t in r["turns"]]
     tokens = sum(len(t["token_ids"]) for t in turns)
-    return {"workers": len(workers), "max_batch_size": max_batch_size, "jobs": len(jobs), "turns": len(turns),
+    return {"mode": mode, "workers": len(workers), "max_batch_size": max_batch_size, "jobs": len(jobs),
+            "turns": len(turns), "reuse_rate": sum(t["reused"] for t in turns) / max(len(turns), 1),
             "wall_s": wall, "jobs_per_min": len(jobs) / wall * 60, "decode_tok_per_s": tokens / wall,
             "mean_batch": (seqs1 - seqs0) / max(steps1 - steps0, 1),
             "ttft_median_s": statistics.median(t["ttft_s"] for t in turns),
@@ -126,7 +132,8 @@ def _reuse_pass(runner: Any, jobs: list[JobSpec], warmup: int) -> dict[str, Any]
 def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm2-135m-instruct",
         random_weights: bool = False, agents: int = 3, new_tokens: int = 32, max_batch_size: int = 16,
         transfer_tokens: Sequence[int] = (128, 512), transfer_repeats: int = 5, reuse_jobs: int = 6,
-        reuse_warmup: int = 2, address: str | None = None, config: ClusterConfig | None = None) -> dict[str, Any]:
+        reuse_warmup: int = 2, address: str | None = None, config: ClusterConfig | None = None,
+        modes: Sequence[str] = ("dense",)) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) and return its report."""
     import ray
     from .job_runner import ClusterRunner
@@ -146,13 +153,23 @@ def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm
             for ticket in [runner.submit(job, worker=i) for i, job in enumerate(warm)]:   # templates, first calls
                 runner.result(ticket)
             tag = 0
-            for batch in (1, max_batch_size):
-                tag += 1
-                report["settings"].append(_run_setting(
-                    runner, make_jobs(jobs, agents=agents, new_tokens=new_tokens, mode="dense", tag=f"s{tag}"),
-                    [0], batch))
+            for mode in modes:
+                namespace = f"bench-{mode}-{uuid.uuid4().hex[:6]}"
+                order = (1, max_batch_size)
+                if mode != "dense":          # record anchors on other questions first, in the mode's namespace;
+                    for job in make_jobs(reuse_warmup, agents=agents, new_tokens=new_tokens, mode=mode,
+                                         tag=f"warm-{mode}", offset=jobs, namespace=namespace):
+                        runner.run_job(job, worker=0)
+                    order = (max_batch_size, 1)   # the pool grows as jobs run: batched goes first, not favoured
+                for batch in order:
+                    tag += 1
+                    print(f"throughput: {mode}, 1 worker, max batch {batch}: {jobs} jobs", file=sys.stderr)
+                    report["settings"].append(_run_setting(
+                        runner, make_jobs(jobs, agents=agents, new_tokens=new_tokens, mode=mode, tag=f"s{tag}",
+                                          namespace=namespace), [0], batch, mode))
             for count in sorted(w for w in workers if w > 1):
                 tag += 1
+                print(f"throughput: dense, {count} workers: {jobs} jobs", file=sys.stderr)
                 report["settings"].append(_run_setting(
                     runner, make_jobs(jobs, agents=agents, new_tokens=new_tokens, mode="dense", tag=f"s{tag}"),
                     list(range(count)), max_batch_size))
@@ -169,11 +186,16 @@ def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm
 
 def _add_ratios(report: dict[str, Any]) -> None:
     settings = report["settings"]
-    batch1 = next((s for s in settings if s["workers"] == 1 and s["max_batch_size"] == 1), None)
-    batched = next((s for s in settings if s["workers"] == 1 and s["max_batch_size"] > 1), None)
     ratios: dict[str, Any] = {}
-    if batch1 and batched:
-        ratios["batching_speedup"] = batched["jobs_per_min"] / batch1["jobs_per_min"]
+    for mode in dict.fromkeys(s.get("mode", "dense") for s in settings):
+        one = [s for s in settings if s.get("mode", "dense") == mode and s["workers"] == 1]
+        batch1 = next((s for s in one if s["max_batch_size"] == 1), None)
+        batched_m = next((s for s in one if s["max_batch_size"] > 1), None)
+        if batch1 and batched_m:
+            key = "batching_speedup" if mode == "dense" else f"batching_speedup_{mode}"
+            ratios[key] = batched_m["jobs_per_min"] / batch1["jobs_per_min"]
+    batched = next((s for s in settings if s.get("mode", "dense") == "dense" and s["workers"] == 1
+                    and s["max_batch_size"] > 1), None)
     for s in settings:
         if s["workers"] > 1 and batched:
             ratios[f"workers_{s['workers']}_vs_1"] = s["jobs_per_min"] / batched["jobs_per_min"]
@@ -191,12 +213,14 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [f"Model {report['model']}{' (random weights)' if report['random_weights'] else ''}, "
              f"{report['agents']}-agent jobs, {report['new_tokens']} tokens per response, {report['jobs']} jobs "
              f"in flight per setting, device {report.get('device', '?')}.", "",
-             "| workers | max batch | jobs/min | decode tok/s | mean batch | median TTFT (ms) | wall (s) |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| mode | workers | max batch | jobs/min | decode tok/s | mean batch | median TTFT (ms) | reuse "
+             "| wall (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in report["settings"]:
-        lines.append(f"| {s['workers']} | {s['max_batch_size']} | {s['jobs_per_min']:.1f} | "
+        lines.append(f"| {s.get('mode', 'dense')} | {s['workers']} | {s['max_batch_size']} | "
+                     f"{s['jobs_per_min']:.1f} | "
                      f"{s['decode_tok_per_s']:.1f} | {s['mean_batch']:.1f} | {s['ttft_median_s'] * 1e3:.0f} | "
-                     f"{s['wall_s']:.1f} |")
+                     f"{s.get('reuse_rate', 0):.0%} | {s['wall_s']:.1f} |")
     lines += ["", "| KV segment (tokens) | MB | put (ms) | get (ms) | put MB/s | get MB/s |",
               "|---:|---:|---:|---:|---:|---:|"]
     for t in report.get("transfer", []):
@@ -206,6 +230,10 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines.append("")
     if "batching_speedup" in ratios:
         lines.append(f"- continuous batching vs batch-1 on one worker: {ratios['batching_speedup']:.2f}x jobs/min")
+    for key, value in ratios.items():
+        if key.startswith("batching_speedup_"):
+            lines.append(f"- the same in {key.removeprefix('batching_speedup_')} mode (reused turns skip prefill): "
+                         f"{value:.2f}x jobs/min")
     for key, value in ratios.items():
         if key.startswith("workers_"):
             lines.append(f"- {key.split('_')[1]} workers vs 1 (both batched): {value:.2f}x jobs/min")
@@ -228,6 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--agents", type=int, default=3)
+    parser.add_argument("--modes", default="dense", help="modes whose batching gain is measured (e.g. dense,kvcomm)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--transfer-tokens", default="128,512")
@@ -240,7 +269,7 @@ def cli_main(args: argparse.Namespace) -> int:
     config = ClusterConfig.from_yaml(args.config) if args.config else None
     report = run(workers=tuple(int(w) for w in args.workers.split(",")), jobs=args.jobs, model=args.model,
                  random_weights=args.random_weights, agents=args.agents, new_tokens=args.new_tokens,
-                 max_batch_size=args.max_batch_size,
+                 max_batch_size=args.max_batch_size, modes=tuple(args.modes.split(",")),
                  transfer_tokens=tuple(int(t) for t in args.transfer_tokens.split(",")), address=args.address,
                  config=config)
     print(markdown_table(report))

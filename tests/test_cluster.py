@@ -430,16 +430,19 @@ def test_throughput_benchmark_reports_batching_workers_and_transfer(ray_cluster,
     base = cluster_config(tiny_model_dir, kvcomm={"gamma": GAMMA})
     report = bench_throughput.run(workers=(1, 2), jobs=6, model=tiny_model_dir, random_weights=True, agents=2,
                                   new_tokens=6, max_batch_size=8, transfer_tokens=(64,), transfer_repeats=2,
-                                  reuse_jobs=4, reuse_warmup=2, config=base)
-    settings = {(s["workers"], s["max_batch_size"]): s for s in report["settings"]}
-    assert set(settings) == {(1, 1), (1, 8), (2, 8)}
-    assert settings[(1, 1)]["mean_batch"] == 1.0 and settings[(1, 8)]["mean_batch"] > 1.5
-    assert settings[(2, 8)]["used_workers"] == ["worker-0", "worker-1"]
+                                  reuse_jobs=4, reuse_warmup=2, config=base, modes=("dense", "kvcomm"))
+    settings = {(s["mode"], s["workers"], s["max_batch_size"]): s for s in report["settings"]}
+    assert set(settings) == {("dense", 1, 1), ("dense", 1, 8), ("kvcomm", 1, 8), ("kvcomm", 1, 1), ("dense", 2, 8)}
+    assert settings[("dense", 1, 1)]["mean_batch"] == 1.0 and settings[("dense", 1, 8)]["mean_batch"] > 1.5
+    assert settings[("dense", 2, 8)]["used_workers"] == ["worker-0", "worker-1"]
     for s in settings.values():
         assert s["turns"] == 12 and s["decode_tok_per_s"] > 0
+    assert settings[("kvcomm", 1, 1)]["reuse_rate"] > 0                 # warmed: the measured kvcomm jobs reuse
+    assert settings[("dense", 1, 8)]["reuse_rate"] == 0
     [transfer] = report["transfer"]
     assert transfer["tokens"] == 64 and transfer["get_mb_per_s"] > 0
     assert report["reuse"]["reuse_rate"] == 1.0                      # gamma 1: the measured jobs all reuse
     assert 0 < report["ratios"]["transfer_share_of_reused_ttft"]
+    assert {"batching_speedup", "batching_speedup_kvcomm"} <= set(report["ratios"])
     table = bench_throughput.markdown_table(report)
-    assert "| 2 | 8 |" in table and "continuous batching vs batch-1" in table
+    assert "| dense | 2 | 8 |" in table and "continuous batching vs batch-1" in table and "kvcomm mode" in table
