@@ -64,7 +64,7 @@ class DagJob:
                 for turn, call in zip(level, calls):
                     waited += 1                     # _finish_turn releases its worker's slot, even on failure
                     outcome, refs, index = self._finish_turn(call)
-                    records.append(self._take(turn, outcome, refs, index))
+                    records.append(self._take(turn, call[0], outcome, refs, index))
             except BaseException:
                 for _, _, index in calls[waited:]:
                     self.runner.release_worker(index)
@@ -98,11 +98,11 @@ class DagJob:
         return self._wait("run_turn", order, refs, index, holders=[h.holder for h in order.contents.values()],
                           num_returns=4)
 
-    def _take(self, turn: Turn, outcome: TurnOutcome, refs: list[Any], index: int) -> dict[str, Any]:
+    def _take(self, turn: Turn, order: TurnOrder, outcome: TurnOutcome, refs: list[Any],
+              index: int) -> dict[str, Any]:
         """Keep a finished turn's outputs as handles; learn what it staged for the contents it read."""
-        order_contents = self._order(turn).contents
         for name, (anchor_ids, reasons) in outcome.gate_state.items():
-            order_contents[name].learn_gate_state(anchor_ids, reasons)
+            order.contents[name].learn_gate_state(anchor_ids, reasons)
         key = (turn.agent_id, turn.round)
         self.responses[key] = handle_of(outcome.produced, refs[1], index)
         if outcome.condition is not None:
