@@ -22,21 +22,33 @@ This module owns the cluster's anchor pool and the wire format between workers a
 
 Tensors cross Ray as numpy (zero-copy reads from the object store); bfloat16, which numpy lacks, travels as its
 raw 16-bit pattern with the dtype's name next to it.
+
+Snapshots (optional: `PoolSnapshotSettings`). `AnchorPoolState.save` writes the whole pool to one file with the
+msgpack codec (`kvcomm.codec.pack_stream`: one anchor in memory at a time; a temporary file then `os.replace`,
+so a crash mid-write leaves the previous snapshot intact) and `AnchorPoolState.load` reads it back: same anchor
+ids, metadata, part keys and tensor bytes, so workers' part caches stay valid across a restart. The actor loads
+the file when it is constructed (Ray restarts a crashed pool by constructing it again) and a `SnapshotSaver`
+thread saves after every N commits or T seconds with changes, off the actor's call path, and on graceful
+termination (`__ray_shutdown__`). A snapshot that cannot be used (corrupt, another format, another deployment's
+`tag`) is moved aside with a warning and the pool starts empty.
 """
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from kvcomm.codec import dtype_name, numpy_to_tensor, tensor_to_numpy
+from kvcomm.codec import dtype_name, numpy_to_tensor, pack_stream, tensor_to_numpy, unpack_stream
 from kvcomm.anchor_pool import (Anchor, AnchorPool, ConsumerDeltas, PoolSnapshot, PoolTransaction,
                                 TransactionHost)
 from kvcomm.config import KVCommConfig
@@ -48,6 +60,8 @@ DEFAULT_POOL_ACTOR_NAME = "kvcomm-anchor-pool"
 DEFAULT_RAY_NAMESPACE = "kvcomm"
 DELTA_TENSORS = ("ph_key", "ph_value", "pf_key", "pf_value")
 _SNAPSHOTS_KEPT = 8   # namespaces whose last snapshot a client keeps to answer "unchanged" without a rebuild
+SNAPSHOT_KIND = "kvcomm-anchor-pool"
+SNAPSHOT_SCHEMA = 1   # the layout of a pool snapshot file's body (the codec's envelope has its own version)
 
 # ------------------------------------------------------------------------------------------------------------
 # Tensors as numpy
@@ -168,9 +182,12 @@ class PartRef:
 class AnchorPoolState:
     """The anchor pool's metadata and tensor-part references; `put` stores a part (ray.put in the actor)."""
 
-    def __init__(self, config: KVCommConfig, put: Callable[[dict[str, np.ndarray]], Any]):
+    def __init__(self, config: KVCommConfig, put: Callable[[dict[str, np.ndarray]], Any],
+                 get: Callable[[Any], dict[str, np.ndarray]] | None = None):
         self.config = config
         self._put = put
+        self._get = get or (lambda ref: ref)                 # a part's tensors from its ref (ray.get in the actor)
+        self._lock = threading.Lock()                        # a snapshot saver reads from another thread
         self._mirror = AnchorPool(config, rope=None)        # meta tensors: the pool's rules on exact byte counts
         self._base_parts: dict[str, PartRef] = {}            # anchor id -> base KV
         self._delta_parts: dict[tuple[str, str], PartRef] = {}   # (anchor id, consumer) -> deltas
@@ -182,6 +199,10 @@ class AnchorPoolState:
     # ---- writing ------------------------------------------------------------------------------------------------
     def commit(self, payload: Mapping[str, Any]) -> int:
         """Apply one worker's staged transaction atomically; returns the new pool version."""
+        with self._lock:
+            return self._commit(payload)
+
+    def _commit(self, payload: Mapping[str, Any]) -> int:
         namespace = payload["namespace"]
         txn = _PreparedTransaction(self._mirror, namespace, None)
         base_parts, delta_parts, rbk_parts = {}, {}, {}
@@ -214,9 +235,10 @@ class AnchorPoolState:
         return version
 
     def drop_namespace(self, namespace: str) -> int:
-        version = self._mirror.drop_namespace(namespace)
-        self._drop_dead_parts()
-        return version
+        with self._lock:
+            version = self._mirror.drop_namespace(namespace)
+            self._drop_dead_parts()
+            return version
 
     def _store(self, anchor_id: str, part: str, tensors: dict[str, np.ndarray], dtype: str) -> PartRef:
         nbytes = sum(int(t.nbytes) for t in tensors.values())
@@ -247,6 +269,10 @@ class AnchorPoolState:
     def snapshot(self, namespace: str, known: tuple[str, int] | None = None) -> dict[str, Any] | None:
         """One namespace's anchors as metadata + part refs, or None when the pool is still at `known`
         ((epoch, version) of the caller's last snapshot)."""
+        with self._lock:
+            return self._snapshot(namespace, known)
+
+    def _snapshot(self, namespace: str, known: tuple[str, int] | None = None) -> dict[str, Any] | None:
         snap = self._mirror.snapshot(namespace)
         if known is not None and tuple(known) == (self.epoch, snap.version):
             return None
@@ -267,29 +293,294 @@ class AnchorPoolState:
                 "namespaces": list(snap.namespaces), "lists": lists}
 
     def stats(self) -> dict[str, Any]:
-        stats = self._mirror.stats()
-        stats.update(epoch=self.epoch, commits=self._commits, bytes_received=self._bytes_received,
-                     parts={"base": len(self._base_parts), "deltas": len(self._delta_parts),
-                            "rotated_base_keys": len(self._rbk_parts)})
+        with self._lock:
+            stats = self._mirror.stats()
+            stats.update(epoch=self.epoch, commits=self._commits, bytes_received=self._bytes_received,
+                         parts={"base": len(self._base_parts), "deltas": len(self._delta_parts),
+                                "rotated_base_keys": len(self._rbk_parts)})
         return stats
+
+    # ---- snapshots on disk --------------------------------------------------------------------------------------
+    def save(self, path: str | Path, *, tag: str = "") -> dict[str, Any]:
+        """Write every namespace's anchors to `path` (atomically: a temporary file, then `os.replace`).
+
+        The pool is read at one version (under the lock, refs only); tensors are fetched and written one anchor
+        at a time after that, while commits go on. Returns {"version", "anchors", "bytes", "seconds", "path"}.
+        """
+        t0 = time.perf_counter()
+        with self._lock:
+            version = self._mirror.version
+            entries = [(namespace, placeholder, entry)
+                       for namespace in self._mirror.snapshot("").namespaces
+                       for placeholder, listed in self._snapshot(namespace)["lists"].items()
+                       for entry in listed]      # the refs held here keep every part alive until written
+        head = {"kind": SNAPSHOT_KIND, "schema": SNAPSHOT_SCHEMA, "tag": tag, "version": version,
+                "saved_at": time.time()}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as file:
+                written = pack_stream(file, head, self._snapshot_items(entries), count=len(entries),
+                                      items_key="anchors")
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return {"version": version, "anchors": len(entries), "bytes": written,
+                "seconds": time.perf_counter() - t0, "path": str(path)}
+
+    def _snapshot_items(self, entries: list[tuple[str, str, dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        def part(ref: PartRef) -> dict[str, Any]:
+            arrays = self._get(ref.ref)
+            return {"key": ref.key, "dtype": ref.dtype,
+                    "tensors": {name: numpy_to_tensor(array, ref.dtype, copy=False) for name, array in arrays.items()}}
+
+        for namespace, placeholder, entry in entries:
+            parts = entry["parts"]
+            yield {"namespace": namespace, "placeholder": placeholder, "metadata": entry["metadata"],
+                   "parts": {"base": part(parts["base"]),
+                             "deltas": {c: part(p) for c, p in parts["deltas"].items()},
+                             "rbk": {c: part(p) for c, p in parts["rbk"].items()}}}
+
+    def load(self, path: str | Path, *, tag: str = "") -> dict[str, Any]:
+        """Replace the pool by the snapshot at `path`; never raises for a bad file.
+
+        Returns {"loaded": True, "anchors", "version", "bytes", "seconds"} or {"loaded": False, "reason"}. A missing
+        file is a quiet "no snapshot"; a file that cannot be used (unreadable, corrupt or truncated, another
+        format or schema version, another `tag`) logs a warning, is renamed to ``<path>.rejected`` (so the next
+        save does not overwrite evidence) and leaves the pool as it was (empty, in a new actor). The bounds (V,
+        the byte budget) are applied to what was read, as a commit would.
+        """
+        path = Path(path)
+        t0 = time.perf_counter()
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):     # a save interrupted by a crash
+            stale.unlink(missing_ok=True)
+        if not path.exists():
+            return {"loaded": False, "reason": "no snapshot file"}
+        try:
+            with open(path, "rb") as file:
+                head, count, items = unpack_stream(file, items_key="anchors")
+                if head.get("kind") != SNAPSHOT_KIND:
+                    raise ValueError(f"not an anchor-pool snapshot (kind {head.get('kind')!r})")
+                if head.get("schema") != SNAPSHOT_SCHEMA:
+                    raise ValueError(f"snapshot schema {head.get('schema')!r}, this build reads {SNAPSHOT_SCHEMA}")
+                if head.get("tag", "") != tag:
+                    raise ValueError(f"snapshot of another deployment (tag {head.get('tag')!r}, this pool's "
+                                     f"{tag!r})")
+                restored = self._read_items(items, count)
+            nbytes = path.stat().st_size
+        except Exception as exc:  # noqa: BLE001 - a bad snapshot costs the anchors, never the pool
+            reason = f"{type(exc).__name__}: {exc}"
+            rejected = path.with_name(path.name + ".rejected")
+            try:
+                os.replace(path, rejected)
+                where = f"moved to {rejected}"
+            except OSError as move_error:
+                where = f"left in place ({move_error})"
+            log.warning("anchor pool snapshot %s unusable (%s); starting with an empty pool, the file %s",
+                        path, reason, where)
+            return {"loaded": False, "reason": reason, "rejected": str(rejected)}
+        namespaces, parts, _ = restored
+        with self._lock:
+            self._mirror.restore(namespaces, version=int(head.get("version", 0)))
+            self._base_parts, self._delta_parts, self._rbk_parts = parts
+            self._drop_dead_parts()
+            anchors = len(self._base_parts)
+        return {"loaded": True, "anchors": anchors, "version": self._mirror.version, "bytes": nbytes,
+                "seconds": time.perf_counter() - t0}
+
+    def _read_items(self, items: Iterator[Any], count: int) -> tuple[dict, tuple[dict, dict, dict], int]:
+        """Anchors (meta tensors, for the mirror) and stored parts from a snapshot's items; raises on anything
+        malformed, before the pool is touched."""
+        namespaces: dict[str, dict[str, list[Anchor]]] = {}
+        base_parts: dict[str, PartRef] = {}
+        delta_parts: dict[tuple[str, str], PartRef] = {}
+        rbk_parts: dict[tuple[str, str], PartRef] = {}
+
+        def stored(raw: Mapping[str, Any], names: tuple[str, ...]) -> tuple[PartRef, dict[str, torch.Tensor]]:
+            tensors = raw["tensors"]
+            if set(tensors) != set(names):
+                raise ValueError(f"part {raw.get('key')!r} holds {sorted(tensors)}, expected {sorted(names)}")
+            dtype = dtype_name(getattr(torch, str(raw["dtype"])))
+            arrays = {}
+            for name in names:
+                tensor = tensors[name]
+                if not isinstance(tensor, torch.Tensor) or dtype_name(tensor.dtype) != dtype:
+                    raise ValueError(f"part {raw['key']!r}: {name} is not a {dtype} tensor")
+                arrays[name] = tensor_to_numpy(tensor)
+            nbytes = sum(int(a.nbytes) for a in arrays.values())
+            meta = {name: torch.empty(tensors[name].shape, dtype=tensors[name].dtype, device="meta")
+                    for name in names}
+            return PartRef(str(raw["key"]), self._put(arrays), nbytes, dtype), meta
+
+        read = 0
+        for item in items:
+            read += 1
+            metadata, parts = item["metadata"], item["parts"]
+            anchor_id = metadata["anchor_id"]
+            base_parts[anchor_id], flat = stored(parts["base"], ("base_keys", "base_values"))
+            for index, consumer in enumerate(metadata["consumers"]):
+                name = consumer["consumer"]
+                delta_parts[(anchor_id, name)], tensors = stored(parts["deltas"][name], DELTA_TENSORS)
+                flat.update({f"deltas.{index}.{k}": v for k, v in tensors.items()})
+                if consumer["has_rotated_base_key"]:
+                    rbk_parts[(anchor_id, name)], tensors = stored(parts["rbk"][name], ("rotated_base_key",))
+                    flat[f"deltas.{index}.rotated_base_key"] = tensors["rotated_base_key"]
+            anchor = Anchor.from_state(metadata, flat)
+            if anchor.placeholder != item["placeholder"]:
+                raise ValueError(f"anchor {anchor_id} listed under {item['placeholder']!r}, is {anchor.placeholder!r}")
+            namespaces.setdefault(str(item["namespace"]), {}).setdefault(anchor.placeholder, []).append(anchor)
+        if read != count:
+            raise ValueError(f"snapshot announces {count} anchors, holds {read}")
+        return namespaces, (base_parts, delta_parts, rbk_parts), read
+
+
+@dataclass(frozen=True)
+class PoolSnapshotSettings:
+    """Where and how often the pool actor saves its snapshot (see the module docstring)."""
+    path: str                       # the snapshot file (on the pool actor's node); loaded at (re)start if present
+    every_commits: int = 100        # save once this many commits (or namespace drops) are unsaved ...
+    every_s: float = 60.0           # ... or once changes are this old, whichever comes first
+    tag: str = ""                   # names the deployment (model, dtype): a snapshot with another tag is rejected
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("PoolSnapshotSettings.path must be a file path")
+        if self.every_commits < 1:
+            raise ValueError(f"every_commits must be >= 1, got {self.every_commits}")
+        if not self.every_s > 0:
+            raise ValueError(f"every_s must be > 0, got {self.every_s}")
+
+
+class SnapshotSaver:
+    """Loads a pool's snapshot at start, then saves it from a thread of its own when changes are due.
+
+    `note_change()` after every commit; a save runs once `every_commits` changes are unsaved or the oldest
+    unsaved change is `every_s` old. Saving reads the pool at one version and writes while commits go on, so no
+    actor call waits for the disk. `save_now()` saves at once (if anything changed); `close()` stops the thread
+    and saves what is left. A failed save is logged and retried at the next due time, never raised.
+    """
+
+    def __init__(self, state: AnchorPoolState, settings: PoolSnapshotSettings, *, start_thread: bool = True):
+        self.state = state
+        self.settings = settings
+        self.loaded = state.load(settings.path, tag=settings.tag)
+        self._saved_version = state.version            # what is on disk (or, with no file, an empty pool)
+        self._unsaved = 0
+        self._dirty_since: float | None = None
+        self._save_lock = threading.Lock()             # one save at a time (thread, save_now, close)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.saves = 0
+        self.save_errors = 0
+        self.last_save: dict[str, Any] | None = None
+        self.last_error: str | None = None
+        self._thread = None
+        if start_thread:
+            self._thread = threading.Thread(target=self._run, name="kvcomm-pool-snapshot", daemon=True)
+            self._thread.start()
+
+    def note_change(self) -> None:
+        self._unsaved += 1
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+        if self._unsaved >= self.settings.every_commits:
+            self._wake.set()
+
+    def due(self) -> bool:
+        if self.state.version == self._saved_version and not self._unsaved:
+            return False
+        return (self._unsaved >= self.settings.every_commits or (
+            self._dirty_since is not None and time.monotonic() - self._dirty_since >= self.settings.every_s))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=min(1.0, self.settings.every_s))
+            self._wake.clear()
+            if not self._stop.is_set() and self.due():
+                self.save_now()
+
+    def save_now(self) -> dict[str, Any] | None:
+        """Save if anything changed since the last save; the save's figures (None when nothing was due)."""
+        with self._save_lock:
+            if self.state.version == self._saved_version and not self._unsaved:
+                return None
+            unsaved, self._unsaved, self._dirty_since = self._unsaved, 0, None
+            try:
+                info = self.state.save(self.settings.path, tag=self.settings.tag)
+            except Exception as exc:  # noqa: BLE001 - a failed save loses no anchors in memory; retried later
+                self._unsaved += unsaved
+                self._dirty_since = time.monotonic()
+                self.save_errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("anchor pool snapshot to %s failed (%s); retrying in %.0f s", self.settings.path,
+                            self.last_error, self.settings.every_s)
+                return None
+            self._saved_version = info["version"]
+            if self.state.version != info["version"]:      # committed while writing: still unsaved
+                self._unsaved = max(self._unsaved, 1)
+                self._dirty_since = self._dirty_since or time.monotonic()
+            self.saves += 1
+            self.last_save = info
+            return info
+
+    def close(self) -> dict[str, Any] | None:
+        """Stop the saving thread and save what is unsaved."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        return self.save_now()
+
+    def stats(self) -> dict[str, Any]:
+        return {"path": self.settings.path, "loaded": dict(self.loaded), "saves": self.saves,
+                "save_errors": self.save_errors, "last_save": self.last_save, "last_error": self.last_error,
+                "saved_version": self._saved_version, "unsaved_changes": self._unsaved}
 
 
 class AnchorPoolActor:
-    """The Ray actor around `AnchorPoolState`: one method at a time, the actor owns every tensor object."""
+    """The Ray actor around `AnchorPoolState`: one method at a time, the actor owns every tensor object.
 
-    def __init__(self, config: KVCommConfig | None = None):
+    With `snapshot` settings it starts from the snapshot file when there is one and keeps it up to date (see
+    `SnapshotSaver`); Ray's restart of a crashed pool constructs it again, so it comes back with its anchors.
+    """
+
+    def __init__(self, config: KVCommConfig | None = None, snapshot: PoolSnapshotSettings | None = None):
         import ray
-        self._state = AnchorPoolState(config or KVCommConfig(), put=ray.put)
+        self._state = AnchorPoolState(config or KVCommConfig(), put=ray.put, get=ray.get)
+        self._saver = None if snapshot is None else SnapshotSaver(self._state, snapshot)
         self._started = time.time()
 
     def commit(self, payload: dict[str, Any]) -> int:
-        return self._state.commit(payload)
+        version = self._state.commit(payload)
+        self._changed()
+        return version
 
     def commit_parts(self, *payloads: dict[str, Any] | None) -> int:
         """Commit one job's per-turn payloads (passed as ObjectRefs: Ray resolves them before this runs) as one
         atomic update; the new pool version."""
         merged = merge_payloads(list(payloads))
-        return self._state.version if merged is None else self._state.commit(merged)
+        if merged is None:
+            return self._state.version
+        version = self._state.commit(merged)
+        self._changed()
+        return version
+
+    def _changed(self) -> None:
+        if self._saver is not None:
+            self._saver.note_change()
+
+    def save_snapshot(self) -> dict[str, Any] | None:
+        """Save now (when snapshots are on and anything changed): the save's figures, else None."""
+        return None if self._saver is None else self._saver.save_now()
+
+    def __ray_shutdown__(self) -> None:
+        """Graceful termination (not `ray.kill`): save what is unsaved."""
+        if self._saver is not None:
+            self._saver.close()
 
     def snapshot(self, namespace: str, known: tuple[str, int] | None = None) -> dict[str, Any] | None:
         return self._state.snapshot(namespace, known)
@@ -298,11 +589,14 @@ class AnchorPoolActor:
         return self._state.version
 
     def drop_namespace(self, namespace: str) -> int:
-        return self._state.drop_namespace(namespace)
+        version = self._state.drop_namespace(namespace)
+        self._changed()
+        return version
 
     def stats(self) -> dict[str, Any]:
         stats = self._state.stats()
         stats["uptime_s"] = time.time() - self._started
+        stats["snapshot"] = None if self._saver is None else self._saver.stats()
         return stats
 
     def ping(self) -> str:
@@ -311,11 +605,13 @@ class AnchorPoolActor:
 
 def get_or_create_pool_actor(config: KVCommConfig | None = None, *, name: str = DEFAULT_POOL_ACTOR_NAME,
                              namespace: str = DEFAULT_RAY_NAMESPACE, detached: bool = False,
-                             max_restarts: int = 0) -> tuple[Any, bool]:
+                             max_restarts: int = 0, snapshot: PoolSnapshotSettings | None = None
+                             ) -> tuple[Any, bool]:
     """The named pool actor in `namespace`: (handle, created). An existing one is reused as it is.
 
-    The actor asks for no CPU (it only rearranges metadata), so it never takes a worker's slot. A restarted
-    actor comes back empty: workers then prefill densely until anchors are learned again.
+    The actor asks for no CPU (it only rearranges metadata), so it never takes a worker's slot. Without
+    `snapshot` a restarted actor comes back empty (workers then prefill densely until anchors are learned
+    again); with it, the actor comes back with the anchors of its last saved snapshot.
     """
     import ray
     remote_cls = ray.remote(AnchorPoolActor)
@@ -327,7 +623,7 @@ def get_or_create_pool_actor(config: KVCommConfig | None = None, *, name: str = 
                                    max_concurrency=1, get_if_exists=True)
     if detached:
         options["lifetime"] = "detached"
-    handle = remote_cls.options(**options).remote(config or KVCommConfig())
+    handle = remote_cls.options(**options).remote(config or KVCommConfig(), snapshot)
     return handle, True
 
 

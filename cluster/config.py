@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from actors.agent_worker import WorkerSettings
+from actors.anchor_pool_actor import PoolSnapshotSettings
 from kvcomm.config import KVCommConfig
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -89,6 +90,11 @@ class ClusterConfig(BaseModel):
     pool_detached: bool = False                       # the pool outlives the runner (and the driver)
     pool_call_timeout_s: float = Field(10.0, gt=0)    # past this, a pool call counts as a lost pool
     pool_retry_after_s: float = Field(5.0, ge=0)      # a worker that lost the pool asks again after this long
+    pool_snapshot_path: str | None = None             # the pool saved to this file (msgpack) and loaded from it
+                                                      # when it (re)starts; None: no snapshots (a restarted pool
+                                                      # is empty). On the pool actor's node; relative to the cwd
+    pool_snapshot_every_commits: int = Field(100, ge=1)   # save once this many commits are unsaved ...
+    pool_snapshot_every_s: float = Field(60.0, gt=0)      # ... or once the oldest unsaved one is this old
     # --- the algorithm ---
     kvcomm: KVCommSettings = Field(default_factory=KVCommSettings)
 
@@ -140,6 +146,17 @@ class ClusterConfig(BaseModel):
         if self.gpus_per_worker:
             bundle["GPU"] = float(self.gpus_per_worker)
         return bundle
+
+    def pool_snapshot(self) -> PoolSnapshotSettings | None:
+        """The pool actor's snapshot settings (None when `pool_snapshot_path` is unset). The tag names the
+        model, weights, dtype and device: a snapshot saved by another deployment is rejected, not served."""
+        if not self.pool_snapshot_path:
+            return None
+        tag = (f"model={self.model} random_weights={self.random_weights} dtype={self.dtype or 'default'} "
+               f"device={self.device}")
+        return PoolSnapshotSettings(path=str(Path(self.pool_snapshot_path).expanduser().resolve()),
+                                    every_commits=self.pool_snapshot_every_commits,
+                                    every_s=self.pool_snapshot_every_s, tag=tag)
 
     def worker_settings(self) -> WorkerSettings:
         """What one `AgentWorker` needs (the actors layer never sees this pydantic model)."""

@@ -106,7 +106,7 @@ class ClusterRunner:
             # a crashed pool comes back empty (restarts are free); workers then prefill densely and relearn
             self.pool_actor, self._pool_created = get_or_create_pool_actor(
                 cfg.kvcomm.to_kvcomm(), name=cfg.pool_actor_name, namespace=cfg.ray_namespace,
-                detached=cfg.pool_detached, max_restarts=-1)
+                detached=cfg.pool_detached, max_restarts=-1, snapshot=cfg.pool_snapshot())
             _warn_if_pool_outgrows_object_store(cfg)
             settings = cfg.worker_settings()
             self.workers = [

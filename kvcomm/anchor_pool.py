@@ -488,6 +488,32 @@ class AnchorPool(TransactionHost):
                                      total_bytes=state.total_bytes - dropped)
             return self._state.version
 
+    def restore(self, namespaces: Mapping[str, Mapping[str, Sequence[Anchor]]], version: int = 0) -> int:
+        """Replace the whole pool by `namespaces` (namespace -> placeholder -> anchors in insertion order, e.g.
+        read back from a snapshot file) at `version`, then apply the bounds as a commit does (the config may
+        have shrunk since the anchors were saved); returns the version. Anchors keep their ids, activation
+        counts, insertion order and last writers."""
+        with self._lock:
+            restored: dict[str, _PlaceholderLists] = {}
+            next_seq = self._next_seq
+            for ns, lists in namespaces.items():
+                kept = {}
+                for ph, anchors in lists.items():
+                    anchors = list(anchors)
+                    while len(anchors) > self.config.max_anchors:
+                        anchors.pop(choose_victim(anchors, self.config.window))
+                        self._evictions["count"] += 1
+                    if anchors:
+                        kept[ph] = tuple(anchors)
+                        next_seq = max(next_seq, 1 + max(a.inserted_seq for a in anchors))
+                if kept:
+                    restored[ns] = MappingProxyType(kept)
+            restored, total_bytes = self._apply_byte_budget(restored, frozenset())
+            self._next_seq = next_seq
+            self._state = _PoolState(version=int(version), namespaces=MappingProxyType(restored),
+                                     total_bytes=total_bytes)
+            return self._state.version
+
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _apply_byte_budget(self, namespaces: dict[str, _PlaceholderLists],
                            protected: frozenset[str]) -> tuple[dict[str, _PlaceholderLists], int]:

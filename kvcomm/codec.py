@@ -4,12 +4,14 @@ Wire format (msgpack): ``{"magic": "kvcomm", "version": 1, "body": OBJ}``, where
 map ``{"__tensor__": [dtype name, shape, raw bytes]}`` and every KV segment
 ``{"__kvsegment__": [start, keys tensor, values tensor]}``. Raw bytes are the tensor's memory in C order;
 bfloat16 (which numpy lacks) travels as its 16-bit patterns. This serves every path outside Ray: pool
-snapshots on disk and HTTP export. Inside Ray, `tensor_to_numpy` / `numpy_to_tensor` move tensors as numpy
+snapshots on disk and HTTP export. `pack_stream` / `unpack_stream` write and read a payload whose body is a
+mapping ending in one long list, one list item at a time (a pool snapshot never sits whole in memory); what they
+write is an ordinary payload, which `unpack` reads too. Inside Ray, `tensor_to_numpy` / `numpy_to_tensor` move tensors as numpy
 arrays, which the object store shares zero-copy between processes on one node.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import IO, Any, Iterable, Iterator, Mapping
 
 import msgpack
 import numpy as np
@@ -147,6 +149,87 @@ def unpack(data: bytes, device: torch.device | str = "cpu") -> Any:
         raise CodecError(f"unsupported format version {envelope.get('version')!r}; this build reads "
                          f"{FORMAT_VERSION}")
     return _from_wire(envelope.get("body"), device)
+
+
+def pack_stream(file: IO[bytes], head: Mapping[str, Any], items: Iterable[Any], *, count: int,
+                items_key: str = "items") -> int:
+    """Write the payload of ``{**head, items_key: list(items)}`` to `file`, packing one item at a time.
+
+    `count` is the number of items (msgpack writes a list's length first); a different number raises
+    `CodecError`, after part of the payload was written (write to a temporary file). Returns the bytes written.
+    """
+    if items_key in head:
+        raise CodecError(f"pack_stream: head already has the key {items_key!r}")
+    packer = msgpack.Packer(use_bin_type=True)
+    written = 0
+
+    def put(chunk: bytes) -> None:
+        nonlocal written
+        file.write(chunk)
+        written += len(chunk)
+
+    put(packer.pack_map_header(3))
+    for key, value in (("magic", MAGIC), ("version", FORMAT_VERSION)):
+        put(packer.pack(key) + packer.pack(value))
+    put(packer.pack("body") + packer.pack_map_header(len(head) + 1))
+    for key, value in head.items():
+        put(packer.pack(key) + packer.pack(_to_wire(value)))
+    put(packer.pack(items_key) + packer.pack_array_header(count))
+    done = 0
+    for item in items:
+        if done == count:
+            raise CodecError(f"pack_stream: more than the {count} items announced")
+        put(packer.pack(_to_wire(item)))
+        done += 1
+    if done != count:
+        raise CodecError(f"pack_stream: {done} items written, {count} announced")
+    return written
+
+
+def unpack_stream(file: IO[bytes], device: torch.device | str = "cpu", *,
+                  items_key: str = "items") -> tuple[dict[str, Any], int, Iterator[Any]]:
+    """Read what `pack_stream` wrote: (head, number of items, an iterator decoding one item at a time).
+
+    Every problem (not a kvcomm payload, another format version, truncated or garbage bytes, the items list
+    missing or not last) is a `CodecError`, raised here or while iterating."""
+    unpacker = msgpack.Unpacker(file, raw=False, strict_map_key=False, max_buffer_size=0)
+
+    def read(what: Any) -> Any:
+        try:
+            return what()
+        except CodecError:
+            raise
+        except Exception as exc:  # msgpack raises several types for truncated or garbage input
+            raise CodecError(f"not a complete msgpack payload ({type(exc).__name__}: {exc})") from None
+
+    envelope: dict[str, Any] = {}
+    for _ in range(read(unpacker.read_map_header)):
+        key = read(unpacker.unpack)
+        if key == "body":
+            break
+        envelope[key] = read(unpacker.unpack)
+    else:
+        raise CodecError("not a kvcomm payload (body missing)")
+    if envelope.get("magic") != MAGIC:
+        raise CodecError("not a kvcomm payload (magic missing)")
+    if envelope.get("version") != FORMAT_VERSION:
+        raise CodecError(f"unsupported format version {envelope.get('version')!r}; this build reads "
+                         f"{FORMAT_VERSION}")
+    head: dict[str, Any] = {}
+    for _ in range(read(unpacker.read_map_header)):
+        key = read(unpacker.unpack)
+        if key == items_key:
+            break
+        head[key] = _from_wire(read(unpacker.unpack), device)
+    else:
+        raise CodecError(f"payload has no {items_key!r} list")
+    count = read(unpacker.read_array_header)
+
+    def items() -> Iterator[Any]:
+        for _ in range(count):
+            yield _from_wire(read(unpacker.unpack), device)
+
+    return head, count, items()
 
 
 def encode_tensor(tensor: torch.Tensor) -> bytes:
