@@ -1,5 +1,5 @@
 """The `kvcomm` command line: demo, run, serve, submit, and the benchmarks (runner, ttft, fidelity, anchors,
-throughput, reliability).
+quality, throughput, reliability).
 
 Each benchmark's options live next to its code and are added here; commands import the heavy parts (Ray, the
 model) only when they run, and nothing imports GPU code on a CPU-only machine.
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_runner)
 
     # the options of each benchmark live next to its code (one home); building them imports torch
-    from kvcomm.bench import fidelity, ttft
+    from kvcomm.bench import fidelity, quality, ttft
     from cluster import bench_reliability, bench_throughput, submit
 
     p = bench.add_parser("ttft", help="TTFT per agent and serving mode (the paper's Tables 2 and 3)")
@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("anchors", help="anchor-pool size V against memory, reuse rate, KL and offset time")
     fidelity.add_sweep_arguments(p)
     p.set_defaults(func=fidelity.sweep_cli_main)
+    p = bench.add_parser("quality", help="task accuracy, reuse rate and agreement with dense of every mode "
+                                         "(GSM8K, HumanEval)")
+    quality.add_arguments(p)
+    p.set_defaults(func=quality.cli_main)
     p = bench.add_parser("throughput", help="continuous batching vs batch-1, 1 vs N workers, KV transfer")
     bench_throughput.add_arguments(p)
     p.set_defaults(func=bench_throughput.cli_main)

