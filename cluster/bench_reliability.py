@@ -10,7 +10,9 @@ This module owns the cluster-side fault drills, as functions the reliability tes
   are learned again (or at once, when the pool restores a snapshot).
 * `memory_report`: peak resident memory of every worker and the pool's bytes against their budgets.
 
-`run` puts them together on a fresh cluster and returns one report; `markdown_table` is the README's table.
+`run` puts them together on a fresh cluster and returns one report; `markdown_table` is the README's table. The
+command line adds the HTTP drills of `cluster.bench_http` (malformed requests, 32 concurrent jobs against their
+sequential runs) on the Serve app, after the cluster drills (``--no-http`` leaves them out).
 """
 from __future__ import annotations
 
@@ -209,11 +211,22 @@ def markdown_table(report: dict[str, Any]) -> str:
                      f"{fmt(r['recovered'])} on the jobs after that"
                      + (f" (first reuse {back['seconds']:.1f} s / {back['jobs']} job(s) after the kill)" if back
                         else " (no reuse after the kill)") + f"; commits dropped: {pool['commits_dropped']}")
+    load = report.get("http_load")
+    if load and load.get("p50_s") is not None:
+        oracle = (f"sequential runs over HTTP, {load['sequential_s']:.0f} s" if load.get("sequential_s") is not None
+                  else "given results")
+        lines.append(f"- HTTP load: {load['jobs_submitted']} dense jobs at once (`?wait=true`): latency p50 "
+                     f"{load['p50_s']:.2f} s, p99 {load['p99_s']:.2f} s; throughput {load['jobs_per_s']:.2f} jobs/s "
+                     f"({load['turns_per_s']:.2f} turns/s, {load['wall_s']:.0f} s in all); oracle: {oracle}")
     fuzz = report.get("fuzz")
     if fuzz:
         codes = ", ".join(f"{k}: {v}" for k, v in sorted(fuzz["status_codes"].items()))
         lines.append(f"- malformed requests: {fuzz['requests']} sent, status codes {{{codes}}}, 5xx: "
-                     f"{fuzz['server_errors']}, valid request afterwards: {fuzz['healthy_after']}")
+                     f"{fuzz['server_errors']}, valid request afterwards: {fuzz['healthy_after']}"
+                     + (f"; error bodies not in OpenAI's shape: {fuzz['bad_error_bodies']}"
+                        if fuzz.get("bad_error_bodies") else ""))
+    if report.get("http_error"):
+        lines.append(f"- HTTP drills did not finish: {report['http_error']}")
     mem = report.get("memory")
     if mem:
         peak = max(w["peak_rss_mb"] for w in mem["workers"])
@@ -236,12 +249,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     parser.add_argument("--config", default=None, help="cluster config YAML (resources, kvcomm knobs)")
     parser.add_argument("--json", default=None, help="write the report here")
+    parser.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the cluster drills, start the Serve app (configs/local.yaml's, on a local Ray "
+                             "cluster as kvcomm demo does) and run the HTTP drills: malformed requests, and "
+                             "--http-jobs concurrent dense jobs against their sequential runs (default: on)")
+    parser.add_argument("--http-jobs", type=int, default=32, help="concurrent jobs in the HTTP load drill")
+    parser.add_argument("--fuzz-requests", type=int, default=560, help="malformed requests in the HTTP fuzz drill")
+    parser.add_argument("--fuzz-seed", type=int, default=0, help="seed of the malformed-request corpus")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     config = ClusterConfig.from_yaml(args.config) if args.config else None
+
+    def http_drills() -> dict[str, Any]:
+        from .bench_http import http_drills as drills
+        try:
+            return drills(model=args.model, random_weights=args.random_weights, jobs=args.http_jobs,
+                          new_tokens=args.new_tokens, fuzz_requests=args.fuzz_requests, seed=args.fuzz_seed,
+                          cluster=config, address=args.address)
+        except Exception as exc:  # noqa: BLE001 - the cluster drills' report is still printed
+            print(f"HTTP drills failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return {"http_error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"}
+
     report = run(model=args.model, random_weights=args.random_weights, jobs=args.jobs, pool_jobs=args.pool_jobs,
-                 new_tokens=args.new_tokens, address=args.address, config=config)
+                 new_tokens=args.new_tokens, address=args.address, config=config,
+                 extra=http_drills if args.http else None)
     print(markdown_table(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

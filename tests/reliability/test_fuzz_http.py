@@ -16,13 +16,16 @@ Serve app (tests/reliability/conftest.py):
 Every response must be a 2xx/4xx (429 counts: the in-flight limit is a client's business), every error body must
 be the OpenAI error shape, and afterwards the server still answers a valid chat and a valid job and no in-flight
 slot is leaked. The request count and the status-code histogram are printed (`report`).
+
+The value lists (special strings and numbers, raw bodies, header shapes, paths) are `cluster.bench_http`'s, whose
+seeded corpus of the same kinds `kvcomm bench reliability` sends (tests/reliability/test_bench_http.py); Hypothesis
+explores them further here. (The body of `send` below is kept verbatim: derandomized Hypothesis seeds itself
+from the test's source, so editing it changes which requests are sent.)
 """
 from __future__ import annotations
 
 import collections
 import copy
-import json
-import string
 import time
 from typing import Any
 from urllib.parse import quote
@@ -30,6 +33,11 @@ from urllib.parse import quote
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from cluster.bench_http import (CONTENT_TYPES, HEADER_ALPHABET, METHODS, MODE_VALUES, NAMESPACE_VALUES, ROUTE_PATHS,
+                                SPECIAL_FLOATS, SPECIAL_INTS, WAIT_VALUES, _chunks, _slots, auth_shapes,
+                                auth_targets, oversized_bodies, raw_bodies, special_strings)
+from cluster.bench_http import dumps as _dumps
 
 from .conftest import MODEL_NAME, App, chat_request, math_job, report
 
@@ -41,31 +49,15 @@ BASE_JOB = math_job("Tom has 3 apples and buys 5 more. How many apples?", agents
 BASE_CHAT = chat_request("Say hi", max_tokens=2)
 
 # ---- JSON values -------------------------------------------------------------------------------------------
-SPECIAL_STRINGS = ["", " ", "\x00", "null", "dense", "kvcomm", "turbo", "{user_question}", "{agent_1_current}",
-                   "{agent_9_history}", "{bogus}", "💥" * 20, "é" * 300, "\u202e\u200b", "a" * 5000, "1", "-1",
-                   MODEL_NAME, "system", "user", "assistant", "python", "../../etc/passwd", "<script>"]
+SPECIAL_STRINGS = special_strings(MODEL_NAME)
 scalars = st.one_of(
     st.none(), st.booleans(),
     st.integers(min_value=-10, max_value=10), st.integers(), st.integers(min_value=2 ** 60, max_value=2 ** 80),
-    st.sampled_from([0, -1, 2 ** 31, 2 ** 63, 2 ** 64, -(2 ** 63) - 1, 10 ** 30]),
-    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0.0, -0.0, 1e308, -1e308, 5e-324, 2.5]),
+    st.sampled_from(SPECIAL_INTS),
+    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(SPECIAL_FLOATS),
     st.text(max_size=30), st.sampled_from(SPECIAL_STRINGS))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-
-
-def _slots(document: Any, path: tuple = ()) -> list[tuple]:
-    """Every (path to a container, key) in `document`, the root included as ((), None)."""
-    found = [(path, None)] if not path else []
-    if isinstance(document, dict):
-        for key, value in document.items():
-            found.append((path, key))
-            found.extend(_slots(value, path + (key,)))
-    elif isinstance(document, list):
-        for index, value in enumerate(document):
-            found.append((path, index))
-            found.extend(_slots(value, path + (index,)))
-    return found
 
 
 def _at(document: Any, path: tuple) -> Any:
@@ -100,10 +92,6 @@ def mutated(draw, base: dict[str, Any]) -> Any:
     return document
 
 
-def _dumps(document: Any, ascii_only: bool) -> bytes:
-    return json.dumps(document, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
-
-
 # ---- requests ----------------------------------------------------------------------------------------------
 Request = dict   # method, path, params, headers, content, kind
 
@@ -112,9 +100,9 @@ Request = dict   # method, path, params, headers, content, kind
 def job_requests(draw) -> Request:
     params = {}
     if draw(st.booleans()):
-        params["wait"] = draw(st.sampled_from(["true", "1", "", "false", "maybe", "TRUE", "yes"]))
+        params["wait"] = draw(st.sampled_from(WAIT_VALUES))
     if draw(st.integers(0, 4)) == 0:
-        params["mode"] = draw(st.sampled_from(["dense", "kvcomm", "turbo", "", "DENSE", "dense\x00"]))
+        params["mode"] = draw(st.sampled_from(MODE_VALUES))
     body = _dumps(draw(mutated(BASE_JOB)), draw(st.booleans()))
     return Request(method="POST", path="/v1/jobs", params=params, headers={}, content=body, kind="job")
 
@@ -125,18 +113,7 @@ def chat_requests(draw) -> Request:
     return Request(method="POST", path="/v1/chat/completions", params={}, headers={}, content=body, kind="chat")
 
 
-def _oversized(limit: int) -> list[bytes]:
-    inner = b"1," * (limit // 2 + 64)
-    return [b"[" + inner + b"1]", json.dumps({**BASE_JOB, "task": "x" * (limit + 10)}).encode()]
-
-
-RAW_BODIES = [b"", b" ", b"{", b"[", b"}", b"null", b"true", b"0", b'"a job"', b"[]", b"{}", b'{"agents": [',
-              b"NaN", b"Infinity", b'{"rounds": -Infinity}', b'{"temperature": NaN}', b"[1e999]", b"-1e400",
-              b"9" * 5000, b'{"max_tokens": ' + b"9" * 4400 + b"}", b'{"a": "\\ud800"}', b'"\\udfff"',
-              b"[" * 5000 + b"]" * 5000, b"[" * 100_000, b'{"a":' * 70 + b"1" + b"}" * 70,
-              '{"task": "é"}'.encode("utf-16"), b"\xff\xfe\x00", b"\xc3\x28", b"\x00" * 64,
-              json.dumps(BASE_JOB)[:-7].encode(), json.dumps(BASE_CHAT)[:20].encode(),
-              json.dumps([BASE_JOB, BASE_JOB]).encode(), json.dumps({"job": BASE_JOB}).encode()]
+RAW_BODIES = raw_bodies(BASE_JOB, BASE_CHAT)
 
 
 @st.composite
@@ -147,24 +124,20 @@ def raw_requests(draw, limit: int) -> Request:
     if choice == 0:
         body = draw(st.binary(max_size=300))
     elif choice == 1:
-        body = draw(st.sampled_from(_oversized(limit)))
+        body = draw(st.sampled_from(oversized_bodies(limit, BASE_JOB)))
         chunked = draw(st.booleans())
     else:
         body = draw(st.sampled_from(RAW_BODIES))
-    headers = {"content-type": draw(st.sampled_from(["application/json", "text/plain", "application/x-www-form-"
-                                                     "urlencoded", "multipart/form-data; boundary=x", ""]))}
+    headers = {"content-type": draw(st.sampled_from(CONTENT_TYPES))}
     return Request(method="POST", path=path, params={}, headers=headers, content=body, kind="raw", chunked=chunked)
 
 
-HEADER_ALPHABET = [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xA0, 0x100)] + [" ", "\t"]
 header_values = st.text(alphabet=HEADER_ALPHABET, max_size=60).map(lambda v: v.strip(" \t"))
 
 
 @st.composite
 def auth_requests(draw, key: str, other_key: str) -> Request:
-    shapes = [f"Bearer {key}", f"bearer {key}", f"BEARER   {key}", f"Basic {key}", key, f"Bearer{key}",
-              f"Bearer {key} {key}", f"Bearer {key[:-1]}", f"Bearer {other_key}", "Bearer", "Bearer ", "",
-              "Bearer " + "k" * 8000, f"Token {other_key}"]
+    shapes = auth_shapes(key, other_key)
     headers = {}
     shape = draw(st.integers(0, 3))
     if shape == 0:
@@ -173,15 +146,10 @@ def auth_requests(draw, key: str, other_key: str) -> Request:
         headers["Authorization"] = draw(st.sampled_from(["Bearer ", "Basic ", ""])) + draw(header_values)
     elif shape == 2:
         headers["Authorization"] = f"Bearer {key}"
-        headers["X-KVCOMM-Namespace"] = draw(st.one_of(header_values, st.sampled_from(
-            ["a" * 64, "a" * 65, "-x", "ok.name:1", "team a", "tëam", "x/y"])))
+        headers["X-KVCOMM-Namespace"] = draw(st.one_of(header_values, st.sampled_from(NAMESPACE_VALUES)))
     else:
         headers["Authorization"] = None           # no Authorization header at all
-    method, path, body = draw(st.sampled_from([
-        ("GET", "/v1/models", None), ("GET", f"/v1/models/{MODEL_NAME}", None), ("GET", "/metrics", None),
-        ("GET", "/v1/jobs/job-0123456789abcdef", None), ("GET", "/v1/jobs/job-0123456789abcdef/events", None),
-        ("POST", "/v1/jobs", _dumps(BASE_JOB, True)), ("POST", "/v1/chat/completions", _dumps(BASE_CHAT, True)),
-        ("GET", "/healthz", None)]))
+    method, path, body = draw(st.sampled_from(auth_targets(MODEL_NAME, BASE_JOB, BASE_CHAT)))
     return Request(method=method, path=path, params={}, headers=headers, content=body, kind="auth")
 
 
@@ -190,12 +158,9 @@ path_text = st.text(max_size=40).map(lambda t: quote(t, safe=""))
 
 @st.composite
 def route_requests(draw) -> Request:
-    method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]))
+    method = draw(st.sampled_from(METHODS))
     path = draw(st.one_of(
-        st.sampled_from(["/", "/v1", "/v1/", "/v1/jobs", "/v1/jobs/", "/v1/chat/completions", "/v1/models",
-                         "/v1/models/", "/healthz", "/metrics", "/v1/completions", "/v1/embeddings", "/docs",
-                         "/openapi.json", "//v1//jobs", "/v1/jobs/%2e%2e/%2e%2e/metrics", "/V1/JOBS",
-                         "/v1/chat/completions/", "/v1/jobs/x/events/extra", "/-/routes", "/-/healthz"]),
+        st.sampled_from(ROUTE_PATHS),
         path_text.map(lambda t: f"/v1/jobs/{t}"), path_text.map(lambda t: f"/v1/jobs/{t}/events"),
         path_text.map(lambda t: f"/v1/models/{t}"), path_text.map(lambda t: f"/{t}")))
     body = draw(st.sampled_from([None, b"{}", _dumps(BASE_CHAT, True)])) if method not in ("GET", "HEAD") else None
@@ -207,11 +172,6 @@ def requests_strategy(app: App) -> st.SearchStrategy:
     kinds = {"job": job_requests(), "chat": chat_requests(), "raw": raw_requests(app.limits["max_body_bytes"]),
              "auth": auth_requests(app.key, app.other_key), "route": route_requests()}
     return st.sampled_from(sorted(kinds)).flatmap(kinds.__getitem__)
-
-
-def _chunks(body: bytes):
-    for start in range(0, len(body), 16384):
-        yield body[start:start + 16384]
 
 
 def test_fuzzed_requests_never_get_a_5xx_and_the_server_keeps_serving(app: App) -> None:

@@ -4,19 +4,19 @@ with 429 and Retry-After, and the server serves again once it has passed.
 The package's Serve app (tests/reliability/conftest.py: one worker replica of tiny-llama on half a CPU,
 ``serve.max_in_flight`` 32, ``serve.retry_after_s`` 2). The oracle is the in-process engine over the same random
 weights, running each job alone (`kvcomm.job_runner.run_job`): in dense mode every job's turns must come back with
-exactly its own sequential tokens, however the worker batched them. Latency percentiles and throughput are
-printed (`report`).
+exactly its own sequential tokens, however the worker batched them (`cluster.bench_http.load_drill`, the
+benchmark's own drill). Latency percentiles and throughput are printed (`report`).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import statistics
 import time
 
 import httpx
 import pytest
 
+from cluster.bench_http import load_drill
 from kvcomm.harness.jobs import JobSpec
 from kvcomm.job_runner import run_job
 
@@ -33,49 +33,17 @@ def _task(i: int) -> str:
             "How many pens are left?")
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
 def test_32_concurrent_jobs_lose_nothing_and_equal_their_sequential_dense_runs(app: App, oracle) -> None:
     jobs = [math_job(_task(i), "dense", job_id=f"load-{i}", new_tokens=NEW_TOKENS) for i in range(CONCURRENT_JOBS)]
-    expected = [run_job(oracle, JobSpec.from_dict(job)) for job in jobs]          # one at a time, in process
+    expected = [run_job(oracle, JobSpec.from_dict(job)).to_dict() for job in jobs]   # one at a time, in process
     app.wait_idle()
-
-    async def submit_all() -> tuple[list[tuple[httpx.Response, float]], float]:
-        async with httpx.AsyncClient(base_url=app.url, headers={"Authorization": f"Bearer {app.key}"},
-                                     timeout=300, limits=httpx.Limits(max_connections=CONCURRENT_JOBS)) as client:
-            async def one(job: dict) -> tuple[httpx.Response, float]:
-                started = time.perf_counter()
-                response = await client.post("/v1/jobs", params={"wait": "true"}, json=job)
-                return response, time.perf_counter() - started
-            started = time.perf_counter()
-            answers = await asyncio.gather(*(one(job) for job in jobs))
-            return answers, time.perf_counter() - started
-
-    answers, wall_s = asyncio.run(submit_all())
-    record_ids = set()
-    for job, want, (response, _) in zip(jobs, expected, answers):
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert body["status"] == "succeeded" and body["job_id"] == job["id"], body
-        record_ids.add(body["id"])
-        result = body["result"]
-        assert result["job_id"] == job["id"] and result["mode"] == "dense"
-        got = [(t["agent_id"], t["round"], t["token_ids"], t["text"]) for t in result["turns"]]
-        assert got == [(t.agent_id, t.round, t.token_ids, t.text) for t in want.turns], job["id"]
-        assert result["final_answer"] == want.final_answer
-    assert len(record_ids) == CONCURRENT_JOBS                                    # one record per job, none shared
-
-    latencies = [seconds for _, seconds in answers]
-    turns = sum(len(r.json()["result"]["turns"]) for r, _ in answers)
-    report("load_http", {"jobs": CONCURRENT_JOBS, "turns": turns, "new_tokens_per_turn": NEW_TOKENS,
-                         "wall_s": round(wall_s, 2), "p50_s": round(_percentile(latencies, 50), 2),
-                         "p99_s": round(_percentile(latencies, 99), 2),
-                         "mean_s": round(statistics.fmean(latencies), 2),
-                         "jobs_per_s": round(CONCURRENT_JOBS / wall_s, 2), "turns_per_s": round(turns / wall_s, 2),
-                         "lost": 0, "mismatched": 0})
+    # the benchmark's drill: all at once over HTTP (?wait=true); each job's turns (agent, round, tokens, text),
+    # final answer, job id and record must be its own
+    load = load_drill(app.url, app.key, jobs, expected=expected)
+    assert load["jobs_completed"] == CONCURRENT_JOBS and load["jobs_failed"] == 0, load["errors"]
+    assert load["results_mismatched"] == 0, load["mismatched_ids"]
+    report("load_http", {"jobs": CONCURRENT_JOBS, "new_tokens_per_turn": NEW_TOKENS, "lost": 0, "mismatched": 0,
+                         **{k: load[k] for k in ("wall_s", "p50_s", "p99_s", "mean_s", "jobs_per_s", "turns_per_s")}})
 
 
 def test_a_burst_beyond_the_in_flight_limit_gets_429_with_retry_after_and_then_is_served(app: App) -> None:
