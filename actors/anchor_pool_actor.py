@@ -631,13 +631,18 @@ def get_or_create_pool_actor(config: KVCommConfig | None = None, *, name: str = 
 # The worker-side client
 # ------------------------------------------------------------------------------------------------------------
 class PartCache:
-    """Fetched tensor parts by key, least recently used evicted first once over `budget_bytes`."""
+    """Fetched tensor parts by key, least recently used evicted first once over `budget_bytes` (one entry
+    larger than the budget is kept alone). `on_evict(key)` is told of every eviction."""
 
-    def __init__(self, budget_bytes: int):
+    def __init__(self, budget_bytes: int, on_evict: Callable[[str], None] | None = None):
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[str, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+        self._on_evict = on_evict
         self.nbytes = 0
         self.hits = self.misses = self.evictions = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         """The cached tensors (now the most recently used), or None; counted as a hit or a miss."""
@@ -655,9 +660,11 @@ class PartCache:
         self._entries[key] = (tensors, nbytes)
         self.nbytes += nbytes
         while self.nbytes > self.budget_bytes and len(self._entries) > 1:
-            _, (_, size) = self._entries.popitem(last=False)
+            evicted, (_, size) = self._entries.popitem(last=False)
             self.nbytes -= size
             self.evictions += 1
+            if self._on_evict is not None:
+                self._on_evict(evicted)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -697,8 +704,9 @@ class RemoteAnchorPool(TransactionHost):
         self.device = torch.device(device)
         self.call_timeout_s = call_timeout_s
         self.retry_after_s = retry_after_s
-        self.cache = PartCache(cache_bytes)
+        self.cache = PartCache(cache_bytes, on_evict=self._forget_snapshots_using)
         self._snapshots: OrderedDict[str, tuple[str, PoolSnapshot]] = OrderedDict()  # namespace -> (epoch, last)
+        self._snapshot_keys: dict[str, frozenset[str]] = {}   # namespace -> part keys its kept snapshot holds
         self._unreachable_until = 0.0
         self._stats = _ClientStats()
 
@@ -721,11 +729,30 @@ class RemoteAnchorPool(TransactionHost):
             self._lost("snapshot", exc)
             self._stats.snapshots_failed += 1
             return _empty_snapshot(namespace)
-        self._snapshots[namespace] = (wire["epoch"], snap)
-        self._snapshots.move_to_end(namespace)
-        while len(self._snapshots) > _SNAPSHOTS_KEPT:    # their tensors are outside the cache's budget
-            self._snapshots.popitem(last=False)
+        self._keep(namespace, wire, snap)
         return snap
+
+    def _keep(self, namespace: str, wire: Mapping[str, Any], snap: PoolSnapshot) -> None:
+        """Keep the namespace's last snapshot (to answer "unchanged" without a rebuild) only while every part it
+        holds is in the cache: a kept snapshot never pins tensors the cache has evicted, so the anchor bytes a
+        worker holds between turns stay within `cache_bytes`."""
+        keys = frozenset(part.key for entries in wire["lists"].values() for entry in entries
+                         for part in [entry["parts"]["base"], *entry["parts"]["deltas"].values(),
+                                      *entry["parts"]["rbk"].values()])
+        self._snapshots.pop(namespace, None)
+        self._snapshot_keys.pop(namespace, None)
+        if not all(key in self.cache for key in keys):
+            return                                         # larger than the cache: rebuilt from the pool next time
+        self._snapshots[namespace] = (wire["epoch"], snap)
+        self._snapshot_keys[namespace] = keys
+        while len(self._snapshots) > _SNAPSHOTS_KEPT:
+            dropped, _ = self._snapshots.popitem(last=False)
+            self._snapshot_keys.pop(dropped, None)
+
+    def _forget_snapshots_using(self, key: str) -> None:
+        for namespace in [ns for ns, keys in self._snapshot_keys.items() if key in keys]:
+            self._snapshots.pop(namespace, None)
+            del self._snapshot_keys[namespace]
 
     def _build_snapshot(self, wire: Mapping[str, Any]) -> PoolSnapshot:
         import ray
