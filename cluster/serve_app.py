@@ -108,6 +108,8 @@ class ServeSettings(BaseModel):
     max_output_tokens: int = Field(4096, ge=1)                # chat max_tokens, an agent's max_new_tokens: 400
     max_job_agents: int = Field(32, ge=1)                     # agents of one job: 400 above
     max_job_turns: int = Field(128, ge=1)                     # turns of one job (rounds x agents): 400 above
+    job_resubmits: int = Field(1, ge=0)                       # a job whose worker replica died runs again (on a
+                                                              # live replica) up to this many times; then 502
     worker_max_ongoing_requests: int = Field(64, ge=1)        # jobs + chats one worker replica runs at once
     ingress_max_ongoing_requests: int = Field(1000, ge=1)
     autoscaling: AutoscalingSettings | None = None            # None: cluster.num_workers replicas
@@ -341,6 +343,7 @@ class IngressSettings:
     max_output_tokens: int
     max_job_agents: int
     max_job_turns: int
+    job_resubmits: int = 1
 
     @classmethod
     def from_config(cls, config: ServeAppConfig, api_key_digests: tuple[bytes, ...]) -> "IngressSettings":
@@ -351,7 +354,8 @@ class IngressSettings:
                    kvcomm=cluster.kvcomm.to_kvcomm(), max_in_flight=serve_settings.max_in_flight,
                    retry_after_s=serve_settings.retry_after_s, max_prompt_chars=serve_settings.max_prompt_chars,
                    max_output_tokens=serve_settings.max_output_tokens,
-                   max_job_agents=serve_settings.max_job_agents, max_job_turns=serve_settings.max_job_turns)
+                   max_job_agents=serve_settings.max_job_agents, max_job_turns=serve_settings.max_job_turns,
+                   job_resubmits=serve_settings.job_resubmits)
 
 
 @dataclass(frozen=True)
@@ -409,13 +413,21 @@ class JobRecord:
         body: dict[str, Any] = {"id": self.id, "object": "kvcomm.job", "job_id": self.spec_id, "status": self.status,
                                 "mode": self.mode, "namespace": self.namespace, "created_at": self.created_at,
                                 "finished_at": self.finished_at,
-                                "turns_done": sum(1 for name, _ in self.events if name == "turn"),
+                                "turns_done": self.turns_done,
                                 "events": f"/v1/jobs/{self.id}/events"}
         if with_result and self.result is not None:
             body["result"] = self.result
         if self.error is not None:
             body["error"] = {"message": self.error.message, "type": self.error.error_type, "param": self.error.param}
         return body
+
+    @property
+    def turns_done(self) -> int:
+        """Turns finished by the job's current run (a ``retry`` event starts it again)."""
+        done = 0
+        for name, _ in self.events:
+            done = 0 if name == "retry" else done + (name == "turn")
+        return done
 
     def final_event(self) -> dict[str, Any]:
         return self.public(with_result=True)
@@ -768,23 +780,25 @@ class KVCommIngress:
         return JSONResponse(record.public())
 
     async def _run_job(self, record: JobRecord, job: dict[str, Any], mode: str) -> None:
+        """Run the job on a worker replica, publishing its turns; a replica that dies mid-job (its actor lost)
+        costs a rerun from the start on a live replica (Serve's router picks one; a restarted one is waited for),
+        announced by a ``retry`` event, up to `job_resubmits` times; then, or on any other failure, 502."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
         record.status = "running"
         result, error = None, None
         try:
-            stream = self._workers.options(stream=True).run_job_events.remote(job, mode)
-            async for event in stream:
-                kind = event["event"]
-                if kind == "turn":
-                    turn = event["turn"]
-                    self._metrics.observe_turn(mode, turn["reason"], turn["ttft_s"], turn["reused"],
-                                               turn["prompt_tokens"], len(turn["token_ids"]))
-                    await record.publish("turn", {**turn, "job": record.id, "worker": event["worker"]})
-                elif kind == "result":
-                    result = event["result"]
-                elif kind == "error":
-                    error = APIError(event["status"], event["message"], param=event.get("param"))
-            if result is None and error is None:
-                error = APIError(502, "job: the worker ended without a result")
+            for attempt in range(self._settings.job_resubmits + 1):
+                try:
+                    result, error = await self._run_job_once(record, job, mode)
+                    break
+                except (RayActorError, ActorUnavailableError) as exc:
+                    if attempt == self._settings.job_resubmits:
+                        raise
+                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                    log.warning("job %s: its worker replica was lost (%s); running it again on a live replica",
+                                record.id, reason)
+                    await record.publish("retry", {"job": record.id, "attempt": attempt + 2,
+                                                   "reason": f"worker replica lost: {reason}"})
         except Exception as exc:  # noqa: BLE001 - a lost worker fails this job, not the server
             log.warning("job %s: worker call failed: %s", record.id, exc)
             error = APIError(502, f"job: worker failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
@@ -793,6 +807,26 @@ class KVCommIngress:
             self._forget_old_jobs(record)
             self._metrics.observe_job(mode, record.status)
             self._queue_changed(-1)               # the slot `_create_job` reserved
+
+    async def _run_job_once(self, record: JobRecord, job: dict[str, Any],
+                            mode: str) -> tuple[dict[str, Any] | None, "APIError | None"]:
+        """One run of the job on a worker replica: (result, None) or (None, the error the worker reported)."""
+        result, error = None, None
+        stream = self._workers.options(stream=True).run_job_events.remote(job, mode)
+        async for event in stream:
+            kind = event["event"]
+            if kind == "turn":
+                turn = event["turn"]
+                self._metrics.observe_turn(mode, turn["reason"], turn["ttft_s"], turn["reused"],
+                                           turn["prompt_tokens"], len(turn["token_ids"]))
+                await record.publish("turn", {**turn, "job": record.id, "worker": event["worker"]})
+            elif kind == "result":
+                result = event["result"]
+            elif kind == "error":
+                error = APIError(event["status"], event["message"], param=event.get("param"))
+        if result is None and error is None:
+            error = APIError(502, "job: the worker ended without a result")
+        return result, error
 
     def _readable_job(self, request: Request, caller: Caller) -> JobRecord:
         job_id = request.path_params["job_id"]
@@ -980,12 +1014,18 @@ def run_server(config: str | Path | ServeConfigFile, *, host: str | None = None,
                address: str | None = None, num_cpus: int | None = None, ready: Any = None) -> int:
     """Start Ray (or connect), Serve on host:port, every application of the config file; serve until Ctrl-C
     (or until `ready(urls)` returns, for callers that drive the server themselves: its int is the exit status);
-    then shut down Serve, the anchor pool actor and a Ray cluster this call started."""
+    then shut down Serve, the anchor pool actor and a Ray cluster this call started.
+
+    Ctrl-C is a normal way to stop (exit status 0 while serving; 130 when it interrupts the start or `ready`): it
+    prints one line and shuts down, without a traceback; a second Ctrl-C during the shutdown skips waiting for
+    Serve's graceful shutdown."""
     import ray
     spec = config if isinstance(config, ServeConfigFile) else load_serve_config_file(config)
     host, port = host or spec.host, port or spec.port
-    started = start_local_ray(address, num_cpus)
+    owned = address is None and not ray.is_initialized()      # this call starts (and stops) a local cluster
+    code = 0
     try:
+        start_local_ray(address, num_cpus)
         serve.start(http_options={"host": host, "port": port})
         urls = []
         for app in spec.applications:
@@ -996,7 +1036,6 @@ def run_server(config: str | Path | ServeConfigFile, *, host: str | None = None,
         for url in urls:
             print(f"[serve] ready at {url}  (POST /v1/jobs, /v1/chat/completions; GET /v1/models, /healthz, "
                   "/metrics)", flush=True)
-        code = 0
         if ready is not None:
             outcome = ready(urls)
             code = outcome if isinstance(outcome, int) else 0
@@ -1006,12 +1045,71 @@ def run_server(config: str | Path | ServeConfigFile, *, host: str | None = None,
                     time.sleep(3600)
             except KeyboardInterrupt:
                 print("\n[serve] shutting down ...", flush=True)
+    except KeyboardInterrupt:
+        print("\n[serve] interrupted: shutting down ...", flush=True)
+        code = 130
     finally:
-        try:
-            serve.shutdown()
-            for app in spec.applications:
-                kill_pool_actor(app.config)
-        finally:
-            if started:
-                ray.shutdown()
+        _shut_down(spec, owned)
     return code
+
+
+# Ray's own line when `serve.shutdown()` ends its controller while the driver still waits on it (harmless: the
+# controller is meant to go); every other line passes.
+_SHUTDOWN_NOISE = ("ServeController.graceful_shutdown failed",)
+
+
+class _FilteredStream:
+    """A text stream that drops whole lines containing one of `noise` and passes everything else on."""
+
+    def __init__(self, stream: Any, noise: tuple[str, ...]):
+        self._stream, self._noise, self._pending = stream, noise, ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if not any(n in line for n in self._noise):
+                self._stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending and not any(n in self._pending for n in self._noise):
+            self._stream.write(self._pending)
+        self._pending = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _shut_down(spec: ServeConfigFile, owned: bool) -> None:
+    """Serve, the applications' anchor pool actors and (when `owned`) the local Ray cluster. A Ctrl-C during
+    Serve's graceful shutdown skips the rest of it; none is taken while the Ray cluster stops."""
+    import signal
+    import sys
+    import threading
+
+    import ray
+    streams = sys.stdout, sys.stderr                 # Ray prints its error messages to stdout
+    sys.stdout, sys.stderr = (_FilteredStream(stream, _SHUTDOWN_NOISE) for stream in streams)
+    try:
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+                for app in spec.applications:
+                    kill_pool_actor(app.config)
+        except KeyboardInterrupt:
+            print("[serve] interrupted again: not waiting for Serve's graceful shutdown"
+                  + ("" if owned else " (`serve shutdown` stops what is left on the cluster)"), flush=True)
+        if owned and ray.is_initialized():
+            in_main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+            try:
+                ray.shutdown()
+            finally:
+                if in_main:
+                    signal.signal(signal.SIGINT, previous)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams

@@ -17,10 +17,11 @@ Every response must be a 2xx/4xx (429 counts: the in-flight limit is a client's 
 be the OpenAI error shape, and afterwards the server still answers a valid chat and a valid job and no in-flight
 slot is leaked. The request count and the status-code histogram are printed (`report`).
 
-The value lists (special strings and numbers, raw bodies, header shapes, paths) are `cluster.bench_http`'s, whose
-seeded corpus of the same kinds `kvcomm bench reliability` sends (tests/reliability/test_bench_http.py); Hypothesis
-explores them further here. (The body of `send` below is kept verbatim: derandomized Hypothesis seeds itself
-from the test's source, so editing it changes which requests are sent.)
+The value lists (special strings and numbers, raw bodies, header shapes, paths), how a request is sent and how a
+response is judged are `cluster.bench_http`'s, whose seeded corpus of the same kinds `kvcomm bench reliability`
+sends (tests/reliability/test_bench_http.py); Hypothesis explores them further here. Derandomized, the requests
+are the same on every run of the same code; Hypothesis also mixes in literals of the project's loaded modules, so
+a code change anywhere can change the sample (and the histogram).
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.bench_http import (CONTENT_TYPES, HEADER_ALPHABET, METHODS, MODE_VALUES, NAMESPACE_VALUES, ROUTE_PATHS,
-                                SPECIAL_FLOATS, SPECIAL_INTS, WAIT_VALUES, _chunks, _slots, auth_shapes,
-                                auth_targets, oversized_bodies, raw_bodies, special_strings)
+                                SPECIAL_FLOATS, SPECIAL_INTS, WAIT_VALUES, _slots, auth_shapes, auth_targets,
+                                oversized_bodies, raw_bodies, request_headers, response_problem, send,
+                                special_strings)
 from cluster.bench_http import dumps as _dumps
 
 from .conftest import MODEL_NAME, App, chat_request, math_job, report
@@ -185,28 +187,17 @@ def test_fuzzed_requests_never_get_a_5xx_and_the_server_keeps_serving(app: App) 
         @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
                   suppress_health_check=list(HealthCheck))
         @given(request=requests_strategy(app))
-        def send(request: Request) -> None:
-            headers = {"Authorization": http.headers["Authorization"]}
-            headers.update(request["headers"])
-            headers = {name: value.strip(" \t").encode("latin-1") for name, value in headers.items() if value is not None}
-            content = request["content"]
-            if request.get("chunked") and content is not None:
-                content = _chunks(content)
-            response = http.request(request["method"], request["path"], params=request["params"],
-                                    headers=headers, content=content)
+        def send_one(request: Request) -> None:
+            response = send(http, request, app.key)
             histogram[response.status_code] += 1
             by_kind[request["kind"]][response.status_code] += 1
-            assert response.status_code < 500, (request["method"], request["path"], response.status_code,
-                                                 response.text[:500], repr(request["content"])[:300])
-            if response.status_code >= 400 and request["method"] != "HEAD":
-                error = response.json()["error"]             # the OpenAI error shape, always
-                assert isinstance(error["message"], str) and error["message"] and "type" in error, error
-            if response.status_code == 429:
-                assert response.headers["retry-after"] == str(app.limits["retry_after_s"])
+            # never a 5xx; errors in the OpenAI error shape, always; a 429 with the configured Retry-After
+            problem = response_problem(response, request["method"], app.limits["retry_after_s"])
+            assert problem is None, (request["method"], request["path"], problem, repr(request["content"])[:300])
             if response.status_code == 202:                  # a job running in the background: checked below
-                accepted.append((response.json()["id"], headers))
+                accepted.append((response.json()["id"], request_headers(request, app.key)))
 
-        send()
+        send_one()
 
         seconds = time.perf_counter() - started
         total = sum(histogram.values())
