@@ -1,0 +1,294 @@
+"""README.md's HTTP API examples, run against the real server; and Ctrl-C on `kvcomm serve` shuts down cleanly.
+
+`kvcomm serve` runs in a subprocess (its own local Ray cluster, as a user starts it) with a Serve config like
+``configs/local.yaml`` but tiny-llama with random weights (fast) served under the README's model name. The
+README's ``## HTTP API (Ray Serve)`` section marks its examples with HTML comments:
+
+* ``<!-- api-example: file NAME -->`` before a fenced block: a file the commands read (``-d @NAME``);
+* ``<!-- api-example: STATUS -->`` before a fenced ``bash`` block holding one ``curl`` command, followed by a
+  fenced block with the response: JSON (``json``), or server-sent events (``text``).
+
+Each command is parsed (method, URL, headers, body) and sent with httpx to the server (``127.0.0.1:8000``
+replaced by its address; a ``job-<16 hex>`` id replaced by the id of the last job the examples created). The
+status must be STATUS and the body must have the shape shown: every key shown is there (responses may have
+more), with a value of the same JSON type; lists shown with n items match item by item, the last shown item
+standing for the rest; strings under `EXACT_KEYS` (ids, statuses, modes, roles, error messages, ...) must be
+equal, except that ``…`` in them matches anything and a hex id any hex id; other strings (the model's texts)
+only need to be strings. SSE responses must have the same event names in the same order, each data matching.
+
+The last test interrupts the server as a terminal's Ctrl-C does (SIGINT to its process group) and checks it says
+one line and exits 0, with no traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+SECTION = "## HTTP API (Ray Serve)"
+README_ADDRESS = "127.0.0.1:8000"
+README_MODEL = "smollm2-135m-instruct"
+EXACT_KEYS = {"id", "object", "status", "mode", "type", "param", "code", "message", "role", "model", "job_id",
+              "agent_id", "events", "owned_by", "finish_reason"}
+MARKER = re.compile(r"<!-- api-example: (?P<what>[^>]*?) -->\s*\n```(?P<lang>\w*)\n(?P<body>.*?)\n```"
+                    r"(?:\s*\n```(?P<rlang>\w*)\n(?P<response>.*?)\n```)?", re.DOTALL)
+JOB_ID = re.compile(r"job-[0-9a-f]{16}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# README examples
+# ------------------------------------------------------------------------------------------------------------
+def readme_section() -> str:
+    text = README.read_text()
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    return text[start:end if end >= 0 else len(text)]
+
+
+def readme_examples() -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """(files, examples): files by name; examples in README order, each with status, command, response, lang."""
+    files, examples = {}, []
+    for match in MARKER.finditer(readme_section()):
+        what = match["what"].strip()
+        if what.startswith("file "):
+            files[what[len("file "):].strip()] = match["body"]
+        else:
+            assert match["response"] is not None, f"example {match['body'][:60]!r}: no response block after it"
+            examples.append({"status": int(what), "command": match["body"], "response": match["response"],
+                             "lang": match["rlang"]})
+    return files, examples
+
+
+def parse_curl(command: str, files: dict[str, str]) -> dict[str, Any]:
+    """One curl command line (continuations with backslash, a trailing # comment) as method, url, headers, body."""
+    words = shlex.split(command.replace("\\\n", " "), comments=True)
+    assert words and words[0] == "curl", command
+    method, url, headers, body = None, None, {}, None
+    i = 1
+    while i < len(words):
+        word = words[i]
+        if word in ("-H", "--header"):
+            name, _, value = words[i + 1].partition(":")
+            headers[name.strip()] = value.strip()
+            i += 2
+        elif word in ("-d", "--data", "--data-raw", "--data-binary"):
+            body = words[i + 1]
+            if body.startswith("@"):
+                body = files[body[1:]]
+            i += 2
+        elif word in ("-X", "--request"):
+            method = words[i + 1]
+            i += 2
+        elif word.startswith("-"):
+            assert set(word[1:]) <= set("sSNi"), f"unknown curl option {word} in {command!r}"
+            i += 1
+        else:
+            url = word
+            i += 1
+    assert url is not None, command
+    return {"method": method or ("POST" if body is not None else "GET"), "url": url, "headers": headers,
+            "body": body}
+
+
+def matches(shown: Any, actual: Any, path: str = "$", key: str | None = None) -> list[str]:
+    """Where `actual` does not have the shape `shown` (see the module docstring); [] when it does."""
+    if isinstance(shown, dict):
+        if not isinstance(actual, dict):
+            return [f"{path}: expected an object, got {actual!r:.80}"]
+        problems = []
+        for name, value in shown.items():
+            if name not in actual:
+                problems.append(f"{path}.{name}: missing")
+            else:
+                problems += matches(value, actual[name], f"{path}.{name}", name)
+        return problems
+    if isinstance(shown, list):
+        if not isinstance(actual, list):
+            return [f"{path}: expected a list, got {actual!r:.80}"]
+        if not shown:
+            return [] if not actual else [f"{path}: expected an empty list, got {len(actual)} items"]
+        if len(actual) < len(shown):
+            return [f"{path}: expected at least {len(shown)} items, got {len(actual)}"]
+        problems = []
+        for index, item in enumerate(actual):
+            problems += matches(shown[min(index, len(shown) - 1)], item, f"{path}[{index}]", key)
+        return problems
+    if shown is None:
+        return [] if actual is None else [f"{path}: expected null, got {actual!r:.80}"]
+    if isinstance(shown, bool):
+        return [] if isinstance(actual, bool) else [f"{path}: expected a boolean, got {actual!r:.80}"]
+    if isinstance(shown, (int, float)):
+        ok = isinstance(actual, (int, float)) and not isinstance(actual, bool)
+        return [] if ok else [f"{path}: expected a number, got {actual!r:.80}"]
+    if not isinstance(actual, str):
+        return [f"{path}: expected a string, got {actual!r:.80}"]
+    if key in EXACT_KEYS and not re.fullmatch(_pattern(shown), actual, re.DOTALL):
+        return [f"{path}: expected {shown!r}, got {actual!r:.120}"]
+    return []
+
+
+def _pattern(shown: str) -> str:
+    """A shown string as a regular expression: ``…`` matches anything, a hex id (8 or more hex digits after a
+    ``-``: ``job-c55187e4ca2d42ad``) any id of hex digits."""
+    parts = []
+    for index, piece in enumerate(re.split(r"(?<=-)[0-9a-f]{8,}", shown)):
+        parts.append(("[0-9a-f]{8,}" if index else "") + ".*".join(re.escape(p) for p in piece.split("…")))
+    return "".join(parts)
+
+
+def parse_sse(text: str) -> list[tuple[str | None, Any]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        name, data = None, []
+        for line in block.strip().split("\n"):
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                data.append(line[len("data: "):])
+        if data:
+            joined = "\n".join(data)
+            events.append((name, joined if joined == "[DONE]" else json.loads(joined)))
+    return events
+
+
+def test_the_readme_examples_are_well_formed() -> None:
+    files, examples = readme_examples()
+    assert "job.json" in files and json.loads(files["job.json"])["agents"]
+    routes = set()
+    for example in examples:
+        request = parse_curl(example["command"], files)
+        assert README_ADDRESS in request["url"], request["url"]
+        routes.add((request["method"], JOB_ID.sub("{id}", request["url"].split(README_ADDRESS)[1].split("?")[0])))
+        if example["lang"] == "json":
+            json.loads(example["response"])
+        else:
+            assert parse_sse(example["response"]), example["response"]
+    assert {("GET", "/healthz"), ("GET", "/v1/models"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/{id}"),
+            ("GET", "/v1/jobs/{id}/events"), ("POST", "/v1/chat/completions")} <= routes, routes
+    assert any(e["status"] >= 400 for e in examples) and any(e["status"] == 202 for e in examples)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# `kvcomm serve` in a subprocess
+# ------------------------------------------------------------------------------------------------------------
+class Server:
+    def __init__(self, process: subprocess.Popen, url: str):
+        self.process, self.url, self.lines = process, url, []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"kvcomm serve exited with {self.process.returncode}:\n{self.output[-3000:]}")
+            if any("[serve] ready at" in line for line in self.lines):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"kvcomm serve not ready after {timeout_s} s:\n{self.output[-3000:]}")
+
+    def interrupt(self, timeout_s: float = 120.0) -> int:
+        """SIGINT to the server's process group (what Ctrl-C in its terminal sends); its exit status."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        code = self.process.wait(timeout=timeout_s)
+        self._reader.join(timeout=10)
+        return code
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from kvcomm.model_loading import hf_config_from_spec
+    from kvcomm.model_spec import PRESETS
+    directory = tmp_path_factory.mktemp("readme-api")
+    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory / "model")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args["cluster"].update(model=str(directory / "model"), random_weights=True, cpus_per_worker=0.5,
+                           threads_per_worker=1, pool_actor_name=f"readme-pool-{uuid.uuid4().hex[:8]}")
+    args["serve"]["served_model_name"] = README_MODEL
+    path = directory / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("KVCOMM_API_KEY", "RAY_ADDRESS")}
+    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(path), "--num-cpus",
+                                "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    server = Server(process, f"http://127.0.0.1:{port}")
+    try:
+        server.wait_ready(240)
+        yield server
+    finally:
+        if process.poll() is None:
+            try:
+                server.interrupt(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.mark.ray
+def test_the_readme_examples_run_against_the_server(server: Server) -> None:
+    files, examples = readme_examples()
+    address = server.url.removeprefix("http://")
+    last_job = None
+    with httpx.Client(timeout=300) as http:
+        for example in examples:
+            request = parse_curl(example["command"], files)
+            url = request["url"].replace(README_ADDRESS, address)
+            if not url.startswith("http"):
+                url = "http://" + url
+            if last_job is not None:
+                url = JOB_ID.sub(last_job, url)
+            body = request["body"].encode() if request["body"] is not None else None
+            response = http.request(request["method"], url, headers=request["headers"], content=body)
+            where = f"{request['method']} {url}"
+            assert response.status_code == example["status"], (where, response.status_code, response.text[:500])
+            if example["lang"] == "json":
+                actual = response.json()
+                problems = matches(json.loads(example["response"]), actual)
+                if isinstance(actual, dict) and isinstance(actual.get("id"), str) and JOB_ID.fullmatch(actual["id"]):
+                    last_job = actual["id"]
+            else:
+                shown, actual = parse_sse(example["response"]), parse_sse(response.text)
+                assert [name for name, _ in actual] == [name for name, _ in shown], (where, response.text[:1000])
+                problems = [p for (_, want), (_, got) in zip(shown, actual) for p in matches(want, got)]
+            assert not problems, (where, problems, response.text[:1500])
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_kvcomm_serve_with_one_line_and_no_traceback(server: Server) -> None:
+    assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    before = len(server.lines)
+    code = server.interrupt()
+    after = "".join(server.lines[before:])
+    assert code == 0, after
+    assert "Traceback" not in server.output and "KeyboardInterrupt" not in server.output, server.output[-3000:]
+    assert "[serve] shutting down" in after, after
