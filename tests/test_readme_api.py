@@ -255,6 +255,7 @@ def server(tmp_path_factory):
 
 
 @pytest.mark.ray
+@pytest.mark.slow            # the server's start: ~30 s on the 2-core CPU
 def test_the_readme_examples_run_against_the_server(server: Server) -> None:
     files, examples = readme_examples()
     address = server.url.removeprefix("http://")
@@ -284,6 +285,7 @@ def test_the_readme_examples_run_against_the_server(server: Server) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_ctrl_c_stops_kvcomm_serve_with_one_line_and_no_traceback(server: Server) -> None:
     assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
     before = len(server.lines)
