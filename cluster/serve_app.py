@@ -433,6 +433,11 @@ class JobRecord:
         return self.public(with_result=True)
 
 
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message, first line, cut to `limit` characters ("" for an empty message)."""
+    return (str(exc).splitlines() or [""])[0][:limit]
+
+
 def _sse(data: Any, event: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
@@ -794,14 +799,14 @@ class KVCommIngress:
                 except (RayActorError, ActorUnavailableError) as exc:
                     if attempt == self._settings.job_resubmits:
                         raise
-                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                    reason = f"{type(exc).__name__}: {_first_line(exc)}"
                     log.warning("job %s: its worker replica was lost (%s); running it again on a live replica",
                                 record.id, reason)
                     await record.publish("retry", {"job": record.id, "attempt": attempt + 2,
                                                    "reason": f"worker replica lost: {reason}"})
         except Exception as exc:  # noqa: BLE001 - a lost worker fails this job, not the server
             log.warning("job %s: worker call failed: %s", record.id, exc)
-            error = APIError(502, f"job: worker failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            error = APIError(502, f"job: worker failed: {type(exc).__name__}: {_first_line(exc)}")
         finally:
             await record.finish(result, error)
             self._forget_old_jobs(record)
