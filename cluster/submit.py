@@ -10,10 +10,13 @@ local one (``ray.init(num_cpus=..., include_dashboard=False)`` with ``RAY_AUTH_M
 * resumable: ids that already have a result line in the output file are skipped; ids that only have error lines
   are run again (a later line for an id supersedes earlier ones); a torn last line (a crash mid-write) is ignored;
 * everything this command started (the workers, the pool actor, a local Ray cluster) is shut down on exit, on
-  errors and on Ctrl-C. A cluster the process was already connected to is left as it was.
+  errors, on Ctrl-C and on SIGTERM (`ray job stop`; `ray.init` makes it a `SystemExit`). A cluster the process
+  was already connected to is left as it was. Killed outright (SIGKILL), the process takes its local cluster with
+  it: Ray starts its raylet and GCS with the kernel's parent-death signal, and their workers exit when the raylet
+  goes (within seconds).
 
 Exit status: 0 when every job of this run succeeded, 1 when some failed (their error lines are in the file),
-2 for a usage error (bad job file, bad config).
+2 for a usage error (bad job file, bad config), 130 when interrupted (run it again to resume).
 
 Wiring: `add_submit_parser(subparsers)` adds the ``submit`` subcommand to an argparse subparsers object (its
 ``func`` is `cli_main(args) -> int`); `main(argv)` runs it standalone (``python -m cluster.submit``).
@@ -24,8 +27,10 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -188,18 +193,35 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
 
 
 class RayConnection:
-    """Joins or starts Ray; `close()` shuts down only a cluster this object started or connected."""
+    """Joins or starts Ray; `close()` shuts down only a cluster this object started or connected.
+
+    A local cluster it starts dies with this process however it ends. Ray already gives its GCS and raylet the
+    kernel's parent-death signal, and workers exit when the raylet is gone; but after a SIGKILL the raylet's
+    dashboard and runtime-env agents outlive it for about a minute (they try to report the raylet's death to the
+    dead GCS). So the cluster is started with a token in its environment (every Ray process inherits it) and a
+    small reaper process waits on a pipe from this one: when the pipe closes (this process exited, or `close()`
+    ran), it SIGKILLs whatever still carries the token. Nothing else is touched (Linux: /proc; elsewhere no reaper).
+    Ray's auto-init is turned off in this process for good: a job thread that outlives `close()` (Ctrl-C with
+    jobs in flight) gets an error from its next Ray call instead of starting a second, unowned cluster.
+    """
 
     def __init__(self, address: str | None, num_cpus: int, object_store_mb: int):
         import ray
         self._owned = False
+        self._reaper: subprocess.Popen | None = None
         if ray.is_initialized():
             return          # the calling process is already connected: use that cluster, leave it running
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        _no_auto_init()
         if address:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mb << 20)
+            self._reaper = _start_reaper()
+            try:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mb << 20)
+            except BaseException:
+                self._stop_reaper()
+                raise
         self._owned = True
 
     def close(self) -> None:
@@ -207,6 +229,66 @@ class RayConnection:
         if self._owned:
             ray.shutdown()
             self._owned = False
+        self._stop_reaper()
+
+    def _stop_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper.stdin.close()                # the reaper sweeps up what ray.shutdown left running
+            os.environ.pop(_CLUSTER_TOKEN, None)
+            self._reaper = None
+
+
+def _no_auto_init() -> None:
+    """Ray API calls without a connection raise instead of calling `ray.init()` (Ray reads the variable at
+    import, so the flag it set is cleared too)."""
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+    try:
+        from ray._private import auto_init_hook
+        auto_init_hook.enable_auto_connect = False
+    except (ImportError, AttributeError):   # another Ray version: the variable alone
+        pass
+
+
+_CLUSTER_TOKEN = "KVCOMM_LOCAL_CLUSTER"
+_REAPER = r"""
+import os, signal, sys, time
+token, driver, grace = sys.argv[1].encode(), int(sys.argv[2]), float(sys.argv[3])
+sys.stdin.buffer.read()                    # EOF: the driver exited (however) or closed its end
+time.sleep(grace)                          # processes of a clean shutdown exit on their own first
+for _ in range(20):
+    found = False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in (os.getpid(), driver):
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if token in environ:
+            found = True
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
+    if not found:
+        break
+    time.sleep(0.25)
+"""
+
+
+def _start_reaper() -> subprocess.Popen | None:
+    """Start the reaper and put its token into this process's environment (the cluster started next inherits
+    it); None where there is no /proc."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    token = f"{_CLUSTER_TOKEN}={uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if k != _CLUSTER_TOKEN}
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, token, str(os.getpid()), "2.0"], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)     # a Ctrl-C at the terminal does not stop it early
+    os.environ[_CLUSTER_TOKEN] = token.split("=", 1)[1]
+    return reaper
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -228,6 +310,7 @@ def submit(args: argparse.Namespace) -> int:
     progress = Progress(len(todo) + len(bad), enabled=not args.no_progress)
     connection = None
     runner = None
+    interrupted = False
     try:
         for record in bad:
             results.write(record)
@@ -241,6 +324,8 @@ def submit(args: argparse.Namespace) -> int:
             for record in _with_ids(runner.run_jobs(todo, mode=args.mode, concurrency=args.concurrency)):
                 results.write(record)
                 progress.update(record)
+    except KeyboardInterrupt:
+        interrupted = True                   # every line written so far is complete: a rerun resumes after it
     finally:
         progress.close()
         results.close()
@@ -251,6 +336,10 @@ def submit(args: argparse.Namespace) -> int:
     summary = progress.summary()
     print(f"kvcomm submit: {summary['ok']} ok, {summary['failed']} failed, reuse {summary['reuse']}, "
           f"{summary['jobs/min']} jobs/min, {summary['tok/s']} tok/s -> {out}", file=sys.stderr)
+    if interrupted:
+        print(f"kvcomm submit: interrupted; run the same command again to resume ({out} keeps every finished job)",
+              file=sys.stderr)
+        return 130
     return 1 if progress.failed else 0
 
 

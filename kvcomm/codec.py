@@ -6,8 +6,8 @@ map ``{"__tensor__": [dtype name, shape, raw bytes]}`` and every KV segment
 bfloat16 (which numpy lacks) travels as its 16-bit patterns. This serves every path outside Ray: pool
 snapshots on disk and HTTP export. `pack_stream` / `unpack_stream` write and read a payload whose body is a
 mapping ending in one long list, one list item at a time (a pool snapshot never sits whole in memory); what they
-write is an ordinary payload, which `unpack` reads too. Inside Ray, `tensor_to_numpy` / `numpy_to_tensor` move tensors as numpy
-arrays, which the object store shares zero-copy between processes on one node.
+write is an ordinary payload, which `unpack` reads too. Inside Ray, `tensor_to_numpy` / `numpy_to_tensor` move
+tensors as numpy arrays, which the object store shares zero-copy between processes on one node.
 """
 from __future__ import annotations
 

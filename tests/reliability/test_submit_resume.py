@@ -1,0 +1,181 @@
+"""`kvcomm submit` interrupted and restarted: the batch finishes with each job's result exactly once in the output.
+
+Three runs of ``python -m cluster.submit JOBS --out RESULTS.jsonl`` in fresh processes, each starting its own local
+Ray cluster (tiny-llama, random weights, one worker, two jobs in flight): the first gets SIGINT once results are
+being written (it shuts down what it started and exits 130), then a crash mid-write is simulated (a torn last
+line), the second is SIGKILLed mid-batch, the third finishes. After every exit no process of that run's Ray
+cluster is left (they carry a marker in their environment), and no job thread started a second cluster. After a
+SIGKILL, Ray's GCS and raylet die with the driver (parent-death signal) and workers follow the raylet, but its
+dashboard and runtime-env agents would linger about a minute: `cluster.submit.RayConnection`'s reaper kills them;
+the test measures how long the cleanup takes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kvcomm.harness.jobs import GenerationParams
+from kvcomm.harness.topologies import build_job
+from kvcomm.model_loading import hf_config_from_spec
+from kvcomm.model_spec import PRESETS
+
+from cluster.submit import finished_ids
+
+pytestmark = [pytest.mark.reliability, pytest.mark.ray]
+REPO = Path(__file__).resolve().parents[2]
+JOBS = 16
+SECOND_CLUSTER = "current thread is not the main thread"   # ray.init from a job thread after shutdown
+
+
+@pytest.fixture(scope="module")
+def resume_model_dir(tmp_path_factory) -> str:
+    directory = tmp_path_factory.mktemp("tiny-llama-resume")
+    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory)
+    return str(directory)
+
+
+def marked_processes(marker: str) -> dict[int, str]:
+    """Live processes whose environment carries `marker` (everything a run starts inherits it)."""
+    found, needle = {}, marker.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if needle in Path(f"/proc/{entry}/environ").read_bytes():
+                found[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(
+                    errors="replace")[-60:]
+        except OSError:
+            continue
+    return found
+
+
+def complete_records(out: Path) -> tuple[list[dict], list[str]]:
+    """(parsed lines, lines that do not parse)."""
+    records, torn = [], []
+    if out.exists():
+        for line in out.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                torn.append(line)
+    return records, torn
+
+
+class Run:
+    """One `kvcomm submit` process with its own marker."""
+
+    def __init__(self, jobs: Path, out: Path, config: Path):
+        self.marker = f"kvcomm-resume-{uuid.uuid4().hex}"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}   # never join the test session's cluster
+        env.update(RAY_AUTH_MODE="disabled", KVCOMM_TEST_MARKER=self.marker)
+        self.out = out
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cluster.submit", str(jobs), "--out", str(out), "--config", str(config),
+             "--num-cpus", "1", "--object-store-mb", "256", "--concurrency", "2", "--no-progress"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.seen: dict[int, str] = {}
+
+    def wait_for_results(self, count: int, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(complete_records(self.out)[0]) < count:
+            assert self.process.poll() is None, f"exited ({self.process.returncode}) early:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"fewer than {count} results after {timeout_s} s"
+            self.seen.update(marked_processes(self.marker))
+            time.sleep(0.2)
+        self.seen.update(marked_processes(self.marker))
+
+    def stop(self, sig: int) -> int:
+        self.process.send_signal(sig)
+        return self.finish(timeout_s=90)
+
+    def finish(self, timeout_s: float) -> int:
+        try:
+            self._output = self.process.communicate(timeout=timeout_s)[0]
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self._output = self.process.communicate()[0]
+            pytest.fail(f"kvcomm submit did not exit within {timeout_s} s:\n{self._output[-3000:]}")
+        return self.process.returncode
+
+    def output(self) -> str:
+        return getattr(self, "_output", "")
+
+    def seconds_until_gone(self, stage: str, timeout_s: float = 30) -> float:
+        """Seconds after the driver's exit until none of the run's processes is alive (fails past timeout_s)."""
+        assert SECOND_CLUSTER not in self.output(), f"{stage}: a job thread started a second Ray cluster"
+        t0 = time.monotonic()
+        while True:
+            left = marked_processes(self.marker)
+            if not left:
+                return time.monotonic() - t0
+            assert time.monotonic() - t0 < timeout_s, f"{stage}: left behind after {timeout_s} s: {left}"
+            time.sleep(0.2)
+
+
+def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(resume_model_dir, tmp_path) -> None:
+    ids = [f"job-{i:02d}" for i in range(JOBS)]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(build_job(
+        "math", f"Ann has {i + 2} pens and finds {i % 5 + 1} more. How many pens?", num_agents=2, mode="dense",
+        job_id=job_id, generation=GenerationParams(max_new_tokens=4)).to_dict()) + "\n"
+        for i, job_id in enumerate(ids)))
+    config = tmp_path / "cluster.yaml"
+    config.write_text(f"model: {resume_model_dir}\nrandom_weights: true\nnum_workers: 1\ncpus_per_worker: 0.5\n"
+                      f"threads_per_worker: 1\npool_actor_name: resume-pool-{uuid.uuid4().hex[:8]}\n"
+                      f"ray_namespace: kvcomm-test\n")
+    out = tmp_path / "results.jsonl"
+    cleanup_s = {}
+
+    # 1. Ctrl-C once results are being written: a clean stop, exit 130, everything it started shut down
+    first = Run(jobs, out, config)
+    first.wait_for_results(2)
+    assert first.stop(signal.SIGINT) == 130, first.output()[-3000:]
+    assert "interrupted" in first.output() and "Traceback" not in first.output()
+    assert any("raylet" in c for c in first.seen.values()), first.seen      # the marker reaches Ray's processes
+    cleanup_s["SIGINT"] = first.seconds_until_gone("SIGINT")
+    after_first, torn = complete_records(out)
+    assert 2 <= len(after_first) < JOBS and not torn
+
+    # a crash in the middle of writing a line leaves a torn last line: it must not count as a result
+    not_done = next(i for i in ids if i not in {r["id"] for r in after_first})
+    with out.open("a") as file:
+        file.write(json.dumps({"id": not_done, "job_id": not_done, "final_answer": "x"})[:25])
+
+    # 2. SIGKILL mid-batch: no cleanup code runs at all
+    second = Run(jobs, out, config)
+    second.wait_for_results(len(after_first) + 2)
+    assert second.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert f"{JOBS - len(after_first)} job(s) to run, {len(after_first)} already in" in second.output()
+    cleanup_s["SIGKILL"] = second.seconds_until_gone("SIGKILL")
+    after_second, _ = complete_records(out)
+    assert len(after_second) < JOBS, "the second run finished before it was killed; the test needs more jobs"
+
+    # 3. the last run finishes the batch
+    third = Run(jobs, out, config)
+    assert third.finish(timeout_s=300) == 0, third.output()[-3000:]
+    done_before = len(finished_ids_of(after_second))
+    assert f"{JOBS - done_before} job(s) to run, {done_before} already in" in third.output()
+    cleanup_s["exit"] = third.seconds_until_gone("exit")
+
+    records, torn = complete_records(out)
+    assert len(torn) == 1 and torn[0].startswith('{"id": "' + not_done[:5])        # the torn line, never parsed
+    assert [r for r in records if "error" in r] == []
+    per_id = {job_id: sum(1 for r in records if r["id"] == job_id) for job_id in ids}
+    assert per_id == {job_id: 1 for job_id in ids}, per_id                          # each result exactly once
+    assert len(records) == JOBS and finished_ids(out) == set(ids)
+    assert all(len(r["turns"]) == 2 for r in records)
+    print(f"\n[reliability] submit resume: {JOBS} jobs over 3 runs ({len(after_first)} done before SIGINT, "
+          f"{len(after_second)} before SIGKILL); each result once; Ray processes gone "
+          + ", ".join(f"{k} +{v:.1f} s" for k, v in cleanup_s.items()))
+
+
+def finished_ids_of(records: list[dict]) -> set[str]:
+    return {str(r["id"]) for r in records if "error" not in r}
