@@ -38,7 +38,7 @@ from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
 from kvcomm.generation import DecodeBatch, SequenceState
 
-from .anchor_pool_actor import RemoteAnchorPool
+from .anchor_pool_actor import PoolSnapshotSettings, RemoteAnchorPool
 from .turns import ContentOrder, ContentResolver, TurnOrder, execute_content, execute_turn
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class WorkerSettings:
     ray_namespace: str
     pool_call_timeout_s: float
     pool_retry_after_s: float         # after a failed pool call, serve an empty pool this long before asking again
+    pool_snapshot: PoolSnapshotSettings | None   # where a pool actor this worker creates keeps its snapshot
     kvcomm: KVCommConfig
 
 

@@ -167,7 +167,7 @@ class ClusterConfig(BaseModel):
             content_cache_bytes=self.content_cache_bytes,
             pool_actor_name=self.pool_actor_name, ray_namespace=self.ray_namespace,
             pool_call_timeout_s=self.pool_call_timeout_s, pool_retry_after_s=self.pool_retry_after_s,
-            kvcomm=self.kvcomm.to_kvcomm())
+            pool_snapshot=self.pool_snapshot(), kvcomm=self.kvcomm.to_kvcomm())
 
 
 def _describe(exc: ValidationError) -> str:

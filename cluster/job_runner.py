@@ -88,6 +88,7 @@ class ClusterRunner:
         self._affinity: dict[str, int] = {}          # namespace -> worker that last ran it
         self._last_assigned: list[float] = []
         self._driver: concurrent.futures.ThreadPoolExecutor | None = None   # one thread per job in flight
+        self._closing = False                        # shutdown() in progress: no more routing
         self.jobs_submitted = 0
         self.jobs_resubmitted = 0
         self.commits_dropped = 0
@@ -103,7 +104,8 @@ class ClusterRunner:
         tag = uuid.uuid4().hex[:8]
         try:
             self._group = create_worker_placement_group(cfg, name=f"kvcomm-workers-{tag}")
-            # a crashed pool comes back empty (restarts are free); workers then prefill densely and relearn
+            # a crashed pool comes back from its snapshot (pool_snapshot_path), else empty: workers then prefill
+            # densely and relearn
             self.pool_actor, self._pool_created = get_or_create_pool_actor(
                 cfg.kvcomm.to_kvcomm(), name=cfg.pool_actor_name, namespace=cfg.ray_namespace,
                 detached=cfg.pool_detached, max_restarts=-1, snapshot=cfg.pool_snapshot())
@@ -126,22 +128,31 @@ class ClusterRunner:
         return self
 
     def shutdown(self) -> None:
-        """Kill the workers and (unless detached or joined) the pool actor; remove the placement group."""
+        """Stop routing, kill the workers and (unless detached or joined) the pool actor after a last snapshot
+        save, wait for the job-driver threads (their jobs fail with `ClusterNotStarted`), remove the placement
+        group."""
+        self._closing = True
         handles = list(self.workers)
         for worker in handles:
             _kill(worker)
         pool = self.pool_actor
         kill_pool = pool is not None and self._pool_created and not self.config.pool_detached
         if kill_pool:
+            if self.config.pool_snapshot_path:
+                try:
+                    ray.get(pool.save_snapshot.remote(), timeout=self.config.pool_call_timeout_s)
+                except Exception as exc:  # noqa: BLE001 - the last save is best effort; periodic saves exist
+                    log.warning("anchor pool: final snapshot not saved (%s)", error_message(exc))
             _kill(pool)
         self.workers, self.pool_actor, self._pool_created = [], None, False
         if self._driver is not None:
-            self._driver.shutdown(wait=False, cancel_futures=True)
+            self._driver.shutdown(wait=True, cancel_futures=True)   # in-flight jobs see the dead workers and end
             self._driver = None
         self._affinity.clear()
         remove_placement_group(self._group)
         self._group = None
         _await_gone(handles + ([pool] if kill_pool else []), timeout_s=10.0)
+        self._closing = False
 
     def __enter__(self) -> "ClusterRunner":
         return self.start()
@@ -151,7 +162,7 @@ class ClusterRunner:
 
     # ---- routing ------------------------------------------------------------------------------------------------
     def _require_started(self) -> None:
-        if not self.workers:
+        if self._closing or not self.workers:
             raise ClusterNotStarted("the cluster runner is not started (call start() or use it as a context manager)")
 
     def inflight_per_worker(self) -> list[int]:
@@ -195,9 +206,12 @@ class ClusterRunner:
         excluded = set(exclude)
         deadline = time.monotonic() + (timeout_s or self.config.worker_start_timeout_s)
         while True:
+            if self._closing:
+                raise ClusterNotStarted("the cluster runner is shutting down")
+            workers = list(self.workers)
             with self._lock:
-                order = sorted(range(len(self.workers)), key=lambda i: (i in excluded, self._load[i]))
-            pings = {self.workers[i].ping.remote(): i for i in order}
+                order = sorted(range(len(workers)), key=lambda i: (i in excluded, self._load[i]))
+            pings = {workers[i].ping.remote(): i for i in order}
             ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=2.0)
             alive = set()
             for ref in ready:

@@ -214,7 +214,7 @@ class AgentWorkerDeployment:
             worker_id = f"replica-{uuid.uuid4().hex[:8]}"
         if settings.pool_actor_name is not None:
             get_or_create_pool_actor(settings.kvcomm, name=settings.pool_actor_name, namespace=settings.ray_namespace,
-                                     detached=True, max_restarts=-1)
+                                     detached=True, max_restarts=-1, snapshot=settings.pool_snapshot)
         self.worker_id = worker_id
         self.worker = AgentWorker(settings, worker_id)
         self.chats = ChatDecoder(self.worker.scheduler, self.worker.engine, settings.max_batch_size,
