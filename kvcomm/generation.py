@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .runner import ForwardRequest, ModelRunner, SequenceKV
+from .runner import BatchKV, ModelRunner, SequenceKV
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,12 @@ def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Gene
 
 @dataclass
 class SequenceState:
-    """One sequence being decoded."""
+    """One sequence being decoded.
+
+    While it sits in a `DecodeBatch` slot its new tokens' KV lives in the batch's buffer; `kv` gets them back
+    when it leaves the batch (finished, removed from `active`, or pushed past `max_batch_size`), so a done
+    state's `kv` holds the prompt and every generated token (the stop token excluded).
+    """
     kv: SequenceKV
     sampling: Sampling
     prompt_len: int
@@ -68,6 +73,7 @@ class SequenceState:
     first_token_at: float = 0.0
     finished_at: float = 0.0
     generator: torch.Generator | None = None
+    _group: "_Group | None" = field(default=None, repr=False, compare=False)   # the batch buffer it sits in
 
     @property
     def done(self) -> bool:
@@ -79,14 +85,47 @@ class SequenceState:
             self.on_token(token)
 
 
+def _capacity_class(need: int) -> int:
+    """The buffer capacity for a sequence needing `need` tokens: 64, 96, 128, 192, 256, 384, ... (<= 1/3 spare)."""
+    cap = 64
+    while cap < need:
+        cap *= 2
+    return max(64, cap * 3 // 4) if need <= cap * 3 // 4 else cap
+
+
+class _Group:
+    """Sequences of one capacity class sharing one `BatchKV`; owners[i] sits in slot i."""
+
+    def __init__(self, kv: BatchKV):
+        self.kv = kv
+        self.owners: list[SequenceState] = []
+
+
 class DecodeBatch:
-    """Continuous batching over a `ModelRunner`: many sequences, one batched forward per step."""
+    """Continuous batching over a `ModelRunner`: many sequences, one batched forward per step.
+
+    Sequences of similar length (one capacity class, see `_capacity_class`) share a persistent `BatchKV`: a
+    sequence's prompt KV is copied into a slot when it first runs, each step appends in place and attends over
+    all slots in one call per layer, and the generated tokens' KV is copied back into the sequence's own buffer
+    when it leaves. Sequences join (`add`) and leave between steps; `active` may be reassigned or edited from
+    outside (the next step, or the assignment itself, frees the slots of the sequences no longer in it).
+    """
 
     def __init__(self, runner: ModelRunner, max_batch_size: int = 64):
         self.runner = runner
         self.max_batch_size = max_batch_size
-        self.active: list[SequenceState] = []
+        self._active: list[SequenceState] = []
+        self._groups: dict[int, _Group] = {}    # capacity -> group
         self.steps = 0
+
+    @property
+    def active(self) -> list[SequenceState]:
+        return self._active
+
+    @active.setter
+    def active(self, states: list[SequenceState]) -> None:
+        self._active = states
+        self._release_outside(states)
 
     def add(self, kv: SequenceKV, last_logits: torch.Tensor, sampling: Sampling,
             on_token: Callable[[int], None] | None = None, started_at: float | None = None) -> SequenceState:
@@ -97,10 +136,9 @@ class DecodeBatch:
             state.started_at = started_at
         if sampling.temperature > 0:
             state.generator = torch.Generator().manual_seed(sampling.seed)
-        kv.reserve(sampling.max_new_tokens)
         self._take(state, state.first_logits)
         state.first_token_at = time.perf_counter()
-        self.active.append(state)
+        self._active.append(state)
         self._retire()
         return state
 
@@ -117,28 +155,70 @@ class DecodeBatch:
             state.needs_flush = True
             state.finished_at = time.perf_counter()
 
+    # ---- slots ----------------------------------------------------------------------------------------------
+    def _admit(self, state: SequenceState) -> None:
+        """Copy the state's KV into a slot of its capacity class (one more token per remaining step fits)."""
+        remaining = state.sampling.max_new_tokens - len(state.tokens) + 1    # steps left, the flush included
+        cap = _capacity_class(state.kv.length + remaining)
+        group = self._groups.get(cap)
+        if group is None:
+            pending = sum(1 for s in self._active[: self.max_batch_size] if s._group is None)
+            group = self._groups[cap] = _Group(BatchKV(self.runner.spec, capacity=cap, dtype=self.runner.dtype,
+                                                       device=self.runner.device, slots=pending))
+        group.kv.admit(state.kv)
+        group.owners.append(state)
+        state._group = group
+
+    def _release(self, state: SequenceState) -> None:
+        """Copy the slot's new tokens back into `state.kv` and free the slot (dropping an emptied buffer)."""
+        group = state._group
+        slot = next(i for i, s in enumerate(group.owners) if s is state)
+        group.kv.release(slot, state.kv)
+        last = group.owners.pop()
+        if last is not state:
+            group.owners[slot] = last
+        state._group = None
+        if not group.owners:
+            del self._groups[group.kv.capacity]
+
+    def _release_outside(self, keep: Sequence[SequenceState]) -> None:
+        """Free the slot of every sequence not in `keep`."""
+        inside = {id(s) for s in keep}
+        for group in list(self._groups.values()):
+            for state in [s for s in group.owners if id(s) not in inside]:
+                self._release(state)
+
     def _retire(self) -> list[SequenceState]:
-        finished = [s for s in self.active if s.done]
-        self.active = [s for s in self.active if not s.done]
+        finished = [s for s in self._active if s.done]
+        if finished:
+            for state in finished:
+                if state._group is not None:
+                    self._release(state)
+            self._active = [s for s in self._active if not s.done]
         return finished
 
     def step(self) -> list[SequenceState]:
         """Advance every active sequence by one token (flushes included); return those that finished."""
-        if not self.active:
+        batch = self._active[: self.max_batch_size]
+        self._release_outside(batch)
+        if not batch:
             return []
-        batch = self.active[: self.max_batch_size]
-        requests = [ForwardRequest(s.kv, torch.tensor([s.tokens[-1]])) for s in batch]
-        logits = self.runner.forward(requests)
+        for state in batch:
+            if state._group is None:
+                self._admit(state)
+        groups = list(self._groups.values())
+        order = [s for g in groups for s in g.owners]
+        logits = self.runner.decode_step([g.kv for g in groups], torch.tensor([s.tokens[-1] for s in order]))
         self.steps += 1
-        for state, row in zip(batch, logits):
+        for state, row in zip(order, logits):
             if state.needs_flush:
                 state.needs_flush = False
                 continue
-            self._take(state, row[0])
+            self._take(state, row)
         return self._retire()
 
     def run_until_done(self) -> None:
-        while self.active:
+        while self._active:
             self.step()
 
 

@@ -6,6 +6,10 @@ several sequences, each adding any number of tokens (a prefill, a one-token deco
 a few tokens inside a reused cache), with all projections and MLPs batched over the flattened tokens and
 attention computed per sequence (torch SDPA on CPU; flash-attn on CUDA when installed).
 
+Decoding has its own path, `decode_step`: the sequences of a decode batch sit in the slots of a persistent
+`BatchKV` (one [layers, slots, kv_heads, capacity, head_dim] buffer per capacity class), so one token for
+every sequence costs one SDPA call per layer and buffer, not one per sequence and layer.
+
 Supported: Llama 2/3 (llama3 rope scaling), SmolLM2, Mistral without sliding window, Qwen2 (q/k/v bias).
 transformers' own model is the oracle this is tested against, never the thing that runs.
 """
@@ -95,6 +99,82 @@ class SequenceKV:
         if not 0 <= length <= self.length:
             raise IndexError(f"cannot truncate a buffer of {self.length} tokens to {length}")
         self.length = length
+
+
+class BatchKV:
+    """The KV of a decode batch: K and V of shape [layers, slots, kv_heads, capacity, head_dim], one sequence a slot.
+
+    Used slots are ``0 .. size-1`` (kept dense: releasing a slot moves the last used one into it). Slot i holds
+    ``lengths[i]`` valid tokens, token j at absolute position ``starts[i] + j``. A sequence's KV is copied in
+    once (`admit`), `ModelRunner.decode_step` appends one token to every used slot in place and attends over all
+    of them with one attention call per layer, and `release` copies the tokens added here back out.
+    """
+
+    def __init__(self, spec: ModelSpec, *, capacity: int, dtype: torch.dtype, device: torch.device | str,
+                 slots: int = 1):
+        # zeros, not empty: padding past a slot's length is masked out of attention, and a masked score is
+        # (q . k) + (-inf), which is NaN if the padding holds NaN or inf
+        shape = (spec.num_layers, max(slots, 1), spec.num_kv_heads, capacity, spec.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths: list[int] = []
+        self.starts: list[int] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def admit(self, kv: SequenceKV) -> int:
+        """Copy `kv`'s valid tokens into the next free slot (growing the slots when full); return the slot."""
+        n = kv.length
+        if n >= self.capacity:
+            raise ValueError(f"a sequence of {n} tokens does not fit a decode buffer of capacity {self.capacity}")
+        slot = self.size
+        if slot == self.slots:
+            grown = 2 * self.slots
+            for name in ("keys", "values"):
+                old = getattr(self, name)
+                new = torch.zeros(old.shape[:1] + (grown,) + old.shape[2:], dtype=old.dtype, device=old.device)
+                new[:, :slot] = old
+                setattr(self, name, new)
+        self.keys[:, slot, :, :n] = kv.keys[:, :, :n]
+        self.values[:, slot, :, :n] = kv.values[:, :, :n]
+        self.lengths.append(n)
+        self.starts.append(kv.start)
+        return slot
+
+    def release(self, slot: int, into: SequenceKV) -> None:
+        """Copy the tokens `slot` holds beyond ``into.length`` back into `into` and free the slot.
+
+        The last used slot (if another) moves into the freed one: what sat at index ``size - 1`` is at `slot` now.
+        """
+        n = self.lengths[slot]
+        have = into.length
+        if n > have:
+            into.reserve(n - have)
+            into.keys[:, :, have:n] = self.keys[:, slot, :, have:n]
+            into.values[:, :, have:n] = self.values[:, slot, :, have:n]
+            into.length = n
+        last = self.size - 1
+        if slot != last:
+            m = self.lengths[last]
+            self.keys[:, slot, :, :m] = self.keys[:, last, :, :m]
+            self.values[:, slot, :, :m] = self.values[:, last, :, :m]
+            self.lengths[slot], self.starts[slot] = m, self.starts[last]
+        self.lengths.pop()
+        self.starts.pop()
 
 
 @dataclass
@@ -232,6 +312,64 @@ class ModelRunner:
             out.append(logits[cursor:cursor + take])
             cursor += take
         return out
+
+    @torch.inference_mode()
+    def decode_step(self, groups: Sequence[BatchKV], token_ids: torch.Tensor) -> torch.Tensor:
+        """One decode step: append one token to every used slot of every group; return fp32 logits [N, vocab].
+
+        `token_ids` [N] lists the tokens group by group, slot by slot (N = total used slots). Projections and
+        MLPs run once over all N tokens; attention is one call per group and layer over its padded slots, with
+        a lengths mask when their lengths differ.
+        """
+        spec = self.spec
+        n_heads, n_kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        sizes = [g.size for g in groups]
+        total = sum(sizes)
+        if total == 0 or int(token_ids.numel()) != total:
+            raise ValueError(f"decode_step needs one token per used slot ({total}), got {int(token_ids.numel())}")
+        ids = token_ids.reshape(-1).to(self.device)
+        positions = torch.tensor([s + n for g in groups for s, n in zip(g.starts, g.lengths)], dtype=torch.int64)
+        cos, sin = self.rope.cos_sin(positions.to(self.device), self.dtype)
+        cos, sin = cos[:, None, :], sin[:, None, :]                                         # [N, 1, D]
+        plans = []   # per group: (rows a:b, where the new K/V go, attended length, mask)
+        a = 0
+        for g, n in zip(groups, sizes):
+            span = max(g.lengths) + 1
+            mask, where = None, (slice(0, n), slice(None), span - 1)   # equal lengths: one strided write
+            if min(g.lengths) != span - 1:   # ragged: slot i sees its own lengths[i] + 1 tokens
+                lengths = torch.tensor(g.lengths, dtype=torch.int64, device=self.device)
+                mask = (torch.arange(span, device=self.device)[None, :] <= lengths[:, None])[:, None, None, :]
+                where = (torch.arange(n, device=self.device), slice(None), lengths)
+            plans.append((a, a + n, where, span, mask))
+            a += n
+
+        hidden = self.embed[ids]                                                           # [N, hidden]
+        q_width, kv_width, group = n_heads * hd, n_kv * hd, n_heads // n_kv
+        for layer_idx, w in enumerate(self.layers):
+            x = self._rms_norm(hidden, w.input_norm)
+            qkv = F.linear(x, w.qkv, w.qkv_bias)
+            q = self.rope.apply(qkv[:, :q_width].view(-1, n_heads, hd), cos, sin)                 # [N, H, D]
+            k = self.rope.apply(qkv[:, q_width:q_width + kv_width].view(-1, n_kv, hd), cos, sin)  # [N, Hkv, D]
+            v = qkv[:, q_width + kv_width:].view(-1, n_kv, hd)                                    # [N, Hkv, D]
+            parts = []
+            for g, (a, b, where, span, mask) in zip(groups, plans):
+                keys, values = g.keys[layer_idx], g.values[layer_idx]                # [slots, Hkv, cap, D]
+                keys[where] = k[a:b]                                                # the new token of each slot
+                values[where] = v[a:b]
+                # the query heads sharing a KV head ride as that head's query rows: [n, Hkv, H/Hkv, D]
+                # (faster than enable_gqa for one query token; same math)
+                out = F.scaled_dot_product_attention(
+                    q[a:b].view(b - a, n_kv, group, hd), keys[:b - a, :, :span], values[:b - a, :, :span],
+                    attn_mask=mask, scale=self._scale)                                     # [n, Hkv, H/Hkv, D]
+                parts.append(out.reshape(b - a, q_width))
+            attn_out = parts[0] if len(parts) == 1 else torch.cat(parts)
+            hidden = hidden + F.linear(attn_out, w.o_proj)
+            x = self._rms_norm(hidden, w.post_norm)
+            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+            hidden = hidden + F.linear(F.silu(gate) * up, w.down)
+        for g in groups:
+            g.lengths = [n + 1 for n in g.lengths]
+        return F.linear(self._rms_norm(hidden, self.final_norm), self.lm_head).float()
 
     def _causal_mask(self, context_len: int, new_len: int) -> torch.Tensor | None:
         """Bool mask [new, context + new]: new token i sees the whole context and new tokens <= i.
