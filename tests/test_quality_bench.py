@@ -74,7 +74,7 @@ def test_report_structure(report):
         assert m["jobs"] == 3 and m["turns"] == 9
         assert m["turns_identical_prompt"] + m["turns_teacher_forced"] == 9
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["reuse_rate"] <= 1 and m["kl_mean"] >= 0
-        assert m["wall_s"] > 0 and set(m["by_agent"]) == {"1", "2", "3"}
+        assert m["wall_s"] > 0 and m["cpu_s"] > 0 and set(m["by_agent"]) == {"1", "2", "3"}
         assert m["by_agent"]["1"]["identical_prompt"] == 3   # agent 1 reads only the question
     assert len(report["jobs"]) == 3 and all(set(j["modes"]) == set(MODES) for j in report["jobs"])
     json.dumps(report)   # JSON-able

@@ -18,7 +18,8 @@ turns of one level of all the group's jobs decoded in one batch (the per-token c
 fraction of batch-1's on a CPU). Each job has its own contents and pool transaction, committed at the end of its
 group, so a kvcomm/hybrid pool learns group after group, as under concurrent load. Groups are interleaved across
 modes (group 1 in every mode, then group 2, ...), so machine drift hits all modes alike; a mode's wall time is the
-sum of its `run_jobs` calls (the teacher-forced measurement below excluded). Pool warm-up: each of kvcomm and
+sum of its `run_jobs` calls (the teacher-forced measurement below excluded), and its CPU time the process's CPU
+time over the same calls (on a CPU shared with other work, wall times of separate runs are not comparable). Pool warm-up: each of kvcomm and
 hybrid has its own engine and pool, first warmed by running the warm-up jobs in its own mode (groups of
 `warmup_group_size`, each committing before the next), exactly as the measured jobs run; the report says so.
 
@@ -186,9 +187,11 @@ class GroupRun:
     finals: list[str]
     order: list[list[tuple[str, int]]]          # each job's turns in run order
     wall_s: float                               # run_jobs, without the teacher-forced measurement
+    cpu_s: float = 0.0                          # this process's CPU time for the same (robust to a shared CPU)
     contents: list[JobContents] = field(default_factory=list)   # kept for dense (the upstream of teacher forcing)
     forced: list[dict[tuple[str, int], TurnInfo]] = field(default_factory=list)   # teacher-forced diverged turns
     forced_s: float = 0.0
+    forced_cpu_s: float = 0.0
 
 
 def _fresh(content: SharedContent | None) -> SharedContent | None:
@@ -251,7 +254,7 @@ def run_group(engine: KVCommEngine, mode: str, jobs: Sequence[JobSpec], *, dense
                                      result.reused, result.reason, result.finish_reason)
 
     def before_commit(contents: list[JobContents]) -> None:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         if keep_contents:
             run.contents = contents
         if dense is not None:
@@ -260,10 +263,12 @@ def run_group(engine: KVCommEngine, mode: str, jobs: Sequence[JobSpec], *, dense
                           if info.prompt_ids != dense.turns[index][key].prompt_ids}
                 run.forced.append(teacher_forced(engine, mode, job, dense.contents[index], wanted) if wanted else {})
         run.forced_s = time.perf_counter() - started
+        run.forced_cpu_s = time.process_time() - cpu_started
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     results = run_jobs(engine, jobs, mode=mode, on_result=on_result, before_commit=before_commit)
     run.wall_s = time.perf_counter() - started - run.forced_s
+    run.cpu_s = time.process_time() - cpu_started - run.forced_cpu_s
     run.finals = [r.final_answer for r in results]
     return run
 
@@ -354,7 +359,8 @@ def compare_group(dense: GroupRun, run: GroupRun, records: Sequence[Record], sco
     return rows
 
 
-def summarize_mode(dataset: str, rows: Sequence[dict[str, Any]], wall_s: float, forced_s: float) -> dict[str, Any]:
+def summarize_mode(dataset: str, rows: Sequence[dict[str, Any]], wall_s: float, forced_s: float,
+                   cpu_s: float | None = None) -> dict[str, Any]:
     """One mode's line: accuracy, reuse, agreement with dense, first-token agreement and KL, wall time."""
     turns = [t for r in rows for t in r["turns"]]
     identical = [t for t in turns if t["identical_prompt"]]
@@ -377,7 +383,7 @@ def summarize_mode(dataset: str, rows: Sequence[dict[str, Any]], wall_s: float, 
         "kl_mean_identical_prompt": (sum(t["kl"] for t in identical) / len(identical)) if identical else None,
         "final_truncated": sum(r["final_truncated"] for r in rows),
         "reasons": dict(Counter(t["reason"] for t in turns)),
-        "wall_s": wall_s, "wall_s_per_job": wall_s / n, "teacher_forced_s": forced_s,
+        "wall_s": wall_s, "wall_s_per_job": wall_s / n, "teacher_forced_s": forced_s, "cpu_s": cpu_s,
         "new_tokens": new_tokens, "new_tokens_per_s": new_tokens / wall_s if wall_s > 0 else None,
     }
     by_agent: dict[str, dict[str, Any]] = {}
@@ -463,12 +469,14 @@ def run(model: str = "smollm2-135m-instruct", *, setting: Setting | None = None,
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     wall = {m: 0.0 for m in modes}
     forced = {m: 0.0 for m in modes}
+    cpu = {m: 0.0 for m in modes}
     measure_started = time.perf_counter()
     with _bar(progress, len(jobs) * len(modes), "quality", "job-mode") as bar:
         for first in range(0, len(jobs), setting.group_size):
             group, group_records = jobs[first:first + setting.group_size], measured[first:first + setting.group_size]
             dense = run_group(engines["dense"], "dense", group, keep_contents=True)
             wall["dense"] += dense.wall_s
+            cpu["dense"] += dense.cpu_s
             dense.forced = [{} for _ in group]
             dense_scores = [scorer.score(r, f) for r, f in zip(group_records, dense.finals)]
             rows["dense"] += compare_group(dense, dense, group_records, scorer, dense_scores)
@@ -478,6 +486,7 @@ def run(model: str = "smollm2-135m-instruct", *, setting: Setting | None = None,
                 result = run_group(engines[mode], mode, group, dense=dense)
                 wall[mode] += result.wall_s
                 forced[mode] += result.forced_s
+                cpu[mode] += result.cpu_s
                 rows[mode] += compare_group(dense, result, group_records, scorer, dense_scores)
                 bar.set_postfix_str(f"jobs {first + len(group)}/{len(jobs)} {mode} {result.wall_s:.0f}s",
                                     refresh=False)
@@ -485,7 +494,7 @@ def run(model: str = "smollm2-135m-instruct", *, setting: Setting | None = None,
             dense.contents = []   # dense's response KV is needed for this group only
     measure_s = time.perf_counter() - measure_started
 
-    summaries = {m: summarize_mode(setting.dataset, rows[m], wall[m], forced[m]) for m in modes}
+    summaries = {m: summarize_mode(setting.dataset, rows[m], wall[m], forced[m], cpu[m]) for m in modes}
     jobs_out = []
     for index, record in enumerate(measured):
         entry: dict[str, Any] = {"id": record.id, "modes": {}}
@@ -543,12 +552,12 @@ def markdown_table(report: dict[str, Any]) -> str:
              f"{report['model']}, {report['dtype']}, {report['device']}, {report['threads']} threads.", ""]
     if gsm8k:
         lines += ["| mode | accuracy | reuse rate | same answer as dense | same final text | first token = dense "
-                  "| KL(dense‖mode) mean | turns identical / teacher-forced | wall s | s/job |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| KL(dense‖mode) mean | turns identical / teacher-forced | wall s | s/job | CPU s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     else:
         lines += ["| mode | pass@1 | reuse rate | same pass/fail as dense | same code | first token = dense "
-                  "| KL(dense‖mode) mean | turns identical / teacher-forced | wall s | s/job |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| KL(dense‖mode) mean | turns identical / teacher-forced | wall s | s/job | CPU s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, m in report["modes"].items():
         n, t = m["jobs"], m["turns"]
         agree = f"{m['same_answer']}/{n}" if gsm8k else f"{m['same_verdict']}/{n}"
@@ -556,7 +565,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append(f"| {mode} | {m['correct']}/{n} ({m['accuracy']:.0%}) | {m['reuse_rate']:.0%} | {agree} | "
                      f"{text} | {m['first_token_agree']}/{t} | {m['kl_mean']:.3f} | "
                      f"{m['turns_identical_prompt']} / {m['turns_teacher_forced']} | {m['wall_s']:.0f} | "
-                     f"{m['wall_s_per_job']:.1f} |")
+                     f"{m['wall_s_per_job']:.1f} | {_fmt(m.get('cpu_s'), '.0f')} |")
     agents = list(first["by_agent"])
     lines += ["", "By agent: first token = dense, KL mean, reused turns:", "",
               "| mode | " + " | ".join(f"agent {a}" for a in agents) + " |", "|---|" + "---|" * len(agents)]
