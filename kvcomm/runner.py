@@ -136,6 +136,7 @@ class BatchKV:
     def nbytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
 
+    @torch.inference_mode()   # the sequence's KV may be an inference tensor (prefilled under inference mode)
     def admit(self, kv: SequenceKV) -> int:
         """Copy `kv`'s valid tokens into the next free slot (growing the slots when full); return the slot."""
         n = kv.length
@@ -155,6 +156,7 @@ class BatchKV:
         self.starts.append(kv.start)
         return slot
 
+    @torch.inference_mode()   # writes into the sequence's own (inference-mode) KV buffer
     def release(self, slot: int, into: SequenceKV) -> None:
         """Copy the tokens `slot` holds beyond ``into.length`` back into `into` and free the slot.
 
