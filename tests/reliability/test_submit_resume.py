@@ -125,7 +125,7 @@ def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(res
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps(build_job(
         "math", f"Ann has {i + 2} pens and finds {i % 5 + 1} more. How many pens?", num_agents=2, mode="dense",
-        job_id=job_id, generation=GenerationParams(max_new_tokens=4)).to_dict()) + "\n"
+        job_id=job_id, generation=GenerationParams(max_new_tokens=12)).to_dict()) + "\n"
         for i, job_id in enumerate(ids)))
     config = tmp_path / "cluster.yaml"
     config.write_text(f"model: {resume_model_dir}\nrandom_weights: true\nnum_workers: 1\ncpus_per_worker: 0.5\n"
