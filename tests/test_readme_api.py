@@ -187,6 +187,13 @@ def test_the_readme_examples_are_well_formed() -> None:
 # ------------------------------------------------------------------------------------------------------------
 # `kvcomm serve` in a subprocess
 # ------------------------------------------------------------------------------------------------------------
+
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default, so Python installs its KeyboardInterrupt handler
+    even when this test runs in a background job (a non-interactive shell starts those with SIGINT ignored,
+    and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 class Server:
     def __init__(self, process: subprocess.Popen, url: str):
         self.process, self.url, self.lines = process, url, []
@@ -240,7 +247,7 @@ def server(tmp_path_factory):
     env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(path), "--num-cpus",
                                 "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_sigint_default)
     server = Server(process, f"http://127.0.0.1:{port}")
     try:
         server.wait_ready(240)

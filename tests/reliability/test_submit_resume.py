@@ -69,6 +69,13 @@ def complete_records(out: Path) -> tuple[list[dict], list[str]]:
     return records, torn
 
 
+
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default, so Python installs its KeyboardInterrupt handler
+    even when this test runs in a background job (a non-interactive shell starts those with SIGINT ignored,
+    and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 class Run:
     """One `kvcomm submit` process with its own marker."""
 
@@ -80,7 +87,8 @@ class Run:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cluster.submit", str(jobs), "--out", str(out), "--config", str(config),
              "--num-cpus", "1", "--object-store-mb", "256", "--concurrency", "2", "--no-progress"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=_sigint_default)
         self.seen: dict[int, str] = {}
 
     def wait_for_results(self, count: int, timeout_s: float = 180) -> None:
