@@ -17,16 +17,15 @@ sequential runs) on the Serve app, after the cluster drills (``--no-http`` leave
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from kvcomm.bench import write_json_report
 from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
 
@@ -275,8 +274,5 @@ def cli_main(args: argparse.Namespace) -> int:
                  new_tokens=args.new_tokens, address=args.address, config=config,
                  extra=http_drills if args.http else None)
     print(markdown_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
-        print(f"wrote {args.json}", file=sys.stderr)
+    write_json_report(args.json, report)
     return 0

@@ -23,16 +23,15 @@ Each worker gets one CPU and one torch thread.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from kvcomm.bench import write_json_report
 from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
 
@@ -273,10 +272,7 @@ def cli_main(args: argparse.Namespace) -> int:
                  transfer_tokens=tuple(int(t) for t in args.transfer_tokens.split(",")), address=args.address,
                  config=config)
     print(markdown_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
-        print(f"wrote {args.json}", file=sys.stderr)
+    write_json_report(args.json, report)
     return 0
 
 
