@@ -36,7 +36,7 @@ import torch
 
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
-from kvcomm.generation import DecodeBatch, SequenceState
+from kvcomm.generation import SequenceState
 
 from .anchor_pool_actor import PoolSnapshotSettings, RemoteAnchorPool
 from .turns import ContentOrder, ContentResolver, TurnOrder, execute_content, execute_turn
@@ -83,7 +83,7 @@ class TurnScheduler:
         self.engine = engine
         self._turn_slots = threading.BoundedSemaphore(max_queued_turns)   # queued + decoding turns
         self.max_batch_size = max_batch_size
-        self._batch = DecodeBatch(engine.runner, max_batch_size=max_batch_size)
+        self._batch = engine.decode_batch(max_batch_size)
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._pending: collections.deque[tuple[TurnRequest, concurrent.futures.Future]] = collections.deque()
         self._running: dict[int, tuple[Any, concurrent.futures.Future]] = {}   # id(SequenceState) -> work

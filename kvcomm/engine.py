@@ -25,7 +25,7 @@ import torch
 from .anchor_pool import AnchorPool, PoolTransaction
 from .config import KVCommConfig
 from .gate import gate
-from .generation import DecodeBatch, Sampling, SequenceState, result_of
+from .generation import DecodeBatch, Sampling, SequenceState, cut_at_stop_string, result_of
 from .kv import KVSegment, concat
 from .offsets import estimate_offsets
 from .runner import ModelRunner, SequenceKV
@@ -217,9 +217,16 @@ class KVCommEngine:
     def run_turn(self, request: TurnRequest) -> TurnResult:
         return self.run_turns([request])[0]
 
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def decode_batch(self, max_batch_size: int) -> DecodeBatch:
+        """A continuous-batching decode loop on this engine's runner that can honour stop strings."""
+        return DecodeBatch(self.runner, max_batch_size=max_batch_size, detokenize=self.detokenize)
+
     def run_turns(self, requests: Sequence[TurnRequest]) -> list[TurnResult]:
         """Prepare every turn's cache (one after another), then decode them together in one batch."""
-        batch = DecodeBatch(self.runner, max_batch_size=max(1, len(requests)))
+        batch = self.decode_batch(max(1, len(requests)))
         prepared, states = [], []
         for request in requests:
             p = self.prepare(request)
@@ -376,7 +383,9 @@ class KVCommEngine:
     def finish(self, prepared: _Prepared, state: SequenceState, decode_s: float) -> TurnResult:
         gen = result_of(state)
         request = prepared.request
-        text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        # A stop string ends the text; the response keeps the tokens wholly before it (and their KV).
+        text, keep = cut_at_stop_string(gen.token_ids, request.sampling.stop_strings, self.detokenize)
+        gen.token_ids = gen.token_ids[:keep]
         response = None
         if gen.token_ids:
             seg = gen.kv.segment(gen.prompt_len, gen.prompt_len + len(gen.token_ids))

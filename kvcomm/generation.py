@@ -4,6 +4,10 @@
 `step()`; new sequences join between steps, finished ones leave. A sequence stopped by its length limit
 gets one more forward of its last token, so the KV of *every* generated token is kept (the reference
 implementation drops the last one). `generate()` is the one-sequence convenience on top.
+
+Stop strings (`Sampling.stop_strings`) end a sequence as soon as its decoded text contains one; the batch then
+needs a `detokenize` function (token ids -> text). Where the text is cut and which tokens a response keeps is
+`cut_at_stop_string`'s business.
 """
 from __future__ import annotations
 
@@ -24,8 +28,11 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()   # ends once its text contains one (finish_reason "stop"; not before min)
 
     def __post_init__(self) -> None:
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop_strings!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -85,6 +92,28 @@ class SequenceState:
             self.on_token(token)
 
 
+def _contains_stop(text: str, stops: Sequence[str]) -> bool:
+    return any(stop in text for stop in stops)
+
+
+def cut_at_stop_string(token_ids: Sequence[int], stops: Sequence[str],
+                       detokenize: Callable[[Sequence[int]], str]) -> tuple[str, int]:
+    """The text of `token_ids` up to (not including) the earliest stop string, and how many leading tokens lie
+    wholly before it (the tokens a response keeps, with their KV). Without a stop string in the text: all of it."""
+    text = detokenize(token_ids)
+    ends = [found for found in (text.find(stop) for stop in stops) if found >= 0]
+    if not ends:
+        return text, len(token_ids)
+    text = text[:min(ends)]
+    keep = len(token_ids)
+    while keep > 0:
+        prefix = detokenize(token_ids[:keep])
+        if len(prefix) <= len(text) and text.startswith(prefix):
+            break
+        keep -= 1
+    return text, keep
+
+
 def _capacity_class(need: int) -> int:
     """The buffer capacity for a sequence needing `need` tokens: 64, 96, 128, 192, 256, 384, ... (<= 1/3 spare)."""
     cap = 64
@@ -111,9 +140,11 @@ class DecodeBatch:
     outside (the next step, or the assignment itself, frees the slots of the sequences no longer in it).
     """
 
-    def __init__(self, runner: ModelRunner, max_batch_size: int = 64):
+    def __init__(self, runner: ModelRunner, max_batch_size: int = 64,
+                 detokenize: Callable[[Sequence[int]], str] | None = None):
         self.runner = runner
         self.max_batch_size = max_batch_size
+        self.detokenize = detokenize            # token ids -> text; needed by sequences with stop strings
         self._active: list[SequenceState] = []
         self._groups: dict[int, _Group] = {}    # capacity -> group
         self.steps = 0
@@ -130,6 +161,8 @@ class DecodeBatch:
     def add(self, kv: SequenceKV, last_logits: torch.Tensor, sampling: Sampling,
             on_token: Callable[[int], None] | None = None, started_at: float | None = None) -> SequenceState:
         """Join a sequence whose prompt is prefilled into `kv`; `last_logits` [vocab] are the prompt's last."""
+        if sampling.stop_strings and self.detokenize is None:
+            raise ValueError("a sequence with stop strings needs a DecodeBatch built with detokenize=")
         state = SequenceState(kv=kv, sampling=sampling, prompt_len=kv.length, first_logits=last_logits.float(),
                               on_token=on_token)
         if started_at is not None:
@@ -150,6 +183,11 @@ class DecodeBatch:
             state.finished_at = time.perf_counter()
             return
         state._accept(token)
+        if (state.sampling.stop_strings and allow_stop
+                and _contains_stop(self.detokenize(state.tokens), state.sampling.stop_strings)):
+            state.finish_reason = "stop"   # the tokens from the stop string on are cut later: no flush needed
+            state.finished_at = time.perf_counter()
+            return
         if len(state.tokens) >= state.sampling.max_new_tokens:
             state.finish_reason = "length"
             state.needs_flush = True

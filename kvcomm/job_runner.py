@@ -71,7 +71,7 @@ def sampling_for(agent: AgentSpec, engine: KVCommEngine) -> Sampling:
     if eos is not None:
         stop.add(int(eos))
     return Sampling(max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens, temperature=g.temperature,
-                    top_p=g.top_p, seed=g.seed, stop_token_ids=tuple(sorted(stop)))
+                    top_p=g.top_p, seed=g.seed, stop_token_ids=tuple(sorted(stop)), stop_strings=g.stop)
 
 
 class JobContents:

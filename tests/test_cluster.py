@@ -311,6 +311,23 @@ def test_whole_jobs_on_alternating_workers_equal_the_single_process_engine(clust
         assert got[3]["reuse_rate"] == 1.0
 
 
+def test_stop_strings_cut_responses_on_workers_as_in_the_single_process_engine(cluster, tiny_model_dir) -> None:
+    namespace = f"stop-{uuid.uuid4().hex[:8]}"
+    engine = oracle_engine(tiny_model_dir)
+    plain = run_job(engine, make_job(0, "dense", namespace))
+    head = plain.turns[0].text
+    stop = head[len(head) // 2: len(head) // 2 + 2]          # occurs mid-answer (random weights: any text)
+    assert stop.strip(), head
+    job = build_job("math", TASKS[0], num_agents=3, mode="dense", job_id="stop-job", namespace=namespace,
+                    generation=GenerationParams(max_new_tokens=NEW_TOKENS, stop=(stop,)))
+    want = run_job(engine, job)
+    have = cluster.run_job(job)
+    assert want.turns[0].text == head[:head.find(stop)]
+    assert token_ids(have) == token_ids(want)
+    assert [t["text"] for t in have["turns"]] == [t.text for t in want.turns]
+    assert all(stop not in t["text"] for t in have["turns"])
+
+
 def test_anchor_recorded_on_one_worker_is_reused_on_the_other(cluster) -> None:
     namespace = f"handoff-{uuid.uuid4().hex[:8]}"
     for i in (4, 5):

@@ -55,3 +55,45 @@ def test_debate_job_with_rounds_and_decision_agent(smollm2_engine_parts):
     turns = [(t.agent_id, t.round) for t in result.turns]
     assert turns == [("1", 0), ("2", 0), ("1", 1), ("2", 1), (job.decision_agent, 1)]
     assert result.final_answer == result.turns[-1].text
+
+
+def test_cut_at_stop_string_keeps_the_tokens_before_the_earliest_stop(smollm2_engine_parts):
+    from kvcomm.generation import cut_at_stop_string
+    _, tokenizer = smollm2_engine_parts
+    detok = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)   # noqa: E731
+    ids = tokenizer.encode("The answer is 5.END\nQ: next", add_special_tokens=False)
+    text, keep = cut_at_stop_string(ids, ("\nQ:", "END"), detok)
+    assert text == "The answer is 5."                      # the earliest stop string wins
+    assert keep < len(ids) and text.startswith(detok(ids[:keep]))        # wholly before the stop string
+    assert not text.startswith(detok(ids[:keep + 1]))                    # and no token more
+    assert cut_at_stop_string(ids, ("absent",), detok) == (detok(ids), len(ids))
+
+
+def test_stop_strings_end_decoding_and_cut_what_downstream_agents_read(smollm2_engine_parts):
+    engine = _engine(smollm2_engine_parts)
+    gen = GenerationParams(max_new_tokens=24)
+    full = run_job(engine, build_job("math", QUESTIONS[0], num_agents=2, generation=gen, mode="dense"))
+    first = full.turns[0].text
+    words = first.split()
+    assert len(words) >= 4, first
+    stop = " " + words[2]                                  # a stop string that occurs mid-answer
+    cut = first[:first.find(stop)]
+    stopped_gen = GenerationParams(max_new_tokens=24, stop=(stop,))
+    for mode in ("dense", "kvcomm"):
+        stopped = run_job(engine, build_job("math", QUESTIONS[0], num_agents=2, generation=stopped_gen, mode=mode))
+        head = stopped.turns[0]
+        assert head.text == cut and stop not in head.text
+        assert len(head.token_ids) < len(full.turns[0].token_ids)
+        assert engine.detokenize(head.token_ids) == cut[:len(engine.detokenize(head.token_ids))]
+        # agent 2 reads the cut response: its prompt is shorter than when it read the whole answer
+        assert stopped.turns[1].prompt_tokens < full.turns[1].prompt_tokens
+
+
+def test_decode_batch_refuses_stop_strings_without_a_detokenizer(smollm2_engine_parts):
+    import pytest
+    import torch
+    from kvcomm.generation import DecodeBatch, Sampling
+    runner, _ = smollm2_engine_parts
+    logits, kv = runner.prefill(torch.tensor([1, 2, 3]), extra_capacity=4)
+    with pytest.raises(ValueError, match="detokenize"):
+        DecodeBatch(runner).add(kv, logits[-1], Sampling(max_new_tokens=2, stop_strings=("x",)))

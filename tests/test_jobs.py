@@ -239,7 +239,7 @@ def test_job_level_generation_defaults_are_overridden_per_agent():
     assert job.agent("3").generation == GenerationParams(max_new_tokens=10, temperature=0.5)
 
 
-def test_stop_strings_load_from_lists_and_cut_the_response():
+def test_stop_strings_load_from_lists():
     data = three_agent_dict()
     data["generation"] = {"stop": ["\nQ:", "END"]}
     job = JobSpec.from_dict(data)
@@ -247,10 +247,6 @@ def test_stop_strings_load_from_lists_and_cut_the_response():
     assert params.stop == ("\nQ:", "END") and params == GenerationParams(stop=("\nQ:", "END"))
     assert params.to_dict()["stop"] == ["\nQ:", "END"]
     assert JobSpec.from_dict(json.loads(json.dumps(job.to_dict()))) == job
-    assert params.cut_at_stop("The answer is 5.END\nQ: next") == ("The answer is 5.", True)
-    assert params.cut_at_stop("x\nQ: y END") == ("x", True)          # the earliest stop string wins
-    assert params.cut_at_stop("no stop here") == ("no stop here", False)
-    assert GenerationParams().cut_at_stop("END") == ("END", False)
 
 
 def test_load_jobs_reads_the_examples():

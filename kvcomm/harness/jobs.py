@@ -23,8 +23,9 @@ round, an agent runs one level after the last of its upstream agents (agents of 
 can run in parallel); round r+1 starts after round r ends; the decision agent runs last, once, in round
 ``rounds - 1``, after every other turn.
 
-Generation: `GenerationParams.stop` holds stop *strings*; whoever runs the turn ends the response before the
-first one (`GenerationParams.cut_at_stop`). Token-level stops (EOS) are the engine's business, not the job's.
+Generation: `GenerationParams.stop` holds stop *strings*: decoding ends once the response's text contains one and
+the text is cut before it (`kvcomm.generation.cut_at_stop_string`). Token-level stops (EOS) are the engine's
+business, not the job's.
 
 Every validation error is a `JobSpecError` whose message starts with the path of the offending field, for
 example ``agents[2].role: must not be empty``.
@@ -72,7 +73,7 @@ class GenerationParams:
     temperature: float = 0.0     # 0: greedy
     top_p: float = 1.0
     seed: int = 0
-    stop: tuple[str, ...] = ()   # stop strings: the response ends before the first one (see `cut_at_stop`)
+    stop: tuple[str, ...] = ()   # stop strings: the response ends before the first one
 
     def __post_init__(self) -> None:
         # Job files give lists; keep a tuple so that equal params compare (and hash) equal however they were built.
@@ -101,11 +102,6 @@ class GenerationParams:
         for index, stop in enumerate(self.stop):
             if not isinstance(stop, str) or not stop:
                 raise JobSpecError(f"{path}.stop[{index}]", f"expected a non-empty string, got {stop!r}")
-
-    def cut_at_stop(self, text: str) -> tuple[str, bool]:
-        """`text` up to (not including) the earliest stop string, and whether one was found."""
-        ends = [found for found in (text.find(stop) for stop in self.stop) if found >= 0]
-        return (text[:min(ends)], True) if ends else (text, False)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
