@@ -18,7 +18,8 @@ absolute numbers drift by 15-20%):
   a segment as long as the median response divided by it.
 
 Every response is forced to exactly `new_tokens` tokens (min = max), so token counts are equal across settings.
-Each worker gets one CPU and one torch thread.
+Each worker gets `threads_per_worker` CPUs and torch threads (default one, so that 1 vs 2 workers compares like
+with like; ``--threads-per-worker 2 --workers 1`` gives one replica the whole 2-core machine).
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm
         random_weights: bool = False, agents: int = 3, new_tokens: int = 32, max_batch_size: int = 16,
         transfer_tokens: Sequence[int] = (128, 512), transfer_repeats: int = 5, reuse_jobs: int = 6,
         reuse_warmup: int = 2, address: str | None = None, config: ClusterConfig | None = None,
-        modes: Sequence[str] = ("dense",)) -> dict[str, Any]:
+        modes: Sequence[str] = ("dense",), threads_per_worker: int | None = None) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) and return its report."""
     import ray
     from .job_runner import ClusterRunner
@@ -140,11 +141,14 @@ def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm
 
     most = max(workers)
     base = config or ClusterConfig(cpus_per_worker=1, threads_per_worker=1)
+    if threads_per_worker is not None:
+        base = base.with_(cpus_per_worker=threads_per_worker, threads_per_worker=threads_per_worker)
     cfg = base.with_(model=model, random_weights=random_weights, num_workers=most, max_batch_size=max_batch_size,
                      pool_actor_name=f"bench-pool-{uuid.uuid4().hex[:8]}")
     connection = RayConnection(address, num_cpus=int(most * cfg.cpus_per_worker) or 1, object_store_mb=2560)
     report: dict[str, Any] = {"model": model, "random_weights": random_weights, "agents": agents,
-                              "new_tokens": new_tokens, "jobs": jobs, "settings": []}
+                              "new_tokens": new_tokens, "jobs": jobs, "threads_per_worker": cfg.worker_threads,
+                              "settings": []}
     try:
         with ClusterRunner(cfg) as runner:
             worker_info = ray.get(runner.workers[0].stats.remote())
@@ -211,7 +215,8 @@ def _add_ratios(report: dict[str, Any]) -> None:
 def markdown_table(report: dict[str, Any]) -> str:
     lines = [f"Model {report['model']}{' (random weights)' if report['random_weights'] else ''}, "
              f"{report['agents']}-agent jobs, {report['new_tokens']} tokens per response, {report['jobs']} jobs "
-             f"in flight per setting, device {report.get('device', '?')}.", "",
+             f"in flight per setting, {report.get('threads_per_worker', 1)} thread(s) per worker, "
+             f"device {report.get('device', '?')}.", "",
              "| mode | workers | max batch | jobs/min | decode tok/s | mean batch | median TTFT (ms) | reuse "
              "| wall (s) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -258,6 +263,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="dense", help="modes whose batching gain is measured (e.g. dense,kvcomm)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--threads-per-worker", type=int, default=None,
+                        help="CPUs and torch threads per worker (default 1, or the --config's)")
     parser.add_argument("--transfer-tokens", default="128,512")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     parser.add_argument("--config", default=None, help="cluster config YAML (resources, kvcomm knobs)")
@@ -270,7 +277,7 @@ def cli_main(args: argparse.Namespace) -> int:
                  random_weights=args.random_weights, agents=args.agents, new_tokens=args.new_tokens,
                  max_batch_size=args.max_batch_size, modes=tuple(args.modes.split(",")),
                  transfer_tokens=tuple(int(t) for t in args.transfer_tokens.split(",")), address=args.address,
-                 config=config)
+                 config=config, threads_per_worker=args.threads_per_worker)
     print(markdown_table(report))
     write_json_report(args.json, report)
     return 0
