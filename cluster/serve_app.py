@@ -256,9 +256,9 @@ class AgentWorkerDeployment:
             yield {"event": "error", "status": 400, "param": getattr(exc, "field", None) or "job",
                    "message": f"{type(exc).__name__}: {exc}"}
             return
-        except Exception as exc:  # noqa: BLE001 - reported to the client as the job's error
-            log.exception("job %s failed", spec.id)
-            yield {"event": "error", "status": 500, "param": None, "message": f"{type(exc).__name__}: {exc}"}
+        except Exception:  # noqa: BLE001 - reported to the client as the job's error
+            yield {"event": "error", "status": 500, "param": None,
+                   "message": internal_error_message(f"job {spec.id}")}
             return
         out = result.to_dict()
         out["worker"] = self.worker_id
@@ -309,6 +309,14 @@ class AgentWorkerDeployment:
 # ------------------------------------------------------------------------------------------------------------
 api = FastAPI(title="KVCOMM on Ray", description="Multi-agent jobs with KV-cache reuse, and an OpenAI-compatible "
                                                  "chat API, on Ray Serve.", docs_url=None, redoc_url=None)
+
+
+def internal_error_message(what: str) -> str:
+    """Log the exception being handled (traceback included) under a fresh error id; return what the client is
+    told: the id, never the exception's text (it may hold paths, prompts or another tenant's data)."""
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("%s failed (error id %s)", what, error_id)
+    return f"internal error (error id {error_id}); the server log has the details"
 
 
 class APIError(Exception):
@@ -578,9 +586,8 @@ class KVCommIngress:
             response = await handler(request, caller)
         except APIError as exc:
             response = exc.response()
-        except Exception as exc:  # noqa: BLE001 - a bug is a 500 with its message, never a dropped connection
-            log.exception("%s failed", route)
-            response = APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+        except Exception:  # noqa: BLE001 - a bug is a 500, never a dropped connection
+            response = APIError(500, internal_error_message(route)).response()
         self._metrics.observe_response(route, response.status_code)
         return response
 

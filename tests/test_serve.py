@@ -64,6 +64,19 @@ def metric(text: str, sample: str) -> float:
 # ------------------------------------------------------------------------------------------------------------
 # configuration (no Ray needed)
 # ------------------------------------------------------------------------------------------------------------
+def test_a_500_tells_the_client_an_error_id_and_logs_the_exception_under_it(caplog) -> None:
+    from cluster.serve_app import internal_error_message
+    with caplog.at_level("ERROR", logger="cluster.serve_app"):
+        try:
+            raise RuntimeError("secret /home/tenant-b/prompt.txt")
+        except RuntimeError:
+            message = internal_error_message("POST /v1/jobs")
+    error_id = re.search(r"error id ([0-9a-f]{12})", message).group(1)
+    assert "secret" not in message and "RuntimeError" not in message
+    (record,) = [r for r in caplog.records if error_id in r.getMessage()]
+    assert "POST /v1/jobs" in record.getMessage() and "secret" in str(record.exc_info[1])
+
+
 def test_shipped_configs_validate_and_bad_args_name_the_field(tmp_path) -> None:
     local = load_serve_config_file("configs/local.yaml")
     assert (local.host, local.port) == ("127.0.0.1", 8000)
