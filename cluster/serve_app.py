@@ -24,7 +24,8 @@ This module owns the HTTP service and its configuration:
   result are readable only with the key and namespace header it was submitted with. Bad input is a 4xx whose
   message starts with the offending field, in OpenAI's error shape.
   Limits (each a `ServeSettings` knob, named in the refusal): at most ``max_in_flight`` jobs and chats accepted
-  and not finished (beyond: 429 with ``Retry-After``), ``max_jobs_kept`` finished jobs (the oldest finished are
+  and not finished, and at most ``max_in_flight_per_key`` of them per API key (beyond either: 429 with
+  ``Retry-After``), ``max_jobs_kept`` finished jobs (the oldest finished are
   forgotten), ``max_body_bytes`` (413), ``max_prompt_chars``, ``max_output_tokens``, ``max_job_agents`` and
   ``max_job_turns`` (400).
 * `build_app(config)` / `app_builder(args)` (for ``serve run``), and `run_server`, the body of ``kvcomm serve``
@@ -103,7 +104,8 @@ class ServeSettings(BaseModel):
     max_jobs_kept: int = Field(1000, ge=1)                    # finished jobs whose results stay readable (the
                                                               # oldest finished are forgotten first)
     max_in_flight: int = Field(256, ge=1)                     # jobs + chats accepted and not finished; beyond: 429
-    retry_after_s: int = Field(1, ge=1)                       # the Retry-After header of that 429
+    max_in_flight_per_key: int | None = Field(None, ge=1)     # the same per API key (None: no per-key cap)
+    retry_after_s: int = Field(1, ge=1)                       # the Retry-After header of those 429s
     max_prompt_chars: int = Field(131072, ge=1)               # a chat's messages / one agent's prompt text: 400
     max_output_tokens: int = Field(4096, ge=1)                # chat max_tokens, an agent's max_new_tokens: 400
     max_job_agents: int = Field(32, ge=1)                     # agents of one job: 400 above
@@ -352,6 +354,7 @@ class IngressSettings:
     max_job_agents: int
     max_job_turns: int
     job_resubmits: int = 1
+    max_in_flight_per_key: int | None = None
 
     @classmethod
     def from_config(cls, config: ServeAppConfig, api_key_digests: tuple[bytes, ...]) -> "IngressSettings":
@@ -363,7 +366,8 @@ class IngressSettings:
                    retry_after_s=serve_settings.retry_after_s, max_prompt_chars=serve_settings.max_prompt_chars,
                    max_output_tokens=serve_settings.max_output_tokens,
                    max_job_agents=serve_settings.max_job_agents, max_job_turns=serve_settings.max_job_turns,
-                   job_resubmits=serve_settings.job_resubmits)
+                   job_resubmits=serve_settings.job_resubmits,
+                   max_in_flight_per_key=serve_settings.max_in_flight_per_key)
 
 
 @dataclass(frozen=True)
@@ -560,6 +564,44 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
                     headers=dict(exc.headers or {})).response()
 
 
+class InFlightSlots:
+    """Jobs and chats accepted and not finished: at most `limit` in all and `per_key` per tenant (API key
+    digest; requests without auth share the global limit only). `take` refuses with 429 + Retry-After, naming the
+    knob; whoever ends the work calls `give_back` once. Used from the ingress's event loop only (no awaits
+    between check and take, so two requests cannot both take the last slot)."""
+
+    def __init__(self, limit: int, per_key: int | None, retry_after_s: int):
+        self.limit, self.per_key, self.retry_after_s = limit, per_key, retry_after_s
+        self.total = 0
+        self._by_tenant: collections.Counter[str] = collections.Counter()
+
+    def of(self, tenant: str | None) -> int:
+        return self._by_tenant[tenant] if tenant is not None else self.total
+
+    def take(self, tenant: str | None) -> None:
+        retry = self.retry_after_s
+        headers = {"Retry-After": str(retry)}
+        if self.total >= self.limit:
+            raise APIError(429, f"server busy: {self.total} jobs and chat completions are in flight, the limit "
+                                f"(serve.max_in_flight = {self.limit}); retry after {retry} s",
+                           error_type="rate_limit_error", code="server_busy", headers=headers)
+        if tenant is not None and self.per_key is not None and self._by_tenant[tenant] >= self.per_key:
+            raise APIError(429, f"too many requests for this API key: {self._by_tenant[tenant]} jobs and chat "
+                                f"completions in flight, the per-key limit (serve.max_in_flight_per_key = "
+                                f"{self.per_key}); retry after {retry} s",
+                           error_type="rate_limit_error", code="key_busy", headers=headers)
+        self.total += 1
+        if tenant is not None:
+            self._by_tenant[tenant] += 1
+
+    def give_back(self, tenant: str | None) -> None:
+        self.total -= 1
+        if tenant is not None:
+            self._by_tenant[tenant] -= 1
+            if not self._by_tenant[tenant]:
+                del self._by_tenant[tenant]
+
+
 @serve.ingress(api)   # at import, in every process: Serve binds the routes below to the replica's instance
 class KVCommIngress:
     """The HTTP API (see the module docstring); its deployment options are applied in `build_app`."""
@@ -570,7 +612,7 @@ class KVCommIngress:
         self._metrics = ServiceMetrics(export_to_ray=True)
         self._jobs: dict[str, JobRecord] = {}                   # every job accepted and not yet forgotten
         self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()   # finished, in order
-        self._inflight = 0                                     # jobs + chats accepted and not finished
+        self._slots = InFlightSlots(settings.max_in_flight, settings.max_in_flight_per_key, settings.retry_after_s)
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
         self._pool = None
@@ -637,26 +679,20 @@ class KVCommIngress:
             self._model_info = await self._workers.model_info.remote()
         return self._model_info
 
-    def _queue_changed(self, delta: int) -> None:
-        self._inflight += delta
-        self._metrics.set_queue_length(self._inflight)
+    def _reserve(self, tenant: str | None) -> None:
+        """Take an in-flight slot for a job or chat (`_release`d by whoever ends it), or refuse with 429."""
+        self._slots.take(tenant)
+        self._metrics.set_queue_length(self._slots.total)
 
-    def _reserve(self) -> None:
-        """Take one of the `max_in_flight` slots for a job or chat (released by whoever ends it), or refuse with
-        429 and Retry-After. Synchronous, so concurrent requests cannot both take the last slot."""
-        limit = self._settings.max_in_flight
-        if self._inflight >= limit:
-            retry = self._settings.retry_after_s
-            raise APIError(429, f"server busy: {self._inflight} jobs and chat completions are in flight, the limit "
-                                f"(serve.max_in_flight = {limit}); retry after {retry} s",
-                           error_type="rate_limit_error", code="server_busy", headers={"Retry-After": str(retry)})
-        self._queue_changed(+1)
+    def _release(self, tenant: str | None) -> None:
+        self._slots.give_back(tenant)
+        self._metrics.set_queue_length(self._slots.total)
 
     # ---- routes: health, models, metrics ------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self, request: Request) -> Response:
         async def handler(_: Request, __: Caller) -> Response:
-            return JSONResponse({"status": "ok", "model": self._settings.served_model, "jobs_in_flight": self._inflight,
+            return JSONResponse({"status": "ok", "model": self._settings.served_model, "jobs_in_flight": self._slots.total,
                                  "max_in_flight": self._settings.max_in_flight})
         return await self._handle("/healthz", request, handler, authenticate=False)
 
@@ -709,14 +745,14 @@ class KVCommIngress:
         mode = request.query_params.get("mode")
         if mode is not None and mode not in MODES:
             raise APIError(400, f"mode: unknown mode {mode!r}; valid modes: {', '.join(MODES)}", param="mode")
-        self._reserve()                          # before the body is read: a busy server answers at once
+        self._reserve(caller.tenant)             # before the body is read: a busy server answers at once
         try:
             record_id = f"job-{uuid.uuid4().hex[:16]}"
             spec = await self._job_spec(request, caller, record_id)
             record = JobRecord(record_id, caller.owner, spec.id, mode or spec.mode, spec.namespace)
             self._jobs[record.id] = record
         except BaseException:
-            self._queue_changed(-1)
+            self._release(caller.tenant)
             raise
         record.task = asyncio.ensure_future(self._run_job(record, spec.to_dict(), record.mode))   # it releases
         if not wait:
@@ -818,7 +854,7 @@ class KVCommIngress:
             await record.finish(result, error)
             self._forget_old_jobs(record)
             self._metrics.observe_job(mode, record.status)
-            self._queue_changed(-1)               # the slot `_create_job` reserved
+            self._release(record.owner[0])        # the slot `_create_job` reserved
 
     async def _run_job_once(self, record: JobRecord, job: dict[str, Any],
                             mode: str) -> tuple[dict[str, Any] | None, "APIError | None"]:
@@ -884,7 +920,7 @@ class KVCommIngress:
         return await self._handle("/v1/chat/completions", request, self._chat)
 
     async def _chat(self, request: Request, caller: Caller) -> Response:
-        self._reserve()                          # before the body is read: a busy server answers at once
+        self._reserve(caller.tenant)             # before the body is read: a busy server answers at once
         handed_off = False                       # the streaming response releases the slot itself
         try:
             body = await self._read_json(request)
@@ -916,7 +952,8 @@ class KVCommIngress:
             completion_id, created = new_completion_id(), int(time.time())
             if chat.stream:
                 include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-                chunks = self._chat_chunks(stream, completion_id, created, first["prompt_tokens"], include_usage)
+                chunks = self._chat_chunks(stream, completion_id, created, first["prompt_tokens"], include_usage,
+                                           caller.tenant)
                 await chunks.__anext__()   # started: its `finally` now runs however the response ends (even unsent)
                 handed_off = True
                 return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -928,7 +965,7 @@ class KVCommIngress:
                     done = event
         finally:
             if not handed_off:
-                self._queue_changed(-1)
+                self._release(caller.tenant)
         if done is None:
             raise APIError(502, "the worker ended the completion without finishing it")
         self._metrics.observe_chat(done["ttft_s"], done["prompt_tokens"], done["completion_tokens"],
@@ -937,7 +974,7 @@ class KVCommIngress:
                                             done["finish_reason"], done["prompt_tokens"], done["completion_tokens"]))
 
     async def _chat_chunks(self, stream: Any, completion_id: str, created: int, prompt_tokens: int,
-                           include_usage: bool) -> AsyncIterator[bytes]:
+                           include_usage: bool, tenant: str | None) -> AsyncIterator[bytes]:
         """The SSE chunks of a streaming chat; the first item (empty) is taken by `_chat` to start it. Ends the
         worker's decoding if the client goes away, and releases the chat's in-flight slot."""
         model = self._settings.served_model
@@ -960,7 +997,7 @@ class KVCommIngress:
         finally:
             if not finished:
                 stream.cancel()            # the client went away: the worker stops decoding this chat
-            self._queue_changed(-1)
+            self._release(tenant)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -64,6 +64,33 @@ def metric(text: str, sample: str) -> float:
 # ------------------------------------------------------------------------------------------------------------
 # configuration (no Ray needed)
 # ------------------------------------------------------------------------------------------------------------
+def test_in_flight_slots_cap_each_key_and_the_total() -> None:
+    from cluster.serve_app import APIError, InFlightSlots
+    slots = InFlightSlots(limit=5, per_key=3, retry_after_s=2)
+    for _ in range(3):
+        slots.take("tenant-a")
+    with pytest.raises(APIError) as refused:
+        slots.take("tenant-a")
+    assert refused.value.status == 429 and refused.value.code == "key_busy"
+    assert refused.value.headers == {"Retry-After": "2"} and "serve.max_in_flight_per_key = 3" in refused.value.message
+    slots.take("tenant-b")                      # another key still gets in ...
+    slots.take("tenant-b")
+    with pytest.raises(APIError) as busy:       # ... until the total is reached
+        slots.take("tenant-c")
+    assert busy.value.code == "server_busy" and "serve.max_in_flight = 5" in busy.value.message
+    slots.give_back("tenant-a")
+    slots.take("tenant-a")                      # a slot given back is free again, for its key
+    assert (slots.total, slots.of("tenant-a"), slots.of("tenant-b")) == (5, 3, 2)
+    for tenant in ["tenant-a"] * 3 + ["tenant-b"] * 2:
+        slots.give_back(tenant)
+    assert slots.total == 0 and slots.of("tenant-a") == 0
+    open_server = InFlightSlots(limit=2, per_key=1, retry_after_s=1)   # no auth: only the total applies
+    open_server.take(None)
+    open_server.take(None)
+    with pytest.raises(APIError, match="serve.max_in_flight = 2"):
+        open_server.take(None)
+
+
 def test_a_500_tells_the_client_an_error_id_and_logs_the_exception_under_it(caplog) -> None:
     from cluster.serve_app import internal_error_message
     with caplog.at_level("ERROR", logger="cluster.serve_app"):
