@@ -44,6 +44,8 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -1067,14 +1069,17 @@ def run_server(config: str | Path | ServeConfigFile, *, host: str | None = None,
 
     Ctrl-C is a normal way to stop (exit status 0 while serving; 130 when it interrupts the start or `ready`): it
     prints one line and shuts down, without a traceback; a second Ctrl-C during the shutdown skips waiting for
-    Serve's graceful shutdown."""
+    Serve's graceful shutdown. SIGTERM (what `docker stop`, Kubernetes and systemd send) does the same as Ctrl-C
+    when this runs in the main thread."""
     import ray
     spec = config if isinstance(config, ServeConfigFile) else load_serve_config_file(config)
     host, port = host or spec.host, port or spec.port
     owned = address is None and not ray.is_initialized()      # this call starts (and stops) a local cluster
     code = 0
+    previous_sigterm = None
     try:
         start_local_ray(address, num_cpus)
+        previous_sigterm = _stop_on_sigterm()         # after ray.init, which installs its own handler
         serve.start(http_options={"host": host, "port": port})
         urls = []
         for app in spec.applications:
@@ -1092,14 +1097,34 @@ def run_server(config: str | Path | ServeConfigFile, *, host: str | None = None,
             try:
                 while True:
                     time.sleep(3600)
-            except KeyboardInterrupt:
-                print("\n[serve] shutting down ...", flush=True)
+            except KeyboardInterrupt as stop:
+                why = "SIGTERM: " if isinstance(stop, _Terminated) else ""
+                print(f"\n[serve] {why}shutting down ...", flush=True)
     except KeyboardInterrupt:
         print("\n[serve] interrupted: shutting down ...", flush=True)
         code = 130
     finally:
-        _shut_down(spec, owned)
+        try:
+            _shut_down(spec, owned)
+        finally:
+            if previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, previous_sigterm)
     return code
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that it unwinds through the same path as Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM stop the server as Ctrl-C does; the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 # Ray's own line when `serve.shutdown()` ends its controller while the driver still waits on it (harmless: the
@@ -1132,11 +1157,9 @@ class _FilteredStream:
 
 
 def _shut_down(spec: ServeConfigFile, owned: bool) -> None:
-    """Serve, the applications' anchor pool actors and (when `owned`) the local Ray cluster. A Ctrl-C during
-    Serve's graceful shutdown skips the rest of it; none is taken while the Ray cluster stops."""
-    import signal
+    """Serve, the applications' anchor pool actors and (when `owned`) the local Ray cluster. A Ctrl-C (or SIGTERM)
+    during Serve's graceful shutdown skips the rest of it; none is taken while the Ray cluster stops."""
     import sys
-    import threading
 
     import ray
     streams = sys.stdout, sys.stderr                 # Ray prints its error messages to stdout
@@ -1152,12 +1175,13 @@ def _shut_down(spec: ServeConfigFile, owned: bool) -> None:
                   + ("" if owned else " (`serve shutdown` stops what is left on the cluster)"), flush=True)
         if owned and ray.is_initialized():
             in_main = threading.current_thread() is threading.main_thread()
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} \
+                if in_main else {}
             try:
                 ray.shutdown()
             finally:
-                if in_main:
-                    signal.signal(signal.SIGINT, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -221,6 +221,14 @@ class Server:
     def interrupt(self, timeout_s: float = 120.0) -> int:
         """SIGINT to the server's process group (what Ctrl-C in its terminal sends); its exit status."""
         os.killpg(self.process.pid, signal.SIGINT)
+        return self._wait(timeout_s)
+
+    def terminate(self, timeout_s: float = 120.0) -> int:
+        """SIGTERM to the server's process alone (what `docker stop` and Kubernetes send); its exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        return self._wait(timeout_s)
+
+    def _wait(self, timeout_s: float) -> int:
         code = self.process.wait(timeout=timeout_s)
         self._reader.join(timeout=10)
         return code
@@ -228,9 +236,13 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    yield from _serve(tmp_path_factory.mktemp("readme-api"))
+
+
+def _serve(directory: Path):
+    """`kvcomm serve` of configs/local.yaml on a tiny random model, in its own session; yields it once ready."""
     from kvcomm.model_loading import hf_config_from_spec
     from kvcomm.model_spec import PRESETS
-    directory = tmp_path_factory.mktemp("readme-api")
     hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory / "model")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -301,3 +313,23 @@ def test_ctrl_c_stops_kvcomm_serve_with_one_line_and_no_traceback(server: Server
     assert code == 0, after
     assert "Traceback" not in server.output and "KeyboardInterrupt" not in server.output, server.output[-3000:]
     assert "[serve] shutting down" in after, after
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_stops_kvcomm_serve_like_ctrl_c_and_leaves_no_process(tmp_path) -> None:
+    serving = _serve(tmp_path)
+    server = next(serving)
+    assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    code = server.terminate()
+    assert code == 0, server.output[-3000:]
+    assert "[serve] SIGTERM: shutting down" in server.output and "Traceback" not in server.output
+    deadline = time.monotonic() + 30
+    while True:                                  # the Ray processes it started go with it
+        try:
+            os.killpg(server.process.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "processes of the server's session are still running"
+        time.sleep(0.5)
+    serving.close()
