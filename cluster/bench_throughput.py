@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -251,6 +252,37 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict[str, Any], png_path: str) -> str:
+    """Jobs per minute and decode tokens per second of every setting, side by side."""
+    from matplotlib.figure import Figure   # no pyplot: no global backend state
+
+    settings = report["settings"]
+    labels = [f"{s.get('mode', 'dense')}\n{s['workers']} worker{'s' if s['workers'] > 1 else ''}\n"
+              f"batch {s['max_batch_size']}" for s in settings]
+    palette = {"dense": "C0", "kvcomm": "C1", "hybrid": "C2"}
+    colors = [palette.get(s.get("mode", "dense"), "C3") for s in settings]
+    fig = Figure(figsize=(11, 4.2), dpi=110)
+    for ax, key, title in zip(fig.subplots(1, 2), ("jobs_per_min", "decode_tok_per_s"),
+                              ("jobs per minute", "decode tokens per second")):
+        values = [s[key] for s in settings]
+        bars = ax.bar(range(len(settings)), values, color=colors, edgecolor=["black" if s["workers"] > 1 else "none"
+                                                                              for s in settings])
+        for bar, value in zip(bars, values):
+            ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
+                        fontsize=8)
+        ax.set_xticks(range(len(settings)), labels, fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    model = str(report.get("model", "")).split(" (")[0]
+    fig.suptitle(f"{model}, {report['agents']}-agent jobs, {report['new_tokens']} tokens per response, "
+                 f"{report['jobs']} jobs in flight, {report.get('threads_per_worker', 1)} thread(s) per worker, "
+                 f"{report.get('device', '?')}", fontsize=9)
+    fig.tight_layout()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path)
+    return png_path
+
+
 # ------------------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------------------
@@ -269,6 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     parser.add_argument("--config", default=None, help="cluster config YAML (resources, kvcomm knobs)")
     parser.add_argument("--json", default=None, help="write the report here")
+    parser.add_argument("--plot", default=None, help="write a PNG of jobs/min and decode tok/s per setting here")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -280,6 +313,8 @@ def cli_main(args: argparse.Namespace) -> int:
                  config=config, threads_per_worker=args.threads_per_worker)
     print(markdown_table(report))
     write_json_report(args.json, report)
+    if args.plot:
+        print(f"wrote {plot(report, args.plot)}")
     return 0
 
 

@@ -442,7 +442,7 @@ def test_lost_pool_costs_speed_never_answers_and_shutdown_leaves_nothing(ray_clu
     assert ray.available_resources().get("CPU", 0) == free_before
 
 
-def test_throughput_benchmark_reports_batching_workers_and_transfer(ray_cluster, tiny_model_dir) -> None:
+def test_throughput_benchmark_reports_batching_workers_and_transfer(ray_cluster, tiny_model_dir, tmp_path) -> None:
     from cluster import bench_throughput
     base = cluster_config(tiny_model_dir, kvcomm={"gamma": GAMMA})
     report = bench_throughput.run(workers=(1, 2), jobs=6, model=tiny_model_dir, random_weights=True, agents=2,
@@ -463,3 +463,5 @@ def test_throughput_benchmark_reports_batching_workers_and_transfer(ray_cluster,
     assert {"batching_speedup", "batching_speedup_kvcomm"} <= set(report["ratios"])
     table = bench_throughput.markdown_table(report)
     assert "| dense | 2 | 8 |" in table and "continuous batching vs batch-1" in table and "kvcomm mode" in table
+    png = bench_throughput.plot(report, str(tmp_path / "throughput.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
