@@ -8,8 +8,8 @@ absolute numbers drift by 15-20%):
 
 * continuous batching vs batch-1 on one worker: the same N jobs, all in flight at once, on worker 0 with
   ``max_batch_size`` B and then 1 (the scheduler then decodes one sequence per step); in dense mode, and (with
-  ``--modes dense,kvcomm``) in kvcomm mode after a warm-up that records anchors, where reused turns skip most of
-  their prefill, so a replica is decode-bound and batching pays more;
+  ``--modes dense,kvcomm``) in kvcomm mode after a warm-up (``--mode-warmup`` jobs, one at a time) that records
+  anchors, where reused turns skip most of their prefill, so a replica is decode-bound and batching pays more;
 * 1 vs 2 (or more) workers, continuous batching, jobs routed by load;
 * KV transfer: a response segment of T tokens of this model's KV (fp32 numpy, one object per segment) `ray.put`
   by the driver and `ray.get` + copied into a torch tensor in another process: MB/s both ways;
@@ -134,7 +134,8 @@ def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm
         random_weights: bool = False, agents: int = 3, new_tokens: int = 32, max_batch_size: int = 16,
         transfer_tokens: Sequence[int] = (128, 512), transfer_repeats: int = 5, reuse_jobs: int = 6,
         reuse_warmup: int = 2, address: str | None = None, config: ClusterConfig | None = None,
-        modes: Sequence[str] = ("dense",), threads_per_worker: int | None = None) -> dict[str, Any]:
+        modes: Sequence[str] = ("dense",), threads_per_worker: int | None = None,
+        mode_warmup: int = 6) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) and return its report."""
     import ray
     from .job_runner import ClusterRunner
@@ -160,8 +161,9 @@ def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm
             for mode in modes:
                 namespace = f"bench-{mode}-{uuid.uuid4().hex[:6]}"
                 order = (1, max_batch_size)
-                if mode != "dense":          # record anchors on other questions first, in the mode's namespace;
-                    for job in make_jobs(reuse_warmup, agents=agents, new_tokens=new_tokens, mode=mode,
+                if mode != "dense":          # record anchors on other questions first, in the mode's namespace,
+                    # one job at a time (jobs in flight together cannot use each other's anchors yet);
+                    for job in make_jobs(mode_warmup, agents=agents, new_tokens=new_tokens, mode=mode,
                                          tag=f"warm-{mode}", offset=jobs, namespace=namespace):
                         runner.run_job(job, worker=0)
                     order = (max_batch_size, 1)   # the pool grows as jobs run: batched goes first, not favoured
@@ -295,6 +297,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="dense", help="modes whose batching gain is measured (e.g. dense,kvcomm)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--mode-warmup", type=int, default=6,
+                        help="jobs run one at a time to record anchors before a reuse mode is measured")
     parser.add_argument("--threads-per-worker", type=int, default=None,
                         help="CPUs and torch threads per worker (default 1, or the --config's)")
     parser.add_argument("--transfer-tokens", default="128,512")
@@ -310,7 +314,7 @@ def cli_main(args: argparse.Namespace) -> int:
                  random_weights=args.random_weights, agents=args.agents, new_tokens=args.new_tokens,
                  max_batch_size=args.max_batch_size, modes=tuple(args.modes.split(",")),
                  transfer_tokens=tuple(int(t) for t in args.transfer_tokens.split(",")), address=args.address,
-                 config=config, threads_per_worker=args.threads_per_worker)
+                 config=config, threads_per_worker=args.threads_per_worker, mode_warmup=args.mode_warmup)
     print(markdown_table(report))
     write_json_report(args.json, report)
     if args.plot:

@@ -447,7 +447,8 @@ def test_throughput_benchmark_reports_batching_workers_and_transfer(ray_cluster,
     base = cluster_config(tiny_model_dir, kvcomm={"gamma": GAMMA})
     report = bench_throughput.run(workers=(1, 2), jobs=6, model=tiny_model_dir, random_weights=True, agents=2,
                                   new_tokens=6, max_batch_size=8, transfer_tokens=(64,), transfer_repeats=2,
-                                  reuse_jobs=4, reuse_warmup=2, config=base, modes=("dense", "kvcomm"))
+                                  reuse_jobs=4, reuse_warmup=2, config=base, modes=("dense", "kvcomm"),
+                                  mode_warmup=2)
     settings = {(s["mode"], s["workers"], s["max_batch_size"]): s for s in report["settings"]}
     assert set(settings) == {("dense", 1, 1), ("dense", 1, 8), ("kvcomm", 1, 8), ("kvcomm", 1, 1), ("dense", 2, 8)}
     assert settings[("dense", 1, 1)]["mean_batch"] == 1.0 and settings[("dense", 1, 8)]["mean_batch"] > 1.5
