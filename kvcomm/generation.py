@@ -92,7 +92,12 @@ class SequenceState:
             self.on_token(token)
 
 
-def _contains_stop(text: str, stops: Sequence[str]) -> bool:
+def _ends_in_stop(tokens: Sequence[int], stops: Sequence[str], detokenize: Callable[[Sequence[int]], str]) -> bool:
+    """Whether the newest token completed a stop string. Earlier tokens were checked when they came, so only the
+    tail is decoded: a stop string of n characters spans at most its last n tokens (+2 for a multi-byte
+    character split across tokens), not the whole response at every step."""
+    window = max(len(stop) for stop in stops) + 2
+    text = detokenize(tokens[-window:])
     return any(stop in text for stop in stops)
 
 
@@ -184,7 +189,7 @@ class DecodeBatch:
             return
         state._accept(token)
         if (state.sampling.stop_strings and allow_stop
-                and _contains_stop(self.detokenize(state.tokens), state.sampling.stop_strings)):
+                and _ends_in_stop(state.tokens, state.sampling.stop_strings, self.detokenize)):
             state.finish_reason = "stop"   # the tokens from the stop string on are cut later: no flush needed
             state.finished_at = time.perf_counter()
             return
