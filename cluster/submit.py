@@ -12,8 +12,8 @@ local one (``ray.init(num_cpus=..., include_dashboard=False)`` with ``RAY_AUTH_M
 * everything this command started (the workers, the pool actor, a local Ray cluster) is shut down on exit, on
   errors, on Ctrl-C and on SIGTERM (`ray job stop`; `ray.init` makes it a `SystemExit`). A cluster the process
   was already connected to is left as it was. Killed outright (SIGKILL), the process takes its local cluster with
-  it: Ray starts its raylet and GCS with the kernel's parent-death signal, and their workers exit when the raylet
-  goes (within seconds).
+  it within seconds: Ray's raylet and GCS get the kernel's parent-death signal, their workers follow the raylet,
+  and `cluster.reaper` kills the agents that would otherwise linger.
 
 Exit status: 0 when every job of this run succeeded, 1 when some failed (their error lines are in the file),
 2 for a usage error (bad job file, bad config), 130 when interrupted (run it again to resume).
@@ -30,13 +30,13 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 from kvcomm.harness.jobs import JobSpec, JobSpecError, load_jobs
 
 from .config import ClusterConfig
+from .reaper import CLUSTER_TOKEN, start_reaper
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -195,12 +195,9 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
 class RayConnection:
     """Joins or starts Ray; `close()` shuts down only a cluster this object started or connected.
 
-    A local cluster it starts dies with this process however it ends. Ray already gives its GCS and raylet the
-    kernel's parent-death signal, and workers exit when the raylet is gone; but after a SIGKILL the raylet's
-    dashboard and runtime-env agents outlive it for about a minute (they try to report the raylet's death to the
-    dead GCS). So the cluster is started with a token in its environment (every Ray process inherits it) and a
-    small reaper process waits on a pipe from this one: when the pipe closes (this process exited, or `close()`
-    ran), it SIGKILLs whatever still carries the token. Nothing else is touched (Linux: /proc; elsewhere no reaper).
+    A local cluster it starts dies with this process however it ends, SIGKILL included: `cluster.reaper` watches
+    it from a process of its own and kills what outlives this one (Ray's dashboard and runtime-env agents would
+    linger about a minute), or what `ray.shutdown()` left running after `close()`.
     Ray's auto-init is turned off in this process for good: a job thread that outlives `close()` (Ctrl-C with
     jobs in flight) gets an error from its next Ray call instead of starting a second, unowned cluster.
     """
@@ -216,7 +213,7 @@ class RayConnection:
         if address:
             ray.init(address=address)
         else:
-            self._reaper = _start_reaper()
+            self._reaper = start_reaper()
             try:
                 ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mb << 20)
             except BaseException:
@@ -234,7 +231,7 @@ class RayConnection:
     def _stop_reaper(self) -> None:
         if self._reaper is not None:
             self._reaper.stdin.close()                # the reaper sweeps up what ray.shutdown left running
-            os.environ.pop(_CLUSTER_TOKEN, None)
+            os.environ.pop(CLUSTER_TOKEN, None)
             self._reaper = None
 
 
@@ -247,48 +244,6 @@ def _no_auto_init() -> None:
         auto_init_hook.enable_auto_connect = False
     except (ImportError, AttributeError):   # another Ray version: the variable alone
         pass
-
-
-_CLUSTER_TOKEN = "KVCOMM_LOCAL_CLUSTER"
-_REAPER = r"""
-import os, signal, sys, time
-token, driver, grace = sys.argv[1].encode(), int(sys.argv[2]), float(sys.argv[3])
-sys.stdin.buffer.read()                    # EOF: the driver exited (however) or closed its end
-time.sleep(grace)                          # processes of a clean shutdown exit on their own first
-for _ in range(20):
-    found = False
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in (os.getpid(), driver):
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-        except OSError:
-            continue
-        if token in environ:
-            found = True
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except OSError:
-                pass
-    if not found:
-        break
-    time.sleep(0.25)
-"""
-
-
-def _start_reaper() -> subprocess.Popen | None:
-    """Start the reaper and put its token into this process's environment (the cluster started next inherits
-    it); None where there is no /proc."""
-    if not os.path.isdir("/proc/self"):
-        return None
-    token = f"{_CLUSTER_TOKEN}={uuid.uuid4().hex}"
-    env = {k: v for k, v in os.environ.items() if k != _CLUSTER_TOKEN}
-    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, token, str(os.getpid()), "2.0"], env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)     # a Ctrl-C at the terminal does not stop it early
-    os.environ[_CLUSTER_TOKEN] = token.split("=", 1)[1]
-    return reaper
 
 
 def submit(args: argparse.Namespace) -> int:

@@ -4,10 +4,10 @@ Three runs of ``python -m cluster.submit JOBS --out RESULTS.jsonl`` in fresh pro
 Ray cluster (tiny-llama, random weights, one worker, two jobs in flight): the first gets SIGINT once results are
 being written (it shuts down what it started and exits 130), then a crash mid-write is simulated (a torn last
 line), the second is SIGKILLed mid-batch, the third finishes. After every exit no process of that run's Ray
-cluster is left (they carry a marker in their environment), and no job thread started a second cluster. After a
-SIGKILL, Ray's GCS and raylet die with the driver (parent-death signal) and workers follow the raylet, but its
-dashboard and runtime-env agents would linger about a minute: `cluster.submit.RayConnection`'s reaper kills them;
-the test measures how long the cleanup takes.
+cluster is left (tracked by a marker in their environment and as descendants of the driver, sampled while it
+runs), and no job thread started a second cluster. After a SIGKILL, Ray's GCS and raylet die with the driver
+(parent-death signal) and workers follow the raylet, but its dashboard and runtime-env agents would linger about a
+minute: `cluster.reaper` kills them; the test measures how long the cleanup takes.
 """
 from __future__ import annotations
 
@@ -42,19 +42,41 @@ def resume_model_dir(tmp_path_factory) -> str:
     return str(directory)
 
 
-def marked_processes(marker: str) -> dict[int, str]:
-    """Live processes whose environment carries `marker` (everything a run starts inherits it)."""
-    found, needle = {}, marker.encode()
+def run_processes(marker: str, driver: int) -> dict[tuple[int, int], str]:
+    """(pid, start time) -> command name of the live processes of one run: those whose environment carries
+    `marker`, the driver's descendants, and theirs. Both marks are needed: Ray's agents rename themselves
+    (setproctitle), which overwrites the start of their /proc/PID/environ and may take the marker with it."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            if needle in Path(f"/proc/{entry}/environ").read_bytes():
-                found[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(
-                    errors="replace")[-60:]
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+            fields = stat[stat.rfind(b")") + 2:].split()   # state, ppid, ..., field 22 = start time
+            if fields[0] in (b"Z", b"X"):                     # dead, only not yet reaped
+                continue
+            marked = marker.encode() in Path(f"/proc/{entry}/environ").read_bytes()
+            name = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")[-60:]
         except OSError:
             continue
-    return found
+        table[int(entry)] = (int(fields[1]), int(fields[19]), marked, name.strip())
+    found = {pid for pid, (_, _, marked, _) in table.items() if marked or pid == driver}
+    grew = True
+    while grew:
+        below = {pid for pid, (ppid, *_) in table.items() if ppid in found} - found
+        found |= below
+        grew = bool(below)
+    return {(pid, table[pid][1]): table[pid][3] for pid in found if pid != driver}
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time, or None when it is gone (or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return None if fields[0] in (b"Z", b"X") else int(fields[19])
 
 
 def complete_records(out: Path) -> tuple[list[dict], list[str]]:
@@ -89,16 +111,16 @@ class Run:
              "--num-cpus", "1", "--object-store-mb", "256", "--concurrency", "2", "--no-progress"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=_sigint_default)
-        self.seen: dict[int, str] = {}
+        self.seen: dict[tuple[int, int], str] = {}
 
     def wait_for_results(self, count: int, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
         while len(complete_records(self.out)[0]) < count:
             assert self.process.poll() is None, f"exited ({self.process.returncode}) early:\n{self.output()[-3000:]}"
             assert time.monotonic() < deadline, f"fewer than {count} results after {timeout_s} s"
-            self.seen.update(marked_processes(self.marker))
+            self.seen.update(run_processes(self.marker, self.process.pid))
             time.sleep(0.2)
-        self.seen.update(marked_processes(self.marker))
+        self.seen.update(run_processes(self.marker, self.process.pid))
 
     def stop(self, sig: int) -> int:
         self.process.send_signal(sig)
@@ -121,7 +143,8 @@ class Run:
         assert SECOND_CLUSTER not in self.output(), f"{stage}: a job thread started a second Ray cluster"
         t0 = time.monotonic()
         while True:
-            left = marked_processes(self.marker)
+            left = {pid: name for (pid, start), name in (self.seen | run_processes(self.marker, self.process.pid)).items()
+                    if start_time(pid) == start}
             if not left:
                 return time.monotonic() - t0
             assert time.monotonic() - t0 < timeout_s, f"{stage}: left behind after {timeout_s} s: {left}"
@@ -147,7 +170,8 @@ def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(res
     first.wait_for_results(2)
     assert first.stop(signal.SIGINT) == 130, first.output()[-3000:]
     assert "interrupted" in first.output() and "Traceback" not in first.output()
-    assert any("raylet" in c for c in first.seen.values()), first.seen      # the marker reaches Ray's processes
+    assert any("raylet" in c for c in first.seen.values()), first.seen      # Ray's processes are tracked
+    assert any("Agent" in c for c in first.seen.values()), first.seen       # its agents too (the slow ones)
     cleanup_s["SIGINT"] = first.seconds_until_gone("SIGINT")
     after_first, torn = complete_records(out)
     assert 2 <= len(after_first) < JOBS and not torn
