@@ -111,19 +111,11 @@ class ClusterConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ClusterConfig":
         """Load a YAML file (a mapping of these fields; `kvcomm:` holds algorithm knobs). Errors name the file."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"cluster config {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ValueError(f"cluster config {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"cluster config {path} must be a mapping of settings, got {type(data).__name__}")
+        data = read_yaml_mapping(path, "cluster config", "a mapping of settings")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ValueError(f"cluster config {path}: {_describe(exc)}") from None
+            raise ValueError(f"cluster config {path}: {describe_validation_error(exc)}") from None
 
     def with_(self, **changes: Any) -> "ClusterConfig":
         """A validated copy with `changes` applied (`kvcomm` may be a dict of algorithm knobs)."""
@@ -170,7 +162,22 @@ class ClusterConfig(BaseModel):
             pool_snapshot=self.pool_snapshot(), kvcomm=self.kvcomm.to_kvcomm())
 
 
-def _describe(exc: ValidationError) -> str:
+def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (empty file: {}). Errors name `what` and the file: missing, not YAML, or not
+    `expected` (a mapping)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must be {expected}, got {type(data).__name__}")
+    return data
+
+
+def describe_validation_error(exc: ValidationError) -> str:
     """One line per problem: `field.path: message`."""
     parts = []
     for error in exc.errors():

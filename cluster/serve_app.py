@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -66,7 +65,7 @@ from kvcomm.engine import ContextLengthError
 from kvcomm.harness.jobs import MODES, JobSpec, JobSpecError
 from kvcomm.templates import TemplateError
 
-from .config import ClusterConfig, _describe
+from .config import ClusterConfig, describe_validation_error, read_yaml_mapping
 from .metrics import ServiceMetrics
 from .openai_api import (ChatCompletionRequest, ChatDecoder, ChatParams, ChatRequestError, chunk_body,
                          completion_body, new_completion_id, usage_body)
@@ -144,7 +143,7 @@ class ServeAppConfig(BaseModel):
         try:
             return cls.model_validate(args)
         except ValidationError as exc:
-            raise ValueError(f"{source}: {_describe(exc)}") from None
+            raise ValueError(f"{source}: {describe_validation_error(exc)}") from None
 
     @property
     def model_name(self) -> str:
@@ -171,19 +170,11 @@ def load_serve_config_file(path: str | Path) -> ServeConfigFile:
     """Read a Serve config file, validate it with Serve's `ServeDeploySchema` and each of this module's
     applications' ``args`` with `ServeAppConfig`. Errors name the file and the field."""
     from ray.serve.schema import ServeDeploySchema
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"serve config {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"serve config {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"serve config {path} must be a mapping (a Ray Serve config file), got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "serve config", "a mapping (a Ray Serve config file)")
     try:
         schema = ServeDeploySchema.model_validate(raw)
     except ValidationError as exc:
-        raise ValueError(f"serve config {path}: {_describe(exc)}") from None
+        raise ValueError(f"serve config {path}: {describe_validation_error(exc)}") from None
     apps = []
     for index, app in enumerate(schema.applications):
         if app.import_path != APP_IMPORT_PATH:
@@ -933,7 +924,7 @@ class KVCommIngress:
             except ValidationError as exc:
                 first = exc.errors()[0]
                 param = _loc(first["loc"])
-                more = (f" (and {len(exc.errors()) - 1} more problems: {_describe(exc)})"
+                more = (f" (and {len(exc.errors()) - 1} more problems: {describe_validation_error(exc)})"
                         if len(exc.errors()) > 1 else "")
                 raise APIError(400, f"{param}: {first['msg']}{more}", param=param) from None
             try:

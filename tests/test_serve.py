@@ -24,6 +24,7 @@ from kvcomm.model_loading import hf_config_from_spec
 from kvcomm.model_spec import PRESETS
 from kvcomm.session import build_engine
 
+from cluster.config import ClusterConfig
 from cluster.serve_app import ServeAppConfig, api_key_digests, load_serve_config_file
 from cluster.openai_api import chat_prompt_ids, stop_token_ids
 
@@ -102,6 +103,22 @@ def test_a_500_tells_the_client_an_error_id_and_logs_the_exception_under_it(capl
     assert "secret" not in message and "RuntimeError" not in message
     (record,) = [r for r in caplog.records if error_id in r.getMessage()]
     assert "POST /v1/jobs" in record.getMessage() and "secret" in str(record.exc_info[1])
+
+
+@pytest.mark.parametrize("loader, what", [(load_serve_config_file, "serve config"),
+                                           (ClusterConfig.from_yaml, "cluster config")])
+def test_config_files_that_are_missing_broken_or_not_mappings_are_named(tmp_path, loader, what) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{what} {missing} does not exist")):
+        loader(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("applications: [unclosed\n")
+    with pytest.raises(ValueError, match=re.escape(f"{what} {broken} is not valid YAML")):
+        loader(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match=re.escape(f"{what} {listed} must be a mapping") + ".*got list"):
+        loader(listed)
 
 
 def test_shipped_configs_validate_and_bad_args_name_the_field(tmp_path) -> None:
