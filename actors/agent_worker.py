@@ -266,6 +266,7 @@ class ScheduledEngine:
         self.spec = engine.spec
         self.tokenizer = engine.tokenizer
         self.config = engine.config
+        self.stop_token_ids = engine.stop_token_ids
 
     def run_turns(self, requests: list[TurnRequest]) -> list[TurnResult]:
         futures = [self._scheduler.turn(request) for request in requests]

@@ -165,15 +165,6 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]
     return ids
 
 
-def stop_token_ids(engine: Any) -> tuple[int, ...]:
-    """The model's end-of-sequence tokens (as `kvcomm.job_runner.sampling_for` collects them)."""
-    stop = set(engine.spec.eos_token_ids)
-    eos = getattr(engine.tokenizer, "eos_token_id", None)
-    if eos is not None:
-        stop.add(int(eos))
-    return tuple(sorted(stop))
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Decoding on the model thread
 # ------------------------------------------------------------------------------------------------------------
@@ -224,7 +215,7 @@ class ChatDecoder:
         self._batch = DecodeBatch(engine.runner, max_batch_size=max_batch_size)
         self._sequences: dict[int, _ChatSequence] = {}     # id(state) -> sequence; model thread only
         self._stepping = False                             # a step call is queued; model thread only
-        self._stop_ids = stop_token_ids(engine)
+        self._stop_ids = engine.stop_token_ids
 
     @property
     def running(self) -> int:

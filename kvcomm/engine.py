@@ -217,6 +217,15 @@ class KVCommEngine:
     def run_turn(self, request: TurnRequest) -> TurnResult:
         return self.run_turns([request])[0]
 
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The model's end-of-sequence tokens: the model config's and the tokenizer's, sorted."""
+        stops = set(self.spec.eos_token_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None:
+            stops.add(int(eos))
+        return tuple(sorted(stops))
+
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 

@@ -66,12 +66,8 @@ class JobResult:
 
 def sampling_for(agent: AgentSpec, engine: KVCommEngine) -> Sampling:
     g = agent.generation
-    stop = set(engine.spec.eos_token_ids)
-    eos = getattr(engine.tokenizer, "eos_token_id", None)
-    if eos is not None:
-        stop.add(int(eos))
     return Sampling(max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens, temperature=g.temperature,
-                    top_p=g.top_p, seed=g.seed, stop_token_ids=tuple(sorted(stop)), stop_strings=g.stop)
+                    top_p=g.top_p, seed=g.seed, stop_token_ids=engine.stop_token_ids, stop_strings=g.stop)
 
 
 class JobContents:

@@ -132,3 +132,11 @@ def test_run_turns_batches_several_agents_and_reports_timings(smollm2_engine_par
         assert r.reused and r.ttft_s > 0 and {"fetch", "align", "offset", "prefill", "decode"} <= set(r.timings)
         assert r.response is not None and r.response.base.num_tokens == len(r.token_ids)
         assert r.response.base.start == 0
+
+
+def test_stop_token_ids_are_the_model_configs_and_the_tokenizers_end_of_sequence(smollm2_engine_parts):
+    engine = _engine(smollm2_engine_parts)
+    stops = engine.stop_token_ids
+    assert engine.tokenizer.eos_token_id in stops and set(engine.spec.eos_token_ids) <= set(stops)
+    assert list(stops) == sorted(set(stops))
+    assert engine.tokenizer.decode([stops[0]]) in {"<|im_end|>", "<|endoftext|>"}

@@ -26,7 +26,7 @@ from kvcomm.session import build_engine
 
 from cluster.config import ClusterConfig
 from cluster.serve_app import ServeAppConfig, api_key_digests, load_serve_config_file
-from cluster.openai_api import chat_prompt_ids, stop_token_ids
+from cluster.openai_api import chat_prompt_ids
 
 KEY, OTHER_KEY = "test-key-" + uuid.uuid4().hex, "other-key-" + uuid.uuid4().hex
 MODEL_NAME = "tiny-test"
@@ -235,7 +235,7 @@ def test_openai_client_gets_a_completion_and_a_stream(app_url, oracle) -> None:
     completion = api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
                                              seed=7)
     prompt = chat_prompt_ids(oracle.tokenizer, messages)
-    want = generate_from_ids(oracle.runner, prompt, Sampling(max_new_tokens=6, stop_token_ids=stop_token_ids(oracle)))
+    want = generate_from_ids(oracle.runner, prompt, Sampling(max_new_tokens=6, stop_token_ids=oracle.stop_token_ids))
     text = completion.choices[0].message.content
     assert text == oracle.tokenizer.decode(want.token_ids, skip_special_tokens=True)
     assert completion.usage.prompt_tokens == len(prompt)

@@ -171,14 +171,6 @@ def response_name(agent: AgentTemplate) -> str:
     return f"agent_{agent.agent_id}_current"
 
 
-def stop_ids(engine: KVCommEngine) -> tuple[int, ...]:
-    stops = set(engine.spec.eos_token_ids)
-    eos = getattr(engine.tokenizer, "eos_token_id", None)
-    if eos is not None:
-        stops.add(int(eos))
-    return tuple(sorted(stops))
-
-
 def _fresh(content: SharedContent) -> SharedContent:
     """The same content with no gate state: `offer_content` marks contents, so each job needs its own copies."""
     return replace(content, anchor_ids={}, gate_reason={})
@@ -681,8 +673,8 @@ def run(model: str = "smollm2-135m-instruct", *, setting: Setting | None = None,
     agents_source = "caller" if agents is not None else "kvcomm.harness.roles.fully_connected_math_agents"
     agents = list(agents) if agents is not None else math_agents(setting.agents)
     dense_engine = engines.corrected
-    sampling = Sampling(max_new_tokens=setting.response_tokens, stop_token_ids=stop_ids(dense_engine))
-    continuation = Sampling(max_new_tokens=setting.continuation_tokens, stop_token_ids=stop_ids(dense_engine))
+    sampling = Sampling(max_new_tokens=setting.response_tokens, stop_token_ids=dense_engine.stop_token_ids)
+    continuation = Sampling(max_new_tokens=setting.continuation_tokens, stop_token_ids=dense_engine.stop_token_ids)
 
     measured_q = load_questions(setting.data, setting.questions, seed=setting.seed)
     warmup_q = load_questions(setting.data, setting.warmup, skip=setting.questions, seed=setting.seed)
@@ -785,7 +777,7 @@ def sweep_anchors(model: str = "smollm2-135m-instruct", *, anchors: Sequence[int
     dense_engine = _engine(runner, loaded.tokenizer, base_config)
     agents_source = "caller" if agents is not None else "kvcomm.harness.roles.fully_connected_math_agents"
     agents = list(agents) if agents is not None else math_agents(setting.agents)
-    sampling = Sampling(max_new_tokens=setting.response_tokens, stop_token_ids=stop_ids(dense_engine))
+    sampling = Sampling(max_new_tokens=setting.response_tokens, stop_token_ids=dense_engine.stop_token_ids)
     measured_q = load_questions(setting.data, setting.questions, seed=setting.seed)
     warmup_q = load_questions(setting.data, setting.warmup, skip=setting.questions, seed=setting.seed)
     warm = _warmer(dense_engine, agents, warmup_q, setting, sampling, progress)
