@@ -20,8 +20,6 @@ from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
 from kvcomm.kv import KVSegment
-from kvcomm.model_loading import hf_config_from_spec
-from kvcomm.model_spec import PRESETS
 from kvcomm.session import build_engine
 
 from actors.anchor_pool_actor import AnchorPoolState, RemoteAnchorPool, get_or_create_pool_actor, transaction_payload
@@ -45,14 +43,6 @@ def make_job(index: int, mode: str, namespace: str, job_id: str | None = None, t
 def token_ids(result) -> list[list[int]]:
     turns = result["turns"] if isinstance(result, dict) else [t.to_dict() for t in result.turns]
     return [t["token_ids"] for t in turns]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """tiny-llama's architecture with the embedded tokenizer's vocabulary (random weights, seed 0)."""
-    directory = tmp_path_factory.mktemp("tiny-llama-49152")
-    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory)
-    return str(directory)
 
 
 def cluster_config(model_dir: str, **changes) -> ClusterConfig:
@@ -341,7 +331,6 @@ def test_anchor_recorded_on_one_worker_is_reused_on_the_other(cluster) -> None:
 
 
 def test_sixteen_concurrent_jobs_on_one_worker_equal_sequential_runs(cluster) -> None:
-    import ray
     namespace = f"batch-{uuid.uuid4().hex[:8]}"
     jobs = [make_job(i, "dense", namespace, job_id=f"batch{i}") for i in range(16)]
     t0 = time.perf_counter()

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from kvcomm.bench import fidelity
-from kvcomm.model_loading import hf_config_from_spec, load_model
-from kvcomm.model_spec import PRESETS
+from kvcomm.model_loading import load_model
 from kvcomm.templates import AgentTemplate
 
 QUESTIONS = [
@@ -42,12 +41,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_model(tiny_model_dir):
     """tiny-llama's architecture with the embedded tokenizer's vocabulary, random weights."""
-    directory = tmp_path_factory.mktemp("tiny-llama-49152")
-    spec = PRESETS["tiny-llama"].with_(vocab_size=49152)
-    hf_config_from_spec(spec).save_pretrained(directory)
-    loaded = load_model(str(directory), random_weights=True, seed=3)
+    loaded = load_model(tiny_model_dir, random_weights=True, seed=3)
     assert loaded.tokenizer is not None
     return loaded
 

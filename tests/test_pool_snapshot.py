@@ -12,7 +12,6 @@ import random
 import time
 
 import msgpack
-import numpy as np
 import pytest
 import torch
 

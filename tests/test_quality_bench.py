@@ -13,8 +13,7 @@ from kvcomm.bench import quality
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine
 from kvcomm.job_runner import run_job, run_jobs
-from kvcomm.model_loading import hf_config_from_spec, load_model
-from kvcomm.model_spec import PRESETS
+from kvcomm.model_loading import load_model
 from kvcomm.runner import ModelRunner
 
 QUESTIONS = [
@@ -42,11 +41,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_model(tiny_model_dir):
     """tiny-llama's architecture with the embedded tokenizer's vocabulary, random weights."""
-    directory = tmp_path_factory.mktemp("tiny-llama-49152")
-    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory)
-    loaded = load_model(str(directory), random_weights=True, seed=3)
+    loaded = load_model(tiny_model_dir, random_weights=True, seed=3)
     assert loaded.tokenizer is not None
     return loaded
 

@@ -20,8 +20,6 @@ from kvcomm.generation import Sampling, generate_from_ids
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
-from kvcomm.model_loading import hf_config_from_spec
-from kvcomm.model_spec import PRESETS
 from kvcomm.session import build_engine
 
 from cluster.config import ClusterConfig
@@ -151,11 +149,6 @@ def test_shipped_configs_validate_and_bad_args_name_the_field(tmp_path) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # the running app
 # ------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("tiny-llama-serve")
-    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory)
-    return str(directory)
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,11 @@ import pytest
 
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
-from kvcomm.model_loading import hf_config_from_spec
-from kvcomm.model_spec import PRESETS
 
 from cluster.submit import finished_ids, main, read_jobs
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("tiny-llama-49152")
-    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory)
-    return str(directory)
 
 
 def write_config(tmp_path: Path, model_dir: str) -> Path:

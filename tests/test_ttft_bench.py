@@ -13,19 +13,9 @@ from pathlib import Path
 import pytest
 
 from kvcomm.bench import ttft
-from kvcomm.model_loading import hf_config_from_spec
-from kvcomm.model_spec import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(agents=3, prefix=16, input=32, output=16)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """tiny-llama's architecture with the embedded tokenizer's 49152-token vocabulary (random weights)."""
-    directory = tmp_path_factory.mktemp("tiny-llama-49k")
-    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory)
-    return str(directory)
 
 
 @pytest.fixture(scope="module")

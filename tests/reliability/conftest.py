@@ -21,8 +21,6 @@ import pytest
 
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
-from kvcomm.model_loading import hf_config_from_spec
-from kvcomm.model_spec import PRESETS
 
 MODEL_NAME = "tiny-reliability"
 KEY, OTHER_KEY = "rel-key-" + uuid.uuid4().hex, "rel-other-" + uuid.uuid4().hex
@@ -73,13 +71,6 @@ def report(name: str, data: dict[str, Any]) -> None:
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / f"{name}.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-
-
-@pytest.fixture(scope="package")
-def tiny_model_dir(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("tiny-llama-reliability")
-    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory)
-    return str(directory)
 
 
 @pytest.fixture(scope="package")

@@ -31,7 +31,6 @@ from kvcomm.engine import KVCommEngine
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import POOL_MODES, resolve_placeholder
-from kvcomm.model_loading import hf_config_from_spec
 from kvcomm.model_spec import PRESETS
 from kvcomm.session import build_engine
 
@@ -80,13 +79,6 @@ def in_process_ray(monkeypatch):
         return real_get(value, **kwargs) if isinstance(first, ray.ObjectRef) else value
 
     monkeypatch.setattr(ray, "get", get)
-
-
-@pytest.fixture(scope="module")
-def memory_model_dir(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("tiny-llama-memory")
-    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory)
-    return str(directory)
 
 
 class Worker:
@@ -292,9 +284,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_finished_jobs_leave_only_bounded_caches_behind(memory_model_dir, in_process_ray, one_thread) -> None:
+def test_finished_jobs_leave_only_bounded_caches_behind(tiny_model_dir, in_process_ray, one_thread) -> None:
     config = KVCommConfig(pool_byte_budget=POOL_BUDGET, max_anchors=4, gamma=1.0)
-    base = build_engine(memory_model_dir, random_weights=True, config=config)
+    base = build_engine(tiny_model_dir, random_weights=True, config=config)
     state = AnchorPoolState(config, put=lambda tensors: tensors)
     actor = InProcessPoolActor(state)
     workers = [Worker(i, config, actor, base.runner.rope, base) for i in range(2)]

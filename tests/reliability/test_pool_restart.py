@@ -15,20 +15,11 @@ import pytest
 
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
-from kvcomm.model_loading import hf_config_from_spec
-from kvcomm.model_spec import PRESETS
 
 from cluster.config import ClusterConfig
 
 pytestmark = [pytest.mark.reliability, pytest.mark.ray]
 TASKS = [f"Tom has {a} apples and buys {b} more. How many apples does Tom have?" for a, b in [(3, 5), (4, 2), (6, 1)]]
-
-
-@pytest.fixture(scope="module")
-def snapshot_model_dir(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("tiny-llama-snapshot")
-    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory)
-    return str(directory)
 
 
 def make_job(index: int, namespace: str):
@@ -54,12 +45,12 @@ def pool_contents(pool, namespace: str) -> dict:
     return out, wire["epoch"]
 
 
-def test_a_killed_pool_comes_back_with_its_saved_anchors_and_jobs_reuse_them(ray_cluster, snapshot_model_dir,
+def test_a_killed_pool_comes_back_with_its_saved_anchors_and_jobs_reuse_them(ray_cluster, tiny_model_dir,
                                                                               tmp_path) -> None:
     import ray
     from cluster.job_runner import ClusterRunner
     path = tmp_path / "pool.snapshot"
-    config = ClusterConfig(model=snapshot_model_dir, random_weights=True, num_workers=1, cpus_per_worker=0.5,
+    config = ClusterConfig(model=tiny_model_dir, random_weights=True, num_workers=1, cpus_per_worker=0.5,
                            threads_per_worker=1, pool_actor_name=f"snap-pool-{uuid.uuid4().hex[:8]}",
                            ray_namespace="kvcomm-test", pool_snapshot_path=str(path), pool_snapshot_every_commits=1,
                            pool_retry_after_s=0.5, kvcomm={"gamma": 1.0})

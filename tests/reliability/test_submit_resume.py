@@ -24,8 +24,6 @@ import pytest
 
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
-from kvcomm.model_loading import hf_config_from_spec
-from kvcomm.model_spec import PRESETS
 
 from cluster.submit import finished_ids
 
@@ -33,13 +31,6 @@ pytestmark = [pytest.mark.reliability, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[2]
 JOBS = 16
 SECOND_CLUSTER = "current thread is not the main thread"   # ray.init from a job thread after shutdown
-
-
-@pytest.fixture(scope="module")
-def resume_model_dir(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("tiny-llama-resume")
-    hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory)
-    return str(directory)
 
 
 def run_processes(marker: str, driver: int) -> dict[tuple[int, int], str]:
@@ -89,7 +80,6 @@ def complete_records(out: Path) -> tuple[list[dict], list[str]]:
             except json.JSONDecodeError:
                 torn.append(line)
     return records, torn
-
 
 
 def _sigint_default() -> None:
@@ -151,7 +141,7 @@ class Run:
             time.sleep(0.2)
 
 
-def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(resume_model_dir, tmp_path) -> None:
+def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(tiny_model_dir, tmp_path) -> None:
     ids = [f"job-{i:02d}" for i in range(JOBS)]
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps(build_job(
@@ -159,7 +149,7 @@ def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(res
         job_id=job_id, generation=GenerationParams(max_new_tokens=12)).to_dict()) + "\n"
         for i, job_id in enumerate(ids)))
     config = tmp_path / "cluster.yaml"
-    config.write_text(f"model: {resume_model_dir}\nrandom_weights: true\nnum_workers: 1\ncpus_per_worker: 0.5\n"
+    config.write_text(f"model: {tiny_model_dir}\nrandom_weights: true\nnum_workers: 1\ncpus_per_worker: 0.5\n"
                       f"threads_per_worker: 1\npool_actor_name: resume-pool-{uuid.uuid4().hex[:8]}\n"
                       f"ray_namespace: kvcomm-test\n")
     out = tmp_path / "results.jsonl"
