@@ -25,7 +25,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvcomm.engine import ContextLengthError
-from kvcomm.generation import DecodeBatch, Sampling, SequenceState
+from kvcomm.generation import DecodeBatch, Sampling, SequenceState, first_stop_at
 
 
 class ChatRequestError(ValueError):
@@ -191,11 +191,10 @@ class _ChatSequence:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):        # an incomplete UTF-8 sequence: wait for the next token
             return
-        for stop in self.params.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text = text[:at]
-                self.stopped_by_string = True
+        at = first_stop_at(text, self.params.stop)
+        if at is not None:
+            text = text[:at]
+            self.stopped_by_string = True
         self.text = text
         # with stop strings, hold back what could still be the start of one
         hold = 0 if self.stopped_by_string else max((len(s) - 1 for s in self.params.stop), default=0)

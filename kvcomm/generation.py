@@ -101,15 +101,21 @@ def _ends_in_stop(tokens: Sequence[int], stops: Sequence[str], detokenize: Calla
     return any(stop in text for stop in stops)
 
 
+def first_stop_at(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string in `text` begins; None when there is none."""
+    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+    return min(found) if found else None
+
+
 def cut_at_stop_string(token_ids: Sequence[int], stops: Sequence[str],
                        detokenize: Callable[[Sequence[int]], str]) -> tuple[str, int]:
     """The text of `token_ids` up to (not including) the earliest stop string, and how many leading tokens lie
     wholly before it (the tokens a response keeps, with their KV). Without a stop string in the text: all of it."""
     text = detokenize(token_ids)
-    ends = [found for found in (text.find(stop) for stop in stops) if found >= 0]
-    if not ends:
+    at = first_stop_at(text, stops)
+    if at is None:
         return text, len(token_ids)
-    text = text[:min(ends)]
+    text = text[:at]
     keep = len(token_ids)
     while keep > 0:
         prefix = detokenize(token_ids[:keep])

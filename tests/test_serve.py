@@ -248,6 +248,31 @@ def test_openai_client_gets_a_completion_and_a_stream(app_url, oracle) -> None:
 
 
 @pytest.mark.ray
+def test_openai_stop_strings_cut_the_answer_before_the_stop_streamed_or_not(app_url, oracle) -> None:
+    import openai
+    api = openai.OpenAI(base_url=f"{app_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    prompt = chat_prompt_ids(oracle.tokenizer, messages)
+    greedy = generate_from_ids(oracle.runner, prompt, Sampling(max_new_tokens=16, stop_token_ids=oracle.stop_token_ids))
+    full = oracle.tokenizer.decode(greedy.token_ids, skip_special_tokens=True)
+    # a stop string from the middle of the greedy answer: two printable ASCII characters, first seen there
+    stop = next((full[i:i + 2] for i in range(3, len(full) - 2)
+                 if full[i:i + 2].isascii() and full[i:i + 2].isprintable() and full.find(full[i:i + 2]) == i), None)
+    assert stop is not None, f"no usable stop string in the greedy answer {full!r}"
+    want = full[:full.find(stop)]
+
+    completion = api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, temperature=0,
+                                             stop=[stop, "never-in-the-answer"])
+    assert completion.choices[0].message.content == want
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.completion_tokens < len(greedy.token_ids)      # decoding ended at the stop
+    chunks = list(api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, temperature=0,
+                                              stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want   # never a stop's start
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+@pytest.mark.ray
 def test_a_stream_the_client_drops_stops_decoding(client) -> None:
     import time
     from ray import serve
