@@ -87,25 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     from kvcomm.bench import fidelity, quality, ttft
     from cluster import bench_reliability, bench_throughput, submit
 
-    p = bench.add_parser("ttft", help="TTFT per agent and serving mode (the paper's Tables 2 and 3)")
-    ttft.add_arguments(p)
-    p.set_defaults(func=ttft.cli_main)
-    p = bench.add_parser("fidelity", help="KV error, first-token agreement and KL of every reuse method vs dense")
-    fidelity.add_arguments(p)
-    p.set_defaults(func=fidelity.cli_main)
-    p = bench.add_parser("anchors", help="anchor-pool size V against memory, reuse rate, KL and offset time")
-    fidelity.add_sweep_arguments(p)
-    p.set_defaults(func=fidelity.sweep_cli_main)
-    p = bench.add_parser("quality", help="task accuracy, reuse rate and agreement with dense of every mode "
-                                         "(GSM8K, HumanEval)")
-    quality.add_arguments(p)
-    p.set_defaults(func=quality.cli_main)
-    p = bench.add_parser("throughput", help="continuous batching vs batch-1, 1 vs N workers, KV transfer")
-    bench_throughput.add_arguments(p)
-    p.set_defaults(func=bench_throughput.cli_main)
-    p = bench.add_parser("reliability", help="workers and the anchor pool killed under load; bad input; memory")
-    bench_reliability.add_arguments(p)
-    p.set_defaults(func=bench_reliability.cli_main)
+    benchmarks = [
+        ("ttft", "TTFT per agent and serving mode (the paper's Tables 2 and 3)",
+         ttft.add_arguments, ttft.cli_main),
+        ("fidelity", "KV error, first-token agreement and KL of every reuse method vs dense",
+         fidelity.add_arguments, fidelity.cli_main),
+        ("anchors", "anchor-pool size V against memory, reuse rate, KL and offset time",
+         fidelity.add_sweep_arguments, fidelity.sweep_cli_main),
+        ("quality", "task accuracy, reuse rate and agreement with dense of every mode (GSM8K, HumanEval)",
+         quality.add_arguments, quality.cli_main),
+        ("throughput", "continuous batching vs batch-1, 1 vs N workers, KV transfer",
+         bench_throughput.add_arguments, bench_throughput.cli_main),
+        ("reliability", "workers and the anchor pool killed under load; bad input; memory",
+         bench_reliability.add_arguments, bench_reliability.cli_main),
+    ]
+    for name, help_text, add_arguments, run in benchmarks:
+        p = bench.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(func=run)
 
     submit.add_submit_parser(sub)
     return parser

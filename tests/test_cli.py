@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cluster.cli import main
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
@@ -32,3 +34,23 @@ def test_bad_job_file_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("kvcomm run: error:") and len(err.splitlines()) == 1
     assert "mode" in err or "agents" in err
     assert main(["run", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_every_command_dispatches_to_its_own_handler(capsys):
+    from cluster.cli import build_parser
+    from cluster import bench_reliability, bench_throughput, submit
+    from kvcomm.bench import fidelity, quality, ttft
+    parser = build_parser()
+    expected = {("bench", "ttft"): ttft.cli_main, ("bench", "fidelity"): fidelity.cli_main,
+                ("bench", "anchors"): fidelity.sweep_cli_main, ("bench", "quality"): quality.cli_main,
+                ("bench", "throughput"): bench_throughput.cli_main,
+                ("bench", "reliability"): bench_reliability.cli_main}
+    for argv, handler in expected.items():
+        assert parser.parse_args(list(argv)).func is handler, argv
+    assert parser.parse_args(["submit", "jobs.jsonl", "--out", "r.jsonl"]).func is submit.cli_main
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    listing = capsys.readouterr().out
+    assert listing.startswith("usage: kvcomm bench")
+    for name in ("runner", "ttft", "fidelity", "anchors", "quality", "throughput", "reliability"):
+        assert f"    {name} " in listing, name
