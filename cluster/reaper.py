@@ -49,6 +49,14 @@ def start_reaper(grace_s: float = 2.0) -> subprocess.Popen | None:
     return reaper
 
 
+def stop_reaper(reaper: subprocess.Popen | None) -> None:
+    """Let the reaper sweep (call it after ``ray.shutdown()``) and take the token out of this process's
+    environment, so that a cluster started later gets a token of its own."""
+    if reaper is not None and reaper.stdin is not None and not reaper.stdin.closed:
+        reaper.stdin.close()
+    os.environ.pop(CLUSTER_TOKEN, None)
+
+
 def process_table() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, start time in clock ticks since boot) for every live process (zombies left out: they
     are already dead, only not yet reaped by their parent)."""

@@ -45,6 +45,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -69,6 +70,7 @@ from .config import ClusterConfig, describe_validation_error, read_yaml_mapping
 from .metrics import ServiceMetrics
 from .openai_api import (ChatCompletionRequest, ChatDecoder, ChatParams, ChatRequestError, chunk_body,
                          completion_body, new_completion_id, usage_body)
+from .reaper import start_reaper, stop_reaper
 
 log = logging.getLogger(__name__)
 
@@ -1038,18 +1040,25 @@ def kill_pool_actor(config: ServeAppConfig) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # `kvcomm serve`
 # ------------------------------------------------------------------------------------------------------------
-def start_local_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Connect to `address` (``auto``, ``ray://...``) or start a local cluster; True when this process started it."""
+def start_local_ray(address: str | None, num_cpus: int | None = None) -> subprocess.Popen | None:
+    """Connect to `address` (``auto``, ``ray://...``) or start a local cluster. For a cluster this process starts,
+    the `cluster.reaper` that kills it if this process dies (``stop_reaper`` it after ``ray.shutdown()``);
+    otherwise None."""
     import ray
     if ray.is_initialized():
-        return False
+        return None
     if address:
         ray.init(address=address, log_to_driver=False)
-        return False
+        return None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a local cluster on this machine only
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-             object_store_memory=2560 << 20)
-    return True
+    reaper = start_reaper()
+    try:
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=2560 << 20)
+    except BaseException:
+        stop_reaper(reaper)
+        raise
+    return reaper
 
 
 def run_server(config: str | Path | ServeConfigFile, *, host: str | None = None, port: int | None = None,
@@ -1067,9 +1076,9 @@ def run_server(config: str | Path | ServeConfigFile, *, host: str | None = None,
     host, port = host or spec.host, port or spec.port
     owned = address is None and not ray.is_initialized()      # this call starts (and stops) a local cluster
     code = 0
-    previous_sigterm = None
+    previous_sigterm = reaper = None
     try:
-        start_local_ray(address, num_cpus)
+        reaper = start_local_ray(address, num_cpus)
         previous_sigterm = _stop_on_sigterm()         # after ray.init, which installs its own handler
         serve.start(http_options={"host": host, "port": port})
         urls = []
@@ -1098,6 +1107,8 @@ def run_server(config: str | Path | ServeConfigFile, *, host: str | None = None,
         try:
             _shut_down(spec, owned)
         finally:
+            if reaper is not None:
+                stop_reaper(reaper)
             if previous_sigterm is not None:
                 signal.signal(signal.SIGTERM, previous_sigterm)
     return code

@@ -36,7 +36,7 @@ from typing import Any, Iterator
 from kvcomm.harness.jobs import JobSpec, JobSpecError, load_jobs
 
 from .config import ClusterConfig
-from .reaper import CLUSTER_TOKEN, start_reaper
+from .reaper import start_reaper, stop_reaper
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -230,8 +230,7 @@ class RayConnection:
 
     def _stop_reaper(self) -> None:
         if self._reaper is not None:
-            self._reaper.stdin.close()                # the reaper sweeps up what ray.shutdown left running
-            os.environ.pop(CLUSTER_TOKEN, None)
+            stop_reaper(self._reaper)                 # it sweeps up what ray.shutdown left running
             self._reaper = None
 
 

@@ -333,3 +333,39 @@ def test_sigterm_stops_kvcomm_serve_like_ctrl_c_and_leaves_no_process(tmp_path) 
         assert time.monotonic() < deadline, "processes of the server's session are still running"
         time.sleep(0.5)
     serving.close()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sigkilled_kvcomm_serve_takes_its_local_ray_cluster_with_it(tmp_path) -> None:
+    """No cleanup code runs on SIGKILL (the OOM killer, `kill -9`): Ray's GCS and raylet die with the process,
+    workers follow the raylet, and `cluster.reaper` kills the agents that would linger about a minute."""
+    serving = _serve(tmp_path)
+    server = next(serving)
+    assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    server.process.kill()                        # the server's process alone, not its process group
+    server.process.wait(timeout=30)
+    deadline, left = time.monotonic() + 30, None
+    while True:
+        left = session_processes(server.process.pid)
+        if not left:
+            break
+        assert time.monotonic() < deadline, f"still running 30 s after the SIGKILL: {left}"
+        time.sleep(0.5)
+    serving.close()
+
+
+def session_processes(session: int) -> dict[int, str]:
+    """Live (not zombie) processes of a session: pid -> command name."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()            # state, ppid, pgrp, session, ...
+        if int(fields[3]) == session and fields[0] not in (b"Z", b"X"):
+            found[int(entry)] = stat[stat.find(b"(") + 1:stat.rfind(b")")].decode(errors="replace")
+    return found
