@@ -39,6 +39,8 @@ import httpx
 import pytest
 import yaml
 
+from procfs import running_processes
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 SECTION = "## HTTP API (Ray Serve)"
@@ -357,15 +359,4 @@ def test_a_sigkilled_kvcomm_serve_takes_its_local_ray_cluster_with_it(tmp_path) 
 
 def session_processes(session: int) -> dict[int, str]:
     """Live (not zombie) processes of a session: pid -> command name."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()            # state, ppid, pgrp, session, ...
-        if int(fields[3]) == session and fields[0] not in (b"Z", b"X"):
-            found[int(entry)] = stat[stat.find(b"(") + 1:stat.rfind(b")")].decode(errors="replace")
-    return found
+    return {pid: stat.name for pid, stat in running_processes().items() if stat.session == session}

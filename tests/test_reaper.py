@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from procfs import process_stat
+
 REPO = Path(__file__).resolve().parents[1]
 SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
 
@@ -50,11 +52,7 @@ time.sleep(120)
 
 def alive(pid: int) -> bool:
     """Running, not merely an unreaped zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] not in (b"Z", b"X")
+    return process_stat(pid) is not None
 
 
 def wait_until(condition, timeout_s: float) -> bool:

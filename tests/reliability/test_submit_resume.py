@@ -26,6 +26,7 @@ from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 
 from cluster.submit import finished_ids
+from procfs import process_stat, running_processes
 
 pytestmark = [pytest.mark.reliability, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[2]
@@ -37,37 +38,23 @@ def run_processes(marker: str, driver: int) -> dict[tuple[int, int], str]:
     """(pid, start time) -> command name of the live processes of one run: those whose environment carries
     `marker`, the driver's descendants, and theirs. Both marks are needed: Ray's agents rename themselves
     (setproctitle), which overwrites the start of their /proc/PID/environ and may take the marker with it."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
+    processes = running_processes()
+    marked, names = set(), {}
+    for pid in processes:
         try:
-            stat = Path(f"/proc/{entry}/stat").read_bytes()
-            fields = stat[stat.rfind(b")") + 2:].split()   # state, ppid, ..., field 22 = start time
-            if fields[0] in (b"Z", b"X"):                     # dead, only not yet reaped
-                continue
-            marked = marker.encode() in Path(f"/proc/{entry}/environ").read_bytes()
-            name = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")[-60:]
+            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                marked.add(pid)
+            names[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        table[int(entry)] = (int(fields[1]), int(fields[19]), marked, name.strip())
-    found = {pid for pid, (_, _, marked, _) in table.items() if marked or pid == driver}
+    found = marked | {driver}
     grew = True
     while grew:
-        below = {pid for pid, (ppid, *_) in table.items() if ppid in found} - found
+        below = {pid for pid, stat in processes.items() if stat.ppid in found} - found
         found |= below
         grew = bool(below)
-    return {(pid, table[pid][1]): table[pid][3] for pid in found if pid != driver}
-
-
-def start_time(pid: int) -> int | None:
-    """The process's start time, or None when it is gone (or a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return None if fields[0] in (b"Z", b"X") else int(fields[19])
+    return {(pid, processes[pid].start): names.get(pid, processes[pid].name)[-60:].strip()
+            for pid in found - {driver} if pid in processes}
 
 
 def complete_records(out: Path) -> tuple[list[dict], list[str]]:
@@ -134,7 +121,7 @@ class Run:
         t0 = time.monotonic()
         while True:
             left = {pid: name for (pid, start), name in (self.seen | run_processes(self.marker, self.process.pid)).items()
-                    if start_time(pid) == start}
+                    if (stat := process_stat(pid)) is not None and stat.start == start}
             if not left:
                 return time.monotonic() - t0
             assert time.monotonic() - t0 < timeout_s, f"{stage}: left behind after {timeout_s} s: {left}"
