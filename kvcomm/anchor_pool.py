@@ -50,6 +50,9 @@ class ConsumerDeltas:
       they are stored as observed, rotated for ph_start.. / pf_start.. (reference mode).
     rotated_base_key: [layers, kv_heads, T, head_dim], the anchor's base keys rotated to ph_start (reference mode
       only, and only on the anchor's last writer; None otherwise).
+    offset_error: the relative V error the pool's offsets had on this very observation when it was recorded
+      (`kvcomm.offsets.recorded_error`, estimated from the other anchors): the pool's track record for this
+      placeholder kind and consumer, read by the turn gate; None when not measured.
     """
     ph_key: torch.Tensor
     ph_value: torch.Tensor
@@ -59,6 +62,7 @@ class ConsumerDeltas:
     pf_start: int
     rotated_base_key: torch.Tensor | None = None
     keys_canonical: bool = True
+    offset_error: float | None = None
 
     @property
     def ph_tokens(self) -> int:
@@ -124,7 +128,8 @@ class Anchor:
                 tensors[prefix + "rotated_base_key"] = d.rotated_base_key
             consumers.append({"consumer": consumer, "ph_start": d.ph_start, "pf_start": d.pf_start,
                               "keys_canonical": d.keys_canonical,
-                              "has_rotated_base_key": d.rotated_base_key is not None})
+                              "has_rotated_base_key": d.rotated_base_key is not None,
+                              "offset_error": d.offset_error})
         metadata = {"anchor_id": self.anchor_id, "placeholder": self.placeholder,
                     "activation_count": self.activation_count, "inserted_seq": self.inserted_seq,
                     "last_writer": self.last_writer, "consumers": consumers}
@@ -140,7 +145,7 @@ class Anchor:
                 pf_key=tensors[prefix + "pf_key"], pf_value=tensors[prefix + "pf_value"],
                 ph_start=int(entry["ph_start"]), pf_start=int(entry["pf_start"]),
                 rotated_base_key=tensors[prefix + "rotated_base_key"] if entry["has_rotated_base_key"] else None,
-                keys_canonical=bool(entry["keys_canonical"]))
+                keys_canonical=bool(entry["keys_canonical"]), offset_error=entry.get("offset_error"))
         return cls(anchor_id=metadata["anchor_id"], placeholder=metadata["placeholder"],
                    base_keys=tensors["base_keys"], base_values=tensors["base_values"],
                    deltas=MappingProxyType(deltas), activation_count=int(metadata["activation_count"]),
@@ -257,11 +262,12 @@ class PoolTransaction:
         return anchor_id
 
     def add_deltas(self, anchor_id: str, consumer: str, ph_real: KVSegment, ph_base_rotated: KVSegment,
-                   pf_real: KVSegment, pf_base: KVSegment) -> None:
+                   pf_real: KVSegment, pf_base: KVSegment, offset_error: float | None = None) -> None:
         """Stage `consumer`'s observed deltas for an anchor (staged here or already committed in this namespace).
 
         ph_real / ph_base_rotated: the placeholder's KV in the consumer's dense prefill and the anchor's base rotated
         to the same start; pf_real / pf_base: the same for the consumer's fixed segment right after it.
+        offset_error: see `ConsumerDeltas.offset_error`.
         """
         self._require_open()
         anchor_tokens = self._anchor_tokens(anchor_id)
@@ -287,7 +293,7 @@ class PoolTransaction:
             pf_key=pf_key, pf_value=_difference(pf_real.values, pf_base.values),
             ph_start=ph_real.start, pf_start=pf_real.start,
             rotated_base_key=None if rerotate else ph_base_rotated.keys.detach().clone(),
-            keys_canonical=rerotate)
+            keys_canonical=rerotate, offset_error=None if offset_error is None else float(offset_error))
 
     def adopt_anchor(self, anchor_id: str, num_tokens: int) -> None:
         """Let `add_deltas` name an anchor staged by a *sibling* transaction of the same job.

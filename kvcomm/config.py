@@ -1,23 +1,37 @@
 """The one home of every algorithm knob: `KVCommConfig`, frozen, with one default each.
 
 Deployment knobs (workers, placement, HTTP) live in `cluster.config`, which embeds this object unchanged.
+Four knobs are per model (`UNCALIBRATED`: the entropy gate's gamma, the recompute budget, the turn gate's threshold
+and its predictor's scale): their default None means "the model's calibration file" (`kvcomm.calibration` resolves
+it, warning when the model has none); `with_calibration` fills them (an engine fills what is left uncalibrated).
 `KVCommConfig.reference()` reproduces the published KVCOMM code's choices (FastMAS/KVCOMM @48ca0b3); the
 default is the corrected mode, whose fixes are each a separate flag so every one can be measured alone.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, asdict, replace
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 TailPolicy = Literal["last_token", "last_segment"]
+# the per-model knobs a calibration file sets (`kvcomm.calibration`), and their values when a model has none
+UNCALIBRATED = {"gamma": 0.3, "recompute_ratio": 0.0, "gate_max_kl": math.inf, "kl_scale": 1.0}
 
 
 @dataclass(frozen=True)
 class KVCommConfig:
     # --- entropy gate (predict_as_anchor) ---
-    gamma: float = 0.3                 # new anchor iff entropy > gamma * log2(N compatible anchors)
+    gamma: float | None = None         # calibrated: new anchor iff entropy > gamma * log2(N compatible anchors)
     exact_top_p: bool = True           # activate the true top-p set (reference: one short, and all anchors if empty)
     top_p: float = 0.9
+    min_anchor_coverage: float = 0.5   # an anchor vouches for content up to 1/this times its length (reference: 1)
+    # --- per-model calibration (kvcomm.calibration) ---
+    calibration: str = "auto"          # where None knobs below come from: "auto" (the model's file in the
+                                       # calibration directory, if any), "none" (uncalibrated), or a file path
+    # --- turn gate (kvcomm.gate.predict_kl): dense iff the predicted KL of a reused turn exceeds gate_max_kl ---
+    gate_max_kl: float | None = None   # calibrated (None: the model's calibration; inf: never falls back)
+    kl_scale: float | None = None      # calibrated: predicted KL = kl_scale * sum_t attention(t) * error(t)^2
+    unknown_anchor_error: float = 0.3  # offset error assumed for anchors that recorded none
     # --- anchor pool ---
     max_anchors: int = 20              # V: anchors per (namespace, placeholder kind)
     window: int = 5                    # W: eviction victim = least activated among the W oldest
@@ -26,8 +40,11 @@ class KVCommConfig:
     temperature: float = 1.0           # softmax temperature of the anchor weights (reference hard-codes 1)
     rerotate_deltas: bool = True       # store key deltas at position 0 and rotate them to the current positions
     per_consumer_weights: bool = True  # weights computed per consumer agent (reference: first consumer's, shared)
-    # --- assembly ---
+    # --- assembly and corrections (kvcomm.corrections) ---
     tail_policy: TailPolicy = "last_segment"  # recompute only the last prompt token, or the whole last fixed segment
+    recompute_ratio: float | None = None  # calibrated: kvcomm's share of the reused span recomputed, the tokens
+                                          # the last prompt token attends to most (0: offsets alone)
+    recompute_span_starts: int = 0     # kvcomm: also recompute the first k tokens of every placeholder (EPIC)
     # --- baselines that live on the same runner ---
     blend_recompute_ratio: float = 0.15  # cacheblend: share of reused tokens recomputed
     blend_check_layer: int = 1           # cacheblend: layer whose K deviation selects the tokens
@@ -35,7 +52,7 @@ class KVCommConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not 0.0 <= self.gamma:
+        if self.gamma is not None and not 0.0 <= self.gamma:
             problems.append(f"gamma must be >= 0, got {self.gamma}")
         if self.max_anchors < 1:
             problems.append(f"max_anchors must be >= 1, got {self.max_anchors}")
@@ -47,10 +64,20 @@ class KVCommConfig:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.min_anchor_coverage <= 1:
+            problems.append(f"min_anchor_coverage must be in (0, 1], got {self.min_anchor_coverage}")
+        if self.gate_max_kl is not None and not self.gate_max_kl >= 0:
+            problems.append(f"gate_max_kl must be >= 0 (inf: never fall back), got {self.gate_max_kl}")
+        if self.kl_scale is not None and not (self.kl_scale >= 0 and math.isfinite(self.kl_scale)):
+            problems.append(f"kl_scale must be a finite number >= 0, got {self.kl_scale}")
+        if not 0 <= self.unknown_anchor_error:
+            problems.append(f"unknown_anchor_error must be >= 0, got {self.unknown_anchor_error}")
+        if self.recompute_span_starts < 0:
+            problems.append(f"recompute_span_starts must be >= 0, got {self.recompute_span_starts}")
         if self.tail_policy not in ("last_token", "last_segment"):
             problems.append(f"tail_policy must be 'last_token' or 'last_segment', got {self.tail_policy!r}")
-        for name in ("blend_recompute_ratio", "hybrid_recompute_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+        for name in ("blend_recompute_ratio", "hybrid_recompute_ratio", "recompute_ratio"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.blend_check_layer < 0:
             problems.append(f"blend_check_layer must be >= 0, got {self.blend_check_layer}")
@@ -59,8 +86,12 @@ class KVCommConfig:
 
     @classmethod
     def reference(cls, **overrides: Any) -> "KVCommConfig":
-        """The published code's behaviour: shared weights, un-rotated deltas, its top-p quirk, L-1 cache."""
-        base = dict(exact_top_p=False, rerotate_deltas=False, per_consumer_weights=False, tail_policy="last_token")
+        """The published code's behaviour: shared weights, un-rotated deltas, its top-p quirk, L-1 cache, anchors
+        at least as long as the content, no recompute and no turn gate."""
+        base = dict(gamma=UNCALIBRATED["gamma"], exact_top_p=False, rerotate_deltas=False,
+                    per_consumer_weights=False, tail_policy="last_token",
+                    min_anchor_coverage=1.0, recompute_ratio=0.0, recompute_span_starts=0, gate_max_kl=math.inf,
+                    kl_scale=UNCALIBRATED["kl_scale"])
         base.update(overrides)
         return cls(**base)
 
@@ -68,11 +99,28 @@ class KVCommConfig:
     def mode(self) -> str:
         ref = KVCommConfig.reference(**{k: getattr(self, k) for k in (
             "gamma", "top_p", "max_anchors", "window", "pool_byte_budget", "temperature",
-            "blend_recompute_ratio", "blend_check_layer", "hybrid_recompute_ratio")})
+            "blend_recompute_ratio", "blend_check_layer", "hybrid_recompute_ratio", "unknown_anchor_error",
+            "calibration")})
         return "reference" if ref == self else "corrected"
 
     def with_(self, **changes: Any) -> "KVCommConfig":
         return replace(self, **changes)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether every per-model knob has a value (from a calibration, or set by hand)."""
+        return all(getattr(self, name) is not None for name in UNCALIBRATED)
+
+    def with_calibration(self, values: Mapping[str, float] | None = None) -> "KVCommConfig":
+        """The per-model knobs left at None filled from `values` (a calibration's), the rest from `UNCALIBRATED`;
+        knobs already set keep their values."""
+        values = values or {}
+        unknown = sorted(set(values) - set(UNCALIBRATED))
+        if unknown:
+            raise ValueError(f"a calibration sets only {', '.join(UNCALIBRATED)}; got {', '.join(unknown)}")
+        filled = {name: values.get(name, fallback) for name, fallback in UNCALIBRATED.items()
+                  if getattr(self, name) is None}
+        return replace(self, **filled) if filled else self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

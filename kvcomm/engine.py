@@ -5,9 +5,14 @@ Modes, all on the same runner and the same token sequence:
   dense-prefix  exact prefix caching of the agent's leading fixed segment, prefill of the rest
   naive         reuse every placeholder's base KV and every fixed segment, positions re-rotated, no offsets
   cacheblend    naive assembly, then the worst-deviating tokens recomputed from the check layer on
-  kvcomm        naive assembly plus offsets interpolated from the anchor pool, gated by entropy with a
-                dense fallback that records a new anchor
-  hybrid        kvcomm's assembly, then CacheBlend-style recompute of the worst-matching tokens
+  kvcomm        naive assembly plus offsets interpolated from the anchor pool, then the tokens the prompt's last
+                token attends to most recomputed (`recompute_ratio`, kvcomm.corrections); two gates send a turn
+                to a dense prefill that records a new anchor: the entropy gate on new content, and the turn gate
+                on the turn's predicted KL (kvcomm.gate)
+  hybrid        kvcomm's offsets, then CacheBlend-style recompute of the worst-matching tokens
+
+A request may force a dense prefill (`TurnRequest.force_dense`: a judge or decision agent kept exact); in kvcomm
+and hybrid modes such a turn still records deltas for the anchors its contents are staged as.
 
 The engine owns per-process caches (each agent's fixed-segment KV, shared contents' base KV) and reads and
 stages anchors through an `AnchorPool`-like object. It holds no global state: a Ray worker owns one engine.
@@ -15,6 +20,7 @@ stages anchors through an `AnchorPool`-like object. It holds no global state: a 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,16 +30,21 @@ import torch
 
 from .anchor_pool import AnchorPool, PoolTransaction
 from .config import KVCommConfig
-from .gate import gate
+from .corrections import attention_mass, probe_queries, select_recompute, span_starts, token_errors
+from .gate import TurnForecast, gate, predict_kl
 from .generation import DecodeBatch, Sampling, SequenceState, cut_at_stop_string, result_of
 from .kv import KVSegment, concat
-from .offsets import estimate_offsets
+from .offsets import OffsetEstimate, compatible_anchors, estimate_offsets, recorded_error
 from .runner import ModelRunner, SequenceKV
 from .templates import AgentTemplate, RenderedTemplate, TemplateError, render_template
 
 _AGENT_STATES = 256          # agent templates whose rendering and fixed-segment KV stay cached
-_WEIGHT_CACHE_ENTRIES = 256   # reference mode's shared anchor weights, cleared when it grows past this
+_WEIGHT_CACHE_ENTRIES = 32    # anchor weights shared by the consumers of one content (oldest dropped)
 MODES = ("dense", "dense-prefix", "naive", "cacheblend", "kvcomm", "hybrid")
+POOL_MODES = ("kvcomm", "hybrid")
+# A content staged as a new anchor by the entropy gate sends every consumer dense (the pool must learn all of its
+# deltas); one staged by the turn gate ("predicted_kl") records only the consumers that go dense anyway.
+TURN_GATE_REASON = "predicted_kl"
 
 
 class ContextLengthError(ValueError):
@@ -67,6 +78,7 @@ class TurnRequest:
     sampling: Sampling = field(default_factory=Sampling)
     namespace: str = "default"
     transaction: PoolTransaction | None = None   # the job's staged pool updates (kvcomm and hybrid modes)
+    force_dense: bool = False    # per-agent policy: a dense prefill whatever the mode (judges, decision agents)
 
 
 @dataclass
@@ -85,12 +97,14 @@ class TurnResult:
     recomputed_tokens: int           # prompt tokens that went through the model before the first token
     response: SharedContent | None = None
     finish_reason: str = ""
+    predicted_kl: float | None = None  # the turn gate's forecast (kvcomm/hybrid turns it saw), else None
 
 
 @dataclass
 class _AgentState:
     rendered: RenderedTemplate
     fixed_kv: list[KVSegment]        # each fixed segment's KV at its template positions
+    probe: torch.Tensor | None       # [layers, heads, head_dim] the last template token's queries at position 0
 
 
 @dataclass
@@ -105,6 +119,7 @@ class _Prepared:
     started: float
     timings: dict[str, float]
     recomputed: int
+    forecast: TurnForecast | None = None
 
 
 class KVCommEngine:
@@ -114,13 +129,13 @@ class KVCommEngine:
                  pool: AnchorPool | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
-        self.config = config or KVCommConfig()
+        self.config = (config or KVCommConfig()).with_calibration()   # knobs no calibration set: uncalibrated
         self.pool = pool if pool is not None else AnchorPool(self.config, runner.rope)
         self.spec = runner.spec
         self._agents: OrderedDict[AgentTemplate, _AgentState] = OrderedDict()  # LRU
         self._lead_in = self._input_lead_in()
         self._lead_in_kv: KVSegment | None = None
-        self._weight_cache: dict = {}
+        self._weight_cache: OrderedDict = OrderedDict()   # see kvcomm.offsets: anchors combined once per content
 
     # ---- templates and contents ---------------------------------------------------------------------------
     def _input_lead_in(self) -> tuple[int, ...]:
@@ -156,7 +171,8 @@ class KVCommEngine:
             if i % 2 == 0:  # fixed segment (odd entries are placeholder markers)
                 segments.append(_copy(kv.segment(cursor, cursor + n)))   # copied out of the buffer
             cursor += n
-        state = _AgentState(rendered, segments)
+        probe = probe_queries(self.runner, ids, kv) if rendered.placeholders and len(ids) > 1 else None
+        state = _AgentState(rendered, segments, probe)
         self._agents[template] = state
         if len(self._agents) > _AGENT_STATES:
             self._agents.popitem(last=False)
@@ -262,7 +278,10 @@ class KVCommEngine:
         self._check_fits(len(prompt_ids), request.sampling.max_new_tokens, f"agent {request.agent.agent_id!r}")
 
         mode = request.mode
-        if mode in ("kvcomm", "hybrid"):
+        if request.force_dense and mode not in ("dense", "dense-prefix"):
+            return self._dense(request, state, contents, prompt_ids, started, "forced_dense",
+                               record=mode in POOL_MODES)
+        if mode in POOL_MODES:
             dense_reason = self._needs_dense(request, state, contents)
             if dense_reason is not None:
                 return self._dense(request, state, contents, prompt_ids, started, dense_reason, record=True)
@@ -279,21 +298,23 @@ class KVCommEngine:
         if request.transaction is None:
             return None
         for name, content in zip(state.rendered.placeholders, contents):
-            if name in content.anchor_ids:
-                return "new_anchor:" + content.gate_reason.get(name, "gate")
+            reason = content.gate_reason.get(name, "gate")
+            if name in content.anchor_ids and reason != TURN_GATE_REASON:
+                return "new_anchor:" + reason
         if not self.config.rerotate_deltas:
             return None   # reference mode: a placeholder without compatible anchors is reused naively
         snapshot = self.pool.snapshot(request.namespace)
         consumer = state.rendered.key
-        for name, content in zip(state.rendered.placeholders, contents):
+        for i, (name, content) in enumerate(zip(state.rendered.placeholders, contents)):
             if content.num_tokens == 0:
                 continue
-            usable = [a for a in snapshot.anchors(name)
-                      if a.num_tokens >= content.num_tokens and consumer in a.deltas]
+            usable = compatible_anchors(snapshot.anchors(name), consumer, content.num_tokens,
+                                        len(state.rendered.fixed[i + 1]), self.config.min_anchor_coverage)
             if not usable:
-                # promote the content to an anchor so this consumer's deltas get learned
-                content.anchor_ids[name] = request.transaction.add_anchor(name, content.base)
-                content.gate_reason[name] = "no_compatible_anchor"
+                if name not in content.anchor_ids:
+                    # promote the content to an anchor so this consumer's deltas get learned
+                    content.anchor_ids[name] = request.transaction.add_anchor(name, content.base)
+                    content.gate_reason[name] = "no_compatible_anchor"
                 return "no_compatible_anchor"
         return None
 
@@ -318,20 +339,25 @@ class KVCommEngine:
 
     def _record_deltas(self, request: TurnRequest, state: _AgentState, contents: Sequence[SharedContent],
                        kv: SequenceKV) -> None:
-        """Stage real-minus-base deltas for every placeholder of this turn that is a new anchor."""
+        """Stage real-minus-base deltas for every placeholder of this turn that is a new anchor, each with the
+        error the pool's other anchors would have made on it (`ConsumerDeltas.offset_error`)."""
         rope = self.runner.rope
         layout = state.rendered.layout([c.num_tokens for c in contents])
+        snapshot = self.pool.snapshot(request.namespace)
         for i, (name, content) in enumerate(zip(state.rendered.placeholders, contents)):
             anchor_id = content.anchor_ids.get(name)
             if anchor_id is None or content.num_tokens == 0:
                 continue
             ph_start, ph_end = layout.placeholder_spans[i]
             pf_start, pf_end = layout.fixed_spans[i + 1]
+            ph_real, pf_real = _copy(kv.segment(ph_start, ph_end)), _copy(kv.segment(pf_start, pf_end))
+            ph_base = content.base.shifted(rope, ph_start)
+            pf_base = state.fixed_kv[i + 1].shifted(rope, pf_start)
+            others = [a for a in snapshot.anchors(name) if a.anchor_id != anchor_id]
+            estimate = estimate_offsets(ph_base, pf_base, others, state.rendered.key, rope, self.config)
             request.transaction.add_deltas(
-                anchor_id, state.rendered.key,
-                ph_real=_copy(kv.segment(ph_start, ph_end)), ph_base_rotated=content.base.shifted(rope, ph_start),
-                pf_real=_copy(kv.segment(pf_start, pf_end)),
-                pf_base=state.fixed_kv[i + 1].shifted(rope, pf_start))
+                anchor_id, state.rendered.key, ph_real=ph_real, ph_base_rotated=ph_base, pf_real=pf_real,
+                pf_base=pf_base, offset_error=recorded_error(estimate, ph_real, ph_base, pf_real, pf_base))
 
     def _reuse(self, request: TurnRequest, state: _AgentState, contents: Sequence[SharedContent],
                prompt_ids: list[int], started: float) -> _Prepared:
@@ -342,31 +368,43 @@ class KVCommEngine:
         t = time.perf_counter()
         bases = [c.base for c in contents]   # in-process: already here (Ray workers time their fetch)
         timings["fetch"] += time.perf_counter() - t
-        snapshot = self.pool.snapshot(request.namespace) if mode in ("kvcomm", "hybrid") else None
+        snapshot = self.pool.snapshot(request.namespace) if mode in POOL_MODES else None
 
         pieces: list[KVSegment] = [state.fixed_kv[0]]
+        errors: list[float | None] = []      # per placeholder: its anchors' recorded offset error
         for i, (name, content) in enumerate(zip(rendered.placeholders, contents)):
             t = time.perf_counter()
             ph = bases[i].shifted(rope, layout.placeholder_spans[i][0])
             pf = state.fixed_kv[i + 1].shifted(rope, layout.fixed_spans[i + 1][0])
             timings["align"] += time.perf_counter() - t
+            errors.append(None)
             if snapshot is not None and content.num_tokens:
                 t = time.perf_counter()
-                if len(self._weight_cache) > _WEIGHT_CACHE_ENTRIES:
-                    self._weight_cache.clear()   # bounded: the reference's weight_dict grows forever
                 estimate = estimate_offsets(ph, pf, snapshot.anchors(name), rendered.key, rope, cfg,
-                                            weight_cache=None if cfg.per_consumer_weights else self._weight_cache)
+                                            weight_cache=self._weight_cache, content_key=content.content_key)
                 if estimate is not None:
                     ph = ph.plus(estimate.ph_key, estimate.ph_value)
                     pf = pf.plus(estimate.pf_key, estimate.pf_value)
+                errors[-1] = self._anchor_error(snapshot.anchors(name), estimate, rendered.key)
                 timings["offset"] += time.perf_counter() - t
             pieces += [ph, pf]
+        while len(self._weight_cache) > _WEIGHT_CACHE_ENTRIES:
+            self._weight_cache.popitem(last=False)
 
         t = time.perf_counter()
         tail_len = self._tail_length(rendered, len(prompt_ids))
-        assembled = concat([p for p in pieces if p.num_tokens]).slice(0, len(prompt_ids) - tail_len)
+        whole = concat([p for p in pieces if p.num_tokens])                       # [L, H, prompt, D]
+        assembled = whole.slice(0, len(prompt_ids) - tail_len)
         tail_ids = torch.tensor(prompt_ids[len(prompt_ids) - tail_len:], dtype=torch.int64)
         timings["align"] += time.perf_counter() - t
+
+        forecast, chosen = None, torch.empty(0, dtype=torch.int64)
+        if snapshot is not None and state.probe is not None:
+            t = time.perf_counter()
+            forecast, chosen = self._plan_correction(mode, state, layout, whole, errors, tail_len)
+            timings["select"] = time.perf_counter() - t
+            if mode == "kvcomm" and forecast.dense and request.transaction is not None:
+                return self._turn_gate_fallback(request, state, contents, prompt_ids, started, forecast)
 
         t = time.perf_counter()
         extra = request.sampling.max_new_tokens + 1
@@ -377,11 +415,57 @@ class KVCommEngine:
                 check_layer=min(cfg.blend_check_layer, self.spec.num_layers - 1),
                 protected_prefix=len(rendered.fixed[0]), extra_capacity=extra)
             recomputed = tail_len + int(selected.numel())
+        elif chosen.numel():
+            logits, kv, _ = self.runner.recompute_prefill(
+                assembled, torch.tensor(prompt_ids[:assembled.num_tokens]), tail_ids, chosen, extra_capacity=extra)
+            recomputed = tail_len + int(chosen.numel())
         else:
             logits, kv = self.runner.prefill(tail_ids, context=assembled, extra_capacity=extra)
             recomputed = tail_len
         timings["prefill"] = time.perf_counter() - t
-        return _Prepared(request, kv, logits, prompt_ids, True, "reused", started, timings, recomputed)
+        return _Prepared(request, kv, logits, prompt_ids, True, "reused", started, timings, recomputed, forecast)
+
+    def _anchor_error(self, anchors: Sequence[Any], estimate: OffsetEstimate | None, consumer: str) -> float:
+        """The mean recorded offset error of the anchors an estimate used (`unknown_anchor_error` where an anchor
+        recorded none, or when there was no estimate at all)."""
+        if estimate is None:
+            return self.config.unknown_anchor_error
+        by_id = {a.anchor_id: a for a in anchors}
+        recorded = [by_id[i].deltas[consumer].offset_error for i in estimate.anchor_ids]
+        known = [self.config.unknown_anchor_error if e is None else e for e in recorded]
+        return sum(known) / len(known)
+
+    def _plan_correction(self, mode: str, state: _AgentState, layout: Any, whole: KVSegment,
+                         errors: Sequence[float | None], tail_len: int) -> tuple[TurnForecast, torch.Tensor]:
+        """For a reused kvcomm/hybrid turn: the cached tokens kvcomm recomputes (query-driven, plus span starts)
+        and the turn gate's forecast for what is left reused (hybrid: for its offsets and tail alone; its
+        CacheBlend selection happens later)."""
+        cfg = self.config
+        length = whole.num_tokens                                    # prompt tokens; the last one is recomputed
+        attention = attention_mass(state.probe, whole.keys[:, :, :length - 1], length - 1, self.runner.rope,
+                                   1.0 / math.sqrt(self.spec.head_dim))                             # [length - 1]
+        begin, end = len(state.rendered.fixed[0]), length - tail_len
+        chosen = torch.empty(0, dtype=torch.int64)
+        if mode == "kvcomm":
+            starts = span_starts(layout, cfg.recompute_span_starts, end) if cfg.recompute_span_starts else ()
+            chosen = select_recompute(attention, begin, end, cfg.recompute_ratio,
+                                      [t for t in starts if t >= begin])
+        forecast = predict_kl(attention, token_errors(layout, errors, length - 1),
+                              torch.cat([chosen, torch.arange(end, length - 1)]), cfg.kl_scale, cfg.gate_max_kl)
+        return forecast, chosen
+
+    def _turn_gate_fallback(self, request: TurnRequest, state: _AgentState, contents: Sequence[SharedContent],
+                            prompt_ids: list[int], started: float, forecast: TurnForecast) -> _Prepared:
+        """The turn gate predicted too high a KL: prefill densely, and let the pool learn from it (every content
+        of the turn not yet staged becomes an anchor holding this consumer's deltas)."""
+        for name, content in zip(state.rendered.placeholders, contents):
+            if content.num_tokens and name not in content.anchor_ids:
+                content.anchor_ids[name] = request.transaction.add_anchor(name, content.base)
+                content.gate_reason[name] = TURN_GATE_REASON
+        prepared = self._dense(request, state, contents, prompt_ids, started, "new_anchor:" + TURN_GATE_REASON,
+                               record=True)
+        prepared.forecast = forecast
+        return prepared
 
     def _tail_length(self, rendered: RenderedTemplate, prompt_len: int) -> int:
         """How many trailing prompt tokens are recomputed instead of reused (at least one)."""
@@ -406,7 +490,8 @@ class KVCommEngine:
             agent_id=request.agent.agent_id, mode=request.mode, token_ids=gen.token_ids, text=text,
             first_logits=gen.first_logits, reused=prepared.reused, reason=prepared.reason,
             prompt_ids=prepared.prompt_ids, ttft_s=gen.ttft_s, total_s=gen.total_s, timings=timings,
-            recomputed_tokens=prepared.recomputed, response=response, finish_reason=gen.finish_reason)
+            recomputed_tokens=prepared.recomputed, response=response, finish_reason=gen.finish_reason,
+            predicted_kl=None if prepared.forecast is None else prepared.forecast.predicted_kl)
 
 
 def _copy(segment: KVSegment) -> KVSegment:

@@ -36,6 +36,7 @@ class TurnRecord:
     recomputed_tokens: int
     timings: dict[str, float]
     first_logits: Any = field(default=None, repr=False)   # [vocab] fp32 tensor when kept
+    predicted_kl: float | None = None   # the turn gate's forecast for a kvcomm/hybrid turn it saw (engine docs)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -144,7 +145,7 @@ def turn_record(turn: Turn, agent: AgentSpec, result: TurnResult, keep_logits: b
                       token_ids=result.token_ids, ttft_s=result.ttft_s, total_s=result.total_s,
                       reused=result.reused, reason=result.reason, prompt_tokens=len(result.prompt_ids),
                       recomputed_tokens=result.recomputed_tokens, timings=result.timings,
-                      first_logits=result.first_logits if keep_logits else None)
+                      first_logits=result.first_logits if keep_logits else None, predicted_kl=result.predicted_kl)
 
 
 def turn_request(job: JobSpec, turn: Turn, mode: str, contents: Mapping[str, SharedContent], engine: Any,
@@ -152,7 +153,8 @@ def turn_request(job: JobSpec, turn: Turn, mode: str, contents: Mapping[str, Sha
     """The engine request for `turn` of `job`, its placeholders filled from `contents` (name -> content)."""
     agent = job.agent(turn.agent_id)
     return TurnRequest(agent.template_for_round(turn.round), contents, mode=mode,
-                       sampling=sampling_for(agent, engine), namespace=job.namespace, transaction=txn)
+                       sampling=sampling_for(agent, engine), namespace=job.namespace, transaction=txn,
+                       force_dense=agent.force_dense)
 
 
 def run_job(engine: KVCommEngine, job: JobSpec, *, mode: str | None = None, keep_logits: bool = False,

@@ -4,25 +4,36 @@ This module owns the formulas of kvcomm-algorithm.md section 1.4, with no Python
 (distances are computed on anchors stacked to ``[N, ...]`` in one fp32 buffer, differenced in place; the weighted
 sums are accumulated one anchor at a time, so no ``[N, ...]`` copy of the deltas is ever made):
 
-* length filter: an anchor takes part iff it is at least as long as the current placeholder (T) and holds deltas
-  for this consumer whose following segment has the current length (S);
+* length filter: an anchor takes part iff it covers at least ``config.min_anchor_coverage`` of the current
+  placeholder's T tokens (1.0: the reference's rule, at least as long) and holds deltas for this consumer whose
+  following segment has the current length (S);
 * placeholder weights, per token, shared across layers/heads/channels, anchor aligned at its start:
-  ``w_a(t) = softmax_a(-mean_{l,h,c} |B[l,h,t,c] - E_a[l,h,t,c]| / tau)``, separately for K and V;
-* prefix weights, per (layer, head, channel), anchor aligned at its tail:
-  ``w_a(l,h,c) = softmax_a(-||B[l,h,:,c] - E_a[l,h,-T:,c]||_2 / tau)``, separately for K and V;
+  ``w_a(t) = softmax_a(-mean_{l,h,c} |B[l,h,t,c] - E_a[l,h,t,c]| / tau)``, separately for K and V; an anchor
+  shorter than T has no say on the tokens past its end (a token no anchor covers gets no placeholder offset);
+* prefix weights, per (layer, head, channel), anchor aligned at its tail over the m = min(T, T_a) tokens both have:
+  ``w_a(l,h,c) = softmax_a(-||B[l,h,-m:,c] - E_a[l,h,-m:,c]||_2 * sqrt(T/m) / tau)`` (m = T: the reference's
+  formula), separately for K and V;
 * offsets ``sum_a w_a * delta_a``, with layer 0 forced to zero (layer-0 KV depends only on token and position).
 
 Modes. Corrected (``config.rerotate_deltas``): keys are compared at canonical positions (the current base is
 de-rotated by ``-base.start`` and compared with the anchors' position-0 base keys) and the stored position-0 key
 deltas are rotated to the current starts. Reference: the rotated current base is compared with the anchor's last
 writer's rotated base key, and key deltas are added as observed (the reference's quirk).
-Weights are cached in the caller's `weight_cache` dict keyed by (placeholder, content key, anchor ids) and, only
-when ``config.per_consumer_weights``, the consumer; without it the first consumer's weights are reused by all
-(the reference's quirk). The cache's lifetime is the caller's (scope it to one job or request).
+Weights are cached in the caller's `weight_cache` mapping keyed by (placeholder, content key, anchor ids) and,
+only where they depend on the consumer, the consumer. Corrected mode compares canonical keys, so its weights depend
+on the content and the anchors alone: every consumer of one content shares one computation (the anchors are
+combined once per content, not once per consumer). Reference mode compares keys rotated for the consumer's own
+positions: with ``config.per_consumer_weights`` each consumer gets its own, without it the first consumer's are
+reused by all (the reference's quirk). The cache's lifetime and bound are the caller's.
+
+`recorded_error` measures how far an estimate is from the offsets a dense prefill actually observed (the relative
+V error over the placeholder and its following segment): the engine records it with every new anchor's deltas, as
+the pool's own track record for that placeholder kind and consumer (the turn gate reads it).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Hashable, MutableMapping, Sequence
 
@@ -68,11 +79,18 @@ class OffsetEstimate:
     weights_from_cache: bool = False
 
 
+def min_covered_tokens(placeholder_tokens: int, min_coverage: float) -> int:
+    """The fewest tokens an anchor must have to vouch for a placeholder of `placeholder_tokens` tokens."""
+    return max(1, math.ceil(min_coverage * placeholder_tokens - 1e-9))
+
+
 def compatible_anchors(anchors: Sequence[Anchor], consumer: str, placeholder_tokens: int,
-                       following_tokens: int) -> list[Anchor]:
-    """The anchors that can vouch for a placeholder of T tokens followed by S tokens in `consumer`'s prompt."""
+                       following_tokens: int, min_coverage: float = 1.0) -> list[Anchor]:
+    """The anchors that can vouch for a placeholder of T tokens followed by S tokens in `consumer`'s prompt: at
+    least `min_coverage` * T tokens long, with deltas for this consumer over a following segment of S tokens."""
+    shortest = min_covered_tokens(placeholder_tokens, min_coverage)
     return [a for a in anchors
-            if a.num_tokens >= placeholder_tokens and consumer in a.deltas
+            if a.num_tokens >= shortest and consumer in a.deltas
             and a.deltas[consumer].pf_tokens == following_tokens]
 
 
@@ -84,34 +102,34 @@ def content_fingerprint(values: torch.Tensor) -> str:
 
 
 def _softmax_over_anchors(distances: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(-distances / temperature, dim=0)
+    """softmax_a(-distances / temperature) over dim 0; an entry at +inf distance gets weight 0, and a position
+    no anchor covers (every distance +inf) gets all-zero weights."""
+    weights = torch.softmax(-distances / temperature, dim=0)
+    return torch.nan_to_num(weights, nan=0.0)
 
 
 def _anchor_distances(current: torch.Tensor, anchors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Placeholder and prefix distances of N anchors from the current base, one side (K or V).
 
-    current: [L, H, T, D]; anchors: N tensors [L, H, T_a, D] with T_a >= T. Returns
-    (mean_{l,h,c} |B - E_a| per token, anchor aligned at its start: [N, T];
-     ||B - E_a||_2 over tokens per (l, h, c), anchor aligned at its tail: [N, L, H, D]).
-    One fp32 buffer per alignment, differenced in place; when every anchor has exactly T tokens the two
-    alignments coincide and the buffer is shared.
+    current: [L, H, T, D]; anchors: N tensors [L, H, T_a, D]. With m = min(T, T_a) the tokens both have, returns
+    (mean_{l,h,c} |B - E_a| per token over the first m tokens, +inf past them: [N, T];
+     ||B[-m:] - E_a[-m:]||_2 over tokens per (l, h, c), scaled by sqrt(T / m): [N, L, H, D]).
+    One anchor at a time in fp32 (no [N, ...] buffer); when T_a == T the two alignments coincide and share one
+    difference.
     """
     layers, heads, tokens, dim = current.shape
     current32 = current.float()                                                       # [L, H, T, D]
-    head = torch.empty((len(anchors), layers, heads, tokens, dim), dtype=torch.float32,
-                       device=current.device)                                         # [N, L, H, T, D]
+    placeholder_dist = torch.full((len(anchors), tokens), math.inf, dtype=torch.float32, device=current.device)
+    prefix_dist = torch.empty((len(anchors), layers, heads, dim), dtype=torch.float32, device=current.device)
     for i, anchor in enumerate(anchors):
-        head[i].copy_(anchor[:, :, :tokens])                                          # start-aligned
-    head.sub_(current32)                                                              # E_a - B
-    if all(anchor.shape[2] == tokens for anchor in anchors):
-        prefix_dist = torch.linalg.vector_norm(head, dim=3)                           # [N, L, H, D]
-    else:
-        tail = torch.empty_like(head)                                                 # [N, L, H, T, D]
-        for i, anchor in enumerate(anchors):
-            tail[i].copy_(anchor[:, :, anchor.shape[2] - tokens:])                    # tail-aligned
-        prefix_dist = torch.linalg.vector_norm(tail.sub_(current32), dim=3)           # [N, L, H, D]
-        del tail
-    placeholder_dist = head.abs_().mean(dim=(1, 2, 4))                                # [N, T]
+        overlap = min(tokens, anchor.shape[2])
+        head = anchor[:, :, :overlap].float() - current32[:, :, :overlap]             # [L, H, m, D] start-aligned
+        if anchor.shape[2] == tokens:
+            tail = head
+        else:
+            tail = anchor[:, :, anchor.shape[2] - overlap:].float() - current32[:, :, tokens - overlap:]  # tail
+        prefix_dist[i] = torch.linalg.vector_norm(tail, dim=2) * math.sqrt(tokens / overlap)   # [L, H, D]
+        placeholder_dist[i, :overlap] = head.abs_().mean(dim=(0, 1, 3))                       # [m]
     return placeholder_dist, prefix_dist
 
 
@@ -120,7 +138,8 @@ def anchor_weights(current_keys: torch.Tensor, current_values: torch.Tensor, anc
     """Weights of N anchors for a placeholder of T tokens.
 
     current_keys, current_values: [L, H, T, D], the current base as it is compared (see the module docstring).
-    anchor_keys, anchor_values: N tensors [L, H, T_a, D] with T_a >= T, in the same frame as current_keys.
+    anchor_keys, anchor_values: N tensors [L, H, T_a, D], in the same frame as current_keys (an anchor shorter than
+    T weighs only on the tokens it has).
     """
     ph_dist_k, pf_dist_k = _anchor_distances(current_keys, anchor_keys)              # [N, T], [N, L, H, D]
     ph_dist_v, pf_dist_v = _anchor_distances(current_values, anchor_values)          # [N, T], [N, L, H, D]
@@ -138,9 +157,31 @@ def _weighted_sum(weights: torch.Tensor, deltas: Sequence[torch.Tensor]) -> torc
     return total
 
 
+def _weighted_placeholder_sum(weights: torch.Tensor, deltas: Sequence[torch.Tensor], tokens: int) -> torch.Tensor:
+    """sum_a w_a(t) * delta_a[..., t, :] over the T placeholder tokens in fp32; an anchor shorter than T adds
+    nothing past its end (its weight there is 0). weights: [N, T]; deltas: N tensors [L, H, T_a, D]."""
+    layers, heads, _, dim = deltas[0].shape
+    total = None                                                                         # [L, H, T, D] fp32
+    for weight, delta in zip(weights, deltas):
+        overlap = min(tokens, delta.shape[2])
+        term = delta[:, :, :overlap].float()
+        scale = weight[None, None, :overlap, None]
+        if total is None and overlap == tokens:
+            total = term * scale                                     # the first full-length anchor starts the sum
+            continue
+        if total is None:
+            total = torch.zeros((layers, heads, tokens, dim), dtype=torch.float32, device=delta.device)
+        total[:, :, :overlap].addcmul_(term, scale)
+    return total
+
+
 def _effective_count(weights: torch.Tensor) -> float:
-    """1 / sum_a w_a^2 per position (weights [N, ...]), averaged over positions."""
-    return float((1.0 / weights.pow(2).sum(dim=0)).mean()) if weights[0].numel() else float(weights.shape[0])
+    """1 / sum_a w_a^2 per position (weights [N, ...]), averaged over the positions some anchor covers."""
+    if not weights[0].numel():
+        return float(weights.shape[0])
+    mass = weights.pow(2).sum(dim=0)
+    covered = mass > 0
+    return float((1.0 / mass[covered]).mean()) if bool(covered.any()) else 0.0
 
 
 def _check_geometry(base: KVSegment, following: KVSegment, anchors: Sequence[Anchor]) -> None:
@@ -179,7 +220,7 @@ def estimate_offsets(base: KVSegment, following: KVSegment, anchors: Sequence[An
     if tokens == 0:
         return None
     _check_geometry(base, following, anchors)
-    usable = compatible_anchors(anchors, consumer, tokens, following_tokens)
+    usable = compatible_anchors(anchors, consumer, tokens, following_tokens, config.min_anchor_coverage)
     if not usable:
         return None
     deltas = [a.deltas[consumer] for a in usable]
@@ -191,7 +232,7 @@ def estimate_offsets(base: KVSegment, following: KVSegment, anchors: Sequence[An
     if weight_cache is not None:
         content = content_key if content_key is not None else content_fingerprint(base.values)
         cache_key = (usable[0].placeholder, content, tuple(anchor_ids),
-                     consumer if config.per_consumer_weights else None)
+                     consumer if weights_depend_on_consumer(config) else None)
         weights = weight_cache.get(cache_key)
     from_cache = weights is not None
     if weights is None:
@@ -207,9 +248,9 @@ def estimate_offsets(base: KVSegment, following: KVSegment, anchors: Sequence[An
             weight_cache[cache_key] = weights
 
     # Weighted sums over anchors, accumulated one anchor at a time into fp32 outputs (no [N, ...] stack).
-    # ph weights [N, T] -> [N, 1, 1, T, 1]; deltas [L, H, T_a, D] cut to their first T tokens -> [L, H, T, D]
-    ph_key = _weighted_sum(weights.ph_k[:, None, None, :, None], [d.ph_key[:, :, :tokens] for d in deltas])
-    ph_value = _weighted_sum(weights.ph_v[:, None, None, :, None], [d.ph_value[:, :, :tokens] for d in deltas])
+    # ph weights [N, T]; deltas [L, H, T_a, D], each over its first min(T, T_a) tokens -> [L, H, T, D]
+    ph_key = _weighted_placeholder_sum(weights.ph_k, [d.ph_key for d in deltas], tokens)
+    ph_value = _weighted_placeholder_sum(weights.ph_v, [d.ph_value for d in deltas], tokens)
     # Prefix weights differ per channel and RoPE mixes channel c with c +- D/2, so (corrected mode) rotate each
     # anchor's delta to the current start before weighting. Placeholder weights are per token only, so rotating
     # the sum is exact.
@@ -241,3 +282,24 @@ def apply_offsets(base: KVSegment, following: KVSegment, estimate: OffsetEstimat
         raise ValueError(f"offsets {tuple(estimate.ph_key.shape)} / {tuple(estimate.pf_key.shape)} do not match "
                          f"the segments {tuple(base.keys.shape)} / {tuple(following.keys.shape)}")
     return (base.plus(estimate.ph_key, estimate.ph_value), following.plus(estimate.pf_key, estimate.pf_value))
+
+
+def weights_depend_on_consumer(config: KVCommConfig) -> bool:
+    """Whether anchor weights must be computed per consumer: only in reference mode (rotated keys compared at the
+    consumer's own positions) with ``per_consumer_weights``; corrected-mode weights depend on the content alone."""
+    return config.per_consumer_weights and not config.rerotate_deltas
+
+
+def recorded_error(estimate: OffsetEstimate | None, ph_real: KVSegment, ph_base: KVSegment, pf_real: KVSegment,
+                   pf_base: KVSegment) -> float:
+    """Relative V error, over a placeholder and its following segment, of `estimate` against what a dense
+    prefill observed: ``sqrt(sum ||base + offset - real||^2 / sum ||real||^2)`` over both parts, in fp32 (without
+    an estimate the offset is zero: the error of reusing the bases as they are). ph_*: [L, H, T, D] at the
+    placeholder's positions; pf_*: [L, H, S, D]."""
+    error, norm = 0.0, 0.0
+    for real, base, offset in ((ph_real, ph_base, None if estimate is None else estimate.ph_value),
+                               (pf_real, pf_base, None if estimate is None else estimate.pf_value)):
+        predicted = base.values.float() if offset is None else base.values.float() + offset.float()
+        error += float((predicted - real.values.float()).pow(2).sum())
+        norm += float(real.values.float().pow(2).sum())
+    return math.sqrt(error / norm) if norm > 0 else 0.0

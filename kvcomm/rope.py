@@ -64,7 +64,12 @@ class Rope:
         if delta == 0:
             return keys
         angle = float(delta) * self.inv_freq.double()  # fp64 angle of one constant shift: exact composition
-        emb = torch.cat((angle, angle)).float()
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = angle.cos().float(), angle.sin().float()          # [head_dim // 2]: both halves share them
         k32 = keys.float()
-        return (k32 * cos + rotate_half(k32) * sin).to(keys.dtype)
+        half = k32.shape[-1] // 2
+        first, second = k32[..., :half], k32[..., half:]
+        out = torch.empty_like(k32)
+        # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): rotate_half's formula, without materializing rotate_half
+        torch.mul(first, cos, out=out[..., :half]).addcmul_(second, sin, value=-1.0)
+        torch.mul(second, cos, out=out[..., half:]).addcmul_(first, sin)
+        return out.to(keys.dtype)

@@ -477,3 +477,60 @@ class ModelRunner:
         kv.length = total
         logits = F.linear(self._rms_norm(hidden[-1:], self.final_norm), self.lm_head).float()
         return logits, kv, selected
+
+    @torch.inference_mode()
+    def recompute_prefill(self, cached: KVSegment, cached_ids: torch.Tensor, tail_ids: torch.Tensor,
+                          recompute: torch.Tensor, *, extra_capacity: int = 0, keep_queries: bool = False
+                          ) -> tuple[torch.Tensor, SequenceKV, torch.Tensor | None]:
+        """Selective recompute with the tokens chosen up front: reuse `cached`, recompute the cached tokens at
+        `recompute` ([r] int64 indices into `cached`) and compute the tail, at every layer.
+
+        Each recomputed or tail token attends over the whole buffer up to itself (reused KV where nothing was
+        recomputed, fresh KV where something was), so a recomputed token sees the corrected KV of the tokens
+        recomputed before it. Returns (logits of the last tail token [1, vocab], the buffer with cached + tail
+        tokens, and with `keep_queries` the last tail token's post-RoPE queries per layer [layers, heads,
+        head_dim], else None). With no recompute indices this equals `prefill(tail_ids, context=cached)`.
+        """
+        spec = self.spec
+        n_cached, n_tail = cached.num_tokens, int(tail_ids.numel())
+        if n_tail == 0:
+            raise ValueError("recompute_prefill needs at least one tail token")
+        picked = torch.unique(recompute.reshape(-1).to(torch.int64))                              # sorted [r]
+        if picked.numel() and (int(picked[0]) < 0 or int(picked[-1]) >= n_cached):
+            raise IndexError(f"recompute indices must lie in [0, {n_cached}), got {picked.tolist()[:8]}...")
+        kv = self.new_kv(cached, extra_capacity=n_tail + extra_capacity)
+        total = n_cached + n_tail
+        rows = torch.cat([picked, torch.arange(n_cached, total)]).to(self.device)                 # [R]
+        ids = torch.cat([cached_ids.reshape(-1).to(torch.int64), tail_ids.reshape(-1).to(torch.int64)])
+        cos, sin = self.rope.cos_sin(rows + cached.start, self.dtype)                             # [R, D]
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        n_heads, n_kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        group, count = n_heads // n_kv, int(rows.numel())
+        q_width, kv_width = n_heads * hd, n_kv * hd
+        # row i sees buffer indices <= rows[i]; the query heads of one KV head ride as its query rows (no GQA
+        # expansion of the cache): mask [group * R, total], repeated per head of the group
+        mask = (torch.arange(total, device=self.device)[None, :] <= rows[:, None]).repeat(group, 1)
+        hidden = self.embed[ids.to(self.device)[rows]]                                            # [R, hidden]
+        queries = []
+        for layer_idx, w in enumerate(self.layers):
+            x = self._rms_norm(hidden, w.input_norm)
+            qkv = F.linear(x, w.qkv, w.qkv_bias)
+            q = self.rope.apply(qkv[:, :q_width].view(-1, n_heads, hd), cos, sin)                 # [R, H, D]
+            k = self.rope.apply(qkv[:, q_width:q_width + kv_width].view(-1, n_kv, hd), cos, sin)  # [R, Hkv, D]
+            v = qkv[:, q_width + kv_width:].view(-1, n_kv, hd)                                    # [R, Hkv, D]
+            if keep_queries:
+                queries.append(q[-1].float())
+            kv.keys[layer_idx, :, rows] = k.transpose(0, 1)
+            kv.values[layer_idx, :, rows] = v.transpose(0, 1)
+            q_grouped = q.view(count, n_kv, group, hd).permute(1, 2, 0, 3).reshape(n_kv, group * count, hd)
+            out = F.scaled_dot_product_attention(
+                q_grouped.unsqueeze(0), kv.keys[layer_idx, :, :total].unsqueeze(0),
+                kv.values[layer_idx, :, :total].unsqueeze(0), attn_mask=mask, scale=self._scale)  # [1, Hkv, G*R, D]
+            attn = out[0].view(n_kv, group, count, hd).permute(2, 0, 1, 3).reshape(count, q_width)  # [R, H*D]
+            hidden = hidden + F.linear(attn, w.o_proj)
+            x = self._rms_norm(hidden, w.post_norm)
+            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+            hidden = hidden + F.linear(F.silu(gate) * up, w.down)
+        kv.length = total
+        logits = F.linear(self._rms_norm(hidden[-1:], self.final_norm), self.lm_head).float()
+        return logits, kv, torch.stack(queries) if keep_queries else None

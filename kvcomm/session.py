@@ -1,7 +1,9 @@
-"""One call from a model name to a ready engine: load weights, build the runner, the pool and the engine."""
+"""One call from a model name to a ready engine: load weights, build the runner, the pool and the engine (with the
+model's calibration applied: `kvcomm.calibration.resolve`, which warns when the model has none)."""
 from __future__ import annotations
 
 from .anchor_pool import AnchorPool
+from .calibration import resolve
 from .config import KVCommConfig
 from .engine import KVCommEngine
 from .model_loading import load_model
@@ -15,5 +17,5 @@ def build_engine(model: str = "smollm2-135m-instruct", *, device: str = "cpu", d
     if loaded.tokenizer is None:
         raise ValueError(f"{model}: no tokenizer available; agent templates need one")
     runner = ModelRunner(loaded.spec, loaded.state_dict)
-    config = config or KVCommConfig()
+    config, _ = resolve(config or KVCommConfig(), model)
     return KVCommEngine(runner, loaded.tokenizer, config, pool if pool is not None else AnchorPool(config, runner.rope))

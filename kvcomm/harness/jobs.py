@@ -128,6 +128,8 @@ class AgentSpec:
     condition: str | None = None              # "python": the response's code runs in the sandbox; its output
                                               # becomes {condition_<id>_current}
     first_round_template: str | None = None   # round 0's user template when user_template reads history
+    force_dense: bool = False                 # always a dense prefill, whatever the job's mode (a judge or
+                                              # decision agent kept exact; its dense turns still teach the pool)
 
     def user_template_for_round(self, round_index: int) -> str:
         """The user template this agent uses in round `round_index`."""
@@ -155,6 +157,8 @@ class AgentSpec:
         data["assistant_prefix"] = self.assistant_prefix
         if self.condition is not None:
             data["condition"] = self.condition
+        if self.force_dense:
+            data["force_dense"] = True
         data["generation"] = self.generation.to_dict()
         return data
 
@@ -491,6 +495,9 @@ def _validate_agent_fields(agent: AgentSpec, path: str) -> None:
                                f"unknown placeholder(s) {', '.join(stray)}; known forms: {{user_question}}, "
                                "{agent_<id>_current}, {agent_<id>_history}, {condition_<id>_current}, "
                                "{condition_<id>_history} (ids: letters and digits)")
+    if not isinstance(agent.force_dense, bool):
+        raise JobSpecError(f"{path}.force_dense", f"expected true or false, got {type(agent.force_dense).__name__} "
+                                                  f"{agent.force_dense!r}")
     if agent.condition is not None and agent.condition not in CONDITIONS:
         raise JobSpecError(f"{path}.condition", f"unknown condition {agent.condition!r}; valid: "
                                                 f"{', '.join(CONDITIONS)} (or null)")
