@@ -39,10 +39,10 @@ def test_bad_job_file_is_a_one_line_error(tmp_path, capsys):
 def test_every_command_dispatches_to_its_own_handler(capsys):
     from cluster.cli import build_parser
     from cluster import bench_reliability, bench_throughput, submit
-    from kvcomm.bench import fidelity, quality, ttft
+    from kvcomm.bench import anchors, fidelity, quality, ttft
     parser = build_parser()
     expected = {("bench", "ttft"): ttft.cli_main, ("bench", "fidelity"): fidelity.cli_main,
-                ("bench", "anchors"): fidelity.sweep_cli_main, ("bench", "quality"): quality.cli_main,
+                ("bench", "anchors"): anchors.cli_main, ("bench", "quality"): quality.cli_main,
                 ("bench", "throughput"): bench_throughput.cli_main,
                 ("bench", "reliability"): bench_reliability.cli_main}
     for argv, handler in expected.items():

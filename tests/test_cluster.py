@@ -20,6 +20,7 @@ from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
 from kvcomm.kv import KVSegment
+from kvcomm.calibration import resolve as resolve_calibration
 from kvcomm.session import build_engine
 
 from actors.anchor_pool_actor import AnchorPoolState, RemoteAnchorPool, get_or_create_pool_actor, transaction_payload
@@ -89,7 +90,9 @@ def test_cluster_config_from_yaml_names_unknown_keys(tmp_path) -> None:
     assert (config.num_workers, config.placement_strategy) == (3, "SPREAD")
     assert config.kvcomm.to_kvcomm() == KVCommConfig(gamma=0.5, window=3)
     assert config.bundle() == {"CPU": 1.0}
-    assert config.worker_settings().kvcomm == KVCommConfig(gamma=0.5, window=3)
+    # workers get the config with the model's calibration filling the per-model knobs it leaves unset
+    assert config.worker_settings().kvcomm == resolve_calibration(KVCommConfig(gamma=0.5, window=3), config.model)[0]
+    assert config.worker_settings().kvcomm.gamma == 0.5 and config.worker_settings().kvcomm.calibrated
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("num_workers: 2\nnum_wrokers: 3\n")

@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from kvcomm.bench import fidelity
+from kvcomm.bench import anchors, fidelity
+from kvcomm.bench.turns import load_questions
+from kvcomm.calibration import Calibration
 from kvcomm.model_loading import load_model
 from kvcomm.templates import AgentTemplate
 
@@ -50,11 +52,15 @@ def tiny_model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def report(tiny_model, tmp_path_factory):
-    data = tmp_path_factory.mktemp("gsm8k") / "test.jsonl"
+    folder = tmp_path_factory.mktemp("gsm8k")
+    data = folder / "test.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": "#### 0"}) + "\n" for q in QUESTIONS))
+    calibration = Calibration(model="tiny", knobs={"gamma": 0.3, "recompute_ratio": 0.5, "gate_max_kl": math.inf,
+                                                         "kl_scale": 1.0},
+                              target_kl=0.01, min_reuse=0.85, met=True, why="test").save(folder / "tiny.json")
     setting = fidelity.Setting(questions=2, warmup=2, response_tokens=6, continuation_tokens=4, bootstrap=200,
-                               data=str(data))
-    return fidelity.run(setting=setting, agents=_agents(), loaded=tiny_model, progress=False)
+                               data=str(data), calibration=str(calibration))
+    return fidelity.run("tiny", setting=setting, agents=_agents(), loaded=tiny_model, progress=False)
 
 
 def test_report_structure(report, tiny_model):
@@ -82,6 +88,33 @@ def test_report_structure(report, tiny_model):
     assert all(f"| {m} |" in table for m in fidelity.METHODS)
 
 
+def test_the_calibrated_method_runs_the_calibration_and_its_served_figures_add_up(report):
+    calibrated, corrected = report["methods"]["kvcomm-calibrated"], report["methods"]["kvcomm-corrected"]
+    assert report["configs"]["calibrated"]["recompute_ratio"] == 0.5 and report["calibration"]["model"] == "tiny"
+    assert report["configs"]["corrected"]["recompute_ratio"] == 0.0
+    assert calibrated["recomputed_tokens_mean"] > corrected["recomputed_tokens_mean"]   # its budget reached the engine
+    for method in fidelity.GATE_TRACED:
+        m = report["methods"][method]
+        cells = [row["methods"][method] for row in report["rows"]]
+        served = [c["kl"] if c["gate_reused"] else 0.0 for c in cells]   # a dense turn is exact
+        assert m["served_kl_mean"] == pytest.approx(sum(served) / len(served))
+        assert m["served_top1_agree"] == sum(c["top1_agree"] or not c["gate_reused"] for c in cells)
+        assert m["gate_reuse_rate"] == pytest.approx(sum(c["gate_reused"] for c in cells) / len(cells))
+    assert all(row["methods"]["kvcomm-calibrated"]["predicted_kl"] is not None for row in report["rows"])
+
+
+def test_questions_come_from_the_requested_lines_only(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": f"question {i}"}) + "\n" for i in range(20)))
+    measured = load_questions(str(data), 4, seed=3, lines=(10, 20))
+    warmup = load_questions(str(data), 6, skip=4, seed=3, lines=(10, 20))
+    assert all(10 <= line < 20 for line, _ in measured + warmup)
+    assert not {line for line, _ in measured} & {line for line, _ in warmup}
+    assert measured == load_questions(str(data), 4, seed=3, lines=(10, 20))          # seeded
+    with pytest.raises(ValueError, match="lines 10:20 .* hold 10 questions"):
+        load_questions(str(data), 11, seed=3, lines=(10, 20))
+
+
 def test_invariants(report):
     dense = report["methods"]["dense"]
     assert dense["kl_mean"] == pytest.approx(0.0, abs=1e-9)
@@ -106,11 +139,11 @@ def test_plot_and_sweep(report, tiny_model, tmp_path):
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
     setting = fidelity.Setting(questions=1, warmup=3, response_tokens=4, bootstrap=100, data=str(data))
-    sweep = fidelity.sweep_anchors(anchors=(1, 2), setting=setting, agents=_agents(), loaded=tiny_model,
-                                   progress=False)
+    sweep = anchors.sweep_anchors(anchors=(1, 2), setting=setting, agents=_agents(), loaded=tiny_model,
+                                  progress=False)
     assert [r["max_anchors"] for r in sweep["rows"]] == [1, 2]
     for row in sweep["rows"]:
         assert all(n <= row["max_anchors"] for n in row["anchors"].values())
         assert row["kl_mean"] >= 0 and 0 <= row["gate_reuse_rate"] <= 1
-    assert "| 2 |" in fidelity.sweep_markdown_table(sweep)
-    fidelity.plot_sweep(sweep, str(tmp_path / "sweep.png"))
+    assert "| 2 |" in anchors.markdown_table(sweep)
+    anchors.plot(sweep, str(tmp_path / "sweep.png"))

@@ -7,7 +7,7 @@ import torch
 
 from kvcomm.anchor_pool import Anchor
 from kvcomm.config import KVCommConfig
-from kvcomm.gate import gate, top_p_indices
+from kvcomm.gate import gate, match_probabilities, top_p_indices
 from kvcomm.kv import KVSegment
 
 LAYERS, HEADS, DIM = 2, 2, 8
@@ -55,9 +55,25 @@ def test_pool_of_at_most_one_takes_a_new_anchor():
 def test_candidate_longer_than_all_but_one_takes_a_new_anchor():
     anchors = [anchor_at_distance("long", 0.0, tokens=9), anchor_at_distance("s1", 0.0, tokens=5),
                anchor_at_distance("s2", 0.0, tokens=6)]
-    decision = gate(candidate_of(7), anchors, KVCommConfig(gamma=10.0))
+    whole = KVCommConfig(gamma=10.0, min_anchor_coverage=1.0)        # the reference's rule: at least as long
+    decision = gate(candidate_of(7), anchors, whole)
     assert decision.new_anchor and decision.reason == "few_compatible" and decision.compatible == 1
-    assert not gate(candidate_of(6), anchors, KVCommConfig(gamma=10.0)).new_anchor  # two compatible now
+    assert not gate(candidate_of(6), anchors, whole).new_anchor  # two compatible now
+
+
+def test_shorter_anchors_vouch_down_to_the_coverage_and_are_compared_on_the_tokens_they_have():
+    anchors = [anchor_at_distance("long", 0.0, tokens=9), anchor_at_distance("s1", 0.0, tokens=5),
+               anchor_at_distance("s2", 0.0, tokens=6)]
+    half = KVCommConfig(gamma=10.0, min_anchor_coverage=0.5)
+    assert gate(candidate_of(10), anchors, half).compatible == 3                  # 5 >= ceil(0.5 * 10)
+    assert gate(candidate_of(11), anchors, half).compatible == 2                  # 5 < 6 = ceil(0.5 * 11)
+    assert gate(candidate_of(13), anchors, half).reason == "few_compatible"       # only "long" covers 7 of 13
+    # a short anchor is compared on its own tokens, scaled to the candidate's length: an anchor that differs
+    # from a 10-token candidate by `distance` in its single shared differing token sits at distance * sqrt(10/5)
+    near_long, short = anchor_at_distance("near", 1.0, tokens=10), anchor_at_distance("short", 1.0, tokens=5)
+    probabilities = match_probabilities(candidate_of(10).values, [near_long, short], temperature=1.0)
+    expected = torch.softmax(-torch.tensor([1.0, math.sqrt(2.0)], dtype=torch.float64), dim=0)
+    assert torch.allclose(probabilities, expected)
 
 
 def test_exact_and_reference_top_p_sets_differ_by_one():

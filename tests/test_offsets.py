@@ -14,7 +14,7 @@ from kvcomm.anchor_pool import Anchor, AnchorPool
 from kvcomm.config import KVCommConfig
 from kvcomm.kv import KVSegment
 from kvcomm.model_spec import PRESETS
-from kvcomm.offsets import anchor_weights, apply_offsets, estimate_offsets
+from kvcomm.offsets import anchor_weights, apply_offsets, estimate_offsets, weights_depend_on_consumer
 from kvcomm.rope import Rope
 
 SPEC = PRESETS["tiny-llama"]
@@ -130,7 +130,8 @@ def test_layer_zero_offset_is_exactly_zero_even_when_anchor_deltas_are_not():
 
 
 def test_weight_shapes_and_normalization_with_length_filter():
-    pool = AnchorPool(CORRECTED, rope=ROPE)
+    whole = KVCommConfig(min_anchor_coverage=1.0)              # the reference's length rule: at least as long
+    pool = AnchorPool(whole, rope=ROPE)
     prefix_after = Content(3, seed=2)
     for seed, tokens in ((10, 5), (11, 8), (12, 3), (13, 6)):  # the 3-token anchor is too short for T = 5
         content = Content(tokens, seed=seed)
@@ -139,7 +140,7 @@ def test_weight_shapes_and_normalization_with_length_filter():
     other_consumer = Content(9, seed=14)                       # long enough, but deltas for another consumer
     record_anchor(pool, other_consumer, other_consumer, prefix_after, prefix_after, "agent_9", ph_start=20)
     estimate = estimate_offsets(Content(5, seed=1).at(30), prefix_after.at(35), anchors_of(pool), "agent_1",
-                                ROPE, CORRECTED)
+                                ROPE, whole)
     assert len(estimate.anchor_ids) == 3
     assert estimate.ph_weights_k.shape == estimate.ph_weights_v.shape == (3, 5)
     assert estimate.pf_weights_k.shape == estimate.pf_weights_v.shape == (3, LAYERS, HEADS, DIM)
@@ -150,6 +151,29 @@ def test_weight_shapes_and_normalization_with_length_filter():
     # a following segment of another length finds no compatible anchor
     assert estimate_offsets(Content(5, seed=1).at(30), Content(2, seed=2).at(35), anchors_of(pool), "agent_1",
                             ROPE, CORRECTED) is None
+    # with coverage 0.5 the 3-token anchor vouches for T = 5 too, on its own 3 tokens only
+    half = estimate_offsets(Content(5, seed=1).at(30), prefix_after.at(35), anchors_of(pool), "agent_1", ROPE,
+                            KVCommConfig(min_anchor_coverage=0.5))
+    short = half.anchor_ids.index(next(a.anchor_id for a in anchors_of(pool) if a.num_tokens == 3))
+    assert len(half.anchor_ids) == 4
+    for weights in (half.ph_weights_k, half.ph_weights_v):
+        assert torch.all(weights[short, 3:] == 0) and torch.all(weights[short, :3] > 0)
+        assert torch.allclose(weights.sum(dim=0), torch.ones(5), atol=1e-6)
+
+
+def test_tokens_no_anchor_covers_get_no_placeholder_offset():
+    config = KVCommConfig(min_anchor_coverage=0.5)
+    pool = AnchorPool(config, rope=ROPE)
+    prefix_after = Content(3, seed=2)
+    for seed in (30, 31):                                      # two 4-token anchors for a 6-token placeholder
+        content = Content(4, seed=seed)
+        record_anchor(pool, content, content.perturbed(seed + 1), prefix_after, prefix_after.perturbed(seed),
+                      "agent_1", ph_start=12)
+    estimate = estimate_offsets(Content(6, seed=3).at(12), prefix_after.at(18), anchors_of(pool), "agent_1", ROPE,
+                                config)
+    assert torch.count_nonzero(estimate.ph_value[:, :, 4:]) == 0 and torch.count_nonzero(estimate.ph_key[:, :, 4:]) == 0
+    assert torch.count_nonzero(estimate.ph_value[1:, :, :4]) > 0 and torch.count_nonzero(estimate.pf_value[1:]) > 0
+    assert torch.all(estimate.ph_weights_v[:, 4:] == 0)
 
 
 def test_distant_anchor_moves_weights_by_at_most_logistic_of_the_gap():
@@ -179,7 +203,7 @@ def test_anchor_weights_are_a_softmax_of_negative_distance_over_temperature():
     assert torch.allclose(weights.pf_v[:, 1, 0, 3], expected_pf)
 
 
-def test_reference_weights_are_shared_across_consumers_and_corrected_are_not():
+def test_reference_weights_are_shared_across_consumers_and_corrected_ones_are_computed_once_per_content():
     question, prefix_after = Content(4, seed=1), Content(3, seed=2)
     results = {}
     for name, config in (("corrected", CORRECTED), ("reference", REFERENCE)):
@@ -202,9 +226,14 @@ def test_reference_weights_are_shared_across_consumers_and_corrected_are_not():
     first, second, uncached, entries = results["reference"]
     assert entries == 1 and second.weights_from_cache and second.ph_weights_k is first.ph_weights_k
     assert not torch.allclose(uncached.ph_weights_k, first.ph_weights_k)  # agent_2 alone would weigh otherwise
+    # corrected weights compare canonical keys: they depend on the content and the anchors, not on the consumer,
+    # so the second consumer takes the first one's from the cache, and they equal its own uncached weights
     first, second, uncached, entries = results["corrected"]
-    assert entries == 2 and not second.weights_from_cache
-    assert torch.equal(second.ph_weights_k, uncached.ph_weights_k)
+    assert entries == 1 and second.weights_from_cache
+    for name in ("ph_weights_k", "ph_weights_v", "pf_weights_k", "pf_weights_v"):
+        assert torch.allclose(getattr(second, name), getattr(uncached, name), atol=1e-6), name
+    reference_per_consumer = KVCommConfig.reference(per_consumer_weights=True)
+    assert weights_depend_on_consumer(reference_per_consumer) and not weights_depend_on_consumer(CORRECTED)
 
 
 def test_no_compatible_anchor_and_mode_mismatch():

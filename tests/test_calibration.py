@@ -1,0 +1,125 @@
+"""kvcomm.calibration: the fit's choices, the file's round trip, how a config finds and takes a calibration, and a
+calibration written to disk and read back driving the turn gate's decision on the embedded model."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+
+from kvcomm.anchor_pool import AnchorPool
+from kvcomm.calibration import Calibration, CalibrationWarning, TurnMeasurement, find, fit, model_key, resolve
+from kvcomm.config import UNCALIBRATED, KVCommConfig
+from kvcomm.engine import KVCommEngine, TurnRequest
+from kvcomm.generation import Sampling
+from kvcomm.templates import AgentTemplate
+
+MODEL = "smollm2-135m-instruct"
+
+
+def _turns(ratio: float, kls: list[float], forecasts: list[float], prepare_ms: float,
+           entropy: dict[int, float] | None = None) -> list[TurnMeasurement]:
+    """Turns whose entropy ratio is 0 (the entropy gate never sends them dense) unless `entropy` says otherwise."""
+    return [TurnMeasurement(ratio, kl, f, kl < 0.02, prepare_ms, (entropy or {}).get(i, 0.0))
+            for i, (kl, f) in enumerate(zip(kls, forecasts))]
+
+
+def test_fit_picks_the_cheapest_ratio_and_threshold_that_meet_both_targets():
+    # ratio 0: KL too high on most turns; 0.1: meets KL 0.01 once the worst turn is gated out; 0.4: meets it with
+    # no gate at all, but costs more
+    low = [0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.1]
+    measurements = (_turns(0.0, [k * 5 for k in low], [k * 5 for k in low], 100.0)
+                    + _turns(0.1, low, low, 150.0) + _turns(0.4, [k / 4 for k in low], [k / 4 for k in low], 300.0))
+    calibration = fit(measurements, model=MODEL, target_kl=0.01, min_reuse=0.85)
+    assert calibration.met and calibration.knobs["recompute_ratio"] == 0.1
+    assert calibration.knobs["kl_scale"] == pytest.approx(1.0)           # forecasts equal the measured KL
+    assert calibration.knobs["gate_max_kl"] == pytest.approx(0.009)     # the 0.1 turn goes dense
+    assert calibration.dev["reuse"] == pytest.approx(0.9) and calibration.dev["kl_reused"] == pytest.approx(0.005)
+    assert calibration.predictor["spearman"] > 0.9
+    assert calibration.knobs["gamma"] == 0.3                            # nothing to gain from a higher gamma
+    # the entropy gate's own fallbacks count against the reuse rate: two turns the pool cannot vouch for (inf)
+    # leave no room at any gamma ...
+    strict = fit(_turns(0.1, low, low, 150.0, entropy={0: math.inf, 1: math.inf}), model=MODEL, target_kl=0.01,
+                 min_reuse=0.85)
+    assert not strict.met and "highest reuse" in strict.why and strict.dev["reuse"] <= 0.8
+    # ... but two turns gated out at entropy ratio 0.6 come back at gamma 0.7
+    noisy = fit(_turns(0.1, low, low, 150.0, entropy={0: 0.6, 1: 0.6}), model=MODEL, target_kl=0.01,
+                min_reuse=0.85)
+    assert noisy.met and noisy.knobs["gamma"] == 0.7 and noisy.dev["reuse"] == pytest.approx(0.9)
+    hopeless = fit(_turns(0.0, [0.5] * 4, [0.5] * 4, 100.0), model=MODEL, target_kl=0.01, min_reuse=0.85)
+    assert not hopeless.met and "lowest KL" in hopeless.why
+
+
+def test_a_calibration_round_trips_through_its_file_with_an_infinite_threshold(tmp_path):
+    calibration = Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.2, "gate_max_kl": math.inf, "kl_scale": 2.5},
+                              target_kl=0.01, min_reuse=0.85, met=True, why="test",
+                              dev={"threshold": math.inf, "reuse": 1.0})
+    path = calibration.save(tmp_path / "cal.json")
+    assert json.loads(path.read_text())["knobs"]["gate_max_kl"] is None          # strict JSON, no Infinity
+    loaded = Calibration.load(path)
+    assert loaded.knobs == calibration.knobs and loaded.dev["threshold"] is None
+    with pytest.raises(ValueError, match="recompute_ratio must be in"):
+        Calibration(model=MODEL, knobs={"gamma": 0.3, "recompute_ratio": 2.0, "gate_max_kl": 1.0, "kl_scale": 1.0},
+                    target_kl=0.01, min_reuse=0.8, met=False, why="")
+    (tmp_path / "bad.json").write_text("{\"format\": 99}")
+    with pytest.raises(ValueError, match="not a format-1 calibration"):
+        Calibration.load(tmp_path / "bad.json")
+
+
+def test_resolve_fills_only_unset_knobs_and_warns_without_a_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCOMM_CALIBRATION_DIR", str(tmp_path))
+    with pytest.warns(CalibrationWarning, match="no calibration for model"):
+        config, found = resolve(KVCommConfig(), MODEL)
+    assert found is None and config.recompute_ratio == UNCALIBRATED["recompute_ratio"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve(KVCommConfig(calibration="none"), MODEL)                    # asked for none: no warning
+    Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.3, "gate_max_kl": 0.02, "kl_scale": 3.0}, target_kl=0.01,
+                min_reuse=0.85, met=True, why="").save(tmp_path / f"{MODEL}.json")
+    assert find(MODEL) == tmp_path / f"{MODEL}.json" and model_key("/models/SmolLM2-135M-Instruct.gguf") == MODEL
+    config, found = resolve(KVCommConfig(gate_max_kl=0.5), MODEL)
+    assert found is not None and config.recompute_ratio == 0.3 and config.kl_scale == 3.0 and config.gamma == 0.5
+    assert config.gate_max_kl == 0.5                                          # set by hand: kept
+    with pytest.warns(CalibrationWarning, match="made for"):
+        resolve(KVCommConfig(calibration=str(tmp_path / f"{MODEL}.json")), "llama-3.1-8b")
+
+
+def _agent() -> AgentTemplate:
+    return AgentTemplate("solver", "You are a careful math solver. Reason step by step.",
+                         "Question:\n{user_question}\nAnswer with one number.")
+
+
+def test_a_calibration_read_back_from_disk_drives_the_turn_gate(smollm2_engine_parts, tmp_path):
+    runner, tokenizer = smollm2_engine_parts
+    sampling = Sampling(max_new_tokens=4)
+    recorder = KVCommEngine(runner, tokenizer, KVCommConfig(calibration="none"))
+    txn = recorder.pool.begin("ns")
+    for question in ("Tom has 3 apples and buys 5 more. How many apples?", "A box holds 6 eggs. How many in 9?"):
+        content = recorder.make_input(question)
+        recorder.offer_content("ns", "user_question", content, txn)
+        recorder.prepare(TurnRequest(_agent(), {"user_question": content}, "kvcomm", sampling, "ns", txn))
+    recorder.pool.commit(txn)
+    anchors = recorder.pool.snapshot("ns").anchors("user_question")
+    errors = [d.offset_error for a in anchors for d in a.deltas.values()]
+    assert len(errors) == 2 and all(0.0 < e < 1.0 for e in errors)          # each anchor's own track record
+    question = recorder.make_input("Sara reads 12 pages a day for 4 days. How many pages?")
+    forecast = recorder.prepare(TurnRequest(_agent(), {"user_question": question}, "kvcomm", sampling, "ns",
+                                            recorder.pool.begin("ns"))).forecast
+    assert forecast is not None and forecast.predicted_kl > 0 and math.isinf(forecast.threshold)
+
+    for factor, expect_reuse in ((0.5, False), (2.0, True)):
+        path = Calibration(model=MODEL, knobs={"gamma": 0.3, "recompute_ratio": 0.0, "kl_scale": 1.0,
+                                               "gate_max_kl": factor * forecast.predicted_kl},
+                           target_kl=0.01, min_reuse=0.85, met=True, why="test").save(tmp_path / f"cal{factor}.json")
+        config, _ = resolve(KVCommConfig(calibration=str(path)), MODEL)
+        engine = KVCommEngine(runner, tokenizer, config, recorder.pool)
+        txn = engine.pool.begin("ns")
+        content = engine.make_input("Sara reads 12 pages a day for 4 days. How many pages?")
+        prepared = engine.prepare(TurnRequest(_agent(), {"user_question": content}, "kvcomm", sampling, "ns", txn))
+        assert prepared.reused == expect_reuse, (factor, prepared.reason)
+        assert prepared.forecast.predicted_kl == pytest.approx(forecast.predicted_kl, rel=1e-4)
+        if not expect_reuse:   # the fallback teaches the pool: the content is staged with this consumer's deltas
+            assert prepared.reason == "new_anchor:predicted_kl"
+            assert content.gate_reason["user_question"] == "predicted_kl" and txn.staged_anchor_ids
+        engine.pool.abort(txn)
