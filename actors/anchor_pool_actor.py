@@ -93,7 +93,8 @@ def transaction_payload(txn: PoolTransaction) -> dict[str, Any]:
         for consumer, d in per_consumer.items():
             deltas.append({
                 "anchor_id": anchor_id, "consumer": consumer, "ph_start": d.ph_start, "pf_start": d.pf_start,
-                "keys_canonical": d.keys_canonical, "dtype": dtype_name(d.ph_key.dtype),
+                "keys_canonical": d.keys_canonical, "offset_error": d.offset_error,
+                "dtype": dtype_name(d.ph_key.dtype),
                 "tensors": {name: tensor_to_numpy(getattr(d, name)) for name in DELTA_TENSORS},
                 "rotated_base_key": None if d.rotated_base_key is None else tensor_to_numpy(d.rotated_base_key)})
     return {"namespace": txn.namespace, "anchors": anchors, "deltas": deltas,
@@ -219,7 +220,7 @@ class AnchorPoolState:
                 **{name: _meta_like(tensors[name], dtype) for name in DELTA_TENSORS},
                 ph_start=int(d["ph_start"]), pf_start=int(d["pf_start"]),
                 rotated_base_key=None if rbk is None else _meta_like(rbk, dtype),
-                keys_canonical=bool(d["keys_canonical"])))
+                keys_canonical=bool(d["keys_canonical"]), offset_error=d.get("offset_error")))
             delta_parts[key] = self._store(d["anchor_id"], "deltas", tensors, dtype)
             if rbk is not None:
                 rbk_parts[key] = self._store(d["anchor_id"], "rbk", {"rotated_base_key": rbk}, dtype)

@@ -1,5 +1,5 @@
-"""The `kvcomm` command line: demo, run, serve, submit, and the benchmarks (runner, ttft, fidelity, anchors,
-quality, throughput, reliability).
+"""The `kvcomm` command line: demo, run, serve, submit, calibrate, and the benchmarks (runner, ttft, fidelity,
+anchors, pareto, quality, throughput, reliability).
 
 Each benchmark's options live next to its code and are added here; commands import the heavy parts (Ray, the
 model) only when they run, and nothing imports GPU code on a CPU-only machine.
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_runner)
 
     # the options of each benchmark live next to its code (one home); building them imports torch
-    from kvcomm.bench import fidelity, quality, ttft
+    from kvcomm.bench import anchors, calibrate, fidelity, pareto, quality, ttft
     from cluster import bench_reliability, bench_throughput, submit
 
     benchmarks = [
@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("fidelity", "KV error, first-token agreement and KL of every reuse method vs dense",
          fidelity.add_arguments, fidelity.cli_main),
         ("anchors", "anchor-pool size V against memory, reuse rate, KL and offset time",
-         fidelity.add_sweep_arguments, fidelity.sweep_cli_main),
+         anchors.add_arguments, anchors.cli_main),
+        ("pareto", "KL against reused-turn prepare time: every method, recompute ratios and gate thresholds swept",
+         pareto.add_arguments, pareto.cli_main),
         ("quality", "task accuracy, reuse rate and agreement with dense of every mode (GSM8K, HumanEval)",
          quality.add_arguments, quality.cli_main),
         ("throughput", "continuous batching vs batch-1, 1 vs N workers, KV transfer",
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(p)
         p.set_defaults(func=run)
 
+    p = sub.add_parser("calibrate", help="fit a model's recompute budget and turn-gate threshold on a dev split")
+    calibrate.add_arguments(p)
+    p.set_defaults(func=calibrate.cli_main)
     submit.add_submit_parser(sub)
     return parser
 

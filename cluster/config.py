@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from actors.agent_worker import WorkerSettings
 from actors.anchor_pool_actor import PoolSnapshotSettings
+from kvcomm.calibration import resolve as resolve_calibration
 from kvcomm.config import KVCommConfig
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -159,7 +160,7 @@ class ClusterConfig(BaseModel):
             content_cache_bytes=self.content_cache_bytes,
             pool_actor_name=self.pool_actor_name, ray_namespace=self.ray_namespace,
             pool_call_timeout_s=self.pool_call_timeout_s, pool_retry_after_s=self.pool_retry_after_s,
-            pool_snapshot=self.pool_snapshot(), kvcomm=self.kvcomm.to_kvcomm())
+            pool_snapshot=self.pool_snapshot(), kvcomm=resolve_calibration(self.kvcomm.to_kvcomm(), self.model)[0])
 
 
 def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, Any]:
