@@ -10,13 +10,14 @@ This module owns the worker side of the cluster:
   `DecodeBatch` up to `max_batch_size`, advances every active sequence by one token in one batched forward, and
   resolves the futures of finished turns (`engine.finish`). A replica's throughput therefore grows with
   concurrent load: sixteen turns decode in one forward pass instead of sixteen.
-* `ScheduledEngine`: the engine as `kvcomm.job_runner.run_job` uses it, callable from any thread: its
-  `run_turns` joins the shared batch and its other calls (inputs, the gate, the pool) run on the model thread.
-* `AgentWorker`: an async Ray actor around one engine and one scheduler. `run_job` runs a whole job on this
-  worker by calling the single-process oracle `kvcomm.job_runner.run_job` itself, unchanged, in a job thread on
-  the `ScheduledEngine`: no job logic is copied, and the turns of concurrent jobs are batched together. The
-  engine's pool is a `RemoteAnchorPool` on the cluster's `AnchorPoolActor`.
-* `start_agent_worker`: applies `ray.remote` with the resources and restart policy the caller chooses.
+  A turn can be cancelled while it waits or decodes (`cancel`): it leaves the batch at the next step.
+* `ScheduledEngine`: the engine as the worker side of a turn (`actors.turns`) uses it, callable from any thread:
+  its `run_turn` joins the shared batch and its other calls (inputs, the gate, the pool) run on the model thread.
+* `AgentWorker`: one model replica (engine, scheduler, content cache) that executes the turns and contents a
+  job driver (`cluster.driver`) orders, in job threads, so that the turns of concurrent jobs batch together. The
+  engine's pool is a `RemoteAnchorPool` on the cluster's `AnchorPoolActor`. It is used as a Ray actor
+  (`start_agent_worker`, by `cluster.batch.runner.ClusterRunner`) or composed into a Serve replica
+  (`cluster.serve.worker`).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
 from kvcomm.generation import SequenceState
 
 from .anchor_pool_actor import PoolSnapshotSettings, RemoteAnchorPool
-from .turns import ContentOrder, ContentResolver, TurnOrder, execute_content, execute_turn
+from .turns import (Cancellation, ContentOrder, ContentResolver, TurnCancelled, TurnOrder, execute_content,
+                    execute_turn)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class TurnScheduler:
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._pending: collections.deque[tuple[TurnRequest, concurrent.futures.Future]] = collections.deque()
         self._running: dict[int, tuple[Any, concurrent.futures.Future]] = {}   # id(SequenceState) -> work
+        self._cancelled: set[int] = set()     # id(future) of running turns to drop at the next step
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -95,6 +98,7 @@ class TurnScheduler:
         self.step_sequences = 0           # sum over steps of the sequences advanced: mean batch = this / steps
         self.turns_finished = 0
         self.turns_failed = 0
+        self.turns_cancelled = 0
         self.tokens_generated = 0
         self.busy_s = 0.0
         self.prefill_s = 0.0
@@ -144,6 +148,16 @@ class TurnScheduler:
             raise
         return future
 
+    def cancel(self, future: concurrent.futures.Future) -> None:
+        """Cancel a turn from `turn`: a queued one never runs; a decoding one leaves the batch before the next
+        step and its future raises `TurnCancelled`."""
+        if future.cancel():
+            return
+        with self._cv:
+            if not future.done():
+                self._cancelled.add(id(future))
+                self._cv.notify()
+
     def _enqueue(self, queue: collections.deque, item: tuple[Any, concurrent.futures.Future]) -> None:
         with self._cv:
             if self._stopping:
@@ -158,6 +172,7 @@ class TurnScheduler:
         return {"steps": self.steps, "step_sequences": self.step_sequences,
                 "mean_batch": self.step_sequences / self.steps if self.steps else 0.0,
                 "turns_finished": self.turns_finished, "turns_failed": self.turns_failed,
+                "turns_cancelled": self.turns_cancelled,
                 "tokens_generated": self.tokens_generated, "busy_s": self.busy_s, "prefill_s": self.prefill_s,
                 "decode_s": self.decode_s}
 
@@ -169,11 +184,14 @@ class TurnScheduler:
                     self._cv.wait()
                 if self._stopping:
                     break
+                cancelled, self._cancelled = self._cancelled, set()
                 calls = list(self._calls)
                 self._calls.clear()
                 room = self.max_batch_size - len(self._batch.active)
                 admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
             t0 = time.perf_counter()
+            if cancelled:
+                self._drop(cancelled)
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -205,6 +223,18 @@ class TurnScheduler:
             self._finish(prepared, state, future)
         else:
             self._running[id(state)] = (prepared, future)
+
+    def _drop(self, cancelled: set[int]) -> None:
+        """Take the cancelled turns out of the batch (their slots are freed) and fail their futures."""
+        dropped = [key for key, (_, future) in self._running.items() if id(future) in cancelled]
+        if not dropped:
+            return
+        gone = set(dropped)
+        self._batch.active = [s for s in self._batch.active if id(s) not in gone]
+        for key in dropped:
+            _, future = self._running.pop(key)
+            self.turns_cancelled += 1
+            future.set_exception(TurnCancelled("cancelled by its driver while decoding"))
 
     def _step(self) -> None:
         advanced = len(self._batch.active)   # admission keeps it <= max_batch_size, unless that just shrank
@@ -251,8 +281,8 @@ class TurnScheduler:
 
 
 class ScheduledEngine:
-    """The engine as `kvcomm.job_runner.run_job` sees it, for use from any thread: every call that touches the
-    engine runs on the scheduler's model thread, and `run_turns` joins the shared continuous batch.
+    """The engine as a turn's worker side sees it, for use from any thread: every call that touches the engine
+    runs on the scheduler's model thread, and `run_turn(s)` joins the shared continuous batch.
 
     Forwarding is explicit: an engine attribute not listed here raises AttributeError instead of silently
     running on the wrong thread.
@@ -272,8 +302,14 @@ class ScheduledEngine:
         futures = [self._scheduler.turn(request) for request in requests]
         return [future.result() for future in futures]
 
-    def run_turn(self, request: TurnRequest) -> TurnResult:
-        return self._scheduler.turn(request).result()
+    def run_turn(self, request: TurnRequest, cancel: Cancellation | None = None) -> TurnResult:
+        future = self._scheduler.turn(request)
+        if cancel is not None:
+            cancel.on_cancel(lambda: self._scheduler.cancel(future))
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise TurnCancelled("cancelled by its driver before it ran") from None
 
     def make_input(self, *args: Any, **kwargs: Any) -> Any:
         return self._scheduler.call(self._engine.make_input, *args, **kwargs).result()
@@ -309,10 +345,12 @@ class _ScheduledPool:
 # The Ray actor
 # ------------------------------------------------------------------------------------------------------------
 class AgentWorker:
-    """One model replica serving any agent of any job; turns of concurrent jobs share decode steps.
+    """One model replica executing the turns (and user inputs) that job drivers order; the turns of concurrent
+    jobs share decode steps.
 
-    Use as an async Ray actor (`start_agent_worker`); every method that touches the engine hands the work to
-    the model thread and awaits it, so the event loop stays free to accept more jobs and answer `load()`.
+    Use as an async Ray actor (`start_agent_worker`) or inside a Serve replica; every method that touches the
+    engine hands the work to the model thread and awaits it, so the event loop stays free to accept more work and
+    answer `load()`. A cancelled call (the caller cancelled its task or Serve request) cancels its turn.
     """
 
     def __init__(self, settings: WorkerSettings, worker_id: str = "worker-0"):
@@ -340,14 +378,15 @@ class AgentWorker:
         self.scheduler = TurnScheduler(self.engine, settings.max_batch_size, settings.max_queued_turns,
                                        name=f"kvcomm-model-{worker_id}").start()
         self.view = ScheduledEngine(self.engine, self.scheduler)
-        # one thread per running job: it only waits on the model thread (and runs a job's code sandbox)
+        # one thread per order in flight: it only waits on the model thread (and runs a job's code sandbox)
         self._job_threads = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_queued_turns,
                                                                   thread_name_prefix=f"kvcomm-job-{worker_id}")
         self.contents = ContentResolver(self.view, settings.content_cache_bytes, runner.device)
+        self.node_id = _current_node_id()
         self._turns_run = 0
-        self._jobs_running = 0
-        self._jobs_done = 0
-        self._jobs_failed = 0
+        self._turns_cancelled = 0
+        self._orders_in_flight = 0
+        self._tokens_in_flight = 0        # the routing cost (`RoutingHint.cost_tokens`) of the orders in flight
         self._namespaces: collections.Counter[str] = collections.Counter()
         self.load_s = time.perf_counter() - started
         self.model_source = loaded.source
@@ -363,64 +402,66 @@ class AgentWorker:
                         self.settings.pool_actor_name, self.settings.ray_namespace)
             return None
 
-    # ---- jobs ---------------------------------------------------------------------------------------------------
-    async def run_job(self, job: dict[str, Any], mode: str | None = None) -> dict[str, Any]:
-        """Run a whole job (a `JobSpec` as a dict) on this worker; its `JobResult.to_dict()` plus the worker id."""
-        from kvcomm.harness.jobs import JobSpec
-        spec = JobSpec.from_dict(job)
-        self._jobs_running += 1
-        self._namespaces[spec.namespace] += 1
-        try:
-            result = await self._run_job(spec, mode or spec.mode)
-        except BaseException:
-            self._jobs_failed += 1
-            raise
-        finally:
-            self._jobs_running -= 1
-        self._jobs_done += 1
-        out = result.to_dict()
-        out["worker"] = self.worker_id
-        return out
+    # ---- orders from a job driver (cluster.driver) --------------------------------------------------------------
+    async def execute_content(self, order: ContentOrder) -> tuple[Any, Any, Any]:
+        """A user input's base KV, offered to the gate: (`TurnOutcome`, the KV as a `SegmentPayload`, the staged
+        pool payload or None)."""
+        return await self._execute(order, execute_content, self.view, order, self.contents, self.worker_id,
+                                   self.node_id)
 
-    async def _run_job(self, job: Any, mode: str) -> Any:
-        """`kvcomm.job_runner.run_job` itself, in a job thread, on the engine view: its turns join the batch."""
-        from kvcomm.job_runner import run_job
-        return await self._in_job_thread(functools.partial(run_job, mode=mode), self.view, job)
-
-    # ---- single turns of a job driven by the cluster (cluster.dag) ----------------------------------------------
-    async def make_content(self, order: ContentOrder) -> tuple[Any, Any, Any]:
-        """A user input's base KV, offered to the gate; call with ``.options(num_returns=3)``:
-        (`TurnOutcome`, the KV as a `SegmentPayload`, the staged pool payload or None)."""
-        return await self._in_job_thread(execute_content, self.view, order, self.contents, self.worker_id)
-
-    async def run_turn(self, order: TurnOrder) -> tuple[Any, Any, Any, Any]:
-        """One agent turn of a job the cluster drives; call with ``.options(num_returns=4)``: (`TurnOutcome`,
-        response KV, condition KV or None, staged pool payload or None). The KV returns are owned by the caller."""
+    async def execute_turn(self, order: TurnOrder) -> tuple[Any, Any, Any, Any]:
+        """One agent turn: (`TurnOutcome`, response KV, condition KV or None, staged pool payload or None)."""
         self._namespaces[order.namespace] += 1
-        out = await self._in_job_thread(execute_turn, self.view, order, self.contents, self.worker_id)
+        cancel = Cancellation()
+        out = await self._execute(order, execute_turn, self.view, order, self.contents, self.worker_id,
+                                  self.node_id, cancel, cancel=cancel)
         self._turns_run += 1
         return out
 
-    async def _in_job_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _execute(self, order: Any, fn: Callable[..., Any], *args: Any,
+                       cancel: Cancellation | None = None) -> Any:
+        cost = order.routing_hint().cost_tokens
+        self._orders_in_flight += 1
+        self._tokens_in_flight += cost
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._job_threads, functools.partial(fn, *args))
+        work = loop.run_in_executor(self._job_threads, functools.partial(fn, *args))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            self._turns_cancelled += 1
+            work.add_done_callback(lambda f: f.cancelled() or f.exception())   # its TurnCancelled: expected
+            if cancel is not None:
+                cancel.cancel()        # the turn leaves the batch at the next step; its thread then ends
+            raise
+        finally:
+            self._orders_in_flight -= 1
+            self._tokens_in_flight -= cost
+
+    # ---- as a Ray actor (cluster.batch.runner): KV payloads as separate returns, owned by the caller -------------
+    async def make_content(self, order: ContentOrder) -> tuple[Any, Any, Any]:
+        """`execute_content`; call with ``.options(num_returns=3)``."""
+        return await self.execute_content(order)
+
+    async def run_turn(self, order: TurnOrder) -> tuple[Any, Any, Any, Any]:
+        """`execute_turn`; call with ``.options(num_returns=4)``: the KV returns are owned by the caller."""
+        return await self.execute_turn(order)
 
     # ---- routing and health -------------------------------------------------------------------------------------
     async def load(self) -> dict[str, Any]:
-        """What the router looks at: queued and decoding turns, running jobs."""
+        """What a router looks at: orders and their cost in tokens in flight, queued and decoding turns."""
         load = self.scheduler.load()
-        load.update(worker=self.worker_id, jobs=self._jobs_running, max_batch_size=self.settings.max_batch_size)
+        load.update(worker=self.worker_id, node_id=self.node_id, orders=self._orders_in_flight,
+                    tokens=self._tokens_in_flight, max_batch_size=self.settings.max_batch_size)
         return load
 
     async def stats(self) -> dict[str, Any]:
         spec = self.engine.spec
-        return {"worker": self.worker_id, "pid": os.getpid(), "model": self.model_source,
+        return {"worker": self.worker_id, "pid": os.getpid(), "node_id": self.node_id, "model": self.model_source,
                 "device": str(self.engine.runner.device), "dtype": str(self.engine.runner.dtype).removeprefix("torch."),
                 "kv_shape": {"layers": spec.num_layers, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim},
                 "threads": torch.get_num_threads(),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,   # Linux: KiB
-                "load_s": self.load_s, "jobs_done": self._jobs_done, "jobs_failed": self._jobs_failed,
-                "jobs_running": self._jobs_running, "turns_run": self._turns_run,
+                "load_s": self.load_s, "turns_run": self._turns_run, "turns_cancelled": self._turns_cancelled,
                 "namespaces": dict(self._namespaces), "contents": self.contents.stats(),
                 "scheduler": self.scheduler.stats(), "pool": self.pool.stats()}
 
@@ -441,6 +482,15 @@ class AgentWorker:
         threads = getattr(self, "_job_threads", None)
         if threads is not None:
             threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _current_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        return None
 
 
 def start_agent_worker(settings: WorkerSettings, worker_id: str, *, num_cpus: float, num_gpus: float = 0.0,

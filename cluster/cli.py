@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcomm", description="KVCOMM multi-agent KV sharing on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from cluster.demo import add_demo_parser, add_serve_parser   # light import: heavy parts load on run
+    from cluster.demo import add_demo_parser              # light imports: heavy parts load on run
+    from cluster.serve.command import add_serve_parser
     add_demo_parser(sub)
     add_serve_parser(sub)
 
@@ -85,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the options of each benchmark live next to its code (one home); building them imports torch
     from kvcomm.bench import fidelity, quality, ttft
-    from cluster import bench_reliability, bench_throughput, submit
+    from cluster.batch import submit
+    from cluster.bench import reliability as bench_reliability
+    from cluster.bench import throughput as bench_throughput
 
     benchmarks = [
         ("ttft", "TTFT per agent and serving mode (the paper's Tables 2 and 3)",

@@ -72,12 +72,9 @@ class ClusterConfig(BaseModel):
     # --- fault tolerance ---
     worker_max_restarts: int = Field(1, ge=-1)        # Ray restarts a dead worker this often (-1: forever)
     worker_max_task_retries: int = Field(0, ge=-1)    # Ray retries of a method on a restarted worker
-    job_retries: int = Field(1, ge=0)                 # a turn (dispatch "turn") or job (dispatch "job") whose
-                                                      # worker died is resubmitted to another worker this often
-    # --- routing ---
-    dispatch: Literal["turn", "job"] = "turn"         # turn: the runner drives each job's DAG, every turn routed
-                                                      # on its own (agents of one level run on several workers);
-                                                      # job: a whole job runs on one worker
+    job_retries: int = Field(1, ge=0)                 # orders (turns, user inputs) of one job whose worker
+                                                      # died are sent to another worker this often in all
+    # --- routing (kvcomm submit's worker actors; Serve replicas: serve.route_slack_tokens) ---
     affinity_slack: int = Field(0, ge=0)              # keep a namespace on its worker while it runs at most this
                                                       # many more jobs than the least loaded worker (0: affinity
                                                       # only breaks ties; fetching anchors costs ~1% of a reused

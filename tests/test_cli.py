@@ -38,7 +38,9 @@ def test_bad_job_file_is_a_one_line_error(tmp_path, capsys):
 
 def test_every_command_dispatches_to_its_own_handler(capsys):
     from cluster.cli import build_parser
-    from cluster import bench_reliability, bench_throughput, submit
+    from cluster.batch import submit
+    from cluster.bench import reliability as bench_reliability
+    from cluster.bench import throughput as bench_throughput
     from kvcomm.bench import fidelity, quality, ttft
     parser = build_parser()
     expected = {("bench", "ttft"): ttft.cli_main, ("bench", "fidelity"): fidelity.cli_main,

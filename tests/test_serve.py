@@ -23,8 +23,8 @@ from kvcomm.job_runner import run_job
 from kvcomm.session import build_engine
 
 from cluster.config import ClusterConfig
-from cluster.serve_app import ServeAppConfig, api_key_digests, load_serve_config_file
-from cluster.openai_api import chat_prompt_ids
+from cluster.serve.config import ServeAppConfig, api_key_digests, load_serve_config_file
+from cluster.serve.openai_api import chat_prompt_ids
 
 KEY, OTHER_KEY = "test-key-" + uuid.uuid4().hex, "other-key-" + uuid.uuid4().hex
 MODEL_NAME = "tiny-test"
@@ -64,7 +64,7 @@ def metric(text: str, sample: str) -> float:
 # configuration (no Ray needed)
 # ------------------------------------------------------------------------------------------------------------
 def test_in_flight_slots_cap_each_key_and_the_total() -> None:
-    from cluster.serve_app import APIError, InFlightSlots
+    from cluster.serve.http import APIError, InFlightSlots
     slots = InFlightSlots(limit=5, per_key=3, retry_after_s=2)
     for _ in range(3):
         slots.take("tenant-a")
@@ -91,8 +91,8 @@ def test_in_flight_slots_cap_each_key_and_the_total() -> None:
 
 
 def test_a_500_tells_the_client_an_error_id_and_logs_the_exception_under_it(caplog) -> None:
-    from cluster.serve_app import internal_error_message
-    with caplog.at_level("ERROR", logger="cluster.serve_app"):
+    from cluster.serve.http import internal_error_message
+    with caplog.at_level("ERROR", logger="cluster.serve.http"):
         try:
             raise RuntimeError("secret /home/tenant-b/prompt.txt")
         except RuntimeError:
@@ -129,17 +129,27 @@ def test_shipped_configs_validate_and_bad_args_name_the_field(tmp_path) -> None:
     [app] = gpu.applications
     cluster = app.config.cluster
     assert (cluster.device, cluster.num_workers, cluster.bundle()) == ("cuda", 8, {"CPU": 8.0, "GPU": 1.0})
-    assert app.config.serve.autoscaling.max_replicas == 8 and app.config.model_name == "llama-3.1-8b-instruct"
+    assert app.config.model_name == "llama-3.1-8b-instruct"
+    assert app.deployments["AgentWorkerDeployment"]["autoscaling_config"]["max_replicas"] == 8
+    assert app.deployments["KVCommIngress"]["num_replicas"] == 2
+    assert gpu.proxy_location == "HeadOnly"
+
+    two = load_serve_config_file("configs/local-2replicas.yaml")
+    [app] = two.applications
+    assert app.config.cluster.num_workers == 2 and app.deployments["KVCommIngress"] == {"num_replicas": 2}
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps({**local.raw, "applications": [
         {**local.raw["applications"][0], "args": {"cluster": {"num_wrokers": 2}}}]}))
     with pytest.raises(ValueError, match=r"applications\[0\]\.args: cluster\.num_wrokers"):
         load_serve_config_file(bad)
-    bad.write_text(json.dumps({"applications": [{"import_path": "cluster.serve_app:app_builder",
-                                                 "args": {"serve": {"autoscaling": {"min_replicas": 3,
-                                                                                    "max_replicas": 2}}}}]}))
-    with pytest.raises(ValueError, match=r"serve\.autoscaling"):
+    bad.write_text(json.dumps({"applications": [{"import_path": "cluster.serve.app:app_builder",
+                                                 "deployments": [{"name": "Wrokers", "num_replicas": 2}]}]}))
+    with pytest.raises(ValueError, match=r"applications\[0\]\.deployments\[0\]\.name: unknown deployment 'Wrokers'"):
+        load_serve_config_file(bad)
+    bad.write_text(json.dumps({"applications": [{"import_path": "cluster.serve.app:app_builder", "deployments": [
+        {"name": "AgentWorkerDeployment", "autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}]}]}))
+    with pytest.raises(ValueError, match=r"autoscaling_config"):
         load_serve_config_file(bad)
     settings = ServeAppConfig.from_args({"serve": {"api_keys": ["sekrit-1"]}}).serve
     assert len(api_key_digests(settings, {"KVCOMM_API_KEY": "sekrit-2, sekrit-3,sekrit-1"})) == 3
@@ -154,7 +164,7 @@ def test_shipped_configs_validate_and_bad_args_name_the_field(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def app_url(ray_cluster, tiny_model_dir):
     from ray import serve
-    from cluster.serve_app import app_builder, kill_pool_actor
+    from cluster.serve.app import app_builder, kill_service_actors
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -168,7 +178,7 @@ def app_url(ray_cluster, tiny_model_dir):
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        kill_pool_actor(ServeAppConfig.from_args(args))
+        kill_service_actors(ServeAppConfig.from_args(args))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 
-from cluster.submit import finished_ids, main, read_jobs
+from cluster.batch.submit import finished_ids, main, read_jobs
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_submit_in_a_fresh_process_leaves_no_ray_processes(tmp_path, tiny_model_
     marker = f"kvcomm-submit-test-{uuid.uuid4().hex}"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", KVCOMM_TEST_MARKER=marker)
     process = subprocess.Popen(
-        [sys.executable, "-m", "cluster.submit", str(jobs), "--out", str(out), "--config", str(config),
+        [sys.executable, "-m", "cluster.batch.submit", str(jobs), "--out", str(out), "--config", str(config),
          "--num-cpus", "1", "--object-store-mb", "256", "--no-progress"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen_while_running: dict[int, str] = {}

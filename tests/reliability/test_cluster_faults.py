@@ -1,7 +1,7 @@
 """Faults on a live cluster: agent workers and the anchor pool die while jobs run; nothing is lost or mixed up.
 
 A 2-worker `ClusterRunner` on the session's local Ray cluster (tiny-llama, random weights, embedded tokenizer),
-driving jobs turn by turn. The drills are `cluster.bench_reliability`'s own (the benchmark prints the same
+driving jobs turn by turn. The drills are `cluster.bench.reliability`'s own (the benchmark prints the same
 figures): dense jobs run fault-free, then again while one worker is killed through Ray and another's process gets
 SIGKILL; kvcomm jobs run while the pool actor is killed and restarted by Ray.
 """
@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from cluster.bench_reliability import make_jobs, memory_report, pool_faults, worker_faults
+from cluster.bench.reliability import make_jobs, memory_report, pool_faults, worker_faults
 from cluster.config import ClusterConfig
 
 pytestmark = [pytest.mark.reliability, pytest.mark.ray]
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.ray]
 
 @pytest.fixture(scope="module")
 def runner(ray_cluster, tiny_model_dir):
-    from cluster.job_runner import ClusterRunner
+    from cluster.batch.runner import ClusterRunner
     config = ClusterConfig(model=tiny_model_dir, random_weights=True, num_workers=2, cpus_per_worker=0.5,
                            threads_per_worker=1, max_batch_size=16, worker_max_restarts=-1, job_retries=4,
                            pool_retry_after_s=0.5, pool_call_timeout_s=5.0,

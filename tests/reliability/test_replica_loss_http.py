@@ -1,10 +1,12 @@
-"""A worker replica that dies mid-job costs the job a rerun on a live replica, not a 502.
+"""A worker replica that dies mid-job costs the job one turn, sent again to a live replica; not a 502, and not
+one finished turn run twice.
 
 The package's Serve app (tests/reliability/conftest.py, one worker replica): a dense job is submitted in the
 background and its events followed; at its first finished turn the replica's actor is killed. Serve starts a new
-replica; the ingress runs the job again there (``serve.job_resubmits``, 1 by default), announcing it with an
-``event: retry``, and the job succeeds with exactly the tokens of its in-process sequential run. This module runs
-last in the package (the app is back to one live replica afterwards).
+replica; the job's driver sends the lost turn there (``cluster.job_retries``, 1 by default), announcing it with an
+``event: retry``; the turns already finished are not run again (their KV, owned by the ingress, outlived the
+replica), and the job succeeds with exactly the tokens of its in-process sequential run. This module runs last in
+the package (the app is back to one live replica afterwards).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def _worker_replicas(ray) -> list[str]:
             if actor["namespace"] == "serve" and "AgentWorkerDeployment" in actor["name"]]
 
 
-def test_a_job_whose_replica_dies_runs_again_on_a_live_replica(app: App, oracle, ray_cluster) -> None:
+def test_a_job_whose_replica_dies_sends_only_the_lost_turn_to_a_live_replica(app: App, oracle, ray_cluster) -> None:
     ray = ray_cluster
     tokens = app.limits["max_output_tokens"]
     job = build_job("math", "Lena has 7 shells and finds 5 more. How many shells?", num_agents=4, rounds=2,
@@ -54,15 +56,16 @@ def test_a_job_whose_replica_dies_runs_again_on_a_live_replica(app: App, oracle,
         status = http.get(f"/v1/jobs/{job_id}").json()
     assert killed and "retry" in names, names
     retry = events[names.index("retry")][1]
-    assert retry["attempt"] == 2 and "worker replica lost" in retry["reason"], retry
-    rerun = names[names.index("retry") + 1:]
-    assert rerun == ["turn"] * len(expected.turns) + ["done"], names   # the whole job again, then done
+    assert retry["scope"] == "turn" and "worker replica lost" in retry["reason"], retry
+    assert names.count("retry") == 1 and names.count("turn") == len(expected.turns), names   # each turn once
+    assert names[-1] == "done"
     done = events[-1][1]
     assert done["status"] == "succeeded" and status["status"] == "succeeded", (done, status)
-    assert status["turns_done"] == len(expected.turns)
+    assert status["turns_done"] == len(expected.turns) and status["attempts"] == 1
     got = [(t["agent_id"], t["round"], t["token_ids"]) for t in done["result"]["turns"]]
     assert got == [(t.agent_id, t.round, t.token_ids) for t in expected.turns]
-    assert done["result"]["worker"] != events[0][1]["worker"]           # a new replica ran it
+    first, last = done["result"]["turns"][0]["worker"], done["result"]["turns"][-1]["worker"]
+    assert first == f"replica-{replica.rsplit('#', 1)[1]}" and last != first   # a new replica ran the rest
     assert _worker_replicas(ray) and replica not in _worker_replicas(ray)
     report("replica_loss_http", {"turns_before_kill": names.index("retry"), "turns": len(expected.turns),
                                  "retry": retry["reason"][:120]})

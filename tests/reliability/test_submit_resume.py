@@ -1,6 +1,6 @@
 """`kvcomm submit` interrupted and restarted: the batch finishes with each job's result exactly once in the output.
 
-Three runs of ``python -m cluster.submit JOBS --out RESULTS.jsonl`` in fresh processes, each starting its own local
+Three runs of ``python -m cluster.batch.submit JOBS --out RESULTS.jsonl`` in fresh processes, each starting its own local
 Ray cluster (tiny-llama, random weights, one worker, two jobs in flight): the first gets SIGINT once results are
 being written (it shuts down what it started and exits 130), then a crash mid-write is simulated (a torn last
 line), the second is SIGKILLed mid-batch, the third finishes. After every exit no process of that run's Ray
@@ -25,7 +25,7 @@ import pytest
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 
-from cluster.submit import finished_ids
+from cluster.batch.submit import finished_ids
 from procfs import process_stat, running_processes
 
 pytestmark = [pytest.mark.reliability, pytest.mark.ray]
@@ -84,7 +84,7 @@ class Run:
         env.update(RAY_AUTH_MODE="disabled", KVCOMM_TEST_MARKER=self.marker)
         self.out = out
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cluster.submit", str(jobs), "--out", str(out), "--config", str(config),
+            [sys.executable, "-m", "cluster.batch.submit", str(jobs), "--out", str(out), "--config", str(config),
              "--num-cpus", "1", "--object-store-mb", "256", "--concurrency", "2", "--no-progress"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=_sigint_default)

@@ -24,8 +24,12 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from actors.turns import RoutingHint
 from kvcomm.engine import ContextLengthError
 from kvcomm.generation import DecodeBatch, Sampling, SequenceState, first_stop_at
+
+
+DEFAULT_CHAT_COST_TOKENS = 256   # a chat without max_tokens counts this many output tokens when routed
 
 
 class ChatRequestError(ValueError):
@@ -147,6 +151,11 @@ class ChatParams:
     seed: int
     stop: tuple[str, ...] = ()
     max_tokens_param: str = "max_tokens"
+
+    def routing_hint(self) -> RoutingHint:
+        """The chat's routing cost: its prompt (~4 characters per token) and its output budget."""
+        prompt = sum(len(m.get("content") or "") for m in self.messages) // 4
+        return RoutingHint(None, prompt + (self.max_tokens or DEFAULT_CHAT_COST_TOKENS), {})
 
 
 # ------------------------------------------------------------------------------------------------------------

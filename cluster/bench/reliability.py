@@ -11,7 +11,7 @@ This module owns the cluster-side fault drills, as functions the reliability tes
 * `memory_report`: peak resident memory of every worker and the pool's bytes against their budgets.
 
 `run` puts them together on a fresh cluster and returns one report; `markdown_table` is the README's table. The
-command line adds the HTTP drills of `cluster.bench_http` (malformed requests, 32 concurrent jobs against their
+command line adds the HTTP drills of `cluster.bench.http` (malformed requests, 32 concurrent jobs against their
 sequential runs) on the Serve app, after the cluster drills (``--no-http`` leaves them out).
 """
 from __future__ import annotations
@@ -26,21 +26,10 @@ import uuid
 from typing import Any, Callable, Sequence
 
 from kvcomm.bench import write_json_report
-from kvcomm.harness.jobs import GenerationParams, JobSpec
-from kvcomm.harness.topologies import build_job
+from kvcomm.harness.jobs import JobSpec
 
-from .config import ClusterConfig
-
-TASK = "A shop sells {a} pencils on Monday and {b} on Tuesday. How many pencils does it sell in total?"
-
-
-def make_jobs(count: int, *, mode: str, tag: str, new_tokens: int, namespace: str | None = None) -> list[JobSpec]:
-    """`count` star-shaped math jobs (three agents in parallel, then a decision agent), distinct numbers."""
-    return [build_job("math", TASK.format(a=3 + i % 11, b=12 + i % 7), num_agents=3, topology="star", decision=True,
-                      mode=mode, job_id=f"{tag}-{i}", namespace=namespace or f"rel-{tag}",
-                      generation=GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens))
-            for i in range(count)]
-
+from ..config import ClusterConfig
+from .jobs import make_jobs
 
 def _tokens(result: dict[str, Any]) -> list[list[int]]:
     return [t["token_ids"] for t in result["turns"]]
@@ -162,14 +151,14 @@ def run(*, model: str = "smollm2-135m-instruct", random_weights: bool = False, j
         pool_jobs: int = 8, address: str | None = None, config: ClusterConfig | None = None,
         extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every drill on a fresh 2-worker cluster; `extra` adds sections run after them (the HTTP drills)."""
-    from .job_runner import ClusterRunner
-    from .submit import RayConnection
+    from ..batch.runner import ClusterRunner
+    from ..runtime import RayRuntime
 
     base = config or ClusterConfig(num_workers=2, cpus_per_worker=1, threads_per_worker=1)
     cfg = base.with_(model=model, random_weights=random_weights, worker_max_restarts=-1, job_retries=4,
                      pool_retry_after_s=1.0,
                      pool_actor_name=f"rel-pool-{uuid.uuid4().hex[:8]}")
-    connection = RayConnection(address, num_cpus=max(2, int(cfg.num_workers * cfg.cpus_per_worker)),
+    connection = RayRuntime(address, num_cpus=max(2, int(cfg.num_workers * cfg.cpus_per_worker)),
                                object_store_mb=1024)
     report: dict[str, Any] = {"model": model, "random_weights": random_weights, "workers": cfg.num_workers,
                               "new_tokens": new_tokens}
@@ -261,7 +250,7 @@ def cli_main(args: argparse.Namespace) -> int:
     config = ClusterConfig.from_yaml(args.config) if args.config else None
 
     def http_drills() -> dict[str, Any]:
-        from .bench_http import http_drills as drills
+        from .http import http_drills as drills
         try:
             return drills(model=args.model, random_weights=args.random_weights, jobs=args.http_jobs,
                           new_tokens=args.new_tokens, fuzz_requests=args.fuzz_requests, seed=args.fuzz_seed,
