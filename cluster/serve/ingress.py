@@ -119,9 +119,15 @@ class KVCommIngress:
                                self._worker_model)
         self.chats = ChatService(settings, workers, self._metrics, self._slots)
 
+    async def check_health(self) -> None:
+        """Serve's periodic health check; it also starts this replica's lease renewal and job adoption loop, so a
+        replica that gets no request still takes over the jobs of a lost one."""
+        self.jobs.start_maintenance()
+
     # ---- plumbing -----------------------------------------------------------------------------------------------
     async def _handle(self, route: str, request: Request, handler: Any, *, auth: bool = True) -> Response:
         """Authenticate, run the route, turn `APIError` into its response, count the response."""
+        self.jobs.start_maintenance()
         try:
             caller = authenticate(request, self._settings.api_key_digests) if auth else Caller(None, None)
             response = await handler(request, caller)

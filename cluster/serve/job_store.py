@@ -157,6 +157,10 @@ class JobStore:
             claimed.append({k: v for k, v in job.items() if k != "events"})
         return claimed
 
+    async def find(self, spec_id: str) -> list[str]:
+        """Ids of the jobs submitted with this spec ``id`` (oldest first)."""
+        return [job_id for job_id, job in self._jobs.items() if job["spec_id"] == spec_id]
+
     async def stats(self) -> dict[str, Any]:
         counts = collections.Counter(job["status"] for job in self._jobs.values())
         return {"jobs": len(self._jobs), "by_status": dict(counts), "saves": self.saves,

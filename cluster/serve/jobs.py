@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 RENEW_EVERY_S = 1.0           # lease renewal (and cancellation pickup) period of a driving replica
 EVENTS_POLL_S = 15.0          # an events stream sends a keep-alive comment when nothing happened this long
+DISCONNECT_POLL_S = 0.5       # a ?wait=true request checks this often whether its client went away
 
 
 class JobService:
@@ -68,7 +69,6 @@ class JobService:
         mode = request.query_params.get("mode")
         if mode is not None and mode not in MODES:
             raise APIError(400, f"mode: unknown mode {mode!r}; valid modes: {', '.join(MODES)}", param="mode")
-        self._ensure_maintenance()
         self.slots.take(caller.tenant)             # before the body is read: a busy server answers at once
         self.metrics.set_queue_length(self.slots.total)
         try:
@@ -81,14 +81,18 @@ class JobService:
             self._release(caller.tenant)
             raise
         done = self._drive(record, spec)                 # releases the slot when the job ends
-        if stream:
-            return StreamingResponse(self._event_stream(job_id, 0, cancel_on_disconnect=True),
+        if stream:                                       # the job first (its id), then its events
+            intro = sse(public(await self.store.get.remote(job_id)), event="job")
+            return StreamingResponse(self._event_stream(job_id, 0, cancel_on_disconnect=True, intro=intro),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         if not wait:
             return JSONResponse(public(await self.store.get.remote(job_id)), status_code=202,
                                 headers={"Location": f"/v1/jobs/{job_id}"})
         try:
-            await asyncio.shield(done)
+            while not done.done():
+                await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
+                if not done.done() and await request.is_disconnected():
+                    raise asyncio.CancelledError
         except asyncio.CancelledError:                   # the client went away: its job ends with it
             asyncio.ensure_future(self._cancel(job_id))
             raise
@@ -128,12 +132,14 @@ class JobService:
             driver.cancel()                              # else its replica learns it from its next lease renewal
         return record
 
-    async def _event_stream(self, job_id: str, after: int, cancel_on_disconnect: bool = False
-                            ) -> AsyncIterator[bytes]:
-        """The job's events numbered above `after` as they come (each with its ``id:``), then ``event: done``
-        with the job."""
+    async def _event_stream(self, job_id: str, after: int, cancel_on_disconnect: bool = False,
+                            intro: bytes | None = None) -> AsyncIterator[bytes]:
+        """`intro` (when given), the job's events numbered above `after` as they come (each with its ``id:``),
+        then ``event: done`` with the job."""
         finished = False
         try:
+            if intro is not None:
+                yield intro
             while True:
                 batch = await self.store.events.remote(job_id, after, EVENTS_POLL_S)
                 if batch is None:
@@ -204,7 +210,8 @@ class JobService:
         self.slots.give_back(tenant)
         self.metrics.set_queue_length(self.slots.total)
 
-    def _ensure_maintenance(self) -> None:
+    def start_maintenance(self) -> None:
+        """Start the lease renewal and adoption loop (`_maintain`) unless it runs."""
         if self._maintainer is None or self._maintainer.done():
             self._maintainer = asyncio.ensure_future(self._maintain())
 
