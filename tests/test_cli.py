@@ -40,13 +40,14 @@ def test_every_command_dispatches_to_its_own_handler(capsys):
     from cluster.cli import build_parser
     from cluster.batch import submit
     from cluster.bench import reliability as bench_reliability
+    from cluster.bench import serve as bench_serve
     from cluster.bench import throughput as bench_throughput
     from kvcomm.bench import fidelity, quality, ttft
     parser = build_parser()
     expected = {("bench", "ttft"): ttft.cli_main, ("bench", "fidelity"): fidelity.cli_main,
                 ("bench", "anchors"): fidelity.sweep_cli_main, ("bench", "quality"): quality.cli_main,
                 ("bench", "throughput"): bench_throughput.cli_main,
-                ("bench", "reliability"): bench_reliability.cli_main}
+                ("bench", "reliability"): bench_reliability.cli_main, ("bench", "serve"): bench_serve.cli_main}
     for argv, handler in expected.items():
         assert parser.parse_args(list(argv)).func is handler, argv
     assert parser.parse_args(["submit", "jobs.jsonl", "--out", "r.jsonl"]).func is submit.cli_main
@@ -54,5 +55,5 @@ def test_every_command_dispatches_to_its_own_handler(capsys):
         main(["bench", "--help"])
     listing = capsys.readouterr().out
     assert listing.startswith("usage: kvcomm bench")
-    for name in ("runner", "ttft", "fidelity", "anchors", "quality", "throughput", "reliability"):
+    for name in ("runner", "ttft", "fidelity", "anchors", "quality", "throughput", "reliability", "serve"):
         assert f"    {name} " in listing, name

@@ -255,16 +255,16 @@ def bench_app_config(*, model: str | None = None, random_weights: bool = False, 
 
 
 def run_with_app(config: Any, drills: Callable[[str], dict[str, Any]], *, address: str | None = None,
-                 num_cpus: int | None = None) -> dict[str, Any]:
-    """Start Ray (or join `address`) and the Serve app of `config` on a free loopback port, exactly as
-    ``kvcomm demo`` does (`cluster.serve.app.run_server`), call `drills(url)`, shut everything down, return what
-    the drills returned. Serve's progress lines go to stderr."""
+                 num_cpus: int | None = None, deployments: dict[str, dict[str, Any]] | None = None
+                 ) -> dict[str, Any]:
+    """Start Ray (or join `address`) and the Serve app of `config` (with Serve `deployments` overrides) on a free
+    loopback port, exactly as ``kvcomm demo`` does (`cluster.serve.app.run_server`), call `drills(url)`, shut
+    everything down, return what the drills returned. Serve's progress lines go to stderr."""
     from ..demo import _free_port
     from ..serve.app import run_server
     from ..serve.config import ServeApplication, ServeConfigFile
-    spec = ServeConfigFile(host="127.0.0.1", port=_free_port(), proxy_location=None,
-                           applications=[ServeApplication("kvcomm-bench", "/",
-                                                                                              config)], raw={})
+    app = ServeApplication("kvcomm-bench", "/", config, dict(deployments or {}))
+    spec = ServeConfigFile(host="127.0.0.1", port=_free_port(), proxy_location=None, applications=[app], raw={})
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     out: dict[str, Any] = {}
     with contextlib.redirect_stdout(sys.stderr):

@@ -45,8 +45,11 @@ class ServeSettings(BaseModel):
     max_job_agents: int = Field(32, ge=1)                     # agents of one job: 400 above
     max_job_turns: int = Field(128, ge=1)                     # turns of one job (rounds x agents): 400 above
     # --- routing turns to worker replicas (cluster.serve.router) ---
-    route_slack_tokens: int = Field(512, ge=0)                # replicas within this many queued tokens of the
-                                                              # least loaded compete on content locality
+    route_slack_tokens: int = Field(0, ge=0)                  # replicas within this many queued tokens of the
+                                                              # least loaded compete on KV locality and the
+                                                              # namespace's home (0: load first, locality breaks
+                                                              # ties; a fetched anchor costs ~1% of a reused
+                                                              # turn's TTFT, waiting for a busy replica more)
     routing_stats_period_s: float = Field(1.0, gt=0)          # how often replicas report their queued tokens
     # --- the job store (cluster.serve.job_store) ---
     job_store_name: str = "kvcomm-job-store"                  # the detached actor all ingress replicas share

@@ -65,7 +65,7 @@ def rank_replicas(loads: dict[str, float], nodes: dict[str, str | None], *, cost
 class KVCommRouter(FIFOMixin, RequestRouter):
     """Load in tokens first, then KV locality by node, then the namespace's home replica (module docstring)."""
 
-    def initialize_state(self, slack_tokens: float = 512.0, **_: Any) -> None:
+    def initialize_state(self, slack_tokens: float = 0.0, **_: Any) -> None:
         self.slack_tokens = float(slack_tokens)
         self._sent: dict[str, tuple[ReplicaID, int]] = {}     # internal request id -> (replica, cost) in flight
         self._sent_tokens: dict[ReplicaID, int] = {}
