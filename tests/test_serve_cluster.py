@@ -86,6 +86,35 @@ def replica_stats(ray) -> dict[str, dict]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------------------
+# the routing policy (a pure function: no cluster)
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("slack", [0, 100])
+def test_routing_puts_load_first_then_kv_locality_then_the_namespace_home(slack) -> None:
+    from cluster.serve.router import home_replica, rank_replicas
+    nodes = {"a": "n1", "b": "n2", "c": "n2"}
+    idle = {"a": 0.0, "b": 0.0, "c": 0.0}
+    # idle replicas: the node holding most of the turn's KV wins, then the namespace's home among its replicas
+    ranked = rank_replicas(idle, nodes, cost_bytes_by_node={"n2": 4000, "n1": 10}, namespace="ns",
+                           slack_tokens=slack)
+    assert set(ranked[:2]) == {"b", "c"}                  # the node holding the KV first
+    home = home_replica("ns", ["a", "b", "c"])
+    assert ranked[0] == (home if home in ("b", "c") else min("b", "c"))   # then the home, then the id
+    # a busy replica loses to an idle one unless within the slack
+    busy = {"a": 0.0, "b": 50.0, "c": 500.0}
+    ranked = rank_replicas(busy, nodes, cost_bytes_by_node={"n2": 4000}, namespace="ns", slack_tokens=slack)
+    assert ranked[0] == ("b" if slack >= 50 else "a") and ranked[-1] == "c"
+    # no KV preference: the home replica, else the least loaded
+    homes = {home_replica(f"ns{i}", ["a", "b", "c"]) for i in range(40)}
+    assert homes == {"a", "b", "c"}                       # namespaces spread over the replicas
+    for i in range(10):
+        assert rank_replicas(idle, nodes, cost_bytes_by_node={}, namespace=f"ns{i}",
+                             slack_tokens=slack)[0] == home_replica(f"ns{i}", ["a", "b", "c"])
+    # a lost replica moves only the namespaces that were at home there
+    moved = [i for i in range(40) if home_replica(f"ns{i}", ["a", "b"]) != home_replica(f"ns{i}", ["a", "b", "c"])]
+    assert moved and all(home_replica(f"ns{i}", ["a", "b", "c"]) == "c" for i in moved)
+
+
 @pytest.fixture(scope="module")
 def app(ray_cluster, tiny_model_dir, tmp_path_factory):
     from ray import serve
