@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from cluster.cli import main
 from kvcomm.harness.jobs import GenerationParams
@@ -57,3 +58,29 @@ def test_every_command_dispatches_to_its_own_handler(capsys):
     assert listing.startswith("usage: kvcomm bench")
     for name in ("runner", "ttft", "fidelity", "anchors", "quality", "throughput", "reliability", "serve"):
         assert f"    {name} " in listing, name
+
+
+def test_bench_runner_reports_what_it_was_asked_and_that_both_implementations_agree(tmp_path, capsys):
+    """A small `kvcomm bench runner` on the embedded model: one row per requested length and batch, the ratios are
+    the two timings' own, and the runner computed what transformers computed (logits within 1e-3, the same top-1,
+    every greedy token identical). A runner that drifted from transformers, or a row mislabelled, fails."""
+    out = tmp_path / "runner.json"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "runner", "--prefill", "16,40", "--batches", "1,3", "--decode-tokens", "5",
+                     "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)   # --threads sets the process's torch threads
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    prefill = [r for r in report["rows"] if r["kind"] == "prefill"]
+    decode = [r for r in report["rows"] if r["kind"] == "decode"]
+    assert [r["tokens"] for r in prefill] == [16, 40] and [r["batch"] for r in decode] == [1, 3]
+    for r in prefill:
+        assert r["speedup"] == pytest.approx(r["transformers_ms"] / r["ours_ms"])
+        assert r["same_top1"] and r["max_abs_logit_diff"] < 1e-3, r
+        assert f"| prefill {r['tokens']} tokens |" in printed
+    for r in decode:
+        assert r["speedup"] == pytest.approx(r["ours_tok_s"] / r["transformers_tok_s"])
+        assert r["tokens"] == 5 * r["batch"] and r["same_tokens"] == r["tokens"], r
+        assert f"| {r['same_tokens']}/{r['tokens']} greedy tokens |" in printed

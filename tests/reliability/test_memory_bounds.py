@@ -9,7 +9,7 @@ return their results directly and an object is the payload itself (`in_process_r
   `ContentResolver`s take turns; each task reads its namespace's anchors, stages a new anchor (tiny-llama-shaped
   random KV of a random length), both consumers' deltas and activations of anchors it saw, commits them into an
   `AnchorPoolState`, and passes its input's and responses' KV from one worker to the other.
-* 200 real jobs on tiny-llama with random weights, driven by the cluster's own driver (`cluster.driver.DagJob`)
+* 200 real jobs (`JOBS`) on tiny-llama with random weights, driven by the cluster's own driver (`cluster.driver.DagJob`)
   with an in-process executor: each order runs at once through `actors.turns.execute_content` / `execute_turn`,
   alternating between two `KVCommEngine`s over one model runner, so contents cross from one worker to the other;
   afterwards every content KV a job produced or fetched is either dead or in a content cache.
