@@ -10,6 +10,10 @@ limit leaves what it measured:
   GPU, tiny-llama on the CPU): last-position logits, and 32 greedy tokens. The tolerance is derived, not chosen:
   transformers' own bf16 error against its fp32 twin is the noise floor, and ours may be at most
   `TOLERANCE_FACTOR` times it; a greedy divergence passes only at a step where fp32's top-2 margin lies within it.
+* fidelity: every serving mode against dense on identical tokens (3 agents reading a question; the anchor pool
+  warmed on other questions first): KL(dense || mode) of the first token's distribution and top-1 agreement, in
+  bf16, and in fp32 on the same weights where memory allows (the tiny run; an 8B fp32 twin does not fit next to
+  the bf16 model), with each mode's largest bf16-vs-fp32 logit difference.
 * ttft: the paper's Table-2 setting (5 agents, prefix 512, input 1024, output 512; scaled down on the CPU) in every
   serving mode, from `kvcomm.bench.ttft`.
 * decode: tokens/s of one continuous decode batch at batch 1, 16 and 64.
@@ -24,6 +28,7 @@ import argparse
 import gc
 import json
 import platform
+import random
 import sys
 import time
 import traceback
@@ -33,11 +38,14 @@ from typing import Any, Callable
 
 import torch
 
+from .anchor_pool import AnchorPool
 from .bench import ttft
+from .engine import MODES, KVCommEngine, TurnRequest
 from .generation import DecodeBatch, Sampling, generate_from_ids
 from .memory_plan import GIB, JobShape, KVBudget, MemoryConfig, plan_for_runner
 from .model_loading import LoadedModel, build_hf_model, load_model
 from .runner import ModelRunner
+from .templates import AgentTemplate
 from .word_tokenizer import WordTokenizer
 
 TOLERANCE_FACTOR = 2.0      # our bf16 logit error may be at most this times transformers' own bf16 error
@@ -131,6 +139,75 @@ def check_parity(loaded: LoadedModel, runner: ModelRunner, settings: CheckSettin
         out.update(divergence_step=agree, fp32_top2_margin_there=margin, greedy_ok=margin <= tolerance)
     out["ok"] = bool(out["logits_ok"] and out["greedy_ok"])
     del hf16, hf32
+    return out
+
+
+def _kl(dense: torch.Tensor, other: torch.Tensor) -> float:
+    """KL(dense || other) of two fp32 logit rows."""
+    log_p, log_q = torch.log_softmax(dense.float(), -1), torch.log_softmax(other.float(), -1)
+    return float((log_p.exp() * (log_p - log_q)).sum())
+
+
+def check_fidelity(loaded: LoadedModel, runner: ModelRunner, tokenizer: Any, settings: CheckSettings,
+                   warm: int = 2, measured: int = 4) -> dict[str, Any]:
+    """Every mode against dense: 3 agents read each question; `warm` questions fill the pool (kvcomm mode), then
+    `measured` others run every mode. In bf16, and in fp32 on the same weights when the device has room."""
+    fp32_bytes = 2 * runner.weight_bytes * 2     # the fp32 twin's tensors and its runner's concatenated copies
+    room = runner.device.type == "cpu" or torch.cuda.mem_get_info(runner.device)[0] > 1.5 * fp32_bytes
+    runners = {"bfloat16": runner}
+    if room:
+        twin = _fp32_twin(loaded)
+        runners["float32"] = ModelRunner(twin.spec, twin.state_dict)
+    s = settings.ttft
+    agents = [AgentTemplate(str(k), ttft.system_prompt(k, s.prefix, tokenizer),
+                            "The task is:\n\n{user_question}\n\nCopy the task text above exactly.")
+              for k in range(1, 4)]
+    questions = [ttft.random_symbol_ids(tokenizer, s.input, random.Random(f"fidelity:{i}"))
+                 for i in range(warm + measured)]
+    sampling = Sampling(max_new_tokens=4)
+    logits: dict[str, dict[str, list[torch.Tensor]]] = {}
+    reused: dict[str, int] = {}
+    for name, model in runners.items():
+        config = ttft.bench_config()
+        engine = KVCommEngine(model, tokenizer, config, AnchorPool(config, model.rope))
+        rows: dict[str, list[torch.Tensor]] = {mode: [] for mode in MODES}
+        reused[name] = 0
+        for i, ids in enumerate(questions):
+            content = engine.make_input(ids)
+            txn = engine.pool.begin("fidelity")
+            engine.offer_content("fidelity", "user_question", content, txn)
+            for agent in agents:
+                for mode in (["kvcomm"] if i < warm else MODES):
+                    request = TurnRequest(agent, {"user_question": content}, mode=mode, sampling=sampling,
+                                          namespace="fidelity", transaction=txn if mode in ("kvcomm", "hybrid")
+                                          else None)
+                    prepared = engine.prepare(request)
+                    if i >= warm:
+                        rows[mode].append(prepared.last_logits[-1].float().cpu())
+                        reused[name] += mode == "kvcomm" and prepared.reused
+            engine.pool.commit(txn)
+        logits[name] = rows
+        del engine
+    table = []
+    for mode in MODES:
+        entry: dict[str, Any] = {"mode": mode}
+        for name, rows in logits.items():
+            dense = rows["dense"]
+            entry[f"kl_{name}"] = sum(_kl(d, m) for d, m in zip(dense, rows[mode])) / len(dense)
+            entry[f"top1_{name}"] = sum(int(d.argmax() == m.argmax()) for d, m in zip(dense, rows[mode]))
+        if "float32" in logits:
+            entry["max_abs_bf16_vs_fp32"] = max(float((a - b).abs().max()) for a, b in
+                                                zip(logits["bfloat16"][mode], logits["float32"][mode]))
+        table.append(entry)
+    turns = len(agents) * measured
+    out = {"turns": turns, "warm_questions": warm, "dtypes": list(logits), "kvcomm_reused": reused,
+           "modes": table}
+    by_mode = {e["mode"]: e for e in table}
+    out["ok"] = by_mode["kvcomm"]["kl_bfloat16"] < by_mode["naive"]["kl_bfloat16"]   # the offsets help in bf16
+    if "float32" in logits:   # and no mode amplifies bf16 rounding beyond dense's own (the noise floor)
+        noise = by_mode["dense"]["max_abs_bf16_vs_fp32"]
+        out["dense_bf16_noise"] = noise
+        out["ok"] = out["ok"] and all(e["max_abs_bf16_vs_fp32"] <= TOLERANCE_FACTOR * noise for e in table)
     return out
 
 
@@ -239,6 +316,19 @@ def summary_markdown(report: dict[str, Any]) -> str:
             if "divergence_step" in section:
                 lines += [f"Divergence at step {section['divergence_step']}: fp32's top-2 margin there is "
                           f"{section['fp32_top2_margin_there']:.4g} (tolerance {section['tolerance']:.4g}).", ""]
+        elif name == "fidelity" and "modes" in section:
+            dtypes = section["dtypes"]
+            lines += ["| mode | " + " | ".join(f"KL(dense‖mode) {d}" for d in dtypes) + " | "
+                      + " | ".join(f"top-1 agree {d}" for d in dtypes)
+                      + (" | max abs logit bf16 vs fp32 |" if len(dtypes) > 1 else " |"),
+                      "|---|" + "---|" * (2 * len(dtypes) + (len(dtypes) > 1))]
+            for e in section["modes"]:
+                cells = [f"{e[f'kl_{d}']:.2e}" for d in dtypes] + [f"{e[f'top1_{d}']}/{section['turns']}"
+                                                                    for d in dtypes]
+                if len(dtypes) > 1:
+                    cells.append(f"{e['max_abs_bf16_vs_fp32']:.3g}")
+                lines.append(f"| {e['mode']} | " + " | ".join(cells) + " |")
+            lines += ["", f"kvcomm turns that reused: {section['kvcomm_reused']} of {section['turns']} per dtype.", ""]
         elif name == "ttft" and "markdown" in section:
             lines += [section["markdown"], ""]
         elif name == "decode" and "batches" in section:
@@ -297,6 +387,7 @@ def run(settings: CheckSettings, outdir: Path, mode: str) -> dict[str, Any]:
                               loaded.spec.eos_token_ids[0] if loaded.spec.eos_token_ids else None)
     runner = ModelRunner(loaded.spec, loaded.state_dict)
     section("parity", lambda: check_parity(loaded, runner, settings))
+    section("fidelity", lambda: check_fidelity(loaded, runner, tokenizer, settings))
     loaded.state_dict.clear()    # the transformers twins are gone; the runner keeps what it needs
     gc.collect()
     if runner.device.type == "cuda":

@@ -29,7 +29,10 @@ def test_gpu_check_tiny_runs_without_what_a_bare_gpu_machine_lacks(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["ok"] and report["mode"] == "tiny" and report["environment"]["forbidden_modules_imported"] == []
     sections = report["sections"]
-    assert list(sections) == ["parity", "ttft", "decode", "memory"]
+    assert list(sections) == ["parity", "fidelity", "ttft", "decode", "memory"]
+    fidelity = {e["mode"]: e for e in sections["fidelity"]["modes"]}
+    assert sections["fidelity"]["dtypes"] == ["bfloat16", "float32"] and len(fidelity) == 6
+    assert fidelity["kvcomm"]["kl_bfloat16"] < fidelity["naive"]["kl_bfloat16"]
     parity = sections["parity"]
     assert parity["logits_ok"] and parity["greedy_ok"] and parity["tolerance"] > 0
     assert parity["ours_bf16_vs_fp32_max_abs"] <= parity["tolerance"]
