@@ -7,11 +7,10 @@ This module owns the worker side of the cluster:
 * `TurnScheduler` (plain Python, no Ray): a single *model thread* owns the `KVCommEngine`. Callers submit engine
   calls (`call`) and turns (`turn`) and get `concurrent.futures.Future`s. Between two decode steps the thread runs
   the queued engine calls, admits newly arrived turns (`engine.prepare`: their prefill, or reuse) into the running
-  `DecodeBatch` in arrival order while the batch has fewer than `max_batch_size` sequences *and* the replica's KV
-  budget has room for the turn's slot (a turn that can never fit fails at once, naming the limit), advances every
-  active sequence by one token in one batched forward, and resolves the futures of finished turns
-  (`engine.finish`). A replica's throughput therefore grows with
-  concurrent load: sixteen turns decode in one forward pass instead of sixteen.
+  `DecodeBatch` in arrival order while it holds fewer than `max_batch_size` sequences *and* the replica's KV budget
+  has room for the turn's slot (one that can never fit fails at once, naming the limit), advances every active
+  sequence by one token in one batched forward, and resolves the futures of finished turns (`engine.finish`). A
+  replica's throughput therefore grows with concurrent load: sixteen turns decode in one forward pass, not sixteen.
 * `ScheduledEngine`: the engine as `kvcomm.job_runner.run_job` uses it, callable from any thread: its
   `run_turns` joins the shared batch and its other calls (inputs, the gate, the pool) run on the model thread.
 * `AgentWorker`: an async Ray actor around one engine and one scheduler. `run_job` runs a whole job on this
@@ -81,14 +80,12 @@ class TurnScheduler:
 
     def __init__(self, engine: KVCommEngine, max_batch_size: int, max_queued_turns: int = 1024,
                  name: str = "kvcomm-model", memory_plan: MemoryPlan | None = None):
-        """`memory_plan`: the replica's plan; turns it can never serve fail at once (its KV budget is the one the
-        engine's runner charges, `runner.kv_budget`). None: no prompt limit beyond the model's context."""
+        """`memory_plan`: turns it can never serve fail at once (its KV budget is `engine.runner.kv_budget`)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queued_turns < 1:
             raise ValueError(f"max_queued_turns must be >= 1, got {max_queued_turns}")
-        self.engine = engine
-        self.memory_plan = memory_plan
+        self.engine, self.memory_plan = engine, memory_plan
         self._turn_slots = threading.BoundedSemaphore(max_queued_turns)   # queued + decoding turns
         self.max_batch_size = max_batch_size
         self._batch = engine.decode_batch(max_batch_size)
@@ -194,48 +191,39 @@ class TurnScheduler:
             if self._batch.active:
                 self._step()
                 self.decode_s += time.perf_counter() - t1
-            elif not calls and not admitted:
-                with self._cv:   # queued turns wait for KV that others (chats) hold: wait, don't spin
+            elif not calls and not admitted:   # queued turns wait for KV that others (chats) hold: don't spin
+                with self._cv:
                     self._cv.wait(timeout=0.01)
             self.busy_s += time.perf_counter() - t0
         self._fail_everything(SchedulerStopped("the worker's model thread stopped"))
 
     def _admit_pending(self) -> int:
-        """Admit queued turns in arrival order while the batch has room by count and the KV budget by bytes
-        (the first turn that does not fit waits, and so do those behind it); return how many left the queue."""
+        """Admit queued turns in arrival order while the batch has room by count and its KV budget by bytes (the first
+        that does not fit waits, with those behind it); one that can never fit fails. Returns how many left."""
         taken = 0
         while True:
             with self._cv:
                 if not self._pending or len(self._batch.active) >= self.max_batch_size:
                     return taken
                 request, future = self._pending[0]
-            problem, tokens = None, 0
-            if not future.cancelled():
-                try:
-                    tokens = self._kv_tokens(request)
-                except BaseException as exc:  # noqa: BLE001 - this turn fails (never fits, bad template)
-                    problem = exc
-            if problem is None and not future.cancelled() and not self._batch.can_place(tokens):
+            try:   # its KV: prompt + max_new_tokens (agent_state renders the template, cached for prepare)
+                prompt = len(self.engine.agent_state(request.agent).rendered.fill(
+                    {p: c.token_ids for p, c in request.contents.items()}))
+                if self.memory_plan is not None:
+                    self.memory_plan.check_request(prompt, request.sampling.max_new_tokens)
+                problem, fits = None, self._batch.can_place(prompt + request.sampling.max_new_tokens)
+            except BaseException as exc:  # noqa: BLE001 - this turn fails (never fits, bad template)
+                problem, fits = exc, True
+            if not fits and not future.cancelled():
                 return taken   # a finishing turn frees its slot
             with self._cv:
                 self._pending.popleft()
             taken += 1
-            if problem is not None:
-                if future.set_running_or_notify_cancel():
-                    self.turns_failed += 1
-                    future.set_exception(problem)
-            else:
+            if problem is None:
                 self._admit(request, future)
-
-    def _kv_tokens(self, request: TurnRequest) -> int:
-        """Tokens of KV the turn decodes in (prompt + max_new_tokens); `KVBudgetError` naming the limit when this
-        replica can never serve it."""
-        rendered = self.engine.agent_state(request.agent).rendered
-        prompt = len(rendered.fill({p: c.token_ids for p, c in request.contents.items()}))
-        new = request.sampling.max_new_tokens
-        if self.memory_plan is not None:
-            self.memory_plan.check_request(prompt, new)
-        return prompt + new
+            elif future.set_running_or_notify_cancel():
+                self.turns_failed += 1
+                future.set_exception(problem)
 
     def _admit(self, request: TurnRequest, future: concurrent.futures.Future) -> None:
         if not future.set_running_or_notify_cancel():
@@ -383,8 +371,8 @@ class AgentWorker:
         runner = ModelRunner(loaded.spec, loaded.state_dict)
         loaded.state_dict.clear()   # the runner holds what it needs (q/k/v and gate/up concatenated): free the rest
         self.memory_plan = plan_for_runner(runner, settings.memory, anchor_cache_bytes=settings.anchor_cache_bytes,
-                                           content_cache_bytes=settings.content_cache_bytes,
-                                           max_batch_size=settings.max_batch_size, model=settings.model)
+                                           content_cache_bytes=settings.content_cache_bytes, model=settings.model,
+                                           max_batch_size=settings.max_batch_size)
         runner.kv_budget = KVBudget(self.memory_plan.kv_bytes, what=f"{worker_id}'s KV budget")
         self.pool = RemoteAnchorPool(self._find_pool_actor(), settings.kvcomm, runner.rope,
                                      cache_bytes=settings.anchor_cache_bytes, device=runner.device,

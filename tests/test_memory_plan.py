@@ -268,3 +268,31 @@ def test_agent_states_are_bounded_by_bytes(tiny_model_dir):
         engine.agent_state(_agent(i))
     assert engine._agent_bytes <= engine.agent_cache_bytes and len(engine._agents) == 2
     assert list(engine._agents) == [_agent(4), _agent(5)]               # the most recently used stay
+
+
+def test_a_mostly_emptied_decode_buffer_shrinks(tiny):
+    """Twelve short and two long sequences of one class: once the short ones finish, the merged buffer holding
+    the two long ones shrinks to a quarter or less, and the long ones decode on exactly as alone."""
+    loaded, runner = tiny
+    runner.kv_budget = KVBudget(None)
+    lengths = [8 + i for i in range(14)]
+    budgets = [3] * 12 + [20, 20]
+    alone = [generate_from_ids(runner, _ids(n, i), Sampling(max_new_tokens=m, min_new_tokens=m)).token_ids
+             for i, (n, m) in enumerate(zip(lengths, budgets))]
+    batch = DecodeBatch(runner, max_batch_size=16)
+    states = []
+    for i, (n, m) in enumerate(zip(lengths, budgets)):
+        logits, kv = runner.prefill(_ids(n, i))
+        states.append(batch.add(kv, logits[-1], Sampling(max_new_tokens=m, min_new_tokens=m)))
+    batch.step()
+    (class_64,) = batch._groups.values()
+    assert len(class_64) == 1 and class_64[0].kv.slots >= 14           # fourteen one-slot buffers merged
+    peak_slots = class_64[0].kv.slots
+    for _ in range(5):
+        batch.step()
+    assert len(batch.active) == 2
+    batch.step()
+    (class_64,) = batch._groups.values()
+    assert [b.kv.slots for b in class_64] == [4] and 4 * 4 <= peak_slots
+    batch.run_until_done()
+    assert [s.tokens for s in states] == alone
