@@ -95,7 +95,7 @@ def plan_main(args: argparse.Namespace) -> int:
             jobs = plan.jobs(shape)
             print(f"## {name}: {config.num_workers} replica(s) of {plan.model} ({plan.dtype}) on {config.device}\n")
             print("\n".join(plan.lines(shape)))
-            print(f"\nAll {config.num_workers} replicas: {config.num_workers * plan.kv_tokens:,} KV tokens, "
+            print(f"\nAll replicas ({config.num_workers}): {config.num_workers * plan.kv_tokens:,} KV tokens, "
                   f"{config.num_workers * jobs['jobs_decoding']} such jobs decoding at once.\n")
             reports.append({"application": name, "replicas": config.num_workers, "plan": plan.to_dict(),
                             "shape": vars(shape), "jobs": jobs})

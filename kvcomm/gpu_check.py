@@ -269,9 +269,11 @@ def check_memory(plan: Any, runner: ModelRunner, baseline_bytes: int) -> dict[st
         peak = torch.cuda.max_memory_allocated(runner.device)
         envelope = (plan.weights_bytes + plan.anchor_cache_bytes + plan.content_cache_bytes + plan.agent_cache_bytes
                     + plan.scratch_bytes + plan.prepare_bytes + runner.kv_budget.peak)
+        # the plan's promise: the replica stays within the memory it planned for; the envelope (what the plan
+        # sets aside for what this run used) says how close the estimate of each item came
         out.update(peak_allocated_bytes=peak, baseline_allocated_bytes=baseline_bytes, envelope_bytes=envelope,
                    peak_over_envelope=peak / envelope, peak_over_planned_memory=peak / plan.usable_bytes,
-                   ok=peak <= envelope)
+                   ok=peak <= plan.usable_bytes)
     else:
         out.update(peak_allocated_bytes=None, ok=runner.kv_budget.peak <= (runner.kv_budget.capacity or 0),
                    note="on the CPU torch keeps no allocator statistics: only the KV ledger is checked")
@@ -341,9 +343,10 @@ def summary_markdown(report: dict[str, Any]) -> str:
                       f"{plan['kv_bytes'] / GIB:.2f} GiB ({plan['kv_tokens']:,} tokens); KV ledger peak "
                       f"{section['kv_ledger_peak_bytes'] / GIB:.3f} GiB."]
             if section.get("peak_allocated_bytes") is not None:
-                lines.append(f"Measured peak {section['peak_allocated_bytes'] / GIB:.2f} GiB = "
-                             f"{section['peak_over_envelope']:.2f} x the plan's envelope for what was used "
-                             f"({section['envelope_bytes'] / GIB:.2f} GiB).")
+                lines.append(f"Measured peak {section['peak_allocated_bytes'] / GIB:.2f} GiB: "
+                             f"{section['peak_over_planned_memory']:.2f} x the memory planned for "
+                             f"({plan['usable_bytes'] / GIB:.2f} GiB), {section['peak_over_envelope']:.2f} x what "
+                             f"the plan sets aside for what this run used ({section['envelope_bytes'] / GIB:.2f} GiB).")
             else:
                 lines.append(section["note"] + ".")
             lines.append("")

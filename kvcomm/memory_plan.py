@@ -28,8 +28,9 @@ from .model_spec import ModelSpec
 GIB = 1 << 30
 CPU_DEVICE_MEMORY_BYTES = 8 * GIB   # MemoryConfig.device_memory_bytes=None on the CPU: plan for this much
 SCRATCH_MARGIN = 1.25               # activations: allocator rounding and fragmentation on top of the tensor sum
-PREPARE_KV_COPIES = 3               # a prompt being prepared: its assembled segments, its prefill buffer (with
-                                    # the output reserve) and a finished sequence's KV being copied out
+PREPARE_KV_COPIES = 4               # a prompt being prepared: its re-rotated segments, their concatenation, its
+                                    # prefill buffer (with the output reserve); and a finished sequence's KV
+                                    # being handed back
 
 
 class MemoryPlanError(ValueError):
@@ -224,7 +225,7 @@ class MemoryPlan:
     content_cache_bytes: int
     agent_cache_bytes: int
     scratch_bytes: int           # activations of the largest forward (a max_prompt_tokens prefill or a decode step)
-    prepare_bytes: int           # KV copies of the prompt being prepared (PREPARE_KV_COPIES x max_prompt_tokens)
+    prepare_bytes: int           # KV copies around the prompt being prepared (PREPARE_KV_COPIES x max_prompt_tokens)
     kv_bytes: int                # the decode KV budget: what is left
     kv_bytes_per_token: int
     max_prompt_tokens: int
@@ -286,8 +287,8 @@ class MemoryPlan:
                       f"{shape.output}) decoding at once",
                       f"{jobs['jobs_decoding']} (KV: {jobs['jobs_by_kv']}, max_batch_size: {self.max_batch_size}; "
                       f"{gib(jobs['turn_bytes'])} per longest turn)"),
-                     ("their contents in the content cache", f"{cached} jobs ({gib(jobs['content_bytes_per_job'])}"
-                                                             " each)"),
+                     ("their contents in the content cache", f"{cached} job(s), {gib(jobs['content_bytes_per_job'])}"
+                                                             " each"),
                      ("anchor bytes per question (every placeholder an anchor)",
                       gib(jobs["anchor_bytes_per_question"]))]
         width = max(len(name) for name, _ in rows)
