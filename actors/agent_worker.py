@@ -7,9 +7,10 @@ This module owns the worker side of the cluster:
 * `TurnScheduler` (plain Python, no Ray): a single *model thread* owns the `KVCommEngine`. Callers submit engine
   calls (`call`) and turns (`turn`) and get `concurrent.futures.Future`s. Between two decode steps the thread runs
   the queued engine calls, admits newly arrived turns (`engine.prepare`: their prefill, or reuse) into the running
-  `DecodeBatch` up to `max_batch_size`, advances every active sequence by one token in one batched forward, and
-  resolves the futures of finished turns (`engine.finish`). A replica's throughput therefore grows with
-  concurrent load: sixteen turns decode in one forward pass instead of sixteen.
+  `DecodeBatch` in arrival order while it holds fewer than `max_batch_size` sequences *and* the replica's KV budget
+  has room for the turn's slot (one that can never fit fails at once, naming the limit), advances every active
+  sequence by one token in one batched forward, and resolves the futures of finished turns (`engine.finish`). A
+  replica's throughput therefore grows with concurrent load: sixteen turns decode in one forward pass, not sixteen.
   A turn can be cancelled while it waits or decodes (`cancel`): it leaves the batch at the next step.
 * `ScheduledEngine`: the engine as the worker side of a turn (`actors.turns`) uses it, callable from any thread:
   its `run_turn` joins the shared batch and its other calls (inputs, the gate, the pool) run on the model thread.
@@ -30,6 +31,7 @@ import os
 import resource
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,6 +40,7 @@ import torch
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
 from kvcomm.generation import SequenceState
+from kvcomm.memory_plan import KVBudget, MemoryConfig, MemoryPlan, plan_for_runner
 
 from .anchor_pool_actor import PoolSnapshotSettings, RemoteAnchorPool
 from .turns import (Cancellation, ContentOrder, ContentResolver, TurnCancelled, TurnOrder, execute_content,
@@ -64,6 +67,7 @@ class WorkerSettings:
     pool_retry_after_s: float         # after a failed pool call, serve an empty pool this long before asking again
     pool_snapshot: PoolSnapshotSettings | None   # where a pool actor this worker creates keeps its snapshot
     kvcomm: KVCommConfig
+    memory: MemoryConfig              # the replica's memory plan (device memory, longest prompt, agent cache)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -77,12 +81,13 @@ class TurnScheduler:
     """Continuous batching on one engine: one model thread runs engine calls, prefills and decode steps."""
 
     def __init__(self, engine: KVCommEngine, max_batch_size: int, max_queued_turns: int = 1024,
-                 name: str = "kvcomm-model"):
+                 name: str = "kvcomm-model", memory_plan: MemoryPlan | None = None):
+        """`memory_plan`: turns it can never serve fail at once (its KV budget is `engine.runner.kv_budget`)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queued_turns < 1:
             raise ValueError(f"max_queued_turns must be >= 1, got {max_queued_turns}")
-        self.engine = engine
+        self.engine, self.memory_plan = engine, memory_plan
         self._turn_slots = threading.BoundedSemaphore(max_queued_turns)   # queued + decoding turns
         self.max_batch_size = max_batch_size
         self._batch = engine.decode_batch(max_batch_size)
@@ -96,6 +101,7 @@ class TurnScheduler:
         # statistics (written by the model thread only)
         self.steps = 0
         self.step_sequences = 0           # sum over steps of the sequences advanced: mean batch = this / steps
+        self.max_active = 0               # the most sequences one step advanced
         self.turns_finished = 0
         self.turns_failed = 0
         self.turns_cancelled = 0
@@ -170,11 +176,12 @@ class TurnScheduler:
 
     def stats(self) -> dict[str, float]:
         return {"steps": self.steps, "step_sequences": self.step_sequences,
-                "mean_batch": self.step_sequences / self.steps if self.steps else 0.0,
+                "mean_batch": self.step_sequences / self.steps if self.steps else 0.0, "max_batch": self.max_active,
                 "turns_finished": self.turns_finished, "turns_failed": self.turns_failed,
                 "turns_cancelled": self.turns_cancelled,
                 "tokens_generated": self.tokens_generated, "busy_s": self.busy_s, "prefill_s": self.prefill_s,
-                "decode_s": self.decode_s}
+                "decode_s": self.decode_s, "decode_kv_bytes": self._batch.kv_bytes,
+                "kv_budget": self.engine.runner.kv_budget.stats()}
 
     # ---- the model thread ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -187,8 +194,6 @@ class TurnScheduler:
                 cancelled, self._cancelled = self._cancelled, set()
                 calls = list(self._calls)
                 self._calls.clear()
-                room = self.max_batch_size - len(self._batch.active)
-                admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
             t0 = time.perf_counter()
             if cancelled:
                 self._drop(cancelled)
@@ -198,15 +203,45 @@ class TurnScheduler:
                         future.set_result(fn())
                     except BaseException as exc:  # noqa: BLE001 - handed to the caller
                         future.set_exception(exc)
-            for request, future in admitted:
-                self._admit(request, future)
+            admitted = self._admit_pending()
             t1 = time.perf_counter()
             self.prefill_s += t1 - t0
             if self._batch.active:
                 self._step()
                 self.decode_s += time.perf_counter() - t1
+            elif not calls and not admitted:   # queued turns wait for KV that others (chats) hold: don't spin
+                with self._cv:
+                    self._cv.wait(timeout=0.01)
             self.busy_s += time.perf_counter() - t0
         self._fail_everything(SchedulerStopped("the worker's model thread stopped"))
+
+    def _admit_pending(self) -> int:
+        """Admit queued turns in arrival order while the batch has room by count and its KV budget by bytes (the first
+        that does not fit waits, with those behind it); one that can never fit fails. Returns how many left."""
+        taken = 0
+        while True:
+            with self._cv:
+                if not self._pending or len(self._batch.active) >= self.max_batch_size:
+                    return taken
+                request, future = self._pending[0]
+            try:   # its KV: prompt + max_new_tokens (agent_state renders the template, cached for prepare)
+                prompt = len(self.engine.agent_state(request.agent).rendered.fill(
+                    {p: c.token_ids for p, c in request.contents.items()}))
+                if self.memory_plan is not None:
+                    self.memory_plan.check_request(prompt, request.sampling.max_new_tokens)
+                problem, fits = None, self._batch.can_place(prompt + request.sampling.max_new_tokens)
+            except BaseException as exc:  # noqa: BLE001 - this turn fails (never fits, bad template)
+                problem, fits = exc, True
+            if not fits and not future.cancelled():
+                return taken   # a finishing turn frees its slot
+            with self._cv:
+                self._pending.popleft()
+            taken += 1
+            if problem is None:
+                self._admit(request, future)
+            elif future.set_running_or_notify_cancel():
+                self.turns_failed += 1
+                future.set_exception(problem)
 
     def _admit(self, request: TurnRequest, future: concurrent.futures.Future) -> None:
         if not future.set_running_or_notify_cancel():
@@ -243,10 +278,12 @@ class TurnScheduler:
             finished = self._batch.step()
         except BaseException as exc:  # noqa: BLE001 - a failed forward fails the turns in it, not the worker
             log.exception("decode step failed; failing the %d turns in the batch", len(self._running))
+            traceback.clear_frames(exc.__traceback__)   # the failed frames' locals hold the decode buffers
             self._fail_running(exc)
             return
         self.steps += 1
         self.step_sequences += advanced
+        self.max_active = max(self.max_active, advanced)
         for state in finished:
             prepared, future = self._running.pop(id(state))
             self._finish(prepared, state, future)
@@ -263,11 +300,12 @@ class TurnScheduler:
         future.set_result(result)
 
     def _fail_running(self, exc: BaseException) -> None:
-        for prepared, future in self._running.values():
+        running = list(self._running.values())
+        self._running.clear()
+        self._batch.active = ()   # the assignment frees every decode buffer (before any waiter looks)
+        for prepared, future in running:
             self.turns_failed += 1
             future.set_exception(exc)
-        self._running.clear()
-        self._batch.active.clear()
 
     def _fail_everything(self, exc: BaseException) -> None:
         self._fail_running(exc)
@@ -369,14 +407,20 @@ class AgentWorker:
         if loaded.tokenizer is None:
             raise ValueError(f"{settings.model}: no tokenizer available; agent templates need one")
         runner = ModelRunner(loaded.spec, loaded.state_dict)
+        loaded.state_dict.clear()   # the runner holds what it needs (q/k/v and gate/up concatenated): free the rest
+        self.memory_plan = plan_for_runner(runner, settings.memory, anchor_cache_bytes=settings.anchor_cache_bytes,
+                                           content_cache_bytes=settings.content_cache_bytes, model=settings.model,
+                                           max_batch_size=settings.max_batch_size)
+        runner.kv_budget = KVBudget(self.memory_plan.kv_bytes, what=f"{worker_id}'s KV budget")
         self.pool = RemoteAnchorPool(self._find_pool_actor(), settings.kvcomm, runner.rope,
                                      cache_bytes=settings.anchor_cache_bytes, device=runner.device,
                                      call_timeout_s=settings.pool_call_timeout_s,
                                      retry_after_s=settings.pool_retry_after_s,
                                      resolve_actor=self._find_pool_actor)
-        self.engine = KVCommEngine(runner, loaded.tokenizer, settings.kvcomm, self.pool)
+        self.engine = KVCommEngine(runner, loaded.tokenizer, settings.kvcomm, self.pool,
+                                   agent_cache_bytes=settings.memory.agent_cache_bytes)
         self.scheduler = TurnScheduler(self.engine, settings.max_batch_size, settings.max_queued_turns,
-                                       name=f"kvcomm-model-{worker_id}").start()
+                                       name=f"kvcomm-model-{worker_id}", memory_plan=self.memory_plan).start()
         self.view = ScheduledEngine(self.engine, self.scheduler)
         # one thread per order in flight: it only waits on the model thread (and runs a job's code sandbox)
         self._job_threads = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_queued_turns,
@@ -463,6 +507,7 @@ class AgentWorker:
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,   # Linux: KiB
                 "load_s": self.load_s, "turns_run": self._turns_run, "turns_cancelled": self._turns_cancelled,
                 "namespaces": dict(self._namespaces), "contents": self.contents.stats(),
+                "memory_plan": self.memory_plan.to_dict(),
                 "scheduler": self.scheduler.stats(), "pool": self.pool.stats()}
 
     async def set_max_batch_size(self, max_batch_size: int) -> int:

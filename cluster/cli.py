@@ -1,4 +1,4 @@
-"""The `kvcomm` command line: demo, run, serve, submit, and the benchmarks (runner, ttft, fidelity, anchors,
+"""The `kvcomm` command line: demo, run, serve, submit, plan, and the benchmarks (runner, ttft, fidelity, anchors,
 quality, throughput, reliability, serve).
 
 Each benchmark's options live next to its code and are added here; commands import the heavy parts (Ray, the
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=run)
 
     submit.add_submit_parser(sub)
+    from cluster.plan import add_plan_parser   # light: the memory-plan arithmetic, no Ray
+    add_plan_parser(sub)
     return parser
 
 

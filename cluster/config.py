@@ -3,7 +3,8 @@
 This module owns every deployment knob (model and device, workers and their resources, placement, batching,
 restarts, caches, the anchor-pool actor's name) with one default each. The algorithm's knobs keep their one home
 in `kvcomm.config.KVCommConfig`: `KVCommSettings` is generated from that dataclass's fields (same names, types
-and defaults), validated by the dataclass itself, and turned back into it with `to_kvcomm()`. Unknown keys are
+and defaults), validated by the dataclass itself, and turned back into it with `to_kvcomm()`. The memory plan's
+knobs likewise live in `kvcomm.memory_plan.MemoryConfig` (`memory:`, see `MemorySettings`). Unknown keys are
 errors that name the key (``extra="forbid"``), in YAML files as in code.
 """
 from __future__ import annotations
@@ -19,18 +20,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from actors.agent_worker import WorkerSettings
 from actors.anchor_pool_actor import PoolSnapshotSettings
 from kvcomm.config import KVCommConfig
+from kvcomm.memory_plan import MemoryConfig
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
-def _kvcomm_settings_model() -> type[BaseModel]:
-    """A pydantic model with exactly KVCommConfig's fields, types and defaults (derived, never restated)."""
-    hints = typing.get_type_hints(KVCommConfig)
-    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(KVCommConfig)}
-    return create_model("KVCommSettings", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+def _settings_model(dataclass_type: type, name: str) -> type[BaseModel]:
+    """A pydantic model with exactly a dataclass's fields, types and defaults (derived, never restated)."""
+    hints = typing.get_type_hints(dataclass_type)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(dataclass_type)}
+    return create_model(name, __config__=ConfigDict(extra="forbid", frozen=True), **fields)
 
 
-_KVCommSettingsBase = _kvcomm_settings_model()
+_KVCommSettingsBase = _settings_model(KVCommConfig, "KVCommSettings")
+_MemorySettingsBase = _settings_model(MemoryConfig, "MemorySettings")
 
 
 class KVCommSettings(_KVCommSettingsBase):  # type: ignore[misc, valid-type]
@@ -47,6 +50,18 @@ class KVCommSettings(_KVCommSettingsBase):  # type: ignore[misc, valid-type]
     @classmethod
     def from_kvcomm(cls, config: KVCommConfig) -> "KVCommSettings":
         return cls(**config.to_dict())
+
+
+class MemorySettings(_MemorySettingsBase):  # type: ignore[misc, valid-type]
+    """`kvcomm.memory_plan.MemoryConfig` as a pydantic model: each replica's memory plan (`kvcomm plan`)."""
+
+    @model_validator(mode="after")
+    def _valid_as_dataclass(self) -> "MemorySettings":
+        self.to_memory()   # the dataclass's own __post_init__ checks are the one set of rules
+        return self
+
+    def to_memory(self) -> MemoryConfig:
+        return MemoryConfig(**self.model_dump())
 
 
 class ClusterConfig(BaseModel):
@@ -92,8 +107,9 @@ class ClusterConfig(BaseModel):
                                                       # is empty). On the pool actor's node; relative to the cwd
     pool_snapshot_every_commits: int = Field(100, ge=1)   # save once this many commits are unsaved ...
     pool_snapshot_every_s: float = Field(60.0, gt=0)      # ... or once the oldest unsaved one is this old
-    # --- the algorithm ---
+    # --- the algorithm, and each replica's memory plan ---
     kvcomm: KVCommSettings = Field(default_factory=KVCommSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterConfig":
@@ -156,7 +172,7 @@ class ClusterConfig(BaseModel):
             content_cache_bytes=self.content_cache_bytes,
             pool_actor_name=self.pool_actor_name, ray_namespace=self.ray_namespace,
             pool_call_timeout_s=self.pool_call_timeout_s, pool_retry_after_s=self.pool_retry_after_s,
-            pool_snapshot=self.pool_snapshot(), kvcomm=self.kvcomm.to_kvcomm())
+            pool_snapshot=self.pool_snapshot(), kvcomm=self.kvcomm.to_kvcomm(), memory=self.memory.to_memory())
 
 
 def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, Any]:

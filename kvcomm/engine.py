@@ -27,11 +27,11 @@ from .config import KVCommConfig
 from .gate import gate
 from .generation import DecodeBatch, Sampling, SequenceState, cut_at_stop_string, result_of
 from .kv import KVSegment, concat
+from .memory_plan import MemoryConfig
 from .offsets import estimate_offsets
 from .runner import ModelRunner, SequenceKV
 from .templates import AgentTemplate, RenderedTemplate, TemplateError, render_template
 
-_AGENT_STATES = 256          # agent templates whose rendering and fixed-segment KV stay cached
 _WEIGHT_CACHE_ENTRIES = 256   # reference mode's shared anchor weights, cleared when it grows past this
 MODES = ("dense", "dense-prefix", "naive", "cacheblend", "kvcomm", "hybrid")
 
@@ -111,13 +111,15 @@ class KVCommEngine:
     """One model, one process: agent templates, shared contents, and turns in any mode."""
 
     def __init__(self, runner: ModelRunner, tokenizer: Any, config: KVCommConfig | None = None,
-                 pool: AnchorPool | None = None):
+                 pool: AnchorPool | None = None, *, agent_cache_bytes: int = MemoryConfig.agent_cache_bytes):
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config or KVCommConfig()
         self.pool = pool if pool is not None else AnchorPool(self.config, runner.rope)
         self.spec = runner.spec
         self._agents: OrderedDict[AgentTemplate, _AgentState] = OrderedDict()  # LRU
+        self._agent_bytes = 0                   # fixed-segment KV held by self._agents
+        self.agent_cache_bytes = agent_cache_bytes
         self._lead_in = self._input_lead_in()
         self._lead_in_kv: KVSegment | None = None
         self._weight_cache: dict = {}
@@ -138,8 +140,8 @@ class KVCommEngine:
     def agent_state(self, template: AgentTemplate) -> _AgentState:
         """The agent's rendered template and fixed-segment KV, computed once per template (by content).
 
-        Kept for the `_AGENT_STATES` most recently used templates, so memory stays bounded when many distinct
-        templates pass through one engine."""
+        The most recently used templates are kept while their KV fits `agent_cache_bytes` (the one just used
+        always), so memory stays bounded when many distinct templates pass through one engine."""
         state = self._agents.get(template)
         if state is not None:
             self._agents.move_to_end(template)
@@ -158,8 +160,10 @@ class KVCommEngine:
             cursor += n
         state = _AgentState(rendered, segments)
         self._agents[template] = state
-        if len(self._agents) > _AGENT_STATES:
-            self._agents.popitem(last=False)
+        self._agent_bytes += sum(seg.nbytes for seg in segments)
+        while self._agent_bytes > self.agent_cache_bytes and len(self._agents) > 1:
+            _, evicted = self._agents.popitem(last=False)
+            self._agent_bytes -= sum(seg.nbytes for seg in evicted.fixed_kv)
         return state
 
     def encode(self, text: str) -> tuple[int, ...]:
