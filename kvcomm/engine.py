@@ -18,7 +18,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ from .kv import KVSegment, concat
 from .memory_plan import MemoryConfig
 from .offsets import estimate_offsets
 from .runner import ModelRunner, SequenceKV
-from .templates import AgentTemplate, RenderedTemplate, TemplateError, render_template
+from .templates import AgentTemplate, PromptTemplate, RenderedTemplate, TemplateError, render_template
 
 _WEIGHT_CACHE_ENTRIES = 256   # reference mode's shared anchor weights, cleared when it grows past this
 MODES = ("dense", "dense-prefix", "naive", "cacheblend", "kvcomm", "hybrid")
@@ -61,12 +61,13 @@ class SharedContent:
 
 @dataclass
 class TurnRequest:
-    agent: AgentTemplate
+    agent: PromptTemplate                   # an AgentTemplate, or a chat's kvcomm.chat.ChatTemplate
     contents: Mapping[str, SharedContent]   # placeholder name -> content
     mode: str = "kvcomm"
     sampling: Sampling = field(default_factory=Sampling)
     namespace: str = "default"
     transaction: PoolTransaction | None = None   # the job's staged pool updates (kvcomm and hybrid modes)
+    on_token: Callable[[int], None] | None = None  # told each generated token as it is sampled (streaming)
 
 
 @dataclass
@@ -244,7 +245,8 @@ class KVCommEngine:
         for request in requests:
             p = self.prepare(request)
             prepared.append(p)
-            states.append(batch.add(p.kv, p.last_logits[-1], request.sampling, started_at=p.started))
+            states.append(batch.add(p.kv, p.last_logits[-1], request.sampling, on_token=request.on_token,
+                                    started_at=p.started))
         decode_start = time.perf_counter()
         batch.run_until_done()
         decode_s = time.perf_counter() - decode_start
