@@ -15,7 +15,8 @@ This module owns the worker side of the cluster:
 * `ScheduledEngine`: the engine as the worker side of a turn (`actors.turns`) uses it, callable from any thread:
   its `run_turn` joins the shared batch and its other calls (inputs, the gate, the pool) run on the model thread.
 * `AgentWorker`: one model replica (engine, scheduler, content cache) that executes the turns and contents a
-  job driver (`cluster.driver`) orders, in job threads, so that the turns of concurrent jobs batch together. The
+  job driver (`cluster.driver`) orders, and chat completions (`kvcomm.chat.ChatTurns`: a chat is a turn of the
+  same batch, its contents kept across requests), in job threads, so that they all batch together. The
   engine's pool is a `RemoteAnchorPool` on the cluster's `AnchorPoolActor`. It is used as a Ray actor
   (`start_agent_worker`, by `cluster.batch.runner.ClusterRunner`) or composed into a Serve replica
   (`cluster.serve.worker`).
@@ -37,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 
+from kvcomm.chat import ChatContents, ChatRequest, ChatResult, ChatTurns
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
 from kvcomm.generation import SequenceState
@@ -209,7 +211,7 @@ class TurnScheduler:
             if self._batch.active:
                 self._step()
                 self.decode_s += time.perf_counter() - t1
-            elif not calls and not admitted:   # queued turns wait for KV that others (chats) hold: don't spin
+            elif not calls and not admitted:   # queued turns wait for KV held outside the batch: don't spin
                 with self._cv:
                     self._cv.wait(timeout=0.01)
             self.busy_s += time.perf_counter() - t0
@@ -249,7 +251,7 @@ class TurnScheduler:
         try:
             prepared = self.engine.prepare(request)
             state = self._batch.add(prepared.kv, prepared.last_logits[-1], request.sampling,
-                                    started_at=prepared.started)
+                                    on_token=request.on_token, started_at=prepared.started)
         except BaseException as exc:  # noqa: BLE001 - this turn fails, the batch goes on
             self.turns_failed += 1
             future.set_exception(exc)
@@ -391,9 +393,15 @@ class AgentWorker:
     answer `load()`. A cancelled call (the caller cancelled its task or Serve request) cancels its turn.
     """
 
-    def __init__(self, settings: WorkerSettings, worker_id: str = "worker-0"):
+    def __init__(self, settings: WorkerSettings, worker_id: str = "worker-0", chat_cache_bytes: int = 0):
+        """`chat_cache_bytes` of `settings.content_cache_bytes` keep chat contents (`kvcomm.chat.ChatContents`), the
+        rest the jobs' contents."""
         from kvcomm.model_loading import load_model
         from kvcomm.runner import ModelRunner
+
+        if not 0 <= chat_cache_bytes <= settings.content_cache_bytes:
+            raise ValueError(f"chat_cache_bytes must be within 0 and content_cache_bytes "
+                             f"({settings.content_cache_bytes}), got {chat_cache_bytes}")
 
         self.settings = settings
         self.worker_id = worker_id
@@ -425,7 +433,8 @@ class AgentWorker:
         # one thread per order in flight: it only waits on the model thread (and runs a job's code sandbox)
         self._job_threads = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_queued_turns,
                                                                   thread_name_prefix=f"kvcomm-job-{worker_id}")
-        self.contents = ContentResolver(self.view, settings.content_cache_bytes, runner.device)
+        self.contents = ContentResolver(self.view, settings.content_cache_bytes - chat_cache_bytes, runner.device)
+        self.chats = ChatTurns(self.engine, ChatContents(chat_cache_bytes))   # used on the model thread only
         self.node_id = _current_node_id()
         self._turns_run = 0
         self._turns_cancelled = 0
@@ -450,21 +459,47 @@ class AgentWorker:
     async def execute_content(self, order: ContentOrder) -> tuple[Any, Any, Any]:
         """A user input's base KV, offered to the gate: (`TurnOutcome`, the KV as a `SegmentPayload`, the staged
         pool payload or None)."""
-        return await self._execute(order, execute_content, self.view, order, self.contents, self.worker_id,
-                                   self.node_id)
+        return await self._execute(order.routing_hint().cost_tokens, execute_content, self.view, order,
+                                   self.contents, self.worker_id, self.node_id)
 
     async def execute_turn(self, order: TurnOrder) -> tuple[Any, Any, Any, Any]:
         """One agent turn: (`TurnOutcome`, response KV, condition KV or None, staged pool payload or None)."""
         self._namespaces[order.namespace] += 1
         cancel = Cancellation()
-        out = await self._execute(order, execute_turn, self.view, order, self.contents, self.worker_id,
-                                  self.node_id, cancel, cancel=cancel)
+        out = await self._execute(order.routing_hint().cost_tokens, execute_turn, self.view, order, self.contents,
+                                  self.worker_id, self.node_id, cancel, cancel=cancel)
         self._turns_run += 1
         return out
 
-    async def _execute(self, order: Any, fn: Callable[..., Any], *args: Any,
+    async def execute_chat(self, request: ChatRequest, cost: int,
+                           on_text: Callable[[str], None] | None = None) -> ChatResult:
+        """One chat completion as a turn of the shared batch; `on_text` is told its text deltas (on the model
+        thread). `cost`: its routing cost in tokens. A cancelled call (the client went away) takes it out of the
+        batch and commits nothing of it."""
+        cancel = Cancellation()
+        return await self._execute(cost, self._run_chat, request, on_text, cancel, cancel=cancel)
+
+    def _run_chat(self, request: ChatRequest, on_text: Callable[[str], None] | None,
+                  cancel: Cancellation) -> ChatResult:
+        """A job thread: prepare the chat on the model thread, decode it in the batch, finish it there."""
+        arrived = time.perf_counter()
+        cancel.check()
+        prepared = self.scheduler.call(self.chats.prepare, request, on_text, arrived).result()
+        try:
+            future = self.scheduler.turn(prepared.turn)
+            cancel.on_cancel(lambda: self.scheduler.cancel(future))
+            try:
+                result = future.result()
+            except concurrent.futures.CancelledError:
+                raise TurnCancelled("cancelled before it ran") from None
+        except BaseException:
+            self.scheduler.call(self.chats.abort, prepared)
+            raise
+        return self.scheduler.call(self.chats.finish, prepared, result).result()
+
+    async def _execute(self, cost: int, fn: Callable[..., Any], *args: Any,
                        cancel: Cancellation | None = None) -> Any:
-        cost = order.routing_hint().cost_tokens
+        """Run `fn(*args)` in a job thread, counting `cost` tokens in flight; a cancelled call cancels `cancel`."""
         self._orders_in_flight += 1
         self._tokens_in_flight += cost
         loop = asyncio.get_running_loop()
@@ -506,7 +541,7 @@ class AgentWorker:
                 "threads": torch.get_num_threads(),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,   # Linux: KiB
                 "load_s": self.load_s, "turns_run": self._turns_run, "turns_cancelled": self._turns_cancelled,
-                "namespaces": dict(self._namespaces), "contents": self.contents.stats(),
+                "namespaces": dict(self._namespaces), "contents": self.contents.stats(), "chats": self.chats.stats(),
                 "memory_plan": self.memory_plan.to_dict(),
                 "scheduler": self.scheduler.stats(), "pool": self.pool.stats()}
 

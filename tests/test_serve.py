@@ -15,6 +15,7 @@ import uuid
 import httpx
 import pytest
 
+from kvcomm.chat import chat_prompt_ids
 from kvcomm.config import KVCommConfig
 from kvcomm.generation import Sampling, generate_from_ids
 from kvcomm.harness.jobs import GenerationParams
@@ -24,7 +25,6 @@ from kvcomm.session import build_engine
 
 from cluster.config import ClusterConfig
 from cluster.serve.config import ServeAppConfig, api_key_digests, load_serve_config_file
-from cluster.serve.openai_api import chat_prompt_ids
 
 KEY, OTHER_KEY = "test-key-" + uuid.uuid4().hex, "other-key-" + uuid.uuid4().hex
 MODEL_NAME = "tiny-test"
@@ -235,8 +235,9 @@ def test_openai_client_gets_a_completion_and_a_stream(app_url, oracle) -> None:
     with pytest.raises(openai.NotFoundError):
         api.models.retrieve("gpt-9")
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count to three."}]
+    dense = {"kvcomm": {"mode": "dense"}}        # the server's default is kvcomm; dense is the oracle's path
     completion = api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
-                                             seed=7)
+                                             seed=7, extra_body=dense)
     prompt = chat_prompt_ids(oracle.tokenizer, messages)
     want = generate_from_ids(oracle.runner, prompt, Sampling(max_new_tokens=6, stop_token_ids=oracle.stop_token_ids))
     text = completion.choices[0].message.content
@@ -247,7 +248,7 @@ def test_openai_client_gets_a_completion_and_a_stream(app_url, oracle) -> None:
     assert completion.choices[0].finish_reason == ("length" if len(want.token_ids) == 6 else "stop")
 
     chunks = list(api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
-                                              stream=True, stream_options={"include_usage": True}))
+                                              stream=True, stream_options={"include_usage": True}, extra_body=dense))
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(deltas) > 1 and "".join(deltas) == text            # token by token, the same greedy answer
     assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
@@ -271,13 +272,14 @@ def test_openai_stop_strings_cut_the_answer_before_the_stop_streamed_or_not(app_
     assert stop is not None, f"no usable stop string in the greedy answer {full!r}"
     want = full[:full.find(stop)]
 
+    dense = {"kvcomm": {"mode": "dense"}}
     completion = api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, temperature=0,
-                                             stop=[stop, "never-in-the-answer"])
+                                             stop=[stop, "never-in-the-answer"], extra_body=dense)
     assert completion.choices[0].message.content == want
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage.completion_tokens < len(greedy.token_ids)      # decoding ended at the stop
     chunks = list(api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, temperature=0,
-                                              stop=stop, stream=True))
+                                              stop=stop, stream=True, extra_body=dense))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want   # never a stop's start
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 

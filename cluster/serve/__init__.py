@@ -7,7 +7,8 @@ router of ours, a job store and the anchor pool outside any replica.
   ingress.py   KVCommIngress: the route table, authentication, errors, metrics
   jobs.py      the jobs API and the job drivers an ingress replica hosts (cluster.driver.DagJob)
   executor.py  ReplicaCalls: a driver's turns on the worker deployment, KV as ObjectRefs the ingress owns
-  chat.py      the chat completions API;  openai_api.py: its request models and the chat decoder on a worker
+  chat.py      the chat completions API;  openai_api.py: its request models and response shapes (kvcomm.chat:
+               a chat as an engine turn, its contents reused across requests)
   worker.py    AgentWorkerDeployment: one model replica (turns, user inputs, chats, routing stats)
   router.py    KVCommRouter: load in tokens, then KV locality by node, then the namespace's home replica
   job_store.py JobStore: job records and events in a detached actor, snapshotted

@@ -2,8 +2,11 @@
 
 This module owns what the route does (`ChatService`; the route is declared in `cluster.serve.ingress`): validate the
 body (`cluster.serve.openai_api.ChatCompletionRequest`, errors naming the field), check the limits and the model,
-send the chat to a worker replica through Serve's router, and answer in OpenAI's shapes. A streaming client that
-goes away stops the worker's decoding of its chat.
+settle the chat's serving mode (the body's ``kvcomm.mode``, else ``serve.chat_mode``) and anchor namespace (the
+``X-KVCOMM-Namespace`` header, else the body's ``kvcomm.namespace``, else ``default``; per API key), send it to a
+worker replica through our router (the namespace's home replica wins ties: it keeps the namespace's contents), and
+answer in OpenAI's shapes, ``usage.prompt_tokens_details.cached_tokens`` counting the reused prompt tokens. A
+streaming client that goes away stops the worker's decoding of its chat.
 """
 # no `from __future__ import annotations`: kept consistent with the routes' modules
 
@@ -17,8 +20,8 @@ from pydantic import ValidationError
 from ..config import describe_validation_error
 from .http import APIError, Caller, InFlightSlots, field_path, read_json, sse
 from .metrics import ServiceMetrics
-from .openai_api import (ChatCompletionRequest, ChatRequestError, chunk_body, completion_body, new_completion_id,
-                         usage_body)
+from .openai_api import (ChatCompletionRequest, ChatRequestError, chunk_body, completion_body, kvcomm_body,
+                         new_completion_id, usage_body)
 
 
 class ChatService:
@@ -52,7 +55,8 @@ class ChatService:
                 param = field_path(first["loc"])
                 more = (f" (and {len(exc.errors()) - 1} more problems: {describe_validation_error(exc)})"
                         if len(exc.errors()) > 1 else "")
-                raise APIError(400, f"{param}: {first['msg']}{more}", param=param) from None
+                message = first["msg"].removeprefix("Value error, ")
+                raise APIError(400, f"{param}: {message}{more}", param=param) from None
             try:
                 chat.check_limits(self.settings.max_prompt_chars, self.settings.max_output_tokens)
             except ChatRequestError as exc:
@@ -60,7 +64,10 @@ class ChatService:
             if chat.model != self.settings.served_model:
                 raise APIError(404, f"model: the model {chat.model!r} does not exist; this server serves "
                                     f"{self.settings.served_model!r}", param="model", code="model_not_found")
-            stream = self.workers.options(stream=True).chat.remote(chat.params())
+            params = chat.params(default_mode=self.settings.chat_mode,
+                                 namespace=caller.anchor_namespace(chat.kvcomm.namespace),
+                                 default_max_tokens=self.settings.default_max_tokens)
+            stream = self.workers.options(stream=True).chat.remote(params)
             try:
                 first = await stream.__anext__()
                 if first["event"] == "error":
@@ -71,7 +78,7 @@ class ChatService:
             completion_id, created = new_completion_id(), int(time.time())
             if chat.stream:
                 include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-                chunks = self._chat_chunks(stream, completion_id, created, first["prompt_tokens"], include_usage,
+                chunks = self._chat_chunks(stream, completion_id, created, include_usage, chat.kvcomm.details,
                                            caller.tenant)
                 await chunks.__anext__()   # started: its `finally` now runs however the response ends (even unsent)
                 handed_off = True
@@ -87,13 +94,12 @@ class ChatService:
                 self._release(caller.tenant)
         if done is None:
             raise APIError(502, "the worker ended the completion without finishing it")
-        self.metrics.observe_chat(done["ttft_s"], done["prompt_tokens"], done["completion_tokens"],
-                                   done["finish_reason"])
-        return JSONResponse(completion_body(completion_id, self.settings.served_model, created, "".join(parts),
-                                            done["finish_reason"], done["prompt_tokens"], done["completion_tokens"]))
+        self.metrics.observe_chat(done)
+        return JSONResponse(completion_body(completion_id, self.settings.served_model, created, "".join(parts), done,
+                                            chat.kvcomm.details))
 
-    async def _chat_chunks(self, stream: Any, completion_id: str, created: int, prompt_tokens: int,
-                           include_usage: bool, tenant: str | None) -> AsyncIterator[bytes]:
+    async def _chat_chunks(self, stream: Any, completion_id: str, created: int, include_usage: bool, details: bool,
+                           tenant: str | None) -> AsyncIterator[bytes]:
         """The SSE chunks of a streaming chat; the first item (empty) is taken by `_chat` to start it. Ends the
         worker's decoding if the client goes away, and releases the chat's in-flight slot."""
         model = self.settings.served_model
@@ -106,12 +112,13 @@ class ChatService:
                     yield sse(chunk_body(completion_id, model, created, {"content": event["text"]}))
                 elif event["event"] == "done":
                     finished = True
-                    self.metrics.observe_chat(event["ttft_s"], event["prompt_tokens"], event["completion_tokens"],
-                                               event["finish_reason"])
-                    yield sse(chunk_body(completion_id, model, created, {}, finish_reason=event["finish_reason"]))
+                    self.metrics.observe_chat(event)
+                    yield sse(chunk_body(completion_id, model, created, {}, finish_reason=event["finish_reason"],
+                                         kvcomm=kvcomm_body(event, details)))
                     if include_usage:
                         yield sse(chunk_body(completion_id, model, created, {}, with_choice=False,
-                                              usage=usage_body(event["prompt_tokens"], event["completion_tokens"])))
+                                              usage=usage_body(event["prompt_tokens"], event["completion_tokens"],
+                                                               event["cached_tokens"])))
             yield sse("[DONE]")
         finally:
             if not finished:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from ..config import ClusterConfig, describe_validation_error, read_yaml_mapping
 
@@ -34,6 +34,12 @@ class ServeSettings(BaseModel):
     api_keys: list[SecretStr] = Field(default_factory=list)   # plus KVCOMM_API_KEY; none: no auth
     max_body_bytes: int = Field(1 << 20, ge=1024)             # larger request bodies get 413
     default_max_tokens: int = Field(256, ge=1)                # chat completions without max_tokens
+    chat_mode: str = "kvcomm"                                 # how a chat's prompt is served unless its body's
+                                                              # kvcomm.mode says (a kvcomm.engine mode; dense:
+                                                              # full prefill, no reuse)
+    chat_cache_share: float = Field(0.5, ge=0.0, le=1.0)     # of each worker replica's content cache
+                                                              # (cluster.content_cache_bytes): the share that keeps
+                                                              # chat contents across requests (0: no chat reuse)
     max_jobs_kept: int = Field(1000, ge=1)                    # finished jobs whose results stay readable (the
                                                               # oldest finished are forgotten first)
     max_in_flight: int = Field(256, ge=1)                     # jobs + chats accepted and not finished, per
@@ -58,6 +64,14 @@ class ServeSettings(BaseModel):
     job_store_snapshot_every_s: float = Field(2.0, gt=0)      # save at most this often after a change
     job_lease_s: float = Field(10.0, gt=0)                    # a job whose driving ingress replica stopped
                                                               # renewing for this long is taken over by another
+
+    @field_validator("chat_mode")
+    @classmethod
+    def _known_mode(cls, mode: str) -> str:
+        from kvcomm.engine import MODES
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        return mode
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> "ServeSettings":
@@ -90,6 +104,11 @@ class ServeAppConfig(BaseModel):
     @property
     def model_name(self) -> str:
         return self.serve.served_model_name or self.cluster.model
+
+    @property
+    def chat_cache_bytes(self) -> int:
+        """Bytes of each worker replica's content cache that keep chat contents (``serve.chat_cache_share``)."""
+        return int(self.serve.chat_cache_share * self.cluster.content_cache_bytes)
 
 
 @dataclass(frozen=True)

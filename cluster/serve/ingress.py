@@ -57,6 +57,8 @@ class IngressSettings:
     retry_after_s: int
     max_prompt_chars: int
     max_output_tokens: int
+    default_max_tokens: int            # chat completions without max_tokens
+    chat_mode: str                     # chat completions without kvcomm.mode
     max_job_agents: int
     max_job_turns: int
     job_retries: int
@@ -80,6 +82,7 @@ class IngressSettings:
                    max_in_flight_per_key=serve_settings.max_in_flight_per_key,
                    retry_after_s=serve_settings.retry_after_s, max_prompt_chars=serve_settings.max_prompt_chars,
                    max_output_tokens=serve_settings.max_output_tokens,
+                   default_max_tokens=serve_settings.default_max_tokens, chat_mode=serve_settings.chat_mode,
                    max_job_agents=serve_settings.max_job_agents, max_job_turns=serve_settings.max_job_turns,
                    job_retries=cluster.job_retries, job_lease_s=serve_settings.job_lease_s,
                    job_store_name=serve_settings.job_store_name,

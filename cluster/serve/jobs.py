@@ -182,7 +182,8 @@ class JobService:
                 name, data = item
                 if name == "turn":
                     self.metrics.observe_turn(mode, data["reason"], data["ttft_s"], data["reused"],
-                                              data["prompt_tokens"], len(data["token_ids"]))
+                                              data["prompt_tokens"], len(data["token_ids"]),
+                                              data["prompt_tokens"] - data["recomputed_tokens"])
                 await self.store.append.remote(job_id, self.replica_id, name, data)
 
         async def run() -> None:

@@ -2,14 +2,16 @@
 `cluster.serve.router`).
 
 It composes an `actors.agent_worker.AgentWorker` (model, engine, continuous-batching `TurnScheduler`, content
-cache, `RemoteAnchorPool`) and serves what the ingress's job drivers and chat routes send it:
+caches, `RemoteAnchorPool`) and serves what the ingress's job drivers and chat routes send it:
 
 * `execute_turn(order)` / `execute_content(order)`: one turn (or a user input's base KV) of a job driven by
   `cluster.driver.DagJob`. Both are streamed: each KV payload (response, condition, staged pool updates) is
   yielded as an item of its own and the small `TurnOutcome` last, so the caller (the ingress) receives
   ObjectRefs it owns for the KV without fetching a byte, and a response outlives this replica (a scale-down or
   a crash never loses a finished turn). A cancelled request (the job was cancelled) cancels the turn.
-* `chat(params)`: an OpenAI chat completion, streamed as events.
+* `chat(params)`: an OpenAI chat completion, streamed as events: a turn of the replica's one continuous batch,
+  its contents reused across requests of its namespace (`kvcomm.chat`; this replica keeps them, so the router
+  sends a namespace's chats to its home replica when loads tie).
 * `record_routing_stats()`: what the router weighs (the routing cost in tokens of the orders and chats in flight,
   and the node), reported every ``routing_stats_period_s``.
 
@@ -24,12 +26,17 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+import torch
+
 from ray import serve
 
 from actors.agent_worker import AgentWorker, WorkerSettings
-from actors.turns import ContentOrder, TurnOrder
+from actors.turns import ContentOrder, TurnCancelled, TurnOrder
+from kvcomm.chat import ChatRequestError, ChatResult
+from kvcomm.memory_plan import KVBudgetError
 
-from .openai_api import ChatDecoder, ChatParams, ChatRequestError
+from .http import internal_error_message
+from .openai_api import ChatParams
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,8 @@ POOL_WAIT_S = 30.0      # how long a starting replica waits for the ingress to c
 class AgentWorkerDeployment:
     """One model replica serving job turns (streamed KV) and chat completions; see the module docstring."""
 
-    def __init__(self, settings: WorkerSettings, default_max_tokens: int):
+    def __init__(self, settings: WorkerSettings, chat_cache_bytes: int = 0):
+        """`chat_cache_bytes` of the settings' content cache keep chat contents (`serve.chat_cache_share`)."""
         try:
             worker_id = f"replica-{serve.get_replica_context().replica_id.unique_id}"
         except Exception:  # noqa: BLE001 - outside Serve (direct construction)
@@ -47,10 +55,8 @@ class AgentWorkerDeployment:
         if settings.pool_actor_name is not None:
             _wait_for_actor(settings.pool_actor_name, settings.ray_namespace, POOL_WAIT_S)
         self.worker_id = worker_id
-        self.worker = AgentWorker(settings, worker_id)
-        self.chats = ChatDecoder(self.worker.scheduler, self.worker.engine, settings.max_batch_size,
-                                 default_max_tokens)
-        self._chat_tokens = 0
+        self.worker = AgentWorker(settings, worker_id, chat_cache_bytes=chat_cache_bytes)
+        self._chats = 0                  # chat completions in flight
 
     # ---- job turns ----------------------------------------------------------------------------------------------
     async def execute_turn(self, order: TurnOrder) -> AsyncIterator[Any]:
@@ -70,35 +76,40 @@ class AgentWorkerDeployment:
 
     # ---- chat completions ---------------------------------------------------------------------------------------
     async def chat(self, params: ChatParams) -> AsyncIterator[dict[str, Any]]:
-        """One chat completion: ``{"event": "start", "prompt_tokens"}`` (or an error event), ``delta`` events, and
-        a final ``done`` event with the finish reason and token counts."""
+        """One chat completion: an ``error`` event (status, param, message) and nothing else, or ``start`` when its
+        first token is out, ``delta`` events (text), and a final ``done`` event (`_done_event`). Closing the
+        stream early (the client went away) takes the chat out of the decode batch."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        cost = params.routing_hint().cost_tokens
-        self._chat_tokens += cost
-        admitted, sequence = self.chats.start(params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        self._chats += 1
+        work = asyncio.ensure_future(self.worker.execute_chat(
+            params.request, params.routing_hint().cost_tokens,
+            lambda text: loop.call_soon_threadsafe(events.put_nowait, text)))
+        work.add_done_callback(lambda _: events.put_nowait(None))   # after every delta (both go through the loop)
         try:
-            try:
-                prompt_tokens = await asyncio.wrap_future(admitted)
-            except ChatRequestError as exc:
-                yield {"event": "error", "status": 400, "param": exc.param, "message": str(exc)}
+            first = await events.get()
+            if first is None and work.exception() is not None:
+                yield _error_event(work.exception())
                 return
-            yield {"event": "start", "prompt_tokens": prompt_tokens, "worker": self.worker_id}
-            while True:
-                event = await events.get()
-                yield event
-                if event["event"] == "done":
-                    return
+            yield {"event": "start", "worker": self.worker_id}
+            item = first
+            while item is not None:
+                yield {"event": "delta", "text": item}
+                item = await events.get()
+            if work.exception() is not None:    # failed while decoding (logged by the scheduler): no `done`
+                return
+            yield _done_event(work.result(), params.details)
         finally:
-            self._chat_tokens -= cost
-            if not sequence.finished:
-                self.chats.cancel(sequence)
+            self._chats -= 1
+            if not work.done():
+                work.cancel()           # AgentWorker cancels the turn: it leaves the batch at the next step
+                work.add_done_callback(lambda f: f.cancelled() or f.exception())   # its TurnCancelled: expected
 
     # ---- routing, observability, health -------------------------------------------------------------------------
     def record_routing_stats(self) -> dict[str, Any]:
         """What `cluster.serve.router.KVCommRouter` weighs: the routing cost (tokens) of everything in flight."""
-        return {"tokens": self.worker._tokens_in_flight + self._chat_tokens,
-                "orders": self.worker._orders_in_flight, "chats": self.chats.running,
+        return {"tokens": self.worker._tokens_in_flight,
+                "orders": self.worker._orders_in_flight, "chats": self._chats,
                 "node_id": self.worker.node_id, "at": time.time()}
 
     async def model_info(self) -> dict[str, Any]:
@@ -109,7 +120,7 @@ class AgentWorkerDeployment:
     async def load(self) -> dict[str, Any]:
         """The worker's orders, queued and decoding turns, plus the chats it is decoding."""
         load = await self.worker.load()
-        load["chats"] = self.chats.running
+        load["chats"] = self._chats
         return load
 
     async def stats(self) -> dict[str, Any]:
@@ -133,3 +144,30 @@ def _wait_for_actor(name: str, namespace: str, timeout_s: float) -> None:
                 log.warning("actor %r not found in namespace %r after %.0f s", name, namespace, timeout_s)
                 return
             time.sleep(0.2)
+
+
+def _error_event(exc: BaseException) -> dict[str, Any]:
+    """A chat that failed before its first token, as the status and message the client gets."""
+    if isinstance(exc, ChatRequestError):
+        return {"event": "error", "status": 400, "param": exc.param, "message": str(exc)}
+    if isinstance(exc, KVBudgetError):
+        return {"event": "error", "status": 400, "param": "messages", "message": f"messages: {exc}"}
+    if isinstance(exc, TurnCancelled):
+        return {"event": "error", "status": 499, "param": None, "message": "the chat was cancelled"}
+    try:
+        raise exc
+    except BaseException:  # noqa: BLE001 - logged with its traceback under an error id
+        return {"event": "error", "status": 500, "param": None,
+                "message": internal_error_message("chat completion on a worker replica")}
+
+
+def _done_event(result: ChatResult, details: bool) -> dict[str, Any]:
+    """The last event of a chat: what `cluster.serve.openai_api` shapes into ``usage`` and ``kvcomm``."""
+    done = {"event": "done", "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": len(result.token_ids), "cached_tokens": result.cached_tokens,
+            "mode": result.mode, "reused": result.reused, "reason": result.reason, "ttft_s": result.ttft_s}
+    if details:
+        logprobs = torch.log_softmax(result.first_logits.float(), dim=-1).cpu().numpy().astype("<f4")   # [vocab]
+        done.update(prompt_token_ids=result.prompt_ids, completion_token_ids=result.token_ids,
+                    first_token_logprobs=logprobs.tobytes())
+    return done
