@@ -1,5 +1,5 @@
 """The `kvcomm` command line: demo, run, serve, submit, plan, and the benchmarks (runner, ttft, fidelity, anchors,
-quality, throughput, reliability, serve).
+quality, throughput, reliability, serve, agents).
 
 Each benchmark's options live next to its code and are added here; commands import the heavy parts (Ray, the
 model) only when they run, and nothing imports GPU code on a CPU-only machine.
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the options of each benchmark live next to its code (one home); building them imports torch
     from kvcomm.bench import fidelity, quality, ttft
     from cluster.batch import submit
+    from cluster.bench import agents as bench_agents
     from cluster.bench import reliability as bench_reliability
     from cluster.bench import serve as bench_serve
     from cluster.bench import throughput as bench_throughput
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
          bench_reliability.add_arguments, bench_reliability.cli_main),
         ("serve", "multi-agent jobs over HTTP on 1 and N worker replicas; the pool shared by submit and HTTP",
          bench_serve.add_arguments, bench_serve.cli_main),
+        ("agents", "AutoGen and LangGraph against the OpenAI chat API: TTFT per agent with KV reuse off and on",
+         bench_agents.add_arguments, bench_agents.cli_main),
     ]
     for name, help_text, add_arguments, run in benchmarks:
         p = bench.add_parser(name, help=help_text)
