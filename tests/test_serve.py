@@ -283,11 +283,19 @@ def test_openai_stop_strings_cut_the_answer_before_the_stop_streamed_or_not(app_
 
 
 @pytest.mark.ray
-def test_a_stream_the_client_drops_stops_decoding(client) -> None:
+def test_a_stream_the_client_drops_stops_decoding(client, oracle) -> None:
+    """Counted, not timed: the tiny model decodes 4,000 tokens within seconds, so only the replica's count of the
+    tokens it decoded for the chat tells a cancelled chat from one decoded to its end."""
     import time
     from ray import serve
     workers = serve.get_deployment_handle("AgentWorkerDeployment", "kvcomm-test")
-    request = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000,
+    messages, max_tokens, bound = [{"role": "user", "content": "go on"}], 4000, 1000
+    # OpenAI's API has no min_tokens: the greedy answer must not end by itself within `bound` tokens
+    greedy = generate_from_ids(oracle.runner, chat_prompt_ids(oracle.tokenizer, messages),
+                               Sampling(max_new_tokens=bound, stop_token_ids=oracle.stop_token_ids))
+    assert len(greedy.token_ids) == bound, "the greedy answer stops early: pick another prompt"
+    before = workers.stats.remote().result()["chats"]["tokens_generated"]
+    request = {"model": MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                "stream": True}
     with client.stream("POST", "/v1/chat/completions", json=request) as stream:
         chunks = 0
@@ -296,10 +304,12 @@ def test_a_stream_the_client_drops_stops_decoding(client) -> None:
             if chunks == 4:
                 assert workers.load.remote().result()["chats"] == 1
                 break
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120          # a bound on the wait only: the count below decides
     while workers.load.remote().result()["chats"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert workers.load.remote().result()["chats"] == 0          # cancelled long before 4000 tokens
+        time.sleep(0.05)
+    assert workers.load.remote().result()["chats"] == 0
+    decoded = workers.stats.remote().result()["chats"]["tokens_generated"] - before
+    assert 3 <= decoded < bound, f"{decoded} tokens decoded after the client left (of {max_tokens})"
     assert metric(client.get("/metrics").text, "kvcomm_queue_length") == 0
 
 

@@ -224,6 +224,7 @@ class ChatDecoder:
         self._sequences: dict[int, _ChatSequence] = {}     # id(state) -> sequence; model thread only
         self._stepping = False                             # a step call is queued; model thread only
         self._stop_ids = engine.stop_token_ids
+        self.tokens_generated = 0                          # tokens decoded for chats that have ended (cancelled too)
 
     @property
     def running(self) -> int:
@@ -291,6 +292,7 @@ class ChatDecoder:
 
     def _finish(self, sequence: _ChatSequence) -> None:
         state = sequence.state
+        self.tokens_generated += len(state.tokens)
         if sequence.sent < len(sequence.text):
             sequence.emit({"event": "delta", "text": sequence.text[sequence.sent:]})
             sequence.sent = len(sequence.text)

@@ -113,7 +113,10 @@ class AgentWorkerDeployment:
         return load
 
     async def stats(self) -> dict[str, Any]:
-        return await self.worker.stats()
+        """The worker's stats (its scheduler's count job turns only) and the chats': running, tokens decoded."""
+        stats = await self.worker.stats()
+        stats["chats"] = {"running": self.chats.running, "tokens_generated": self.chats.tokens_generated}
+        return stats
 
     async def check_health(self) -> None:
         await self.worker.ping()
