@@ -175,7 +175,8 @@ def _replay(oracle: Any, jobs: Sequence[JobSpec], kill_after: int, results: Sequ
     from kvcomm.job_runner import run_job
 
     def fresh() -> Any:
-        return KVCommEngine(oracle.runner, oracle.tokenizer, oracle.config, AnchorPool(oracle.config, oracle.runner.rope))
+        pool = AnchorPool(oracle.config, oracle.runner.rope)
+        return KVCommEngine(oracle.runner, oracle.tokenizer, oracle.config, pool)
 
     engine, expected = fresh(), {}
     for i, job in enumerate(jobs):
