@@ -18,7 +18,7 @@ checks per example:
    rest; under `VALUE_KEYS` (reuse and gate decisions, counts, in-flight figures) numbers and booleans must equal
    the shown ones; under `EXACT_KEYS` (ids, statuses, modes, roles, reasons, namespaces, error messages, ...)
    strings must equal the shown ones, except that ``…`` matches anything and an id's random part (hex digits, or
-   a replica's 8 letters and digits) any of the same length and alphabet; other values (the model's texts and
+   a Serve replica's 8 letters and digits) any of the same length and alphabet; other values (the model's texts and
    tokens, timings) only need the shown JSON type. SSE responses must have the same event names in the same
    order, each data matching;
 3. what a model decides is compared with the in-process oracle (`Oracle`): the examples' requests replayed in
@@ -57,7 +57,8 @@ SECTION = "## HTTP API (Ray Serve)"
 README_ADDRESS = "127.0.0.1:8000"
 README_MODEL = "smollm2-135m-instruct"
 EXACT_KEYS = {"id", "object", "status", "mode", "type", "param", "code", "message", "role", "model", "job_id",
-              "agent_id", "events", "owned_by", "finish_reason", "reason", "namespace", "worker", "workers", "job"}
+              "agent_id", "events", "owned_by", "finish_reason", "reason", "namespace", "worker", "workers", "job",
+              "replica"}
 VALUE_KEYS = {"reused", "reuse_rate", "turns_done", "round", "index", "attempts", "jobs_in_flight", "max_in_flight"}
 MARKER = re.compile(r"<!-- api-example: (?P<what>[^>]*?) -->\s*\n```(?P<lang>\w*)\n(?P<body>.*?)\n```"
                     r"(?:\s*\n```(?P<rlang>\w*)\n(?P<response>.*?)\n```)?", re.DOTALL)
@@ -159,13 +160,13 @@ def matches(shown: Any, actual: Any, path: str = "$", key: str | None = None) ->
     return []
 
 
-ID_PART = re.compile(r"(?<=replica-)(?P<replica>[0-9a-z]{8})\b|(?<=-)(?P<hex>[0-9a-f]{8,})\b")
+ID_PART = re.compile(r"(?<=replica-|ingress-)(?P<replica>[0-9a-z]{8})\b|(?<=-)(?P<hex>[0-9a-f]{8,})\b")
 
 
 def _pattern(shown: str) -> str:
     """A shown string as a regular expression: ``…`` matches anything, an id's random part after a ``-`` (8 or
-    more hex digits: ``job-c55187e4ca2d42ad``; a replica's 8 letters and digits: ``replica-5uzn9ed4``) any of the
-    same length and alphabet."""
+    more hex digits: ``job-c55187e4ca2d42ad``; a Serve replica's 8 letters and digits: ``replica-5uzn9ed4``,
+    ``ingress-a1w6ptd3``) any of the same length and alphabet."""
     def literal(piece: str) -> str:
         return ".*".join(re.escape(p) for p in piece.split("…"))
     out, at = [], 0
