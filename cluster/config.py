@@ -77,6 +77,9 @@ class ClusterConfig(BaseModel):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)         # 0 on CPU; 1 on GPU nodes
+    simulate_gpus: bool = False                       # device cpu with GPU bundles: placed as on GPU nodes, the
+                                                      # model on the CPU (a simulated cluster's fake GPUs: tests,
+                                                      # `kvcomm bench scale`)
     threads_per_worker: int | None = Field(None, ge=1)  # torch threads in a worker; None: ceil(cpus_per_worker)
     placement_strategy: PlacementStrategy = "PACK"
     placement_timeout_s: float = Field(60.0, gt=0)
@@ -115,9 +118,11 @@ class ClusterConfig(BaseModel):
     def _consistent(self) -> "ClusterConfig":
         if self.device == "cuda" and self.gpus_per_worker <= 0:
             raise ValueError("device 'cuda' needs gpus_per_worker > 0 (one GPU per worker: gpus_per_worker: 1)")
-        if self.device == "cpu" and self.gpus_per_worker > 0:
+        if self.device == "cpu" and self.gpus_per_worker > 0 and not self.simulate_gpus:
             raise ValueError(f"device 'cpu' with gpus_per_worker={self.gpus_per_worker}: set device: cuda or "
-                             "gpus_per_worker: 0")
+                             "gpus_per_worker: 0 (or simulate_gpus: true on a simulated cluster's fake GPUs)")
+        if self.simulate_gpus and self.device != "cpu":
+            raise ValueError("simulate_gpus runs the model on the CPU: it needs device: cpu")
         return self
 
     # ---- loading ----------------------------------------------------------------------------------------------

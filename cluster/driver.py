@@ -15,7 +15,10 @@ What varies is only where a turn runs; the order of turns, what each reads, retr
 
 Only handles pass through the driver: KV bytes go from the object store to the worker that reads them, and the
 driver's process owns every object a worker returns, so when a worker dies mid-turn its earlier outputs survive
-and the lost turn is simply sent again (up to ``retries`` times per job). `cancel()` (from any thread) cancels
+and the lost turn is simply sent again (up to ``retries`` times per job). When a node dies, the objects stored
+there are lost even though the driver owns them: a turn that can no longer read one gets it back by running the
+turn (or user input) that produced it again, from the driver's record of every order it sent, and is then sent
+again itself; dense decoding is deterministic, so the answers do not change. `cancel()` (from any thread) cancels
 the turns in flight, which leave their decode batch at the next step, and ends the job with `JobCancelled`.
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
+
+from ray.exceptions import ObjectLostError, RayTaskError
 
 from actors.turns import ContentHandle, ContentOrder, TurnOrder, TurnOutcome, handle_of
 from kvcomm.harness.jobs import JobSpec
@@ -77,6 +82,9 @@ class DagJob:
         self.retries_left = retries
         self.on_turn, self.on_retry = on_turn, on_retry
         self.staged: list[Any] = []                  # ObjectRefs of per-order pool payloads (None inside if empty)
+        self.reruns = 0                              # orders run again because an object they made was lost
+        self._levels: JobLevels[ContentHandle] | None = None
+        self._made: dict[str, tuple[str, Any, TurnOrder | ContentOrder]] = {}   # object hex -> what made it
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: set[int] = set()            # id() of calls sent and not yet answered
@@ -98,6 +106,11 @@ class DagJob:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The records of the turns finished so far (each names its worker)."""
+        return list(self._levels.records) if self._levels is not None else []
+
     # ---- the job ------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -105,10 +118,12 @@ class DagJob:
         if "user_question" in self.consumed_names:
             order = ContentOrder(self.job.namespace, self.job.task, "input", ("user_question",), self.pooled)
             reply = self._wait(order, self._send(order))
-            user_input = handle_of(reply.outcome.produced, reply.refs[0], reply.outcome.worker,
-                                   reply.outcome.node_id)
+            user_input = self._remember("input", None, order,
+                                        handle_of(reply.outcome.produced, reply.refs[0], reply.outcome.worker,
+                                                  reply.outcome.node_id))
             self.staged.append(reply.refs[1])
         levels: JobLevels[ContentHandle] = JobLevels(self.job, user_input)
+        self._levels = levels
         for level in levels:
             orders = [self._order(inputs) for inputs in level]
             calls = [self._send(order) for order in orders]
@@ -142,15 +157,52 @@ class DagJob:
         outcome = reply.outcome
         for name, (anchor_ids, reasons) in outcome.gate_state.items():
             order.contents[name].learn_gate_state(anchor_ids, reasons)
-        response = handle_of(outcome.produced, reply.refs[0], outcome.worker, outcome.node_id)
+        key = (inputs.turn.agent_id, inputs.turn.round)
+        response = self._remember("response", key, order,
+                                  handle_of(outcome.produced, reply.refs[0], outcome.worker, outcome.node_id))
         condition = None
         if outcome.condition is not None:
-            condition = handle_of(outcome.condition, reply.refs[1], outcome.worker, outcome.node_id)
+            condition = self._remember("condition", key, order, handle_of(outcome.condition, reply.refs[1],
+                                                                          outcome.worker, outcome.node_id))
         self.staged.append(reply.refs[2])
         record = {**outcome.record, "worker": outcome.worker}
         levels.done(inputs.turn, response, condition, record)
         if self.on_turn is not None:
             self.on_turn(record)
+
+    # ---- lost objects: the order that made one runs again --------------------------------------------------------
+    def _remember(self, kind: str, key: Any, order: TurnOrder | ContentOrder, handle: ContentHandle) -> ContentHandle:
+        if handle.base is not None:
+            self._made[handle.base.object_ref.hex()] = (kind, key, order)
+        return handle
+
+    def _remake(self, lost_hex: str) -> dict[str, ContentHandle]:
+        """Run again the order that made the lost object; replace what it made in the job's record. Returns the
+        replacements (old object hex -> new handle) for the orders that read them."""
+        kind, key, order = self._made.pop(lost_hex)
+        self.reruns += 1
+        log.warning("job %s: an object it made was lost (its node died); running the %s that made it again",
+                    self.job.id, "user input" if kind == "input" else f"turn {key[0]}/{key[1]}")
+        reply = self._wait(order, self._send(order))
+        outcome, levels = reply.outcome, self._levels
+        replaced = {}
+        if kind == "input":
+            new = self._remember("input", None, order, handle_of(outcome.produced, reply.refs[0], outcome.worker,
+                                                                 outcome.node_id))
+            old, levels.user_input = levels.user_input, new
+            replaced[old.base.object_ref.hex()] = new
+        else:
+            pairs = [(levels.responses, outcome.produced, reply.refs[0], "response")]
+            if outcome.condition is not None and key in levels.conditions:
+                pairs.append((levels.conditions, outcome.condition, reply.refs[1], "condition"))
+            for store, produced, ref, made in pairs:
+                old = store[key]
+                store[key] = self._remember(made, key, order, handle_of(produced, ref, outcome.worker,
+                                                                       outcome.node_id))
+                if old.base is not None:
+                    self._made.pop(old.base.object_ref.hex(), None)
+                    replaced[old.base.object_ref.hex()] = store[key]
+        return replaced
 
     # ---- orders, with retries on worker loss --------------------------------------------------------------------
     def _check_cancelled(self) -> None:
@@ -191,10 +243,24 @@ class DagJob:
                     self.on_retry(str(exc))
                 call = self._send(order)
                 continue
-            except BaseException:
+            except BaseException as exc:
                 self._forget(call)
                 if self._cancelled.is_set():
                     raise JobCancelled(f"job {self.job.id} was cancelled") from None
-                raise
+                lost = _lost_object(exc)
+                if lost is None or lost not in self._made or not isinstance(order, TurnOrder):
+                    raise
+                replaced = self._remake(lost)
+                for name, handle in list(order.contents.items()):   # the order now reads what was made again
+                    if handle.base is not None and handle.base.object_ref.hex() in replaced:
+                        order.contents[name] = replaced[handle.base.object_ref.hex()]
+                call = self._send(order)
+                continue
             self._forget(call)
             return reply
+
+
+def _lost_object(exc: BaseException) -> str | None:
+    """The hex id of the object whose loss `exc` reports (raised by a worker that could not read it), or None."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None else exc
+    return cause.object_ref_hex if isinstance(cause, ObjectLostError) else None

@@ -41,8 +41,10 @@ class RayRuntime:
         else:
             self._reaper = start_reaper()
             try:
-                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                         object_store_memory=object_store_mb << 20)
+                # "local": a new cluster even when another runs on this machine (without it Ray joins the one
+                # named in /tmp/ray/ray_current_cluster, and then refuses num_cpus)
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                         log_to_driver=False, object_store_memory=object_store_mb << 20)
             except BaseException:
                 self._stop_reaper()
                 raise

@@ -340,6 +340,7 @@ class ChatTurns:
         self.contents = contents
         self.trim = trims_contents(engine.tokenizer)
         self.decisions: Counter[str] = Counter()    # reason -> chats finished with it
+        self.tokens_generated = 0                   # tokens decoded for chats, as they come (cancelled ones too)
 
     def prepare(self, request: ChatRequest, on_text: Callable[[str], None] | None = None,
                 arrived: float | None = None) -> PreparedChat:
@@ -374,7 +375,11 @@ class ChatTurns:
                            transaction=txn)
         prepared = PreparedChat(request, turn, consumer, entries, prompt_tokens, arrived,
                                 None if on_text is None else TextStream(self.engine.detokenize, request.stop, on_text))
-        turn.on_token = prepared.on_token
+
+        def on_token(token: int) -> None:
+            self.tokens_generated += 1
+            prepared.on_token(token)
+        turn.on_token = on_token
         return prepared
 
     def _content(self, request: ChatRequest, name: str, text: str, consumer: str, txn: Any
@@ -463,4 +468,5 @@ class ChatTurns:
         return self.finish(prepared, result)
 
     def stats(self) -> dict[str, Any]:
-        return {"contents": self.contents.stats(), "decisions": dict(self.decisions)}
+        return {"contents": self.contents.stats(), "decisions": dict(self.decisions),
+                "tokens_generated": self.tokens_generated}

@@ -318,6 +318,27 @@ def test_stop_strings_cut_responses_on_workers_as_in_the_single_process_engine(c
     assert all(stop not in t["text"] for t in have["turns"])
 
 
+def test_sampled_jobs_on_workers_equal_the_single_process_engine(cluster, tiny_model_dir) -> None:
+    """Temperature and top-p with seeds: two jobs at once (star: their turns share both workers' decode batches)
+    each equal their in-process runs draw for draw, since every sequence owns its seeded generator."""
+    namespace = f"sampled-{uuid.uuid4().hex[:8]}"
+    engine = oracle_engine(tiny_model_dir)
+    jobs = [build_job("math", TASKS[12 + i], num_agents=3, mode="dense", job_id=f"sampled-{i}", namespace=namespace,
+                      topology="star", decision=True,
+                      generation=GenerationParams(max_new_tokens=NEW_TOKENS, temperature=0.9, top_p=0.9, seed=seed))
+            for i, seed in enumerate((7, 8))]
+    expected = [run_job(engine, job) for job in jobs]
+    greedy = run_job(engine, build_job("math", TASKS[12], num_agents=3, mode="dense", namespace=namespace,
+                                       topology="star", decision=True,
+                                       generation=GenerationParams(max_new_tokens=NEW_TOKENS)))
+    assert token_ids(expected[0]) != token_ids(greedy)          # the sampler really draws
+    tickets = [cluster.submit(job) for job in jobs]
+    got = [cluster.result(ticket) for ticket in tickets]
+    for job, want, have in zip(jobs, expected, got):
+        assert token_ids(have) == token_ids(want), job.id
+    assert {w for g in got for w in g["workers"]} == {"worker-0", "worker-1"}
+
+
 def test_anchor_recorded_on_one_worker_is_reused_on_the_other(cluster) -> None:
     namespace = f"handoff-{uuid.uuid4().hex[:8]}"
     for i in (4, 5):

@@ -1,6 +1,7 @@
 """Sampling (temperature > 0, top-p, seeds) on the embedded SmolLM2: the sampler draws from the tempered nucleus
 with the exact probabilities, a seed reproduces a turn and a job, another seed changes them, and a sampled turn
-decoded in a batch equals the same turn decoded alone (each sequence owns its generator)."""
+decoded in a batch equals the same turn decoded alone (each sequence's noise is a function of its seed and token
+index, never of its batch neighbours)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,8 @@ import torch
 from kvcomm.anchor_pool import AnchorPool
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest
-from kvcomm.generation import Sampling, sample_token
+from kvcomm.generation import Sampling
+from kvcomm.sampling import RowSampling, sample_tokens
 from kvcomm.harness.jobs import AgentSpec, GenerationParams, JobSpec
 from kvcomm.job_runner import run_job
 from kvcomm.templates import AgentTemplate
@@ -62,11 +64,10 @@ def test_the_sampler_draws_from_the_tempered_nucleus(temperature, top_p):
     outside the nucleus. An ignored temperature or top-p, or a nucleus one token short, fails."""
     logits = torch.tensor([2.0, 1.4, 1.0, 0.3, 0.0, -0.5, -2.0])
     expected = _expected(logits, temperature, top_p)
-    sampling = Sampling(temperature=temperature, top_p=top_p, seed=0)
-    generator = torch.Generator().manual_seed(11)
-    counts = torch.zeros_like(expected)
-    for _ in range(DRAWS):
-        counts[sample_token(logits, sampling, generator, allow_stop=True)] += 1
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=11)
+    rows = [RowSampling(sampling, index) for index in range(DRAWS)]     # one draw per token index of one seed
+    tokens = sample_tokens(logits.expand(DRAWS, -1).contiguous(), rows)
+    counts = torch.bincount(tokens, minlength=len(logits)).double()
     freq = counts / DRAWS
     assert counts[expected == 0].sum() == 0, (freq, expected)
     for token, (f, p) in enumerate(zip(freq.tolist(), expected.tolist())):
@@ -77,9 +78,10 @@ def test_the_sampler_draws_from_the_tempered_nucleus(temperature, top_p):
 def test_stop_tokens_are_never_sampled_before_min_new_tokens():
     logits = torch.tensor([5.0, 0.0, 0.0])   # the stop token (0) holds ~98% of the mass
     sampling = Sampling(temperature=1.0, stop_token_ids=(0,), min_new_tokens=2, max_new_tokens=4)
-    generator = torch.Generator().manual_seed(0)
-    assert all(sample_token(logits, sampling, generator, allow_stop=False) != 0 for _ in range(500))
-    assert sum(sample_token(logits, sampling, generator, allow_stop=True) == 0 for _ in range(500)) > 400
+    batch = logits.expand(500, -1).contiguous()
+    held = sample_tokens(batch, [RowSampling(sampling, i, allow_stop=False) for i in range(500)])
+    free = sample_tokens(batch, [RowSampling(sampling, i, allow_stop=True) for i in range(500)])
+    assert int((held == 0).sum()) == 0 and int((free == 0).sum()) > 400
 
 
 def _sampled(seed: int, max_new_tokens: int = 16, **kw) -> Sampling:
@@ -105,7 +107,7 @@ def test_a_seed_reproduces_a_sampled_turn_and_another_seed_changes_it(smollm2_en
 
 
 def test_sampled_turns_decoded_in_a_batch_equal_each_decoded_alone(smollm2_engine_parts):
-    """Each sequence draws from its own seeded generator, so batch neighbours never shift its random stream."""
+    """Each sequence's noise depends on its seed and token index only, so batch neighbours never shift it."""
     engine = _engine(smollm2_engine_parts)
     content = engine.make_input(QUESTION)
     requests = [TurnRequest(_agent(i), {"user_question": content}, mode="naive", sampling=_sampled(seed=100 + i))

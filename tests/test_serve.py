@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 import uuid
 
 import httpx
@@ -29,11 +30,18 @@ from cluster.serve.config import ServeAppConfig, api_key_digests, load_serve_con
 KEY, OTHER_KEY = "test-key-" + uuid.uuid4().hex, "other-key-" + uuid.uuid4().hex
 MODEL_NAME = "tiny-test"
 NEW_TOKENS = 8
+PER_KEY = 2          # serve.max_in_flight_per_key of the module's app
 
 
 def math_job(task: str, mode: str, job_id: str = "serve-job") -> dict:
     return build_job("math", task, num_agents=3, mode=mode, job_id=job_id,
                      generation=GenerationParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)).to_dict()
+
+
+def turn_facts(turns) -> list[tuple]:
+    """(agent, round, tokens, gate reason, reused) per turn, of result dicts or `TurnRecord`s."""
+    return [(t["agent_id"], t["round"], t["token_ids"], t["reason"], t["reused"]) if isinstance(t, dict) else
+            (t.agent_id, t.round, t.token_ids, t.reason, t.reused) for t in turns]
 
 
 def parse_sse(text: str) -> list[tuple[str | None, str]]:
@@ -171,7 +179,8 @@ def app_url(ray_cluster, tiny_model_dir):
     args = {"cluster": {"model": tiny_model_dir, "random_weights": True, "num_workers": 1, "cpus_per_worker": 0.5,
                         "threads_per_worker": 1, "pool_actor_name": f"serve-test-pool-{uuid.uuid4().hex[:8]}",
                         "ray_namespace": "kvcomm-test", "kvcomm": {"gamma": 1.0}},
-            "serve": {"served_model_name": MODEL_NAME, "api_keys": [KEY, OTHER_KEY], "max_body_bytes": 64 * 1024}}
+            "serve": {"served_model_name": MODEL_NAME, "api_keys": [KEY, OTHER_KEY], "max_body_bytes": 64 * 1024,
+                      "max_in_flight_per_key": PER_KEY}}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app_builder(args), name="kvcomm-test", route_prefix="/")
     try:
@@ -285,11 +294,18 @@ def test_openai_stop_strings_cut_the_answer_before_the_stop_streamed_or_not(app_
 
 
 @pytest.mark.ray
-def test_a_stream_the_client_drops_stops_decoding(client) -> None:
-    import time
+def test_a_stream_the_client_drops_stops_decoding(client, oracle) -> None:
+    """Counted, not timed: the tiny model decodes 4,000 tokens within seconds, so only the replica's count of the
+    tokens it decoded for the chat tells a cancelled chat from one decoded to its end."""
     from ray import serve
     workers = serve.get_deployment_handle("AgentWorkerDeployment", "kvcomm-test")
-    request = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000,
+    messages, max_tokens, bound = [{"role": "user", "content": "go on"}], 4000, 1000
+    # OpenAI's API has no min_tokens: the greedy answer must not end by itself within `bound` tokens
+    greedy = generate_from_ids(oracle.runner, chat_prompt_ids(oracle.tokenizer, messages),
+                               Sampling(max_new_tokens=bound, stop_token_ids=oracle.stop_token_ids))
+    assert len(greedy.token_ids) == bound, "the greedy answer stops early: pick another prompt"
+    before = workers.stats.remote().result()["chats"]["tokens_generated"]
+    request = {"model": MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                "stream": True}
     with client.stream("POST", "/v1/chat/completions", json=request) as stream:
         chunks = 0
@@ -298,10 +314,12 @@ def test_a_stream_the_client_drops_stops_decoding(client) -> None:
             if chunks == 4:
                 assert workers.load.remote().result()["chats"] == 1
                 break
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120          # a bound on the wait only: the count below decides
     while workers.load.remote().result()["chats"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert workers.load.remote().result()["chats"] == 0          # cancelled long before 4000 tokens
+        time.sleep(0.05)
+    assert workers.load.remote().result()["chats"] == 0
+    decoded = workers.stats.remote().result()["chats"]["tokens_generated"] - before
+    assert 3 <= decoded < bound, f"{decoded} tokens decoded after the client left (of {max_tokens})"
     assert metric(client.get("/metrics").text, "kvcomm_queue_length") == 0
 
 
@@ -376,3 +394,80 @@ def test_bad_input_is_a_4xx_naming_the_field_and_the_server_still_answers(client
     ok = client.post("/v1/chat/completions", json=chat)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
     assert client.post("/v1/jobs?wait=true", json=job).json()["status"] == "succeeded"
+
+
+@pytest.mark.ray
+def test_kvcomm_jobs_over_http_equal_the_oracle_job_by_job(client, oracle) -> None:
+    """Sequential kvcomm jobs in a fresh namespace, and the same jobs in the same order on the in-process engine:
+    every turn's tokens, gate reason and reuse equal, so the pool went through the same states on both."""
+    from kvcomm.harness.jobs import JobSpec
+    namespace = f"http-kvcomm-{uuid.uuid4().hex[:8]}"
+    tasks = [f"Mia has {a} shells and finds {b} more. How many shells does Mia have?" for a, b in
+             [(3, 4), (5, 2), (6, 1), (2, 8), (7, 3)]]
+    jobs = [{**math_job(task, "kvcomm", job_id=f"kv-{i}"), "namespace": namespace} for i, task in enumerate(tasks)]
+    expected = [run_job(oracle, JobSpec.from_dict(job)) for job in jobs]
+    assert any(t.reused for want in expected for t in want.turns)        # the jobs exercise reuse, not only dense
+    for job, want in zip(jobs, expected):
+        response = client.post("/v1/jobs", params={"wait": "true"}, json=job,
+                               headers={"X-KVCOMM-Namespace": namespace})
+        assert response.status_code == 200, response.text
+        result = response.json()["result"]
+        assert turn_facts(result["turns"]) == turn_facts(want.turns), job["id"]
+        assert result["reuse_rate"] == want.reuse_rate and result["final_answer"] == want.final_answer
+
+
+@pytest.mark.ray
+def test_a_sampled_job_over_http_equals_the_oracle(client, oracle) -> None:
+    """Temperature and top-p with a seed: the server's sampled turns are the in-process engine's, draw for draw
+    (and differ from greedy decoding, so the sampler really ran)."""
+    from kvcomm.harness.jobs import JobSpec
+    def sampled(temperature: float) -> dict:
+        return build_job("math", "Ivy has 6 plums and eats 2. How many plums are left?", num_agents=3, mode="dense",
+                         job_id="sampled", generation=GenerationParams(max_new_tokens=NEW_TOKENS, top_p=0.9, seed=1234,
+                                                                        temperature=temperature)).to_dict()
+    job = sampled(0.9)
+    want = run_job(oracle, JobSpec.from_dict(job))
+    greedy = run_job(oracle, JobSpec.from_dict(sampled(0.0)))
+    assert [t.token_ids for t in want.turns] != [t.token_ids for t in greedy.turns]
+    response = client.post("/v1/jobs", params={"wait": "true"}, json=job)
+    assert response.status_code == 200, response.text
+    assert [t["token_ids"] for t in response.json()["result"]["turns"]] == [t.token_ids for t in want.turns]
+
+
+@pytest.mark.ray
+def test_the_per_key_cap_refuses_a_keys_third_job_with_429_while_another_key_gets_in(app_url, client) -> None:
+    """serve.max_in_flight_per_key = 2: key A's third unfinished job is refused at once (429, Retry-After, naming
+    the knob), key B is accepted meanwhile, and a slot freed by a cancel lets A in again."""
+    from cluster.serve.config import ServeSettings
+    slow = build_job("math", "Ben has 3 kites and buys 4 more. How many kites?", num_agents=1, mode="dense",
+                     job_id="slow", generation=GenerationParams(max_new_tokens=3000, min_new_tokens=3000)).to_dict()
+    with httpx.Client(base_url=app_url, headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=120) as other:
+        held = []
+        try:
+            for _ in range(PER_KEY):
+                accepted = client.post("/v1/jobs", json=slow)
+                assert accepted.status_code == 202, accepted.text
+                held.append((client, accepted.json()["id"]))
+            refused = client.post("/v1/jobs", json=slow)
+            accepted_b = other.post("/v1/jobs", json=slow)
+            assert accepted_b.status_code == 202, accepted_b.text
+            held.append((other, accepted_b.json()["id"]))
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["Retry-After"] == str(ServeSettings().retry_after_s)
+            error = refused.json()["error"]
+            assert error["code"] == "key_busy" and f"serve.max_in_flight_per_key = {PER_KEY}" in error["message"]
+            # a running job of A cancelled: its slot is free again once its turn has stopped
+            http, job_id = held.pop(0)
+            assert http.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+            deadline = time.monotonic() + 30
+            while (again := client.post("/v1/jobs", json=slow)).status_code == 429 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert again.status_code == 202, again.text
+            held.append((client, again.json()["id"]))
+        finally:
+            for http, job_id in held:
+                http.delete(f"/v1/jobs/{job_id}")
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{app_url}/healthz", timeout=30).json()["jobs_in_flight"]:
+        assert time.monotonic() < deadline, "cancelled jobs still hold their slots"
+        time.sleep(0.1)

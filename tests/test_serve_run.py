@@ -44,7 +44,8 @@ def test_serve_run_honours_the_config_files_deployments(tmp_path, tiny_model_dir
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "KVCOMM_API_KEY")}
-    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    # "local": its own cluster even when another runs on this machine (else Ray joins the one it last started)
+    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", RAY_ADDRESS="local")
     serve_cli = str(Path(sys.executable).parent / "serve")
     process = subprocess.Popen([serve_cli, "run", str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)

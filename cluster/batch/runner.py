@@ -33,7 +33,7 @@ from kvcomm.harness.jobs import JobSpec, JobSpecError
 
 from ..config import ClusterConfig
 from ..driver import DagJob, Reply, WorkerLost
-from ..placement import bundle_strategy, create_worker_placement_group, remove_placement_group
+from ..placement import bundle_strategy, create_worker_placement_group, pool_store_problem, remove_placement_group
 
 log = logging.getLogger(__name__)
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -373,13 +373,10 @@ class ClusterRunner:
 
 
 def _warn_if_pool_outgrows_object_store(config: ClusterConfig) -> None:
-    """Anchor tensors live in the object store: a byte budget above its size means spilling to disk."""
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    budget = config.kvcomm.pool_byte_budget
-    if store and budget > store:
-        log.warning("kvcomm.pool_byte_budget (%.2f GiB) exceeds the cluster's object store (%.2f GiB): "
-                    "anchors will spill to disk; lower the budget or give Ray a larger object store",
-                    budget / 2**30, store / 2**30)
+    """Anchor tensors live in the object store of the pool actor's node: a byte budget above it means spilling."""
+    problem = pool_store_problem(config.kvcomm.pool_byte_budget, ray.nodes())
+    if problem:
+        log.warning(problem)
 
 
 def _job_id_of(job: Any) -> str:

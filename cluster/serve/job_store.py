@@ -236,10 +236,14 @@ def _after(events: list[tuple[int, str, Any]], after: int) -> list[tuple[int, st
 
 
 def _turns_done(events: list[tuple[int, str, Any]]) -> int:
-    """Turns finished by the job's current run (a ``retry`` event starts it again)."""
+    """Turns finished by the job's current run (a job-level ``retry`` event, a new driver, starts it again; a
+    turn-level one, ``scope: turn``, only resends the turn that was lost)."""
     done = 0
-    for _, name, _ in events:
-        done = 0 if name == "retry" else done + (name == "turn")
+    for _, name, data in events:
+        if name == "retry" and data.get("scope") != "turn":
+            done = 0
+        else:
+            done += name == "turn"
     return done
 
 

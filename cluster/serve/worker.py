@@ -124,7 +124,11 @@ class AgentWorkerDeployment:
         return load
 
     async def stats(self) -> dict[str, Any]:
-        return await self.worker.stats()
+        """The worker's stats; its ``chats``: chats running here, tokens decoded for chats (cancelled ones too), the
+        chat contents kept and the engine's decisions."""
+        stats = await self.worker.stats()
+        stats["chats"]["running"] = self._chats
+        return stats
 
     async def check_health(self) -> None:
         await self.worker.ping()

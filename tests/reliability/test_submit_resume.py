@@ -7,7 +7,8 @@ line), the second is SIGKILLed mid-batch, the third finishes. After every exit n
 cluster is left (tracked by a marker in their environment and as descendants of the driver, sampled while it
 runs), and no job thread started a second cluster. After a SIGKILL, Ray's GCS and raylet die with the driver
 (parent-death signal) and workers follow the raylet, but its dashboard and runtime-env agents would linger about a
-minute: `cluster.reaper` kills them; the test measures how long the cleanup takes.
+minute: `cluster.reaper` kills them; the test measures how long the cleanup takes. Every result, whichever run
+wrote it, must equal the in-process engine's run of its job (token ids, texts, final answer).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from kvcomm.harness.jobs import GenerationParams
+from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
+from kvcomm.job_runner import run_job
 
 from cluster.batch.submit import finished_ids
 from procfs import process_stat, running_processes
@@ -128,13 +130,14 @@ class Run:
             time.sleep(0.2)
 
 
-def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(tiny_model_dir, tmp_path) -> None:
+def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(tiny_model_dir, tmp_path,
+                                                                             oracle) -> None:
     ids = [f"job-{i:02d}" for i in range(JOBS)]
+    specs = [build_job("math", f"Ann has {i + 2} pens and finds {i % 5 + 1} more. How many pens?", num_agents=2,
+                       mode="dense", job_id=job_id, generation=GenerationParams(max_new_tokens=12))
+             for i, job_id in enumerate(ids)]
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("".join(json.dumps(build_job(
-        "math", f"Ann has {i + 2} pens and finds {i % 5 + 1} more. How many pens?", num_agents=2, mode="dense",
-        job_id=job_id, generation=GenerationParams(max_new_tokens=12)).to_dict()) + "\n"
-        for i, job_id in enumerate(ids)))
+    jobs.write_text("".join(json.dumps(spec.to_dict()) + "\n" for spec in specs))
     config = tmp_path / "cluster.yaml"
     config.write_text(f"model: {tiny_model_dir}\nrandom_weights: true\nnum_workers: 1\ncpus_per_worker: 0.5\n"
                       f"threads_per_worker: 1\npool_actor_name: resume-pool-{uuid.uuid4().hex[:8]}\n"
@@ -181,6 +184,13 @@ def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(tin
     assert per_id == {job_id: 1 for job_id in ids}, per_id                          # each result exactly once
     assert len(records) == JOBS and finished_ids(out) == set(ids)
     assert all(len(r["turns"]) == 2 for r in records)
+    # the content: each result, from whichever run, is the in-process engine's run of its job
+    expected = {spec.id: run_job(oracle, JobSpec.from_dict(spec.to_dict())) for spec in specs}
+    for record in records:
+        want = expected[record["id"]]
+        assert [t["token_ids"] for t in record["turns"]] == [t.token_ids for t in want.turns], record["id"]
+        assert [t["text"] for t in record["turns"]] == [t.text for t in want.turns], record["id"]
+        assert record["final_answer"] == want.final_answer, record["id"]
     print(f"\n[reliability] submit resume: {JOBS} jobs over 3 runs ({len(after_first)} done before SIGINT, "
           f"{len(after_second)} before SIGKILL); each result once; Ray processes gone "
           + ", ".join(f"{k} +{v:.1f} s" for k, v in cleanup_s.items()))
