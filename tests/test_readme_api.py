@@ -216,11 +216,13 @@ TURN_FIELDS = ("role", "token_ids", "text", "reason", "reused", "prompt_tokens",
 
 
 class Oracle:
-    """The in-process engine with the server's weights and kvcomm settings, fed the examples' jobs in README order
-    (so its anchor pool goes through the server's states), and its chats."""
+    """The in-process engine with the server's weights and kvcomm settings, fed the examples' jobs and chats in README
+    order (so its anchor pool and chat contents go through the server's states)."""
 
-    def __init__(self, engine: Any, default_max_tokens: int):
-        self.engine, self.default_max_tokens = engine, default_max_tokens
+    def __init__(self, engine: Any, serve_settings: Any, chat_cache_bytes: int):
+        from kvcomm.chat import ChatContents, ChatTurns
+        self.engine, self.settings = engine, serve_settings
+        self.chats = ChatTurns(engine, ChatContents(chat_cache_bytes))
         self.jobs: dict[str, Any] = {}           # the server's job id -> the oracle's `JobResult`
 
     def run_job(self, server_id: str, body: dict[str, Any], mode: str | None) -> None:
@@ -229,32 +231,17 @@ class Oracle:
         self.jobs[server_id] = run_job(self.engine, JobSpec.from_dict({"id": server_id, **body}), mode=mode)
 
     def chat(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The completion's text, token counts and finish reason; None when sampled without a seed."""
-        from cluster.serve.openai_api import ChatCompletionRequest, chat_prompt_ids
-        from kvcomm.generation import Sampling, first_stop_at, generate_from_ids
+        """The completion's text, token counts and finish reason (`kvcomm.chat.ChatTurns` in process, the chat in
+        the server's default namespace); None when sampled without a seed."""
+        from cluster.serve.openai_api import ChatCompletionRequest
         if float(body.get("temperature", 1.0)) > 0 and body.get("seed") is None:
             return None
-        params = ChatCompletionRequest.model_validate(body).params()
-        engine = self.engine
-        prompt = chat_prompt_ids(engine.tokenizer, params.messages)
-        room = engine.spec.max_position_embeddings - len(prompt)
-        sampling = Sampling(max_new_tokens=params.max_tokens or min(self.default_max_tokens, room),
-                            temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-                            stop_token_ids=engine.stop_token_ids)
-        tokens = generate_from_ids(engine.runner, prompt, sampling).token_ids
-        text, kept, stopped = "", [], False      # as the worker streams it: whole characters, cut at a stop string
-        for token in tokens:
-            kept.append(token)
-            decoded = engine.tokenizer.decode(kept, skip_special_tokens=True)
-            if decoded.endswith("\ufffd"):
-                continue
-            at = first_stop_at(decoded, params.stop)
-            text, stopped = (decoded, False) if at is None else (decoded[:at], True)
-            if stopped:
-                break
-        finish = "stop" if stopped or len(tokens) < sampling.max_new_tokens else "length"
-        return {"content": text, "prompt_tokens": len(prompt), "completion_tokens": len(kept),
-                "finish_reason": finish}
+        params = ChatCompletionRequest.model_validate(body).params(
+            default_mode=self.settings.chat_mode, namespace=body.get("kvcomm", {}).get("namespace", "default"),
+            default_max_tokens=self.settings.default_max_tokens)
+        result = self.chats.run(params.request)
+        return {"content": result.text, "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": len(result.token_ids), "finish_reason": result.finish_reason}
 
     # ---- comparisons --------------------------------------------------------------------------------------------
     def turn_problems(self, turn: dict[str, Any], job_id: str, where: str) -> list[str]:
@@ -320,7 +307,7 @@ def oracle(server) -> Oracle:
     from kvcomm.session import build_engine
     config = ServeAppConfig.from_args(server.args)
     engine = build_engine(str(server.model_dir), random_weights=True, config=config.cluster.kvcomm.to_kvcomm())
-    return Oracle(engine, config.serve.default_max_tokens)
+    return Oracle(engine, config.serve, config.chat_cache_bytes)
 
 
 # ------------------------------------------------------------------------------------------------------------
