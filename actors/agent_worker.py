@@ -45,6 +45,7 @@ from kvcomm.generation import SequenceState
 from kvcomm.memory_plan import KVBudget, MemoryConfig, MemoryPlan, plan_for_runner
 
 from .anchor_pool_actor import PoolSnapshotSettings, RemoteAnchorPool
+from .latency import Latencies
 from .turns import (Cancellation, ContentOrder, ContentResolver, TurnCancelled, TurnOrder, execute_content,
                     execute_turn)
 
@@ -109,6 +110,9 @@ class TurnScheduler:
         self.turns_cancelled = 0
         self.tokens_generated = 0
         self.busy_s = 0.0
+        self.step_times = Latencies()     # decode steps
+        self.step_gaps = Latencies()      # sequences waiting between two steps (admissions, engine calls)
+        self._last_step_end: float | None = None
         self.prefill_s = 0.0
         self.decode_s = 0.0
 
@@ -183,6 +187,7 @@ class TurnScheduler:
                 "turns_cancelled": self.turns_cancelled,
                 "tokens_generated": self.tokens_generated, "busy_s": self.busy_s, "prefill_s": self.prefill_s,
                 "decode_s": self.decode_s, "decode_kv_bytes": self._batch.kv_bytes,
+                "step_ms": self.step_times.summary(), "step_gap_ms": self.step_gaps.summary(),
                 "kv_budget": self.engine.runner.kv_budget.stats()}
 
     # ---- the model thread ---------------------------------------------------------------------------------------
@@ -276,6 +281,9 @@ class TurnScheduler:
     def _step(self) -> None:
         advanced = len(self._batch.active)   # admission keeps it <= max_batch_size, unless that just shrank
         self._batch.max_batch_size = max(self.max_batch_size, advanced)
+        started = time.perf_counter()
+        if self._last_step_end is not None:
+            self.step_gaps.add(started - self._last_step_end)
         try:
             finished = self._batch.step()
         except BaseException as exc:  # noqa: BLE001 - a failed forward fails the turns in it, not the worker
@@ -286,9 +294,12 @@ class TurnScheduler:
         self.steps += 1
         self.step_sequences += advanced
         self.max_active = max(self.max_active, advanced)
+        ended = time.perf_counter()
+        self.step_times.add(ended - started)
         for state in finished:
             prepared, future = self._running.pop(id(state))
             self._finish(prepared, state, future)
+        self._last_step_end = ended if self._batch.active else None   # an idle wait is not a stall
 
     def _finish(self, prepared: Any, state: SequenceState, future: concurrent.futures.Future) -> None:
         try:
@@ -433,9 +444,10 @@ class AgentWorker:
         # one thread per order in flight: it only waits on the model thread (and runs a job's code sandbox)
         self._job_threads = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_queued_turns,
                                                                   thread_name_prefix=f"kvcomm-job-{worker_id}")
-        self.contents = ContentResolver(self.view, settings.content_cache_bytes - chat_cache_bytes, runner.device)
-        self.chats = ChatTurns(self.engine, ChatContents(chat_cache_bytes))   # used on the model thread only
         self.node_id = _current_node_id()
+        self.contents = ContentResolver(self.view, settings.content_cache_bytes - chat_cache_bytes, runner.device,
+                                        self.node_id)
+        self.chats = ChatTurns(self.engine, ChatContents(chat_cache_bytes))   # used on the model thread only
         self._turns_run = 0
         self._turns_cancelled = 0
         self._orders_in_flight = 0

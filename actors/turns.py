@@ -195,10 +195,13 @@ def _payload(content: SharedContent | None) -> SegmentPayload | None:
 class ContentResolver:
     """A worker's view of contents: KV it computed or fetched, cached by object (LRU, byte budget)."""
 
-    def __init__(self, engine: Any, cache_bytes: int, device: Any):
+    def __init__(self, engine: Any, cache_bytes: int, device: Any, node_id: str | None = None):
         self.engine = engine
         self.cache = PartCache(cache_bytes)
         self.device = device
+        self.node_id = node_id              # this worker's node: bytes fetched from another node are counted
+        self.fetched_bytes = 0
+        self.remote_bytes = 0
         self._lock = threading.Lock()       # turns of concurrent jobs run on several job threads
 
     def remember(self, key: str, segment: KVSegment) -> None:
@@ -208,7 +211,8 @@ class ContentResolver:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"entries": len(self.cache), "bytes": self.cache.nbytes, "hits": self.cache.hits,
-                    "misses": self.cache.misses, "evictions": self.cache.evictions}
+                    "misses": self.cache.misses, "evictions": self.cache.evictions,
+                    "fetched_bytes": self.fetched_bytes, "bytes_from_other_nodes": self.remote_bytes}
 
     def content(self, handle: ContentHandle) -> SharedContent:
         """A fresh `SharedContent` for one turn (gate state is per job: never shared between turns)."""
@@ -220,6 +224,10 @@ class ContentResolver:
             if cached is None:
                 base = get_segment(handle.base, device=self.device)
                 self.remember(handle.cache_key, base)
+                with self._lock:
+                    self.fetched_bytes += handle.base.nbytes
+                    if handle.node_id is not None and self.node_id is not None and handle.node_id != self.node_id:
+                        self.remote_bytes += handle.base.nbytes
             else:
                 base = KVSegment(cached["keys"], cached["values"], handle.base.start)
         return SharedContent(handle.kind, tuple(handle.token_ids), base=base, content_key=handle.content_key,

@@ -1,5 +1,5 @@
 """The `kvcomm` command line: demo, run, serve, submit, plan, and the benchmarks (runner, ttft, fidelity, anchors,
-quality, throughput, reliability, serve, agents).
+quality, throughput, reliability, serve, scale, agents).
 
 Each benchmark's options live next to its code and are added here; commands import the heavy parts (Ray, the
 model) only when they run, and nothing imports GPU code on a CPU-only machine.
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.batch import submit
     from cluster.bench import agents as bench_agents
     from cluster.bench import reliability as bench_reliability
+    from cluster.bench import scale as bench_scale
     from cluster.bench import serve as bench_serve
     from cluster.bench import throughput as bench_throughput
 
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
          bench_serve.add_arguments, bench_serve.cli_main),
         ("agents", "AutoGen and LangGraph against the OpenAI chat API: TTFT per agent with KV reuse off and on",
          bench_agents.add_arguments, bench_agents.cli_main),
+        ("scale", "agents x worker replicas on simulated nodes: latency, TTFT, KV between nodes, pool calls",
+         bench_scale.add_arguments, bench_scale.cli_main),
     ]
     for name, help_text, add_arguments, run in benchmarks:
         p = bench.add_parser(name, help=help_text)

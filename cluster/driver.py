@@ -172,8 +172,9 @@ class DagJob:
 
     # ---- lost objects: the order that made one runs again --------------------------------------------------------
     def _remember(self, kind: str, key: Any, order: TurnOrder | ContentOrder, handle: ContentHandle) -> ContentHandle:
-        if handle.base is not None:
-            self._made[handle.base.object_ref.hex()] = (kind, key, order)
+        made = _object_id(handle)
+        if made is not None:
+            self._made[made] = (kind, key, order)
         return handle
 
     def _remake(self, lost_hex: str) -> dict[str, ContentHandle]:
@@ -190,7 +191,7 @@ class DagJob:
             new = self._remember("input", None, order, handle_of(outcome.produced, reply.refs[0], outcome.worker,
                                                                  outcome.node_id))
             old, levels.user_input = levels.user_input, new
-            replaced[old.base.object_ref.hex()] = new
+            replaced[_object_id(old)] = new
         else:
             pairs = [(levels.responses, outcome.produced, reply.refs[0], "response")]
             if outcome.condition is not None and key in levels.conditions:
@@ -199,9 +200,9 @@ class DagJob:
                 old = store[key]
                 store[key] = self._remember(made, key, order, handle_of(produced, ref, outcome.worker,
                                                                        outcome.node_id))
-                if old.base is not None:
-                    self._made.pop(old.base.object_ref.hex(), None)
-                    replaced[old.base.object_ref.hex()] = store[key]
+                if _object_id(old) is not None:
+                    self._made.pop(_object_id(old), None)
+                    replaced[_object_id(old)] = store[key]
         return replaced
 
     # ---- orders, with retries on worker loss --------------------------------------------------------------------
@@ -252,12 +253,18 @@ class DagJob:
                     raise
                 replaced = self._remake(lost)
                 for name, handle in list(order.contents.items()):   # the order now reads what was made again
-                    if handle.base is not None and handle.base.object_ref.hex() in replaced:
-                        order.contents[name] = replaced[handle.base.object_ref.hex()]
+                    if _object_id(handle) in replaced:
+                        order.contents[name] = replaced[_object_id(handle)]
                 call = self._send(order)
                 continue
             self._forget(call)
             return reply
+
+
+def _object_id(handle: ContentHandle) -> str | None:
+    """The hex id of the object holding a content's KV (None: no KV, or not a Ray object)."""
+    hex_id = getattr(handle.base.object_ref, "hex", None) if handle.base is not None else None
+    return hex_id() if callable(hex_id) else None
 
 
 def _lost_object(exc: BaseException) -> str | None:

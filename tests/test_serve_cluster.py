@@ -115,6 +115,38 @@ def test_routing_puts_load_first_then_kv_locality_then_the_namespace_home(slack)
     assert moved and all(home_replica(f"ns{i}", ["a", "b", "c"]) == "c" for i in moved)
 
 
+def test_the_router_counts_a_turn_against_its_replica_as_soon_as_it_is_ranked() -> None:
+    """Serve ranks a level's turns before the first acceptance comes back: each ranked turn's cost must already
+    count, so 16 equal turns of one namespace alternate over two idle replicas instead of all going home; a
+    completed turn gives its cost back."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from actors.turns import RoutingHint
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.request_router import ReplicaID
+
+    from cluster.serve.router import KVCommRouter
+
+    router = KVCommRouter.__new__(KVCommRouter)         # the policy only: no Serve controller behind it
+    router.initialize_state(slack_tokens=0)
+    replicas = [SimpleNamespace(replica_id=ReplicaID(name, DeploymentID("w", "app")), node_id="n1", routing_stats={})
+                for name in ("a", "b")]
+
+    def pending(i: int) -> SimpleNamespace:
+        order = SimpleNamespace(routing_hint=lambda: RoutingHint("ns", 100, {}))
+        return SimpleNamespace(args=[order], metadata=SimpleNamespace(internal_request_id=f"r{i}"))
+
+    async def rank_all() -> list[str]:
+        return [(await router.choose_replicas(replicas, pending(i)))[0][0].replica_id.unique_id for i in range(16)]
+
+    firsts = asyncio.run(rank_all())
+    assert firsts.count("a") == firsts.count("b") == 8, firsts
+    for i in range(16):
+        router.on_request_completed(None, f"r{i}")
+    assert router._sent_tokens == {}
+
+
 @pytest.fixture(scope="module")
 def app(ray_cluster, tiny_model_dir, tmp_path_factory):
     from ray import serve
