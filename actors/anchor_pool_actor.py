@@ -54,6 +54,8 @@ from kvcomm.anchor_pool import (Anchor, AnchorPool, ConsumerDeltas, PoolSnapshot
 from kvcomm.config import KVCommConfig
 from kvcomm.rope import Rope
 
+from .latency import Latencies
+
 log = logging.getLogger(__name__)
 
 DEFAULT_POOL_ACTOR_NAME = "kvcomm-anchor-pool"
@@ -683,6 +685,7 @@ class _ClientStats:
     commit_s: float = 0.0
     committed_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+    calls: Latencies = field(default_factory=Latencies)   # recent snapshot-call latencies
 
 
 class RemoteAnchorPool(TransactionHost):
@@ -720,8 +723,10 @@ class RemoteAnchorPool(TransactionHost):
         if not self._reachable():
             return _empty_snapshot(namespace)
         known = None if cached is None else (cached[0], cached[1].version)
+        started = time.monotonic()
         try:
             wire = ray.get(self.actor.snapshot.remote(namespace, known), timeout=self.call_timeout_s)
+            self._stats.calls.add(time.monotonic() - started)
             if wire is None:
                 self._stats.snapshots_unchanged += 1
                 return cached[1]
@@ -849,6 +854,7 @@ class RemoteAnchorPool(TransactionHost):
                 "cache_bytes": self.cache.nbytes, "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
                 "cache_evictions": self.cache.evictions,
                 "reachable": self.actor is not None and time.monotonic() >= self._unreachable_until,
+                "snapshot_call_ms": s.calls.summary(),
                 "recent_warnings": list(s.warnings)}
 
 

@@ -1,0 +1,11 @@
+"""Everything a deployment needs, on top of `kvcomm` (the algorithm) and `actors` (the Ray actors).
+
+  config.py     ClusterConfig: the deployment's knobs (the algorithm's derived from kvcomm.config.KVCommConfig)
+  placement.py  one placement-group bundle per worker
+  driver.py     DagJob: the one cluster job driver (the oracle's level loop, turns on any TurnExecutor)
+  runtime.py    joining or starting Ray, and stopping what was started (with reaper.py)
+  batch/        ClusterRunner (worker actors, no Serve) and `kvcomm submit`
+  serve/        the HTTP service on Ray Serve (ingress, worker replicas, request router, job store)
+  bench/        the cluster's benchmarks
+  cli.py, demo.py   the `kvcomm` command line and `kvcomm demo`
+"""

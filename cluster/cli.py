@@ -1,5 +1,5 @@
-"""The `kvcomm` command line: demo, run, serve, submit, calibrate, and the benchmarks (runner, ttft, fidelity,
-anchors, pareto, quality, throughput, reliability).
+"""The `kvcomm` command line: demo, run, serve, submit, plan, calibrate, and the benchmarks (runner, ttft, fidelity,
+anchors, pareto, quality, throughput, reliability, serve, scale, agents).
 
 Each benchmark's options live next to its code and are added here; commands import the heavy parts (Ray, the
 model) only when they run, and nothing imports GPU code on a CPU-only machine.
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcomm", description="KVCOMM multi-agent KV sharing on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from cluster.demo import add_demo_parser, add_serve_parser   # light import: heavy parts load on run
+    from cluster.demo import add_demo_parser              # light imports: heavy parts load on run
+    from cluster.serve.command import add_serve_parser
     add_demo_parser(sub)
     add_serve_parser(sub)
 
@@ -85,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the options of each benchmark live next to its code (one home); building them imports torch
     from kvcomm.bench import anchors, calibrate, fidelity, pareto, quality, ttft
-    from cluster import bench_reliability, bench_throughput, submit
+    from cluster.batch import submit
+    from cluster.bench import agents as bench_agents
+    from cluster.bench import reliability as bench_reliability
+    from cluster.bench import scale as bench_scale
+    from cluster.bench import serve as bench_serve
+    from cluster.bench import throughput as bench_throughput
 
     benchmarks = [
         ("ttft", "TTFT per agent and serving mode (the paper's Tables 2 and 3)",
@@ -102,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
          bench_throughput.add_arguments, bench_throughput.cli_main),
         ("reliability", "workers and the anchor pool killed under load; bad input; memory",
          bench_reliability.add_arguments, bench_reliability.cli_main),
+        ("serve", "multi-agent jobs over HTTP on 1 and N worker replicas; the pool shared by submit and HTTP",
+         bench_serve.add_arguments, bench_serve.cli_main),
+        ("agents", "AutoGen and LangGraph against the OpenAI chat API: TTFT per agent with KV reuse off and on",
+         bench_agents.add_arguments, bench_agents.cli_main),
+        ("scale", "agents x worker replicas on simulated nodes: latency, TTFT, KV between nodes, pool calls",
+         bench_scale.add_arguments, bench_scale.cli_main),
     ]
     for name, help_text, add_arguments, run in benchmarks:
         p = bench.add_parser(name, help=help_text)
@@ -112,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_arguments(p)
     p.set_defaults(func=calibrate.cli_main)
     submit.add_submit_parser(sub)
+    from cluster.plan import add_plan_parser   # light: the memory-plan arithmetic, no Ray
+    add_plan_parser(sub)
     return parser
 
 

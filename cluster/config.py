@@ -3,7 +3,8 @@
 This module owns every deployment knob (model and device, workers and their resources, placement, batching,
 restarts, caches, the anchor-pool actor's name) with one default each. The algorithm's knobs keep their one home
 in `kvcomm.config.KVCommConfig`: `KVCommSettings` is generated from that dataclass's fields (same names, types
-and defaults), validated by the dataclass itself, and turned back into it with `to_kvcomm()`. Unknown keys are
+and defaults), validated by the dataclass itself, and turned back into it with `to_kvcomm()`. The memory plan's
+knobs likewise live in `kvcomm.memory_plan.MemoryConfig` (`memory:`, see `MemorySettings`). Unknown keys are
 errors that name the key (``extra="forbid"``), in YAML files as in code.
 """
 from __future__ import annotations
@@ -20,18 +21,20 @@ from actors.agent_worker import WorkerSettings
 from actors.anchor_pool_actor import PoolSnapshotSettings
 from kvcomm.calibration import resolve as resolve_calibration
 from kvcomm.config import KVCommConfig
+from kvcomm.memory_plan import MemoryConfig
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
-def _kvcomm_settings_model() -> type[BaseModel]:
-    """A pydantic model with exactly KVCommConfig's fields, types and defaults (derived, never restated)."""
-    hints = typing.get_type_hints(KVCommConfig)
-    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(KVCommConfig)}
-    return create_model("KVCommSettings", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+def _settings_model(dataclass_type: type, name: str) -> type[BaseModel]:
+    """A pydantic model with exactly a dataclass's fields, types and defaults (derived, never restated)."""
+    hints = typing.get_type_hints(dataclass_type)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(dataclass_type)}
+    return create_model(name, __config__=ConfigDict(extra="forbid", frozen=True), **fields)
 
 
-_KVCommSettingsBase = _kvcomm_settings_model()
+_KVCommSettingsBase = _settings_model(KVCommConfig, "KVCommSettings")
+_MemorySettingsBase = _settings_model(MemoryConfig, "MemorySettings")
 
 
 class KVCommSettings(_KVCommSettingsBase):  # type: ignore[misc, valid-type]
@@ -50,6 +53,18 @@ class KVCommSettings(_KVCommSettingsBase):  # type: ignore[misc, valid-type]
         return cls(**config.to_dict())
 
 
+class MemorySettings(_MemorySettingsBase):  # type: ignore[misc, valid-type]
+    """`kvcomm.memory_plan.MemoryConfig` as a pydantic model: each replica's memory plan (`kvcomm plan`)."""
+
+    @model_validator(mode="after")
+    def _valid_as_dataclass(self) -> "MemorySettings":
+        self.to_memory()   # the dataclass's own __post_init__ checks are the one set of rules
+        return self
+
+    def to_memory(self) -> MemoryConfig:
+        return MemoryConfig(**self.model_dump())
+
+
 class ClusterConfig(BaseModel):
     """Everything a cluster deployment needs besides the algorithm (which is `kvcomm`)."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,6 +78,9 @@ class ClusterConfig(BaseModel):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)         # 0 on CPU; 1 on GPU nodes
+    simulate_gpus: bool = False                       # device cpu with GPU bundles: placed as on GPU nodes, the
+                                                      # model on the CPU (a simulated cluster's fake GPUs: tests,
+                                                      # `kvcomm bench scale`)
     threads_per_worker: int | None = Field(None, ge=1)  # torch threads in a worker; None: ceil(cpus_per_worker)
     placement_strategy: PlacementStrategy = "PACK"
     placement_timeout_s: float = Field(60.0, gt=0)
@@ -73,12 +91,9 @@ class ClusterConfig(BaseModel):
     # --- fault tolerance ---
     worker_max_restarts: int = Field(1, ge=-1)        # Ray restarts a dead worker this often (-1: forever)
     worker_max_task_retries: int = Field(0, ge=-1)    # Ray retries of a method on a restarted worker
-    job_retries: int = Field(1, ge=0)                 # a turn (dispatch "turn") or job (dispatch "job") whose
-                                                      # worker died is resubmitted to another worker this often
-    # --- routing ---
-    dispatch: Literal["turn", "job"] = "turn"         # turn: the runner drives each job's DAG, every turn routed
-                                                      # on its own (agents of one level run on several workers);
-                                                      # job: a whole job runs on one worker
+    job_retries: int = Field(1, ge=0)                 # orders (turns, user inputs) of one job whose worker
+                                                      # died are sent to another worker this often in all
+    # --- routing (kvcomm submit's worker actors; Serve replicas: serve.route_slack_tokens) ---
     affinity_slack: int = Field(0, ge=0)              # keep a namespace on its worker while it runs at most this
                                                       # many more jobs than the least loaded worker (0: affinity
                                                       # only breaks ties; fetching anchors costs ~1% of a reused
@@ -96,16 +111,19 @@ class ClusterConfig(BaseModel):
                                                       # is empty). On the pool actor's node; relative to the cwd
     pool_snapshot_every_commits: int = Field(100, ge=1)   # save once this many commits are unsaved ...
     pool_snapshot_every_s: float = Field(60.0, gt=0)      # ... or once the oldest unsaved one is this old
-    # --- the algorithm ---
+    # --- the algorithm, and each replica's memory plan ---
     kvcomm: KVCommSettings = Field(default_factory=KVCommSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterConfig":
         if self.device == "cuda" and self.gpus_per_worker <= 0:
             raise ValueError("device 'cuda' needs gpus_per_worker > 0 (one GPU per worker: gpus_per_worker: 1)")
-        if self.device == "cpu" and self.gpus_per_worker > 0:
+        if self.device == "cpu" and self.gpus_per_worker > 0 and not self.simulate_gpus:
             raise ValueError(f"device 'cpu' with gpus_per_worker={self.gpus_per_worker}: set device: cuda or "
-                             "gpus_per_worker: 0")
+                             "gpus_per_worker: 0 (or simulate_gpus: true on a simulated cluster's fake GPUs)")
+        if self.simulate_gpus and self.device != "cpu":
+            raise ValueError("simulate_gpus runs the model on the CPU: it needs device: cpu")
         return self
 
     # ---- loading ----------------------------------------------------------------------------------------------
@@ -160,7 +178,8 @@ class ClusterConfig(BaseModel):
             content_cache_bytes=self.content_cache_bytes,
             pool_actor_name=self.pool_actor_name, ray_namespace=self.ray_namespace,
             pool_call_timeout_s=self.pool_call_timeout_s, pool_retry_after_s=self.pool_retry_after_s,
-            pool_snapshot=self.pool_snapshot(), kvcomm=resolve_calibration(self.kvcomm.to_kvcomm(), self.model)[0])
+            pool_snapshot=self.pool_snapshot(), kvcomm=resolve_calibration(self.kvcomm.to_kvcomm(), self.model)[0],
+            memory=self.memory.to_memory())
 
 
 def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, Any]:

@@ -1,7 +1,5 @@
-"""The HTTP service's command lines: `kvcomm serve` and `kvcomm demo`.
-
-This module owns the two argparse subcommands (`add_serve_parser`, `add_demo_parser`, each setting ``func``) and
-the demo itself. It imports Ray, Serve and the model only when a command runs, so building the CLI stays cheap.
+"""`kvcomm demo`: its argparse subcommand (`add_demo_parser`, setting ``func``) and the demo itself. It imports
+Ray, Serve and the model only when the command runs, so building the CLI stays cheap.
 
 `kvcomm demo` shows KVCOMM through the HTTP API, on one machine: it starts a local Ray cluster and the Serve app
 of ``configs/local.yaml`` (the embedded SmolLM2-135M-Instruct on the CPU) on a free port of 127.0.0.1, warms the
@@ -21,44 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .serve.command import DEFAULT_CONFIG
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JOBS = ROOT / "examples" / "gsm8k_3agents.jsonl"
-DEFAULT_CONFIG = ROOT / "configs" / "local.yaml"
 DEMO_NAMESPACE = "demo"
 
 
-# ------------------------------------------------------------------------------------------------------------
-# kvcomm serve
-# ------------------------------------------------------------------------------------------------------------
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``kvcomm serve`` to an argparse subparsers object (``func``: `serve_main`)."""
-    parser = subparsers.add_parser(
-        "serve", help="serve the HTTP API (jobs, OpenAI chat, metrics) with Ray Serve",
-        description="Start a local Ray cluster (or join one with --address) and serve the applications of a Ray "
-                    "Serve config file until Ctrl-C. API keys: serve.api_keys in the file or the KVCOMM_API_KEY "
-                    "environment variable (comma separated).")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Ray Serve config file (default: %(default)s)")
-    parser.add_argument("--host", default=None, help="bind address (default: the file's http_options.host)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: the file's http_options.port)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (auto, ray://...); default: start a local one")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster (default: all)")
-    parser.set_defaults(func=serve_main)
-    return parser
-
-
-def serve_main(args: argparse.Namespace) -> int:
-    from .serve_app import run_server
-    try:
-        return run_server(args.config, host=args.host, port=args.port, address=args.address, num_cpus=args.num_cpus)
-    except (ValueError, FileNotFoundError) as exc:   # a bad or missing config file: one line naming the field
-        print(f"kvcomm serve: error: {exc}", file=sys.stderr)
-        return 2
-
-
-# ------------------------------------------------------------------------------------------------------------
-# kvcomm demo
-# ------------------------------------------------------------------------------------------------------------
 def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``kvcomm demo`` to an argparse subparsers object (``func``: `demo_main`)."""
     parser = subparsers.add_parser(
@@ -80,7 +47,8 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
 def demo_main(args: argparse.Namespace) -> int:
     from kvcomm.harness.jobs import JobSpecError, load_jobs
 
-    from .serve_app import ServeApplication, ServeConfigFile, load_serve_config_file, run_server
+    from .serve.app import run_server
+    from .serve.config import ServeApplication, ServeConfigFile, load_serve_config_file
     try:
         jobs = load_jobs(args.jobs)
         spec = load_serve_config_file(args.config)
@@ -100,8 +68,8 @@ def demo_main(args: argparse.Namespace) -> int:
     cluster = app.config.cluster.with_(**cluster_changes) if cluster_changes else app.config.cluster
     serve_settings = app.config.serve.model_copy(update={"api_keys": []})   # loopback only, for this process
     config = app.config.model_copy(update={"cluster": cluster, "serve": serve_settings})
-    demo_spec = ServeConfigFile(host="127.0.0.1", port=_free_port(),
-                                applications=[ServeApplication(app.name, "/", config)], raw=spec.raw)
+    demo_spec = ServeConfigFile(host="127.0.0.1", port=_free_port(), proxy_location=spec.proxy_location,
+                                applications=[ServeApplication(app.name, "/", config, app.deployments)], raw=spec.raw)
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)   # this process prints its own progress
     shown = min(jobs, key=lambda j: len(j.task))

@@ -3,7 +3,9 @@
 This module owns how workers are laid out on the cluster: `worker_bundles` ({"CPU": k} per worker on CPU,
 {"GPU": g, "CPU": k} on GPU nodes), `create_worker_placement_group` (waits until the group is placed and
 explains an infeasible request with what the cluster has), `bundle_strategy` (the scheduling strategy that pins
-worker i to bundle i) and `remove_placement_group`.
+worker i to bundle i) and `remove_placement_group`; and whether the anchor pool's objects fit the object store of
+the node they land on (`pool_store_problem`: each node has its own store, so the budget is checked per node, not
+against the sum of all nodes).
 """
 from __future__ import annotations
 
@@ -60,3 +62,19 @@ def _describe(resources: dict[str, Any]) -> str:
         value = resources[key]
         parts.append(f"{value / 2**30:.1f} GiB memory" if key == "memory" else f"{value:g} {key}")
     return ", ".join(parts) or "no resources"
+
+
+def pool_store_problem(budget_bytes: int, nodes: list[dict[str, Any]]) -> str | None:
+    """Why the anchor pool's byte budget may not fit the object store of the node its actor lands on (any alive
+    node: the actor asks for no CPU), or None. `nodes`: `ray.nodes()`."""
+    stores = {n.get("NodeManagerAddress", "?") + ":" + str(n.get("NodeID", "?"))[:8]:
+              float(n.get("Resources", {}).get("object_store_memory", 0)) for n in nodes if n.get("Alive")}
+    stores = {name: size for name, size in stores.items() if size > 0}
+    if not stores:
+        return None
+    smallest = min(stores, key=stores.get)
+    if budget_bytes <= stores[smallest]:
+        return None
+    return (f"kvcomm.pool_byte_budget ({budget_bytes / 2**30:.2f} GiB) exceeds the object store of node {smallest} "
+            f"({stores[smallest] / 2**30:.2f} GiB; every node has its own, {len(stores)} alive): anchors would "
+            "spill to disk if the pool actor lands there; lower the budget or give that node a larger object store")

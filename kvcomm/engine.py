@@ -24,7 +24,7 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -34,11 +34,11 @@ from .corrections import attention_mass, probe_queries, select_recompute, span_s
 from .gate import TurnForecast, gate, predict_kl
 from .generation import DecodeBatch, Sampling, SequenceState, cut_at_stop_string, result_of
 from .kv import KVSegment, concat
+from .memory_plan import MemoryConfig
 from .offsets import OffsetEstimate, compatible_anchors, estimate_offsets, recorded_error
 from .runner import ModelRunner, SequenceKV
-from .templates import AgentTemplate, RenderedTemplate, TemplateError, render_template
+from .templates import AgentTemplate, PromptTemplate, RenderedTemplate, TemplateError, render_template
 
-_AGENT_STATES = 256          # agent templates whose rendering and fixed-segment KV stay cached
 _WEIGHT_CACHE_ENTRIES = 32    # anchor weights shared by the consumers of one content (oldest dropped)
 MODES = ("dense", "dense-prefix", "naive", "cacheblend", "kvcomm", "hybrid")
 POOL_MODES = ("kvcomm", "hybrid")
@@ -72,13 +72,14 @@ class SharedContent:
 
 @dataclass
 class TurnRequest:
-    agent: AgentTemplate
+    agent: PromptTemplate                   # an AgentTemplate, or a chat's kvcomm.chat.ChatTemplate
     contents: Mapping[str, SharedContent]   # placeholder name -> content
     mode: str = "kvcomm"
     sampling: Sampling = field(default_factory=Sampling)
     namespace: str = "default"
     transaction: PoolTransaction | None = None   # the job's staged pool updates (kvcomm and hybrid modes)
     force_dense: bool = False    # per-agent policy: a dense prefill whatever the mode (judges, decision agents)
+    on_token: Callable[[int], None] | None = None  # told each generated token as it is sampled (streaming)
 
 
 @dataclass
@@ -126,13 +127,15 @@ class KVCommEngine:
     """One model, one process: agent templates, shared contents, and turns in any mode."""
 
     def __init__(self, runner: ModelRunner, tokenizer: Any, config: KVCommConfig | None = None,
-                 pool: AnchorPool | None = None):
+                 pool: AnchorPool | None = None, *, agent_cache_bytes: int = MemoryConfig.agent_cache_bytes):
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = (config or KVCommConfig()).with_calibration()   # knobs no calibration set: uncalibrated
         self.pool = pool if pool is not None else AnchorPool(self.config, runner.rope)
         self.spec = runner.spec
         self._agents: OrderedDict[AgentTemplate, _AgentState] = OrderedDict()  # LRU
+        self._agent_bytes = 0                   # fixed-segment KV held by self._agents
+        self.agent_cache_bytes = agent_cache_bytes
         self._lead_in = self._input_lead_in()
         self._lead_in_kv: KVSegment | None = None
         self._weight_cache: OrderedDict = OrderedDict()   # see kvcomm.offsets: anchors combined once per content
@@ -153,8 +156,8 @@ class KVCommEngine:
     def agent_state(self, template: AgentTemplate) -> _AgentState:
         """The agent's rendered template and fixed-segment KV, computed once per template (by content).
 
-        Kept for the `_AGENT_STATES` most recently used templates, so memory stays bounded when many distinct
-        templates pass through one engine."""
+        The most recently used templates are kept while their KV fits `agent_cache_bytes` (the one just used
+        always), so memory stays bounded when many distinct templates pass through one engine."""
         state = self._agents.get(template)
         if state is not None:
             self._agents.move_to_end(template)
@@ -174,8 +177,10 @@ class KVCommEngine:
         probe = probe_queries(self.runner, ids, kv) if rendered.placeholders and len(ids) > 1 else None
         state = _AgentState(rendered, segments, probe)
         self._agents[template] = state
-        if len(self._agents) > _AGENT_STATES:
-            self._agents.popitem(last=False)
+        self._agent_bytes += sum(seg.nbytes for seg in segments)
+        while self._agent_bytes > self.agent_cache_bytes and len(self._agents) > 1:
+            _, evicted = self._agents.popitem(last=False)
+            self._agent_bytes -= sum(seg.nbytes for seg in evicted.fixed_kv)
         return state
 
     def encode(self, text: str) -> tuple[int, ...]:
@@ -256,7 +261,8 @@ class KVCommEngine:
         for request in requests:
             p = self.prepare(request)
             prepared.append(p)
-            states.append(batch.add(p.kv, p.last_logits[-1], request.sampling, started_at=p.started))
+            states.append(batch.add(p.kv, p.last_logits[-1], request.sampling, on_token=request.on_token,
+                                    started_at=p.started))
         decode_start = time.perf_counter()
         batch.run_until_done()
         decode_s = time.perf_counter() - decode_start

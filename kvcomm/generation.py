@@ -1,9 +1,15 @@
-"""Token generation on the model runner: sampling and a continuous-batching decode loop.
+"""Token generation on the model runner: a continuous-batching decode loop (sampling is `kvcomm.sampling`).
 
 `DecodeBatch` holds every sequence that is past its prefill and advances them together, one token per
 `step()`; new sequences join between steps, finished ones leave. A sequence stopped by its length limit
 gets one more forward of its last token, so the KV of *every* generated token is kept (the reference
 implementation drops the last one). `generate()` is the one-sequence convenience on top.
+
+Memory: a joining sequence's KV *moves* into a slot of a decode buffer of its capacity class (its own buffer is
+freed), and leaves in a buffer of exactly its length; buffers never grow in place, they are allocated, merged and
+shrunk only where the runner's `kv_budget` has room, so the KV a batch holds never exceeds it (`can_place` says
+whether a sequence of a given size would get a slot now). One step reads one tensor back from the device: the
+sampled tokens of the whole batch.
 
 Stop strings (`Sampling.stop_strings`) end a sequence as soon as its decoded text contains one; the batch then
 needs a `detokenize` function (token ids -> text). Where the text is cut and which tokens a response keeps is
@@ -17,56 +23,22 @@ from typing import Callable, Sequence
 
 import torch
 
+from .memory_plan import KVBudgetError, capacity_class
 from .runner import BatchKV, ModelRunner, SequenceKV
+from .sampling import RowSampling, Sampling, sample_tokens
 
-
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    temperature: float = 0.0          # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()   # ends once its text contains one (finish_reason "stop"; not before min)
-
-    def __post_init__(self) -> None:
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop_strings!r}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
-                 allow_stop: bool) -> int:
-    """One token from fp32 logits [vocab]. Stop tokens are masked until min_new_tokens is reached."""
-    if not allow_stop and sampling.stop_token_ids:
-        logits = logits.clone()
-        logits[list(sampling.stop_token_ids)] = float("-inf")
-    if sampling.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < sampling.top_p     # always keeps the top token
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+__all__ = ["DecodeBatch", "GenerationResult", "Sampling", "SequenceState", "cut_at_stop_string", "first_stop_at",
+           "generate", "generate_from_ids", "result_of"]
 
 
 @dataclass
 class SequenceState:
     """One sequence being decoded.
 
-    While it sits in a `DecodeBatch` slot its new tokens' KV lives in the batch's buffer; `kv` gets them back
-    when it leaves the batch (finished, removed from `active`, or pushed past `max_batch_size`), so a done
-    state's `kv` holds the prompt and every generated token (the stop token excluded).
+    While it sits in a `DecodeBatch` slot its whole KV lives in the batch's buffer (and `kv`, the very buffer the
+    caller passed in, reads as empty); when it leaves the batch (finished, removed from `active`, or pushed past
+    `max_batch_size`) `kv` gets it back in storage of exactly its tokens, so a done state's `kv` holds the prompt
+    and every generated token (the stop token excluded).
     """
     kv: SequenceKV
     sampling: Sampling
@@ -79,8 +51,7 @@ class SequenceState:
     started_at: float = field(default_factory=time.perf_counter)
     first_token_at: float = 0.0
     finished_at: float = 0.0
-    generator: torch.Generator | None = None
-    _group: "_Group | None" = field(default=None, repr=False, compare=False)   # the batch buffer it sits in
+    _group: "_Buffer | None" = field(default=None, repr=False, compare=False)   # the batch buffer it sits in
 
     @property
     def done(self) -> bool:
@@ -90,6 +61,10 @@ class SequenceState:
         self.tokens.append(token)
         if self.on_token is not None:
             self.on_token(token)
+
+    def _row(self) -> RowSampling:
+        """How its next token is sampled."""
+        return RowSampling(self.sampling, len(self.tokens), len(self.tokens) >= self.sampling.min_new_tokens)
 
 
 def _ends_in_stop(tokens: Sequence[int], stops: Sequence[str], detokenize: Callable[[Sequence[int]], str]) -> bool:
@@ -125,16 +100,8 @@ def cut_at_stop_string(token_ids: Sequence[int], stops: Sequence[str],
     return text, keep
 
 
-def _capacity_class(need: int) -> int:
-    """The buffer capacity for a sequence needing `need` tokens: 64, 96, 128, 192, 256, 384, ... (<= 1/3 spare)."""
-    cap = 64
-    while cap < need:
-        cap *= 2
-    return max(64, cap * 3 // 4) if need <= cap * 3 // 4 else cap
-
-
-class _Group:
-    """Sequences of one capacity class sharing one `BatchKV`; owners[i] sits in slot i."""
+class _Buffer:
+    """One decode buffer (`BatchKV`) of a capacity class; owners[i] sits in slot i."""
 
     def __init__(self, kv: BatchKV):
         self.kv = kv
@@ -144,51 +111,72 @@ class _Group:
 class DecodeBatch:
     """Continuous batching over a `ModelRunner`: many sequences, one batched forward per step.
 
-    Sequences of similar length (one capacity class, see `_capacity_class`) share a persistent `BatchKV`: a
-    sequence's prompt KV is copied into a slot when it first runs, each step appends in place and attends over
-    all slots in one call per layer, and the generated tokens' KV is copied back into the sequence's own buffer
-    when it leaves. Sequences join (`add`) and leave between steps; `active` may be reassigned or edited from
-    outside (the next step, or the assignment itself, frees the slots of the sequences no longer in it).
+    Sequences of similar length (one capacity class, see `kvcomm.memory_plan.capacity_class`) share decode
+    buffers: a sequence's KV moves into a slot when it joins (`add`), each step appends in place and attends over
+    all slots in one call per layer and buffer, and its KV moves back out when it leaves. Sequences join and
+    leave between steps; `active` may be reassigned from outside (the assignment frees the slots of the
+    sequences no longer in it). `keep_kv=False` drops a finished sequence's KV instead of handing it back.
     """
 
     def __init__(self, runner: ModelRunner, max_batch_size: int = 64,
-                 detokenize: Callable[[Sequence[int]], str] | None = None):
+                 detokenize: Callable[[Sequence[int]], str] | None = None, keep_kv: bool = True):
         self.runner = runner
         self.max_batch_size = max_batch_size
         self.detokenize = detokenize            # token ids -> text; needed by sequences with stop strings
+        self.keep_kv = keep_kv
         self._active: list[SequenceState] = []
-        self._groups: dict[int, _Group] = {}    # capacity -> group
+        self._groups: dict[int, list[_Buffer]] = {}    # capacity -> its buffers
         self.steps = 0
 
     @property
-    def active(self) -> list[SequenceState]:
-        return self._active
+    def active(self) -> tuple[SequenceState, ...]:
+        """The sequences being decoded (the first `max_batch_size` advance each step). Read-only: assign to
+        change it, so the slots of the sequences dropped are freed."""
+        return tuple(self._active)
 
     @active.setter
-    def active(self, states: list[SequenceState]) -> None:
-        self._active = states
-        self._release_outside(states)
+    def active(self, states: Sequence[SequenceState]) -> None:
+        self._active = list(states)
+        self._release_outside(self._active)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the decode buffers this batch holds."""
+        return sum(b.kv.nbytes for buffers in self._groups.values() for b in buffers)
+
+    def slot_bytes(self, tokens: int) -> int:
+        """Bytes of the slot a sequence needing `tokens` tokens (prompt + max_new_tokens) decodes in."""
+        return capacity_class(tokens) * self.runner.kv_bytes_per_token
+
+    def can_place(self, tokens: int) -> bool:
+        """Whether a sequence needing `tokens` tokens (prompt + max_new_tokens) would get a slot right now: a free
+        slot of its class, or room in the runner's KV budget for one."""
+        buffers = self._groups.get(capacity_class(tokens), [])
+        return any(b.kv.free_slots for b in buffers) or self.runner.kv_budget.fits(self.slot_bytes(tokens))
 
     def add(self, kv: SequenceKV, last_logits: torch.Tensor, sampling: Sampling,
             on_token: Callable[[int], None] | None = None, started_at: float | None = None) -> SequenceState:
-        """Join a sequence whose prompt is prefilled into `kv`; `last_logits` [vocab] are the prompt's last."""
+        """Join a sequence whose prompt is prefilled into `kv`; `last_logits` [vocab] are the prompt's last.
+
+        Its first token is sampled now; its KV moves into a decode slot (when the batch and the KV budget have
+        room; otherwise it waits, holding `kv`, until a step finds room)."""
         if sampling.stop_strings and self.detokenize is None:
             raise ValueError("a sequence with stop strings needs a DecodeBatch built with detokenize=")
         state = SequenceState(kv=kv, sampling=sampling, prompt_len=kv.length, first_logits=last_logits.float(),
                               on_token=on_token)
         if started_at is not None:
             state.started_at = started_at
-        if sampling.temperature > 0:
-            state.generator = torch.Generator().manual_seed(sampling.seed)
-        self._take(state, state.first_logits)
+        (token,) = sample_tokens(state.first_logits[None], [state._row()]).tolist()   # one read-back
+        self._take(state, token)
         state.first_token_at = time.perf_counter()
-        self._active.append(state)
-        self._retire()
+        if not state.done:
+            self._active.append(state)
+            if len(self._active) <= self.max_batch_size:
+                self._place(state)
         return state
 
-    def _take(self, state: SequenceState, logits: torch.Tensor) -> None:
+    def _take(self, state: SequenceState, token: int) -> None:
         allow_stop = len(state.tokens) >= state.sampling.min_new_tokens
-        token = sample_token(logits, state.sampling, state.generator, allow_stop)
         if token in state.sampling.stop_token_ids and allow_stop:
             state.finish_reason = "stop"   # the stop token is not part of the response; its KV is not needed
             state.finished_at = time.perf_counter()
@@ -205,37 +193,91 @@ class DecodeBatch:
             state.finished_at = time.perf_counter()
 
     # ---- slots ----------------------------------------------------------------------------------------------
-    def _admit(self, state: SequenceState) -> None:
-        """Copy the state's KV into a slot of its capacity class (one more token per remaining step fits)."""
+    def _place(self, state: SequenceState) -> bool:
+        """Move the state's KV into a free slot of its class (a new one-slot buffer if the budget has room);
+        False when there is no room now. One more token per remaining step (and the flush) fits its slot."""
         remaining = state.sampling.max_new_tokens - len(state.tokens) + 1    # steps left, the flush included
-        cap = _capacity_class(state.kv.length + remaining)
-        group = self._groups.get(cap)
-        if group is None:
-            pending = sum(1 for s in self._active[: self.max_batch_size] if s._group is None)
-            group = self._groups[cap] = _Group(BatchKV(self.runner.spec, capacity=cap, dtype=self.runner.dtype,
-                                                       device=self.runner.device, slots=pending))
-        group.kv.admit(state.kv)
-        group.owners.append(state)
-        state._group = group
+        cap = capacity_class(state.kv.length + remaining)
+        buffers = self._groups.setdefault(cap, [])
+        target = next((b for b in buffers if b.kv.free_slots), None)
+        if target is None:
+            if not self.runner.kv_budget.fits(cap * self.runner.kv_bytes_per_token):
+                if not buffers:
+                    del self._groups[cap]
+                return False
+            target = _Buffer(self.runner.new_batch_kv(cap, 1))
+            buffers.append(target)
+        state.kv.move_to(target.kv)
+        target.owners.append(state)
+        state._group = target
+        return True
+
+    def _move(self, source: _Buffer, slot: int, target: _Buffer) -> None:
+        """Move the sequence in `source`'s `slot` into a free slot of `target` (same class)."""
+        state = source.owners[slot]
+        source.kv.move(slot, target.kv)
+        last = source.owners.pop()
+        if slot < len(source.owners):
+            source.owners[slot] = last
+        target.owners.append(state)
+        state._group = target
+
+    def _consolidate(self, cap: int) -> None:
+        """Fewer, fuller buffers for one class, never beyond the KV budget: sequences of the smaller buffers move
+        into free slots of the larger ones; several buffers left merge into one with room to grow (if the budget
+        holds it next to them); a buffer three-quarters empty shrinks."""
+        buffers = sorted(self._groups[cap], key=lambda b: b.kv.slots, reverse=True)
+        for i in range(len(buffers) - 1, 0, -1):            # smallest donors first, into the largest targets
+            for target in buffers[:i]:
+                while buffers[i].owners and target.kv.free_slots:
+                    self._move(buffers[i], len(buffers[i].owners) - 1, target)
+        buffers = [b for b in buffers if b.owners]
+        used = sum(len(b.owners) for b in buffers)
+        per_slot = cap * self.runner.kv_bytes_per_token
+        sizes = []
+        if len(buffers) > 1:
+            sizes = [min(2 * used, max(self.max_batch_size, used)), used]
+        elif buffers and buffers[0].kv.slots >= 8 and 4 * used <= buffers[0].kv.slots:
+            sizes = [2 * used]
+        for slots in sizes:
+            if self.runner.kv_budget.fits(slots * per_slot):
+                merged = _Buffer(self.runner.new_batch_kv(cap, slots))
+                for b in buffers:
+                    while b.owners:
+                        self._move(b, len(b.owners) - 1, merged)
+                buffers = [merged]
+                break
+        if buffers:
+            self._groups[cap] = buffers
+        else:
+            del self._groups[cap]
 
     def _release(self, state: SequenceState) -> None:
-        """Copy the slot's new tokens back into `state.kv` and free the slot (dropping an emptied buffer)."""
-        group = state._group
-        slot = next(i for i, s in enumerate(group.owners) if s is state)
-        group.kv.release(slot, state.kv)
-        last = group.owners.pop()
-        if last is not state:
-            group.owners[slot] = last
+        """Free the state's slot; its KV comes back into `state.kv`, in storage of exactly its tokens (unless
+        `keep_kv` is off)."""
+        buffer = state._group
+        slot = next(i for i, s in enumerate(buffer.owners) if s is state)
+        if self.keep_kv:
+            buffer.kv.release(slot, into=state.kv)
+        else:
+            buffer.kv.drop(slot)
+        last = buffer.owners.pop()
+        if slot < len(buffer.owners):
+            buffer.owners[slot] = last
         state._group = None
-        if not group.owners:
-            del self._groups[group.kv.capacity]
+        if not buffer.owners:
+            buffers = self._groups[buffer.kv.capacity]
+            buffers.remove(buffer)
+            if not buffers:
+                del self._groups[buffer.kv.capacity]
 
     def _release_outside(self, keep: Sequence[SequenceState]) -> None:
         """Free the slot of every sequence not in `keep`."""
         inside = {id(s) for s in keep}
-        for group in list(self._groups.values()):
-            for state in [s for s in group.owners if id(s) not in inside]:
-                self._release(state)
+        for buffers in list(self._groups.values()):
+            for buffer in list(buffers):
+                for state in [s for s in buffer.owners if id(s) not in inside]:
+                    self._release(state)
 
     def _retire(self) -> list[SequenceState]:
         finished = [s for s in self._active if s.done]
@@ -247,28 +289,37 @@ class DecodeBatch:
         return finished
 
     def step(self) -> list[SequenceState]:
-        """Advance every active sequence by one token (flushes included); return those that finished."""
+        """Advance every active sequence that has a slot by one token (flushes included); return those that
+        finished. The batch's sampled tokens are the one read-back from the device."""
         batch = self._active[: self.max_batch_size]
         self._release_outside(batch)
-        if not batch:
-            return []
         for state in batch:
             if state._group is None:
-                self._admit(state)
-        groups = list(self._groups.values())
-        order = [s for g in groups for s in g.owners]
-        logits = self.runner.decode_step([g.kv for g in groups], torch.tensor([s.tokens[-1] for s in order]))
+                self._place(state)
+        for cap in list(self._groups):
+            self._consolidate(cap)
+        buffers = [b for group in self._groups.values() for b in group]
+        order = [s for b in buffers for s in b.owners]
+        if not order:
+            return self._retire()
+        logits = self.runner.decode_step([b.kv for b in buffers], [s.tokens[-1] for s in order])  # [N, vocab]
         self.steps += 1
-        for state, row in zip(order, logits):
+        tokens = sample_tokens(logits, [s._row() for s in order]).tolist()   # the step's one device read
+        for state, token in zip(order, tokens):
             if state.needs_flush:
                 state.needs_flush = False
                 continue
-            self._take(state, row)
+            self._take(state, token)
         return self._retire()
 
     def run_until_done(self) -> None:
+        """Step until every sequence is done; a `KVBudgetError` if sequences wait for KV room nothing here frees."""
         while self._active:
-            self.step()
+            steps = self.steps
+            finished = self.step()
+            if self.steps == steps and not finished and self._active:
+                raise KVBudgetError(f"{len(self._active)} sequence(s) wait for KV room and none is decoding here "
+                                    f"to free it ({self.runner.kv_budget.what}: {self.runner.kv_budget.stats()})")
 
 
 @dataclass
@@ -306,5 +357,5 @@ def generate_from_ids(runner: ModelRunner, prompt_ids: Sequence[int] | torch.Ten
                       context=None) -> GenerationResult:
     """Prefill `prompt_ids` (after an optional context segment) and decode: the plain dense path."""
     started = time.perf_counter()
-    logits, kv = runner.prefill(prompt_ids, context=context, extra_capacity=sampling.max_new_tokens + 1)
+    logits, kv = runner.prefill(prompt_ids, context=context)   # its KV moves into a decode slot
     return generate(runner, kv, logits[-1], sampling, started_at=started)

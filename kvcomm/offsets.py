@@ -62,8 +62,8 @@ class AnchorWeights:
 class OffsetEstimate:
     """Offsets to add to the rotated base placeholder and the rotated following segment.
 
-    ph_key, ph_value: [layers, kv_heads, T, head_dim]; pf_key, pf_value: [layers, kv_heads, S, head_dim];
-    layer 0 of each is exactly zero. Weights as in `AnchorWeights`, over `anchor_ids` (in pool order).
+    ph_key, ph_value: [layers, kv_heads, T, head_dim]; pf_key, pf_value: [layers, kv_heads, S, head_dim]; fp32
+    whatever the KV's dtype (`KVSegment.plus` adds them in fp32 and rounds once); layer 0 of each is exactly zero. Weights as in `AnchorWeights`, over `anchor_ids` (in pool order).
     effective_anchors: 1 / sum_a w_a^2, averaged over positions, then over the four weight sets.
     """
     ph_key: torch.Tensor
@@ -266,8 +266,7 @@ def estimate_offsets(base: KVSegment, following: KVSegment, anchors: Sequence[An
 
     effective = sum(_effective_count(w) for w in (weights.ph_k, weights.ph_v, weights.pf_k, weights.pf_v)) / 4
     return OffsetEstimate(
-        ph_key=ph_key.to(base.keys.dtype), ph_value=ph_value.to(base.values.dtype),
-        pf_key=pf_key.to(following.keys.dtype), pf_value=pf_value.to(following.values.dtype),
+        ph_key=ph_key, ph_value=ph_value, pf_key=pf_key, pf_value=pf_value,   # fp32: rounded once, when added
         anchor_ids=anchor_ids, ph_weights_k=weights.ph_k, ph_weights_v=weights.ph_v,
         pf_weights_k=weights.pf_k, pf_weights_v=weights.pf_v, effective_anchors=effective,
         weights_from_cache=from_cache)

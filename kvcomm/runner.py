@@ -4,11 +4,16 @@ It takes token ids, their absolute positions and a per-sequence KV buffer (fille
 caller assembled) and returns logits plus the new tokens' KV. One forward call serves a *ragged batch*:
 several sequences, each adding any number of tokens (a prefill, a one-token decode step, or a recompute of
 a few tokens inside a reused cache), with all projections and MLPs batched over the flattened tokens and
-attention computed per sequence (torch SDPA on CPU; flash-attn on CUDA when installed).
+attention computed per sequence (flash-attn where `kvcomm.attention` says it is right, else torch SDPA).
 
-Decoding has its own path, `decode_step`: the sequences of a decode batch sit in the slots of a persistent
-`BatchKV` (one [layers, slots, kv_heads, capacity, head_dim] buffer per capacity class), so one token for
-every sequence costs one SDPA call per layer and buffer, not one per sequence and layer.
+Decoding has its own path, `decode_step`: the sequences of a decode batch sit in the slots of persistent
+`BatchKV` buffers (`kvcomm.kv_buffers`), so one token for every sequence costs one SDPA call per layer and
+buffer, not one per sequence and layer.
+
+Device discipline (the runner is meant for a GPU and tested on the CPU): host data (token ids, positions,
+lengths) crosses to the device in one non-blocking copy per call (`_to_device`); nothing here reads a device
+tensor back to the host. `kv_budget` is the ledger every decode buffer on this runner charges (unlimited until
+a `kvcomm.memory_plan.MemoryPlan` sets it).
 
 Supported: Llama 2/3 (llama3 rope scaling), SmolLM2, Mistral without sliding window, Qwen2 (q/k/v bias).
 transformers' own model is the oracle this is tested against, never the thing that runs.
@@ -22,161 +27,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .attention import FlashKernel, choose_kernel, installed_flash_kernel, sdpa
 from .kv import KVSegment
+from .kv_buffers import BatchKV, SequenceKV
+from .memory_plan import KVBudget
 from .model_spec import ModelSpec
 from .rope import Rope
 
-
-def _flash_attn_func():
-    """flash-attn's function when it is installed and usable (CUDA only), else None. Imported lazily."""
-    try:
-        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
-    except Exception:  # not installed, or built for another CUDA/torch
-        return None
-    return flash_attn_func
-
-
-class SequenceKV:
-    """A growable, contiguous KV buffer for one sequence: K and V of shape [layers, kv_heads, capacity, head_dim].
-
-    Tokens ``0 .. length-1`` are valid; token i sits at absolute position ``start + i`` (positions inside one
-    buffer are contiguous). The runner appends to it in place during a forward pass; everything else reads it.
-    """
-
-    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype, device: torch.device | str, capacity: int = 256,
-                 start: int = 0):
-        shape = (spec.num_layers, spec.num_kv_heads, max(capacity, 1), spec.head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        self.length = 0
-        self.start = start
-
-    @classmethod
-    def from_segment(cls, spec: ModelSpec, segment: KVSegment | None, *, extra_capacity: int, dtype: torch.dtype,
-                     device: torch.device | str, start: int = 0) -> "SequenceKV":
-        """A buffer holding `segment` (copied once) with room for `extra_capacity` more tokens."""
-        n = 0 if segment is None else segment.num_tokens
-        buf = cls(spec, dtype=dtype, device=device, capacity=n + extra_capacity,
-                  start=start if segment is None else segment.start)
-        if n:
-            buf.keys[:, :, :n] = segment.keys
-            buf.values[:, :, :n] = segment.values
-            buf.length = n
-        return buf
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[2]
-
-    @property
-    def next_position(self) -> int:
-        return self.start + self.length
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
-
-    def reserve(self, extra: int) -> None:
-        """Make room for `extra` more tokens (grows geometrically)."""
-        need = self.length + extra
-        if need <= self.capacity:
-            return
-        new_cap = max(need, int(self.capacity * 1.5) + 16)
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = torch.empty(old.shape[:2] + (new_cap,) + old.shape[3:], dtype=old.dtype, device=old.device)
-            new[:, :, :self.length] = old[:, :, :self.length]
-            setattr(self, name, new)
-
-    def segment(self, begin: int = 0, end: int | None = None) -> KVSegment:
-        """Tokens [begin, end) as a KVSegment (a view: copy it if it must outlive later writes)."""
-        end = self.length if end is None else end
-        if not 0 <= begin <= end <= self.length:
-            raise IndexError(f"[{begin}, {end}) is outside the {self.length} valid tokens")
-        return KVSegment(self.keys[:, :, begin:end], self.values[:, :, begin:end], self.start + begin)
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise IndexError(f"cannot truncate a buffer of {self.length} tokens to {length}")
-        self.length = length
-
-
-class BatchKV:
-    """The KV of a decode batch: K and V of shape [layers, slots, kv_heads, capacity, head_dim], one sequence a slot.
-
-    Used slots are ``0 .. size-1`` (kept dense: releasing a slot moves the last used one into it). Slot i holds
-    ``lengths[i]`` valid tokens, token j at absolute position ``starts[i] + j``. A sequence's KV is copied in
-    once (`admit`), `ModelRunner.decode_step` appends one token to every used slot in place and attends over all
-    of them with one attention call per layer, and `release` copies the tokens added here back out.
-    """
-
-    def __init__(self, spec: ModelSpec, *, capacity: int, dtype: torch.dtype, device: torch.device | str,
-                 slots: int = 1):
-        # zeros, not empty: padding past a slot's length is masked out of attention, and a masked score is
-        # (q . k) + (-inf), which is NaN if the padding holds NaN or inf
-        shape = (spec.num_layers, max(slots, 1), spec.num_kv_heads, capacity, spec.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths: list[int] = []
-        self.starts: list[int] = []
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
-
-    @property
-    def slots(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def size(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
-
-    @torch.inference_mode()   # the sequence's KV may be an inference tensor (prefilled under inference mode)
-    def admit(self, kv: SequenceKV) -> int:
-        """Copy `kv`'s valid tokens into the next free slot (growing the slots when full); return the slot."""
-        n = kv.length
-        if n >= self.capacity:
-            raise ValueError(f"a sequence of {n} tokens does not fit a decode buffer of capacity {self.capacity}")
-        slot = self.size
-        if slot == self.slots:
-            grown = 2 * self.slots
-            for name in ("keys", "values"):
-                old = getattr(self, name)
-                new = torch.zeros(old.shape[:1] + (grown,) + old.shape[2:], dtype=old.dtype, device=old.device)
-                new[:, :slot] = old
-                setattr(self, name, new)
-        self.keys[:, slot, :, :n] = kv.keys[:, :, :n]
-        self.values[:, slot, :, :n] = kv.values[:, :, :n]
-        self.lengths.append(n)
-        self.starts.append(kv.start)
-        return slot
-
-    @torch.inference_mode()   # writes into the sequence's own (inference-mode) KV buffer
-    def release(self, slot: int, into: SequenceKV) -> None:
-        """Copy the tokens `slot` holds beyond ``into.length`` back into `into` and free the slot.
-
-        The last used slot (if another) moves into the freed one: what sat at index ``size - 1`` is at `slot` now.
-        """
-        n = self.lengths[slot]
-        have = into.length
-        if n > have:
-            into.reserve(n - have)
-            into.keys[:, :, have:n] = self.keys[:, slot, :, have:n]
-            into.values[:, :, have:n] = self.values[:, slot, :, have:n]
-            into.length = n
-        last = self.size - 1
-        if slot != last:
-            m = self.lengths[last]
-            self.keys[:, slot, :, :m] = self.keys[:, last, :, :m]
-            self.values[:, slot, :, :m] = self.values[:, last, :, :m]
-            self.lengths[slot], self.starts[slot] = m, self.starts[last]
-        self.lengths.pop()
-        self.starts.pop()
+__all__ = ["BatchKV", "ForwardRequest", "ModelRunner", "SequenceKV"]   # the buffers live in kv_buffers
 
 
 @dataclass
@@ -202,7 +60,11 @@ class ForwardRequest:
 class ModelRunner:
     """Holds one model's weights on one device and runs ragged-batch forward passes."""
 
-    def __init__(self, spec: ModelSpec, state_dict: dict[str, torch.Tensor], *, attention: str = "auto"):
+    def __init__(self, spec: ModelSpec, state_dict: dict[str, torch.Tensor], *, attention: str = "auto",
+                 flash_kernel: FlashKernel | None = None, kv_budget: KVBudget | None = None):
+        """`attention`: "auto" (flash-attn where it is right, else SDPA), "sdpa" or "flash" (an error naming why
+        when it cannot be used). `flash_kernel`: the flash-attn function to consider (default: the installed
+        one). `kv_budget`: the decode-KV ledger (default: unlimited)."""
         self.spec = spec
         embed = state_dict["model.embed_tokens.weight"]
         self.dtype = embed.dtype
@@ -224,14 +86,34 @@ class ModelRunner:
                 o_proj=state_dict[p + "self_attn.o_proj.weight"],
                 post_norm=state_dict[p + "post_attention_layernorm.weight"], gate_up=gate_up,
                 down=state_dict[p + "mlp.down_proj.weight"]))
-        if attention not in ("auto", "sdpa", "flash"):
-            raise ValueError(f"attention must be 'auto', 'sdpa' or 'flash', got {attention!r}")
-        flash = _flash_attn_func() if self.device.type == "cuda" and attention in ("auto", "flash") else None
-        if attention == "flash" and flash is None:
-            raise RuntimeError("attention='flash' needs flash-attn installed and a CUDA device")
-        self._flash = flash
-        self.attention_backend = "flash-attn" if flash is not None else "sdpa"
+        if flash_kernel is None and attention != "sdpa" and self.device.type == "cuda":
+            flash_kernel = installed_flash_kernel()
+        self._flash, self.attention_reason = choose_kernel(attention, self.device, self.dtype, flash_kernel)
+        self.attention_backend = "flash-attn" if self._flash is not None else "sdpa"
         self._scale = 1.0 / math.sqrt(spec.head_dim)
+        self.kv_budget = kv_budget if kv_budget is not None else KVBudget(None)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V one token takes in every layer, in this runner's dtype."""
+        return self.spec.kv_bytes_per_token_per_dtype_byte * self.embed.element_size()
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this runner holds (each storage once: a tied lm_head is the embedding)."""
+        tensors = [self.embed, self.final_norm, self.lm_head]
+        for w in self.layers:
+            tensors += [w.input_norm, w.qkv, w.o_proj, w.post_norm, w.gate_up, w.down]
+            if w.qkv_bias is not None:
+                tensors.append(w.qkv_bias)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the model's device: on CUDA through pinned memory without blocking the host."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     # ---- buffers ------------------------------------------------------------------------------------------
     def new_kv(self, context: KVSegment | None = None, *, extra_capacity: int = 256, start: int = 0) -> SequenceKV:
@@ -240,6 +122,11 @@ class ModelRunner:
             context = context.to(self.device, self.dtype)
         return SequenceKV.from_segment(self.spec, context, extra_capacity=extra_capacity, dtype=self.dtype,
                                        device=self.device, start=start)
+
+    def new_batch_kv(self, capacity: int, slots: int) -> BatchKV:
+        """A decode buffer of `slots` slots of `capacity` tokens, charged to `kv_budget` while it lives."""
+        return BatchKV(self.spec, capacity=capacity, dtype=self.dtype, device=self.device, slots=slots,
+                       budget=self.kv_budget)
 
     # ---- forward ------------------------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -258,18 +145,24 @@ class ModelRunner:
         lengths = [int(r.token_ids.numel()) for r in requests]
         if any(n == 0 for n in lengths):
             raise ValueError("every forward request needs at least one token")
-        ids = torch.cat([r.token_ids.reshape(-1) for r in requests]).to(self.device)       # [N]
+        ids = torch.cat([r.token_ids.reshape(-1).cpu() for r in requests])                 # [N] host
         pos_parts = []
         for r, n in zip(requests, lengths):
             if r.positions is None:
                 pos_parts.append(torch.arange(r.kv.next_position, r.kv.next_position + n))
             else:
-                pos_parts.append(r.positions.reshape(-1).to(torch.int64))
+                pos_parts.append(r.positions.reshape(-1).to(torch.int64).cpu())
             r.kv.reserve(n)
-        positions = torch.cat(pos_parts).to(self.device)                                   # [N]
         bounds = [0]
         for n in lengths:
             bounds.append(bounds[-1] + n)
+        # logits only where asked: the lm_head over a 50-150K vocabulary is a large share of a short prefill
+        rows = []
+        for i, r in enumerate(requests):
+            a, b = bounds[i], bounds[i + 1]
+            rows.append(torch.arange(a, b) if r.all_logits else torch.tensor([b - 1]))
+        host = torch.cat([ids.to(torch.int64), torch.cat(pos_parts), torch.cat(rows)])    # one copy to the device
+        ids, positions, index = self._to_device(host).split([bounds[-1], bounds[-1], host.numel() - 2 * bounds[-1]])
         cos, sin = self.rope.cos_sin(positions, self.dtype)                                # [N, head_dim]
         cos, sin = cos[:, None, :], sin[:, None, :]                                         # [N, 1, head_dim]
         masks = [self._causal_mask(r.kv.length, n) for r, n in zip(requests, lengths)]
@@ -300,12 +193,6 @@ class ModelRunner:
         for r, n in zip(requests, lengths):
             r.kv.length += n
 
-        # logits only where asked: the lm_head over a 50-150K vocabulary is a large share of a short prefill
-        rows = []
-        for i, r in enumerate(requests):
-            a, b = bounds[i], bounds[i + 1]
-            rows.append(torch.arange(a, b) if r.all_logits else torch.tensor([b - 1]))
-        index = torch.cat(rows).to(self.device)
         normed = self._rms_norm(hidden[index], self.final_norm)
         logits = F.linear(normed, self.lm_head).float()                                    # [rows, vocab]
         out, cursor = [], 0
@@ -316,30 +203,36 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def decode_step(self, groups: Sequence[BatchKV], token_ids: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, groups: Sequence[BatchKV], token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """One decode step: append one token to every used slot of every group; return fp32 logits [N, vocab].
 
-        `token_ids` [N] lists the tokens group by group, slot by slot (N = total used slots). Projections and
-        MLPs run once over all N tokens; attention is one call per group and layer over its padded slots, with
-        a lengths mask when their lengths differ.
+        `token_ids` (N host ints, or a host tensor [N]) lists the tokens group by group, slot by slot (N = total
+        used slots). Projections and MLPs run once over all N tokens; attention is one call per group and layer
+        over its padded slots, with a lengths mask when their lengths differ. Ids, positions and lengths reach the
+        device in one copy.
         """
         spec = self.spec
         n_heads, n_kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         sizes = [g.size for g in groups]
         total = sum(sizes)
-        if total == 0 or int(token_ids.numel()) != total:
-            raise ValueError(f"decode_step needs one token per used slot ({total}), got {int(token_ids.numel())}")
-        ids = token_ids.reshape(-1).to(self.device)
-        positions = torch.tensor([s + n for g in groups for s, n in zip(g.starts, g.lengths)], dtype=torch.int64)
-        cos, sin = self.rope.cos_sin(positions.to(self.device), self.dtype)
+        ids_host = token_ids.reshape(-1).tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        if total == 0 or len(ids_host) != total:
+            raise ValueError(f"decode_step needs one token per used slot ({total}), got {len(ids_host)}")
+        ragged = [min(g.lengths) != max(g.lengths) for g in groups]
+        host = ids_host + [s + n for g in groups for s, n in zip(g.starts, g.lengths)]
+        host += [n for g, r in zip(groups, ragged) if r for n in g.lengths]
+        on_device = self._to_device(torch.tensor(host, dtype=torch.int64))
+        ids, positions = on_device[:total], on_device[total:2 * total]                    # [N], [N]
+        cos, sin = self.rope.cos_sin(positions, self.dtype)
         cos, sin = cos[:, None, :], sin[:, None, :]                                         # [N, 1, D]
         plans = []   # per group: (rows a:b, where the new K/V go, attended length, mask)
-        a = 0
-        for g, n in zip(groups, sizes):
+        a, cursor = 0, 2 * total
+        for g, n, is_ragged in zip(groups, sizes, ragged):
             span = max(g.lengths) + 1
             mask, where = None, (slice(0, n), slice(None), span - 1)   # equal lengths: one strided write
-            if min(g.lengths) != span - 1:   # ragged: slot i sees its own lengths[i] + 1 tokens
-                lengths = torch.tensor(g.lengths, dtype=torch.int64, device=self.device)
+            if is_ragged:   # slot i sees its own lengths[i] + 1 tokens
+                lengths = on_device[cursor:cursor + n]                                        # [n]
+                cursor += n
                 mask = (torch.arange(span, device=self.device)[None, :] <= lengths[:, None])[:, None, None, :]
                 where = (torch.arange(n, device=self.device), slice(None), lengths)
             plans.append((a, a + n, where, span, mask))
@@ -359,10 +252,9 @@ class ModelRunner:
                 keys[where] = k[a:b]                                                # the new token of each slot
                 values[where] = v[a:b]
                 # the query heads sharing a KV head ride as that head's query rows: [n, Hkv, H/Hkv, D]
-                # (faster than enable_gqa for one query token; same math)
-                out = F.scaled_dot_product_attention(
-                    q[a:b].view(b - a, n_kv, group, hd), keys[:b - a, :, :span], values[:b - a, :, :span],
-                    attn_mask=mask, scale=self._scale)                                     # [n, Hkv, H/Hkv, D]
+                # (no head grouping left for SDPA to do, so a mask keeps the fused kernels)
+                out = sdpa(q[a:b].view(b - a, n_kv, group, hd), keys[:b - a, :, :span], values[:b - a, :, :span],
+                           mask=mask, scale=self._scale)                                   # [n, Hkv, H/Hkv, D]
                 parts.append(out.reshape(b - a, q_width))
             attn_out = parts[0] if len(parts) == 1 else torch.cat(parts)
             hidden = hidden + F.linear(attn_out, w.o_proj)
@@ -389,14 +281,14 @@ class ModelRunner:
         """q [t, H, D] against keys/values [Hkv, S, D] (the last t of S are the new tokens) -> [t, H*D]."""
         t = q.shape[0]
         if self._flash is not None:
-            # flash-attn aligns the causal mask bottom-right when t < S, which is exactly our convention.
-            out = self._flash(q.unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
-                              causal=t > 1, softmax_scale=self._scale)                    # [1, t, H, D]
+            # flash-attn >= 2.1 aligns the causal mask bottom-right when t < S, which is exactly our convention
+            out = self._flash.fn(q.unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
+                                 values.transpose(0, 1).unsqueeze(0), causal=t > 1,
+                                 softmax_scale=self._scale)                                # [1, t, H, D]
             return out.reshape(t, -1)
         causal = mask is None and t > 1   # no context: top-left causal alignment is the right one
-        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-                                             attn_mask=mask, is_causal=causal, scale=self._scale,
-                                             enable_gqa=True)  # [1, H, t, D]
+        out = sdpa(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), mask=mask,
+                   causal=causal, scale=self._scale)                                       # [1, H, t, D]
         return out[0].transpose(0, 1).reshape(t, -1)
 
     # ---- conveniences -------------------------------------------------------------------------------------
@@ -435,7 +327,7 @@ class ModelRunner:
             raise ValueError("blend_prefill needs at least one tail token")
         kv = self.new_kv(cached, extra_capacity=n_tail + extra_capacity)
         total = n_cached + n_tail
-        ids = torch.cat([cached_ids.reshape(-1), tail_ids.reshape(-1)]).to(self.device)          # [total]
+        ids = self._to_device(torch.cat([cached_ids.reshape(-1).cpu(), tail_ids.reshape(-1).cpu()]))  # [total]
         positions = torch.arange(cached.start, cached.start + total, device=self.device)         # [total]
         cos_all, sin_all = self.rope.cos_sin(positions, self.dtype)                               # [total, D]
         n_heads, n_kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -443,7 +335,7 @@ class ModelRunner:
 
         rows = torch.arange(total, device=self.device)           # which tokens `hidden` holds
         hidden = self.embed[ids]                                 # [rows, hidden]
-        selected = torch.empty(0, dtype=torch.int64)
+        selected = torch.empty(0, dtype=torch.int64, device=self.device)   # cached-token indices recomputed
         for layer_idx, w in enumerate(self.layers):
             cos, sin = cos_all[rows][:, None, :], sin_all[rows][:, None, :]
             x = self._rms_norm(hidden, w.input_norm)
@@ -463,10 +355,9 @@ class ModelRunner:
             kv.values[layer_idx, :, rows] = v.transpose(0, 1)
             # attention of the computed rows over the (blended) cache: row at index i sees indices <= i
             mask = torch.arange(total, device=self.device)[None, :] <= rows[:, None]                 # [rows, total]
-            attn = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0), kv.keys[layer_idx, :, :total].unsqueeze(0),
-                kv.values[layer_idx, :, :total].unsqueeze(0), attn_mask=mask, scale=self._scale,
-                enable_gqa=True)[0].transpose(0, 1).reshape(rows.numel(), -1)                      # [rows, H*D]
+            attn = sdpa(q.transpose(0, 1).unsqueeze(0), kv.keys[layer_idx, :, :total].unsqueeze(0),
+                        kv.values[layer_idx, :, :total].unsqueeze(0), mask=mask,
+                        scale=self._scale)[0].transpose(0, 1).reshape(rows.numel(), -1)              # [rows, H*D]
             hidden = hidden + F.linear(attn, w.o_proj)
             x = self._rms_norm(hidden, w.post_norm)
             gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)

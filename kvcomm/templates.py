@@ -5,13 +5,17 @@ the assistant prefix. Placeholders (``{user_question}``, ``{agent_<id>_current}`
 ``{condition_<id>_current}``) split it into fixed text segments ``F0, P1, F1, ..., Pn, Fn``; each fixed segment
 is tokenized on its own and each placeholder's content is tokenized on its own (or is the producer's token
 ids), so the dense path and every reuse path see the very same token sequence.
+
+A template only has to say how its prompt text is cut (`split`): `AgentTemplate` cuts at the placeholders of its
+user template; `kvcomm.chat.ChatTemplate` (an OpenAI chat's messages) at its messages' contents. `render_template`
+tokenizes the pieces of either alike.
 """
 from __future__ import annotations
 
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 PLACEHOLDER_PATTERN = re.compile(
     r"\{(user_question|agent_[A-Za-z0-9]+_(?:current|history)|condition_[A-Za-z0-9]+_(?:current|history))\}")
@@ -30,6 +34,29 @@ class AgentTemplate:
 
     def placeholders(self) -> tuple[str, ...]:
         return tuple(PLACEHOLDER_PATTERN.findall(self.user_template))
+
+    def split(self, tokenizer: Any) -> tuple[list[str], list[str]]:
+        """The prompt's text (system prompt and user template through the chat template, then the assistant
+        prefix) cut at its placeholders: ``(fixed texts, placeholder names)``, one more fixed text than names."""
+        stray = re.findall(r"\{[A-Za-z_][A-Za-z0-9_]*\}", PLACEHOLDER_PATTERN.sub("", self.user_template))
+        if stray:
+            raise TemplateError(f"agent {self.agent_id!r}: unknown placeholder(s) {', '.join(stray)}; "
+                                "known forms: {user_question}, {agent_<id>_current}, {agent_<id>_history}, "
+                                "{condition_<id>_current}, {condition_<id>_history}")
+        messages = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": self.system_prompt})
+        messages.append({"role": "user", "content": self.user_template})
+        pieces = PLACEHOLDER_PATTERN.split(chat_text(tokenizer, messages) + self.assistant_prefix)
+        return pieces[0::2], pieces[1::2]    # [fixed0, name1, fixed1, name2, fixed2, ...]
+
+
+class PromptTemplate(Protocol):
+    """What the engine needs of a template (`AgentTemplate`, `kvcomm.chat.ChatTemplate`): a name, and its prompt
+    text cut at its placeholders. Implementations are frozen dataclasses (the engine caches by template)."""
+    agent_id: str
+
+    def split(self, tokenizer: Any) -> tuple[list[str], list[str]]: ...
 
 
 @dataclass(frozen=True)
@@ -79,26 +106,21 @@ class PromptLayout:
     length: int
 
 
-def render_template(template: AgentTemplate, tokenizer: Any) -> RenderedTemplate:
-    """Apply the chat template and split at placeholders into separately tokenized fixed segments."""
+def chat_text(tokenizer: Any, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    """`messages` through the tokenizer's chat template (then the assistant's turn header), or, for a tokenizer
+    without one, a plain explicit layout (``role: content`` lines, then ``assistant: ``)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant: " if add_generation_prompt else "")
+
+
+def render_template(template: PromptTemplate, tokenizer: Any) -> RenderedTemplate:
+    """Cut the template's prompt text at its placeholders (`split`) and tokenize every fixed piece on its own."""
     if not template.agent_id:
         raise TemplateError("agent_id must not be empty")
-    stray = re.findall(r"\{[A-Za-z_][A-Za-z0-9_]*\}", PLACEHOLDER_PATTERN.sub("", template.user_template))
-    if stray:
-        raise TemplateError(f"agent {template.agent_id!r}: unknown placeholder(s) {', '.join(stray)}; "
-                            "known forms: {user_question}, {agent_<id>_current}, {agent_<id>_history}, "
-                            "{condition_<id>_current}, {condition_<id>_history}")
-    messages = []
-    if template.system_prompt:
-        messages.append({"role": "system", "content": template.system_prompt})
-    messages.append({"role": "user", "content": template.user_template})
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:  # a tokenizer without a chat template: a plain, explicit layout
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-    text += template.assistant_prefix
-    pieces = PLACEHOLDER_PATTERN.split(text)   # [fixed0, name1, fixed1, name2, fixed2, ...]
-    fixed_texts, names = pieces[0::2], pieces[1::2]
+    fixed_texts, names = template.split(tokenizer)
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise TemplateError(f"agent {template.agent_id!r}: placeholder(s) used more than once: {', '.join(dup)}")

@@ -4,8 +4,10 @@
 # Meant to finish in < 8 minutes on one H100 (model init ~1 min, warm-up + 20 samples ~2-4 min); a hard
 # timeout stops it at KVCOMM_BENCH_TIME_LIMIT seconds (default 460).
 #
-# Needs: the project's environment (bash scripts/setup.sh: torch with CUDA, the embedded SmolLM2 tokenizer,
-# which the random-weight model uses; its 49K ids fit Llama's 128K vocabulary).
+# Needs: a python with a CUDA torch, transformers, tqdm and matplotlib; nothing else (no Ray, no venv, no registry:
+# the repository goes on PYTHONPATH). The random-weight model uses the embedded SmolLM2 tokenizer when it is
+# installed (its 49K ids fit Llama's 128K vocabulary), else kvcomm.word_tokenizer.WordTokenizer.
+# For a one-shot check of a new GPU machine (parity, TTFT, decode, memory) run scripts/gpu_check.sh instead.
 # Writes: $OUT.json (the report), $OUT.png (the figure), $OUT.md (the markdown table), $OUT.log (stderr).
 #
 # Every setting can be overridden from the environment, which is how the CPU test runs this very script
@@ -16,6 +18,8 @@
 #   KVCOMM_BENCH_OUT (results/ttft_gpu)  KVCOMM_BENCH_TIME_LIMIT (460)  PYTHON (.venv/bin/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 PY=${PYTHON:-.venv/bin/python}
 if ! [ -x "$PY" ] && ! command -v "$PY" >/dev/null 2>&1; then
@@ -37,7 +41,7 @@ TIME_LIMIT=${KVCOMM_BENCH_TIME_LIMIT:-460}
 mkdir -p "$(dirname "$OUT")"
 if [[ "$DEVICE" == cuda* ]]; then
   if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_bench: torch sees no CUDA device (KVCOMM_BENCH_DEVICE=$DEVICE); run scripts/setup.sh on a GPU machine" >&2
+    echo "gpu_bench: $PY's torch sees no CUDA device (KVCOMM_BENCH_DEVICE=$DEVICE); set PYTHON to a CUDA build" >&2
     exit 2
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || true

@@ -15,8 +15,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # Ray 2.60 enables token au
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=False,
-             configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=1 << 30,  # never another's
+             log_to_driver=False, configure_logging=False)
     try:
         yield ray
     finally:

@@ -56,7 +56,7 @@ def cluster_config(model_dir: str, **changes) -> ClusterConfig:
 
 @pytest.fixture(scope="module")
 def cluster(ray_cluster, tiny_model_dir):
-    from cluster.job_runner import ClusterRunner
+    from cluster.batch.runner import ClusterRunner
     runner = ClusterRunner(cluster_config(tiny_model_dir, worker_max_restarts=-1)).start()
     yield runner
     runner.shutdown()
@@ -269,8 +269,8 @@ def test_pool_snapshots_never_see_a_partial_commit(ray_cluster) -> None:
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["dense", "kvcomm"])
 def test_jobs_through_two_workers_equal_the_single_process_engine(cluster, tiny_model_dir, mode) -> None:
-    """Dispatch "turn": the runner drives each job's DAG, its turns routed on their own across both workers
-    (a star: three agents in parallel, then the decision agent reading all three)."""
+    """The runner drives each job's DAG, its turns routed on their own across both workers (a star: three agents
+    in parallel, then the decision agent reading all three)."""
     namespace = f"parity-{mode}-{uuid.uuid4().hex[:8]}"
     jobs = [make_job(i, mode, namespace, topology="star") for i in range(4)]
     engine = oracle_engine(tiny_model_dir)
@@ -288,14 +288,14 @@ def test_jobs_through_two_workers_equal_the_single_process_engine(cluster, tiny_
 
 
 @pytest.mark.parametrize("mode", ["dense", "kvcomm"])
-def test_whole_jobs_on_alternating_workers_equal_the_single_process_engine(cluster, tiny_model_dir, mode) -> None:
-    """Dispatch "job": each job runs whole on one worker (0, 1, 0, 1)."""
+def test_pinned_jobs_on_alternating_workers_equal_the_single_process_engine(cluster, tiny_model_dir, mode) -> None:
+    """Each job's turns all pinned to one worker (0, 1, 0, 1): anchors recorded on one are reused on the other."""
     namespace = f"whole-{mode}-{uuid.uuid4().hex[:8]}"
     jobs = [make_job(i, mode, namespace) for i in range(4)]
     engine = oracle_engine(tiny_model_dir)
     expected = [run_job(engine, job) for job in jobs]
-    got = [cluster.run_job(job, worker=i % 2, dispatch="job") for i, job in enumerate(jobs)]
-    assert [g["worker"] for g in got] == ["worker-0", "worker-1", "worker-0", "worker-1"]
+    got = [cluster.run_job(job, worker=i % 2) for i, job in enumerate(jobs)]
+    assert [g["workers"] for g in got] == [["worker-0"], ["worker-1"], ["worker-0"], ["worker-1"]]
     for job, want, have in zip(jobs, expected, got):
         assert token_ids(have) == token_ids(want), job.id
         assert [t["reason"] for t in have["turns"]] == [t.reason for t in want.turns], job.id
@@ -321,6 +321,27 @@ def test_stop_strings_cut_responses_on_workers_as_in_the_single_process_engine(c
     assert all(stop not in t["text"] for t in have["turns"])
 
 
+def test_sampled_jobs_on_workers_equal_the_single_process_engine(cluster, tiny_model_dir) -> None:
+    """Temperature and top-p with seeds: two jobs at once (star: their turns share both workers' decode batches)
+    each equal their in-process runs draw for draw, since every sequence owns its seeded generator."""
+    namespace = f"sampled-{uuid.uuid4().hex[:8]}"
+    engine = oracle_engine(tiny_model_dir)
+    jobs = [build_job("math", TASKS[12 + i], num_agents=3, mode="dense", job_id=f"sampled-{i}", namespace=namespace,
+                      topology="star", decision=True,
+                      generation=GenerationParams(max_new_tokens=NEW_TOKENS, temperature=0.9, top_p=0.9, seed=seed))
+            for i, seed in enumerate((7, 8))]
+    expected = [run_job(engine, job) for job in jobs]
+    greedy = run_job(engine, build_job("math", TASKS[12], num_agents=3, mode="dense", namespace=namespace,
+                                       topology="star", decision=True,
+                                       generation=GenerationParams(max_new_tokens=NEW_TOKENS)))
+    assert token_ids(expected[0]) != token_ids(greedy)          # the sampler really draws
+    tickets = [cluster.submit(job) for job in jobs]
+    got = [cluster.result(ticket) for ticket in tickets]
+    for job, want, have in zip(jobs, expected, got):
+        assert token_ids(have) == token_ids(want), job.id
+    assert {w for g in got for w in g["workers"]} == {"worker-0", "worker-1"}
+
+
 def test_anchor_recorded_on_one_worker_is_reused_on_the_other(cluster) -> None:
     namespace = f"handoff-{uuid.uuid4().hex[:8]}"
     for i in (4, 5):
@@ -334,37 +355,33 @@ def test_anchor_recorded_on_one_worker_is_reused_on_the_other(cluster) -> None:
 
 
 def test_sixteen_concurrent_jobs_on_one_worker_equal_sequential_runs(cluster) -> None:
+    """Batched decode changes nothing in the answers; the speed of batching is `kvcomm bench throughput`'s to
+    measure (a wall-clock comparison on a shared CPU is not a test), so this checks that batching happened."""
     namespace = f"batch-{uuid.uuid4().hex[:8]}"
     jobs = [make_job(i, "dense", namespace, job_id=f"batch{i}") for i in range(16)]
-    t0 = time.perf_counter()
     sequential = [cluster.run_job(job, worker=0) for job in jobs]
-    sequential_s = time.perf_counter() - t0
     before = worker_stats(cluster, 0)["scheduler"]
-    t0 = time.perf_counter()
     tickets = [cluster.submit(job, worker=0) for job in jobs]
     concurrent = [cluster.result(t) for t in tickets]
-    concurrent_s = time.perf_counter() - t0
     after = worker_stats(cluster, 0)["scheduler"]
     for job, one, many in zip(jobs, sequential, concurrent):
         assert token_ids(many) == token_ids(one), job.id
     mean_batch = (after["step_sequences"] - before["step_sequences"]) / (after["steps"] - before["steps"])
     assert mean_batch > 4, f"turns of concurrent jobs were not batched (mean batch {mean_batch:.1f})"
-    assert concurrent_s < sequential_s, (concurrent_s, sequential_s)
 
 
 def test_routing_keeps_a_namespace_on_its_worker_and_spreads_new_ones(cluster) -> None:
     counts = cluster.inflight_per_worker()
     assert counts == [0, 0]
     namespace = f"route-{uuid.uuid4().hex[:8]}"
-    home = cluster.run_job(make_job(7, "dense", namespace), dispatch="job")["worker"]
-    assert cluster.run_job(make_job(8, "dense", namespace), dispatch="job")["worker"] == home
-    tickets = [cluster.submit(make_job(i, "dense", f"spread-{uuid.uuid4().hex[:6]}-{i}", job_id=f"s{i}"),
-                              dispatch="job") for i in range(4)]
-    assert sorted(t.worker for t in tickets) == [0, 0, 1, 1]    # new namespaces go to the least loaded worker
+    [home] = cluster.run_job(make_job(7, "dense", namespace))["workers"]   # one at a time: every turn at home
+    assert cluster.run_job(make_job(8, "dense", namespace))["workers"] == [home]
+    tickets = [cluster.submit(make_job(i, "dense", f"spread-{uuid.uuid4().hex[:6]}-{i}", job_id=f"s{i}"))
+               for i in range(4)]
+    spread = {w for ticket in tickets for w in cluster.result(ticket)["workers"]}
+    assert spread == {"worker-0", "worker-1"}                  # concurrent work goes to the least loaded worker
     results = list(cluster.run_jobs([make_job(i, "dense", namespace, job_id=f"r{i}") for i in range(3)]
                                     + [{"id": "broken", "task": "x", "agents": []}], concurrency=2))
-    for ticket in tickets:
-        cluster.result(ticket)
     by_id = {r["id"] if "error" in r else r["job_id"]: r for r in results}
     assert "agents" in by_id["broken"]["error"] and {"r0", "r1", "r2"} <= set(by_id)
     assert cluster.inflight_per_worker() == [0, 0]              # every routed unit was released
@@ -372,24 +389,23 @@ def test_routing_keeps_a_namespace_on_its_worker_and_spreads_new_ones(cluster) -
 
 def test_turns_go_to_the_worker_holding_their_contents_when_loads_tie(cluster) -> None:
     namespace = f"hold-{uuid.uuid4().hex[:8]}"
-    assert cluster.choose_worker(namespace, holders=[1, 1, 0]) == 1
-    assert cluster.choose_worker(namespace, holders=[0]) == 0
-    assert cluster.choose_worker(namespace, holders=[0], exclude=[0]) == 1
+    assert cluster.choose_worker(namespace, holders=["worker-1", "worker-1", "worker-0"]) == 1
+    assert cluster.choose_worker(namespace, holders=["worker-0"]) == 0
+    assert cluster.choose_worker(namespace, holders=["worker-0"], exclude=[0]) == 1
 
 
-@pytest.mark.parametrize("dispatch", ["turn", "job"])
-def test_work_whose_worker_dies_is_rerun_on_another_worker(cluster, dispatch) -> None:
+def test_work_whose_worker_dies_is_rerun_on_another_worker(cluster) -> None:
     """Kill worker 0 mid-job: the job still completes on worker 1 with the answers of a fault-free run."""
     import ray
     from ray.exceptions import ActorUnavailableError
-    job = build_job("math", TASKS[11], num_agents=3, mode="dense", job_id=f"survivor-{dispatch}", namespace="die",
+    job = build_job("math", TASKS[11], num_agents=3, mode="dense", job_id="survivor", namespace="die",
                     generation=GenerationParams(max_new_tokens=200, min_new_tokens=200))
-    fault_free = cluster.run_job(job, worker=1, dispatch=dispatch)
+    fault_free = cluster.run_job(job, worker=1)
     resubmitted = cluster.jobs_resubmitted
-    ticket = cluster.submit(job, worker=0, dispatch=dispatch)
+    ticket = cluster.submit(job, worker=0)
     ray.kill(cluster.workers[0], no_restart=False)    # worker 0 dies (Ray restarts it: worker_max_restarts=1)
     result = cluster.result(ticket)
-    assert "worker-1" in (result["workers"] if dispatch == "turn" else [result["worker"]])
+    assert "worker-1" in result["workers"]
     assert token_ids(result) == token_ids(fault_free)
     assert cluster.jobs_resubmitted > resubmitted
     deadline = time.monotonic() + 120
@@ -407,7 +423,7 @@ def test_lost_pool_costs_speed_never_answers_and_shutdown_leaves_nothing(ray_clu
     Then shutdown: the worker, the pool and the placement group are gone and the CPUs are free again."""
     import ray
     from ray.exceptions import RayActorError
-    from cluster.job_runner import ClusterRunner
+    from cluster.batch.runner import ClusterRunner
     free_before = ray.available_resources().get("CPU", 0)
     config = cluster_config(tiny_model_dir, num_workers=1, pool_call_timeout_s=5.0)
     runner = ClusterRunner(config).start()
@@ -435,7 +451,7 @@ def test_lost_pool_costs_speed_never_answers_and_shutdown_leaves_nothing(ray_clu
 
 
 def test_throughput_benchmark_reports_batching_workers_and_transfer(ray_cluster, tiny_model_dir, tmp_path) -> None:
-    from cluster import bench_throughput
+    from cluster.bench import throughput as bench_throughput
     base = cluster_config(tiny_model_dir, kvcomm={"gamma": GAMMA})
     report = bench_throughput.run(workers=(1, 2), jobs=6, model=tiny_model_dir, random_weights=True, agents=2,
                                   new_tokens=6, max_batch_size=8, transfer_tokens=(64,), transfer_repeats=2,

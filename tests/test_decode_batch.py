@@ -1,10 +1,11 @@
-"""The decode batch's persistent batched KV buffer: batched decode equals decoding each sequence alone."""
+"""The decode batch's persistent batched KV buffers: batched decode equals decoding each sequence alone."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvcomm.generation import DecodeBatch, Sampling, _capacity_class, generate_from_ids, result_of
+from kvcomm.generation import DecodeBatch, Sampling, generate_from_ids, result_of
+from kvcomm.memory_plan import capacity_class
 from kvcomm.model_loading import load_model
 from kvcomm.runner import BatchKV, ForwardRequest, ModelRunner
 
@@ -16,7 +17,7 @@ def tiny(request):
 
 
 def test_capacity_classes():
-    assert [_capacity_class(n) for n in (1, 64, 65, 96, 97, 161, 193, 257, 385)] == [64, 64, 96, 96, 128, 192,
+    assert [capacity_class(n) for n in (1, 64, 65, 96, 97, 161, 193, 257, 385)] == [64, 64, 96, 96, 128, 192,
                                                                                       256, 384, 512]
 
 
@@ -24,25 +25,25 @@ def test_decode_step_matches_forward_on_ragged_slots(tiny):
     loaded, runner = tiny
     gen = torch.Generator().manual_seed(0)
     lengths, starts = [7, 30, 19, 30, 1], [0, 0, 100, 5, 0]
-    alone, batched = [], BatchKV(loaded.spec, capacity=64, dtype=runner.dtype, device=runner.device, slots=2)
+    alone, batched = [], BatchKV(loaded.spec, capacity=64, dtype=runner.dtype, device=runner.device, slots=5)
     for n, start in zip(lengths, starts):
         ids = torch.randint(0, loaded.spec.vocab_size, (n,), generator=gen)
         _, kv = runner.prefill(ids, start=start, extra_capacity=4)
         assert batched.admit(kv) == len(alone)
         alone.append(kv)
-    assert batched.slots == 8   # grew by doubling
+    with pytest.raises(ValueError, match="slot"):   # a buffer never grows: the decode batch adds another one
+        batched.admit(alone[0])
     for _ in range(3):
         tokens = torch.randint(0, loaded.spec.vocab_size, (len(lengths),), generator=gen)
         expect = runner.forward([ForwardRequest(kv, tokens[i:i + 1]) for i, kv in enumerate(alone)])
         got = runner.decode_step([batched], tokens)
         assert (got - torch.cat(expect)).abs().max().item() < 1e-4
     assert batched.lengths == [n + 3 for n in lengths]
-    # releasing copies the new tokens back and keeps the used slots dense
+    # releasing hands the slot's tokens back in a buffer of exactly their length and keeps the used slots dense
     for slot in (1, 0):
-        into = runner.new_kv(alone[slot].segment(0, lengths[slot]), start=starts[slot])
         moved_length = batched.lengths[-1]
-        batched.release(slot, into)
-        assert into.length == lengths[slot] + 3 and into.start == starts[slot]
+        into = batched.release(slot)
+        assert into.length == into.capacity == lengths[slot] + 3 and into.start == starts[slot]
         assert (into.segment().keys - alone[slot].segment().keys).abs().max().item() < 1e-5
         assert (into.segment().values - alone[slot].segment().values).abs().max().item() < 1e-5
         assert batched.lengths[slot] == moved_length
@@ -52,7 +53,7 @@ def test_decode_step_matches_forward_on_ragged_slots(tiny):
 def test_two_groups_in_one_step(tiny):
     loaded, runner = tiny
     gen = torch.Generator().manual_seed(1)
-    small = BatchKV(loaded.spec, capacity=64, dtype=runner.dtype, device=runner.device)
+    small = BatchKV(loaded.spec, capacity=64, dtype=runner.dtype, device=runner.device, slots=2)
     large = BatchKV(loaded.spec, capacity=256, dtype=runner.dtype, device=runner.device)
     alone = []
     for n, group in ((10, small), (200, large), (12, small)):
@@ -95,7 +96,7 @@ def test_continuous_batching_equals_decoding_alone(smollm2):
     for i in range(3, 6):        # the 6th waits: max_batch_size is 4
         add(i)
     batch.step()
-    assert sorted(batch._groups) == [64, 128]   # slots are taken at the first step, per capacity class
+    assert sorted(batch._groups) == [64, 128]   # slots are taken on joining, per capacity class
     batch.run_until_done()
     assert not batch._groups     # every buffer was dropped
     for state, ref in zip(states, alone):
@@ -125,7 +126,6 @@ def test_removing_a_sequence_from_active_frees_its_slot(smollm2):
     # its buffer got the KV of every token generated so far except the last (not yet run through the model)
     assert gone.kv.length == gone.prompt_len + len(gone.tokens) - 1 == gone.prompt_len + 3
     assert gone.tokens == alone[1].token_ids[:4]
-    batch.active.clear()          # as a failed step does; the next step frees the slots
-    batch.step()
-    assert not batch._groups and all(s._group is None for s in states)
+    batch.active = []             # as a failed step does: every slot is freed at once
+    assert not batch._groups and all(s._group is None for s in states) and batch.kv_bytes == 0
     assert states[0].kv.length == states[0].prompt_len + 3

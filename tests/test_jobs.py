@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kvcomm.engine import MODES as ENGINE_MODES
 from kvcomm.harness.jobs import (MODES, AgentSpec, GenerationParams, JobSpec, JobSpecError, Turn, derive_edges,
                                  load_jobs)
 from kvcomm.harness.roles import (CODE, MATH, QA, TASK_KINDS, fully_connected_math_agents, prompt_set,
@@ -300,7 +301,9 @@ def test_load_jobs_json_list_yaml_and_bad_suffix(tmp_path):
 
 
 def test_modes_are_the_engine_modes():
-    assert MODES == ("dense", "dense-prefix", "naive", "cacheblend", "kvcomm", "hybrid")
+    """A job spec accepts exactly the modes the engine serves, in the same order (the error message lists them):
+    a mode added to, or renamed in, one of the two tuples fails here."""
+    assert MODES == ENGINE_MODES
 
 
 def test_fully_connected_math_agents_match_the_fidelity_setting():

@@ -9,12 +9,22 @@ README's ``## HTTP API (Ray Serve)`` section marks its examples with HTML commen
   fenced block with the response: JSON (``json``), or server-sent events (``text``).
 
 Each command is parsed (method, URL, headers, body) and sent with httpx to the server (``127.0.0.1:8000``
-replaced by its address; a ``job-<16 hex>`` id replaced by the id of the last job the examples created). The
-status must be STATUS and the body must have the shape shown: every key shown is there (responses may have
-more), with a value of the same JSON type; lists shown with n items match item by item, the last shown item
-standing for the rest; strings under `EXACT_KEYS` (ids, statuses, modes, roles, error messages, ...) must be
-equal, except that ``…`` in them matches anything and a hex id any hex id; other strings (the model's texts)
-only need to be strings. SSE responses must have the same event names in the same order, each data matching.
+replaced by its address; a ``job-<16 hex>`` id replaced by the id of the last job the examples created). Three
+checks per example:
+
+1. the status must be STATUS;
+2. the body must have the shape shown, and the values shown where no model decides them: every key shown is there
+   (responses may have more); lists shown with n items match item by item, the last shown item standing for the
+   rest; under `VALUE_KEYS` (reuse and gate decisions, counts, in-flight figures) numbers and booleans must equal
+   the shown ones; under `EXACT_KEYS` (ids, statuses, modes, roles, reasons, namespaces, error messages, ...)
+   strings must equal the shown ones, except that ``…`` matches anything and an id's random part (hex digits, or
+   a Serve replica's 8 letters and digits) any of the same length and alphabet; other values (the model's texts and
+   tokens, timings) only need the shown JSON type. SSE responses must have the same event names in the same
+   order, each data matching;
+3. what a model decides is compared with the in-process oracle (`Oracle`): the examples' requests replayed in
+   README order on an engine with the server's weights and kvcomm settings. Every turn a response carries (a job's
+   result, an event) must have the oracle's tokens, text, gate reason, reuse and prompt size, a job the oracle's
+   final answer and reuse rate, a chat completion the oracle's text, token counts and finish reason.
 
 The last test interrupts the server as a terminal's Ctrl-C does (SIGINT to its process group) and checks it says
 one line and exits 0, with no traceback.
@@ -47,7 +57,9 @@ SECTION = "## HTTP API (Ray Serve)"
 README_ADDRESS = "127.0.0.1:8000"
 README_MODEL = "smollm2-135m-instruct"
 EXACT_KEYS = {"id", "object", "status", "mode", "type", "param", "code", "message", "role", "model", "job_id",
-              "agent_id", "events", "owned_by", "finish_reason"}
+              "agent_id", "events", "owned_by", "finish_reason", "reason", "namespace", "worker", "workers", "job",
+              "replica"}
+VALUE_KEYS = {"reused", "reuse_rate", "turns_done", "round", "index", "attempts", "jobs_in_flight", "max_in_flight"}
 MARKER = re.compile(r"<!-- api-example: (?P<what>[^>]*?) -->\s*\n```(?P<lang>\w*)\n(?P<body>.*?)\n```"
                     r"(?:\s*\n```(?P<rlang>\w*)\n(?P<response>.*?)\n```)?", re.DOTALL)
 JOB_ID = re.compile(r"job-[0-9a-f]{16}")
@@ -134,10 +146,13 @@ def matches(shown: Any, actual: Any, path: str = "$", key: str | None = None) ->
     if shown is None:
         return [] if actual is None else [f"{path}: expected null, got {actual!r:.80}"]
     if isinstance(shown, bool):
-        return [] if isinstance(actual, bool) else [f"{path}: expected a boolean, got {actual!r:.80}"]
+        if not isinstance(actual, bool):
+            return [f"{path}: expected a boolean, got {actual!r:.80}"]
+        return [] if key not in VALUE_KEYS or actual == shown else [f"{path}: expected {shown}, got {actual}"]
     if isinstance(shown, (int, float)):
-        ok = isinstance(actual, (int, float)) and not isinstance(actual, bool)
-        return [] if ok else [f"{path}: expected a number, got {actual!r:.80}"]
+        if not isinstance(actual, (int, float)) or isinstance(actual, bool):
+            return [f"{path}: expected a number, got {actual!r:.80}"]
+        return [] if key not in VALUE_KEYS or actual == shown else [f"{path}: expected {shown}, got {actual}"]
     if not isinstance(actual, str):
         return [f"{path}: expected a string, got {actual!r:.80}"]
     if key in EXACT_KEYS and not re.fullmatch(_pattern(shown), actual, re.DOTALL):
@@ -145,13 +160,21 @@ def matches(shown: Any, actual: Any, path: str = "$", key: str | None = None) ->
     return []
 
 
+ID_PART = re.compile(r"(?<=replica-|ingress-)(?P<replica>[0-9a-z]{8})\b|(?<=-)(?P<hex>[0-9a-f]{8,})\b")
+
+
 def _pattern(shown: str) -> str:
-    """A shown string as a regular expression: ``…`` matches anything, a hex id (8 or more hex digits after a
-    ``-``: ``job-c55187e4ca2d42ad``) any id of hex digits."""
-    parts = []
-    for index, piece in enumerate(re.split(r"(?<=-)[0-9a-f]{8,}", shown)):
-        parts.append(("[0-9a-f]{8,}" if index else "") + ".*".join(re.escape(p) for p in piece.split("…")))
-    return "".join(parts)
+    """A shown string as a regular expression: ``…`` matches anything, an id's random part after a ``-`` (8 or
+    more hex digits: ``job-c55187e4ca2d42ad``; a Serve replica's 8 letters and digits: ``replica-5uzn9ed4``,
+    ``ingress-a1w6ptd3``) any of the same length and alphabet."""
+    def literal(piece: str) -> str:
+        return ".*".join(re.escape(p) for p in piece.split("…"))
+    out, at = [], 0
+    for found in ID_PART.finditer(shown):
+        alphabet = "0-9a-z" if found["replica"] else "0-9a-f"
+        out += [literal(shown[at:found.start()]), f"[{alphabet}]{{{len(found[0])}}}"]
+        at = found.end()
+    return "".join(out + [literal(shown[at:])])
 
 
 def parse_sse(text: str) -> list[tuple[str | None, Any]]:
@@ -187,6 +210,107 @@ def test_the_readme_examples_are_well_formed() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# the oracle: the examples' requests replayed in process
+# ------------------------------------------------------------------------------------------------------------
+TURN_FIELDS = ("role", "token_ids", "text", "reason", "reused", "prompt_tokens", "recomputed_tokens")
+
+
+class Oracle:
+    """The in-process engine with the server's weights and kvcomm settings, fed the examples' jobs and chats in README
+    order (so its anchor pool and chat contents go through the server's states)."""
+
+    def __init__(self, engine: Any, serve_settings: Any, chat_cache_bytes: int):
+        from kvcomm.chat import ChatContents, ChatTurns
+        self.engine, self.settings = engine, serve_settings
+        self.chats = ChatTurns(engine, ChatContents(chat_cache_bytes))
+        self.jobs: dict[str, Any] = {}           # the server's job id -> the oracle's `JobResult`
+
+    def run_job(self, server_id: str, body: dict[str, Any], mode: str | None) -> None:
+        from kvcomm.harness.jobs import JobSpec
+        from kvcomm.job_runner import run_job
+        self.jobs[server_id] = run_job(self.engine, JobSpec.from_dict({"id": server_id, **body}), mode=mode)
+
+    def chat(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The completion's text, token counts and finish reason (`kvcomm.chat.ChatTurns` in process, the chat in
+        the server's default namespace); None when sampled without a seed."""
+        from cluster.serve.openai_api import ChatCompletionRequest
+        if float(body.get("temperature", 1.0)) > 0 and body.get("seed") is None:
+            return None
+        params = ChatCompletionRequest.model_validate(body).params(
+            default_mode=self.settings.chat_mode, namespace=body.get("kvcomm", {}).get("namespace", "default"),
+            default_max_tokens=self.settings.default_max_tokens)
+        result = self.chats.run(params.request)
+        return {"content": result.text, "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": len(result.token_ids), "finish_reason": result.finish_reason}
+
+    # ---- comparisons --------------------------------------------------------------------------------------------
+    def turn_problems(self, turn: dict[str, Any], job_id: str, where: str) -> list[str]:
+        want = {(t.agent_id, t.round): t for t in self.jobs[job_id].turns}.get((turn["agent_id"], turn.get("round", 0)))
+        if want is None:
+            return [f"{where}: the oracle has no turn {turn['agent_id']}/{turn.get('round', 0)}"]
+        return [f"{where}.{name}: the oracle has {getattr(want, name)!r:.120}, the server {turn[name]!r:.120}"
+                for name in TURN_FIELDS if name in turn and turn[name] != getattr(want, name)]
+
+    def job_problems(self, job: dict[str, Any], where: str) -> list[str]:
+        """A job as the API shows it (or a ``done`` event): its result against the oracle's run."""
+        result = job.get("result")
+        if result is None:
+            return []
+        want = self.jobs[job["id"]]
+        problems = [f"{where}.result.{name}: the oracle has {expected!r:.120}, the server {result[name]!r:.120}"
+                    for name, expected in (("final_answer", want.final_answer), ("reuse_rate", want.reuse_rate),
+                                           ("mode", want.mode))
+                    if name in result and result[name] != expected]
+        turns = result.get("turns", [])
+        if len(turns) != len(want.turns):
+            problems.append(f"{where}.result.turns: {len(turns)} turns, the oracle ran {len(want.turns)}")
+        for index, turn in enumerate(turns):
+            problems += self.turn_problems(turn, job["id"], f"{where}.result.turns[{index}]")
+        return problems
+
+    def chat_problems(self, completion: dict[str, Any], body: dict[str, Any], where: str) -> list[str]:
+        want = self.chat(body)
+        if want is None:
+            return []
+        [choice] = completion["choices"]
+        got = {"content": choice["message"]["content"], "finish_reason": choice["finish_reason"],
+               "prompt_tokens": completion["usage"]["prompt_tokens"],
+               "completion_tokens": completion["usage"]["completion_tokens"]}
+        problems = [f"{where}.{name}: the oracle has {want[name]!r:.120}, the server {got[name]!r:.120}"
+                    for name in want if got[name] != want[name]]
+        if completion["usage"]["total_tokens"] != want["prompt_tokens"] + want["completion_tokens"]:
+            problems.append(f"{where}.usage.total_tokens: {completion['usage']['total_tokens']}")
+        return problems
+
+    def event_problems(self, events: list[tuple[str | None, Any]], body: dict[str, Any] | None,
+                       where: str) -> list[str]:
+        problems, chunks = [], []
+        for index, (name, data) in enumerate(events):
+            at = f"{where}[{index}]"
+            if name == "turn":
+                problems += (self.turn_problems(data, data["job"], at) if data.get("job") in self.jobs
+                             else [f"{at}: a turn event of no job the examples created ({data.get('job')!r})"])
+            elif name == "done":
+                problems += self.job_problems(data, at)
+            elif isinstance(data, dict) and data.get("object") == "chat.completion.chunk":
+                chunks.append(data)
+        if chunks and body is not None and (want := self.chat(body)) is not None:
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+            if text != want["content"]:
+                problems.append(f"{where}: the streamed text {text!r:.120}, the oracle's {want['content']!r:.120}")
+        return problems
+
+
+@pytest.fixture(scope="module")
+def oracle(server) -> Oracle:
+    from cluster.serve.config import ServeAppConfig
+    from kvcomm.session import build_engine
+    config = ServeAppConfig.from_args(server.args)
+    engine = build_engine(str(server.model_dir), random_weights=True, config=config.cluster.kvcomm.to_kvcomm())
+    return Oracle(engine, config.serve, config.chat_cache_bytes)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # `kvcomm serve` in a subprocess
 # ------------------------------------------------------------------------------------------------------------
 
@@ -197,8 +321,9 @@ def _sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 class Server:
-    def __init__(self, process: subprocess.Popen, url: str):
+    def __init__(self, process: subprocess.Popen, url: str, model_dir: Path, args: dict[str, Any]):
         self.process, self.url, self.lines = process, url, []
+        self.model_dir, self.args = model_dir, args          # its model and its application's args
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -262,7 +387,7 @@ def _serve(directory: Path):
     process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(path), "--num-cpus",
                                 "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, preexec_fn=_sigint_default)
-    server = Server(process, f"http://127.0.0.1:{port}")
+    server = Server(process, f"http://127.0.0.1:{port}", directory / "model", args)
     try:
         server.wait_ready(240)
         yield server
@@ -277,7 +402,7 @@ def _serve(directory: Path):
 
 @pytest.mark.ray
 @pytest.mark.slow            # the server's start: ~30 s on the 2-core CPU
-def test_the_readme_examples_run_against_the_server(server: Server) -> None:
+def test_the_readme_examples_run_against_the_server(server: Server, oracle: Oracle) -> None:
     files, examples = readme_examples()
     address = server.url.removeprefix("http://")
     last_job = None
@@ -293,16 +418,29 @@ def test_the_readme_examples_run_against_the_server(server: Server) -> None:
             response = http.request(request["method"], url, headers=request["headers"], content=body)
             where = f"{request['method']} {url}"
             assert response.status_code == example["status"], (where, response.status_code, response.text[:500])
+            sent = json.loads(body) if body is not None and response.status_code < 400 else None
+            route = httpx.URL(url)
             if example["lang"] == "json":
                 actual = response.json()
                 problems = matches(json.loads(example["response"]), actual)
                 if isinstance(actual, dict) and isinstance(actual.get("id"), str) and JOB_ID.fullmatch(actual["id"]):
                     last_job = actual["id"]
+                    if request["method"] == "POST":          # a new job: the oracle runs it too, in this order
+                        oracle.run_job(actual["id"], sent, route.params.get("mode"))
+                    problems += oracle.job_problems(actual, "$")
+                elif isinstance(actual, dict) and actual.get("object") == "chat.completion":
+                    problems += oracle.chat_problems(actual, sent, "$")
             else:
                 shown, actual = parse_sse(example["response"]), parse_sse(response.text)
                 assert [name for name, _ in actual] == [name for name, _ in shown], (where, response.text[:1000])
                 problems = [p for (_, want), (_, got) in zip(shown, actual) for p in matches(want, got)]
+                intro = next((data for name, data in actual if name == "job"), None)
+                if request["method"] == "POST" and intro is not None:     # ?stream=true: the job, then its events
+                    last_job = intro["id"]
+                    oracle.run_job(intro["id"], sent, route.params.get("mode"))
+                problems += oracle.event_problems(actual, sent, "$events")
             assert not problems, (where, problems, response.text[:1500])
+    assert oracle.jobs, "no example created a job"
 
 
 @pytest.mark.ray

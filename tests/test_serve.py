@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 import uuid
 
 import httpx
 import pytest
 
+from kvcomm.chat import chat_prompt_ids
 from kvcomm.config import KVCommConfig
 from kvcomm.generation import Sampling, generate_from_ids
 from kvcomm.harness.jobs import GenerationParams
@@ -23,17 +25,23 @@ from kvcomm.job_runner import run_job
 from kvcomm.session import build_engine
 
 from cluster.config import ClusterConfig
-from cluster.serve_app import ServeAppConfig, api_key_digests, load_serve_config_file
-from cluster.openai_api import chat_prompt_ids
+from cluster.serve.config import ServeAppConfig, api_key_digests, load_serve_config_file
 
 KEY, OTHER_KEY = "test-key-" + uuid.uuid4().hex, "other-key-" + uuid.uuid4().hex
 MODEL_NAME = "tiny-test"
 NEW_TOKENS = 8
+PER_KEY = 2          # serve.max_in_flight_per_key of the module's app
 
 
 def math_job(task: str, mode: str, job_id: str = "serve-job") -> dict:
     return build_job("math", task, num_agents=3, mode=mode, job_id=job_id,
                      generation=GenerationParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)).to_dict()
+
+
+def turn_facts(turns) -> list[tuple]:
+    """(agent, round, tokens, gate reason, reused) per turn, of result dicts or `TurnRecord`s."""
+    return [(t["agent_id"], t["round"], t["token_ids"], t["reason"], t["reused"]) if isinstance(t, dict) else
+            (t.agent_id, t.round, t.token_ids, t.reason, t.reused) for t in turns]
 
 
 def parse_sse(text: str) -> list[tuple[str | None, str]]:
@@ -64,7 +72,7 @@ def metric(text: str, sample: str) -> float:
 # configuration (no Ray needed)
 # ------------------------------------------------------------------------------------------------------------
 def test_in_flight_slots_cap_each_key_and_the_total() -> None:
-    from cluster.serve_app import APIError, InFlightSlots
+    from cluster.serve.http import APIError, InFlightSlots
     slots = InFlightSlots(limit=5, per_key=3, retry_after_s=2)
     for _ in range(3):
         slots.take("tenant-a")
@@ -91,8 +99,8 @@ def test_in_flight_slots_cap_each_key_and_the_total() -> None:
 
 
 def test_a_500_tells_the_client_an_error_id_and_logs_the_exception_under_it(caplog) -> None:
-    from cluster.serve_app import internal_error_message
-    with caplog.at_level("ERROR", logger="cluster.serve_app"):
+    from cluster.serve.http import internal_error_message
+    with caplog.at_level("ERROR", logger="cluster.serve.http"):
         try:
             raise RuntimeError("secret /home/tenant-b/prompt.txt")
         except RuntimeError:
@@ -129,17 +137,27 @@ def test_shipped_configs_validate_and_bad_args_name_the_field(tmp_path) -> None:
     [app] = gpu.applications
     cluster = app.config.cluster
     assert (cluster.device, cluster.num_workers, cluster.bundle()) == ("cuda", 8, {"CPU": 8.0, "GPU": 1.0})
-    assert app.config.serve.autoscaling.max_replicas == 8 and app.config.model_name == "llama-3.1-8b-instruct"
+    assert app.config.model_name == "llama-3.1-8b-instruct"
+    assert app.deployments["AgentWorkerDeployment"]["autoscaling_config"]["max_replicas"] == 8
+    assert app.deployments["KVCommIngress"]["num_replicas"] == 2
+    assert gpu.proxy_location == "HeadOnly"
+
+    two = load_serve_config_file("configs/local-2replicas.yaml")
+    [app] = two.applications
+    assert app.config.cluster.num_workers == 2 and app.deployments["KVCommIngress"] == {"num_replicas": 2}
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps({**local.raw, "applications": [
         {**local.raw["applications"][0], "args": {"cluster": {"num_wrokers": 2}}}]}))
     with pytest.raises(ValueError, match=r"applications\[0\]\.args: cluster\.num_wrokers"):
         load_serve_config_file(bad)
-    bad.write_text(json.dumps({"applications": [{"import_path": "cluster.serve_app:app_builder",
-                                                 "args": {"serve": {"autoscaling": {"min_replicas": 3,
-                                                                                    "max_replicas": 2}}}}]}))
-    with pytest.raises(ValueError, match=r"serve\.autoscaling"):
+    bad.write_text(json.dumps({"applications": [{"import_path": "cluster.serve.app:app_builder",
+                                                 "deployments": [{"name": "Wrokers", "num_replicas": 2}]}]}))
+    with pytest.raises(ValueError, match=r"applications\[0\]\.deployments\[0\]\.name: unknown deployment 'Wrokers'"):
+        load_serve_config_file(bad)
+    bad.write_text(json.dumps({"applications": [{"import_path": "cluster.serve.app:app_builder", "deployments": [
+        {"name": "AgentWorkerDeployment", "autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}]}]}))
+    with pytest.raises(ValueError, match=r"autoscaling_config"):
         load_serve_config_file(bad)
     settings = ServeAppConfig.from_args({"serve": {"api_keys": ["sekrit-1"]}}).serve
     assert len(api_key_digests(settings, {"KVCOMM_API_KEY": "sekrit-2, sekrit-3,sekrit-1"})) == 3
@@ -154,21 +172,22 @@ def test_shipped_configs_validate_and_bad_args_name_the_field(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def app_url(ray_cluster, tiny_model_dir):
     from ray import serve
-    from cluster.serve_app import app_builder, kill_pool_actor
+    from cluster.serve.app import app_builder, kill_service_actors
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     args = {"cluster": {"model": tiny_model_dir, "random_weights": True, "num_workers": 1, "cpus_per_worker": 0.5,
                         "threads_per_worker": 1, "pool_actor_name": f"serve-test-pool-{uuid.uuid4().hex[:8]}",
                         "ray_namespace": "kvcomm-test", "kvcomm": {"gamma": 1.0}},
-            "serve": {"served_model_name": MODEL_NAME, "api_keys": [KEY, OTHER_KEY], "max_body_bytes": 64 * 1024}}
+            "serve": {"served_model_name": MODEL_NAME, "api_keys": [KEY, OTHER_KEY], "max_body_bytes": 64 * 1024,
+                      "max_in_flight_per_key": PER_KEY}}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app_builder(args), name="kvcomm-test", route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        kill_pool_actor(ServeAppConfig.from_args(args))
+        kill_service_actors(ServeAppConfig.from_args(args))
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +244,9 @@ def test_openai_client_gets_a_completion_and_a_stream(app_url, oracle) -> None:
     with pytest.raises(openai.NotFoundError):
         api.models.retrieve("gpt-9")
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count to three."}]
+    dense = {"kvcomm": {"mode": "dense"}}        # the server's default is kvcomm; dense is the oracle's path
     completion = api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
-                                             seed=7)
+                                             seed=7, extra_body=dense)
     prompt = chat_prompt_ids(oracle.tokenizer, messages)
     want = generate_from_ids(oracle.runner, prompt, Sampling(max_new_tokens=6, stop_token_ids=oracle.stop_token_ids))
     text = completion.choices[0].message.content
@@ -237,7 +257,7 @@ def test_openai_client_gets_a_completion_and_a_stream(app_url, oracle) -> None:
     assert completion.choices[0].finish_reason == ("length" if len(want.token_ids) == 6 else "stop")
 
     chunks = list(api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0,
-                                              stream=True, stream_options={"include_usage": True}))
+                                              stream=True, stream_options={"include_usage": True}, extra_body=dense))
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(deltas) > 1 and "".join(deltas) == text            # token by token, the same greedy answer
     assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
@@ -261,23 +281,31 @@ def test_openai_stop_strings_cut_the_answer_before_the_stop_streamed_or_not(app_
     assert stop is not None, f"no usable stop string in the greedy answer {full!r}"
     want = full[:full.find(stop)]
 
+    dense = {"kvcomm": {"mode": "dense"}}
     completion = api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, temperature=0,
-                                             stop=[stop, "never-in-the-answer"])
+                                             stop=[stop, "never-in-the-answer"], extra_body=dense)
     assert completion.choices[0].message.content == want
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage.completion_tokens < len(greedy.token_ids)      # decoding ended at the stop
     chunks = list(api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, temperature=0,
-                                              stop=stop, stream=True))
+                                              stop=stop, stream=True, extra_body=dense))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want   # never a stop's start
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
 @pytest.mark.ray
-def test_a_stream_the_client_drops_stops_decoding(client) -> None:
-    import time
+def test_a_stream_the_client_drops_stops_decoding(client, oracle) -> None:
+    """Counted, not timed: the tiny model decodes 4,000 tokens within seconds, so only the replica's count of the
+    tokens it decoded for the chat tells a cancelled chat from one decoded to its end."""
     from ray import serve
     workers = serve.get_deployment_handle("AgentWorkerDeployment", "kvcomm-test")
-    request = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000,
+    messages, max_tokens, bound = [{"role": "user", "content": "go on"}], 4000, 1000
+    # OpenAI's API has no min_tokens: the greedy answer must not end by itself within `bound` tokens
+    greedy = generate_from_ids(oracle.runner, chat_prompt_ids(oracle.tokenizer, messages),
+                               Sampling(max_new_tokens=bound, stop_token_ids=oracle.stop_token_ids))
+    assert len(greedy.token_ids) == bound, "the greedy answer stops early: pick another prompt"
+    before = workers.stats.remote().result()["chats"]["tokens_generated"]
+    request = {"model": MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                "stream": True}
     with client.stream("POST", "/v1/chat/completions", json=request) as stream:
         chunks = 0
@@ -286,10 +314,12 @@ def test_a_stream_the_client_drops_stops_decoding(client) -> None:
             if chunks == 4:
                 assert workers.load.remote().result()["chats"] == 1
                 break
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120          # a bound on the wait only: the count below decides
     while workers.load.remote().result()["chats"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert workers.load.remote().result()["chats"] == 0          # cancelled long before 4000 tokens
+        time.sleep(0.05)
+    assert workers.load.remote().result()["chats"] == 0
+    decoded = workers.stats.remote().result()["chats"]["tokens_generated"] - before
+    assert 3 <= decoded < bound, f"{decoded} tokens decoded after the client left (of {max_tokens})"
     assert metric(client.get("/metrics").text, "kvcomm_queue_length") == 0
 
 
@@ -364,3 +394,80 @@ def test_bad_input_is_a_4xx_naming_the_field_and_the_server_still_answers(client
     ok = client.post("/v1/chat/completions", json=chat)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
     assert client.post("/v1/jobs?wait=true", json=job).json()["status"] == "succeeded"
+
+
+@pytest.mark.ray
+def test_kvcomm_jobs_over_http_equal_the_oracle_job_by_job(client, oracle) -> None:
+    """Sequential kvcomm jobs in a fresh namespace, and the same jobs in the same order on the in-process engine:
+    every turn's tokens, gate reason and reuse equal, so the pool went through the same states on both."""
+    from kvcomm.harness.jobs import JobSpec
+    namespace = f"http-kvcomm-{uuid.uuid4().hex[:8]}"
+    tasks = [f"Mia has {a} shells and finds {b} more. How many shells does Mia have?" for a, b in
+             [(3, 4), (5, 2), (6, 1), (2, 8), (7, 3)]]
+    jobs = [{**math_job(task, "kvcomm", job_id=f"kv-{i}"), "namespace": namespace} for i, task in enumerate(tasks)]
+    expected = [run_job(oracle, JobSpec.from_dict(job)) for job in jobs]
+    assert any(t.reused for want in expected for t in want.turns)        # the jobs exercise reuse, not only dense
+    for job, want in zip(jobs, expected):
+        response = client.post("/v1/jobs", params={"wait": "true"}, json=job,
+                               headers={"X-KVCOMM-Namespace": namespace})
+        assert response.status_code == 200, response.text
+        result = response.json()["result"]
+        assert turn_facts(result["turns"]) == turn_facts(want.turns), job["id"]
+        assert result["reuse_rate"] == want.reuse_rate and result["final_answer"] == want.final_answer
+
+
+@pytest.mark.ray
+def test_a_sampled_job_over_http_equals_the_oracle(client, oracle) -> None:
+    """Temperature and top-p with a seed: the server's sampled turns are the in-process engine's, draw for draw
+    (and differ from greedy decoding, so the sampler really ran)."""
+    from kvcomm.harness.jobs import JobSpec
+    def sampled(temperature: float) -> dict:
+        return build_job("math", "Ivy has 6 plums and eats 2. How many plums are left?", num_agents=3, mode="dense",
+                         job_id="sampled", generation=GenerationParams(max_new_tokens=NEW_TOKENS, top_p=0.9, seed=1234,
+                                                                        temperature=temperature)).to_dict()
+    job = sampled(0.9)
+    want = run_job(oracle, JobSpec.from_dict(job))
+    greedy = run_job(oracle, JobSpec.from_dict(sampled(0.0)))
+    assert [t.token_ids for t in want.turns] != [t.token_ids for t in greedy.turns]
+    response = client.post("/v1/jobs", params={"wait": "true"}, json=job)
+    assert response.status_code == 200, response.text
+    assert [t["token_ids"] for t in response.json()["result"]["turns"]] == [t.token_ids for t in want.turns]
+
+
+@pytest.mark.ray
+def test_the_per_key_cap_refuses_a_keys_third_job_with_429_while_another_key_gets_in(app_url, client) -> None:
+    """serve.max_in_flight_per_key = 2: key A's third unfinished job is refused at once (429, Retry-After, naming
+    the knob), key B is accepted meanwhile, and a slot freed by a cancel lets A in again."""
+    from cluster.serve.config import ServeSettings
+    slow = build_job("math", "Ben has 3 kites and buys 4 more. How many kites?", num_agents=1, mode="dense",
+                     job_id="slow", generation=GenerationParams(max_new_tokens=3000, min_new_tokens=3000)).to_dict()
+    with httpx.Client(base_url=app_url, headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=120) as other:
+        held = []
+        try:
+            for _ in range(PER_KEY):
+                accepted = client.post("/v1/jobs", json=slow)
+                assert accepted.status_code == 202, accepted.text
+                held.append((client, accepted.json()["id"]))
+            refused = client.post("/v1/jobs", json=slow)
+            accepted_b = other.post("/v1/jobs", json=slow)
+            assert accepted_b.status_code == 202, accepted_b.text
+            held.append((other, accepted_b.json()["id"]))
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["Retry-After"] == str(ServeSettings().retry_after_s)
+            error = refused.json()["error"]
+            assert error["code"] == "key_busy" and f"serve.max_in_flight_per_key = {PER_KEY}" in error["message"]
+            # a running job of A cancelled: its slot is free again once its turn has stopped
+            http, job_id = held.pop(0)
+            assert http.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+            deadline = time.monotonic() + 30
+            while (again := client.post("/v1/jobs", json=slow)).status_code == 429 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert again.status_code == 202, again.text
+            held.append((client, again.json()["id"]))
+        finally:
+            for http, job_id in held:
+                http.delete(f"/v1/jobs/{job_id}")
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{app_url}/healthz", timeout=30).json()["jobs_in_flight"]:
+        assert time.monotonic() < deadline, "cancelled jobs still hold their slots"
+        time.sleep(0.1)

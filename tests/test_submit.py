@@ -1,7 +1,8 @@
 """`kvcomm submit`: results file, resume, error lines, and a clean shutdown of everything it started.
 
 Real runs: one `AgentWorker` of tiny-llama (random weights, embedded tokenizer) on the session `ray_cluster`, and
-once in a subprocess that starts (and must stop) its own local Ray cluster.
+once in a subprocess that starts (and must stop) its own local Ray cluster. Every result written must equal the
+in-process engine's run of its job (`kvcomm.job_runner.run_job`, the oracle): token ids and final answer.
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from kvcomm.harness.jobs import GenerationParams
+from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
+from kvcomm.job_runner import run_job
+from kvcomm.session import build_engine
 
-from cluster.submit import finished_ids, main, read_jobs
+from cluster.batch.submit import finished_ids, main, read_jobs
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +42,20 @@ def job_line(job_id: str, task: str = "Ann has 2 pens and finds 3 more. How many
     return json.dumps(job)
 
 
+@pytest.fixture(scope="module")
+def oracle(tiny_model_dir):
+    return build_engine(tiny_model_dir, random_weights=True)
+
+
+def assert_equals_oracle(record: dict, line: str, oracle) -> None:
+    """A result record has the tokens and final answer of the in-process run of its job (given as its line)."""
+    want = run_job(oracle, JobSpec.from_dict(json.loads(line)))
+    assert record["job_id"] == want.job_id
+    assert [t["token_ids"] for t in record["turns"]] == [t.token_ids for t in want.turns], record["id"]
+    assert [t["text"] for t in record["turns"]] == [t.text for t in want.turns], record["id"]
+    assert record["final_answer"] == want.final_answer, record["id"]
+
+
 def records(path: Path) -> list[dict]:
     out = []
     for line in path.read_text().splitlines():
@@ -49,11 +66,12 @@ def records(path: Path) -> list[dict]:
     return out
 
 
-def test_submit_writes_results_records_errors_and_resumes(ray_cluster, tmp_path, tiny_model_dir) -> None:
+def test_submit_writes_results_records_errors_and_resumes(ray_cluster, tmp_path, tiny_model_dir, oracle) -> None:
     jobs = tmp_path / "jobs.jsonl"
+    ok2_line = job_line("ok2", task="Bo has 4 cups and breaks 1. How many cups?")
     jobs.write_text("\n".join([
         job_line("ok1"),
-        job_line("ok2"),
+        ok2_line,
         job_line("badmode", mode="warp"),
         job_line("toolong", task="apple " * 5000),      # past tiny-llama's 4096-token context: fails in the worker
         "{not json",
@@ -71,6 +89,7 @@ def test_submit_writes_results_records_errors_and_resumes(ray_cluster, tmp_path,
     assert by_id["ok1"] == [{"id": "ok1", "final_answer": "from the earlier run"}]     # skipped: already done
     [ok2] = by_id["ok2"]
     assert ok2["job_id"] == "ok2" and len(ok2["turns"]) == 2 and ok2["workers"] == ["worker-0"]
+    assert_equals_oracle(ok2, ok2_line, oracle)
     assert "mode" in by_id["badmode"][0]["error"] and "warp" in by_id["badmode"][0]["error"]
     assert "ContextLengthError" in by_id["toolong"][0]["error"]
     assert "invalid JSON" in by_id["line-5"][0]["error"]
@@ -83,6 +102,7 @@ def test_submit_writes_results_records_errors_and_resumes(ray_cluster, tmp_path,
         again[record["id"]] = again.get(record["id"], 0) + 1
     assert again["ok1"] == 1 and again["ok2"] == 1
     assert again["badmode"] == 2 and again["toolong"] == 2
+    assert [r for r in records(out) if r["id"] == "ok2"] == [ok2]      # not run again, not rewritten
 
 
 def test_read_jobs_reports_each_bad_line_and_duplicate(tmp_path) -> None:
@@ -111,7 +131,7 @@ def _processes_with_marker(marker: str) -> dict[int, str]:
     return found
 
 
-def test_submit_in_a_fresh_process_leaves_no_ray_processes(tmp_path, tiny_model_dir) -> None:
+def test_submit_in_a_fresh_process_leaves_no_ray_processes(tmp_path, tiny_model_dir, oracle) -> None:
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(job_line("solo") + "\n")
     out = tmp_path / "results.jsonl"
@@ -119,7 +139,7 @@ def test_submit_in_a_fresh_process_leaves_no_ray_processes(tmp_path, tiny_model_
     marker = f"kvcomm-submit-test-{uuid.uuid4().hex}"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", KVCOMM_TEST_MARKER=marker)
     process = subprocess.Popen(
-        [sys.executable, "-m", "cluster.submit", str(jobs), "--out", str(out), "--config", str(config),
+        [sys.executable, "-m", "cluster.batch.submit", str(jobs), "--out", str(out), "--config", str(config),
          "--num-cpus", "1", "--object-store-mb", "256", "--no-progress"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen_while_running: dict[int, str] = {}
@@ -135,6 +155,7 @@ def test_submit_in_a_fresh_process_leaves_no_ray_processes(tmp_path, tiny_model_
     assert any("raylet" in c for c in seen_while_running.values()), seen_while_running
     [record] = records(out)
     assert record["id"] == "solo" and len(record["turns"]) == 2
+    assert_equals_oracle(record, job_line("solo"), oracle)
     deadline = time.monotonic() + 20            # Ray's processes exit asynchronously after ray.shutdown()
     leftovers = _processes_with_marker(marker)
     while leftovers and time.monotonic() < deadline:

@@ -247,7 +247,7 @@ def run_group(engine: KVCommEngine, mode: str, jobs: Sequence[JobSpec], *, dense
     order: list[list[tuple[str, int]]] = [[] for _ in jobs]
     run = GroupRun(mode, list(jobs), turns, [], order, 0.0)
 
-    def on_result(index: int, turn: Turn, result: TurnResult) -> None:
+    def on_result(index: int, turn: Turn, result: TurnResult, record: object) -> None:
         key = (turn.agent_id, turn.round)
         order[index].append(key)
         turns[index][key] = TurnInfo(tuple(result.prompt_ids), result.first_logits.float(), list(result.token_ids),

@@ -230,8 +230,10 @@ class TTFTBench:
                                           namespace=NAMESPACE, transaction=txn if mode in POOL_MODES else None)
                     _synchronize(self.runner.device)
                     prepared = engine.prepare(request)
-                    first = DecodeBatch(self.runner, max_batch_size=1).add(
-                        prepared.kv, prepared.last_logits[-1], self.sampling, started_at=prepared.started)
+                    batch = DecodeBatch(self.runner, max_batch_size=1)
+                    first = batch.add(prepared.kv, prepared.last_logits[-1], self.sampling,
+                                      started_at=prepared.started)
+                    batch.active = ()   # out of its decode slot: prepared.kv holds the prompt's KV again
                     ttft = first.first_token_at - first.started_at   # the engine's TTFT, without the decode
                     sample.turns.append(TurnMeasurement(
                         index, k, mode, ttft, dict(prepared.timings), prepared.reused, prepared.reason,
@@ -239,7 +241,7 @@ class TTFTBench:
                     prompt_ids = prepared.prompt_ids
                     if not prepared.reused and not source_is_dense:
                         response_source, source_is_dense = prepared.kv, mode == "dense"
-                    del prepared, first
+                    del prepared, first, batch
                     if on_turn is not None:
                         on_turn(sample.turns[-1])
                 if k < setting.agents:                         # the last agent's response has no consumer

@@ -84,7 +84,8 @@ def app_args(tiny_model_dir) -> dict[str, Any]:
 @pytest.fixture(scope="package")
 def app(ray_cluster, app_args) -> App:
     from ray import serve
-    from cluster.serve_app import ServeAppConfig, app_builder, kill_pool_actor
+    from cluster.serve.app import app_builder, kill_service_actors
+    from cluster.serve.config import ServeAppConfig
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -94,7 +95,7 @@ def app(ray_cluster, app_args) -> App:
         yield App(f"http://127.0.0.1:{port}", KEY, OTHER_KEY, dict(LIMITS))
     finally:
         serve.shutdown()
-        kill_pool_actor(ServeAppConfig.from_args(app_args))
+        kill_service_actors(ServeAppConfig.from_args(app_args))
 
 
 @pytest.fixture(scope="package")

@@ -1,4 +1,4 @@
-"""The HTTP drills of `kvcomm bench reliability` (`cluster.bench_http`) against the package's Serve app.
+"""The HTTP drills of `kvcomm bench reliability` (`cluster.bench.http`) against the package's Serve app.
 
 The benchmark runs them on its own app (SmolLM2 on a fresh local cluster); here they run, with the same code, on
 tests/reliability/conftest.py's app: the seeded corpus of malformed requests (no 5xx, every error in OpenAI's
@@ -12,8 +12,9 @@ import collections
 
 import pytest
 
-from cluster.bench_http import fuzz_corpus, fuzz_drill, load_drill
-from cluster.bench_reliability import markdown_table
+from cluster.bench.fuzz import fuzz_corpus
+from cluster.bench.http import fuzz_drill, load_drill
+from cluster.bench.reliability import markdown_table
 
 from .conftest import MODEL_NAME, App, math_job, report
 

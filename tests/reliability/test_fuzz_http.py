@@ -18,7 +18,7 @@ be the OpenAI error shape, and afterwards the server still answers a valid chat 
 slot is leaked. The request count and the status-code histogram are printed (`report`).
 
 The value lists (special strings and numbers, raw bodies, header shapes, paths), how a request is sent and how a
-response is judged are `cluster.bench_http`'s, whose seeded corpus of the same kinds `kvcomm bench reliability`
+response is judged are `cluster.bench.http`'s, whose seeded corpus of the same kinds `kvcomm bench reliability`
 sends (tests/reliability/test_bench_http.py); Hypothesis explores them further here. Derandomized, the requests
 are the same on every run of the same code; Hypothesis also mixes in literals of the project's loaded modules, so
 a code change anywhere can change the sample (and the histogram).
@@ -35,11 +35,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.bench_http import (CONTENT_TYPES, HEADER_ALPHABET, METHODS, MODE_VALUES, NAMESPACE_VALUES, ROUTE_PATHS,
+from cluster.bench.fuzz import (CONTENT_TYPES, HEADER_ALPHABET, METHODS, MODE_VALUES, NAMESPACE_VALUES, ROUTE_PATHS,
                                 SPECIAL_FLOATS, SPECIAL_INTS, WAIT_VALUES, _slots, auth_shapes, auth_targets,
-                                oversized_bodies, raw_bodies, request_headers, response_problem, send,
-                                special_strings)
-from cluster.bench_http import dumps as _dumps
+                                oversized_bodies, raw_bodies, special_strings)
+from cluster.bench.fuzz import dumps as _dumps
+from cluster.bench.http import request_headers, response_problem, send
 
 from .conftest import MODEL_NAME, App, chat_request, math_job, report
 

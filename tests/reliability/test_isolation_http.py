@@ -1,4 +1,5 @@
-"""Tenant isolation over HTTP: one API key cannot read, or learn of, another key's jobs; keys never reach the logs.
+"""Tenant isolation over HTTP: one API key cannot read, or learn of, another key's jobs; keys never reach the logs;
+concurrent kvcomm jobs in separate anchor namespaces each equal their own in-process oracle.
 
 tests/test_serve.py already checks that ``GET /v1/jobs/{id}`` is 404 for another key or another namespace header;
 this adds the events stream, that the 404 for someone else's job is the very answer an unknown id gets (ids do not
@@ -71,3 +72,46 @@ def test_api_keys_never_appear_in_logs_or_error_bodies(app: App, ray_cluster) ->
     leaks = [str(path) for path in files
              if any(key.encode() in path.read_bytes() for key in (app.key, app.other_key))]
     assert not leaks, f"an API key appears in {leaks}"
+
+
+def test_concurrent_kvcomm_jobs_in_separate_namespaces_each_equal_their_own_oracle(app: App, oracle) -> None:
+    """Three streams of kvcomm jobs at once (two keys sending the same namespace header, and another namespace),
+    each stream's jobs one after another. Each must equal its own in-process run in a namespace of its own: an
+    anchor leaking between namespaces would change a gate decision (a reason, a reuse) or the tokens."""
+    import threading
+    import uuid
+
+    from kvcomm.harness.jobs import JobSpec
+    from kvcomm.job_runner import run_job
+    app.wait_idle()
+    streams = [(app.key, "team"), (app.other_key, "team"), (app.key, f"solo-{uuid.uuid4().hex[:6]}")]
+    tasks = ["Kim has {} beads and buys {} more. How many beads?", "Lou has {} cards and wins {} more. How many?"]
+    jobs = {s: [math_job(tasks[i % 2].format(3 + i + j, 2 + j), "kvcomm", job_id=f"iso-{i}-{j}")
+                for j in range(3)] for i, s in enumerate(streams)}
+    expected = {}
+    for stream, stream_jobs in jobs.items():          # each stream in a fresh oracle namespace
+        namespace = f"oracle-{uuid.uuid4().hex[:8]}"
+        expected[stream] = [run_job(oracle, JobSpec.from_dict({**job, "namespace": namespace})) for job in stream_jobs]
+    assert any(t.reused for results in expected.values() for r in results for t in r.turns)
+    got: dict = {}
+
+    def run(stream) -> None:
+        key, header = stream
+        with app.client(key) as http:
+            got[stream] = [http.post("/v1/jobs", params={"wait": "true"}, json=job,
+                                     headers={"X-KVCOMM-Namespace": header}) for job in jobs[stream]]
+
+    threads = [threading.Thread(target=run, args=(stream,)) for stream in streams]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    for stream in streams:
+        assert len(got.get(stream, [])) == 3, stream
+        for response, want in zip(got[stream], expected[stream]):
+            assert response.status_code == 200, response.text
+            result = response.json()["result"]
+            facts = [(t["agent_id"], t["token_ids"], t["reason"], t["reused"]) for t in result["turns"]]
+            assert facts == [(t.agent_id, t.token_ids, t.reason, t.reused) for t in want.turns], (stream, want.job_id)
+    namespaces = {response.json()["namespace"] for stream in streams for response in got[stream]}
+    assert len(namespaces) == 3, namespaces                    # one anchor namespace per (key, header)

@@ -4,7 +4,7 @@ with 429 and Retry-After, and the server serves again once it has passed.
 The package's Serve app (tests/reliability/conftest.py: one worker replica of tiny-llama on half a CPU,
 ``serve.max_in_flight`` 32, ``serve.retry_after_s`` 2). The oracle is the in-process engine over the same random
 weights, running each job alone (`kvcomm.job_runner.run_job`): in dense mode every job's turns must come back with
-exactly its own sequential tokens, however the worker batched them (`cluster.bench_http.load_drill`, the
+exactly its own sequential tokens, however the worker batched them (`cluster.bench.http.load_drill`, the
 benchmark's own drill). Latency percentiles and throughput are printed (`report`).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from cluster.bench_http import load_drill
+from cluster.bench.http import load_drill
 from kvcomm.harness.jobs import JobSpec
 from kvcomm.job_runner import run_job
 

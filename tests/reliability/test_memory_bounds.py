@@ -9,10 +9,10 @@ return their results directly and an object is the payload itself (`in_process_r
   `ContentResolver`s take turns; each task reads its namespace's anchors, stages a new anchor (tiny-llama-shaped
   random KV of a random length), both consumers' deltas and activations of anchors it saw, commits them into an
   `AnchorPoolState`, and passes its input's and responses' KV from one worker to the other.
-* 120 real jobs on tiny-llama with random weights, run turn by turn through `actors.turns.execute_content` /
-  `execute_turn` as `cluster.dag.DagJob` sends them (orders alternate between two `KVCommEngine`s over one model
-  runner, so contents cross from one worker to the other); afterwards every content KV a job produced or fetched
-  is either dead or in a content cache.
+* 200 real jobs (`JOBS`) on tiny-llama with random weights, driven by the cluster's own driver (`cluster.driver.DagJob`)
+  with an in-process executor: each order runs at once through `actors.turns.execute_content` / `execute_turn`,
+  alternating between two `KVCommEngine`s over one model runner, so contents cross from one worker to the other;
+  afterwards every content KV a job produced or fetched is either dead or in a content cache.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
-from kvcomm.job_runner import POOL_MODES, resolve_placeholder
 from kvcomm.model_spec import PRESETS
 from kvcomm.session import build_engine
 
@@ -39,8 +38,8 @@ from kvcomm.rope import Rope
 
 from actors.anchor_pool_actor import AnchorPoolState, RemoteAnchorPool, merge_payloads, transaction_payload
 from actors.transfer import SegmentRef, segment_to_payload
-from actors.turns import (ContentHandle, ContentOrder, ContentResolver, TurnOrder, execute_content, execute_turn,
-                          handle_of)
+from actors.turns import ContentHandle, ContentResolver, TurnOrder, execute_content, execute_turn
+from cluster.driver import DagJob, Reply
 
 pytestmark = pytest.mark.reliability
 
@@ -178,7 +177,7 @@ def _handle(segment: KVSegment, holder: int) -> ContentHandle:
     """A content as the driver holds it; its "object" is the payload itself."""
     ref = SegmentRef.describe(segment, segment_to_payload(segment))
     return ContentHandle("response", tuple(range(segment.num_tokens)), uuid.uuid4().hex, ref, uuid.uuid4().hex,
-                         holder)
+                         f"worker-{holder}")
 
 
 def run_task(i: int, workers: list[Worker], state: AnchorPoolState, rng: random.Random, g: torch.Generator) -> None:
@@ -230,49 +229,30 @@ def test_a_thousand_distinct_tasks_keep_the_pool_and_worker_caches_within_budget
 # ------------------------------------------------------------------------------------------------------------
 # real jobs on the engine, turn by turn
 # ------------------------------------------------------------------------------------------------------------
-def run_turn_by_turn(job, workers: list[Worker], state: AnchorPoolState, counter: list[int]) -> list[str]:
-    """One job as `cluster.dag.DagJob` runs it (the user input, then each level's turns, then one commit); each
-    order goes to the next worker in turn. Returns the turns' gate reasons."""
-    pooled = job.mode in POOL_MODES
-    consumed = frozenset(name for agent in job.agents for name in job.placeholders_of(agent.id))
+class InProcessCalls:
+    """The `TurnExecutor` of these jobs: each order runs at once, on the next worker in turn; "refs" are the
+    payloads themselves; a job's staged payloads are merged and committed into the pool state."""
 
-    def next_worker() -> Worker:
-        counter[0] += 1
-        return workers[counter[0] % len(workers)]
+    def __init__(self, workers: list[Worker], state: AnchorPoolState):
+        self.workers, self.state, self.sent = workers, state, 0
 
-    staged, responses, conditions, reasons = [], {}, {}, []
-    user_input = None
-    if "user_question" in consumed:
-        w = next_worker()
-        outcome, payload, pool_payload = execute_content(
-            w.engine, ContentOrder(job.namespace, job.task, "input", ("user_question",), pooled), w.contents,
-            f"worker-{w.index}")
-        user_input = handle_of(outcome.produced, payload, w.index)
-        staged.append(pool_payload)
-    for level in job.turn_levels():
-        orders = []
-        for turn in level:                     # a level's orders are all sent before any of them finishes
-            agent = job.agent(turn.agent_id)
-            contents = {name: resolve_placeholder(name, turn, user_input, responses, conditions)
-                        for name in agent.template_for_round(turn.round).placeholders()}
-            orders.append((turn, TurnOrder(job.id, job.namespace, job.mode, agent.to_dict(), turn.round, contents,
-                                           consumed, pooled)))
-        done = []
-        for turn, order in orders:
-            w = next_worker()
-            done.append((turn, order, w, execute_turn(w.engine, order, w.contents, f"worker-{w.index}")))
-        for turn, order, w, (outcome, response, condition, pool_payload) in done:
-            for name, (anchor_ids, gate_reasons) in outcome.gate_state.items():
-                order.contents[name].learn_gate_state(anchor_ids, gate_reasons)
-            responses[(turn.agent_id, turn.round)] = handle_of(outcome.produced, response, w.index)
-            if outcome.condition is not None:
-                conditions[(turn.agent_id, turn.round)] = handle_of(outcome.condition, condition, w.index)
-            staged.append(pool_payload)
-            reasons.append(outcome.record["reason"])
-    merged = merge_payloads(staged)
-    if merged is not None:
-        state.commit(merged)
-    return reasons
+    def send(self, order: Any) -> Reply:
+        self.sent += 1
+        w = self.workers[self.sent % len(self.workers)]
+        execute = execute_turn if isinstance(order, TurnOrder) else execute_content
+        outcome, *payloads = execute(w.engine, order, w.contents, f"worker-{w.index}")
+        return Reply(outcome, payloads)
+
+    def wait(self, call: Reply) -> Reply:
+        return call
+
+    def cancel(self, call: Reply) -> None:
+        pass
+
+    def commit(self, staged: list[Any]) -> None:
+        merged = merge_payloads(staged)
+        if merged is not None:
+            self.state.commit(merged)
 
 
 @pytest.fixture
@@ -292,7 +272,7 @@ def test_finished_jobs_leave_only_bounded_caches_behind(tiny_model_dir, in_proce
     workers = [Worker(i, config, actor, base.runner.rope, base) for i in range(2)]
     bounds = Bounds(state, workers)
     rng = random.Random(0)
-    counter = [0]
+    calls = InProcessCalls(workers, state)
     reasons: dict[str, int] = {}
     started = time.perf_counter()
     for i in range(JOBS):
@@ -300,8 +280,9 @@ def test_finished_jobs_leave_only_bounded_caches_behind(tiny_model_dir, in_proce
         task = f"Question {i}: Tom counts {rng.randint(10, 99)} {words}. How many are there?"
         job = build_job("math", task, num_agents=2, mode="kvcomm", job_id=f"mem-{i}", namespace=f"tenant-{i % 4}",
                         generation=GenerationParams(max_new_tokens=1, min_new_tokens=1))
-        for reason in run_turn_by_turn(job, workers, state, counter):
-            reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
+        for turn in DagJob(job, job.mode, calls).run()["turns"]:
+            kind = turn["reason"].split(":")[0]
+            reasons[kind] = reasons.get(kind, 0) + 1
         bounds.check(i)
     elapsed = time.perf_counter() - started
     del job

@@ -48,7 +48,7 @@ def pool_contents(pool, namespace: str) -> dict:
 def test_a_killed_pool_comes_back_with_its_saved_anchors_and_jobs_reuse_them(ray_cluster, tiny_model_dir,
                                                                               tmp_path) -> None:
     import ray
-    from cluster.job_runner import ClusterRunner
+    from cluster.batch.runner import ClusterRunner
     path = tmp_path / "pool.snapshot"
     config = ClusterConfig(model=tiny_model_dir, random_weights=True, num_workers=1, cpus_per_worker=0.5,
                            threads_per_worker=1, pool_actor_name=f"snap-pool-{uuid.uuid4().hex[:8]}",

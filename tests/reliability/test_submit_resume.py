@@ -1,13 +1,14 @@
 """`kvcomm submit` interrupted and restarted: the batch finishes with each job's result exactly once in the output.
 
-Three runs of ``python -m cluster.submit JOBS --out RESULTS.jsonl`` in fresh processes, each starting its own local
+Three runs of ``python -m cluster.batch.submit JOBS --out RESULTS.jsonl`` in fresh processes, each starting its own local
 Ray cluster (tiny-llama, random weights, one worker, two jobs in flight): the first gets SIGINT once results are
 being written (it shuts down what it started and exits 130), then a crash mid-write is simulated (a torn last
 line), the second is SIGKILLed mid-batch, the third finishes. After every exit no process of that run's Ray
 cluster is left (tracked by a marker in their environment and as descendants of the driver, sampled while it
 runs), and no job thread started a second cluster. After a SIGKILL, Ray's GCS and raylet die with the driver
 (parent-death signal) and workers follow the raylet, but its dashboard and runtime-env agents would linger about a
-minute: `cluster.reaper` kills them; the test measures how long the cleanup takes.
+minute: `cluster.reaper` kills them; the test measures how long the cleanup takes. Every result, whichever run
+wrote it, must equal the in-process engine's run of its job (token ids, texts, final answer).
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from kvcomm.harness.jobs import GenerationParams
+from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
+from kvcomm.job_runner import run_job
 
-from cluster.submit import finished_ids
+from cluster.batch.submit import finished_ids
 from procfs import process_stat, running_processes
 
 pytestmark = [pytest.mark.reliability, pytest.mark.ray]
@@ -84,7 +86,7 @@ class Run:
         env.update(RAY_AUTH_MODE="disabled", KVCOMM_TEST_MARKER=self.marker)
         self.out = out
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cluster.submit", str(jobs), "--out", str(out), "--config", str(config),
+            [sys.executable, "-m", "cluster.batch.submit", str(jobs), "--out", str(out), "--config", str(config),
              "--num-cpus", "1", "--object-store-mb", "256", "--concurrency", "2", "--no-progress"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=_sigint_default)
@@ -128,13 +130,14 @@ class Run:
             time.sleep(0.2)
 
 
-def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(tiny_model_dir, tmp_path) -> None:
+def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(tiny_model_dir, tmp_path,
+                                                                             oracle) -> None:
     ids = [f"job-{i:02d}" for i in range(JOBS)]
+    specs = [build_job("math", f"Ann has {i + 2} pens and finds {i % 5 + 1} more. How many pens?", num_agents=2,
+                       mode="dense", job_id=job_id, generation=GenerationParams(max_new_tokens=12))
+             for i, job_id in enumerate(ids)]
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("".join(json.dumps(build_job(
-        "math", f"Ann has {i + 2} pens and finds {i % 5 + 1} more. How many pens?", num_agents=2, mode="dense",
-        job_id=job_id, generation=GenerationParams(max_new_tokens=12)).to_dict()) + "\n"
-        for i, job_id in enumerate(ids)))
+    jobs.write_text("".join(json.dumps(spec.to_dict()) + "\n" for spec in specs))
     config = tmp_path / "cluster.yaml"
     config.write_text(f"model: {tiny_model_dir}\nrandom_weights: true\nnum_workers: 1\ncpus_per_worker: 0.5\n"
                       f"threads_per_worker: 1\npool_actor_name: resume-pool-{uuid.uuid4().hex[:8]}\n"
@@ -181,6 +184,13 @@ def test_interrupted_and_killed_batches_resume_to_exactly_one_result_per_job(tin
     assert per_id == {job_id: 1 for job_id in ids}, per_id                          # each result exactly once
     assert len(records) == JOBS and finished_ids(out) == set(ids)
     assert all(len(r["turns"]) == 2 for r in records)
+    # the content: each result, from whichever run, is the in-process engine's run of its job
+    expected = {spec.id: run_job(oracle, JobSpec.from_dict(spec.to_dict())) for spec in specs}
+    for record in records:
+        want = expected[record["id"]]
+        assert [t["token_ids"] for t in record["turns"]] == [t.token_ids for t in want.turns], record["id"]
+        assert [t["text"] for t in record["turns"]] == [t.text for t in want.turns], record["id"]
+        assert record["final_answer"] == want.final_answer, record["id"]
     print(f"\n[reliability] submit resume: {JOBS} jobs over 3 runs ({len(after_first)} done before SIGINT, "
           f"{len(after_second)} before SIGKILL); each result once; Ray processes gone "
           + ", ".join(f"{k} +{v:.1f} s" for k, v in cleanup_s.items()))

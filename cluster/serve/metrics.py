@@ -10,20 +10,24 @@ This module owns `ServiceMetrics`, which the ingress replica keeps (one per repl
 Metrics (labels in brackets):
 
 =================================  =========  ==============================================================
-kvcomm_ttft_seconds                histogram  time to first token of each agent turn or chat [mode]
+kvcomm_ttft_seconds                histogram  time to first token of each agent turn or chat [mode; chats:
+                                              chat-<mode>, from reaching the worker replica]
 kvcomm_turns_total                 counter    agent turns by the engine's decision reason [mode, reason]
 kvcomm_reuse_rate                  gauge      share of the mode's turns that skipped prefill entirely [mode]
 kvcomm_jobs_total                  counter    finished jobs [mode, status]
 kvcomm_chat_completions_total      counter    finished chat completions [finish_reason]
+kvcomm_chat_decisions_total        counter    chat completions by the engine's decision reason [mode, reason]
 kvcomm_generated_tokens_total      counter    generated tokens [source: job|chat]
 kvcomm_prompt_tokens_total         counter    prompt tokens of turns and chats [source]
+kvcomm_reused_prompt_tokens_total  counter    prompt tokens whose KV was reused, not computed [source]
 kvcomm_http_requests_total         counter    HTTP responses [route, code]
 kvcomm_queue_length                gauge      jobs and chats accepted by the ingress and not finished
 kvcomm_anchor_pool_anchors         gauge      anchors in the pool actor (all namespaces)
 kvcomm_anchor_pool_bytes           gauge      bytes of anchor tensors in the pool actor
 =================================  =========  ==============================================================
 
-Chat completions are dense prefills; their TTFT is recorded under ``mode="chat"``.
+A chat's reused prompt tokens are its ``usage.prompt_tokens_details.cached_tokens``; a turn's are its prompt tokens
+less those that went through the model before its first token.
 """
 from __future__ import annotations
 
@@ -69,9 +73,14 @@ class ServiceMetrics:
                     ("mode", "status")),
             _Family("kvcomm_chat_completions_total", "counter", "Finished chat completions, by finish reason.",
                     ("finish_reason",)),
+            _Family("kvcomm_chat_decisions_total", "counter", "Chat completions, by serving mode and the engine's "
+                    "decision reason (reused, dense_mode, new_anchor:<gate reason>, no_compatible_anchor, ...).",
+                    ("mode", "reason")),
             _Family("kvcomm_generated_tokens_total", "counter", "Generated tokens.", ("source",)),
             _Family("kvcomm_prompt_tokens_total", "counter", "Prompt tokens of agent turns and chat completions.",
                     ("source",)),
+            _Family("kvcomm_reused_prompt_tokens_total", "counter", "Prompt tokens of agent turns and chat "
+                    "completions whose KV was reused instead of computed.", ("source",)),
             _Family("kvcomm_http_requests_total", "counter", "HTTP responses of the ingress, by route and status code.",
                     ("route", "code")),
             _Family("kvcomm_queue_length", "gauge", "Jobs and chat completions accepted by the ingress and not finished."),
@@ -128,10 +137,11 @@ class ServiceMetrics:
                 log.debug("Ray metric %s not recorded: %s", name, exc)
 
     def observe_turn(self, mode: str, reason: str, ttft_s: float, reused: bool, prompt_tokens: int,
-                     generated_tokens: int) -> None:
+                     generated_tokens: int, reused_tokens: int = 0) -> None:
         self._record("kvcomm_ttft_seconds", ttft_s, {"mode": mode}, how="observe")
         self._record("kvcomm_turns_total", 1, {"mode": mode, "reason": reason}, how="inc")
         self._record("kvcomm_prompt_tokens_total", prompt_tokens, {"source": "job"}, how="inc")
+        self._record("kvcomm_reused_prompt_tokens_total", reused_tokens, {"source": "job"}, how="inc")
         self._record("kvcomm_generated_tokens_total", generated_tokens, {"source": "job"}, how="inc")
         with self._lock:
             counts = self._reuse.setdefault(mode, [0, 0])
@@ -143,11 +153,15 @@ class ServiceMetrics:
     def observe_job(self, mode: str, status: str) -> None:
         self._record("kvcomm_jobs_total", 1, {"mode": mode, "status": status}, how="inc")
 
-    def observe_chat(self, ttft_s: float, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> None:
-        self._record("kvcomm_ttft_seconds", ttft_s, {"mode": "chat"}, how="observe")
-        self._record("kvcomm_chat_completions_total", 1, {"finish_reason": finish_reason}, how="inc")
-        self._record("kvcomm_prompt_tokens_total", prompt_tokens, {"source": "chat"}, how="inc")
-        self._record("kvcomm_generated_tokens_total", completion_tokens, {"source": "chat"}, how="inc")
+    def observe_chat(self, done: dict[str, Any]) -> None:
+        """A finished chat completion (a worker's ``done`` event, `cluster.serve.worker`)."""
+        mode = done["mode"]
+        self._record("kvcomm_ttft_seconds", done["ttft_s"], {"mode": f"chat-{mode}"}, how="observe")
+        self._record("kvcomm_chat_completions_total", 1, {"finish_reason": done["finish_reason"]}, how="inc")
+        self._record("kvcomm_chat_decisions_total", 1, {"mode": mode, "reason": done["reason"]}, how="inc")
+        self._record("kvcomm_prompt_tokens_total", done["prompt_tokens"], {"source": "chat"}, how="inc")
+        self._record("kvcomm_reused_prompt_tokens_total", done["cached_tokens"], {"source": "chat"}, how="inc")
+        self._record("kvcomm_generated_tokens_total", done["completion_tokens"], {"source": "chat"}, how="inc")
 
     def observe_response(self, route: str, code: int) -> None:
         self._record("kvcomm_http_requests_total", 1, {"route": route, "code": str(code)}, how="inc")

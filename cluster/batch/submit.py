@@ -1,12 +1,20 @@
-"""`kvcomm submit JOBS --out RESULTS.jsonl`: run a file of jobs on a Ray cluster, resumably, one JSON line per job.
+"""`kvcomm submit JOBS --out RESULTS.jsonl`: run a file of jobs on a cluster, resumably, one JSON line per job.
 
-This module owns batch submission: connecting to a cluster (``--address auto`` / ``ray://...``) or starting a
-local one (``ray.init(num_cpus=..., include_dashboard=False)`` with ``RAY_AUTH_MODE=disabled`` unless set), the
-`ClusterRunner`, a progress bar (jobs done, reuse rate, throughput), and the results file:
+This module owns batch submission, a progress bar (jobs done, reuse rate, throughput) and the results file. The
+jobs run on one of two fleets, driven by the same job driver (`cluster.driver.DagJob`):
+
+* ``--url http://host:port``: a running deployment (``kvcomm serve``, ``serve run``): the jobs are posted to its
+  jobs API (``POST /v1/jobs?wait=true``; a 429 is retried after its ``Retry-After``), so batch and HTTP clients
+  share one warm fleet and one anchor pool. ``--api-key`` (or ``KVCOMM_API_KEY``) authenticates; a job's anchors
+  are namespaced by its ``namespace`` (and the key) as for any HTTP client;
+* otherwise worker actors of its own (`cluster.batch.runner.ClusterRunner`), on a cluster it joins (``--address
+  auto`` / ``ray://...``) or a local one it starts (`cluster.runtime.RayRuntime`).
+
+The results file:
 
 * one JSON line per job, written and flushed as the job finishes: the job's result (`JobResult.to_dict()` plus
-  ``"id"`` and where it ran: ``"workers"``, or ``"worker"`` with dispatch "job") or ``{"id": ..., "error": ...}``
-  when the job is invalid or fails; one failure never stops the batch;
+  ``"id"`` and the ``"workers"`` its turns ran on) or ``{"id": ..., "error": ...}`` when the job is invalid or
+  fails; one failure never stops the batch;
 * resumable: ids that already have a result line in the output file are skipped; ids that only have error lines
   are run again (a later line for an id supersedes earlier ones); a torn last line (a crash mid-write) is ignored;
 * everything this command started (the workers, the pool actor, a local Ray cluster) is shut down on exit, on
@@ -19,15 +27,15 @@ Exit status: 0 when every job of this run succeeded, 1 when some failed (their e
 2 for a usage error (bad job file, bad config), 130 when interrupted (run it again to resume).
 
 Wiring: `add_submit_parser(subparsers)` adds the ``submit`` subcommand to an argparse subparsers object (its
-``func`` is `cli_main(args) -> int`); `main(argv)` runs it standalone (``python -m cluster.submit``).
+``func`` is `cli_main(args) -> int`); `main(argv)` runs it standalone (``python -m cluster.batch.submit``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import concurrent.futures
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,8 +43,8 @@ from typing import Any, Iterator
 
 from kvcomm.harness.jobs import JobSpec, JobSpecError, load_jobs
 
-from .config import ClusterConfig
-from .reaper import start_reaper, stop_reaper
+from ..config import ClusterConfig
+from ..runtime import RayRuntime
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -154,6 +162,9 @@ class Progress:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("jobs", help="job file: .jsonl (one job per line), .json or .yaml")
     parser.add_argument("--out", required=True, help="results file (JSONL); an existing one is resumed")
+    parser.add_argument("--url", default=None,
+                        help="a running deployment's base URL (http://host:port): the jobs go to its jobs API")
+    parser.add_argument("--api-key", default=None, help="with --url: the API key (default: $KVCOMM_API_KEY)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join: 'auto' or 'ray://host:10001' (default: start a local cluster)")
     parser.add_argument("--config", default=None, help="cluster config YAML (cluster.config.ClusterConfig)")
@@ -163,7 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random weights for a preset architecture (overrides the config)")
     parser.add_argument("--mode", default=None, help="run every job in this mode instead of its own")
     parser.add_argument("--concurrency", type=int, default=None,
-                        help="jobs in flight (default: workers x max_batch_size)")
+                        help="jobs in flight (default: workers x max_batch_size; with --url 16)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="CPUs of a local cluster (default: this machine's, at least what the workers need)")
     parser.add_argument("--object-store-mb", type=int, default=2560,
@@ -192,59 +203,6 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
     return config.with_(**overrides) if overrides else config
 
 
-class RayConnection:
-    """Joins or starts Ray; `close()` shuts down only a cluster this object started or connected.
-
-    A local cluster it starts dies with this process however it ends, SIGKILL included: `cluster.reaper` watches
-    it from a process of its own and kills what outlives this one (Ray's dashboard and runtime-env agents would
-    linger about a minute), or what `ray.shutdown()` left running after `close()`.
-    Ray's auto-init is turned off in this process for good: a job thread that outlives `close()` (Ctrl-C with
-    jobs in flight) gets an error from its next Ray call instead of starting a second, unowned cluster.
-    """
-
-    def __init__(self, address: str | None, num_cpus: int, object_store_mb: int):
-        import ray
-        self._owned = False
-        self._reaper: subprocess.Popen | None = None
-        if ray.is_initialized():
-            return          # the calling process is already connected: use that cluster, leave it running
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        _no_auto_init()
-        if address:
-            ray.init(address=address)
-        else:
-            self._reaper = start_reaper()
-            try:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mb << 20)
-            except BaseException:
-                self._stop_reaper()
-                raise
-        self._owned = True
-
-    def close(self) -> None:
-        import ray
-        if self._owned:
-            ray.shutdown()
-            self._owned = False
-        self._stop_reaper()
-
-    def _stop_reaper(self) -> None:
-        if self._reaper is not None:
-            stop_reaper(self._reaper)                 # it sweeps up what ray.shutdown left running
-            self._reaper = None
-
-
-def _no_auto_init() -> None:
-    """Ray API calls without a connection raise instead of calling `ray.init()` (Ray reads the variable at
-    import, so the flag it set is cleared too)."""
-    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-    try:
-        from ray._private import auto_init_hook
-        auto_init_hook.enable_auto_connect = False
-    except (ImportError, AttributeError):   # another Ray version: the variable alone
-        pass
-
-
 def submit(args: argparse.Namespace) -> int:
     """Run the `submit` command on parsed arguments; the exit status."""
     try:
@@ -264,20 +222,26 @@ def submit(args: argparse.Namespace) -> int:
     progress = Progress(len(todo) + len(bad), enabled=not args.no_progress)
     connection = None
     runner = None
+    records: Iterator[dict[str, Any]] = iter(())
     interrupted = False
     try:
         for record in bad:
             results.write(record)
             progress.update(record)
-        if todo:
-            from .job_runner import ClusterRunner
+        if todo and args.url:
+            api_key = args.api_key or os.environ.get("KVCOMM_API_KEY", "").split(",")[0].strip() or None
+            records = run_over_http(args.url, todo, mode=args.mode, concurrency=args.concurrency or 16,
+                                    api_key=api_key)
+        elif todo:
+            from .runner import ClusterRunner
             needed = math.ceil(config.num_workers * config.cpus_per_worker)
-            connection = RayConnection(args.address, args.num_cpus or max(os.cpu_count() or 1, needed),
-                                        args.object_store_mb)
+            connection = RayRuntime(args.address, num_cpus=args.num_cpus or max(os.cpu_count() or 1, needed),
+                                    object_store_mb=args.object_store_mb)
             runner = ClusterRunner(config).start()
-            for record in _with_ids(runner.run_jobs(todo, mode=args.mode, concurrency=args.concurrency)):
-                results.write(record)
-                progress.update(record)
+            records = runner.run_jobs(todo, mode=args.mode, concurrency=args.concurrency)
+        for record in _with_ids(records):
+            results.write(record)
+            progress.update(record)
     except KeyboardInterrupt:
         interrupted = True                   # every line written so far is complete: a rerun resumes after it
     finally:
@@ -295,6 +259,61 @@ def submit(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     return 1 if progress.failed else 0
+
+
+def run_over_http(url: str, jobs: list[JobSpec], *, mode: str | None, concurrency: int,
+                  api_key: str | None = None, timeout_s: float = 3600.0) -> Iterator[dict[str, Any]]:
+    """Run `jobs` on a deployment's jobs API, `concurrency` at a time; yield each one's result record (or error
+    record) as it finishes. A 429 is retried after its Retry-After; a job still running when this generator is
+    closed is cancelled by the server (its client went away)."""
+    import httpx
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    params = {"wait": "true", **({"mode": mode} if mode else {})}
+    base = url.rstrip("/")
+
+    def one(client: httpx.Client, job: JobSpec) -> dict[str, Any]:
+        while True:
+            try:
+                response = client.post(f"{base}/v1/jobs", params=params, json=job.to_dict(), headers=headers)
+            except httpx.HTTPError as exc:
+                return {"id": job.id, "error": f"{type(exc).__name__}: {exc}"}
+            if response.status_code == 429:
+                time.sleep(float(response.headers.get("retry-after", "1")))
+                continue
+            body = _json_or_text(response)
+            if response.status_code == 200 and isinstance(body, dict) and "result" in body:
+                return {"id": job.id, **body["result"], "http_job": body["id"]}
+            message = body.get("error", {}).get("message") if isinstance(body, dict) else str(body)
+            return {"id": job.id, "error": f"HTTP {response.status_code}: {message}"}
+
+    with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=30.0),
+                      limits=httpx.Limits(max_connections=concurrency)) as client, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
+        queue = iter(jobs)
+        running: set[concurrent.futures.Future] = set()
+        try:
+            while True:
+                while len(running) < concurrency:
+                    job = next(queue, None)
+                    if job is None:
+                        break
+                    running.add(pool.submit(one, client, job))
+                if not running:
+                    return
+                done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in running:
+                future.cancel()
+            client.close()             # in-flight requests end; the server cancels their jobs
+
+
+def _json_or_text(response: Any) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:300]
 
 
 def _with_ids(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -1,17 +1,17 @@
-"""`ClusterRunner`: runs multi-agent jobs on a pool of `AgentWorker`s placed on a Ray cluster.
+"""`ClusterRunner`: runs multi-agent jobs on `AgentWorker` actors placed on a Ray cluster (no Serve).
 
-This module owns the cluster's lifecycle and routing: `start()` places one bundle per worker (cluster.placement),
+This module owns that fleet's lifecycle and routing: `start()` places one bundle per worker (cluster.placement),
 creates (or joins) the named `AnchorPoolActor` and starts the workers in their bundles; `submit`/`run_job` start
-a job on a driver thread, either turn by turn across workers (dispatch "turn", the default: `cluster.dag`) or
-whole on one worker (dispatch "job"); `run_jobs` keeps many jobs in flight and yields each result as it finishes
-(a failed job becomes an error record, the batch goes on); `shutdown()` kills what `start()` created and removes
-the placement group.
+a job on a driver thread, where the cluster's one job driver (`cluster.driver.DagJob`) runs it turn by turn with
+this runner as its `TurnExecutor`; `run_jobs` keeps many jobs in flight and yields each result as it finishes (a
+failed job becomes an error record, the batch goes on); `shutdown()` kills what `start()` created and removes the
+placement group. `kvcomm submit` without ``--url`` uses it; the HTTP service runs the same driver on Serve.
 
-Routing. Each unit of work (a turn, or a whole job) goes to a least-loaded worker (units this runner has in
-flight; `affinity_slack` lets a worker carry that many more); among those, to the one that computed most of the
-contents the turn reads (their KV is in its cache), then to the one that last served the job's namespace (its
-anchors are in its cache), then to the one idle longest. A turn or job whose worker died is sent to another
-worker, up to `job_retries` times per job.
+Routing. Each order goes to a least-loaded worker (orders this runner has in flight; `affinity_slack` lets a
+worker carry that many more); among those, to the one that computed most of the contents the turn reads (their
+KV is in its cache), then to the one that last served the job's namespace (its anchors are in its cache), then to
+the one idle longest. (Serve replicas are routed by `cluster.serve.router` on the same preferences.) An order
+whose worker died is sent to another worker, up to `job_retries` times per job.
 """
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 
 from actors.agent_worker import start_agent_worker
 from actors.anchor_pool_actor import get_or_create_pool_actor
+from actors.turns import ContentOrder, TurnOrder, TurnOutcome
 from kvcomm.harness.jobs import JobSpec, JobSpecError
 
-from .config import ClusterConfig
-from .dag import DagJob
-from .placement import bundle_strategy, create_worker_placement_group, remove_placement_group
+from ..config import ClusterConfig
+from ..driver import DagJob, Reply, WorkerLost
+from ..placement import bundle_strategy, create_worker_placement_group, pool_store_problem, remove_placement_group
 
 log = logging.getLogger(__name__)
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -44,14 +45,77 @@ class ClusterNotStarted(RuntimeError):
 
 @dataclass
 class JobTicket:
-    """One submitted job: its id, its dict, how it is dispatched, and the future of its result dict."""
+    """One submitted job: its id, its dict, its driver, and the future of its result dict."""
     job_id: str
     job: dict[str, Any]
     mode: str | None
-    dispatch: str                 # "turn" | "job"
-    worker: int | None            # the worker running it whole (dispatch "job"); None when turns are routed
+    dag: DagJob
     future: concurrent.futures.Future
     submitted_at: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Cancel the job: its turns in flight stop, nothing is committed, its result raises `JobCancelled`."""
+        self.dag.cancel()
+
+
+@dataclass
+class _WorkerCall:
+    """One order in flight on worker `index`: its ObjectRefs (the outcome first)."""
+    order: TurnOrder | ContentOrder
+    index: int
+    refs: list[Any]
+    released: bool = False
+
+
+class _JobCalls:
+    """The `TurnExecutor` one job's driver sees: orders go to this runner's workers (or all to `pinned`)."""
+
+    def __init__(self, runner: "ClusterRunner", pinned: int | None):
+        self.runner, self.pinned = runner, pinned
+        self._just_lost: int | None = None    # the worker the last lost order ran on: the resend avoids it
+
+    def send(self, order: TurnOrder | ContentOrder) -> _WorkerCall:
+        runner = self.runner
+        hint = order.routing_hint()
+        pinned = self.pinned
+        if self._just_lost is not None:       # a resend: to a worker that answers (or this one, restarted)
+            pinned, self._just_lost = runner.await_live_worker(exclude=(self._just_lost,)), None
+        index = runner.acquire_worker(hint.namespace, holders=hint.holders, pinned=pinned)
+        method, returns = ("run_turn", 4) if isinstance(order, TurnOrder) else ("make_content", 3)
+        try:
+            refs = getattr(runner.workers[index], method).options(num_returns=returns).remote(order)
+        except BaseException:
+            runner.release_worker(index)
+            raise
+        return _WorkerCall(order, index, list(refs))
+
+    def wait(self, call: _WorkerCall) -> Reply:
+        try:
+            outcome: TurnOutcome = ray.get(call.refs[0])
+        except WORKER_LOST as exc:
+            self._just_lost = call.index
+            self.pinned = None             # a job pinned to a worker that died moves on like any other
+            raise WorkerLost(f"worker-{call.index} lost ({error_message(exc)})") from None
+        finally:
+            self._release(call)
+        return Reply(outcome, call.refs[1:])
+
+    def cancel(self, call: _WorkerCall) -> None:
+        ray.cancel(call.refs[0])          # the worker's method sees CancelledError; its turn leaves the batch
+        self._release(call)
+
+    def _release(self, call: _WorkerCall) -> None:
+        if not call.released:
+            call.released = True
+            self.runner.release_worker(call.index)
+
+    def commit(self, staged: list[Any]) -> None:
+        runner = self.runner
+        try:
+            ray.get(runner.pool_actor.commit_parts.remote(*staged), timeout=runner.config.pool_call_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a lost pool loses this job's anchors, never its answers
+            runner.note_commit_dropped()
+            log.warning("anchor pool commit dropped (%s); later jobs relearn these anchors", error_message(exc))
 
 
 def job_as_dict(job: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
@@ -59,11 +123,6 @@ def job_as_dict(job: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(job, JobSpec):
         return job.to_dict()
     return JobSpec.from_dict(dict(job)).to_dict()
-
-
-def workers_of(result: Mapping[str, Any]) -> list[str]:
-    """The workers a job result ran on: its turns' (dispatch "turn") or its one worker's (dispatch "job")."""
-    return list(result["workers"]) if "workers" in result else [result["worker"]]
 
 
 def error_message(exc: BaseException) -> str:
@@ -166,24 +225,26 @@ class ClusterRunner:
             raise ClusterNotStarted("the cluster runner is not started (call start() or use it as a context manager)")
 
     def inflight_per_worker(self) -> list[int]:
-        """Turns (dispatch "turn") or whole jobs (dispatch "job") this runner has in flight on each worker."""
+        """Orders (turns and user inputs) this runner has in flight on each worker."""
         with self._lock:
             return list(self._load)
 
-    def choose_worker(self, namespace: str, exclude: Iterable[int] = (), holders: Iterable[int] = ()) -> int:
-        """The worker for the next turn or job of `namespace` (see the module docstring); counts nothing."""
+    def choose_worker(self, namespace: str, exclude: Iterable[int] = (), holders: Iterable[str] = ()) -> int:
+        """The worker for the next order of `namespace` (see the module docstring); counts nothing. `holders`:
+        the worker ids that computed the contents the order reads."""
         self._require_started()
         with self._lock:
             return self._choose(namespace, set(exclude), list(holders))
 
-    def _choose(self, namespace: str, excluded: set[int], holders: list[int]) -> int:
+    def _choose(self, namespace: str, excluded: set[int], holders: list[str]) -> int:
         candidates = [i for i in range(len(self.workers)) if i not in excluded] or list(range(len(self.workers)))
         least = min(self._load[i] for i in candidates)
         eligible = [i for i in candidates if self._load[i] <= least + self.config.affinity_slack]
         home = self._affinity.get(namespace)
-        return min(eligible, key=lambda i: (-holders.count(i), i != home, self._load[i], self._last_assigned[i]))
+        return min(eligible, key=lambda i: (-holders.count(f"worker-{i}"), i != home, self._load[i],
+                                            self._last_assigned[i]))
 
-    def acquire_worker(self, namespace: str, *, holders: Iterable[int] = (), exclude: Iterable[int] = (),
+    def acquire_worker(self, namespace: str, *, holders: Iterable[str] = (), exclude: Iterable[int] = (),
                        pinned: int | None = None) -> int:
         """Choose a worker (or take `pinned`) and count one more unit of work on it; `release_worker` undoes."""
         self._require_started()
@@ -237,59 +298,32 @@ class ClusterRunner:
             self.commits_dropped += 1
 
     # ---- jobs ---------------------------------------------------------------------------------------------------
-    def submit(self, job: JobSpec | Mapping[str, Any], mode: str | None = None, *, worker: int | None = None,
-               dispatch: str | None = None) -> JobTicket:
-        """Validate `job` and start it; `result(ticket)` waits for its result dict.
-
-        `dispatch` (default: the config's) is "turn" (this runner drives the job's DAG, every turn routed on its
-        own, see `cluster.dag`) or "job" (the job runs whole on one worker). `worker` pins it to that worker."""
+    def submit(self, job: JobSpec | Mapping[str, Any], mode: str | None = None, *,
+               worker: int | None = None) -> JobTicket:
+        """Validate `job` and start it on a driver thread (`cluster.driver.DagJob`, every turn routed on its own;
+        `worker` pins them all to that worker); `result(ticket)` waits for its result dict."""
         self._require_started()
         if worker is not None and not 0 <= worker < len(self.workers):
             raise ValueError(f"worker must be in [0, {len(self.workers)}), got {worker}")
-        dispatch = dispatch or self.config.dispatch
-        if dispatch not in ("turn", "job"):
-            raise ValueError(f"dispatch must be 'turn' or 'job', got {dispatch!r}")
         data = job_as_dict(job)
         with self._lock:
             self.jobs_submitted += 1
-        if dispatch == "turn":
-            spec = JobSpec.from_dict(data)
-            dag = DagJob(self, spec, mode or spec.mode, worker=worker)
-            return JobTicket(spec.id, data, mode, dispatch, None, self._driver.submit(dag.run))
-        index = self.acquire_worker(data.get("namespace", "default"), pinned=worker)
-        future = self._driver.submit(self._run_whole_job, data, mode, index)
-        return JobTicket(str(data["id"]), data, mode, dispatch, index, future)
-
-    def _run_whole_job(self, data: dict[str, Any], mode: str | None, index: int) -> dict[str, Any]:
-        """Dispatch "job": the worker runs the job whole; a job whose worker died is rerun on another one."""
-        retries = self.config.job_retries
-        namespace = data.get("namespace", "default")
-        try:
-            while True:
-                try:
-                    return ray.get(self.workers[index].run_job.remote(data, mode))
-                except WORKER_LOST as exc:
-                    if retries <= 0:
-                        raise
-                    retries -= 1
-                    self.note_resubmitted()
-                    log.warning("job %s: worker-%d lost (%s); resubmitting", data["id"], index, error_message(exc))
-                    self.release_worker(index)
-                    index = self.acquire_worker(namespace, pinned=self.await_live_worker(exclude=[index]))
-        finally:
-            self.release_worker(index)
+        spec = JobSpec.from_dict(data)
+        dag = DagJob(spec, mode or spec.mode, _JobCalls(self, worker), retries=self.config.job_retries,
+                     on_retry=lambda _: self.note_resubmitted())
+        return JobTicket(spec.id, data, mode, dag, self._driver.submit(dag.run))
 
     def run_job(self, job: JobSpec | Mapping[str, Any], mode: str | None = None, *, worker: int | None = None,
-                dispatch: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+                timeout_s: float | None = None) -> dict[str, Any]:
         """Run one job and return its result dict (`JobResult.to_dict()` plus where it ran); raises on failure."""
-        return self.result(self.submit(job, mode, worker=worker, dispatch=dispatch), timeout_s=timeout_s)
+        return self.result(self.submit(job, mode, worker=worker), timeout_s=timeout_s)
 
     def result(self, ticket: JobTicket, timeout_s: float | None = None) -> dict[str, Any]:
         """Wait for a submitted job (its lost turns or job already resubmitted as `job_retries` allows)."""
         return ticket.future.result(timeout=timeout_s)
 
     def run_jobs(self, jobs: Iterable[JobSpec | Mapping[str, Any]], *, mode: str | None = None,
-                 concurrency: int | None = None, dispatch: str | None = None) -> Iterator[dict[str, Any]]:
+                 concurrency: int | None = None) -> Iterator[dict[str, Any]]:
         """Run `jobs` with at most `concurrency` in flight (default: every worker's batch full); yield each
         result as it finishes. A job that fails yields ``{"id": ..., "error": "..."}`` and the rest go on."""
         self._require_started()
@@ -307,7 +341,7 @@ class ClusterRunner:
                     exhausted = True
                     break
                 try:
-                    ticket = self.submit(job, mode, dispatch=dispatch)
+                    ticket = self.submit(job, mode)
                 except (JobSpecError, TypeError, ValueError) as exc:
                     yield {"id": _job_id_of(job), "error": error_message(exc)}
                     continue
@@ -320,10 +354,7 @@ class ClusterRunner:
                 try:
                     yield future.result()
                 except Exception as exc:  # noqa: BLE001 - one job's failure is its own error record
-                    record = {"id": ticket.job_id, "error": error_message(exc)}
-                    if ticket.worker is not None:
-                        record["worker"] = f"worker-{ticket.worker}"
-                    yield record
+                    yield {"id": ticket.job_id, "error": error_message(exc)}
 
     # ---- observability ------------------------------------------------------------------------------------------
     def loads(self) -> list[dict[str, Any]]:
@@ -342,13 +373,10 @@ class ClusterRunner:
 
 
 def _warn_if_pool_outgrows_object_store(config: ClusterConfig) -> None:
-    """Anchor tensors live in the object store: a byte budget above its size means spilling to disk."""
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    budget = config.kvcomm.pool_byte_budget
-    if store and budget > store:
-        log.warning("kvcomm.pool_byte_budget (%.2f GiB) exceeds the cluster's object store (%.2f GiB): "
-                    "anchors will spill to disk; lower the budget or give Ray a larger object store",
-                    budget / 2**30, store / 2**30)
+    """Anchor tensors live in the object store of the pool actor's node: a byte budget above it means spilling."""
+    problem = pool_store_problem(config.kvcomm.pool_byte_budget, ray.nodes())
+    if problem:
+        log.warning(problem)
 
 
 def _job_id_of(job: Any) -> str:

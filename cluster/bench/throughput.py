@@ -1,7 +1,7 @@
 """`kvcomm bench throughput`: jobs per minute and decode tokens per second of the Ray cluster.
 
 This module owns the cluster throughput benchmark: `run(...) -> report` (a JSON-able dict), `markdown_table`,
-and its command line (`add_arguments` / `cli_main`, also ``python -m cluster.bench_throughput``).
+and its command line (`add_arguments` / `cli_main`, also ``python -m cluster.bench.throughput``).
 
 What it measures, all in one run on one cluster (ratios are the figures to quote; on a shared 2-core CPU the
 absolute numbers drift by 15-20%):
@@ -37,7 +37,7 @@ from kvcomm.bench import write_json_report
 from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
 
-from .config import ClusterConfig
+from ..config import ClusterConfig
 
 TASK_TEMPLATE = ("A shop sells {a} boxes of pencils with {b} pencils in each box, and {c} loose pencils. "
                  "How many pencils does the shop sell in total?")
@@ -66,7 +66,6 @@ def _run_setting(runner: Any, jobs: list[JobSpec], workers: Sequence[int], max_b
                  mode: str = "dense") -> dict[str, Any]:
     """All `jobs` in flight at once on `workers` (round-robin when one, else routed by load)."""
     import ray
-    from .job_runner import workers_of
     ray.get([runner.workers[i].set_max_batch_size.remote(max_batch_size) for i in workers])
     steps0, seqs0 = _scheduler_totals(runner, workers)
     started = time.perf_counter()
@@ -84,7 +83,7 @@ def _run_setting(runner: Any, jobs: list[JobSpec], workers: Sequence[int], max_b
             "wall_s": wall, "jobs_per_min": len(jobs) / wall * 60, "decode_tok_per_s": tokens / wall,
             "mean_batch": (seqs1 - seqs0) / max(steps1 - steps0, 1),
             "ttft_median_s": statistics.median(t["ttft_s"] for t in turns),
-            "used_workers": sorted({w for r in results for w in workers_of(r)})}
+            "used_workers": sorted({w for r in results for w in r["workers"]})}
 
 
 def _transfer(kv_shape: dict[str, int], tokens: int, repeats: int) -> dict[str, Any]:
@@ -138,8 +137,8 @@ def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm
         mode_warmup: int = 6) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) and return its report."""
     import ray
-    from .job_runner import ClusterRunner
-    from .submit import RayConnection
+    from ..batch.runner import ClusterRunner
+    from ..runtime import RayRuntime
 
     most = max(workers)
     base = config or ClusterConfig(cpus_per_worker=1, threads_per_worker=1)
@@ -147,7 +146,7 @@ def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm
         base = base.with_(cpus_per_worker=threads_per_worker, threads_per_worker=threads_per_worker)
     cfg = base.with_(model=model, random_weights=random_weights, num_workers=most, max_batch_size=max_batch_size,
                      pool_actor_name=f"bench-pool-{uuid.uuid4().hex[:8]}")
-    connection = RayConnection(address, num_cpus=int(most * cfg.cpus_per_worker) or 1, object_store_mb=2560)
+    connection = RayRuntime(address, num_cpus=int(most * cfg.cpus_per_worker) or 1, object_store_mb=2560)
     report: dict[str, Any] = {"model": model, "random_weights": random_weights, "agents": agents,
                               "new_tokens": new_tokens, "jobs": jobs, "threads_per_worker": cfg.worker_threads,
                               "settings": []}

@@ -1,0 +1,19 @@
+"""The HTTP service on Ray Serve: a stateless ingress (jobs API, OpenAI chat), worker replicas routed by a request
+router of ours, a job store and the anchor pool outside any replica.
+
+  app.py       build_app / app_builder (the Serve application) and `kvcomm serve` (run_server)
+  command.py   `kvcomm serve`'s command line
+  config.py    ServeSettings, ServeAppConfig, reading a Serve config file
+  ingress.py   KVCommIngress: the route table, authentication, errors, metrics
+  jobs.py      the jobs API and the job drivers an ingress replica hosts (cluster.driver.DagJob)
+  executor.py  ReplicaCalls: a driver's turns on the worker deployment, KV as ObjectRefs the ingress owns
+  chat.py      the chat completions API;  openai_api.py: its request models and response shapes (kvcomm.chat:
+               a chat as an engine turn, its contents reused across requests)
+  worker.py    AgentWorkerDeployment: one model replica (turns, user inputs, chats, routing stats)
+  router.py    KVCommRouter: load in tokens, then KV locality by node, then the namespace's home replica
+  job_store.py JobStore: job records and events in a detached actor, snapshotted
+  http.py      the FastAPI app, API errors, JSON bodies, callers, in-flight limits, SSE
+  metrics.py   the service's Prometheus metrics
+
+Nothing is imported here: `cluster.serve.app` pulls in Ray Serve, which the CLI loads only when a command runs.
+"""

@@ -1,0 +1,126 @@
+"""The OpenAI chat completions API of one ingress replica (``POST /v1/chat/completions``, streamed or not).
+
+This module owns what the route does (`ChatService`; the route is declared in `cluster.serve.ingress`): validate the
+body (`cluster.serve.openai_api.ChatCompletionRequest`, errors naming the field), check the limits and the model,
+settle the chat's serving mode (the body's ``kvcomm.mode``, else ``serve.chat_mode``) and anchor namespace (the
+``X-KVCOMM-Namespace`` header, else the body's ``kvcomm.namespace``, else ``default``; per API key), send it to a
+worker replica through our router (the namespace's home replica wins ties: it keeps the namespace's contents), and
+answer in OpenAI's shapes, ``usage.prompt_tokens_details.cached_tokens`` counting the reused prompt tokens. A
+streaming client that goes away stops the worker's decoding of its chat.
+"""
+# no `from __future__ import annotations`: kept consistent with the routes' modules
+
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from ..config import describe_validation_error
+from .http import APIError, Caller, InFlightSlots, field_path, read_json, sse
+from .metrics import ServiceMetrics
+from .openai_api import (ChatCompletionRequest, ChatRequestError, chunk_body, completion_body, kvcomm_body,
+                         new_completion_id, usage_body)
+
+
+class ChatService:
+    """One ingress replica's side of the chat completions API."""
+
+    def __init__(self, settings: Any, workers: Any, metrics: ServiceMetrics, slots: InFlightSlots):
+        self.settings = settings
+        self.workers = workers
+        self.metrics = metrics
+        self.slots = slots
+
+    def _take(self, tenant: str | None) -> None:
+        self.slots.take(tenant)
+        self.metrics.set_queue_length(self.slots.total)
+
+    def _release(self, tenant: str | None) -> None:
+        self.slots.give_back(tenant)
+        self.metrics.set_queue_length(self.slots.total)
+
+    async def create(self, request: Request, caller: Caller) -> Response:
+        self._take(caller.tenant)             # before the body is read: a busy server answers at once
+        handed_off = False                       # the streaming response releases the slot itself
+        try:
+            body = await read_json(request, self.settings.max_body_bytes)
+            if not isinstance(body, dict):
+                raise APIError(400, f"body: expected a JSON object, got {type(body).__name__}", param="body")
+            try:
+                chat = ChatCompletionRequest.model_validate(body)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                param = field_path(first["loc"])
+                more = (f" (and {len(exc.errors()) - 1} more problems: {describe_validation_error(exc)})"
+                        if len(exc.errors()) > 1 else "")
+                message = first["msg"].removeprefix("Value error, ")
+                raise APIError(400, f"{param}: {message}{more}", param=param) from None
+            try:
+                chat.check_limits(self.settings.max_prompt_chars, self.settings.max_output_tokens)
+            except ChatRequestError as exc:
+                raise APIError(400, str(exc), param=exc.param, code="limit_exceeded") from None
+            if chat.model != self.settings.served_model:
+                raise APIError(404, f"model: the model {chat.model!r} does not exist; this server serves "
+                                    f"{self.settings.served_model!r}", param="model", code="model_not_found")
+            params = chat.params(default_mode=self.settings.chat_mode,
+                                 namespace=caller.anchor_namespace(chat.kvcomm.namespace),
+                                 default_max_tokens=self.settings.default_max_tokens)
+            stream = self.workers.options(stream=True).chat.remote(params)
+            try:
+                first = await stream.__anext__()
+                if first["event"] == "error":
+                    raise APIError(first["status"], first["message"], param=first.get("param"))
+            except BaseException:
+                stream.cancel()
+                raise
+            completion_id, created = new_completion_id(), int(time.time())
+            if chat.stream:
+                include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+                chunks = self._chat_chunks(stream, completion_id, created, include_usage, chat.kvcomm.details,
+                                           caller.tenant)
+                await chunks.__anext__()   # started: its `finally` now runs however the response ends (even unsent)
+                handed_off = True
+                return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            parts, done = [], None
+            async for event in stream:
+                if event["event"] == "delta":
+                    parts.append(event["text"])
+                elif event["event"] == "done":
+                    done = event
+        finally:
+            if not handed_off:
+                self._release(caller.tenant)
+        if done is None:
+            raise APIError(502, "the worker ended the completion without finishing it")
+        self.metrics.observe_chat(done)
+        return JSONResponse(completion_body(completion_id, self.settings.served_model, created, "".join(parts), done,
+                                            chat.kvcomm.details))
+
+    async def _chat_chunks(self, stream: Any, completion_id: str, created: int, include_usage: bool, details: bool,
+                           tenant: str | None) -> AsyncIterator[bytes]:
+        """The SSE chunks of a streaming chat; the first item (empty) is taken by `_chat` to start it. Ends the
+        worker's decoding if the client goes away, and releases the chat's in-flight slot."""
+        model = self.settings.served_model
+        finished = False
+        try:
+            yield b""
+            yield sse(chunk_body(completion_id, model, created, {"role": "assistant", "content": ""}))
+            async for event in stream:
+                if event["event"] == "delta":
+                    yield sse(chunk_body(completion_id, model, created, {"content": event["text"]}))
+                elif event["event"] == "done":
+                    finished = True
+                    self.metrics.observe_chat(event)
+                    yield sse(chunk_body(completion_id, model, created, {}, finish_reason=event["finish_reason"],
+                                         kvcomm=kvcomm_body(event, details)))
+                    if include_usage:
+                        yield sse(chunk_body(completion_id, model, created, {}, with_choice=False,
+                                              usage=usage_body(event["prompt_tokens"], event["completion_tokens"],
+                                                               event["cached_tokens"])))
+            yield sse("[DONE]")
+        finally:
+            if not finished:
+                stream.cancel()            # the client went away: the worker stops decoding this chat
+            self._release(tenant)

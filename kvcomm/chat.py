@@ -1,0 +1,472 @@
+"""Chat completions as engine turns: a chat's messages as a template with placeholders, its contents reused across
+requests, and the text it streams.
+
+This module owns how an OpenAI-style chat becomes a `kvcomm.engine.TurnRequest` (nothing HTTP here: no Ray, no
+pydantic), so a chat runs on the very path an agent turn of a job runs on, in any of the engine's modes:
+
+* `ChatTemplate`: a chat's fixed text as a template. Its leading system messages are literal (with the first
+  header they are the exact prefix, whose KV the engine keeps per template); every later non-empty message's
+  content is a placeholder named by `chat_placeholder` (role, sender, position class; see there). The template is
+  cut where the tokenizer's chat template renders each content (a sentinel stands in for it), so any chat template
+  works, and its pieces are tokenized one by one as an agent's are (`kvcomm.templates.render_template`).
+* `ChatContents`: one replica's contents by (namespace, text): token ids, base KV and the entropy gate's state, in
+  a byte-bounded LRU. A response this replica generated is kept with the producer's token ids and KV (as a job's
+  response is), so when a later chat carries its text it enters the prompt as those very ids, in every mode:
+  dense and reuse compare identical tokens.
+* `ChatTurns`: `prepare` a chat's turn (each content looked up or computed, offered to the gate under its
+  placeholder name the first time it is seen there, one pool transaction per chat), `finish` it (the response
+  remembered, the transaction committed, the gate's state kept with the content). Single-threaded: a worker runs
+  both on its model thread; `run` is the in-process path (prepare, `engine.run_turn`, finish).
+* `TextStream`: a response's text as deltas while its tokens come, holding back what may still become a stop string.
+
+Gate state across requests. In a job a content flagged as a new anchor sends every consumer of that job to a dense
+prefill that records its deltas. A chat content lives longer, so the flag is kept per consumer: a consumer (one
+chat template: system prompt, roles and senders) prefills densely and records once per anchor; later it reuses.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .engine import MODES, ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult
+from .generation import Sampling, first_stop_at
+from .job_runner import POOL_MODES
+from .kv import KVSegment
+from .templates import TemplateError, chat_text, render_template
+
+CHAT_AGENT_ID = "chat"                  # the agent id of every chat template (consumer keys add its digest)
+ROLES = ("system", "user", "assistant", "tool")
+BASE_MODES = ("naive", "cacheblend", "kvcomm", "hybrid")   # modes that assemble contents from their base KV
+_SENTINEL = "\u2063"                   # INVISIBLE SEPARATOR: marks where a content goes while the template renders
+
+
+class ChatRequestError(ValueError):
+    """A chat cannot run as given; `param` names the offending field (OpenAI's ``error.param``)."""
+
+    def __init__(self, param: str, message: str):
+        self.param = param
+        super().__init__(f"{param}: {message}")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str                 # system | user | assistant | tool
+    content: str
+    name: str = ""            # the sender: OpenAI's `name` (a framework's agent name), or a tool call's id
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat completion as the engine runs it (plain data)."""
+    messages: tuple[ChatMessage, ...]
+    mode: str = "kvcomm"
+    namespace: str = "default"
+    max_tokens: int | None = None       # None: default_max_tokens, capped by the context left
+    default_max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    max_tokens_param: str = "max_tokens"   # the field errors about max_tokens name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The template
+# ------------------------------------------------------------------------------------------------------------
+def chat_placeholder(role: str, sender: str, ordinal: int) -> str:
+    """``chat_<role>_<sender>_<ordinal>``: the placeholder a chat message's content fills, and so what its anchors
+    are keyed by in the pool (with the namespace). `sender` is the message's ``name`` (letters and digits kept, a
+    short hash added when anything else was dropped; ``anon`` without a name); `ordinal` the position class: how
+    many earlier messages of the same role and sender the chat holds. So the task a group chat's user posted is
+    ``chat_user_user_0`` and agent ``solver``'s first answer ``chat_user_solver_0`` in every other agent's request
+    (AutoGen passes other agents' messages as user messages named after them), ``chat_assistant_solver_0`` where
+    a framework passes them as named assistant messages (LangGraph), whatever agent reads them: one anchor list per
+    kind of content, each anchor holding the deltas of every consumer that read it."""
+    key = re.sub(r"[^A-Za-z0-9]", "", sender)[:32]
+    if key != sender:
+        key += hashlib.sha256(sender.encode()).hexdigest()[:6]
+    return f"chat_{role}_{key or 'anon'}_{ordinal}"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat's prompt as a template: message i has role ``roles[i]`` and content ``literals[i]``, or, where that is
+    None, the content of the next placeholder of `names`. Frozen and hashable: the engine keeps each template's
+    fixed-segment KV (its leading segment is the chat's exact prefix cache)."""
+    agent_id: str
+    roles: tuple[str, ...]
+    literals: tuple[str | None, ...]
+    names: tuple[str, ...]
+
+    def placeholders(self) -> tuple[str, ...]:
+        return self.names
+
+    def split(self, tokenizer: Any) -> tuple[list[str], list[str]]:
+        """The chat template's text cut where each placeholder's content goes: (fixed texts, placeholder names)."""
+        if any(_SENTINEL in (text or "") for text in self.literals):
+            raise TemplateError("messages: a system message contains U+2063 (INVISIBLE SEPARATOR), which this "
+                                "server uses to locate contents")
+        slots = iter(range(len(self.names)))
+        messages = [{"role": role, "content": text if text is not None else f"{_SENTINEL}{next(slots)}{_SENTINEL}"}
+                    for role, text in zip(self.roles, self.literals)]
+        try:
+            text = chat_text(tokenizer, messages)
+        except Exception as exc:  # noqa: BLE001 - a chat template that rejects these messages (jinja raises anything)
+            raise TemplateError(f"messages: the model's chat template cannot render them: "
+                                f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        pieces = re.split(f"{_SENTINEL}(\\d+){_SENTINEL}", text)    # [fixed0, slot0, fixed1, slot1, ...]
+        if [int(slot) for slot in pieces[1::2]] != list(range(len(self.names))):
+            raise TemplateError("messages: the model's chat template does not render every message's content "
+                                "once and in order")
+        return pieces[0::2], list(self.names)
+
+
+def chat_template(messages: Sequence[ChatMessage]) -> tuple[ChatTemplate, dict[str, ChatMessage]]:
+    """The chat's template and the message behind each of its placeholders. Leading system messages and empty
+    contents are fixed text; every other message's content is a placeholder (`chat_placeholder`)."""
+    roles, literals, names, slots = [], [], [], {}
+    seen: Counter[tuple[str, str]] = Counter()
+    leading = True
+    for index, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise ChatRequestError(f"messages[{index}].role", f"unknown role {message.role!r}; roles: "
+                                                              f"{', '.join(ROLES)}")
+        leading = leading and message.role == "system"
+        roles.append(message.role)
+        if leading or not message.content:
+            literals.append(message.content)
+            continue
+        name = chat_placeholder(message.role, message.name, seen[(message.role, message.name)])
+        seen[(message.role, message.name)] += 1
+        literals.append(None)
+        names.append(name)
+        slots[name] = message
+    if not roles:
+        raise ChatRequestError("messages", "at least one message is needed")
+    return ChatTemplate(CHAT_AGENT_ID, tuple(roles), tuple(literals), tuple(names)), slots
+
+
+def trims_contents(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template strips the whitespace around message contents (Llama 3's does): then
+    a chat's contents are stripped before they are tokenized, as the template would render them."""
+    return f" {_SENTINEL} " not in chat_text(tokenizer, [{"role": "user", "content": f" {_SENTINEL} "}])
+
+
+def as_rendered(messages: Sequence[ChatMessage], trim: bool) -> tuple[ChatMessage, ...]:
+    """The messages with their contents as the chat template renders them (stripped when it trims)."""
+    if not trim:
+        return tuple(messages)
+    return tuple(ChatMessage(m.role, m.content.strip(), m.name) for m in messages)
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, str]]) -> list[int]:
+    """The prompt a chat gets when none of its contents was kept from an earlier chat: its template's fixed pieces
+    and each content tokenized on their own (what a dense oracle prefills). Messages as `ChatMessage`s or OpenAI
+    dicts (role, content, name)."""
+    template, slots = chat_template(as_rendered([m if isinstance(m, ChatMessage) else
+                                                 ChatMessage(m["role"], m.get("content") or "", m.get("name") or "")
+                                                 for m in messages], trims_contents(tokenizer)))
+    rendered = render_template(template, tokenizer)
+    return rendered.fill({name: tokenizer.encode(slots[name].content, add_special_tokens=False)
+                          for name in template.names})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Contents across requests
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class ChatContent:
+    """One content of a namespace as this replica knows it, with the gate's state for it (committed only)."""
+    kind: str                                   # "input" (a message's text) | "response" (generated here)
+    token_ids: tuple[int, ...]
+    base: KVSegment | None                      # [layers, kv_heads, n, head_dim] at positions 0..n-1
+    content_key: str
+    anchor_ids: dict[str, str] = field(default_factory=dict)     # placeholder name -> the anchor it became there
+    gate_reason: dict[str, str] = field(default_factory=dict)    # placeholder name -> the gate's reason
+    recorded: dict[str, set[str]] = field(default_factory=dict)  # placeholder name -> consumers that recorded
+                                                                 # deltas for its anchor
+
+    @property
+    def nbytes(self) -> int:
+        return (self.base.nbytes if self.base is not None else 0) + 8 * len(self.token_ids)
+
+    def for_turn(self, name: str, consumer: str) -> SharedContent:
+        """A fresh `SharedContent` for one turn reading it as placeholder `name`: flagged as an anchor (so the turn
+        prefills densely and records) only while `consumer` has not recorded its deltas for that anchor."""
+        anchor = self.anchor_ids.get(name)
+        pending = anchor is not None and consumer not in self.recorded.get(name, ())
+        return SharedContent(self.kind, self.token_ids, base=self.base, content_key=self.content_key,
+                             anchor_ids={name: anchor} if pending else {}, gate_reason=dict(self.gate_reason))
+
+
+class ChatContents:
+    """Chat contents by (namespace, text), least recently used evicted first once over `budget_bytes` (0 keeps
+    nothing: no reuse, and a generated response is re-tokenized when a later chat carries it)."""
+
+    def __init__(self, budget_bytes: int):
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[tuple[str, bytes], ChatContent] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    @staticmethod
+    def _key(namespace: str, text: str) -> tuple[str, bytes]:
+        return namespace, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+    def get(self, namespace: str, text: str) -> ChatContent | None:
+        entry = self._entries.get(self._key(namespace, text))
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(self._key(namespace, text))
+        self.hits += 1
+        return entry
+
+    def put(self, namespace: str, text: str, content: ChatContent) -> None:
+        """Keep `content` for `text` (replacing what was kept for it); evict the least recently used beyond the
+        budget (the newest is kept even when it alone exceeds it)."""
+        if self.budget_bytes == 0:
+            return
+        key = self._key(namespace, text)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        self._entries[key] = content
+        self.nbytes += content.nbytes
+        while self.nbytes > self.budget_bytes and len(self._entries) > 1:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+            self.evictions += 1
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        return {"entries": len(self._entries), "bytes": self.nbytes, "budget_bytes": self.budget_bytes,
+                "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Streaming text
+# ------------------------------------------------------------------------------------------------------------
+class TextStream:
+    """A response's text as its tokens come, sent as deltas to `emit`: decoded incrementally (an incomplete UTF-8
+    character waits for the next token), cut at the first stop string, and holding back the last characters that
+    could still begin one. `close(text)` sends what is left of the final text."""
+
+    def __init__(self, detokenize: Callable[[Sequence[int]], str], stops: Sequence[str],
+                 emit: Callable[[str], None]):
+        self.detokenize, self.stops, self.emit = detokenize, tuple(stops), emit
+        self.hold = max((len(stop) - 1 for stop in self.stops), default=0)
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def feed(self, token: int) -> None:
+        if self.stopped:
+            return
+        self.tokens.append(token)
+        text = self.detokenize(self.tokens)
+        if text.endswith("\ufffd"):
+            return
+        at = first_stop_at(text, self.stops)
+        if at is not None:
+            text, self.stopped = text[:at], True
+        self._send(text if self.stopped else text[:max(len(self.sent), len(text) - self.hold)])
+
+    def close(self, text: str) -> None:
+        self._send(text)
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.emit(text[len(self.sent):])
+            self.sent = text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Chats as turns
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class PreparedChat:
+    """A chat whose turn is ready for the engine (or a scheduler); `finish` or `abort` it exactly once."""
+    request: ChatRequest
+    turn: TurnRequest
+    consumer: str                               # the template's consumer key (anchors' deltas are kept per key)
+    entries: dict[str, ChatContent]             # placeholder name -> the cached content it reads
+    prompt_tokens: int
+    arrived: float                              # time.perf_counter() when the chat reached this replica
+    stream: TextStream | None = None
+    first_token_at: float | None = None
+
+    def on_token(self, token: int) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if self.stream is not None:
+            self.stream.feed(token)
+
+
+@dataclass
+class ChatResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str                          # "stop" | "length"
+    mode: str
+    reused: bool                                # skipped the prefill of every content and fixed segment
+    reason: str                                 # the engine's decision: reused, dense_mode, new_anchor:<...>, ...
+    prompt_ids: list[int]
+    cached_tokens: int                          # prompt tokens whose KV was reused, not computed
+    ttft_s: float                               # from reaching the replica to the first token
+    first_logits: torch.Tensor                  # [vocab] fp32
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+
+class ChatTurns:
+    """Chats on one engine: `prepare` a chat's turn, `finish` it after the engine ran it (see the module docstring).
+    Not thread-safe: a worker calls it on its model thread only."""
+
+    def __init__(self, engine: KVCommEngine, contents: ChatContents):
+        self.engine = engine
+        self.contents = contents
+        self.trim = trims_contents(engine.tokenizer)
+        self.decisions: Counter[str] = Counter()    # reason -> chats finished with it
+        self.tokens_generated = 0                   # tokens decoded for chats, as they come (cancelled ones too)
+
+    def prepare(self, request: ChatRequest, on_text: Callable[[str], None] | None = None,
+                arrived: float | None = None) -> PreparedChat:
+        """Build the chat's turn: its template (rendered and its fixed KV computed once per template), its
+        contents, its sampling; `ChatRequestError` naming the field when it cannot run. `on_text` gets the
+        response's text deltas as tokens come."""
+        arrived = time.perf_counter() if arrived is None else arrived
+        if request.mode not in MODES:
+            raise ChatRequestError("kvcomm.mode", f"unknown mode {request.mode!r}; modes: {', '.join(MODES)}")
+        template, slots = chat_template(as_rendered(request.messages, self.trim))
+        try:
+            state = self.engine.agent_state(template)
+        except (TemplateError, ContextLengthError) as exc:
+            raise ChatRequestError("messages", str(exc).removeprefix("messages: ")) from None
+        consumer = state.rendered.key
+        txn = self.engine.pool.begin(request.namespace) if request.mode in POOL_MODES else None
+        try:
+            contents, entries = {}, {}
+            for name in template.names:
+                entry, contents[name] = self._content(request, name, slots[name].content, consumer, txn)
+                if entry is not None:
+                    entries[name] = entry
+            prompt_tokens = len(state.rendered.fill({n: c.token_ids for n, c in contents.items()}))
+            sampling = Sampling(max_new_tokens=self._max_tokens(request, prompt_tokens),
+                                temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+                                stop_token_ids=self.engine.stop_token_ids, stop_strings=request.stop)
+        except BaseException:
+            if txn is not None:
+                self.engine.pool.abort(txn)
+            raise
+        turn = TurnRequest(template, contents, mode=request.mode, sampling=sampling, namespace=request.namespace,
+                           transaction=txn)
+        prepared = PreparedChat(request, turn, consumer, entries, prompt_tokens, arrived,
+                                None if on_text is None else TextStream(self.engine.detokenize, request.stop, on_text))
+
+        def on_token(token: int) -> None:
+            self.tokens_generated += 1
+            prepared.on_token(token)
+        turn.on_token = on_token
+        return prepared
+
+    def _content(self, request: ChatRequest, name: str, text: str, consumer: str, txn: Any
+                 ) -> tuple[ChatContent | None, SharedContent]:
+        """The content of placeholder `name` for this turn: kept from an earlier chat of the namespace, or made now
+        (its base KV in the modes that assemble from it); offered to the gate under `name` the first time."""
+        entry = self.contents.get(request.namespace, text)
+        if request.mode in BASE_MODES and (entry is None or entry.base is None):
+            made = self.engine.make_input(text)
+            entry = ChatContent("input", made.token_ids, made.base, made.content_key)
+            self.contents.put(request.namespace, text, entry)
+        if entry is None:            # a dense mode: the tokens are all it needs
+            return None, SharedContent("input", self.engine.encode(text))
+        content = entry.for_turn(name, consumer)
+        if txn is not None:
+            for anchor_id in content.anchor_ids.values():    # committed by an earlier chat (or since evicted)
+                txn.adopt_anchor(anchor_id, content.num_tokens)
+            if name not in entry.gate_reason:
+                self.engine.offer_content(request.namespace, name, content, txn)
+        return entry, content
+
+    def _max_tokens(self, request: ChatRequest, prompt_tokens: int) -> int:
+        context = int(self.engine.spec.max_position_embeddings)
+        room = context - prompt_tokens
+        if room < 1:
+            raise ChatRequestError("messages", f"the prompt is {prompt_tokens} tokens; the model's context is "
+                                               f"{context}")
+        if request.max_tokens is not None and request.max_tokens > room:
+            raise ChatRequestError(request.max_tokens_param,
+                                   f"{request.max_tokens} new tokens + {prompt_tokens} prompt tokens exceed the "
+                                   f"model's context of {context} tokens (at most {room} for this prompt)")
+        return request.max_tokens or min(request.default_max_tokens, room)
+
+    def finish(self, prepared: PreparedChat, result: TurnResult) -> ChatResult:
+        """Send the rest of the text, remember the response (its tokens and KV, under its text), commit the chat's
+        pool transaction and keep the gate's state with the contents it read."""
+        request = prepared.request
+        if prepared.stream is not None:
+            prepared.stream.close(result.text)
+        response = result.response
+        if response is not None and self.engine.detokenize(response.token_ids) == result.text:
+            self.contents.put(request.namespace, result.text,
+                              ChatContent("response", response.token_ids, response.base, response.content_key))
+        txn = prepared.turn.transaction
+        if txn is not None and self.engine.pool.commit(txn) is not None:
+            self._keep_gate_state(prepared, recorded=not result.reused)
+        self.decisions[result.reason] += 1
+        first_at = prepared.first_token_at if prepared.first_token_at is not None else time.perf_counter()
+        return ChatResult(text=result.text, token_ids=list(result.token_ids), finish_reason=result.finish_reason,
+                          mode=request.mode, reused=result.reused, reason=result.reason,
+                          prompt_ids=list(result.prompt_ids),
+                          cached_tokens=len(result.prompt_ids) - result.recomputed_tokens,
+                          ttft_s=max(0.0, first_at - prepared.arrived), first_logits=result.first_logits)
+
+    def _keep_gate_state(self, prepared: PreparedChat, recorded: bool) -> None:
+        """After a commit: each content keeps the gate's reasons and the anchor it became under each name; a turn
+        that prefilled densely (`recorded`) recorded its deltas for every anchor its contents were flagged with."""
+        for name, content in prepared.turn.contents.items():
+            entry = prepared.entries.get(name)
+            if entry is None:
+                continue
+            entry.gate_reason.update(content.gate_reason)
+            anchor = content.anchor_ids.get(name)
+            if anchor is None:
+                continue
+            if entry.anchor_ids.get(name) != anchor:
+                entry.anchor_ids[name] = anchor
+                entry.recorded[name] = set()
+            if recorded:
+                entry.recorded.setdefault(name, set()).add(prepared.consumer)
+
+    def abort(self, prepared: PreparedChat) -> None:
+        """The chat failed or was cancelled: nothing of it reaches the pool."""
+        txn = prepared.turn.transaction
+        if txn is not None and txn.state == "open":
+            self.engine.pool.abort(txn)
+
+    def run(self, request: ChatRequest, on_text: Callable[[str], None] | None = None) -> ChatResult:
+        """One chat in this process: prepare, `engine.run_turn`, finish."""
+        prepared = self.prepare(request, on_text)
+        try:
+            result = self.engine.run_turn(prepared.turn)
+        except BaseException:
+            self.abort(prepared)
+            raise
+        return self.finish(prepared, result)
+
+    def stats(self) -> dict[str, Any]:
+        return {"contents": self.contents.stats(), "decisions": dict(self.decisions),
+                "tokens_generated": self.tokens_generated}
