@@ -74,6 +74,7 @@ class ChatRequest:
     seed: int = 0
     stop: tuple[str, ...] = ()
     max_tokens_param: str = "max_tokens"   # the field errors about max_tokens name
+    force_dense: bool = False           # a dense prefill in any mode (a judge kept exact); its turn still teaches
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -325,6 +326,7 @@ class ChatResult:
     cached_tokens: int                          # prompt tokens whose KV was reused, not computed
     ttft_s: float                               # from reaching the replica to the first token
     first_logits: torch.Tensor                  # [vocab] fp32
+    predicted_kl: float | None = None           # the turn gate's forecast when it saw the turn (engine docs)
 
     @property
     def prompt_tokens(self) -> int:
@@ -372,7 +374,7 @@ class ChatTurns:
                 self.engine.pool.abort(txn)
             raise
         turn = TurnRequest(template, contents, mode=request.mode, sampling=sampling, namespace=request.namespace,
-                           transaction=txn)
+                           transaction=txn, force_dense=request.force_dense)
         prepared = PreparedChat(request, turn, consumer, entries, prompt_tokens, arrived,
                                 None if on_text is None else TextStream(self.engine.detokenize, request.stop, on_text))
 
@@ -432,7 +434,8 @@ class ChatTurns:
                           mode=request.mode, reused=result.reused, reason=result.reason,
                           prompt_ids=list(result.prompt_ids),
                           cached_tokens=len(result.prompt_ids) - result.recomputed_tokens,
-                          ttft_s=max(0.0, first_at - prepared.arrived), first_logits=result.first_logits)
+                          ttft_s=max(0.0, first_at - prepared.arrived), first_logits=result.first_logits,
+                          predicted_kl=result.predicted_kl)
 
     def _keep_gate_state(self, prepared: PreparedChat, recorded: bool) -> None:
         """After a commit: each content keeps the gate's reasons and the anchor it became under each name; a turn

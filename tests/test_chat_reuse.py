@@ -183,6 +183,29 @@ def test_each_consumer_records_an_anchor_once_then_reuses_it(engine) -> None:
     assert len(entry.recorded["chat_user_user_0"]) == 2
 
 
+def test_a_chat_forced_dense_is_exactly_dense_and_still_records(engine) -> None:
+    """`force_dense` (the body's ``kvcomm.force_dense``: a judge kept exact) prefills densely where the consumer
+    would have reused: the answer is generation's on the same tokens, the reason says why, and the consumer reuses
+    again once the flag is off. The HTTP body's option reaches the engine's request."""
+    from cluster.serve.openai_api import ChatCompletionRequest
+    turns = turns_on(engine)
+    messages = [ChatMessage("system", SYSTEMS[0]), ChatMessage("user", QUESTIONS[3], "user")]
+    assert ask(turns, messages).reason == "new_anchor:cold_pool"
+    assert ask(turns, messages).reason == "reused"
+    forced = ask(turns, messages, force_dense=True)
+    assert (forced.reason, forced.reused, forced.cached_tokens) == ("forced_dense", False, 0)
+    assert forced.token_ids == dense_oracle(engine, forced.prompt_ids).token_ids
+    assert torch.equal(forced.first_logits, dense_oracle(engine, forced.prompt_ids).first_logits)
+    assert ask(turns, messages).reason == "reused"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "kvcomm": {"force_dense": True}}
+    params = ChatCompletionRequest.model_validate(body).params(default_mode="kvcomm", namespace="t/ns",
+                                                                default_max_tokens=4)
+    assert params.request.force_dense and params.request.mode == "kvcomm"
+    body["kvcomm"] = {}
+    assert not ChatCompletionRequest.model_validate(body).params(default_mode="kvcomm", namespace="t/ns",
+                                                                 default_max_tokens=4).request.force_dense
+
+
 def test_namespaces_share_neither_contents_nor_anchors(engine) -> None:
     turns = turns_on(engine)
     engine.pool.drop_namespace("other")

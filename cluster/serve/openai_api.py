@@ -7,7 +7,9 @@ This module owns:
   assistant message's ``tool_calls``). Our own options ride in the body's ``kvcomm`` object (the OpenAI clients'
   ``extra_body``): ``mode`` (any engine mode; the server's default is ``serve.chat_mode``), ``namespace`` (the
   anchor namespace, unless the ``X-KVCOMM-Namespace`` header names one) and ``details`` (the prompt and
-  completion token ids, the first token's log-probabilities and the TTFT in the response, for fidelity checks).
+  completion token ids, the first token's log-probabilities and the TTFT in the response, for fidelity checks),
+  ``force_dense`` (this agent's prompt prefilled densely whatever the mode: a judge kept exact; in a pool mode its
+  turn still teaches the anchor pool).
 * `ChatParams`: what a worker replica is sent, a `kvcomm.chat.ChatRequest` (the chat as the engine runs it) and
   its routing hint: the namespace (its home replica wins ties) and the cost in tokens.
 * `completion_body` / `chunk_body` / `usage_body` / `kvcomm_body`: OpenAI's ``chat.completion`` and
@@ -86,6 +88,7 @@ class KVCommOptions(BaseModel):
     mode: str | None = None                   # None: serve.chat_mode
     namespace: str | None = Field(None, pattern=NAMESPACE_PATTERN)
     details: bool = False
+    force_dense: bool = False                 # this agent's prompt prefilled densely whatever the mode (a judge)
 
     @field_validator("mode")
     @classmethod
@@ -168,7 +171,8 @@ class ChatCompletionRequest(BaseModel):
             namespace=namespace, max_tokens=self.max_completion_tokens or self.max_tokens,
             default_max_tokens=default_max_tokens, temperature=self.temperature, top_p=self.top_p,
             seed=self.seed if self.seed is not None else uuid.uuid4().int % (2**31), stop=tuple(stops),
-            max_tokens_param="max_completion_tokens" if self.max_completion_tokens else "max_tokens")
+            max_tokens_param="max_completion_tokens" if self.max_completion_tokens else "max_tokens",
+            force_dense=self.kvcomm.force_dense)
         return ChatParams(request, details=self.kvcomm.details)
 
 
@@ -200,6 +204,8 @@ def kvcomm_body(done: dict[str, Any], details: bool) -> dict[str, Any]:
     reason, reused tokens; with `details`, the token ids, the TTFT and the first token's log-probabilities
     (``first_token_logprobs``: base64 of little-endian float32, one per vocabulary entry)."""
     body = {key: done[key] for key in ("mode", "reused", "reason", "cached_tokens")}
+    if done.get("predicted_kl") is not None:
+        body["predicted_kl"] = done["predicted_kl"]
     if details:
         body.update({key: done[key] for key in ("prompt_token_ids", "completion_token_ids", "ttft_s")})
         body["first_token_logprobs"] = base64.b64encode(done["first_token_logprobs"]).decode()

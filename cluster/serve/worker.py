@@ -169,7 +169,8 @@ def _done_event(result: ChatResult, details: bool) -> dict[str, Any]:
     """The last event of a chat: what `cluster.serve.openai_api` shapes into ``usage`` and ``kvcomm``."""
     done = {"event": "done", "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
             "completion_tokens": len(result.token_ids), "cached_tokens": result.cached_tokens,
-            "mode": result.mode, "reused": result.reused, "reason": result.reason, "ttft_s": result.ttft_s}
+            "mode": result.mode, "reused": result.reused, "reason": result.reason, "ttft_s": result.ttft_s,
+            "predicted_kl": result.predicted_kl}
     if details:
         logprobs = torch.log_softmax(result.first_logits.float(), dim=-1).cpu().numpy().astype("<f4")   # [vocab]
         done.update(prompt_token_ids=result.prompt_ids, completion_token_ids=result.token_ids,
