@@ -144,7 +144,7 @@ def resolve(config: KVCommConfig, model: str) -> tuple[KVCommConfig, Calibration
     if path is None:
         if config.calibration != "none":
             warnings.warn(f"no calibration for model {model!r} (looked for {calibration_dir()}/"
-                          f"{model_key(model)}.json): serving uncalibrated ({_describe(UNCALIBRATED)}); run "
+                          f"{model_key(model)}.json): serving uncalibrated ({_describe(_unset(config))}); run "
                           f"`kvcomm calibrate --model {model}` to fit one", CalibrationWarning, stacklevel=2)
         return config.with_calibration(), None
     calibration = Calibration.load(path)
@@ -162,6 +162,11 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def _unset(config: KVCommConfig) -> dict[str, float]:
+    """The uncalibrated values of the per-model knobs `config` leaves unset (those it sets keep theirs)."""
+    return {k: v for k, v in UNCALIBRATED.items() if getattr(config, k) is None}
 
 
 def _describe(knobs: Mapping[str, float]) -> str:

@@ -72,6 +72,10 @@ def test_resolve_fills_only_unset_knobs_and_warns_without_a_calibration(tmp_path
     with pytest.warns(CalibrationWarning, match="no calibration for model"):
         config, found = resolve(KVCommConfig(), MODEL)
     assert found is None and config.recompute_ratio == UNCALIBRATED["recompute_ratio"]
+    with pytest.warns(CalibrationWarning) as caught:                         # it names only what it fills
+        config, _ = resolve(KVCommConfig(gamma=1.0), MODEL)
+    assert config.gamma == 1.0 and "recompute_ratio=0.0" in str(caught[0].message)
+    assert "gamma" not in str(caught[0].message).split("uncalibrated")[1].split(";")[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resolve(KVCommConfig(calibration="none"), MODEL)                    # asked for none: no warning

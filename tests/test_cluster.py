@@ -6,6 +6,7 @@ a 2-CPU cluster), and the single-process engine (`kvcomm.job_runner.run_job`) as
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -302,6 +303,25 @@ def test_pinned_jobs_on_alternating_workers_equal_the_single_process_engine(clus
     if mode == "kvcomm":
         assert [g["reuse_rate"] for g in got] == [w.reuse_rate for w in expected]
         assert got[3]["reuse_rate"] == 1.0
+
+
+def test_a_judge_forced_dense_on_workers_is_dense_as_in_the_single_process_engine(cluster, tiny_model_dir) -> None:
+    """`force_dense` in a job spec reaches the workers' engines: the star's decision agent prefills densely in
+    every job (its reason says so) while the other agents learn to reuse, turn for turn as in process."""
+    namespace = f"judge-{uuid.uuid4().hex[:8]}"
+    jobs = []
+    for i in range(3):
+        job = make_job(i, "kvcomm", namespace, topology="star")
+        judge = job.agents[-1]
+        jobs.append(dataclasses.replace(job, agents=(*job.agents[:-1], dataclasses.replace(judge, force_dense=True))))
+    engine = oracle_engine(tiny_model_dir)
+    expected = [run_job(engine, job) for job in jobs]
+    got = [cluster.run_job(job) for job in jobs]
+    for job, want, have in zip(jobs, expected, got):
+        assert token_ids(have) == token_ids(want), job.id
+        assert [t["reason"] for t in have["turns"]] == [t.reason for t in want.turns], job.id
+        assert have["turns"][-1]["reason"] == "forced_dense" and not have["turns"][-1]["reused"], job.id
+    assert any(t["reused"] for t in got[-1]["turns"][:-1])          # the others reuse by the third job
 
 
 def test_stop_strings_cut_responses_on_workers_as_in_the_single_process_engine(cluster, tiny_model_dir) -> None:
