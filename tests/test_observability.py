@@ -131,6 +131,28 @@ def test_the_dashboard_check_fails_on_an_unknown_name() -> None:
     assert names == {"vllm:time_to_first_token_seconds_bucket"} and labels == {"le"}
 
 
+def test_tracing_is_off_by_default_and_a_serve_config_file_can_turn_it_on(tmp_path) -> None:
+    """Without Serve's tracing no tracer provider is installed: the job span records nothing and the driver gets its
+    executor itself (no wrapper, no span per order). A Serve config file's ``tracing_config`` (Serve's own schema)
+    is what `kvcomm serve` hands to ``serve.start``."""
+    import yaml
+    from cluster.serve.config import load_serve_config_file
+    from cluster.serve.tracing import end_job_span, start_job_span, traced
+    span = start_job_span("job-x", "kvcomm", "default", 3)
+    assert span is not None and not span.is_recording()
+    executor = object()
+    assert traced(executor, span) is executor
+    end_job_span(span, "succeeded", {"turns": [], "workers": []})
+    config = {"tracing_config": {"enabled": True, "sampling_ratio": 1.0},
+              "applications": [{"name": "kvcomm", "import_path": "cluster.serve.app:app_builder", "args": {}}]}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    assert load_serve_config_file(tmp_path / "serve.yaml").raw["tracing_config"]["sampling_ratio"] == 1.0
+    config["tracing_config"]["sampling_ratio"] = 2.0
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        load_serve_config_file(tmp_path / "serve.yaml")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # a running app with Serve's tracing on
 # ------------------------------------------------------------------------------------------------------------
