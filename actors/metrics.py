@@ -175,10 +175,11 @@ class MetricSet:
 
     `constant` labels (e.g. the replica) are given once; every observation names the rest."""
 
-    def __init__(self, names: Iterable[str], *, export_to_ray: bool = True, constant: Mapping[str, str] = {}):
+    def __init__(self, names: Iterable[str], *, export_to_ray: bool = True,
+                 constant: Mapping[str, str] | None = None):
         self._lock = threading.Lock()
         self._families = {name: _Family(BY_NAME[name]) for name in names}
-        self.constant = dict(constant)
+        self.constant = dict(constant or {})
         if export_to_ray:
             self._attach_ray_metrics()
 

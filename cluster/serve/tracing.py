@@ -22,6 +22,8 @@ import contextlib
 import threading
 from typing import Any, Iterator, Mapping
 
+from actors.turns import TurnOrder
+
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import trace
@@ -80,7 +82,6 @@ class TracedCalls:
         self.inner, self.job_span = inner, job_span
 
     def send(self, order: Any) -> _TracedCall:
-        from actors.turns import TurnOrder
         parent = trace.set_span_in_context(self.job_span)
         hint = order.routing_hint()
         if isinstance(order, TurnOrder):
