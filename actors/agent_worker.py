@@ -46,6 +46,7 @@ from kvcomm.memory_plan import KVBudget, MemoryConfig, MemoryPlan, plan_for_runn
 
 from .anchor_pool_actor import PoolSnapshotSettings, RemoteAnchorPool
 from .latency import Latencies
+from .metrics import ReplicaMetrics
 from .turns import (Cancellation, ContentOrder, ContentResolver, TurnCancelled, TurnOrder, execute_content,
                     execute_turn)
 
@@ -455,6 +456,7 @@ class AgentWorker:
         self._namespaces: collections.Counter[str] = collections.Counter()
         self.load_s = time.perf_counter() - started
         self.model_source = loaded.source
+        self.metrics = ReplicaMetrics(worker_id, settings.model).start(self)   # per-replica engine metrics
 
     def _find_pool_actor(self) -> Any:
         if self.settings.pool_actor_name is None:
@@ -481,6 +483,7 @@ class AgentWorker:
         out = await self._execute(order.routing_hint().cost_tokens, execute_turn, self.view, order, self.contents,
                                   self.worker_id, self.node_id, cancel, cancel=cancel)
         self._turns_run += 1
+        self.metrics.observe_job_turn(order.mode, out[0].record)
         return out
 
     async def execute_chat(self, request: ChatRequest, cost: int,
@@ -507,7 +510,9 @@ class AgentWorker:
         except BaseException:
             self.scheduler.call(self.chats.abort, prepared)
             raise
-        return self.scheduler.call(self.chats.finish, prepared, result).result()
+        chat = self.scheduler.call(self.chats.finish, prepared, result).result()
+        self.metrics.observe_chat(result, chat.ttft_s, time.perf_counter() - arrived)
+        return chat
 
     async def _execute(self, cost: int, fn: Callable[..., Any], *args: Any,
                        cancel: Cancellation | None = None) -> Any:

@@ -9,8 +9,9 @@
   defaults set here field by field, exactly as Serve applies them under ``serve run`` / ``serve deploy``.
 * `app_builder(args)`: the ``import_path`` target of a Serve config file (``cluster.serve.app:app_builder``).
 * `run_server(config_file)`: the body of ``kvcomm serve``: start Ray (or join a cluster), Serve with the file's
-  ``http_options`` and ``proxy_location``, every application of the file with its ``deployments:``; serve until
-  Ctrl-C or SIGTERM, then shut everything this call started down, leaving no process behind.
+  ``http_options``, ``proxy_location`` and ``tracing_config``, every application of the file with its
+  ``deployments:``; serve until Ctrl-C or SIGTERM, then shut everything this call started down, leaving no process
+  behind.
 """
 from __future__ import annotations
 
@@ -112,6 +113,8 @@ def run_server(config: str | Path | ServeConfigFile, *, host: str | None = None,
         start: dict[str, Any] = {"http_options": {"host": host, "port": port}}
         if spec.proxy_location is not None:
             start["proxy_location"] = spec.proxy_location
+        if spec.raw.get("tracing_config") is not None:   # Serve's tracing hook (off unless the file enables it)
+            start["tracing_config"] = spec.raw["tracing_config"]
         serve.start(**start)
         urls = []
         for app in spec.applications:

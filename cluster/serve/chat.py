@@ -22,6 +22,7 @@ from .http import APIError, Caller, InFlightSlots, field_path, read_json, sse
 from .metrics import ServiceMetrics
 from .openai_api import (ChatCompletionRequest, ChatRequestError, chunk_body, completion_body, kvcomm_body,
                          new_completion_id, usage_body)
+from .tracing import chat_span, end_chat_span, in_span
 
 
 class ChatService:
@@ -67,28 +68,34 @@ class ChatService:
             params = chat.params(default_mode=self.settings.chat_mode,
                                  namespace=caller.anchor_namespace(chat.kvcomm.namespace),
                                  default_max_tokens=self.settings.default_max_tokens)
-            stream = self.workers.options(stream=True).chat.remote(params)
+            span = chat_span(self.settings.served_model, params.routing_hint().namespace)   # no-op unless traced
+            with in_span(span):                   # Serve's handle call and the replica's span are its children
+                stream = self.workers.options(stream=True).chat.remote(params)
             try:
                 first = await stream.__anext__()
                 if first["event"] == "error":
                     raise APIError(first["status"], first["message"], param=first.get("param"))
-            except BaseException:
+            except BaseException as exc:
                 stream.cancel()
+                end_chat_span(span, None, None, error=f"{type(exc).__name__}: {exc}")
                 raise
             completion_id, created = new_completion_id(), int(time.time())
             if chat.stream:
                 include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
                 chunks = self._chat_chunks(stream, completion_id, created, include_usage, chat.kvcomm.details,
-                                           caller.tenant)
+                                           caller.tenant, span, first.get("worker"))
                 await chunks.__anext__()   # started: its `finally` now runs however the response ends (even unsent)
                 handed_off = True
                 return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             parts, done = [], None
-            async for event in stream:
-                if event["event"] == "delta":
-                    parts.append(event["text"])
-                elif event["event"] == "done":
-                    done = event
+            try:
+                async for event in stream:
+                    if event["event"] == "delta":
+                        parts.append(event["text"])
+                    elif event["event"] == "done":
+                        done = event
+            finally:
+                end_chat_span(span, first.get("worker"), done, None if done else "ended without finishing")
         finally:
             if not handed_off:
                 self._release(caller.tenant)
@@ -99,11 +106,11 @@ class ChatService:
                                             chat.kvcomm.details))
 
     async def _chat_chunks(self, stream: Any, completion_id: str, created: int, include_usage: bool, details: bool,
-                           tenant: str | None) -> AsyncIterator[bytes]:
+                           tenant: str | None, span: Any = None, worker: str | None = None) -> AsyncIterator[bytes]:
         """The SSE chunks of a streaming chat; the first item (empty) is taken by `_chat` to start it. Ends the
         worker's decoding if the client goes away, and releases the chat's in-flight slot."""
         model = self.settings.served_model
-        finished = False
+        finished, done = False, None
         try:
             yield b""
             yield sse(chunk_body(completion_id, model, created, {"role": "assistant", "content": ""}))
@@ -111,7 +118,7 @@ class ChatService:
                 if event["event"] == "delta":
                     yield sse(chunk_body(completion_id, model, created, {"content": event["text"]}))
                 elif event["event"] == "done":
-                    finished = True
+                    finished, done = True, event
                     self.metrics.observe_chat(event)
                     yield sse(chunk_body(completion_id, model, created, {}, finish_reason=event["finish_reason"],
                                          kvcomm=kvcomm_body(event, details)))
@@ -123,4 +130,5 @@ class ChatService:
         finally:
             if not finished:
                 stream.cancel()            # the client went away: the worker stops decoding this chat
+            end_chat_span(span, worker, done, None if finished else "the client went away")
             self._release(tenant)

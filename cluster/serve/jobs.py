@@ -28,6 +28,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray.exceptions import RayTaskError
 
+from actors.metrics import reused_prompt_tokens
 from kvcomm.engine import ContextLengthError
 from kvcomm.harness.jobs import MODES, JobSpec, JobSpecError
 from kvcomm.templates import TemplateError
@@ -38,6 +39,7 @@ from .http import (INT64_MAX, INT64_MIN, APIError, Caller, InFlightSlots, intern
                    query_flag, read_json, sse)
 from .job_store import FINISHED
 from .metrics import ServiceMetrics
+from .tracing import end_job_span, start_job_span, traced
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +173,9 @@ class JobService:
             loop.call_soon_threadsafe(events.put_nowait, ("retry", {"job": job_id, "reason": reason,
                                                                     "scope": "turn"}))
 
-        dag = DagJob(spec, mode, self.calls, retries=self.settings.job_retries, on_turn=on_turn, on_retry=on_retry)
+        span = start_job_span(job_id, mode, spec.namespace, len(spec.agents))   # no-op unless Serve traces
+        dag = DagJob(spec, mode, traced(self.calls, span), retries=self.settings.job_retries, on_turn=on_turn,
+                     on_retry=on_retry)
         self._drivers[job_id] = dag
 
         async def publish() -> None:                       # one writer per job keeps its events in order
@@ -183,7 +187,7 @@ class JobService:
                 if name == "turn":
                     self.metrics.observe_turn(mode, data["reason"], data["ttft_s"], data["reused"],
                                               data["prompt_tokens"], len(data["token_ids"]),
-                                              data["prompt_tokens"] - data["recomputed_tokens"])
+                                              reused_prompt_tokens(data["prompt_tokens"], data["recomputed_tokens"]))
                 await self.store.append.remote(job_id, self.replica_id, name, data)
 
         async def run() -> None:
@@ -202,6 +206,7 @@ class JobService:
                 if status != "cancelled":
                     await self.store.finish.remote(job_id, self.replica_id, status, result, error)
                 self.metrics.observe_job(mode, status)
+                end_job_span(span, status, result, error)
                 self._drivers.pop(job_id, None)
                 self._release(tenant)
 

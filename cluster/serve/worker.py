@@ -12,6 +12,8 @@ caches, `RemoteAnchorPool`) and serves what the ingress's job drivers and chat r
 * `chat(params)`: an OpenAI chat completion, streamed as events: a turn of the replica's one continuous batch,
   its contents reused across requests of its namespace (`kvcomm.chat`; this replica keeps them, so the router
   sends a namespace's chats to its home replica when loads tie).
+* `engine_metrics()`: the replica's engine metrics (`actors.metrics.ReplicaMetrics`, exported through Ray's
+  metrics API) as Prometheus text.
 * `record_routing_stats()`: what the router weighs (the routing cost in tokens of the orders and chats in flight,
   and the node), reported every ``routing_stats_period_s``.
 
@@ -129,6 +131,12 @@ class AgentWorkerDeployment:
         stats = await self.worker.stats()
         stats["chats"]["running"] = self._chats
         return stats
+
+    async def engine_metrics(self) -> str:
+        """This replica's engine metrics (`actors.metrics.ReplicaMetrics`) as Prometheus text, sampled now: what
+        Ray's metrics agent exports for it (as ``ray_`` + each name) once its export interval has passed."""
+        self.worker.metrics.sample(self.worker)
+        return self.worker.metrics.metrics.render()
 
     async def check_health(self) -> None:
         await self.worker.ping()
