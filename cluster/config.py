@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from actors.agent_worker import WorkerSettings
-from actors.anchor_pool_actor import PoolSnapshotSettings
+from actors.anchor_pool_actor import PoolSnapshotSettings, PoolSpec
 from kvcomm.config import KVCommConfig
 from kvcomm.memory_plan import MemoryConfig
 
@@ -157,27 +157,36 @@ class ClusterConfig(BaseModel):
             bundle["GPU"] = float(self.gpus_per_worker)
         return bundle
 
+    def model_tag(self) -> str:
+        """Names what the pool's anchors are KV of: model, weights, dtype, device (a pool's and a snapshot's tag)."""
+        return (f"model={self.model} random_weights={self.random_weights} dtype={self.dtype or 'default'} "
+                f"device={self.device}")
+
     def pool_snapshot(self) -> PoolSnapshotSettings | None:
         """The pool actor's snapshot settings (None when `pool_snapshot_path` is unset). The tag names the
         model, weights, dtype and device: a snapshot saved by another deployment is rejected, not served."""
         if not self.pool_snapshot_path:
             return None
-        tag = (f"model={self.model} random_weights={self.random_weights} dtype={self.dtype or 'default'} "
-               f"device={self.device}")
         return PoolSnapshotSettings(path=str(Path(self.pool_snapshot_path).expanduser().resolve()),
                                     every_commits=self.pool_snapshot_every_commits,
-                                    every_s=self.pool_snapshot_every_s, tag=tag)
+                                    every_s=self.pool_snapshot_every_s, tag=self.model_tag())
 
-    def worker_settings(self) -> WorkerSettings:
+    def pool_spec(self, *, detached: bool | None = None) -> PoolSpec:
+        """The one anchor pool of this deployment, as everyone creates or joins it (`actors.anchor_pool_actor`);
+        `detached` overrides `pool_detached` (a Serve app's pool is always detached)."""
+        return PoolSpec(name=self.pool_actor_name, ray_namespace=self.ray_namespace, model=self.model_tag(),
+                        kvcomm=self.kvcomm.to_kvcomm(), snapshot=self.pool_snapshot(),
+                        detached=self.pool_detached if detached is None else detached)
+
+    def worker_settings(self, *, pool_detached: bool | None = None) -> WorkerSettings:
         """What one `AgentWorker` needs (the actors layer never sees this pydantic model)."""
         return WorkerSettings(
             model=self.model, random_weights=self.random_weights, device=self.device, dtype=self.dtype,
             threads=self.worker_threads, max_batch_size=self.max_batch_size,
             max_queued_turns=self.max_queued_turns, anchor_cache_bytes=self.anchor_cache_bytes,
-            content_cache_bytes=self.content_cache_bytes,
-            pool_actor_name=self.pool_actor_name, ray_namespace=self.ray_namespace,
+            content_cache_bytes=self.content_cache_bytes, pool=self.pool_spec(detached=pool_detached),
             pool_call_timeout_s=self.pool_call_timeout_s, pool_retry_after_s=self.pool_retry_after_s,
-            pool_snapshot=self.pool_snapshot(), kvcomm=self.kvcomm.to_kvcomm(), memory=self.memory.to_memory())
+            kvcomm=self.kvcomm.to_kvcomm(), memory=self.memory.to_memory())
 
 
 def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, Any]:

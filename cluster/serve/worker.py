@@ -52,8 +52,8 @@ class AgentWorkerDeployment:
             worker_id = f"replica-{serve.get_replica_context().replica_id.unique_id}"
         except Exception:  # noqa: BLE001 - outside Serve (direct construction)
             worker_id = f"replica-{uuid.uuid4().hex[:8]}"
-        if settings.pool_actor_name is not None:
-            _wait_for_actor(settings.pool_actor_name, settings.ray_namespace, POOL_WAIT_S)
+        if settings.pool is not None:
+            _wait_for_actor(settings.pool.name, settings.pool.ray_namespace, POOL_WAIT_S)
         self.worker_id = worker_id
         self.worker = AgentWorker(settings, worker_id, chat_cache_bytes=chat_cache_bytes)
         self._chats = 0                  # chat completions in flight
