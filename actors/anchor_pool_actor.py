@@ -208,6 +208,7 @@ class AnchorPoolActor:
         self._state = AnchorPoolState(spec.kvcomm, put=ray.put, get=ray.get)
         self._saver = None if spec.snapshot is None else SnapshotSaver(self._state, spec.snapshot)
         self._started = time.time()
+        self._placement_group = ray.get_runtime_context().get_placement_group_id()
 
     def fingerprint(self) -> dict[str, Any]:
         return self._fingerprint
@@ -256,6 +257,7 @@ class AnchorPoolActor:
         stats["uptime_s"] = time.time() - self._started
         stats["model"] = self._fingerprint["model"]
         stats["threads"] = threading.active_count()
+        stats["placement_group"] = self._placement_group       # None: outside every placement group
         stats["snapshot"] = None if self._saver is None else self._saver.stats()
         return stats
 
