@@ -105,6 +105,7 @@ class _ClientStats:
     committed_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
     calls: Latencies = field(default_factory=Latencies)   # recent snapshot-call latencies
+    calls_by_thread: collections.Counter = field(default_factory=collections.Counter)   # actor calls, by thread
     commit_calls: Latencies = field(default_factory=Latencies)
 
 
@@ -187,6 +188,7 @@ class RemoteAnchorPool(TransactionHost):
             cached = self._snapshots.get(namespace)
             actor = self.actor
             self._stats.fetches += 1
+            self._count_call()
         known = None if cached is None else (cached[0], cached[1])
         started = time.monotonic()
         try:
@@ -309,6 +311,8 @@ class RemoteAnchorPool(TransactionHost):
                 with self._lock:
                     self._stats.commits_dropped += 1
                 return None
+            with self._lock:
+                self._count_call()
             version = ray.get(self.actor.commit.remote(payload), timeout=self.call_timeout_s)
         except Exception as exc:  # noqa: BLE001 - a lost pool loses the anchors, never the job
             self._lost("commit", exc)
@@ -336,6 +340,11 @@ class RemoteAnchorPool(TransactionHost):
     def close(self) -> None:
         if self._committer is not None:
             self._committer.shutdown(wait=False, cancel_futures=False)
+
+    def _count_call(self) -> None:
+        """Count an actor call by the thread making it (pool names the threads "<prefix>_<n>"): a worker's stats show
+        that its model thread makes none."""
+        self._stats.calls_by_thread[threading.current_thread().name.split("_")[0]] += 1
 
     # ---- health -------------------------------------------------------------------------------------------------
     def _reachable(self) -> bool:
@@ -377,7 +386,7 @@ class RemoteAnchorPool(TransactionHost):
                     "held_namespaces": len(self._held),
                     "reachable": self.actor is not None and time.monotonic() >= self._unreachable_until,
                     "snapshot_call_ms": s.calls.summary(), "commit_call_ms": s.commit_calls.summary(),
-                    "recent_warnings": list(s.warnings)}
+                    "calls_by_thread": dict(s.calls_by_thread), "recent_warnings": list(s.warnings)}
 
 
 def _empty_snapshot(namespace: str) -> PoolSnapshot:

@@ -373,7 +373,7 @@ class ClusterRunner:
 
 def _warn_if_pool_outgrows_object_store(config: ClusterConfig) -> None:
     """Anchor tensors live in the object store of the pool actor's node: a byte budget above it means spilling."""
-    problem = pool_store_problem(config.kvcomm.pool_byte_budget, ray.nodes())
+    problem = pool_store_problem(config.budgets()["pool_byte_budget"], ray.nodes())
     if problem:
         log.warning(problem)
 

@@ -74,7 +74,8 @@ def _small_orders(worker: Any, stop: threading.Event, done: list[int]) -> None:
 
 
 def run(*, model: str = "smollm2-135m-instruct", random_weights: bool = False, clients: int = 32,
-        commit_mb: int = 100, decode_tokens: int = 96, hot_anchors: int = 64, load: bool = True) -> dict[str, Any]:
+        commit_mb: int = 100, decode_tokens: int = 96, hot_anchors: int = 64, load: bool = True,
+        small_orders: bool = True, sequences: int = 1) -> dict[str, Any]:
     """One measurement (`load=False`: the same decode with nothing else running, the baseline)."""
     import ray
     from ..batch.runner import ClusterRunner
@@ -96,12 +97,13 @@ def run(*, model: str = "smollm2-135m-instruct", random_weights: bool = False, c
             from actors.turns import ContentOrder
             ray.get(worker.make_content.options(num_returns=3).remote(
                 ContentOrder(namespace=GATED, text="warm", offer_as=("user_question",), pooled=True))[0])
-        job = build_job("math", "Ben has 3 cards and gets 4 more. How many cards does he have?", num_agents=1,
-                        mode="dense", job_id=f"stall-{uuid.uuid4().hex[:6]}",
-                        generation=GenerationParams(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens))
-        ticket = runner.submit(job)
+        jobs = [build_job("math", f"Ben has {3 + i} cards and gets 4 more. How many cards does he have?",
+                          num_agents=1, mode="dense", job_id=f"stall-{uuid.uuid4().hex[:6]}",
+                          generation=GenerationParams(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens))
+                for i in range(sequences)]
+        tickets = [runner.submit(job) for job in jobs]
         deadline = time.monotonic() + 120
-        while ray.get(worker.load.remote())["active"] == 0:     # its input and prefill run before the first step
+        while ray.get(worker.load.remote())["active"] < sequences:   # inputs and prefills run before the first step
             if time.monotonic() > deadline:
                 raise TimeoutError("the long sequence never started decoding")
             time.sleep(0.005)
@@ -114,10 +116,11 @@ def run(*, model: str = "smollm2-135m-instruct", random_weights: bool = False, c
             threads = [threading.Thread(target=_hammer, args=(pool, stop, snapshot_s), daemon=True)
                        for _ in range(clients)]
             threads.append(threading.Thread(target=_commit_loop, args=(pool, big, stop, commit_s), daemon=True))
-            threads.append(threading.Thread(target=_small_orders, args=(worker, stop, orders), daemon=True))
+            if small_orders:
+                threads.append(threading.Thread(target=_small_orders, args=(worker, stop, orders), daemon=True))
         for thread in threads:
             thread.start()
-        result = runner.result(ticket)
+        result = [runner.result(ticket) for ticket in tickets][0]
         stop.set()
         for thread in threads:
             thread.join(60)
@@ -126,7 +129,7 @@ def run(*, model: str = "smollm2-135m-instruct", random_weights: bool = False, c
     scheduler = stats["scheduler"]
     step, gap = scheduler["step_ms"], scheduler["step_gap_ms"]
     quantile = (lambda values, q: sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1e3 if values else 0.0)
-    return {"load": load, "model": model, "clients": clients if load else 0, "commit_mb": commit_mb if load else 0,
+    return {"load": load, "model": model, "sequences": sequences, "clients": clients if load else 0, "commit_mb": commit_mb if load else 0,
             "decode_tokens": len(result["turns"][0]["token_ids"]), "steps": scheduler["steps"],
             "step_p50_ms": step["p50"], "gap_max_ms": gap["max"], "gap_p99_ms": gap["p99"],
             "gap_max_over_step_p50": gap["max"] / step["p50"] if step["p50"] else 0.0,
@@ -134,6 +137,7 @@ def run(*, model: str = "smollm2-135m-instruct", random_weights: bool = False, c
             "client_snapshot_p50_ms": quantile(snapshot_s, 0.5), "client_snapshot_p99_ms": quantile(snapshot_s, 0.99),
             "commits": len(commit_s), "commit_mean_s": statistics.fmean(commit_s) if commit_s else 0.0,
             "worker_pool_call_ms": stats["pool"].get("snapshot_call_ms"),
+            "worker_pool_calls_by_thread": stats["pool"].get("calls_by_thread"),
             "pool_bytes_per_question": pool_stats.get("bytes_per_question")}
 
 

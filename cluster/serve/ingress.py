@@ -89,7 +89,7 @@ class IngressSettings:
                    job_store_snapshot_every_s=serve_settings.job_store_snapshot_every_s,
                    pool=cluster.pool_spec(detached=True), pool_call_timeout_s=cluster.pool_call_timeout_s,
                    ray_namespace=cluster.ray_namespace,
-                   kvcomm=cluster.kvcomm.to_kvcomm())
+                   kvcomm=cluster.kvcomm_config())
 
 
 @serve.ingress(api)   # at import, in every process: Serve binds the routes below to the replica's instance
