@@ -91,7 +91,10 @@ def test_cluster_config_from_yaml_names_unknown_keys(tmp_path) -> None:
     assert (config.num_workers, config.placement_strategy) == (3, "SPREAD")
     assert config.kvcomm.to_kvcomm() == KVCommConfig(gamma=0.5, window=3)
     assert config.bundle() == {"CPU": 1.0}
-    assert config.worker_settings().kvcomm == KVCommConfig(gamma=0.5, window=3)
+    # the unset pool budget follows the model (SmolLM2-135M fp32: 4 questions of ~0.6 GB, more than the 2 GiB floor)
+    budget = config.budgets()["pool_byte_budget"]
+    assert budget == 4 * config.anchor_bytes_per_question() > KVCommConfig().pool_byte_budget
+    assert config.worker_settings().kvcomm == KVCommConfig(gamma=0.5, window=3, pool_byte_budget=budget)
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("num_workers: 2\nnum_wrokers: 3\n")
