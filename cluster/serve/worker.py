@@ -15,8 +15,9 @@ caches, `RemoteAnchorPool`) and serves what the ingress's job drivers and chat r
 * `record_routing_stats()`: what the router weighs (the routing cost in tokens of the orders and chats in flight,
   and the node), reported every ``routing_stats_period_s``.
 
-The anchor pool actor is created by the ingress (`cluster.serve.ingress`), outside any replica's placement group;
-a replica only looks it up by name, so a scale-down never takes the pool with it.
+The anchor pool actor is created (detached) by the ingress (`cluster.serve.ingress`) from the app's `PoolSpec`,
+outside any replica's placement group; a replica joins the same spec (its fingerprint checked: a pool built for
+another model or other settings is an error), so a scale-down never takes the pool with it.
 """
 from __future__ import annotations
 
