@@ -22,7 +22,9 @@ from kvcomm.job_runner import run_job
 from kvcomm.kv import KVSegment
 from kvcomm.session import build_engine
 
-from actors.anchor_pool_actor import AnchorPoolState, RemoteAnchorPool, get_or_create_pool_actor, transaction_payload
+from actors.anchor_pool_actor import PoolSpec, get_or_create_pool_actor
+from actors.pool_client import RemoteAnchorPool
+from actors.pool_state import AnchorPoolState, transaction_payload
 from cluster.config import ClusterConfig, KVCommSettings
 
 pytestmark = pytest.mark.ray
@@ -89,7 +91,10 @@ def test_cluster_config_from_yaml_names_unknown_keys(tmp_path) -> None:
     assert (config.num_workers, config.placement_strategy) == (3, "SPREAD")
     assert config.kvcomm.to_kvcomm() == KVCommConfig(gamma=0.5, window=3)
     assert config.bundle() == {"CPU": 1.0}
-    assert config.worker_settings().kvcomm == KVCommConfig(gamma=0.5, window=3)
+    # the unset pool budget follows the model (SmolLM2-135M fp32: 4 questions of ~0.6 GB, more than the 2 GiB floor)
+    budget = config.budgets()["pool_byte_budget"]
+    assert budget == 4 * config.anchor_bytes_per_question() > KVCommConfig().pool_byte_budget
+    assert config.worker_settings().kvcomm == KVCommConfig(gamma=0.5, window=3, pool_byte_budget=budget)
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("num_workers: 2\nnum_wrokers: 3\n")
@@ -174,7 +179,7 @@ def test_pool_state_applies_anchor_pool_rules_exactly() -> None:
 def test_remote_pool_round_trips_tensors_and_caches_them(ray_cluster) -> None:
     import ray
     config = KVCommConfig(rerotate_deltas=False)
-    actor, created = get_or_create_pool_actor(config, name=f"rt-{uuid.uuid4().hex[:8]}", namespace="kvcomm-test")
+    actor, created = get_or_create_pool_actor(PoolSpec(name=f"rt-{uuid.uuid4().hex[:8]}", ray_namespace="kvcomm-test", kvcomm=config))
     try:
         assert created
         client = RemoteAnchorPool(actor, config, rope=None, cache_bytes=1 << 20)
@@ -207,7 +212,7 @@ def test_pool_snapshots_never_see_a_partial_commit(ray_cluster) -> None:
     readers snapshot: every snapshot holds both anchors of a transaction or neither, with the right tensors."""
     import ray
     config = KVCommConfig(max_anchors=1000, rerotate_deltas=False)
-    actor, _ = get_or_create_pool_actor(config, name=f"tear-{uuid.uuid4().hex[:8]}", namespace="kvcomm-test")
+    actor, _ = get_or_create_pool_actor(PoolSpec(name=f"tear-{uuid.uuid4().hex[:8]}", ray_namespace="kvcomm-test", kvcomm=config))
     problems: list[str] = []
     writers_done = threading.Event()
     seen_versions: list[int] = []
