@@ -371,6 +371,11 @@ class RemoteAnchorPool(TransactionHost):
         with self._lock:
             self._stats.warnings = (self._stats.warnings + [message])[-5:]
 
+    @property
+    def call_latencies(self) -> Latencies:
+        """Recent snapshot-call durations (seconds), for the replica's metrics."""
+        return self._stats.calls
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             s = self._stats
