@@ -13,11 +13,15 @@ This module owns the worker side of the cluster:
   replica's throughput therefore grows with concurrent load: sixteen turns decode in one forward pass, not sixteen.
   A turn can be cancelled while it waits or decodes (`cancel`): it leaves the batch at the next step.
 * `ScheduledEngine`: the engine as the worker side of a turn (`actors.turns`) uses it, callable from any thread:
-  its `run_turn` joins the shared batch and its other calls (inputs, the gate, the pool) run on the model thread.
+  its `run_turn` joins the shared batch and its other engine calls (inputs, the gate) run on the model thread; the
+  pool, thread-safe, is used on the caller's thread.
 * `AgentWorker`: one model replica (engine, scheduler, content cache) that executes the turns and contents a
   job driver (`cluster.driver`) orders, and chat completions (`kvcomm.chat.ChatTurns`: a chat is a turn of the
   same batch, its contents kept across requests), in job threads, so that they all batch together. The
-  engine's pool is a `RemoteAnchorPool` on the cluster's `AnchorPoolActor`. It is used as a Ray actor
+  engine's pool is a `RemoteAnchorPool` on the cluster's `AnchorPoolActor`, in prefetch mode: no pool call runs
+  on the model thread. A pooled order's job thread fetches the namespace's snapshot before the work reaches the
+  model thread and holds it for the engine until the work is done (`_holding_pool`); commits (a chat's) leave on
+  the client's committer thread. It is used as a Ray actor
   (`start_agent_worker`, by `cluster.batch.runner.ClusterRunner`) or composed into a Serve replica
   (`cluster.serve.worker`).
 """
@@ -42,9 +46,11 @@ from kvcomm.chat import ChatContents, ChatRequest, ChatResult, ChatTurns
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
 from kvcomm.generation import SequenceState
+from kvcomm.job_runner import POOL_MODES
 from kvcomm.memory_plan import KVBudget, MemoryConfig, MemoryPlan, plan_for_runner
 
-from .anchor_pool_actor import PoolSnapshotSettings, RemoteAnchorPool
+from .anchor_pool_actor import PoolMismatchError, PoolSpec, join_pool_actor
+from .pool_client import RemoteAnchorPool
 from .latency import Latencies
 from .metrics import ReplicaMetrics
 from .turns import (Cancellation, ContentOrder, ContentResolver, TurnCancelled, TurnOrder, execute_content,
@@ -65,11 +71,9 @@ class WorkerSettings:
     max_queued_turns: int             # turns admitted to the scheduler at once (queued + decoding)
     anchor_cache_bytes: int           # fetched anchor tensors kept (LRU)
     content_cache_bytes: int          # shared contents' base KV (inputs, responses) kept (LRU)
-    pool_actor_name: str | None       # None: no anchor pool (every kvcomm turn prefills densely)
-    ray_namespace: str
+    pool: PoolSpec | None             # the cluster's anchor pool (None: none, every kvcomm turn prefills densely)
     pool_call_timeout_s: float
     pool_retry_after_s: float         # after a failed pool call, serve an empty pool this long before asking again
-    pool_snapshot: PoolSnapshotSettings | None   # where a pool actor this worker creates keeps its snapshot
     kvcomm: KVCommConfig
     memory: MemoryConfig              # the replica's memory plan (device memory, longest prompt, agent cache)
 
@@ -343,7 +347,7 @@ class ScheduledEngine:
     def __init__(self, engine: KVCommEngine, scheduler: TurnScheduler):
         self._engine = engine
         self._scheduler = scheduler
-        self.pool = _ScheduledPool(engine.pool, scheduler)
+        self.pool = engine.pool   # thread-safe (RemoteAnchorPool, AnchorPool): called on the caller's thread
         # read-only after construction: safe from any thread
         self.spec = engine.spec
         self.tokenizer = engine.tokenizer
@@ -373,26 +377,6 @@ class ScheduledEngine:
         return self._scheduler.call(self._engine.encode, text).result()
 
 
-class _ScheduledPool:
-    """The engine's pool, each call on the model thread (the pool client is not shared across threads)."""
-
-    def __init__(self, pool: Any, scheduler: TurnScheduler):
-        self._pool = pool
-        self._scheduler = scheduler
-
-    def begin(self, namespace: str) -> Any:
-        return self._scheduler.call(self._pool.begin, namespace).result()
-
-    def commit(self, txn: Any) -> Any:
-        return self._scheduler.call(self._pool.commit, txn).result()
-
-    def abort(self, txn: Any) -> None:
-        return self._scheduler.call(self._pool.abort, txn).result()
-
-    def snapshot(self, namespace: str) -> Any:
-        return self._scheduler.call(self._pool.snapshot, namespace).result()
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The Ray actor
 # ------------------------------------------------------------------------------------------------------------
@@ -417,7 +401,7 @@ class AgentWorker:
 
         self.settings = settings
         self.worker_id = worker_id
-        # The only blocking ray.get calls (the pool client's) run on the model thread, never on the event loop;
+        # The only blocking ray.get calls (the pool client's) run on job threads, never on the event loop;
         # Ray's warning about them cannot tell the two apart.
         os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
         torch.set_num_threads(settings.threads)
@@ -436,7 +420,7 @@ class AgentWorker:
                                      cache_bytes=settings.anchor_cache_bytes, device=runner.device,
                                      call_timeout_s=settings.pool_call_timeout_s,
                                      retry_after_s=settings.pool_retry_after_s,
-                                     resolve_actor=self._find_pool_actor)
+                                     resolve_actor=self._find_pool_actor, prefetch=True)
         self.engine = KVCommEngine(runner, loaded.tokenizer, settings.kvcomm, self.pool,
                                    agent_cache_bytes=settings.memory.agent_cache_bytes)
         self.scheduler = TurnScheduler(self.engine, settings.max_batch_size, settings.max_queued_turns,
@@ -459,29 +443,38 @@ class AgentWorker:
         self.metrics = ReplicaMetrics(worker_id, settings.model).start(self)   # per-replica engine metrics
 
     def _find_pool_actor(self) -> Any:
-        if self.settings.pool_actor_name is None:
+        """The cluster's pool, checked to be built for this model and settings (`PoolMismatchError` otherwise);
+        None while there is none (the worker serves dense and looks again later)."""
+        spec = self.settings.pool
+        if spec is None:
             return None
-        import ray
         try:
-            return ray.get_actor(self.settings.pool_actor_name, namespace=self.settings.ray_namespace)
-        except ValueError:
-            log.warning("anchor pool actor %r not found in namespace %r; serving without a pool",
-                        self.settings.pool_actor_name, self.settings.ray_namespace)
+            actor = join_pool_actor(spec, timeout_s=self.settings.pool_call_timeout_s)
+        except PoolMismatchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a pool restarting or unreachable: looked up again later
+            log.warning("anchor pool %r unreachable (%s); serving without a pool for now", spec.name, exc)
             return None
+        if actor is None:
+            log.warning("anchor pool actor %r not found in namespace %r; serving without a pool", spec.name,
+                        spec.ray_namespace)
+        return actor
 
     # ---- orders from a job driver (cluster.driver) --------------------------------------------------------------
     async def execute_content(self, order: ContentOrder) -> tuple[Any, Any, Any]:
         """A user input's base KV, offered to the gate: (`TurnOutcome`, the KV as a `SegmentPayload`, the staged
         pool payload or None)."""
-        return await self._execute(order.routing_hint().cost_tokens, execute_content, self.view, order,
+        return await self._execute(order.routing_hint().cost_tokens, self._holding_pool,
+                                   order.namespace if order.pooled else None, execute_content, self.view, order,
                                    self.contents, self.worker_id, self.node_id)
 
     async def execute_turn(self, order: TurnOrder) -> tuple[Any, Any, Any, Any]:
         """One agent turn: (`TurnOutcome`, response KV, condition KV or None, staged pool payload or None)."""
         self._namespaces[order.namespace] += 1
         cancel = Cancellation()
-        out = await self._execute(order.routing_hint().cost_tokens, execute_turn, self.view, order, self.contents,
-                                  self.worker_id, self.node_id, cancel, cancel=cancel)
+        out = await self._execute(order.routing_hint().cost_tokens, self._holding_pool,
+                                  order.namespace if order.pooled else None, execute_turn, self.view, order,
+                                  self.contents, self.worker_id, self.node_id, cancel, cancel=cancel)
         self._turns_run += 1
         self.metrics.observe_job_turn(order.mode, out[0].record)
         return out
@@ -499,6 +492,12 @@ class AgentWorker:
         """A job thread: prepare the chat on the model thread, decode it in the batch, finish it there."""
         arrived = time.perf_counter()
         cancel.check()
+        if request.mode in POOL_MODES:
+            return self._holding_pool(request.namespace, self._chat_turn, request, on_text, cancel, arrived)
+        return self._chat_turn(request, on_text, cancel, arrived)
+
+    def _chat_turn(self, request: ChatRequest, on_text: Callable[[str], None] | None, cancel: Cancellation,
+                   arrived: float) -> ChatResult:
         prepared = self.scheduler.call(self.chats.prepare, request, on_text, arrived).result()
         try:
             future = self.scheduler.turn(prepared.turn)
@@ -513,6 +512,17 @@ class AgentWorker:
         chat = self.scheduler.call(self.chats.finish, prepared, result).result()
         self.metrics.observe_chat(result, chat.ttft_s, time.perf_counter() - arrived)
         return chat
+
+    def _holding_pool(self, namespace: str | None, fn: Callable[..., Any], *args: Any) -> Any:
+        """A job thread: fetch the namespace's pool snapshot here (never on the model thread) and hold it for the
+        engine while `fn(*args)` runs (`RemoteAnchorPool.hold`); None: the work reads no pool."""
+        if namespace is None:
+            return fn(*args)
+        self.pool.hold(namespace)
+        try:
+            return fn(*args)
+        finally:
+            self.pool.release(namespace)
 
     async def _execute(self, cost: int, fn: Callable[..., Any], *args: Any,
                        cancel: Cancellation | None = None) -> Any:
@@ -576,6 +586,9 @@ class AgentWorker:
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             scheduler.stop(timeout=1.0)
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.close()
         threads = getattr(self, "_job_threads", None)
         if threads is not None:
             threads.shutdown(wait=False, cancel_futures=True)

@@ -402,7 +402,6 @@ class ReplicaMetrics:
 
 
 def _pool_call_latencies(pool: Any) -> Any:
-    """The pool client's recent snapshot-call durations (`RemoteAnchorPool` keeps them in its stats; None for a
-    pool without them)."""
-    stats = getattr(pool, "_stats", None)
-    return getattr(stats, "calls", None)
+    """The pool client's recent snapshot-call durations (`RemoteAnchorPool.call_latencies`; None for a pool
+    without them)."""
+    return getattr(pool, "call_latencies", None)

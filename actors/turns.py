@@ -35,7 +35,8 @@ from kvcomm.harness.jobs import AgentSpec, Turn
 from kvcomm.job_runner import sampling_for, share_turn_output, turn_record
 from kvcomm.kv import KVSegment
 
-from .anchor_pool_actor import PartCache, transaction_payload
+from .pool_client import PartCache
+from .pool_state import transaction_payload
 from .transfer import SegmentPayload, SegmentRef, get_segment, segment_to_payload
 
 

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.batch import submit
     from cluster.bench import agents as bench_agents
     from cluster.bench import reliability as bench_reliability
+    from cluster.bench import pool_stall as bench_pool_stall
     from cluster.bench import scale as bench_scale
     from cluster.bench import serve as bench_serve
     from cluster.bench import throughput as bench_throughput
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
          bench_agents.add_arguments, bench_agents.cli_main),
         ("scale", "agents x worker replicas on simulated nodes: latency, TTFT, KV between nodes, pool calls",
          bench_scale.add_arguments, bench_scale.cli_main),
+        ("pool-stall", "a worker's decode-step gaps while 32 clients and 100 MB commits keep the anchor pool busy",
+         bench_pool_stall.add_arguments, bench_pool_stall.cli_main),
     ]
     for name, help_text, add_arguments, run in benchmarks:
         p = bench.add_parser(name, help=help_text)

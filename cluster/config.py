@@ -10,6 +10,7 @@ errors that name the key (``extra="forbid"``), in YAML files as in code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -18,12 +19,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from actors.agent_worker import WorkerSettings
-from actors.anchor_pool_actor import PoolSnapshotSettings
+from actors.anchor_pool_actor import PoolSnapshotSettings, PoolSpec
 from kvcomm.calibration import resolve as resolve_calibration
 from kvcomm.config import KVCommConfig
 from kvcomm.memory_plan import MemoryConfig
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+DEFAULT_ANCHOR_CACHE_BYTES = 256 << 20   # the least a worker's anchor cache gets when the config sets none
+POOL_QUESTIONS = 4                       # an unset pool budget holds this many questions' anchors (at least 2 GiB)
+ANCHOR_CACHE_QUESTIONS = 1               # an unset anchor cache holds this many (at least 256 MiB)
 
 
 def _settings_model(dataclass_type: type, name: str) -> type[BaseModel]:
@@ -99,7 +103,8 @@ class ClusterConfig(BaseModel):
                                                       # only breaks ties; fetching anchors costs ~1% of a reused
                                                       # turn's TTFT on CPU, so load comes first there)
     # --- caches and the anchor pool actor ---
-    anchor_cache_bytes: int = Field(256 << 20, ge=0)  # fetched anchor tensors cached per worker (LRU)
+    anchor_cache_bytes: int = Field(DEFAULT_ANCHOR_CACHE_BYTES, ge=0)  # fetched anchor tensors cached per worker
+                                                      # (LRU); unset: derived from the model (`budgets`)
     content_cache_bytes: int = Field(256 << 20, ge=0) # shared contents' base KV cached per worker (LRU)
     pool_actor_name: str = "kvcomm-anchor-pool"
     ray_namespace: str = "kvcomm"
@@ -138,15 +143,38 @@ class ClusterConfig(BaseModel):
 
     def with_(self, **changes: Any) -> "ClusterConfig":
         """A validated copy with `changes` applied (`kvcomm` may be a dict of algorithm knobs)."""
-        data = self.model_dump()
+        data = self.model_dump(exclude_unset=True)    # unset budgets stay unset: still derived from the model
         kvcomm_changes = changes.pop("kvcomm", None)
         data.update(changes)
         if kvcomm_changes is not None:
-            data["kvcomm"] = {**data["kvcomm"], **(kvcomm_changes if isinstance(kvcomm_changes, dict)
-                                                   else kvcomm_changes.model_dump())}
+            data["kvcomm"] = {**data.get("kvcomm", {}), **(kvcomm_changes if isinstance(kvcomm_changes, dict)
+                                                           else kvcomm_changes.model_dump(exclude_unset=True))}
         return ClusterConfig.model_validate(data)
 
     # ---- derived ------------------------------------------------------------------------------------------------
+    def anchor_bytes_per_question(self, architecture: Any = None) -> int | None:
+        """Bytes of one question's anchors in this model's KV (`kvcomm.memory_plan.JobShape`, the paper's Table-2
+        setting: every placeholder an anchor); `architecture`: a `ModelSpec` to use instead of the model's
+        config. None when the model's architecture cannot be read on this machine."""
+        return _question_bytes(self.model, self.random_weights, self.dtype, self.device, architecture)
+
+    def budgets(self, architecture: Any = None) -> dict[str, int]:
+        """The pool's byte budget and each worker's anchor cache: as set in the config, else derived from the
+        model's KV bytes per token (`POOL_QUESTIONS` / `ANCHOR_CACHE_QUESTIONS` questions' anchors, never less
+        than the fixed defaults)."""
+        question = self.anchor_bytes_per_question(architecture) or 0
+        pool = (self.kvcomm.pool_byte_budget if "pool_byte_budget" in self.kvcomm.model_fields_set
+                else max(KVCommConfig().pool_byte_budget, POOL_QUESTIONS * question))
+        cache = (self.anchor_cache_bytes if "anchor_cache_bytes" in self.model_fields_set
+                 else max(DEFAULT_ANCHOR_CACHE_BYTES, ANCHOR_CACHE_QUESTIONS * question))
+        return {"pool_byte_budget": pool, "anchor_cache_bytes": cache, "anchor_bytes_per_question": question}
+
+    def kvcomm_config(self) -> KVCommConfig:
+        """The algorithm's settings as every process gets them: `kvcomm`, with the pool budget of `budgets()` and
+        the model's calibration filling the per-model knobs it leaves unset (`kvcomm.calibration.resolve`)."""
+        config = self.kvcomm.to_kvcomm().with_(pool_byte_budget=self.budgets()["pool_byte_budget"])
+        return resolve_calibration(config, self.model)[0]
+
     @property
     def worker_threads(self) -> int:
         return self.threads_per_worker or max(1, int(-(-self.cpus_per_worker // 1)))
@@ -158,28 +186,53 @@ class ClusterConfig(BaseModel):
             bundle["GPU"] = float(self.gpus_per_worker)
         return bundle
 
+    def model_tag(self) -> str:
+        """Names what the pool's anchors are KV of: model, weights, dtype, device (a pool's and a snapshot's tag)."""
+        return (f"model={self.model} random_weights={self.random_weights} dtype={self.dtype or 'default'} "
+                f"device={self.device}")
+
     def pool_snapshot(self) -> PoolSnapshotSettings | None:
         """The pool actor's snapshot settings (None when `pool_snapshot_path` is unset). The tag names the
         model, weights, dtype and device: a snapshot saved by another deployment is rejected, not served."""
         if not self.pool_snapshot_path:
             return None
-        tag = (f"model={self.model} random_weights={self.random_weights} dtype={self.dtype or 'default'} "
-               f"device={self.device}")
         return PoolSnapshotSettings(path=str(Path(self.pool_snapshot_path).expanduser().resolve()),
                                     every_commits=self.pool_snapshot_every_commits,
-                                    every_s=self.pool_snapshot_every_s, tag=tag)
+                                    every_s=self.pool_snapshot_every_s, tag=self.model_tag())
 
-    def worker_settings(self) -> WorkerSettings:
+    def pool_spec(self, *, detached: bool | None = None) -> PoolSpec:
+        """The one anchor pool of this deployment, as everyone creates or joins it (`actors.anchor_pool_actor`);
+        `detached` overrides `pool_detached` (a Serve app's pool is always detached)."""
+        return PoolSpec(name=self.pool_actor_name, ray_namespace=self.ray_namespace, model=self.model_tag(),
+                        kvcomm=self.kvcomm_config(), snapshot=self.pool_snapshot(),
+                        detached=self.pool_detached if detached is None else detached)
+
+    def worker_settings(self, *, pool_detached: bool | None = None) -> WorkerSettings:
         """What one `AgentWorker` needs (the actors layer never sees this pydantic model)."""
         return WorkerSettings(
             model=self.model, random_weights=self.random_weights, device=self.device, dtype=self.dtype,
             threads=self.worker_threads, max_batch_size=self.max_batch_size,
-            max_queued_turns=self.max_queued_turns, anchor_cache_bytes=self.anchor_cache_bytes,
-            content_cache_bytes=self.content_cache_bytes,
-            pool_actor_name=self.pool_actor_name, ray_namespace=self.ray_namespace,
+            max_queued_turns=self.max_queued_turns, anchor_cache_bytes=self.budgets()["anchor_cache_bytes"],
+            content_cache_bytes=self.content_cache_bytes, pool=self.pool_spec(detached=pool_detached),
             pool_call_timeout_s=self.pool_call_timeout_s, pool_retry_after_s=self.pool_retry_after_s,
-            pool_snapshot=self.pool_snapshot(), kvcomm=resolve_calibration(self.kvcomm.to_kvcomm(), self.model)[0],
-            memory=self.memory.to_memory())
+            kvcomm=self.kvcomm_config(), memory=self.memory.to_memory())
+
+
+def _question_bytes(model: str, random_weights: bool, dtype: str | None, device: str, architecture: Any) -> int | None:
+    from kvcomm.memory_plan import JobShape
+    from kvcomm.model_loading import ModelLoadError, resolve_dtype
+    try:
+        spec = architecture or _model_spec(model, random_weights)
+        itemsize = resolve_dtype(dtype, device).itemsize
+    except (ModelLoadError, OSError, ValueError):
+        return None
+    return JobShape().anchor_tokens * spec.kv_bytes_per_token_per_dtype_byte * itemsize
+
+
+@functools.lru_cache(maxsize=32)
+def _model_spec(model: str, random_weights: bool) -> Any:
+    from kvcomm.model_loading import model_spec_of
+    return model_spec_of(model, random_weights=random_weights)
 
 
 def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, Any]:

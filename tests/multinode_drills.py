@@ -128,7 +128,7 @@ def drill_node_lost(model_dir: str, workdir: Path) -> dict:
     turns go to live ones); the pool restarts on a surviving node from its snapshot, and reuse comes back."""
     import ray
 
-    from actors.anchor_pool_actor import AnchorPoolActor
+    from actors.anchor_pool_actor import POOL_MAX_CONCURRENCY, AnchorPoolActor
     from cluster.batch.runner import ClusterRunner
     oracle = build_engine(model_dir, random_weights=True, config=KVCommConfig(gamma=1.0))
     dense = [job(i, "dense", tokens=160, topology="fully_connected") for i in range(16)]
@@ -141,7 +141,7 @@ def drill_node_lost(model_dir: str, workdir: Path) -> dict:
         doomed, _ = sim.add(resources={"pool_home": 1}), sim.add()
         pool = ray.remote(AnchorPoolActor).options(
             name=cfg.pool_actor_name, namespace=cfg.ray_namespace, num_cpus=0, resources={"pool_home": 0.01},
-            max_restarts=-1, max_concurrency=1).remote(cfg.kvcomm.to_kvcomm(), cfg.pool_snapshot())
+            max_restarts=-1, max_concurrency=POOL_MAX_CONCURRENCY).remote(cfg.pool_spec())
         assert actor_node(pool) == doomed.node_id
         with ClusterRunner(cfg) as runner:
             worker_nodes = [actor_node(w) for w in runner.workers]

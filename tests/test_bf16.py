@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.anchor_pool_actor import AnchorPoolState, transaction_payload
+from actors.pool_state import AnchorPoolState, transaction_payload
 from actors.transfer import SegmentRef, get_segment
 from kvcomm.anchor_pool import AnchorPool
 from kvcomm.codec import tensor_to_numpy

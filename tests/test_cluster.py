@@ -24,7 +24,9 @@ from kvcomm.kv import KVSegment
 from kvcomm.calibration import resolve as resolve_calibration
 from kvcomm.session import build_engine
 
-from actors.anchor_pool_actor import AnchorPoolState, RemoteAnchorPool, get_or_create_pool_actor, transaction_payload
+from actors.anchor_pool_actor import PoolSpec, get_or_create_pool_actor
+from actors.pool_client import RemoteAnchorPool
+from actors.pool_state import AnchorPoolState, transaction_payload
 from cluster.config import ClusterConfig, KVCommSettings
 
 pytestmark = pytest.mark.ray
@@ -91,8 +93,12 @@ def test_cluster_config_from_yaml_names_unknown_keys(tmp_path) -> None:
     assert (config.num_workers, config.placement_strategy) == (3, "SPREAD")
     assert config.kvcomm.to_kvcomm() == KVCommConfig(gamma=0.5, window=3)
     assert config.bundle() == {"CPU": 1.0}
-    # workers get the config with the model's calibration filling the per-model knobs it leaves unset
-    assert config.worker_settings().kvcomm == resolve_calibration(KVCommConfig(gamma=0.5, window=3), config.model)[0]
+    # the unset pool budget follows the model (SmolLM2-135M fp32: 4 questions of ~0.6 GB, more than the 2 GiB floor)
+    budget = config.budgets()["pool_byte_budget"]
+    assert budget == 4 * config.anchor_bytes_per_question() > KVCommConfig().pool_byte_budget
+    # workers get it, with the model's calibration filling the per-model knobs the config leaves unset
+    want = KVCommConfig(gamma=0.5, window=3, pool_byte_budget=budget)
+    assert config.worker_settings().kvcomm == resolve_calibration(want, config.model)[0]
     assert config.worker_settings().kvcomm.gamma == 0.5 and config.worker_settings().kvcomm.calibrated
 
     bad = tmp_path / "bad.yaml"
@@ -178,7 +184,7 @@ def test_pool_state_applies_anchor_pool_rules_exactly() -> None:
 def test_remote_pool_round_trips_tensors_and_caches_them(ray_cluster) -> None:
     import ray
     config = KVCommConfig(rerotate_deltas=False)
-    actor, created = get_or_create_pool_actor(config, name=f"rt-{uuid.uuid4().hex[:8]}", namespace="kvcomm-test")
+    actor, created = get_or_create_pool_actor(PoolSpec(name=f"rt-{uuid.uuid4().hex[:8]}", ray_namespace="kvcomm-test", kvcomm=config))
     try:
         assert created
         client = RemoteAnchorPool(actor, config, rope=None, cache_bytes=1 << 20)
@@ -211,7 +217,7 @@ def test_pool_snapshots_never_see_a_partial_commit(ray_cluster) -> None:
     readers snapshot: every snapshot holds both anchors of a transaction or neither, with the right tensors."""
     import ray
     config = KVCommConfig(max_anchors=1000, rerotate_deltas=False)
-    actor, _ = get_or_create_pool_actor(config, name=f"tear-{uuid.uuid4().hex[:8]}", namespace="kvcomm-test")
+    actor, _ = get_or_create_pool_actor(PoolSpec(name=f"tear-{uuid.uuid4().hex[:8]}", ray_namespace="kvcomm-test", kvcomm=config))
     problems: list[str] = []
     writers_done = threading.Event()
     seen_versions: list[int] = []

@@ -57,3 +57,42 @@ def test_every_node_of_the_rayservice_holds_the_anchor_pool_budget() -> None:
         memory_gib = _gib(container["resources"]["limits"]["memory"])
         store_gib = int(store) / 2 ** 30 if store else DEFAULT_OBJECT_STORE_SHARE * memory_gib
         assert budget_gib <= store_gib <= memory_gib, (container["name"], budget_gib, store_gib, memory_gib)
+
+
+def _node_stores_gib() -> list[float]:
+    """The object store of every node group of the RayService (set, or Ray's default share of its memory)."""
+    cluster_spec = yaml.safe_load(KUBERAY.read_text())["spec"]["rayClusterConfig"]
+    stores = []
+    for group in [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]:
+        store = group["rayStartParams"].get("object-store-memory")
+        [container] = group["template"]["spec"]["containers"]
+        stores.append(int(store) / 2 ** 30 if store else
+                      DEFAULT_OBJECT_STORE_SHARE * _gib(container["resources"]["limits"]["memory"]))
+    return stores
+
+
+def test_the_h100_example_s_budgets_hold_its_questions_and_fit_its_nodes() -> None:
+    """Llama-3.1-8B's anchors of one Table-2 question take ~1.7 GiB (128 KiB of K+V per token): the example's
+    pool holds several questions and fits every node's object store, each replica's anchor cache holds at least
+    one question within its GPU memory plan; with both budgets unset, the defaults derived from the model do too."""
+    from cluster.config import POOL_QUESTIONS, ClusterConfig
+    from cluster.plan import cluster_configs, plan_of
+    from kvcomm.model_spec import PRESETS
+    llama = PRESETS["llama-3.1-8b"]
+    [(_, config)] = cluster_configs(H100)
+    set_in_file = config.budgets(llama)
+    question = set_in_file["anchor_bytes_per_question"]
+    assert 1.6 * 2 ** 30 < question < 1.8 * 2 ** 30, question
+    fields = yaml.safe_load(H100.read_text())["applications"][0]["args"]["cluster"]
+    unset = ClusterConfig.model_validate({**{k: v for k, v in fields.items() if k != "anchor_cache_bytes"},
+                                          "kvcomm": {k: v for k, v in fields["kvcomm"].items()
+                                                     if k != "pool_byte_budget"}})
+    derived = unset.budgets(llama)
+    assert derived["pool_byte_budget"] == POOL_QUESTIONS * question and derived["anchor_cache_bytes"] == question
+    smallest_store = min(_node_stores_gib())
+    for which, cfg, budgets in (("the file's", config, set_in_file), ("derived", unset, derived)):
+        assert budgets["pool_byte_budget"] >= POOL_QUESTIONS * question, which
+        assert budgets["pool_byte_budget"] / 2 ** 30 <= smallest_store, (which, budgets, smallest_store)
+        plan = plan_of(cfg, "llama-3.1-8b")            # MemoryPlanError when weights + caches + KV do not fit
+        assert plan.anchor_cache_bytes == budgets["anchor_cache_bytes"] >= question, which
+    assert config.kvcomm_config().pool_byte_budget == set_in_file["pool_byte_budget"]   # what every process gets

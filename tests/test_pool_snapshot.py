@@ -20,7 +20,8 @@ from kvcomm.codec import pack, pack_stream
 from kvcomm.config import KVCommConfig
 from kvcomm.kv import KVSegment
 
-from actors.anchor_pool_actor import (AnchorPoolState, PoolSnapshotSettings, SnapshotSaver, transaction_payload)
+from actors.anchor_pool_actor import PoolSnapshotSettings, SnapshotSaver
+from actors.pool_state import AnchorPoolState, transaction_payload
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool]
@@ -186,7 +187,7 @@ def test_unusable_snapshots_warn_and_leave_an_empty_working_pool(tmp_path, caplo
         path.write_bytes(data)
         fresh = AnchorPoolState(config, put=lambda tensors: tensors)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="actors.anchor_pool_actor"):
+        with caplog.at_level(logging.WARNING, logger="actors.pool_state"):
             info = fresh.load(path, tag="tiny" if name != "other tag" else "another-model")
         assert info["loaded"] is False, name
         assert any("unusable" in r.message and "empty pool" in r.message for r in caplog.records), name

@@ -165,9 +165,8 @@ class ClusterRunner:
             self._group = create_worker_placement_group(cfg, name=f"kvcomm-workers-{tag}")
             # a crashed pool comes back from its snapshot (pool_snapshot_path), else empty: workers then prefill
             # densely and relearn
-            self.pool_actor, self._pool_created = get_or_create_pool_actor(
-                cfg.kvcomm.to_kvcomm(), name=cfg.pool_actor_name, namespace=cfg.ray_namespace,
-                detached=cfg.pool_detached, max_restarts=-1, snapshot=cfg.pool_snapshot())
+            # created outside the workers' placement group; the workers join the same spec
+            self.pool_actor, self._pool_created = get_or_create_pool_actor(cfg.pool_spec())
             _warn_if_pool_outgrows_object_store(cfg)
             settings = cfg.worker_settings()
             self.workers = [
@@ -374,7 +373,7 @@ class ClusterRunner:
 
 def _warn_if_pool_outgrows_object_store(config: ClusterConfig) -> None:
     """Anchor tensors live in the object store of the pool actor's node: a byte budget above it means spilling."""
-    problem = pool_store_problem(config.kvcomm.pool_byte_budget, ray.nodes())
+    problem = pool_store_problem(config.budgets()["pool_byte_budget"], ray.nodes())
     if problem:
         log.warning(problem)
 

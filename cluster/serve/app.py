@@ -67,7 +67,7 @@ def build_app(config: ServeAppConfig, *, deployments: dict[str, dict[str, Any]] 
     """The Serve `Application` (see the module docstring)."""
     options = deployment_options(config, deployments)
     workers = serve.deployment(name=WORKER_DEPLOYMENT, **options[WORKER_DEPLOYMENT])(AgentWorkerDeployment).bind(
-        config.cluster.worker_settings(), config.chat_cache_bytes)
+        config.cluster.worker_settings(pool_detached=True), config.chat_cache_bytes)
     settings = IngressSettings.from_config(config, api_key_digests(config.serve, environ))
     ingress = serve.deployment(name=INGRESS_DEPLOYMENT, **options[INGRESS_DEPLOYMENT])(KVCommIngress)
     return ingress.bind(workers, settings)

@@ -66,9 +66,8 @@ class IngressSettings:
     job_store_name: str
     job_store_snapshot_path: str | None
     job_store_snapshot_every_s: float
-    pool_actor_name: str | None
+    pool: Any                          # actors.anchor_pool_actor.PoolSpec | None: the app's one anchor pool
     pool_call_timeout_s: float
-    pool_snapshot: Any                 # actors.anchor_pool_actor.PoolSnapshotSettings | None
     ray_namespace: str
     kvcomm: KVCommConfig
 
@@ -88,9 +87,9 @@ class IngressSettings:
                    job_store_name=serve_settings.job_store_name,
                    job_store_snapshot_path=str(Path(snapshot).expanduser().resolve()) if snapshot else None,
                    job_store_snapshot_every_s=serve_settings.job_store_snapshot_every_s,
-                   pool_actor_name=cluster.pool_actor_name, pool_call_timeout_s=cluster.pool_call_timeout_s,
-                   pool_snapshot=cluster.pool_snapshot(), ray_namespace=cluster.ray_namespace,
-                   kvcomm=cluster.kvcomm.to_kvcomm())
+                   pool=cluster.pool_spec(detached=True), pool_call_timeout_s=cluster.pool_call_timeout_s,
+                   ray_namespace=cluster.ray_namespace,
+                   kvcomm=cluster.kvcomm_config())
 
 
 @serve.ingress(api)   # at import, in every process: Serve binds the routes below to the replica's instance
@@ -110,10 +109,8 @@ class KVCommIngress:
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
         self._pool = None
-        if settings.pool_actor_name is not None:
-            self._pool, _ = get_or_create_pool_actor(settings.kvcomm, name=settings.pool_actor_name,
-                                                     namespace=settings.ray_namespace, detached=True,
-                                                     max_restarts=-1, snapshot=settings.pool_snapshot)
+        if settings.pool is not None:   # outside this replica's placement group; the workers join the same spec
+            self._pool, _ = get_or_create_pool_actor(settings.pool)
         self._store = get_or_create_job_store(settings.job_store_name, settings.ray_namespace,
                                               max_jobs_kept=settings.max_jobs_kept,
                                               snapshot_path=settings.job_store_snapshot_path,

@@ -17,8 +17,9 @@ caches, `RemoteAnchorPool`) and serves what the ingress's job drivers and chat r
 * `record_routing_stats()`: what the router weighs (the routing cost in tokens of the orders and chats in flight,
   and the node), reported every ``routing_stats_period_s``.
 
-The anchor pool actor is created by the ingress (`cluster.serve.ingress`), outside any replica's placement group;
-a replica only looks it up by name, so a scale-down never takes the pool with it.
+The anchor pool actor is created (detached) by the ingress (`cluster.serve.ingress`) from the app's `PoolSpec`,
+outside any replica's placement group; a replica joins the same spec (its fingerprint checked: a pool built for
+another model or other settings is an error), so a scale-down never takes the pool with it.
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ class AgentWorkerDeployment:
             worker_id = f"replica-{serve.get_replica_context().replica_id.unique_id}"
         except Exception:  # noqa: BLE001 - outside Serve (direct construction)
             worker_id = f"replica-{uuid.uuid4().hex[:8]}"
-        if settings.pool_actor_name is not None:
-            _wait_for_actor(settings.pool_actor_name, settings.ray_namespace, POOL_WAIT_S)
+        if settings.pool is not None:
+            _wait_for_actor(settings.pool.name, settings.pool.ray_namespace, POOL_WAIT_S)
         self.worker_id = worker_id
         self.worker = AgentWorker(settings, worker_id, chat_cache_bytes=chat_cache_bytes)
         self._chats = 0                  # chat completions in flight

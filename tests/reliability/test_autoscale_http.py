@@ -1,5 +1,6 @@
 """Serve's standard autoscaling on the worker deployment: up under load, down when it drops, and a scale-down in the
-middle of a job reruns none of its finished turns.
+middle of a job reruns none of its finished turns; the anchor pool (outside every replica's placement group) lives
+through it without a restart.
 
 An app of its own on the session's Ray cluster: worker replicas autoscaled by Serve (``autoscaling_config`` in
 the deployment options, as a Serve config file's ``deployments:`` gives it; each request is one turn, so
@@ -77,6 +78,8 @@ def test_a_scale_down_mid_job_reruns_no_finished_turn(ray_cluster, tiny_model_di
     serve.run(build_app(config, deployments={"AgentWorkerDeployment": {"autoscaling_config": SCALING}}),
               name=APP, route_prefix="/")
     handle = ray.get_actor(store, namespace="kvcomm-test")
+    pool = ray.get_actor(config.cluster.pool_actor_name, namespace="kvcomm-test")
+    pool_before = ray.get(pool.stats.remote())
     try:
         assert len(worker_replicas(ray)) == 1
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
@@ -93,6 +96,7 @@ def test_a_scale_down_mid_job_reruns_no_finished_turn(ray_cluster, tiny_model_di
             survivors = wait_for(lambda: len(worker_replicas(ray)) == 1 and worker_replicas(ray), 120,
                                  "Serve to scale down to one replica")
             removed = both - survivors
+            pool_after = ray.get(pool.stats.remote(), timeout=30)      # the pool outlived the scale-down ...
             assert ray.get(handle.get.remote(ids[0]))["status"] == "running"     # the scale-down came mid-job
             done = wait_for(lambda: (r := http.get(f"/v1/jobs/{ids[0]}").json())["status"] != "running" and r,
                             300, "the first job to finish")
@@ -101,6 +105,8 @@ def test_a_scale_down_mid_job_reruns_no_finished_turn(ray_cluster, tiny_model_di
         serve.shutdown()
         kill_service_actors(config)
     assert done["status"] == "succeeded", done
+    assert pool_after["epoch"] == pool_before["epoch"]                 # ... without a restart
+    assert pool_before["placement_group"] is None                      # it lives in no replica's placement group
     names = [name for _, name, _ in record["events"]]
     assert "retry" not in names and names.count("turn") == len(expected.turns), names   # no turn ran twice
     result = done["result"]

@@ -36,7 +36,8 @@ from kvcomm.session import build_engine
 from kvcomm.kv import KVSegment
 from kvcomm.rope import Rope
 
-from actors.anchor_pool_actor import AnchorPoolState, RemoteAnchorPool, merge_payloads, transaction_payload
+from actors.pool_client import RemoteAnchorPool
+from actors.pool_state import AnchorPoolState, merge_payloads, transaction_payload
 from actors.transfer import SegmentRef, segment_to_payload
 from actors.turns import ContentHandle, ContentResolver, TurnOrder, execute_content, execute_turn
 from cluster.driver import DagJob, Reply
@@ -101,7 +102,7 @@ class Worker:
     def anchor_bytes_held(self) -> int:
         """Bytes of distinct tensor storage the pool client holds between turns (its cache and kept snapshots)."""
         tensors = [t for tensors, _ in self.pool.cache._entries.values() for t in tensors.values()]
-        for _, snap in self.pool._snapshots.values():
+        for *_, snap in self.pool._snapshots.values():
             for anchors in snap.lists.values():
                 for anchor in anchors:
                     _, named = anchor.to_state()
