@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 RENEW_EVERY_S = 1.0           # lease renewal (and cancellation pickup) period of a driving replica
 EVENTS_POLL_S = 15.0          # an events stream sends a keep-alive comment when nothing happened this long
+STREAM_LIVENESS_S = 1.0       # ... and a job's own stream (?stream=true) this often: a write is how a client that
+                              # went away is noticed, and that client's job must stop soon, not at its next turn
 DISCONNECT_POLL_S = 0.5       # a ?wait=true request checks this often whether its client went away
 
 
@@ -143,7 +145,8 @@ class JobService:
             if intro is not None:
                 yield intro
             while True:
-                batch = await self.store.events.remote(job_id, after, EVENTS_POLL_S)
+                batch = await self.store.events.remote(job_id, after,
+                                                       STREAM_LIVENESS_S if cancel_on_disconnect else EVENTS_POLL_S)
                 if batch is None:
                     return
                 for number, name, data in batch["events"]:
