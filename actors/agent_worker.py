@@ -4,17 +4,7 @@ This module owns the worker side of the cluster:
 
 * `WorkerSettings`: what a worker needs to start (built by `cluster.config.ClusterConfig.worker_settings`, the one
   home of the defaults; the actors layer never sees pydantic).
-* `TurnScheduler` (plain Python, no Ray): a single *model thread* owns the `KVCommEngine`. Callers submit engine
-  calls (`call`) and turns (`turn`) and get `concurrent.futures.Future`s. Between two decode steps the thread runs
-  the queued engine calls, admits newly arrived turns (`engine.prepare`: their prefill, or reuse) into the running
-  `DecodeBatch` in arrival order while it holds fewer than `max_batch_size` sequences *and* the replica's KV budget
-  has room for the turn's slot (one that can never fit fails at once, naming the limit), advances every active
-  sequence by one token in one batched forward, and resolves the futures of finished turns (`engine.finish`). A
-  replica's throughput therefore grows with concurrent load: sixteen turns decode in one forward pass, not sixteen.
-  A turn can be cancelled while it waits or decodes (`cancel`): it leaves the batch at the next step.
-* `ScheduledEngine`: the engine as the worker side of a turn (`actors.turns`) uses it, callable from any thread:
-  its `run_turn` joins the shared batch and its other engine calls (inputs, the gate) run on the model thread; the
-  pool, thread-safe, is used on the caller's thread.
+* `actors.scheduler.TurnScheduler` and `ScheduledEngine`: the model thread's continuous batch (its own module).
 * `AgentWorker`: one model replica (engine, scheduler, content cache) that executes the turns and contents a
   job driver (`cluster.driver`) orders, and chat completions (`kvcomm.chat.ChatTurns`: a chat is a turn of the
   same batch, its contents kept across requests), in job threads, so that they all batch together. The
@@ -34,9 +24,7 @@ import functools
 import logging
 import os
 import resource
-import threading
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,14 +32,13 @@ import torch
 
 from kvcomm.chat import ChatContents, ChatRequest, ChatResult, ChatTurns
 from kvcomm.config import KVCommConfig
-from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
-from kvcomm.generation import SequenceState
+from kvcomm.engine import KVCommEngine
 from kvcomm.job_runner import POOL_MODES
-from kvcomm.memory_plan import KVBudget, MemoryConfig, MemoryPlan, plan_for_runner
+from kvcomm.memory_plan import KVBudget, MemoryConfig, plan_for_runner
 
 from .anchor_pool_actor import PoolMismatchError, PoolSpec, join_pool_actor
 from .pool_client import RemoteAnchorPool
-from .latency import Latencies
+from .scheduler import ScheduledEngine, TurnScheduler
 from .metrics import ReplicaMetrics
 from .turns import (Cancellation, ContentOrder, ContentResolver, TurnCancelled, TurnOrder, execute_content,
                     execute_turn)
@@ -80,305 +67,6 @@ class WorkerSettings:
 
 # ------------------------------------------------------------------------------------------------------------
 # The model thread
-# ------------------------------------------------------------------------------------------------------------
-class SchedulerStopped(RuntimeError):
-    """The scheduler was stopped before this work ran."""
-
-
-class TurnScheduler:
-    """Continuous batching on one engine: one model thread runs engine calls, prefills and decode steps."""
-
-    def __init__(self, engine: KVCommEngine, max_batch_size: int, max_queued_turns: int = 1024,
-                 name: str = "kvcomm-model", memory_plan: MemoryPlan | None = None):
-        """`memory_plan`: turns it can never serve fail at once (its KV budget is `engine.runner.kv_budget`)."""
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_queued_turns < 1:
-            raise ValueError(f"max_queued_turns must be >= 1, got {max_queued_turns}")
-        self.engine, self.memory_plan = engine, memory_plan
-        self._turn_slots = threading.BoundedSemaphore(max_queued_turns)   # queued + decoding turns
-        self.max_batch_size = max_batch_size
-        self._batch = engine.decode_batch(max_batch_size)
-        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
-        self._pending: collections.deque[tuple[TurnRequest, concurrent.futures.Future]] = collections.deque()
-        self._running: dict[int, tuple[Any, concurrent.futures.Future]] = {}   # id(SequenceState) -> work
-        self._cancelled: set[int] = set()     # id(future) of running turns to drop at the next step
-        self._cv = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        # statistics (written by the model thread only)
-        self.steps = 0
-        self.step_sequences = 0           # sum over steps of the sequences advanced: mean batch = this / steps
-        self.max_active = 0               # the most sequences one step advanced
-        self.turns_finished = 0
-        self.turns_failed = 0
-        self.turns_cancelled = 0
-        self.tokens_generated = 0
-        self.busy_s = 0.0
-        self.step_times = Latencies()     # decode steps
-        self.step_gaps = Latencies()      # sequences waiting between two steps (admissions, engine calls)
-        self._last_step_end: float | None = None
-        self.prefill_s = 0.0
-        self.decode_s = 0.0
-
-    # ---- control ------------------------------------------------------------------------------------------------
-    def start(self) -> "TurnScheduler":
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def set_max_batch_size(self, max_batch_size: int) -> None:
-        """Change how many sequences decode together (already decoding ones finish in the current batch)."""
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        with self._cv:
-            self.max_batch_size = max_batch_size
-
-    # ---- submitting ---------------------------------------------------------------------------------------------
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        """Run `fn(*args, **kwargs)` on the model thread before the next decode step."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._enqueue(self._calls, (lambda: fn(*args, **kwargs), future))
-        return future
-
-    def turn(self, request: TurnRequest) -> concurrent.futures.Future:
-        """Prefill (or reuse) and decode one turn in the shared batch; the future holds its `TurnResult`.
-
-        Blocks while `max_queued_turns` turns are already queued or decoding (backpressure on job threads)."""
-        self._turn_slots.acquire()
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.add_done_callback(lambda _: self._turn_slots.release())
-        try:
-            self._enqueue(self._pending, (request, future))
-        except BaseException:
-            self._turn_slots.release()
-            raise
-        return future
-
-    def cancel(self, future: concurrent.futures.Future) -> None:
-        """Cancel a turn from `turn`: a queued one never runs; a decoding one leaves the batch before the next
-        step and its future raises `TurnCancelled`."""
-        if future.cancel():
-            return
-        with self._cv:
-            if not future.done():
-                self._cancelled.add(id(future))
-                self._cv.notify()
-
-    def _enqueue(self, queue: collections.deque, item: tuple[Any, concurrent.futures.Future]) -> None:
-        with self._cv:
-            if self._stopping:
-                raise SchedulerStopped("the worker's model thread is stopped")
-            queue.append(item)
-            self._cv.notify()
-
-    def load(self) -> dict[str, int]:
-        return {"queued": len(self._pending), "active": len(self._batch.active), "calls": len(self._calls)}
-
-    def stats(self) -> dict[str, float]:
-        return {"steps": self.steps, "step_sequences": self.step_sequences,
-                "mean_batch": self.step_sequences / self.steps if self.steps else 0.0, "max_batch": self.max_active,
-                "turns_finished": self.turns_finished, "turns_failed": self.turns_failed,
-                "turns_cancelled": self.turns_cancelled,
-                "tokens_generated": self.tokens_generated, "busy_s": self.busy_s, "prefill_s": self.prefill_s,
-                "decode_s": self.decode_s, "decode_kv_bytes": self._batch.kv_bytes,
-                "step_ms": self.step_times.summary(), "step_gap_ms": self.step_gaps.summary(),
-                "kv_budget": self.engine.runner.kv_budget.stats()}
-
-    # ---- the model thread ---------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._calls or self._pending or self._batch.active or self._stopping):
-                    self._cv.wait()
-                if self._stopping:
-                    break
-                cancelled, self._cancelled = self._cancelled, set()
-                calls = list(self._calls)
-                self._calls.clear()
-            t0 = time.perf_counter()
-            if cancelled:
-                self._drop(cancelled)
-            for fn, future in calls:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                        future.set_exception(exc)
-            admitted = self._admit_pending()
-            t1 = time.perf_counter()
-            self.prefill_s += t1 - t0
-            if self._batch.active:
-                self._step()
-                self.decode_s += time.perf_counter() - t1
-            elif not calls and not admitted:   # queued turns wait for KV held outside the batch: don't spin
-                with self._cv:
-                    self._cv.wait(timeout=0.01)
-            self.busy_s += time.perf_counter() - t0
-        self._fail_everything(SchedulerStopped("the worker's model thread stopped"))
-
-    def _admit_pending(self) -> int:
-        """Admit queued turns in arrival order while the batch has room by count and its KV budget by bytes (the first
-        that does not fit waits, with those behind it); one that can never fit fails. Returns how many left."""
-        taken = 0
-        while True:
-            with self._cv:
-                if not self._pending or len(self._batch.active) >= self.max_batch_size:
-                    return taken
-                request, future = self._pending[0]
-            try:   # its KV: prompt + max_new_tokens (agent_state renders the template, cached for prepare)
-                prompt = len(self.engine.agent_state(request.agent).rendered.fill(
-                    {p: c.token_ids for p, c in request.contents.items()}))
-                if self.memory_plan is not None:
-                    self.memory_plan.check_request(prompt, request.sampling.max_new_tokens)
-                problem, fits = None, self._batch.can_place(prompt + request.sampling.max_new_tokens)
-            except BaseException as exc:  # noqa: BLE001 - this turn fails (never fits, bad template)
-                problem, fits = exc, True
-            if not fits and not future.cancelled():
-                return taken   # a finishing turn frees its slot
-            with self._cv:
-                self._pending.popleft()
-            taken += 1
-            if problem is None:
-                self._admit(request, future)
-            elif future.set_running_or_notify_cancel():
-                self.turns_failed += 1
-                future.set_exception(problem)
-
-    def _admit(self, request: TurnRequest, future: concurrent.futures.Future) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            prepared = self.engine.prepare(request)
-            state = self._batch.add(prepared.kv, prepared.last_logits[-1], request.sampling,
-                                    on_token=request.on_token, started_at=prepared.started)
-        except BaseException as exc:  # noqa: BLE001 - this turn fails, the batch goes on
-            self.turns_failed += 1
-            future.set_exception(exc)
-            return
-        if state.done:          # stopped at its first token
-            self._finish(prepared, state, future)
-        else:
-            self._running[id(state)] = (prepared, future)
-
-    def _drop(self, cancelled: set[int]) -> None:
-        """Take the cancelled turns out of the batch (their slots are freed) and fail their futures."""
-        dropped = [key for key, (_, future) in self._running.items() if id(future) in cancelled]
-        if not dropped:
-            return
-        gone = set(dropped)
-        self._batch.active = [s for s in self._batch.active if id(s) not in gone]
-        for key in dropped:
-            _, future = self._running.pop(key)
-            self.turns_cancelled += 1
-            future.set_exception(TurnCancelled("cancelled by its driver while decoding"))
-
-    def _step(self) -> None:
-        advanced = len(self._batch.active)   # admission keeps it <= max_batch_size, unless that just shrank
-        self._batch.max_batch_size = max(self.max_batch_size, advanced)
-        started = time.perf_counter()
-        if self._last_step_end is not None:
-            self.step_gaps.add(started - self._last_step_end)
-        try:
-            finished = self._batch.step()
-        except BaseException as exc:  # noqa: BLE001 - a failed forward fails the turns in it, not the worker
-            log.exception("decode step failed; failing the %d turns in the batch", len(self._running))
-            traceback.clear_frames(exc.__traceback__)   # the failed frames' locals hold the decode buffers
-            self._fail_running(exc)
-            return
-        self.steps += 1
-        self.step_sequences += advanced
-        self.max_active = max(self.max_active, advanced)
-        ended = time.perf_counter()
-        self.step_times.add(ended - started)
-        for state in finished:
-            prepared, future = self._running.pop(id(state))
-            self._finish(prepared, state, future)
-        self._last_step_end = ended if self._batch.active else None   # an idle wait is not a stall
-
-    def _finish(self, prepared: Any, state: SequenceState, future: concurrent.futures.Future) -> None:
-        try:
-            result = self.engine.finish(prepared, state, state.finished_at - state.first_token_at)
-        except BaseException as exc:  # noqa: BLE001
-            self.turns_failed += 1
-            future.set_exception(exc)
-            return
-        self.turns_finished += 1
-        self.tokens_generated += len(result.token_ids)
-        future.set_result(result)
-
-    def _fail_running(self, exc: BaseException) -> None:
-        running = list(self._running.values())
-        self._running.clear()
-        self._batch.active = ()   # the assignment frees every decode buffer (before any waiter looks)
-        for prepared, future in running:
-            self.turns_failed += 1
-            future.set_exception(exc)
-
-    def _fail_everything(self, exc: BaseException) -> None:
-        self._fail_running(exc)
-        with self._cv:
-            leftovers = list(self._calls) + list(self._pending)
-            self._calls.clear()
-            self._pending.clear()
-        for _, future in leftovers:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(exc)
-
-
-class ScheduledEngine:
-    """The engine as a turn's worker side sees it, for use from any thread: every call that touches the engine
-    runs on the scheduler's model thread, and `run_turn(s)` joins the shared continuous batch.
-
-    Forwarding is explicit: an engine attribute not listed here raises AttributeError instead of silently
-    running on the wrong thread.
-    """
-
-    def __init__(self, engine: KVCommEngine, scheduler: TurnScheduler):
-        self._engine = engine
-        self._scheduler = scheduler
-        self.pool = engine.pool   # thread-safe (RemoteAnchorPool, AnchorPool): called on the caller's thread
-        # read-only after construction: safe from any thread
-        self.spec = engine.spec
-        self.tokenizer = engine.tokenizer
-        self.config = engine.config
-        self.stop_token_ids = engine.stop_token_ids
-
-    def run_turns(self, requests: list[TurnRequest]) -> list[TurnResult]:
-        futures = [self._scheduler.turn(request) for request in requests]
-        return [future.result() for future in futures]
-
-    def run_turn(self, request: TurnRequest, cancel: Cancellation | None = None) -> TurnResult:
-        future = self._scheduler.turn(request)
-        if cancel is not None:
-            cancel.on_cancel(lambda: self._scheduler.cancel(future))
-        try:
-            return future.result()
-        except concurrent.futures.CancelledError:
-            raise TurnCancelled("cancelled by its driver before it ran") from None
-
-    def make_input(self, *args: Any, **kwargs: Any) -> Any:
-        return self._scheduler.call(self._engine.make_input, *args, **kwargs).result()
-
-    def offer_content(self, *args: Any, **kwargs: Any) -> str:
-        return self._scheduler.call(self._engine.offer_content, *args, **kwargs).result()
-
-    def encode(self, text: str) -> tuple[int, ...]:
-        return self._scheduler.call(self._engine.encode, text).result()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The Ray actor
 # ------------------------------------------------------------------------------------------------------------
 class AgentWorker:
     """One model replica executing the turns (and user inputs) that job drivers order; the turns of concurrent

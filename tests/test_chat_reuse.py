@@ -281,7 +281,7 @@ def test_bad_chats_name_the_field(engine) -> None:
 def test_chat_and_job_turns_decode_in_one_batch(engine) -> None:
     """A chat is a turn of the worker's one continuous batch: a chat and a job turn submitted together advance in
     the same decode steps, and each still equals its own dense generation."""
-    from actors.agent_worker import TurnScheduler
+    from actors.scheduler import TurnScheduler
     turns = turns_on(engine)
     scheduler = TurnScheduler(engine, max_batch_size=4).start()
     try:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from actors.agent_worker import TurnScheduler
+from actors.scheduler import TurnScheduler
 from cluster.cli import main as cli_main
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest
