@@ -33,8 +33,8 @@ import torch
 from kvcomm.chat import ChatContents, ChatRequest, ChatResult, ChatTurns
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine
-from kvcomm.job_runner import POOL_MODES
 from kvcomm.memory_plan import KVBudget, MemoryConfig, plan_for_runner
+from kvcomm.names import POOL_MODES
 
 from .anchor_pool_actor import PoolMismatchError, PoolSpec, join_pool_actor
 from .pool_client import RemoteAnchorPool

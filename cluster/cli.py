@@ -10,21 +10,7 @@ import argparse
 import sys
 
 from kvcomm.bench import write_json_report
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="embedded name, HF checkpoint dir, .gguf file, or preset (with --random-weights)")
-    p.add_argument("--random-weights", action="store_true", help="random weights for a preset architecture")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-
-
-def _apply_threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
-        torch.set_num_threads(args.threads)
+from kvcomm.cli_args import add_model_args, apply_threads
 
 
 def cmd_bench_runner(args: argparse.Namespace) -> int:
@@ -71,12 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.add_argument("--mode", default=None, help="override the job's mode; a comma list runs each")
     p.add_argument("--json", default=None)
-    _model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("runner", help="our runner vs transformers: prefill ms and decode tok/s")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--prefill", default="256,512,1024,2048")
     p.add_argument("--batches", default="1,4,16")
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -135,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _apply_threads(args)
+    apply_threads(args)
     from kvcomm.harness.jobs import JobSpecError
     from kvcomm.model_loading import ModelLoadError
     from kvcomm.templates import TemplateError

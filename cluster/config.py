@@ -23,6 +23,7 @@ from actors.anchor_pool_actor import PoolSnapshotSettings, PoolSpec
 from kvcomm.calibration import resolve as resolve_calibration
 from kvcomm.config import KVCommConfig
 from kvcomm.memory_plan import MemoryConfig
+from kvcomm.names import EMBEDDED_MODEL
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 DEFAULT_ANCHOR_CACHE_BYTES = 256 << 20   # the least a worker's anchor cache gets when the config sets none
@@ -74,7 +75,7 @@ class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # --- the model every worker serves ---
-    model: str = "smollm2-135m-instruct"   # embedded name, HF checkpoint dir, .gguf, or preset (random_weights)
+    model: str = EMBEDDED_MODEL   # embedded name, HF checkpoint dir, .gguf, or preset (random_weights)
     random_weights: bool = False
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: str | None = None               # float32 / bfloat16 / float16; None: fp32 on CPU, bf16 on GPU

@@ -33,7 +33,8 @@ from ray.exceptions import ObjectLostError, RayTaskError
 
 from actors.turns import ContentHandle, ContentOrder, TurnOrder, TurnOutcome, handle_of
 from kvcomm.harness.jobs import JobSpec
-from kvcomm.job_runner import POOL_MODES, JobLevels, JobResult, TurnInputs, TurnRecord, consumed_names
+from kvcomm.job_runner import JobLevels, JobResult, TurnInputs, TurnRecord, consumed_names
+from kvcomm.names import POOL_MODES
 
 log = logging.getLogger(__name__)
 

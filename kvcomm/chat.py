@@ -34,15 +34,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .engine import MODES, ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult
+from .engine import ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult
 from .generation import Sampling, first_stop_at
-from .job_runner import POOL_MODES
 from .kv import KVSegment
+from .names import BASE_MODES, MODES, POOL_MODES
 from .templates import TemplateError, chat_text, render_template
 
 CHAT_AGENT_ID = "chat"                  # the agent id of every chat template (consumer keys add its digest)
 ROLES = ("system", "user", "assistant", "tool")
-BASE_MODES = ("naive", "cacheblend", "kvcomm", "hybrid")   # modes that assemble contents from their base KV
 _SENTINEL = "\u2063"                   # INVISIBLE SEPARATOR: marks where a content goes while the template renders
 
 

@@ -40,10 +40,11 @@ import torch
 
 from .anchor_pool import AnchorPool
 from .bench import ttft
-from .engine import MODES, KVCommEngine, TurnRequest
+from .engine import KVCommEngine, TurnRequest
 from .generation import DecodeBatch, Sampling, generate_from_ids
 from .memory_plan import GIB, JobShape, KVBudget, MemoryConfig, plan_for_runner
 from .model_loading import LoadedModel, build_hf_model, load_model
+from .names import MODES, POOL_MODES
 from .runner import ModelRunner
 from .templates import AgentTemplate
 from .word_tokenizer import WordTokenizer
@@ -179,7 +180,7 @@ def check_fidelity(loaded: LoadedModel, runner: ModelRunner, tokenizer: Any, set
             for agent in agents:
                 for mode in (["kvcomm"] if i < warm else MODES):
                     request = TurnRequest(agent, {"user_question": content}, mode=mode, sampling=sampling,
-                                          namespace="fidelity", transaction=txn if mode in ("kvcomm", "hybrid")
+                                          namespace="fidelity", transaction=txn if mode in POOL_MODES
                                           else None)
                     prepared = engine.prepare(request)
                     if i >= warm:

@@ -21,8 +21,8 @@ from .generation import Sampling
 from .harness.jobs import AgentSpec, JobSpec, Turn
 from .harness.sandbox import run_python
 from .harness.scoring import extract_code
+from .names import POOL_MODES
 
-POOL_MODES = ("kvcomm", "hybrid")
 
 
 @dataclass

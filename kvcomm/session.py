@@ -7,10 +7,11 @@ from .calibration import resolve
 from .config import KVCommConfig
 from .engine import KVCommEngine
 from .model_loading import load_model
+from .names import EMBEDDED_MODEL
 from .runner import ModelRunner
 
 
-def build_engine(model: str = "smollm2-135m-instruct", *, device: str = "cpu", dtype: str | None = None,
+def build_engine(model: str = EMBEDDED_MODEL, *, device: str = "cpu", dtype: str | None = None,
                  random_weights: bool = False, config: KVCommConfig | None = None,
                  pool: AnchorPool | None = None) -> KVCommEngine:
     loaded = load_model(model, device=device, dtype=dtype, random_weights=random_weights)

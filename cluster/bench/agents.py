@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from kvcomm.cli_args import add_model_args
 from kvcomm.harness.datasets import DEFAULT_GSM8K_PATH as DEFAULT_DATA
+from kvcomm.names import EMBEDDED_MODEL
 
 FRAMEWORKS = ("autogen", "langgraph")
 MODES = ("dense", "kvcomm")          # reuse off, reuse on
@@ -280,7 +282,7 @@ def _count(items: Any) -> dict[str, int]:
 
 
 def run(*, frameworks: Sequence[str] = FRAMEWORKS, questions: int = 8, warmup: int = 2, data: str = DEFAULT_DATA,
-        skip: int = 0, seed: int = 0, max_tokens: int = 32, model: str = "smollm2-135m-instruct",
+        skip: int = 0, seed: int = 0, max_tokens: int = 32, model: str = EMBEDDED_MODEL,
         random_weights: bool = False, gamma: float | None = None, num_cpus: int | None = None,
         progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> dict[str, Any]:
     """The benchmark (module docstring): returns the summary, the setting and every conversation's turns."""
@@ -378,8 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", type=int, default=0, help="start this far into the seeded shuffle of the data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=32, help="each agent's answer budget")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--random-weights", action="store_true")
+    add_model_args(parser, local=False)
     parser.add_argument("--gamma", type=float, default=None, help="the entropy gate's gamma (default: the config's)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     parser.add_argument("--plot", default=None, help="write the TTFT plot here (e.g. docs/img/agents.png)")

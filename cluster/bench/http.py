@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
+from kvcomm.names import EMBEDDED_MODEL
+
 from .fuzz import base_chat, base_job, fuzz_corpus
 # ------------------------------------------------------------------------------------------------------------
 # Sending one request, judging one response (the Hypothesis test uses these too)
@@ -272,7 +274,7 @@ def run_with_app(config: Any, drills: Callable[[str], dict[str, Any]], *, addres
     return out
 
 
-def http_drills(*, model: str = "smollm2-135m-instruct", random_weights: bool = False, jobs: int = 32,
+def http_drills(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, jobs: int = 32,
                 new_tokens: int = 16, fuzz_requests: int = 560, seed: int = 0, cluster: Any = None,
                 address: str | None = None, num_cpus: int | None = None,
                 make_jobs: Callable[..., Sequence[Any]] | None = None) -> dict[str, Any]:

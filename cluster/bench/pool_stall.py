@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 
 from kvcomm.bench import write_json_report
+from kvcomm.cli_args import add_model_args
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
+from kvcomm.names import EMBEDDED_MODEL
 
 from ..config import ClusterConfig
 
@@ -73,7 +75,7 @@ def _small_orders(worker: Any, stop: threading.Event, done: list[int]) -> None:
         done[0] += 1
 
 
-def run(*, model: str = "smollm2-135m-instruct", random_weights: bool = False, clients: int = 32,
+def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, clients: int = 32,
         commit_mb: int = 100, decode_tokens: int = 96, hot_anchors: int = 64, load: bool = True,
         small_orders: bool = True, sequences: int = 1) -> dict[str, Any]:
     """One measurement (`load=False`: the same decode with nothing else running, the baseline)."""
@@ -154,8 +156,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--random-weights", action="store_true")
+    add_model_args(parser, local=False)
     parser.add_argument("--clients", type=int, default=32, help="threads hammering the pool with snapshots")
     parser.add_argument("--commit-mb", type=int, default=100, help="size of each commit in flight")
     parser.add_argument("--decode-tokens", type=int, default=96, help="tokens the measured sequence decodes")

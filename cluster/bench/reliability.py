@@ -32,7 +32,9 @@ import uuid
 from typing import Any, Callable, Sequence
 
 from kvcomm.bench import write_json_report
+from kvcomm.cli_args import add_model_args
 from kvcomm.harness.jobs import JobSpec
+from kvcomm.names import EMBEDDED_MODEL
 
 from ..config import ClusterConfig
 from .jobs import make_jobs
@@ -285,7 +287,7 @@ def memory_drill(runner: Any, jobs: Sequence[JobSpec]) -> dict[str, Any]:
             "peak_rss_mb": [w["peak_rss_mb"] for w in mem.get("workers", [])]}
 
 
-def run(*, model: str = "smollm2-135m-instruct", random_weights: bool = False, jobs: int = 16, new_tokens: int = 16,
+def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, jobs: int = 16, new_tokens: int = 16,
         pool_jobs: int = 8, memory_jobs: int = 8, address: str | None = None, config: ClusterConfig | None = None,
         extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every drill on a fresh 2-worker cluster (the memory drill on a second one with `tight_budgets`); `extra`
@@ -393,8 +395,7 @@ def markdown_table(report: dict[str, Any]) -> str:
 # command line
 # ------------------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--random-weights", action="store_true")
+    add_model_args(parser, local=False)
     parser.add_argument("--jobs", type=int, default=16, help="dense jobs in the worker-fault drill")
     parser.add_argument("--pool-jobs", type=int, default=8, help="kvcomm jobs in the pool-fault drill")
     parser.add_argument("--memory-jobs", type=int, default=8, help="kvcomm jobs in the memory drill")

@@ -25,8 +25,10 @@ import uuid
 from typing import Any, Sequence
 
 from kvcomm.bench import write_json_report
+from kvcomm.cli_args import add_model_args
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
+from kvcomm.names import EMBEDDED_MODEL
 
 from ..config import ClusterConfig
 
@@ -72,7 +74,7 @@ def run_setting(runner: Any, agents: int, jobs: int, new_tokens: int) -> dict[st
 
 
 def run(*, agents: Sequence[int] = (2, 4, 8, 16), replicas: Sequence[int] = (1, 2, 4), nodes: int = 2,
-        jobs: int = 2, new_tokens: int = 8, model: str = "smollm2-135m-instruct", random_weights: bool = False
+        jobs: int = 2, new_tokens: int = 8, model: str = EMBEDDED_MODEL, random_weights: bool = False
         ) -> dict[str, Any]:
     from ..batch.runner import ClusterRunner
     from .simcluster import SimulatedCluster
@@ -135,8 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=2, help="simulated worker nodes")
     parser.add_argument("--jobs", type=int, default=2, help="jobs at once per cell")
     parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--random-weights", action="store_true")
+    add_model_args(parser, local=False)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="write a PNG here (e.g. docs/img/scale.png)")
 

@@ -24,8 +24,10 @@ import uuid
 from typing import Any, Sequence
 
 from kvcomm.bench import write_json_report
+from kvcomm.cli_args import add_model_args
 from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
+from kvcomm.names import EMBEDDED_MODEL
 
 TASKS = ["Tom has {a} apples and buys {b} more. How many apples does Tom have?",
          "A shop sells {a} pencils on Monday and {b} on Tuesday. How many pencils does it sell?",
@@ -103,7 +105,7 @@ def shared_pool(url: str, *, count: int, agents: int, new_tokens: int) -> dict[s
 
 
 def run(*, replicas: Sequence[int] = (1, 2), agents: int = 16, new_tokens: int = 16, concurrent: int = 2,
-        shared_jobs: int = 4, model: str = "smollm2-135m-instruct", random_weights: bool = False,
+        shared_jobs: int = 4, model: str = EMBEDDED_MODEL, random_weights: bool = False,
         cpus_per_replica: float = 1.0, address: str | None = None) -> dict[str, Any]:
     from kvcomm.session import build_engine
 
@@ -165,8 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--concurrent", type=int, default=2, help="jobs at once in the second row")
     parser.add_argument("--shared-jobs", type=int, default=4, help="kvcomm jobs per client in the shared-pool part")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--random-weights", action="store_true")
+    add_model_args(parser, local=False)
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     parser.add_argument("--json", default=None)

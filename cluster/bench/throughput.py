@@ -34,8 +34,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from kvcomm.bench import write_json_report
+from kvcomm.cli_args import add_model_args
 from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
+from kvcomm.names import EMBEDDED_MODEL
 
 from ..config import ClusterConfig
 
@@ -129,7 +131,7 @@ def _reuse_pass(runner: Any, jobs: list[JobSpec], warmup: int) -> dict[str, Any]
             "response_tokens_median": statistics.median(len(t["token_ids"]) for t in turns) if turns else 0}
 
 
-def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = "smollm2-135m-instruct",
+def run(workers: Sequence[int] = (1, 2), jobs: int = 16, *, model: str = EMBEDDED_MODEL,
         random_weights: bool = False, agents: int = 3, new_tokens: int = 32, max_batch_size: int = 16,
         transfer_tokens: Sequence[int] = (128, 512), transfer_repeats: int = 5, reuse_jobs: int = 6,
         reuse_warmup: int = 2, address: str | None = None, config: ClusterConfig | None = None,
@@ -290,8 +292,7 @@ def plot(report: dict[str, Any], png_path: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", default="1,2", help="worker counts to compare (comma list)")
     parser.add_argument("--jobs", type=int, default=16, help="jobs in flight per setting")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--random-weights", action="store_true")
+    add_model_args(parser, local=False)
     parser.add_argument("--agents", type=int, default=3)
     parser.add_argument("--modes", default="dense", help="modes whose batching gain is measured (e.g. dense,kvcomm)")
     parser.add_argument("--new-tokens", type=int, default=32)

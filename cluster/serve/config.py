@@ -68,7 +68,7 @@ class ServeSettings(BaseModel):
     @field_validator("chat_mode")
     @classmethod
     def _known_mode(cls, mode: str) -> str:
-        from kvcomm.engine import MODES
+        from kvcomm.names import MODES
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
         return mode

@@ -20,6 +20,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.turns import ContentOrder, TurnOrder
+from kvcomm.errors import first_line
 
 from ..driver import Reply, WorkerLost
 
@@ -54,7 +55,7 @@ class ReplicaCalls:
                 raise WorkerLost("the worker replica ended the call without an answer")
             outcome = ray.get(refs[-1])          # raises what the replica raised, or that it was lost
         except REPLICA_LOST as exc:
-            raise WorkerLost(f"worker replica lost ({type(exc).__name__}: {_first_line(exc)})") from None
+            raise WorkerLost(f"worker replica lost ({first_line(exc)})") from None
         if len(refs) != expected:
             raise RuntimeError(f"the worker replica answered {len(refs)} items, expected {expected}")
         return Reply(outcome, refs[:-1])
@@ -69,9 +70,6 @@ class ReplicaCalls:
             ray.get(self.pool.commit_parts.remote(*staged), timeout=self.pool_call_timeout_s)
         except Exception as exc:  # noqa: BLE001 - a lost pool loses this job's anchors, never its answers
             self.commits_dropped += 1
-            log.warning("anchor pool commit dropped (%s: %s); later jobs relearn these anchors",
-                        type(exc).__name__, _first_line(exc))
+            log.warning("anchor pool commit dropped (%s); later jobs relearn these anchors", first_line(exc))
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]

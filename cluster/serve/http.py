@@ -74,11 +74,6 @@ class Caller:
         return (self.tenant, self.namespace_header)
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message, first line, cut to `limit` characters ("" for an empty message)."""
-    return (str(exc).splitlines() or [""])[0][:limit]
-
-
 def sse(data: Any, event: str | None = None, event_id: int | None = None) -> bytes:
     """One server-sent event (``id:`` lets a client resume with ``Last-Event-ID``)."""
     head = (f"id: {event_id}\n" if event_id is not None else "") + (f"event: {event}\n" if event else "")

@@ -30,7 +30,8 @@ from ray.exceptions import RayTaskError
 
 from actors.metrics import reused_prompt_tokens
 from kvcomm.engine import ContextLengthError
-from kvcomm.harness.jobs import MODES, JobSpec, JobSpecError
+from kvcomm.harness.jobs import JobSpec, JobSpecError
+from kvcomm.names import MODES
 from kvcomm.templates import TemplateError
 
 from ..driver import DagJob, JobCancelled, WorkerLost

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..names import MODES
 from ..templates import PLACEHOLDER_PATTERN, AgentTemplate
 
-MODES = ("dense", "dense-prefix", "naive", "cacheblend", "kvcomm", "hybrid")
 CONDITIONS = ("python",)
 MAX_NEW_TOKENS_LIMIT = 8192
 AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9]+")
