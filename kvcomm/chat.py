@@ -367,7 +367,7 @@ class ChatTurns:
             prompt_tokens = len(state.rendered.fill({n: c.token_ids for n, c in contents.items()}))
             sampling = Sampling(max_new_tokens=self._max_tokens(request, prompt_tokens),
                                 temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-                                stop_token_ids=self.engine.stop_token_ids, stop_strings=request.stop)
+                                stop_token_ids=self.engine.stop_token_ids, stop=request.stop)
         except BaseException:
             if txn is not None:
                 self.engine.pool.abort(txn)

@@ -483,7 +483,7 @@ class KVCommEngine:
         gen = result_of(state)
         request = prepared.request
         # A stop string ends the text; the response keeps the tokens wholly before it (and their KV).
-        text, keep = cut_at_stop_string(gen.token_ids, request.sampling.stop_strings, self.detokenize)
+        text, keep = cut_at_stop_string(gen.token_ids, request.sampling.stop, self.detokenize)
         gen.token_ids = gen.token_ids[:keep]
         response = None
         if gen.token_ids:

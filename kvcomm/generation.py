@@ -11,7 +11,7 @@ shrunk only where the runner's `kv_budget` has room, so the KV a batch holds nev
 whether a sequence of a given size would get a slot now). One step reads one tensor back from the device: the
 sampled tokens of the whole batch.
 
-Stop strings (`Sampling.stop_strings`) end a sequence as soon as its decoded text contains one; the batch then
+Stop strings (`Sampling.stop`) end a sequence as soon as its decoded text contains one; the batch then
 needs a `detokenize` function (token ids -> text). Where the text is cut and which tokens a response keeps is
 `cut_at_stop_string`'s business.
 """
@@ -160,7 +160,7 @@ class DecodeBatch:
 
         Its first token is sampled now; its KV moves into a decode slot (when the batch and the KV budget have
         room; otherwise it waits, holding `kv`, until a step finds room)."""
-        if sampling.stop_strings and self.detokenize is None:
+        if sampling.stop and self.detokenize is None:
             raise ValueError("a sequence with stop strings needs a DecodeBatch built with detokenize=")
         state = SequenceState(kv=kv, sampling=sampling, prompt_len=kv.length, first_logits=last_logits.float(),
                               on_token=on_token)
@@ -182,8 +182,8 @@ class DecodeBatch:
             state.finished_at = time.perf_counter()
             return
         state._accept(token)
-        if (state.sampling.stop_strings and allow_stop
-                and _ends_in_stop(state.tokens, state.sampling.stop_strings, self.detokenize)):
+        if (state.sampling.stop and allow_stop
+                and _ends_in_stop(state.tokens, state.sampling.stop, self.detokenize)):
             state.finish_reason = "stop"   # the tokens from the stop string on are cut later: no flush needed
             state.finished_at = time.perf_counter()
             return

@@ -70,9 +70,7 @@ class JobResult:
 
 
 def sampling_for(agent: AgentSpec, engine: KVCommEngine) -> Sampling:
-    g = agent.generation
-    return Sampling(max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens, temperature=g.temperature,
-                    top_p=g.top_p, seed=g.seed, stop_token_ids=engine.stop_token_ids, stop_strings=g.stop)
+    return Sampling.of(agent.generation, engine.stop_token_ids)
 
 
 C = TypeVar("C")   # how a runner holds a shared content: `SharedContent` in process, a handle on a cluster

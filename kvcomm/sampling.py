@@ -1,6 +1,6 @@
 """Sampling tokens from logits on the logits' own device, for a whole batch at once.
 
-`Sampling` holds one sequence's generation parameters. `sample_tokens` turns a batch's fp32 logits [N, vocab]
+`GenerationParams` holds what a job or request asks of one response; `Sampling` adds the model's stop tokens. `sample_tokens` turns a batch's fp32 logits [N, vocab]
 into N token ids *on the same device* (greedy rows by argmax, sampled rows by the Gumbel-max trick, top-p by a
 sorted cumulative mask, stop tokens masked until `min_new_tokens`), so a decode step reads back one small tensor
 and nothing else.
@@ -11,8 +11,9 @@ on the wrong device, no per-sequence state to carry, and a seed gives the same t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
 
 import torch
 
@@ -21,26 +22,77 @@ _GOLDEN32 = 0x9E3779B9
 
 
 @dataclass(frozen=True)
-class Sampling:
+class GenerationParams:
+    """How one response is generated, as a job or a request asks for it (the one declaration of these six fields).
+
+    Built freely (a job spec checks it with `problem` to name the offending field); `Sampling` adds the model's
+    stop tokens and refuses invalid values at construction."""
     max_new_tokens: int = 128
     min_new_tokens: int = 0
-    temperature: float = 0.0          # 0: greedy
+    temperature: float = 0.0     # 0: greedy
     top_p: float = 1.0
     seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()   # ends once its text contains one (finish_reason "stop"; not before min)
+    stop: tuple[str, ...] = ()   # stop strings: the response ends before the first one (finish_reason "stop";
+                                 # not before min_new_tokens)
 
     def __post_init__(self) -> None:
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop_strings!r}")
+        # Job files give lists; keep a tuple so that equal params compare (and hash) equal however they were built.
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+    def problem(self, max_new_tokens_limit: int | None = None) -> tuple[str, str] | None:
+        """The first thing wrong with these parameters, as (field path below this object, what is wrong), or None."""
+        for name in ("max_new_tokens", "min_new_tokens", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                return name, f"expected an integer, got {type(value).__name__} {value!r}"
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return name, f"expected a finite number, got {type(value).__name__} {value!r}"
+        if max_new_tokens_limit is not None and not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            return "max_new_tokens", f"must be in [1, {max_new_tokens_limit}], got {self.max_new_tokens}"
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+            return "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"
+        if self.min_new_tokens < 0:
+            return "min_new_tokens", f"must be >= 0, got {self.min_new_tokens}"
+        if self.min_new_tokens > self.max_new_tokens:
+            return "min_new_tokens", f"must not exceed max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            return "temperature", f"must be >= 0 (0 is greedy), got {self.temperature}"
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            return "top_p", f"must be in (0, 1], got {self.top_p}"
+        if not isinstance(self.stop, tuple):
+            return "stop", f"expected a list of strings, got {type(self.stop).__name__}"
+        for index, stop in enumerate(self.stop):
+            if not isinstance(stop, str) or not stop:
+                return f"stop[{index}]", f"expected a non-empty string, got {stop!r}"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The six fields as a plain dict (``stop`` as a list), the form job files and the HTTP API use."""
+        data = {f.name: getattr(self, f.name) for f in fields(GenerationParams)}
+        data["stop"] = list(self.stop)
+        return data
+
+
+@dataclass(frozen=True)
+class Sampling(GenerationParams):
+    """What the decoder needs for one sequence: its `GenerationParams` plus the model's stop tokens; valid by
+    construction (a `ValueError` names the offending field)."""
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        problem = self.problem()
+        if problem is not None:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
+
+    @classmethod
+    def of(cls, params: GenerationParams, stop_token_ids: Sequence[int] = ()) -> "Sampling":
+        """`params` decoded with the model's `stop_token_ids`."""
+        return cls(**{f.name: getattr(params, f.name) for f in fields(GenerationParams)},
+                   stop_token_ids=tuple(stop_token_ids))
 
 
 @dataclass(frozen=True)

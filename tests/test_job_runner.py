@@ -96,4 +96,4 @@ def test_decode_batch_refuses_stop_strings_without_a_detokenizer(smollm2_engine_
     runner, _ = smollm2_engine_parts
     logits, kv = runner.prefill(torch.tensor([1, 2, 3]), extra_capacity=4)
     with pytest.raises(ValueError, match="detokenize"):
-        DecodeBatch(runner).add(kv, logits[-1], Sampling(max_new_tokens=2, stop_strings=("x",)))
+        DecodeBatch(runner).add(kv, logits[-1], Sampling(max_new_tokens=2, stop=("x",)))

@@ -1,6 +1,6 @@
 """Job specs: the agents of one multi-agent job, who reads whom, in how many rounds, and how each one generates.
 
-This module owns `GenerationParams`, `AgentSpec`, `Turn`, `JobSpec` (its validation, its conversion to and
+This module owns `AgentSpec`, `Turn`, `JobSpec` (its validation, its conversion to and
 from plain dicts, and its turn order) and `load_jobs` (JSON, JSONL and YAML job files). It owns no prompts
 (see `roles`) and runs nothing (see `kvcomm.job_runner`).
 
@@ -33,13 +33,13 @@ example ``agents[2].role: must not be empty``.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..names import MODES
+from ..sampling import GenerationParams
 from ..templates import PLACEHOLDER_PATTERN, AgentTemplate
 
 CONDITIONS = ("python",)
@@ -64,57 +64,6 @@ class JobSpecError(ValueError):
         """The same error, attributed to `source` and with `prefix` put before its field path."""
         path = f"{prefix}.{self.field}" if prefix and self.field else (prefix or self.field)
         return JobSpecError(path, self.problem, source)
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    temperature: float = 0.0     # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()   # stop strings: the response ends before the first one
-
-    def __post_init__(self) -> None:
-        # Job files give lists; keep a tuple so that equal params compare (and hash) equal however they were built.
-        if isinstance(self.stop, list):
-            object.__setattr__(self, "stop", tuple(self.stop))
-
-    def validate(self, path: str = "generation") -> None:
-        for name in ("max_new_tokens", "min_new_tokens", "seed"):
-            _require_int(getattr(self, name), f"{path}.{name}")
-        for name in ("temperature", "top_p"):
-            _require_number(getattr(self, name), f"{path}.{name}")
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise JobSpecError(f"{path}.max_new_tokens",
-                               f"must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
-        if self.min_new_tokens < 0:
-            raise JobSpecError(f"{path}.min_new_tokens", f"must be >= 0, got {self.min_new_tokens}")
-        if self.min_new_tokens > self.max_new_tokens:
-            raise JobSpecError(f"{path}.min_new_tokens", f"must not exceed max_new_tokens ({self.max_new_tokens}), "
-                                                         f"got {self.min_new_tokens}")
-        if self.temperature < 0:
-            raise JobSpecError(f"{path}.temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise JobSpecError(f"{path}.top_p", f"must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.stop, tuple):
-            raise JobSpecError(f"{path}.stop", f"expected a list of strings, got {type(self.stop).__name__}")
-        for index, stop in enumerate(self.stop):
-            if not isinstance(stop, str) or not stop:
-                raise JobSpecError(f"{path}.stop[{index}]", f"expected a non-empty string, got {stop!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["stop"] = list(self.stop)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Any, path: str = "generation") -> "GenerationParams":
-        _require_mapping(data, path)
-        _reject_unknown_keys(data, cls, path)
-        params = cls(**data)
-        params.validate(path)
-        return params
 
 
 @dataclass(frozen=True)
@@ -176,7 +125,7 @@ class AgentSpec:
         _require_mapping(own_generation, f"{path}.generation")
         generation.update(own_generation)
         values = {key: value for key, value in data.items() if key != "generation"}
-        return cls(**values, generation=GenerationParams.from_dict(generation, f"{path}.generation"))
+        return cls(**values, generation=_generation_from_dict(generation, f"{path}.generation"))
 
 
 @dataclass(frozen=True)
@@ -380,7 +329,7 @@ class JobSpec:
                 raise JobSpecError(required, "missing")
         default_generation = data.get("generation", {})
         _require_mapping(default_generation, "generation")
-        GenerationParams.from_dict(default_generation, "generation")  # the defaults must be valid on their own
+        _generation_from_dict(default_generation, "generation")  # the defaults must be valid on their own
         agents = data["agents"]
         if not isinstance(agents, list) or not agents:
             raise JobSpecError("agents", "must be a non-empty list of agents")
@@ -503,7 +452,21 @@ def _validate_agent_fields(agent: AgentSpec, path: str) -> None:
                                                 f"{', '.join(CONDITIONS)} (or null)")
     if not isinstance(agent.generation, GenerationParams):
         raise JobSpecError(f"{path}.generation", f"expected GenerationParams, got {type(agent.generation).__name__}")
-    agent.generation.validate(f"{path}.generation")
+    _validate_generation(agent.generation, f"{path}.generation")
+
+
+def _validate_generation(params: GenerationParams, path: str) -> None:
+    problem = params.problem(MAX_NEW_TOKENS_LIMIT)
+    if problem is not None:
+        raise JobSpecError(f"{path}.{problem[0]}", problem[1])
+
+
+def _generation_from_dict(data: Any, path: str) -> GenerationParams:
+    _require_mapping(data, path)
+    _reject_unknown_keys(data, GenerationParams, path)
+    params = GenerationParams(**data)
+    _validate_generation(params, path)
+    return params
 
 
 def _require_mapping(value: Any, path: str) -> None:
@@ -528,11 +491,6 @@ def _require_str(value: Any, path: str, allow_empty: bool = True) -> None:
 def _require_int(value: Any, path: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise JobSpecError(path, f"expected an integer, got {type(value).__name__} {value!r}")
-
-
-def _require_number(value: Any, path: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise JobSpecError(path, f"expected a finite number, got {type(value).__name__} {value!r}")
 
 
 # ---- job files -----------------------------------------------------------------------------------------
