@@ -25,7 +25,7 @@ def cmd_bench_runner(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kvcomm.harness.jobs import load_jobs
+    from kvcomm.harness.job_files import load_jobs
     from kvcomm.job_runner import run_job
     from kvcomm.session import build_engine
     jobs = load_jobs(args.job)

@@ -45,7 +45,8 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def demo_main(args: argparse.Namespace) -> int:
-    from kvcomm.harness.jobs import JobSpecError, load_jobs
+    from kvcomm.harness.job_files import load_jobs
+    from kvcomm.harness.jobs import JobSpecError
 
     from .serve.app import run_server
     from .serve.config import ServeApplication, ServeConfigFile, load_serve_config_file

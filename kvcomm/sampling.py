@@ -1,6 +1,7 @@
 """Sampling tokens from logits on the logits' own device, for a whole batch at once.
 
-`GenerationParams` holds what a job or request asks of one response; `Sampling` adds the model's stop tokens. `sample_tokens` turns a batch's fp32 logits [N, vocab]
+`GenerationParams` holds what a job or request asks of one response; `Sampling` adds the model's stop tokens.
+`sample_tokens` turns a batch's fp32 logits [N, vocab]
 into N token ids *on the same device* (greedy rows by argmax, sampled rows by the Gumbel-max trick, top-p by a
 sorted cumulative mask, stop tokens masked until `min_new_tokens`), so a decode step reads back one small tensor
 and nothing else.
@@ -57,7 +58,8 @@ class GenerationParams:
         if self.min_new_tokens < 0:
             return "min_new_tokens", f"must be >= 0, got {self.min_new_tokens}"
         if self.min_new_tokens > self.max_new_tokens:
-            return "min_new_tokens", f"must not exceed max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
+            return "min_new_tokens", (f"must not exceed max_new_tokens ({self.max_new_tokens}), "
+                                      f"got {self.min_new_tokens}")
         if self.temperature < 0:
             return "temperature", f"must be >= 0 (0 is greedy), got {self.temperature}"
         if not 0 < self.top_p <= 1:

