@@ -9,3 +9,13 @@
   bench/        the cluster's benchmarks
   cli.py, demo.py   the `kvcomm` command line and `kvcomm demo`
 """
+from __future__ import annotations
+
+from kvcomm.lazy_exports import exporter
+
+_HOMES = {
+    "ClusterConfig": "config", "DagJob": "driver", "TurnExecutor": "driver", "WorkerLost": "driver",
+    "RayRuntime": "runtime", "create_worker_placement_group": "placement",
+}
+__all__ = sorted(_HOMES)
+__getattr__ = exporter(__name__, _HOMES, globals())

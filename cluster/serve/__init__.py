@@ -15,5 +15,14 @@ router of ours, a job store and the anchor pool outside any replica.
   http.py      the FastAPI app, API errors, JSON bodies, callers, in-flight limits, SSE
   metrics.py   the service's Prometheus metrics
 
-Nothing is imported here: `cluster.serve.app` pulls in Ray Serve, which the CLI loads only when a command runs.
+The names below are imported on first use: `cluster.serve.app` pulls in Ray Serve, which the CLI loads only when
+a command runs.
 """
+from __future__ import annotations
+
+from kvcomm.lazy_exports import exporter
+
+_HOMES = {"build_app": "app", "run_server": "app", "ServeConfigFile": "config", "ServeSettings": "config",
+          "load_serve_config_file": "config"}
+__all__ = sorted(_HOMES)
+__getattr__ = exporter(__name__, _HOMES, globals())
