@@ -25,7 +25,10 @@ import math
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from kvcomm.job_runner import TurnRecord
 
 log = logging.getLogger(__name__)
 
@@ -315,10 +318,10 @@ class ReplicaMetrics:
         self._sample_lock = threading.Lock()
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
-    def observe_job_turn(self, mode: str, record: Mapping[str, Any]) -> None:
-        """A finished job turn, from its `kvcomm.job_runner.TurnRecord.to_dict()`."""
-        self._observe("job", mode, record["reason"], record["prompt_tokens"], record["recomputed_tokens"],
-                      len(record["token_ids"]), record["ttft_s"], record["total_s"], record["timings"])
+    def observe_job_turn(self, mode: str, record: TurnRecord) -> None:
+        """A finished job turn."""
+        self._observe("job", mode, record.reason, record.prompt_tokens, record.recomputed_tokens,
+                      len(record.token_ids), record.ttft_s, record.total_s, record.timings)
 
     def observe_chat(self, turn: Any, ttft_s: float, e2e_s: float) -> None:
         """A finished chat: its engine `TurnResult` and its times from reaching the replica."""

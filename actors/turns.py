@@ -8,7 +8,8 @@ sends every turn (and the user input's base KV) to a worker of its choice. This 
   and the job's gate state for it (placeholder name -> anchor staged for it, and the gate's reason). Small and
   picklable.
 * `ContentOrder` (compute a user input or condition's base KV and offer it to the gate) and `TurnOrder` (run one
-  agent turn on given contents, then offer its response downstream), and `TurnOutcome`, the small answer. Each
+  agent turn on given contents, then offer its response downstream), and `TurnOutcome`, the small answer (the
+  turn's `kvcomm.job_runner.TurnRecord` and a `ProducedContent` per content it made). Each
   order carries a `RoutingHint` (its namespace, its cost in tokens, the KV bytes it reads per node): what a
   router needs, without fetching a byte.
 * `Cancellation`: how a driver's cancel reaches the model thread (the turn leaves the decode batch at the next
@@ -32,7 +33,7 @@ from typing import Any, Callable, Mapping
 
 from kvcomm.engine import SharedContent, TurnRequest
 from kvcomm.harness.jobs import AgentSpec, Turn
-from kvcomm.job_runner import sampling_for, share_turn_output, turn_record
+from kvcomm.job_runner import TurnRecord, sampling_for, share_turn_output, turn_record
 from kvcomm.kv import KVSegment
 
 from .pool_client import PartCache
@@ -149,42 +150,62 @@ class Cancellation:
             raise TurnCancelled("cancelled by its driver")
 
 
+@dataclass(frozen=True)
+class SegmentMeta:
+    """A produced content's KV as the driver sees it (the tensors travel as a separate return value)."""
+    num_tokens: int
+    nbytes: int                             # K + V bytes
+    dtype: str                              # "float32", "bfloat16", ...
+    start: int                              # position of the first token
+    shape: tuple[int, int, int, int]        # [layers, kv_heads, tokens, head_dim] of K (and of V)
+
+
+@dataclass(frozen=True)
+class ProducedContent:
+    """What a worker tells the driver about a content it produced; `handle_of` makes the driver's handle of it."""
+    kind: str                               # "input" | "response" | "condition"
+    token_ids: tuple[int, ...]
+    content_key: str
+    cache_key: str                          # names the KV in the producing worker's cache
+    anchor_ids: dict[str, str]              # placeholder name -> anchor staged for it
+    gate_reason: dict[str, str]             # placeholder name -> the gate's reason
+    segment: SegmentMeta | None             # None for empty content
+
+
 @dataclass
 class TurnOutcome:
     """A worker's small answer; the KV payloads travel next to it as separate return values."""
     worker: str
     node_id: str | None = None                           # the node whose object store holds the KV returned
-    record: dict[str, Any] | None = None                 # `TurnRecord.to_dict()` (turns only)
-    produced: dict[str, Any] | None = None               # the response's (or input's) metadata, see `_produced`
-    condition: dict[str, Any] | None = None              # a programming agent's condition, same shape
+    record: TurnRecord | None = None                     # what the job keeps of the turn (turns only)
+    produced: ProducedContent | None = None              # the response (or input) it produced
+    condition: ProducedContent | None = None             # a programming agent's condition
     gate_state: dict[str, tuple[dict[str, str], dict[str, str]]] = field(default_factory=dict)
     # ^ placeholder name -> (anchor ids, gate reasons) of each content the turn read, after the turn
 
 
-def _produced(content: SharedContent, resolver: "ContentResolver") -> dict[str, Any]:
+def _produced(content: SharedContent, resolver: "ContentResolver") -> ProducedContent:
     """A produced content's metadata; its KV is remembered in this worker's cache under a fresh key."""
     base = content.base
     cache_key = uuid.uuid4().hex
     if base is not None and content.num_tokens:
         resolver.remember(cache_key, base)
-    return {"kind": content.kind, "token_ids": tuple(content.token_ids), "content_key": content.content_key,
-            "cache_key": cache_key,
-            "anchor_ids": dict(content.anchor_ids), "gate_reason": dict(content.gate_reason),
-            "segment": None if base is None or content.num_tokens == 0 else
-            {"num_tokens": base.num_tokens, "nbytes": base.nbytes, "dtype": str(base.dtype).removeprefix("torch."),
-             "start": int(base.start), "shape": tuple(int(d) for d in base.keys.shape)}}
+    segment = None if base is None or content.num_tokens == 0 else SegmentMeta(
+        base.num_tokens, base.nbytes, str(base.dtype).removeprefix("torch."), int(base.start),
+        tuple(int(d) for d in base.keys.shape))
+    return ProducedContent(content.kind, tuple(content.token_ids), content.content_key, cache_key,
+                           dict(content.anchor_ids), dict(content.gate_reason), segment)
 
 
-def handle_of(produced: Mapping[str, Any], payload_ref: Any, holder: str, node_id: str | None = None
+def handle_of(produced: ProducedContent, payload_ref: Any, holder: str, node_id: str | None = None
               ) -> ContentHandle:
     """The driver's handle on a content a worker produced (`payload_ref`: the return value holding its KV)."""
-    meta = produced["segment"]
-    base = None if meta is None else SegmentRef(object_ref=payload_ref, num_tokens=meta["num_tokens"],
-                                                nbytes=meta["nbytes"], dtype=meta["dtype"], start=meta["start"],
-                                                shape=tuple(meta["shape"]))
-    return ContentHandle(produced["kind"], tuple(produced["token_ids"]), produced["content_key"], base,
-                         produced["cache_key"], holder, node_id, dict(produced["anchor_ids"]),
-                         dict(produced["gate_reason"]))
+    meta = produced.segment
+    base = None if meta is None else SegmentRef(object_ref=payload_ref, num_tokens=meta.num_tokens,
+                                                nbytes=meta.nbytes, dtype=meta.dtype, start=meta.start,
+                                                shape=meta.shape)
+    return ContentHandle(produced.kind, produced.token_ids, produced.content_key, base, produced.cache_key,
+                         holder, node_id, dict(produced.anchor_ids), dict(produced.gate_reason))
 
 
 def _payload(content: SharedContent | None) -> SegmentPayload | None:
@@ -273,7 +294,7 @@ def execute_turn(view: Any, order: TurnOrder, resolver: ContentResolver, worker_
         staged = _staged(txn)
     finally:
         _close(view, txn)
-    record = turn_record(Turn(agent.id, order.round), agent, result).to_dict()
+    record = turn_record(Turn(agent.id, order.round), agent, result)
     outcome = TurnOutcome(worker=worker_id, node_id=node_id, record=record, produced=_produced(response, resolver),
                           condition=None if condition is None else _produced(condition, resolver),
                           gate_state={name: (dict(c.anchor_ids), dict(c.gate_reason)) for name, c in contents.items()})

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -75,7 +76,7 @@ class DagJob:
     worker that ran it, plus ``workers``)."""
 
     def __init__(self, job: JobSpec, mode: str, executor: TurnExecutor, *, retries: int = 1,
-                 on_turn: Callable[[dict[str, Any]], None] | None = None,
+                 on_turn: Callable[[TurnRecord], None] | None = None,
                  on_retry: Callable[[str], None] | None = None):
         self.job, self.mode, self.executor = job, mode, executor
         self.pooled = mode in POOL_MODES
@@ -108,7 +109,7 @@ class DagJob:
         return self._cancelled.is_set()
 
     @property
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[TurnRecord]:
         """The records of the turns finished so far (each names its worker)."""
         return list(self._levels.records) if self._levels is not None else []
 
@@ -139,13 +140,10 @@ class DagJob:
         self._check_cancelled()
         if self.pooled and self.staged:
             self.executor.commit(self.staged)
-        records = levels.records
-        turns = [TurnRecord(**{k: v for k, v in r.items() if k != "worker"}) for r in records]
+        turns: list[TurnRecord] = levels.records
         out = JobResult(self.job.id, self.mode, turns, turns[-1].text if turns else "", time.perf_counter() - started,
                         self.job.namespace, dict(self.job.metadata or {})).to_dict()
-        for turn_dict, record in zip(out["turns"], records):
-            turn_dict["worker"] = record["worker"]
-        out["workers"] = list(dict.fromkeys(r["worker"] for r in records))
+        out["workers"] = list(dict.fromkeys(t.worker for t in turns))
         return out
 
     def _order(self, inputs: TurnInputs[ContentHandle]) -> TurnOrder:
@@ -166,7 +164,7 @@ class DagJob:
             condition = self._remember("condition", key, order, handle_of(outcome.condition, reply.refs[1],
                                                                           outcome.worker, outcome.node_id))
         self.staged.append(reply.refs[2])
-        record = {**outcome.record, "worker": outcome.worker}
+        record = dataclasses.replace(outcome.record, worker=outcome.worker)
         levels.done(inputs.turn, response, condition, record)
         if self.on_turn is not None:
             self.on_turn(record)

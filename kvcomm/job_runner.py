@@ -25,8 +25,10 @@ from .names import POOL_MODES
 
 
 
-@dataclass
+@dataclass(frozen=True)
 class TurnRecord:
+    """What a job result keeps of one finished turn; the record every runner (in process, cluster, HTTP) passes
+    on. `to_dict` is its wire form (job results, HTTP turn events); `worker` appears there only when set."""
     agent_id: str
     round: int
     role: str
@@ -41,10 +43,13 @@ class TurnRecord:
     timings: dict[str, float]
     first_logits: Any = field(default=None, repr=False)   # [vocab] fp32 tensor when kept
     predicted_kl: float | None = None   # the turn gate's forecast for a kvcomm/hybrid turn it saw (engine docs)
+    worker: str | None = None           # the cluster worker that ran it (None in one process)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("first_logits")
+        if self.worker is None:
+            d.pop("worker")
         return d
 
 

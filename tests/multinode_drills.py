@@ -154,7 +154,7 @@ def drill_node_lost(model_dir: str, workdir: Path) -> dict:
             tickets = [runner.submit(j) for j in dense]
             doomed_workers = {f"worker-{i}" for i, node in enumerate(worker_nodes) if node == doomed.node_id}
             deadline = time.monotonic() + 300
-            while not any(r["worker"] in doomed_workers for t in tickets for r in t.dag.records[:2]):
+            while not any(r.worker in doomed_workers for t in tickets for r in t.dag.records[:2]):
                 assert time.monotonic() < deadline, "no turn finished on the node to be lost"
                 time.sleep(0.05)                          # until outputs that later turns read sit on that node
             started = time.monotonic()

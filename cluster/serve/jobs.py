@@ -31,6 +31,7 @@ from ray.exceptions import RayTaskError
 from actors.metrics import reused_prompt_tokens
 from kvcomm.engine import ContextLengthError
 from kvcomm.harness.jobs import JobSpec, JobSpecError
+from kvcomm.job_runner import TurnRecord
 from kvcomm.names import MODES
 from kvcomm.templates import TemplateError
 
@@ -170,8 +171,8 @@ class JobService:
         job_id, mode, tenant = record["id"], record["mode"], record["owner"][0]
         events: asyncio.Queue = asyncio.Queue()
 
-        def on_turn(turn: dict[str, Any]) -> None:         # on the driver thread
-            loop.call_soon_threadsafe(events.put_nowait, ("turn", {**turn, "job": job_id}))
+        def on_turn(turn: TurnRecord) -> None:             # on the driver thread; the event is its wire form
+            loop.call_soon_threadsafe(events.put_nowait, ("turn", {**turn.to_dict(), "job": job_id}))
 
         def on_retry(reason: str) -> None:
             loop.call_soon_threadsafe(events.put_nowait, ("retry", {"job": job_id, "reason": reason,

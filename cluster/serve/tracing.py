@@ -141,14 +141,14 @@ def _describe(span: Any, outcome: Any) -> None:
         span.set_attribute("kvcomm.node_id", str(outcome.node_id))
     record = outcome.record
     if record is not None:
-        span.set_attribute("kvcomm.decision", str(record["reason"]))
-        span.set_attribute("kvcomm.reused", bool(record["reused"]))
-        span.set_attribute("kvcomm.ttft_s", float(record["ttft_s"]))
-        span.set_attribute("kvcomm.prompt_tokens", int(record["prompt_tokens"]))
-        span.set_attribute("kvcomm.recomputed_tokens", int(record["recomputed_tokens"]))
+        span.set_attribute("kvcomm.decision", str(record.reason))
+        span.set_attribute("kvcomm.reused", bool(record.reused))
+        span.set_attribute("kvcomm.ttft_s", float(record.ttft_s))
+        span.set_attribute("kvcomm.prompt_tokens", int(record.prompt_tokens))
+        span.set_attribute("kvcomm.recomputed_tokens", int(record.recomputed_tokens))
     gate = {name: reasons for name, (_, reasons) in outcome.gate_state.items()}
     if outcome.produced is not None:
-        gate.setdefault("(produced)", outcome.produced.get("gate_reason") or {})
+        gate.setdefault("(produced)", outcome.produced.gate_reason or {})
     reasons = sorted(f"{name}:{placeholder}={reason}" for name, by in gate.items() for placeholder, reason in by.items())
     if reasons:
         span.set_attribute("kvcomm.gate.reasons", reasons)
