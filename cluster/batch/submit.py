@@ -1,33 +1,12 @@
 """`kvcomm submit JOBS --out RESULTS.jsonl`: run a file of jobs on a cluster, resumably, one JSON line per job.
 
-This module owns batch submission, a progress bar (jobs done, reuse rate, throughput) and the results file. The
-jobs run on one of two fleets, driven by the same job driver (`cluster.driver.DagJob`):
-
-* ``--url http://host:port``: a running deployment (``kvcomm serve``, ``serve run``): the jobs are posted to its
-  jobs API (``POST /v1/jobs?wait=true``; a 429 is retried after its ``Retry-After``), so batch and HTTP clients
-  share one warm fleet and one anchor pool. ``--api-key`` (or ``KVCOMM_API_KEY``) authenticates; a job's anchors
-  are namespaced by its ``namespace`` (and the key) as for any HTTP client;
-* otherwise worker actors of its own (`cluster.batch.runner.ClusterRunner`), on a cluster it joins (``--address
-  auto`` / ``ray://...``) or a local one it starts (`cluster.runtime.RayRuntime`).
-
-The results file:
-
-* one JSON line per job, written and flushed as the job finishes: the job's result (`JobResult.to_dict()` plus
-  ``"id"`` and the ``"workers"`` its turns ran on) or ``{"id": ..., "error": ...}`` when the job is invalid or
-  fails; one failure never stops the batch;
-* resumable: ids that already have a result line in the output file are skipped; ids that only have error lines
-  are run again (a later line for an id supersedes earlier ones); a torn last line (a crash mid-write) is ignored;
-* everything this command started (the workers, the pool actor, a local Ray cluster) is shut down on exit, on
-  errors, on Ctrl-C and on SIGTERM (`ray job stop`; `ray.init` makes it a `SystemExit`). A cluster the process
-  was already connected to is left as it was. Killed outright (SIGKILL), the process takes its local cluster with
-  it within seconds: Ray's raylet and GCS get the kernel's parent-death signal, their workers follow the raylet,
-  and `cluster.reaper` kills the agents that would otherwise linger.
-
-Exit status: 0 when every job of this run succeeded, 1 when some failed (their error lines are in the file),
-2 for a usage error (bad job file, bad config), 130 when interrupted (run it again to resume).
-
-Wiring: `add_submit_parser(subparsers)` adds the ``submit`` subcommand to an argparse subparsers object (its
-``func`` is `cli_main(args) -> int`); `main(argv)` runs it standalone (``python -m cluster.batch.submit``).
+Owns batch submission, its progress bar and the results file (README "Batch jobs" says what users see). The jobs
+go to a running deployment's jobs API with ``--url`` (429s retried after ``Retry-After``), else to worker actors
+of its own (`cluster.batch.runner.ClusterRunner`) on a cluster it joins or starts; both use `cluster.driver.DagJob`.
+A result line is `JobResult.to_dict()` plus ``"id"`` and ``"workers"``, or ``{"id", "error"}``; ids with a result
+line are skipped on a rerun, a torn last line is ignored. Everything it started is shut down on exit, errors,
+Ctrl-C and SIGTERM (`cluster.runtime`; `cluster.reaper` covers SIGKILL). Exit status: 0 all succeeded, 1 some
+failed, 2 usage error, 130 interrupted. Not here: the job driver, the worker fleet, the HTTP service.
 """
 from __future__ import annotations
 
