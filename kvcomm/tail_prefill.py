@@ -53,18 +53,21 @@ def prefill_rest(mode: str, runner: ModelRunner, config: KVCommConfig, rendered:
     """Run the model on `assembled` (the reused prompt minus its tail) and `tail_ids` ([tail] int64): logits, the
     turn's KV buffer, and how many prompt tokens went through the model (tail plus recomputed)."""
     tail_len = int(tail_ids.numel())
-    cached_ids = torch.tensor(list(prompt_ids[:assembled.num_tokens]))
     if mode in ("cacheblend", "hybrid"):
         ratio = config.blend_recompute_ratio if mode == "cacheblend" else config.hybrid_recompute_ratio
         logits, kv, selected = runner.blend_prefill(
-            assembled, cached_ids, tail_ids, recompute_ratio=ratio,
+            assembled, _cached_ids(prompt_ids, assembled), tail_ids, recompute_ratio=ratio,
             check_layer=min(config.blend_check_layer, runner.spec.num_layers - 1),
             protected_prefix=len(rendered.fixed[0]), extra_capacity=extra_capacity)
         return logits, kv, tail_len + int(selected.numel())
     if chosen.numel():
-        logits, kv, _ = runner.recompute_prefill(assembled, cached_ids, tail_ids, chosen,
+        logits, kv, _ = runner.recompute_prefill(assembled, _cached_ids(prompt_ids, assembled), tail_ids, chosen,
                                                  extra_capacity=extra_capacity)
         return logits, kv, tail_len + int(chosen.numel())
     logits, kv = runner.prefill(tail_ids, context=assembled, extra_capacity=extra_capacity)
     return logits, kv, tail_len
 
+
+def _cached_ids(prompt_ids: Sequence[int], assembled: KVSegment) -> torch.Tensor:
+    """[assembled tokens] int64: the ids of the prompt tokens whose KV is cached."""
+    return torch.tensor(list(prompt_ids[:assembled.num_tokens]))
