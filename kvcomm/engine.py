@@ -14,13 +14,14 @@ Modes, all on the same runner and the same token sequence:
 A request may force a dense prefill (`TurnRequest.force_dense`: a judge or decision agent kept exact); in kvcomm
 and hybrid modes such a turn still records deltas for the anchors its contents are staged as.
 
-The engine owns per-process caches (each agent's fixed-segment KV, shared contents' base KV) and reads and
-stages anchors through an `AnchorPool`-like object. It holds no global state: a Ray worker owns one engine.
+The engine orchestrates: it picks the path (the gates, dense or reuse) and times its stages (`kvcomm.stages`).
+The work is elsewhere: base caches in `kvcomm.base_cache`, alignment and offsets in `kvcomm.alignment`, what a
+reused turn still prefills in `kvcomm.tail_prefill`; anchors are read and staged through an `AnchorPool`-like
+object. It holds no global state: a Ray worker owns one engine.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -28,20 +29,21 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .alignment import align_and_offset, record_deltas
 from .anchor_pool import AnchorPool, PoolTransaction
+from .base_cache import AgentCache, AgentState, InputEncoder
 from .config import KVCommConfig
-from .corrections import attention_mass, probe_queries, select_recompute, span_starts, token_errors
-from .gate import TurnForecast, gate, predict_kl
+from .gate import TurnForecast, gate
 from .generation import DecodeBatch, Sampling, SequenceState, cut_at_stop_string, result_of
 from .kv import KVSegment, concat
 from .memory_plan import MemoryConfig
-from .offsets import OffsetEstimate, compatible_anchors, estimate_offsets, recorded_error
+from .names import DENSE_MODES, MODES, POOL_MODES
+from .offsets import compatible_anchors
 from .runner import ModelRunner, SequenceKV
-from .templates import AgentTemplate, PromptTemplate, RenderedTemplate, TemplateError, render_template
+from .stages import StageListener, StageTimes
+from .tail_prefill import plan_correction, prefill_rest, tail_length
+from .templates import AgentTemplate, PromptTemplate, TemplateError
 
-_WEIGHT_CACHE_ENTRIES = 32    # anchor weights shared by the consumers of one content (oldest dropped)
-MODES = ("dense", "dense-prefix", "naive", "cacheblend", "kvcomm", "hybrid")
-POOL_MODES = ("kvcomm", "hybrid")
 # A content staged as a new anchor by the entropy gate sends every consumer dense (the pool must learn all of its
 # deltas); one staged by the turn gate ("predicted_kl") records only the consumers that go dense anyway.
 TURN_GATE_REASON = "predicted_kl"
@@ -102,29 +104,25 @@ class TurnResult:
 
 
 @dataclass
-class _AgentState:
-    rendered: RenderedTemplate
-    fixed_kv: list[KVSegment]        # each fixed segment's KV at its template positions
-    probe: torch.Tensor | None       # [layers, heads, head_dim] the last template token's queries at position 0
-
-
-@dataclass
-class _Prepared:
-    """A turn whose prompt is in its KV buffer, ready to decode."""
+class PreparedPrompt:
+    """A turn whose prompt is in its KV buffer, ready to decode (what `KVCommEngine.prepare` returns)."""
     request: TurnRequest
     kv: SequenceKV
-    last_logits: torch.Tensor
+    last_logits: torch.Tensor        # [prompt positions run, vocab]; the last row is the first token's logits
     prompt_ids: list[int]
     reused: bool
     reason: str
-    started: float
-    timings: dict[str, float]
+    started: float                   # time.perf_counter() when prepare began
+    timings: dict[str, float]        # seconds per stage (kvcomm.stages), becomes TurnResult.timings
     recomputed: int
     forecast: TurnForecast | None = None
 
 
 class KVCommEngine:
-    """One model, one process: agent templates, shared contents, and turns in any mode."""
+    """One model, one process: agent templates, shared contents, and turns in any mode.
+
+    `stage_listener`, when set, is told ``(stage, seconds)`` as each timed stage of a turn's preparation ends
+    (fetch, align, offset, select, prefill, record: the keys of `TurnResult.timings`)."""
 
     def __init__(self, runner: ModelRunner, tokenizer: Any, config: KVCommConfig | None = None,
                  pool: AnchorPool | None = None, *, agent_cache_bytes: int = MemoryConfig.agent_cache_bytes):
@@ -133,82 +131,46 @@ class KVCommEngine:
         self.config = (config or KVCommConfig()).with_calibration()   # knobs no calibration set: uncalibrated
         self.pool = pool if pool is not None else AnchorPool(self.config, runner.rope)
         self.spec = runner.spec
-        self._agents: OrderedDict[AgentTemplate, _AgentState] = OrderedDict()  # LRU
-        self._agent_bytes = 0                   # fixed-segment KV held by self._agents
-        self.agent_cache_bytes = agent_cache_bytes
-        self._lead_in = self._input_lead_in()
-        self._lead_in_kv: KVSegment | None = None
+        self.agents = AgentCache(runner, tokenizer, agent_cache_bytes, self._check_fits)
+        self.inputs = InputEncoder(runner, tokenizer)
+        self.stage_listener: StageListener | None = None
         self._weight_cache: OrderedDict = OrderedDict()   # see kvcomm.offsets: anchors combined once per content
 
     # ---- templates and contents ---------------------------------------------------------------------------
-    def _input_lead_in(self) -> tuple[int, ...]:
-        """Tokens prepended when computing an input's base KV in isolation (then dropped): a user-turn header,
-        so the content's first token is not the attention sink."""
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            marker = "\u2063KVCOMM\u2063"
-            text = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
-            head = text.split(marker)[0]
-            return tuple(tok.encode(head, add_special_tokens=False))
-        bos = getattr(tok, "bos_token_id", None)
-        return (bos,) if bos is not None else ()
+    @property
+    def agent_cache_bytes(self) -> int:
+        return self.agents.budget_bytes
 
-    def agent_state(self, template: AgentTemplate) -> _AgentState:
-        """The agent's rendered template and fixed-segment KV, computed once per template (by content).
+    @agent_cache_bytes.setter
+    def agent_cache_bytes(self, value: int) -> None:
+        self.agents.budget_bytes = value
 
-        The most recently used templates are kept while their KV fits `agent_cache_bytes` (the one just used
-        always), so memory stays bounded when many distinct templates pass through one engine."""
-        state = self._agents.get(template)
-        if state is not None:
-            self._agents.move_to_end(template)
-            return state
-        rendered = render_template(template, self.tokenizer)
-        ids = rendered.template_ids()
-        self._check_fits(len(ids), 0, template.agent_id)
-        _, kv = self.runner.prefill(ids)
-        segments, cursor = [], 0
-        spans = [len(rendered.fixed[0])]
-        for marker, fixed in zip(rendered.marker_ids, rendered.fixed[1:]):
-            spans += [len(marker), len(fixed)]
-        for i, n in enumerate(spans):
-            if i % 2 == 0:  # fixed segment (odd entries are placeholder markers)
-                segments.append(_copy(kv.segment(cursor, cursor + n)))   # copied out of the buffer
-            cursor += n
-        probe = probe_queries(self.runner, ids, kv) if rendered.placeholders and len(ids) > 1 else None
-        state = _AgentState(rendered, segments, probe)
-        self._agents[template] = state
-        self._agent_bytes += sum(seg.nbytes for seg in segments)
-        while self._agent_bytes > self.agent_cache_bytes and len(self._agents) > 1:
-            _, evicted = self._agents.popitem(last=False)
-            self._agent_bytes -= sum(seg.nbytes for seg in evicted.fixed_kv)
-        return state
+    # tests/test_memory_plan.py reads the cache's LRU order and byte count by these older names
+    @property
+    def _agents(self) -> OrderedDict:
+        return self.agents._states
+
+    @property
+    def _agent_bytes(self) -> int:
+        return self.agents.bytes
+
+    @_agent_bytes.setter
+    def _agent_bytes(self, value: int) -> None:
+        self.agents.bytes = value
+
+    def agent_state(self, template: AgentTemplate) -> AgentState:
+        """The agent's rendered template and fixed-segment KV, computed once per template (`AgentCache`)."""
+        return self.agents.get(template)
 
     def encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(text, add_special_tokens=False))
 
     def make_input(self, text_or_ids: str | Sequence[int], kind: str = "input") -> SharedContent:
-        """A user input or condition: its base KV computed once in isolation (after the lead-in, dropped)."""
+        """A user input or condition: its base KV computed once in isolation (`InputEncoder`)."""
         ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else tuple(int(t) for t in text_or_ids)
-        content = SharedContent(kind=kind, token_ids=ids)
         if ids:
-            self._check_fits(len(self._lead_in) + len(ids), 0, f"{kind} content")
-            context = self._lead_in_cache()
-            _, kv = self.runner.prefill(ids, context=context)
-            seg = kv.segment(len(self._lead_in))
-            content.base = KVSegment(seg.keys.clone(), seg.values.clone(), seg.start).shifted(self.runner.rope, 0)
-        else:
-            content.base = KVSegment.empty(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
-                                           dtype=self.runner.dtype, device=self.runner.device)
-        return content
-
-    def _lead_in_cache(self) -> KVSegment | None:
-        if not self._lead_in:
-            return None
-        if self._lead_in_kv is None:
-            _, kv = self.runner.prefill(self._lead_in)
-            seg = kv.segment()
-            self._lead_in_kv = KVSegment(seg.keys.clone(), seg.values.clone(), 0)
-        return self._lead_in_kv
+            self._check_fits(len(self.inputs.lead_in) + len(ids), 0, f"{kind} content")
+        return SharedContent(kind=kind, token_ids=ids, base=self.inputs.base(ids))
 
     def _check_fits(self, prompt_len: int, new_tokens: int, what: str) -> None:
         limit = self.spec.max_position_embeddings
@@ -268,10 +230,18 @@ class KVCommEngine:
         decode_s = time.perf_counter() - decode_start
         return [self.finish(p, s, decode_s) for p, s in zip(prepared, states)]
 
-    def prepare(self, request: TurnRequest) -> _Prepared:
-        """Build the turn's KV cache up to the first token's logits, in the request's mode."""
+    def prepare(self, request: TurnRequest, *, force_reuse: bool = False) -> PreparedPrompt:
+        """Build the turn's KV cache up to the first token's logits, in the request's mode.
+
+        `force_reuse` (naive, cacheblend, kvcomm, hybrid only) holds both gates open: the turn is assembled from
+        whatever the pool's snapshot offers, never sent to a dense prefill, and nothing is staged in the request's
+        transaction; the turn gate's forecast is still computed. Benchmarks use it to measure the reuse path of
+        turns a job would have prefilled densely."""
         if request.mode not in MODES:
             raise ValueError(f"unknown mode {request.mode!r}; modes: {', '.join(MODES)}")
+        if force_reuse and (request.mode in DENSE_MODES or request.force_dense):
+            raise ValueError(f"force_reuse needs a reuse mode without force_dense; got mode {request.mode!r}"
+                             f"{' with force_dense' if request.force_dense else ''}")
         started = time.perf_counter()
         state = self.agent_state(request.agent)
         rendered = state.rendered
@@ -284,10 +254,10 @@ class KVCommEngine:
         self._check_fits(len(prompt_ids), request.sampling.max_new_tokens, f"agent {request.agent.agent_id!r}")
 
         mode = request.mode
-        if request.force_dense and mode not in ("dense", "dense-prefix"):
+        if request.force_dense and mode not in DENSE_MODES:
             return self._dense(request, state, contents, prompt_ids, started, "forced_dense",
                                record=mode in POOL_MODES)
-        if mode in POOL_MODES:
+        if mode in POOL_MODES and not force_reuse:
             dense_reason = self._needs_dense(request, state, contents)
             if dense_reason is not None:
                 return self._dense(request, state, contents, prompt_ids, started, dense_reason, record=True)
@@ -296,9 +266,9 @@ class KVCommEngine:
         if mode == "dense-prefix":
             return self._dense(request, state, contents, prompt_ids, started, "dense_prefix_mode", record=False,
                                reuse_prefix=True)
-        return self._reuse(request, state, contents, prompt_ids, started)
+        return self._reuse(request, state, contents, prompt_ids, started, gated=not force_reuse)
 
-    def _needs_dense(self, request: TurnRequest, state: _AgentState,
+    def _needs_dense(self, request: TurnRequest, state: AgentState,
                      contents: Sequence[SharedContent]) -> str | None:
         """Why this kvcomm turn must prefill densely (and record anchors), or None when it can reuse."""
         if request.transaction is None:
@@ -324,144 +294,59 @@ class KVCommEngine:
                 return "no_compatible_anchor"
         return None
 
-    def _dense(self, request: TurnRequest, state: _AgentState, contents: Sequence[SharedContent],
+    def _dense(self, request: TurnRequest, state: AgentState, contents: Sequence[SharedContent],
                prompt_ids: list[int], started: float, reason: str, *, record: bool,
-               reuse_prefix: bool = False) -> _Prepared:
-        t0 = time.perf_counter()
+               reuse_prefix: bool = False) -> PreparedPrompt:
+        times = StageTimes(listener=self.stage_listener)
         n_prefix = len(state.rendered.fixed[0]) if reuse_prefix else 0
-        if n_prefix and n_prefix < len(prompt_ids):
-            logits, kv = self.runner.prefill(prompt_ids[n_prefix:], context=state.fixed_kv[0],
-                                             extra_capacity=request.sampling.max_new_tokens + 1)
-        else:
-            n_prefix = 0
-            logits, kv = self.runner.prefill(prompt_ids, extra_capacity=request.sampling.max_new_tokens + 1)
-        timings = {"prefill": time.perf_counter() - t0}
+        with times.stage("prefill"):
+            if n_prefix and n_prefix < len(prompt_ids):
+                logits, kv = self.runner.prefill(prompt_ids[n_prefix:], context=state.fixed_kv[0],
+                                                 extra_capacity=request.sampling.max_new_tokens + 1)
+            else:
+                n_prefix = 0
+                logits, kv = self.runner.prefill(prompt_ids, extra_capacity=request.sampling.max_new_tokens + 1)
         if record and request.transaction is not None:
-            t1 = time.perf_counter()
-            self._record_deltas(request, state, contents, kv)
-            timings["record"] = time.perf_counter() - t1
-        return _Prepared(request, kv, logits, prompt_ids, False, reason, started, timings,
-                         len(prompt_ids) - n_prefix)
+            with times.stage("record"):
+                record_deltas(state, contents, kv, self.pool.snapshot(request.namespace), request.transaction,
+                              self.runner.rope, self.config)
+        return PreparedPrompt(request, kv, logits, prompt_ids, False, reason, started, times.seconds,
+                              len(prompt_ids) - n_prefix)
 
-    def _record_deltas(self, request: TurnRequest, state: _AgentState, contents: Sequence[SharedContent],
-                       kv: SequenceKV) -> None:
-        """Stage real-minus-base deltas for every placeholder of this turn that is a new anchor, each with the
-        error the pool's other anchors would have made on it (`ConsumerDeltas.offset_error`)."""
-        rope = self.runner.rope
-        layout = state.rendered.layout([c.num_tokens for c in contents])
-        snapshot = self.pool.snapshot(request.namespace)
-        for i, (name, content) in enumerate(zip(state.rendered.placeholders, contents)):
-            anchor_id = content.anchor_ids.get(name)
-            if anchor_id is None or content.num_tokens == 0:
-                continue
-            ph_start, ph_end = layout.placeholder_spans[i]
-            pf_start, pf_end = layout.fixed_spans[i + 1]
-            ph_real, pf_real = _copy(kv.segment(ph_start, ph_end)), _copy(kv.segment(pf_start, pf_end))
-            ph_base = content.base.shifted(rope, ph_start)
-            pf_base = state.fixed_kv[i + 1].shifted(rope, pf_start)
-            others = [a for a in snapshot.anchors(name) if a.anchor_id != anchor_id]
-            estimate = estimate_offsets(ph_base, pf_base, others, state.rendered.key, rope, self.config)
-            request.transaction.add_deltas(
-                anchor_id, state.rendered.key, ph_real=ph_real, ph_base_rotated=ph_base, pf_real=pf_real,
-                pf_base=pf_base, offset_error=recorded_error(estimate, ph_real, ph_base, pf_real, pf_base))
-
-    def _reuse(self, request: TurnRequest, state: _AgentState, contents: Sequence[SharedContent],
-               prompt_ids: list[int], started: float) -> _Prepared:
-        rope, cfg, mode = self.runner.rope, self.config, request.mode
-        rendered = state.rendered
+    def _reuse(self, request: TurnRequest, state: AgentState, contents: Sequence[SharedContent],
+               prompt_ids: list[int], started: float, *, gated: bool = True) -> PreparedPrompt:
+        """Assemble the prompt from cached KV (aligned, offset in kvcomm/hybrid), then prefill what is left;
+        `gated`: a kvcomm turn whose forecast is too high falls back to dense (needs a transaction)."""
+        mode, rendered = request.mode, state.rendered
         layout = rendered.layout([c.num_tokens for c in contents])
-        timings = {"fetch": 0.0, "align": 0.0, "offset": 0.0}
-        t = time.perf_counter()
-        bases = [c.base for c in contents]   # in-process: already here (Ray workers time their fetch)
-        timings["fetch"] += time.perf_counter() - t
+        times = StageTimes(("fetch", "align", "offset"), listener=self.stage_listener)
+        with times.stage("fetch"):
+            bases = [c.base for c in contents]   # in-process: already here (Ray workers time their fetch)
         snapshot = self.pool.snapshot(request.namespace) if mode in POOL_MODES else None
-
-        pieces: list[KVSegment] = [state.fixed_kv[0]]
-        errors: list[float | None] = []      # per placeholder: its anchors' recorded offset error
-        for i, (name, content) in enumerate(zip(rendered.placeholders, contents)):
-            t = time.perf_counter()
-            ph = bases[i].shifted(rope, layout.placeholder_spans[i][0])
-            pf = state.fixed_kv[i + 1].shifted(rope, layout.fixed_spans[i + 1][0])
-            timings["align"] += time.perf_counter() - t
-            errors.append(None)
-            if snapshot is not None and content.num_tokens:
-                t = time.perf_counter()
-                estimate = estimate_offsets(ph, pf, snapshot.anchors(name), rendered.key, rope, cfg,
-                                            weight_cache=self._weight_cache, content_key=content.content_key)
-                if estimate is not None:
-                    ph = ph.plus(estimate.ph_key, estimate.ph_value)
-                    pf = pf.plus(estimate.pf_key, estimate.pf_value)
-                errors[-1] = self._anchor_error(snapshot.anchors(name), estimate, rendered.key)
-                timings["offset"] += time.perf_counter() - t
-            pieces += [ph, pf]
-        while len(self._weight_cache) > _WEIGHT_CACHE_ENTRIES:
-            self._weight_cache.popitem(last=False)
-
-        t = time.perf_counter()
-        tail_len = self._tail_length(rendered, len(prompt_ids))
-        whole = concat([p for p in pieces if p.num_tokens])                       # [L, H, prompt, D]
-        assembled = whole.slice(0, len(prompt_ids) - tail_len)
-        tail_ids = torch.tensor(prompt_ids[len(prompt_ids) - tail_len:], dtype=torch.int64)
-        timings["align"] += time.perf_counter() - t
+        pieces, errors = align_and_offset(state, layout, contents, bases, snapshot, self.runner.rope, self.config,
+                                          self._weight_cache, times)
+        with times.stage("align"):
+            tail_len = tail_length(rendered, len(prompt_ids), self.config)
+            whole = concat([p for p in pieces if p.num_tokens])                       # [L, H, prompt, D]
+            assembled = whole.slice(0, len(prompt_ids) - tail_len)
+            tail_ids = torch.tensor(prompt_ids[len(prompt_ids) - tail_len:], dtype=torch.int64)
 
         forecast, chosen = None, torch.empty(0, dtype=torch.int64)
         if snapshot is not None and state.probe is not None:
-            t = time.perf_counter()
-            forecast, chosen = self._plan_correction(mode, state, layout, whole, errors, tail_len)
-            timings["select"] = time.perf_counter() - t
-            if mode == "kvcomm" and forecast.dense and request.transaction is not None:
+            with times.stage("select"):
+                forecast, chosen = plan_correction(mode, state, layout, whole, errors, tail_len, self.runner,
+                                                   self.config)
+            if gated and mode == "kvcomm" and forecast.dense and request.transaction is not None:
                 return self._turn_gate_fallback(request, state, contents, prompt_ids, started, forecast)
 
-        t = time.perf_counter()
-        extra = request.sampling.max_new_tokens + 1
-        if mode in ("cacheblend", "hybrid"):
-            ratio = cfg.blend_recompute_ratio if mode == "cacheblend" else cfg.hybrid_recompute_ratio
-            logits, kv, selected = self.runner.blend_prefill(
-                assembled, torch.tensor(prompt_ids[:assembled.num_tokens]), tail_ids, recompute_ratio=ratio,
-                check_layer=min(cfg.blend_check_layer, self.spec.num_layers - 1),
-                protected_prefix=len(rendered.fixed[0]), extra_capacity=extra)
-            recomputed = tail_len + int(selected.numel())
-        elif chosen.numel():
-            logits, kv, _ = self.runner.recompute_prefill(
-                assembled, torch.tensor(prompt_ids[:assembled.num_tokens]), tail_ids, chosen, extra_capacity=extra)
-            recomputed = tail_len + int(chosen.numel())
-        else:
-            logits, kv = self.runner.prefill(tail_ids, context=assembled, extra_capacity=extra)
-            recomputed = tail_len
-        timings["prefill"] = time.perf_counter() - t
-        return _Prepared(request, kv, logits, prompt_ids, True, "reused", started, timings, recomputed, forecast)
+        with times.stage("prefill"):
+            logits, kv, recomputed = prefill_rest(mode, self.runner, self.config, rendered, assembled, prompt_ids,
+                                                  tail_ids, chosen, request.sampling.max_new_tokens + 1)
+        return PreparedPrompt(request, kv, logits, prompt_ids, True, "reused", started, times.seconds, recomputed,
+                              forecast)
 
-    def _anchor_error(self, anchors: Sequence[Any], estimate: OffsetEstimate | None, consumer: str) -> float:
-        """The mean recorded offset error of the anchors an estimate used (`unknown_anchor_error` where an anchor
-        recorded none, or when there was no estimate at all)."""
-        if estimate is None:
-            return self.config.unknown_anchor_error
-        by_id = {a.anchor_id: a for a in anchors}
-        recorded = [by_id[i].deltas[consumer].offset_error for i in estimate.anchor_ids]
-        known = [self.config.unknown_anchor_error if e is None else e for e in recorded]
-        return sum(known) / len(known)
-
-    def _plan_correction(self, mode: str, state: _AgentState, layout: Any, whole: KVSegment,
-                         errors: Sequence[float | None], tail_len: int) -> tuple[TurnForecast, torch.Tensor]:
-        """For a reused kvcomm/hybrid turn: the cached tokens kvcomm recomputes (query-driven, plus span starts)
-        and the turn gate's forecast for what is left reused (hybrid: for its offsets and tail alone; its
-        CacheBlend selection happens later)."""
-        cfg = self.config
-        length = whole.num_tokens                                    # prompt tokens; the last one is recomputed
-        attention = attention_mass(state.probe, whole.keys[:, :, :length - 1], length - 1, self.runner.rope,
-                                   1.0 / math.sqrt(self.spec.head_dim))                             # [length - 1]
-        begin, end = len(state.rendered.fixed[0]), length - tail_len
-        chosen = torch.empty(0, dtype=torch.int64)
-        if mode == "kvcomm":
-            starts = span_starts(layout, cfg.recompute_span_starts, end) if cfg.recompute_span_starts else ()
-            chosen = select_recompute(attention, begin, end, cfg.recompute_ratio,
-                                      [t for t in starts if t >= begin])
-        forecast = predict_kl(attention, token_errors(layout, errors, length - 1),
-                              torch.cat([chosen, torch.arange(end, length - 1)]), cfg.kl_scale, cfg.gate_max_kl)
-        return forecast, chosen
-
-    def _turn_gate_fallback(self, request: TurnRequest, state: _AgentState, contents: Sequence[SharedContent],
-                            prompt_ids: list[int], started: float, forecast: TurnForecast) -> _Prepared:
+    def _turn_gate_fallback(self, request: TurnRequest, state: AgentState, contents: Sequence[SharedContent],
+                            prompt_ids: list[int], started: float, forecast: TurnForecast) -> PreparedPrompt:
         """The turn gate predicted too high a KL: prefill densely, and let the pool learn from it (every content
         of the turn not yet staged becomes an anchor holding this consumer's deltas)."""
         for name, content in zip(state.rendered.placeholders, contents):
@@ -473,13 +358,7 @@ class KVCommEngine:
         prepared.forecast = forecast
         return prepared
 
-    def _tail_length(self, rendered: RenderedTemplate, prompt_len: int) -> int:
-        """How many trailing prompt tokens are recomputed instead of reused (at least one)."""
-        if self.config.tail_policy == "last_segment" and rendered.placeholders:
-            return max(1, min(len(rendered.fixed[-1]), prompt_len))
-        return 1
-
-    def finish(self, prepared: _Prepared, state: SequenceState, decode_s: float) -> TurnResult:
+    def finish(self, prepared: PreparedPrompt, state: SequenceState, decode_s: float) -> TurnResult:
         gen = result_of(state)
         request = prepared.request
         # A stop string ends the text; the response keeps the tokens wholly before it (and their KV).
@@ -498,7 +377,3 @@ class KVCommEngine:
             prompt_ids=prepared.prompt_ids, ttft_s=gen.ttft_s, total_s=gen.total_s, timings=timings,
             recomputed_tokens=prepared.recomputed, response=response, finish_reason=gen.finish_reason,
             predicted_kl=None if prepared.forecast is None else prepared.forecast.predicted_kl)
-
-
-def _copy(segment: KVSegment) -> KVSegment:
-    return KVSegment(segment.keys.clone(), segment.values.clone(), segment.start)

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from .anchor_pool import AnchorPool
-from .bench import ttft
+from .bench import ttft, ttft_workload
 from .engine import KVCommEngine, TurnRequest
 from .generation import DecodeBatch, Sampling, generate_from_ids
 from .memory_plan import GIB, JobShape, KVBudget, MemoryConfig, plan_for_runner
@@ -160,10 +160,10 @@ def check_fidelity(loaded: LoadedModel, runner: ModelRunner, tokenizer: Any, set
         twin = _fp32_twin(loaded)
         runners["float32"] = ModelRunner(twin.spec, twin.state_dict)
     s = settings.ttft
-    agents = [AgentTemplate(str(k), ttft.system_prompt(k, s.prefix, tokenizer),
+    agents = [AgentTemplate(str(k), ttft_workload.system_prompt(k, s.prefix, tokenizer),
                             "The task is:\n\n{user_question}\n\nCopy the task text above exactly.")
               for k in range(1, 4)]
-    questions = [ttft.random_symbol_ids(tokenizer, s.input, random.Random(f"fidelity:{i}"))
+    questions = [ttft_workload.random_symbol_ids(tokenizer, s.input, random.Random(f"fidelity:{i}"))
                  for i in range(warm + measured)]
     sampling = Sampling(max_new_tokens=4)
     logits: dict[str, dict[str, list[torch.Tensor]]] = {}

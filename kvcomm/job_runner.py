@@ -180,20 +180,26 @@ def share_turn_output(engine: KVCommEngine, namespace: str, agent: AgentSpec, re
     """A finished turn's response (and, for a programming agent, its code's output) as shared contents, each
     offered to the entropy gate under every placeholder name downstream agents read it by."""
     response = result.response or SharedContent("response", (), base=engine.make_input(()).base)
-    for when in ("current", "history"):
-        name = f"agent_{agent.id}_{when}"
-        if name in consumed_names:
-            engine.offer_content(namespace, name, response, txn)
     condition = None
     if agent.condition == "python":
         outcome = run_python(extract_code(result.text))
         text = outcome.stdout if outcome.ok else f"error: {outcome.error}"
         condition = engine.make_input(text.strip()[:2000], kind="condition")
-        for when in ("current", "history"):
-            name = f"condition_{agent.id}_{when}"
-            if name in consumed_names:
-                engine.offer_content(namespace, name, condition, txn)
+    offer_turn_output(engine, namespace, agent.id, response, condition, consumed_names, txn)
     return response, condition
+
+
+def offer_turn_output(engine: KVCommEngine, namespace: str, agent_id: str, response: SharedContent,
+                      condition: SharedContent | None, consumed_names: set[str] | frozenset[str], txn: Any) -> None:
+    """Offer a turn's response (then its condition, if any) to the entropy gate under every placeholder name
+    downstream agents read it by (``agent_<id>_current/_history``, ``condition_<id>_current/_history``)."""
+    for kind, content in (("agent", response), ("condition", condition)):
+        if content is None:
+            continue
+        for when in ("current", "history"):
+            name = f"{kind}_{agent_id}_{when}"
+            if name in consumed_names:
+                engine.offer_content(namespace, name, content, txn)
 
 
 def turn_record(turn: Turn, agent: AgentSpec, result: TurnResult, keep_logits: bool = False) -> TurnRecord:

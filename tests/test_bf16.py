@@ -18,7 +18,8 @@ from actors.transfer import SegmentRef, get_segment
 from kvcomm.anchor_pool import AnchorPool
 from kvcomm.codec import tensor_to_numpy
 from kvcomm.config import KVCommConfig
-from kvcomm.engine import MODES, KVCommEngine, TurnRequest
+from kvcomm.engine import KVCommEngine, TurnRequest
+from kvcomm.names import MODES
 from kvcomm.generation import DecodeBatch, Sampling, generate_from_ids
 from kvcomm.model_loading import LoadedModel, build_hf_model, load_model
 from kvcomm.runner import ModelRunner

@@ -17,7 +17,8 @@ from kvcomm.bench.fidelity import kl_divergence
 from kvcomm.chat import (ChatContent, ChatContents, ChatMessage, ChatRequest, ChatRequestError, ChatTurns,
                          TextStream, chat_placeholder, chat_prompt_ids, chat_template, trims_contents)
 from kvcomm.config import KVCommConfig
-from kvcomm.engine import MODES, TurnRequest
+from kvcomm.engine import TurnRequest
+from kvcomm.names import MODES
 from kvcomm.generation import Sampling, generate_from_ids
 from kvcomm.session import build_engine
 from kvcomm.templates import AgentTemplate, chat_text, render_template

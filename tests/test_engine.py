@@ -6,7 +6,8 @@ import torch
 
 from kvcomm.anchor_pool import AnchorPool
 from kvcomm.config import KVCommConfig
-from kvcomm.engine import MODES, ContextLengthError, KVCommEngine, TurnRequest
+from kvcomm.engine import ContextLengthError, KVCommEngine, TurnRequest
+from kvcomm.names import MODES
 from kvcomm.generation import Sampling
 from kvcomm.kv import KVSegment
 from kvcomm.templates import AgentTemplate, TemplateError

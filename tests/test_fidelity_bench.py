@@ -163,3 +163,59 @@ def test_plot_and_sweep(report, tiny_model, tmp_path):
         assert row["kl_ci95"][0] <= row["kl_mean"] <= row["kl_ci95"][1]
     assert "| 2 |" in anchors.markdown_table(sweep)
     anchors.plot(sweep, str(tmp_path / "sweep.png"))
+
+
+def _tiny_engine(tiny_model):
+    from kvcomm.engine import KVCommEngine
+    from kvcomm.runner import ModelRunner
+    return KVCommEngine(ModelRunner(tiny_model.spec, tiny_model.state_dict), tiny_model.tokenizer)
+
+
+def test_force_reuse_measures_the_reuse_path_of_a_turn_the_gates_send_dense(tiny_model):
+    """What the fidelity benchmark's forced methods rely on: with an empty pool the gates send a kvcomm turn
+    dense (and stage an anchor); `force_reuse=True` assembles it from the cache instead, stages nothing, and is
+    the very turn a prepare without any transaction gives."""
+    from kvcomm.engine import TurnRequest
+    from kvcomm.generation import Sampling
+    engine = _tiny_engine(tiny_model)
+    agent, sampling = _agents()[0], Sampling(max_new_tokens=4)
+    question = engine.make_input(QUESTIONS[0])
+    txn = engine.pool.begin("ns")
+    engine.offer_content("ns", "user_question", question, txn)
+    gated = engine.prepare(TurnRequest(agent, {"user_question": question}, "kvcomm", sampling, "ns", txn))
+    staged = txn.staged_anchor_ids
+    assert not gated.reused and staged, gated.reason         # sent dense, the question staged as an anchor
+    forced = engine.prepare(TurnRequest(agent, {"user_question": question}, "kvcomm", sampling, "ns", txn),
+                            force_reuse=True)
+    assert forced.reused and forced.reason == "reused" and forced.recomputed < len(forced.prompt_ids)
+    assert txn.staged_anchor_ids == staged                    # forced reuse stages nothing
+    plain = engine.prepare(TurnRequest(agent, {"user_question": question}, "kvcomm", sampling, "ns"))
+    assert torch.equal(forced.last_logits, plain.last_logits)
+    engine.pool.abort(txn)
+    for mode, force_dense in (("dense", False), ("dense-prefix", False), ("kvcomm", True)):
+        with pytest.raises(ValueError, match="force_reuse"):
+            engine.prepare(TurnRequest(agent, {"user_question": question}, mode, sampling, "ns",
+                                       force_dense=force_dense), force_reuse=True)
+
+
+def test_the_timing_hook_reports_every_stage_the_turn_result_records(tiny_model):
+    """`engine.stage_listener` hears each stage as it ends; per stage its seconds add up to the turn's timings."""
+    from kvcomm.engine import TurnRequest
+    from kvcomm.generation import Sampling
+    engine = _tiny_engine(tiny_model)
+    heard: list[tuple[str, float]] = []
+    engine.stage_listener = lambda stage, seconds: heard.append((stage, seconds))
+    agent = _agents()[1]
+    contents = {"user_question": engine.make_input(QUESTIONS[1]), "agent_1_current": engine.make_input("12")}
+    for mode, stages in (("naive", {"fetch", "align", "offset", "prefill"}), ("dense", {"prefill"})):
+        heard.clear()
+        result = engine.run_turn(TurnRequest(agent, contents, mode, Sampling(max_new_tokens=2), "ns"))
+        assert set(result.timings) == stages | {"decode"}, mode
+        totals: dict[str, float] = {}
+        for stage, seconds in heard:
+            assert seconds >= 0.0
+            totals[stage] = totals.get(stage, 0.0) + seconds
+        assert set(totals) == (stages - {"offset"} if mode == "naive" else stages), (mode, totals)
+        for stage, seconds in totals.items():
+            assert result.timings[stage] == pytest.approx(seconds), (mode, stage)
+    assert sum(stage == "align" for stage, _ in heard) == 0   # dense has no alignment

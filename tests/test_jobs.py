@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcomm.engine import MODES as ENGINE_MODES
+from kvcomm.names import MODES as ENGINE_MODES
 from kvcomm.harness.job_files import load_jobs
 from kvcomm.harness.jobs import MODES, AgentSpec, GenerationParams, JobSpec, JobSpecError, Turn, derive_edges
 from kvcomm.harness.roles import (CODE, MATH, QA, TASK_KINDS, fully_connected_math_agents, prompt_set,

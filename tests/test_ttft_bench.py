@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcomm.bench import ttft
+from kvcomm.bench import ttft, ttft_workload
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(agents=3, prefix=16, input=32, output=16)
@@ -89,7 +89,7 @@ def test_teacher_forced_response_equals_prefilling_prompt_and_response_together(
     loaded = load_model(tiny_model_dir, random_weights=True)
     runner = ModelRunner(loaded.spec, loaded.state_dict)
     prompt, response = list(range(5, 45)), list(range(100, 112))
-    content = ttft.teacher_forced_response(runner, prompt, response)
+    content = ttft_workload.teacher_forced_response(runner, prompt, response)
     _, whole = runner.prefill(prompt + response)
     expected = whole.segment(len(prompt)).shifted(runner.rope, 0)
     assert content.kind == "response" and content.token_ids == tuple(response) and content.base.start == 0

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.turns import RoutingHint
 from kvcomm.chat import ChatMessage, ChatRequest, ChatRequestError
-from kvcomm.engine import MODES
+from kvcomm.names import MODES
 
 __all__ = ["ChatCompletionRequest", "ChatParams", "ChatRequestError", "chunk_body", "completion_body",
            "kvcomm_body", "new_completion_id", "usage_body"]

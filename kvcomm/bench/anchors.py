@@ -25,7 +25,8 @@ from ..model_loading import LoadedModel
 from ..runner import ModelRunner
 from ..templates import AgentTemplate
 from .fidelity import Setting, setting_from_args
-from .turns import (BENCH_POOL_BYTE_BUDGET, NAMESPACE, apply_threads, bootstrap_ci, dense_cases,
+from .cli import apply_threads, standalone_main
+from .turns import (BENCH_POOL_BYTE_BUDGET, NAMESPACE, bootstrap_ci, dense_cases,
                     engine_for, fmt, kl_divergence, kvcomm_turns, load_checked, load_questions, math_agents,
                     model_arguments, pool_summary, warmer)
 
@@ -169,10 +170,8 @@ def cli_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvcomm.bench.anchors")
-    add_arguments(parser)
-    return cli_main(parser.parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    return standalone_main("anchors", add_arguments, cli_main, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..calibration import Calibration, TurnMeasurement, calibration_dir, fit, model_key
 from . import pareto
-from .turns import apply_threads, fmt
+from .cli import apply_threads
+from .turns import fmt
 
 DEFAULTS = pareto.Setting(questions=24, warmup=15, lines=(0, 500), methods=("kvcomm",))
 

@@ -1,7 +1,8 @@
 """`kvcomm bench fidelity`: how close each reuse method's cache is to dense prefill, on identical tokens.
 
 This module owns the fidelity benchmark (issues #3, #16): the per-turn comparison of every method against dense
-prefill of the identical tokens, the report (a JSON-able dict), its markdown table and plot. It owns no algorithm:
+prefill of the identical tokens and the report (a JSON-able dict); its methods and `Setting` are
+`kvcomm.bench.fidelity_setting`, its tables and plot `kvcomm.bench.fidelity_report`. It owns no algorithm:
 every method is the engine's own code path, except "naive-other" and the two diagnostic splices
 (`kvcomm.bench.splices`). The GSM8K setting (questions, agents, fixed dense responses, warm-up, gate traces,
 metrics) is `kvcomm.bench.turns`'; the anchor sweep is `kvcomm.bench.anchors`. Entry points: `add_arguments` /
@@ -40,8 +41,8 @@ diag-exact-fixed    diagnostic: base placeholders, the fixed segments taken from
                     recomputed (what perfect fixed-segment offsets would give)
 ==================  =================================================================================
 
-Forced reuse and the gates. kvcomm and hybrid turns are prepared with ``transaction=None``: `_needs_dense` then
-returns at once and `_reuse` runs with whatever the pool snapshot offers, and the turn gate never falls back. The
+Forced reuse and the gates. kvcomm and hybrid turns are prepared with ``engine.prepare(request, force_reuse=True)``:
+both gates are held open and the turn is assembled from whatever the pool snapshot offers. The
 gates' own decisions are traced separately, exactly as a job would take them (`turns.kvcomm_turns`); for the traced
 methods the report gives the reuse rate, the KL on the turns the gates let through, and the "served" KL and top-1
 agreement (a turn sent dense counts as KL 0 and agreeing: what a user of that config gets).
@@ -61,7 +62,6 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -75,55 +75,17 @@ from ..generation import Sampling
 from ..model_loading import LoadedModel
 from ..runner import ModelRunner, SequenceKV
 from ..templates import AgentTemplate
+from .cli import apply_threads, standalone_main
 from .splices import (offset_diagnostics, oracle_fixed, oracle_placeholders, other_context_sources, prepare_spliced,
                       relative_errors, token_groups)
-from .turns import (BENCH_POOL_BYTE_BUDGET, DEFAULT_DATA, NAMESPACE, WARMUP_DETAIL, WARMUP_MODES, Case, GateTrace,
-                    PreparedTurn, apply_threads, as_turn, bootstrap_ci, dense_cases, engine_for, fmt,
+from .turns import (BENCH_POOL_BYTE_BUDGET, NAMESPACE, WARMUP_DETAIL, Case, GateTrace,
+                    PreparedTurn, as_turn, bootstrap_ci, dense_cases, engine_for,
                     greedy_continuations, kl_divergence, kvcomm_turns, load_checked, load_questions, math_agents,
                     matching_prefix, model_arguments, parse_lines, pool_summary, timed_prepare, top_margin,
                     warmer)
-
-
-METHODS = ("dense", "base-only", "base-only+tail", "naive-other", "kvcomm-reference", "kvcomm-corrected-lasttoken",
-           "kvcomm-corrected", "kvcomm-calibrated", "cacheblend", "hybrid", "diag-exact-placeholders",
-           "diag-exact-fixed")
-# method -> the `_Engines` field that prepares it; each engine's pool is "reference", "corrected" or "calibrated"
-POOL_METHODS = {"kvcomm-reference": "reference", "kvcomm-corrected-lasttoken": "corrected_lasttoken",
-                "kvcomm-corrected": "corrected", "kvcomm-calibrated": "calibrated", "hybrid": "corrected"}
-GATE_TRACED = {"kvcomm-reference": "reference", "kvcomm-corrected": "corrected",
-               "kvcomm-calibrated": "calibrated"}   # method -> pool whose gate decisions it traces
-POOLS = ("reference", "corrected", "calibrated")
-ERROR_GROUPS = ("span", "placeholders", "question", "responses", "fixed")
-CONFIDENT_MARGIN = 0.1           # dense top-1 minus top-2 probability for a turn to count as confident
-PROBE = {"base-only": {"kl": 0.230, "top1": (35, 48), "greedy_exact": (18, 48)},
-         "kvcomm-reference": {"kl": 0.054, "top1": (38, 48), "greedy_exact": (20, 48)}}
-
-
-@dataclass(frozen=True)
-class Setting:
-    """What one run measures. `questions` x `agents` turns are measured; `warmup` other questions warm the pools."""
-    questions: int = 12
-    warmup: int = 15
-    agents: int = 3
-    response_tokens: int = 64           # budget of each upstream response (greedy, stops at EOS)
-    continuation_tokens: int = 32       # greedy tokens compared with dense's
-    methods: tuple[str, ...] = METHODS
-    seed: int = 0                       # question order and bootstrap
-    bootstrap: int = 2000
-    data: str = DEFAULT_DATA
-    warmup_mode: str = "jobs"           # "jobs": run_job in kvcomm mode; "replay": the fixed dense responses
-    lines: tuple[int, int] | None = None  # draw questions only from these 0-based lines of `data` (a split)
-    calibration: str = "auto"           # kvcomm-calibrated's calibration (KVCommConfig.calibration)
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(METHODS)}")
-        if self.warmup_mode not in WARMUP_MODES:
-            raise ValueError(f"warmup_mode must be one of {', '.join(WARMUP_MODES)}, got {self.warmup_mode!r}")
-        if self.questions < 1 or self.warmup < 0 or self.agents < 1:
-            raise ValueError(f"need questions >= 1, warmup >= 0, agents >= 1; got {self.questions}, "
-                             f"{self.warmup}, {self.agents}")
+from .fidelity_report import markdown_table, plot
+from .fidelity_setting import (CONFIDENT_MARGIN, ERROR_GROUPS, GATE_TRACED, METHODS, POOL_METHODS, POOLS, PROBE,
+                               Setting)
 
 
 @dataclass
@@ -376,107 +338,6 @@ def run(model: str = "smollm2-135m-instruct", *, setting: Setting | None = None,
     }
 
 
-def markdown_table(report: dict[str, Any]) -> str:
-    """The fidelity report as markdown: one row per method, then the gate, the pools and the setting."""
-    turns = report["turns"]
-    budget = report["setting"]["continuation_tokens"]
-    lines = [
-        f"{turns} turns ({report['setting']['questions']} questions x {len(report['agents'])} agents), "
-        f"{report['setting']['warmup']} warm-up questions; prompts {report['prompt_tokens']['min']}-"
-        f"{report['prompt_tokens']['max']} tokens, shared {report['shared_tokens']['min']}-"
-        f"{report['shared_tokens']['max']} tokens; {report['model']}, {report['dtype']}, {report['device']}.",
-        "",
-        f"| method | KL(dense‖m) mean [95% CI] | top-1 agree | confident (margin ≥ {CONFIDENT_MARGIN}) | "
-        f"greedy {budget}: exact / mean prefix | prepare ms | offset ms | recomputed tokens |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for method, m in report["methods"].items():
-        lo, hi = m["kl_ci95"]
-        lines.append(
-            f"| {method} | {m['kl_mean']:.3f} [{fmt(lo)}, {fmt(hi)}] | {m['top1_agree']}/{m['turns']} | "
-            f"{m['confident_agree']}/{m['confident_turns']} | {m['greedy_exact']}/{m['turns']} / "
-            f"{m['greedy_match_mean']:.1f} | {m['prepare_ms_mean']:.0f} | {fmt(m['offset_ms_mean'], '.1f')} | "
-            f"{m['recomputed_tokens_mean']:.1f} |")
-    lines += ["", "Relative error vs dense, mean over layers (and at the last layer), by token group:", "",
-              "| method | K span | V span | V span, last layer | V question | V responses | V fixed segments |",
-              "|---|---|---|---|---|---|---|"]
-    for method, m in report["methods"].items():
-        last_v = m["span_rel_err_v"][-1] if "span_rel_err_v" in m else None
-        lines.append(
-            f"| {method} | {fmt(m.get('span_rel_err_k_mean'))} | {fmt(m.get('span_rel_err_v_mean'))} | "
-            f"{fmt(last_v)} | {fmt(m.get('question_rel_err_v_mean'))} | "
-            f"{fmt(m.get('responses_rel_err_v_mean'))} | {fmt(m.get('fixed_rel_err_v_mean'))} |")
-    agent_ids = list(next(iter(report["methods"].values()))["by_agent"])
-    lines += ["", "By agent (agent 1 reads only the question): KL mean, top-1 agreement:", "",
-              "| method | " + " | ".join(f"agent {a}" for a in agent_ids) + " |",
-              "|---|" + "---|" * len(agent_ids)]
-    for method, m in report["methods"].items():
-        cells = [f"{m['by_agent'][a]['kl_mean']:.3f}, {m['by_agent'][a]['top1_agree']}/{m['by_agent'][a]['turns']}"
-                 for a in agent_ids]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    probe = report.get("probe", {})
-    if probe:
-        lines += ["", "The probe (fidelity-probe.md; 48 turns of agents 2-3, its own prompts): " + "; ".join(
-            f"{name} KL {p['kl']:.3f}, top-1 {p['top1'][0]}/{p['top1'][1]}, greedy exact {p['greedy_exact'][0]}/"
-            f"{p['greedy_exact'][1]}" for name, p in probe.items()) + "."]
-    lines += ["", f"Dense prefill (oracle) mean {report['dense_prepare_ms_mean']:.0f} ms.", "",
-              "| pool | gate reuse rate on measured turns | KL on gate-reused turns | served KL [95% CI] | "
-              "served top-1 | gate reasons | predicted KL mean (Spearman vs measured) | warm-up reuse | "
-              "anchors per placeholder | pool MB | placeholders with offsets | compatible / effective anchors |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for method, pool_name in GATE_TRACED.items():
-        if method not in report["methods"]:
-            continue
-        m, pool, warm, off = (report["methods"][method], report["pools"][pool_name], report["warmup"][pool_name],
-                              report["offsets"][pool_name])
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(m["gate_reasons"].items()))
-        anchors = ", ".join(f"{k} {v}" for k, v in pool["anchors"].items())
-        lo, hi = m["served_kl_ci95"]
-        predicted = (f"{m['predicted_kl_mean']:.3f} ({m['predicted_kl_spearman']:+.2f})"
-                     if "predicted_kl_mean" in m else "-")
-        lines.append(
-            f"| {pool_name} | {m['gate_reuse_rate']:.0%} | {fmt(m['kl_mean_gate_reused'])} | "
-            f"{m['served_kl_mean']:.3f} [{fmt(lo)}, {fmt(hi)}] | {m['served_top1_agree']}/{m['turns']} | "
-            f"{reasons} | {predicted} | "
-            f"{warm['reused']}/{warm['turns']} | {anchors} | {pool['bytes'] / 2**20:.0f} | "
-            f"{off['with_offsets']}/{off['placeholders']} | {off['compatible_mean']:.1f} / "
-            f"{off['effective_mean']:.1f} |")
-    return "\n".join(lines)
-
-
-def plot(report: dict[str, Any], path: str) -> None:
-    """Per-layer relative V and K error over the reused span, per method, and KL with its CI."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax_v, ax_k, ax_kl) = plt.subplots(1, 3, figsize=(17, 4.8))
-    for method, m in report["methods"].items():
-        if "span_rel_err_v" not in m or method == "dense":
-            continue
-        ax_v.plot(m["span_rel_err_v"], label=method)
-        ax_k.plot(m["span_rel_err_k"], label=method)
-    for ax, what in ((ax_v, "V"), (ax_k, "K")):
-        ax.set_xlabel("layer")
-        ax.set_ylabel(f"relative {what} error vs dense")
-        ax.set_title(f"{what} error over the reused span")
-        ax.grid(alpha=0.3)
-    handles, labels = ax_v.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=8)
-    names = [n for n in report["methods"] if n != "dense"]
-    means = [report["methods"][n]["kl_mean"] for n in names]
-    errs = [[m - report["methods"][n]["kl_ci95"][0] for n, m in zip(names, means)],
-            [report["methods"][n]["kl_ci95"][1] - m for n, m in zip(names, means)]]
-    ax_kl.bar(range(len(names)), means, yerr=errs, capsize=4)
-    ax_kl.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax_kl.set_ylabel("KL(dense ‖ method), mean, 95% CI")
-    ax_kl.set_title(f"next-token KL over {report['turns']} turns")
-    ax_kl.grid(alpha=0.3, axis="y")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `kvcomm bench fidelity`."""
     model_arguments(parser, Setting)
@@ -508,10 +369,8 @@ def cli_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvcomm.bench.fidelity")
-    add_arguments(parser)
-    return cli_main(parser.parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    return standalone_main("fidelity", add_arguments, cli_main, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

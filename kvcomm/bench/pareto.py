@@ -44,7 +44,8 @@ from ..generation import Sampling
 from ..model_loading import LoadedModel
 from ..runner import ModelRunner
 from ..templates import AgentTemplate
-from .turns import (BENCH_POOL_BYTE_BUDGET, DEFAULT_DATA, NAMESPACE, WARMUP_MODES, apply_threads, bootstrap_ci,
+from .cli import apply_threads
+from .turns import (BENCH_POOL_BYTE_BUDGET, DEFAULT_DATA, NAMESPACE, WARMUP_MODES, bootstrap_ci,
                     dense_cases, fmt, kl_divergence, kvcomm_turns, load_checked, load_questions, math_agents,
                     model_arguments, parse_lines, pool_summary, timed_prepare, warmer)
 
@@ -148,7 +149,7 @@ def measure(model: str, setting: Setting, *, agents: Sequence[AgentTemplate] | N
             shift = len(rows) % len(chosen)
             for variant in chosen[shift:] + chosen[:shift]:
                 prepared, seconds = timed_prepare(engines[variant.name], TurnRequest(
-                    agent, contents, variant.mode, sampling, NAMESPACE))
+                    agent, contents, variant.mode, sampling, NAMESPACE), force_reuse=True)
                 logits = prepared.last_logits[-1].float()
                 row["variants"][variant.name] = {
                     "kl": kl_divergence(dense_logits, logits),

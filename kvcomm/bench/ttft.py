@@ -1,8 +1,8 @@
 """`kvcomm bench ttft`: time to first token per agent and serving mode, the paper's Tables 2 and 3.
 
-This module owns the TTFT benchmark: the synthetic CopyMachine job, the measurement loop, its report (JSON-able
-dict), the markdown table, the plot, and the command-line entry point (`add_arguments` / `cli_main`, also
-runnable as ``python -m kvcomm.bench.ttft``; `scripts/gpu_bench.sh` runs it on a GPU).
+This module owns the TTFT benchmark's measurement loop, its report (a JSON-able dict) and the command-line entry
+point (`add_arguments` / `cli_main`, also ``python -m kvcomm.bench.ttft``; `scripts/gpu_bench.sh` runs it on a
+GPU). The synthetic CopyMachine job is `kvcomm.bench.ttft_workload`; the tables and plot `kvcomm.bench.ttft_report`.
 
 The setting (kvcomm-algorithm.md section 4, the reference's ``experiments/benchmark_TTFT.py``):
 
@@ -33,38 +33,33 @@ medians against dense and dense-prefix measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ..anchor_pool import AnchorPool
 from ..config import KVCommConfig
-from ..engine import MODES, KVCommEngine, SharedContent, TurnRequest
+from ..engine import KVCommEngine, SharedContent, TurnRequest
+from ..names import MODES, POOL_MODES
 from ..generation import DecodeBatch, Sampling
-from ..kv import KVSegment
 from ..model_loading import load_model
-from ..runner import ForwardRequest, ModelRunner, SequenceKV
-from ..templates import AgentTemplate
+from ..runner import ModelRunner, SequenceKV
+from . import write_json_report
+from .cli import model_options, standalone_main
+from .ttft_report import GOALS, SPLIT_KEYS, markdown_table, plot
+from .ttft_workload import token_ids_of, copy_machine_template, random_symbol_ids, teacher_forced_response
 
 DEFAULT_MODES = MODES
-POOL_MODES = ("kvcomm", "hybrid")
-SPLIT_KEYS = ("fetch", "align", "offset", "prefill")
 NAMESPACE = "ttft-bench"
-# one-token symbols in the embedded SmolLM2 tokenizer: each agent's system-prompt filler uses its own
-FILLER_SYMBOLS = ("α", "β", "γ", "δ", "λ", "μ", "π", "σ")
-CONTENT_SYMBOLS = ("Δ", "Ω")      # the reference's random input alphabet
 # Table 3 (3 agents, prefix x output): the paper's grid, and the subset that fits a CPU run (~10 min, SmolLM2)
 PAPER_GRID = {"prefixes": (64, 256, 512, 1024), "outputs": (128, 256, 512, 1024)}
 CPU_GRID = {"prefixes": (64, 512), "outputs": (128, 512)}
-GOALS = {"vs_dense": 10.0, "vs_dense_prefix": 4.0}   # agent N, kvcomm, on CPU with the embedded model
 # The byte bound must not evict the warm-up anchors: Llama-3.1-8B bf16 needs ~3.3 GiB for the 5-agent job
 BENCH_POOL_BYTE_BUDGET = 16 << 30
 
@@ -101,63 +96,6 @@ class SampleMeasurement:
     input_prefill_s: float
     gate_s: float
     turns: list[TurnMeasurement] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the synthetic job
-# ------------------------------------------------------------------------------------------------------------
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def system_prompt(agent: int, prefix_tokens: int, tokenizer: Any) -> str:
-    """Agent `agent`'s system prompt: a role line plus filler symbols, sized to ~`prefix_tokens` tokens."""
-    role = f"You are agent {agent}, a copy machine. Copy the task text exactly."
-    symbol = " " + FILLER_SYMBOLS[(agent - 1) % len(FILLER_SYMBOLS)]
-    count = max(0, prefix_tokens - len(_encode(tokenizer, role)))
-    for _ in range(4):   # symbols are one token each; a merge at the boundary is corrected here
-        text = role + symbol * count
-        missing = prefix_tokens - len(_encode(tokenizer, text))
-        if missing == 0 or count + missing < 0:
-            break
-        count += missing
-    return role + symbol * count
-
-
-def copy_machine_template(agent: int, prefix_tokens: int, tokenizer: Any) -> AgentTemplate:
-    """Agent k of the fully connected CopyMachine job: reads the input and agents 1..k-1's responses."""
-    parts = ["The task is:\n\n{user_question}\n\n"]
-    for upstream in range(1, agent):
-        parts.append(f"Agent {upstream} as a copy machine answered:\n\n{{agent_{upstream}_current}}\n\n"
-                     f"That was agent {upstream}'s answer.\n\n")
-    parts.append("Copy the task text above exactly, symbol by symbol.")
-    return AgentTemplate(str(agent), system_prompt(agent, prefix_tokens, tokenizer), "".join(parts))
-
-
-def random_symbol_ids(tokenizer: Any, num_tokens: int, rng: random.Random) -> tuple[int, ...]:
-    """Exactly `num_tokens` token ids of random space-separated Delta/Omega symbols (each symbol >= 1 token)."""
-    text = "".join(" " + rng.choice(CONTENT_SYMBOLS) for _ in range(num_tokens))
-    return tuple(_encode(tokenizer, text)[:num_tokens])
-
-
-def teacher_forced_response(runner: ModelRunner, prompt_ids: Sequence[int], response_ids: Sequence[int],
-                            prompt_kv: SequenceKV | None = None) -> SharedContent:
-    """A response's shared content as a decode would have left it: the producer's own KV for `response_ids`.
-
-    `prompt_kv` is the producer's exact prompt KV (a dense prefill, positions 0..P-1), extended in place; without
-    it the prompt is prefilled here. The response tokens are prefilled after it (causal attention: the same KV a
-    token-by-token decode computes), then copied out and de-rotated to start at position 0.
-    """
-    prompt_len, response_len = len(prompt_ids), len(response_ids)
-    if prompt_kv is None:
-        _, prompt_kv = runner.prefill(list(prompt_ids), extra_capacity=response_len)
-    if prompt_kv.start != 0 or prompt_kv.length != prompt_len:
-        raise ValueError(f"prompt KV holds {prompt_kv.length} tokens from position {prompt_kv.start}; expected "
-                         f"the {prompt_len}-token prompt from position 0")
-    runner.forward([ForwardRequest(prompt_kv, torch.tensor(list(response_ids), dtype=torch.int64))])
-    produced = prompt_kv.segment(prompt_len, prompt_len + response_len)   # [L, Hkv, response_len, D] at P..
-    base = KVSegment(produced.keys.clone(), produced.values.clone(), produced.start).shifted(runner.rope, 0)
-    return SharedContent(kind="response", token_ids=tuple(int(t) for t in response_ids), base=base)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -200,7 +138,7 @@ class TTFTBench:
             lengths.update({f"agent_{j}_current": self.setting.output for j in range(1, k)})
             layout = rendered.layout([lengths[p] for p in rendered.placeholders])
             rows.append({"agent": k, "prompt_tokens": layout.length, "leading_fixed_tokens": len(rendered.fixed[0]),
-                         "system_prompt_tokens": len(_encode(self.tokenizer, template.system_prompt)),
+                         "system_prompt_tokens": len(token_ids_of(self.tokenizer, template.system_prompt)),
                          "placeholders": len(rendered.placeholders)})
         return rows
 
@@ -460,150 +398,14 @@ def run_grid(agents: int = 3, prefixes: Sequence[int] = PAPER_GRID["prefixes"],
 
 
 # ------------------------------------------------------------------------------------------------------------
-# presentation
-# ------------------------------------------------------------------------------------------------------------
-def _fmt_ms(value: float | None) -> str:
-    return "-" if value is None else (f"{value:.0f}" if value >= 100 else f"{value:.1f}")
-
-
-def _fmt_x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}x"
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    """The report as markdown: TTFT per agent and mode (speedups vs dense / dense-prefix), the reuse split."""
-    if report.get("benchmark") == "ttft-grid":
-        return grid_markdown_table(report)
-    modes = report["setting"]["modes"]
-    lines = ["| agent | prompt tokens | " + " | ".join(f"{m} ms" for m in modes) + " |",
-             "|---|---|" + "---|" * len(modes)]
-    for a in report["agents"]:
-        cells = []
-        for m in modes:
-            e = a["modes"][m]
-            extra = ""
-            if m != "dense" and e.get("speedup_vs_dense"):
-                extra = f" ({_fmt_x(e['speedup_vs_dense'])}"
-                extra += f" / {_fmt_x(e['speedup_vs_dense_prefix'])})" if e.get("speedup_vs_dense_prefix") else ")"
-            cells.append(_fmt_ms(e["ttft_ms"]) + extra)
-        lines.append(f"| {a['agent']} | {a['prompt_tokens']} | " + " | ".join(cells) + " |")
-    first = report["agents"][0]["modes"]
-    with_input = [m for m in modes if "ttft_with_input_prefill_ms" in first[m]]
-    if with_input:
-        cells = []
-        for m in modes:
-            e = first[m]
-            if m in with_input:
-                cells.append(f"{_fmt_ms(e['ttft_with_input_prefill_ms'])} "
-                             f"({_fmt_x(e.get('speedup_vs_dense_with_input_prefill'))})")
-            else:
-                cells.append(_fmt_ms(e["ttft_ms"]))
-        lines.append(f"| 1 + input prefill | {report['agents'][0]['prompt_tokens']} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Cells: median TTFT in ms (speedup vs dense / vs dense-prefix, same run). Isolated user-input "
-                 f"prefill (once per question): {_fmt_ms(report['input_prefill_ms'])} ms.")
-    split_modes = [m for m in modes if m in POOL_MODES]
-    if split_modes:
-        lines += ["", "| agent | mode | fetch ms | align ms | offset ms | tail prefill ms | other ms | reused |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for a in report["agents"]:
-            for m in split_modes:
-                e = a["modes"][m]
-                s = e["split_ms"]
-                lines.append(f"| {a['agent']} | {m} | " + " | ".join(_fmt_ms(s[k]) for k in (*SPLIT_KEYS, "other"))
-                             + f" | {e['reuse_rate']:.0%} |")
-    goals = report.get("goals")
-    if goals:
-        lines.append("")
-        parts = [f"{name.replace('_', ' ')} >= {g['target']:.0f}x: {_fmt_x(g['measured'])} "
-                 f"({'met' if g['met'] else 'missed'})" for name, g in goals.items() if isinstance(g, dict)]
-        lines.append(f"Goals, agent {goals['agent']} {goals['mode']}: " + "; ".join(parts) + ".")
-    return "\n".join(lines)
-
-
-def grid_markdown_table(report: dict[str, Any]) -> str:
-    """Table 3: the last agent's kvcomm speedup vs dense / vs dense-prefix, prefix (rows) x output (columns)."""
-    cells = {(c["prefix"], c["output"]): c for c in report["cells"]}
-    outputs = report["outputs"]
-    lines = ["| prefix \\ output | " + " | ".join(str(o) for o in outputs) + " |", "|---|" + "---|" * len(outputs)]
-    for p in report["prefixes"]:
-        row = []
-        for o in outputs:
-            c = cells.get((p, o))
-            e = (c or {}).get("modes", {}).get("kvcomm", {})
-            row.append("-" if not e else f"{_fmt_x(e.get('speedup_vs_dense'))} / "
-                                         f"{_fmt_x(e.get('speedup_vs_dense_prefix'))} ({_fmt_ms(e.get('ttft_ms'))} ms)")
-        lines.append(f"| {p} | " + " | ".join(row) + " |")
-    lines += ["", f"Agent {report['agents']} kvcomm: speedup vs dense / vs dense-prefix (kvcomm median TTFT); "
-                  f"input {report['input']} tokens, {report['samples']} sample(s) per cell."]
-    return "\n".join(lines)
-
-
-def plot(report: dict[str, Any], png_path: str | Path) -> Path:
-    """TTFT per agent per mode (log scale) and the reuse modes' speedups vs dense and dense-prefix."""
-    from matplotlib.figure import Figure   # no pyplot: no global backend state
-    from matplotlib.ticker import ScalarFormatter
-
-    modes = report["setting"]["modes"]
-    agents = [a["agent"] for a in report["agents"]]
-    fig = Figure(figsize=(13, 5), dpi=110)
-    ax_ttft, ax_speed = fig.subplots(1, 2)
-    width = 0.8 / len(modes)
-    for i, m in enumerate(modes):
-        ys = [a["modes"][m]["ttft_ms"] or float("nan") for a in report["agents"]]
-        ax_ttft.bar([x + (i - (len(modes) - 1) / 2) * width for x in agents], ys, width, label=m)
-    ax_ttft.set_yscale("log")
-    ax_ttft.yaxis.set_major_formatter(ScalarFormatter())
-    ax_ttft.set_xticks(agents)
-    ax_ttft.set_xlabel("agent")
-    ax_ttft.set_ylabel("median TTFT (ms, log scale)")
-    ax_ttft.set_title("TTFT per agent and mode")
-    ax_ttft.legend(fontsize=8)
-    ax_ttft.grid(axis="y", which="both", alpha=0.3)
-
-    reuse_modes = [m for m in modes if m not in ("dense", "dense-prefix")]
-    series = [(m, "speedup_vs_dense", "vs dense", None) for m in reuse_modes]
-    if "dense-prefix" in modes:
-        series += [(m, "speedup_vs_dense_prefix", "vs dense-prefix", "//") for m in reuse_modes]
-    width = 0.8 / max(1, len(series))
-    colors = {m: f"C{modes.index(m)}" for m in modes}
-    for i, (m, key, label, hatch) in enumerate(series):
-        ys = [a["modes"][m].get(key) or float("nan") for a in report["agents"]]
-        ax_speed.bar([x + (i - (len(series) - 1) / 2) * width for x in agents], ys, width, color=colors[m],
-                     hatch=hatch, edgecolor="black", linewidth=0.3, label=f"{m} {label}")
-    for name, target in GOALS.items():
-        ax_speed.axhline(target, color="gray", linestyle="--" if name == "vs_dense" else ":", linewidth=0.8)
-    ax_speed.set_yscale("log")
-    ax_speed.yaxis.set_major_formatter(ScalarFormatter())
-    ax_speed.yaxis.set_minor_formatter(ScalarFormatter())
-    ax_speed.set_xticks(agents)
-    ax_speed.set_xlabel("agent")
-    ax_speed.set_ylabel("speedup (x, log scale)")
-    ax_speed.set_title("speedup vs dense (plain) and dense-prefix (hatched)")
-    ax_speed.legend(fontsize=7, ncol=2)
-    ax_speed.grid(axis="y", which="both", alpha=0.3)
-    s = report["setting"]
-    model = str(report.get("model", "")).split(" (")[0]   # the label, without a local path
-    fig.suptitle(f"{model} on {report['device']} ({report['dtype']}): {s['agents']} agents, "
-                 f"prefix {s['prefix']}, input {s['input']}, output {s['output']} (teacher-forced), "
-                 f"{s['samples']} samples", fontsize=9)
-    fig.tight_layout()
-    path = Path(png_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------------------
 def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, model_args: bool = True) -> None:
-    """The `kvcomm bench ttft` options. `model_args=False` when the caller already added --model,
-    --random-weights, --device, --dtype and --threads (cluster.cli's `_model_args`)."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `kvcomm bench ttft` options."""
     parser.add_argument("--agents", type=int, default=None, help="agents in the job (default 5; 3 with --grid)")
     parser.add_argument("--prefix", type=int, default=512, help="system prompt tokens per agent")
     parser.add_argument("--input", type=int, default=1024, help="user input tokens")
@@ -621,14 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, model_args: bool = True) -
     parser.add_argument("--json", default=None, help="write the report here")
     parser.add_argument("--plot", default=None, help="write the TTFT/speedup figure here (PNG; not for --grid)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    if model_args:
-        parser.add_argument("--model", default="smollm2-135m-instruct",
-                            help="embedded name, HF checkpoint dir, .gguf file, or preset (with --random-weights)")
-        parser.add_argument("--random-weights", action="store_true", help="random weights for a preset")
-        parser.add_argument("--device", default="cpu")
-        parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 on CPU, "
-                                                         "bf16 on GPU)")
-        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    model_options(parser, threads_help="torch CPU threads (default 2)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -649,20 +444,14 @@ def cli_main(args: argparse.Namespace) -> int:
                      modes=tuple(args.modes.split(",")) if args.modes else DEFAULT_MODES,
                      samples=args.samples or 3, warmup=args.warmup, **common)
     print(markdown_table(report))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=str))
-        print(f"wrote {path}", file=sys.stderr)
+    write_json_report(args.json, report)
     if args.plot and not args.grid:
         print(f"wrote {plot(report, args.plot)}", file=sys.stderr)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvcomm.bench.ttft", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return cli_main(parser.parse_args(argv))
+    return standalone_main("ttft", add_arguments, cli_main, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -18,26 +18,24 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from ..anchor_pool import AnchorPool
 from ..config import KVCommConfig
-from ..engine import KVCommEngine, SharedContent, TurnRequest
+from ..engine import KVCommEngine, PreparedPrompt, SharedContent, TurnRequest
+from ..names import POOL_MODES
 from ..generation import DecodeBatch, Sampling
 from ..harness.datasets import DEFAULT_GSM8K_PATH
 from ..model_loading import LoadedModel, load_model
 from ..runner import ModelRunner, SequenceKV
 from ..templates import AgentTemplate
-
-if TYPE_CHECKING:
-    from ..engine import _Prepared   # what `KVCommEngine.prepare` returns
+from .cli import model_options
 
 DEFAULT_DATA = DEFAULT_GSM8K_PATH
 NAMESPACE = "fidelity-bench"
-POOL_MODES = ("kvcomm", "hybrid")   # engine modes with an offset step
 # The pool's byte bound must not evict what the count bound V keeps: the benchmarks measure V alone.
 BENCH_POOL_BYTE_BUDGET = 64 << 30
 WARMUP_MODES = ("jobs", "replay")
@@ -209,13 +207,15 @@ class PreparedTurn:
     predicted_kl: float | None = None   # the turn gate's forecast (kvcomm and hybrid turns)
 
 
-def timed_prepare(engine: KVCommEngine, request: TurnRequest) -> tuple["_Prepared", float]:
+def timed_prepare(engine: KVCommEngine, request: TurnRequest, *, force_reuse: bool = False
+                  ) -> tuple[PreparedPrompt, float]:
+    """`engine.prepare(request)` and its wall seconds (`force_reuse`: both gates held open)."""
     started = time.perf_counter()
-    prepared = engine.prepare(request)
+    prepared = engine.prepare(request, force_reuse=force_reuse)
     return prepared, time.perf_counter() - started
 
 
-def as_turn(prepared: "_Prepared", seconds: float) -> PreparedTurn:
+def as_turn(prepared: PreparedPrompt, seconds: float) -> PreparedTurn:
     has_offsets = prepared.reused and prepared.request.mode in POOL_MODES
     offset = prepared.timings.get("offset") if has_offsets else None
     predicted = None if prepared.forecast is None else prepared.forecast.predicted_kl
@@ -245,14 +245,16 @@ def kvcomm_turns(engine: KVCommEngine, agents: Sequence[AgentTemplate], case: Ca
     traces = []
     for agent in agents:
         names = agent.placeholders()
-        prepared, seconds = timed_prepare(engine, TurnRequest(
-            agent, {n: gated[n] for n in names}, mode=mode, sampling=sampling, namespace=NAMESPACE,
-            transaction=txn))
-        reused, reason = (prepared.reused, prepared.reason) if txn is not None else (None, None)
-        if not prepared.reused:   # the gate sent it dense: measure the reuse path anyway
+        reused = reason = None
+        if txn is not None:      # the engine's own decision, as a job would take it
             prepared, seconds = timed_prepare(engine, TurnRequest(
-                agent, {n: case.contents[n] for n in names}, mode=mode, sampling=sampling, namespace=NAMESPACE,
-                transaction=None))
+                agent, {n: gated[n] for n in names}, mode=mode, sampling=sampling, namespace=NAMESPACE,
+                transaction=txn))
+            reused, reason = prepared.reused, prepared.reason
+        if txn is None or not prepared.reused:   # sent dense (or not traced): measure the reuse path anyway
+            prepared, seconds = timed_prepare(engine, TurnRequest(
+                agent, {n: case.contents[n] for n in names}, mode=mode, sampling=sampling, namespace=NAMESPACE),
+                force_reuse=True)
         traces.append(GateTrace(reused, reason, as_turn(prepared, seconds)))
         if response_name(agent) in consumed and txn is not None:
             engine.offer_content(NAMESPACE, response_name(agent), gated[response_name(agent)], txn)
@@ -332,10 +334,7 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
 def model_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
     """The options every GSM8K benchmark shares; `defaults` (the benchmark's setting) gives questions, warm-up,
     agents, token budgets and seed their defaults."""
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="default: fp32 on CPU")
+    model_options(parser)
     parser.add_argument("--questions", type=int, default=defaults.questions, help="measured questions")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up questions (disjoint)")
     parser.add_argument("--warmup-mode", choices=WARMUP_MODES, default=defaults.warmup_mode)
@@ -349,13 +348,4 @@ def model_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
                              "(END exclusive): a split, e.g. 0:500 to tune, 500:1000 held out")
     parser.add_argument("--json", default=None, help="write the report here")
     parser.add_argument("--plot", default=None, help="write a PNG here")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (on a CPU shared with other jobs, 1 is often fastest)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def apply_threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-
-
