@@ -105,6 +105,9 @@ class ClusterConfig(BaseModel):
     # --- caches and the anchor pool actor ---
     anchor_cache_bytes: int = Field(DEFAULT_ANCHOR_CACHE_BYTES, ge=0)  # fetched anchor tensors cached per worker
                                                       # (LRU); unset: derived from the model (`budgets`)
+    anchor_device_cache_bytes: int | None = Field(None, ge=0)  # on an accelerator: device copies of cached anchor
+                                                      # parts (their own LRU; the anchor cache itself is pinned host
+                                                      # memory there); unset: anchor_cache_bytes
     content_cache_bytes: int = Field(256 << 20, ge=0) # shared contents' base KV cached per worker (LRU)
     pool_actor_name: str = "kvcomm-anchor-pool"
     ray_namespace: str = "kvcomm"
@@ -167,7 +170,11 @@ class ClusterConfig(BaseModel):
                 else max(KVCommConfig().pool_byte_budget, POOL_QUESTIONS * question))
         cache = (self.anchor_cache_bytes if "anchor_cache_bytes" in self.model_fields_set
                  else max(DEFAULT_ANCHOR_CACHE_BYTES, ANCHOR_CACHE_QUESTIONS * question))
-        return {"pool_byte_budget": pool, "anchor_cache_bytes": cache, "anchor_bytes_per_question": question}
+        device = cache if self.anchor_device_cache_bytes is None else self.anchor_device_cache_bytes
+        return {"pool_byte_budget": pool, "anchor_cache_bytes": cache, "anchor_device_cache_bytes": device,
+                "anchor_bytes_per_question": question,
+                # what the anchor cache takes of the worker device's memory (CPU: the one tier)
+                "anchor_cache_on_device_bytes": cache if self.device == "cpu" else device}
 
     def kvcomm_config(self) -> KVCommConfig:
         """The algorithm's settings as every process gets them: `kvcomm`, with the pool budget of `budgets()` and
@@ -213,6 +220,7 @@ class ClusterConfig(BaseModel):
             model=self.model, random_weights=self.random_weights, device=self.device, dtype=self.dtype,
             threads=self.worker_threads, max_batch_size=self.max_batch_size,
             max_queued_turns=self.max_queued_turns, anchor_cache_bytes=self.budgets()["anchor_cache_bytes"],
+            anchor_device_cache_bytes=self.budgets()["anchor_device_cache_bytes"],
             content_cache_bytes=self.content_cache_bytes, pool=self.pool_spec(detached=pool_detached),
             pool_call_timeout_s=self.pool_call_timeout_s, pool_retry_after_s=self.pool_retry_after_s,
             kvcomm=self.kvcomm_config(), memory=self.memory.to_memory())
