@@ -59,6 +59,7 @@ class WorkerSettings:
     threads: int                      # torch intra-op threads (Ray sets OMP_NUM_THREADS=1 in actors)
     max_batch_size: int               # sequences decoded together in one step
     max_queued_turns: int             # turns admitted to the scheduler at once (queued + decoding)
+    prefill_step_tokens: int          # chunked prefill: prefill tokens a decode step waits for at most (0: off)
     anchor_cache_bytes: int           # fetched anchor tensors kept (LRU; pinned host memory on CUDA)
     anchor_device_cache_bytes: int    # on an accelerator: device copies of them kept (LRU)
     content_cache_bytes: int          # shared contents' base KV (inputs, responses) kept (LRU)
@@ -118,7 +119,8 @@ class AgentWorker:
         self.engine = KVCommEngine(runner, loaded.tokenizer, settings.kvcomm, self.pool,
                                    agent_cache_bytes=settings.memory.agent_cache_bytes)
         self.scheduler = TurnScheduler(self.engine, settings.max_batch_size, settings.max_queued_turns,
-                                       name=f"kvcomm-model-{worker_id}", memory_plan=self.memory_plan).start()
+                                       name=f"kvcomm-model-{worker_id}", memory_plan=self.memory_plan,
+                                       prefill_step_tokens=settings.prefill_step_tokens).start()
         self.view = ScheduledEngine(self.engine, self.scheduler)
         # one thread per order in flight: it only waits on the model thread (and runs a job's code sandbox)
         self._job_threads = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_queued_turns,

@@ -92,6 +92,10 @@ class ClusterConfig(BaseModel):
     # --- continuous batching in a worker ---
     max_batch_size: int = Field(16, ge=1)             # sequences decoded together in one step
     max_queued_turns: int = Field(256, ge=1)          # turns admitted per worker (queued + decoding); more wait
+    prefill_step_tokens: int = Field(16, ge=0)        # chunked prefill: a decode step waits for at most this many
+                                                      # prefill tokens (0: prefills run whole). 16 tokens prefill in
+                                                      # about one decode step of SmolLM2-135M on a CPU core; size it
+                                                      # to your decode step on a GPU (hundreds of tokens)
     # --- fault tolerance ---
     worker_max_restarts: int = Field(1, ge=-1)        # Ray restarts a dead worker this often (-1: forever)
     worker_max_task_retries: int = Field(0, ge=-1)    # Ray retries of a method on a restarted worker
@@ -219,7 +223,8 @@ class ClusterConfig(BaseModel):
         return WorkerSettings(
             model=self.model, random_weights=self.random_weights, device=self.device, dtype=self.dtype,
             threads=self.worker_threads, max_batch_size=self.max_batch_size,
-            max_queued_turns=self.max_queued_turns, anchor_cache_bytes=self.budgets()["anchor_cache_bytes"],
+            max_queued_turns=self.max_queued_turns, prefill_step_tokens=self.prefill_step_tokens,
+            anchor_cache_bytes=self.budgets()["anchor_cache_bytes"],
             anchor_device_cache_bytes=self.budgets()["anchor_device_cache_bytes"],
             content_cache_bytes=self.content_cache_bytes, pool=self.pool_spec(detached=pool_detached),
             pool_call_timeout_s=self.pool_call_timeout_s, pool_retry_after_s=self.pool_retry_after_s,
