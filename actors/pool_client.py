@@ -3,7 +3,8 @@
 `RemoteAnchorPool` has the interface the engine uses (`snapshot`, `begin`, `commit`, `abort`, `config`, `rope`)
 over an `actors.anchor_pool_actor.AnchorPoolActor`. Its snapshots are real `PoolSnapshot`s of real `Anchor`s
 rebuilt from cached tensor parts (`actors.part_cache.AnchorPartCache`: a byte-bounded host tier, pinned on CUDA,
-and a separately bounded tier of on-device copies; a part's key never goes stale); its transactions are real `PoolTransaction`s (staging and tensor math happen on the worker).
+and a separately bounded tier of on-device copies; a part's key never goes stale); its transactions are real
+`PoolTransaction`s (staging and tensor math happen on the worker).
 
 Off the model thread (a worker's setting, `prefetch=True`): the model thread makes no pool call at all.
   * Reads: a turn's job thread calls `hold(namespace, pairs)` before the turn is handed to the model thread: it

@@ -84,6 +84,8 @@ class TurnScheduler:
         self.prefill_step_tokens = prefill_step_tokens
         self.steps_between_chunks = 0     # decode steps taken inside a prefill or engine call (chunked prefill)
         self._prefill_since_step = 0      # prefill tokens run since the last decode step
+        self._calls_since_step = 0        # engine calls and admissions run since the last decode step
+        self.largest_gap: dict[str, float] = {}   # the largest gap so far: its ms, calls and prefill tokens in it
         self._finished_later: list[tuple[Any, SequenceState, concurrent.futures.Future]] = []
         if prefill_step_tokens:
             engine.runner.prefill_budget = PrefillBudget(self._prefill_chunk, self._before_prefill)
@@ -159,6 +161,7 @@ class TurnScheduler:
                 "turns_cancelled": self.turns_cancelled,
                 "tokens_generated": self.tokens_generated, "busy_s": self.busy_s, "prefill_s": self.prefill_s,
                 "prefill_step_tokens": self.prefill_step_tokens, "steps_between_chunks": self.steps_between_chunks,
+                "largest_gap": dict(self.largest_gap),
                 "decode_s": self.decode_s, "decode_kv_bytes": self._batch.kv_bytes,
                 "step_ms": self.step_times.summary(), "step_gap_ms": self.step_gaps.summary(),
                 "kv_budget": self.engine.runner.kv_budget.stats()}
@@ -178,6 +181,7 @@ class TurnScheduler:
             if cancelled:
                 self._drop(cancelled)
             for fn, future in calls:
+                self._calls_since_step += 1
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
@@ -227,6 +231,7 @@ class TurnScheduler:
     def _admit(self, request: TurnRequest, future: concurrent.futures.Future) -> None:
         if not future.set_running_or_notify_cancel():
             return
+        self._calls_since_step += 1
         try:
             prepared = self.engine.prepare(request)
             state = self._batch.add(prepared.kv, prepared.last_logits[-1], request.sampling,
@@ -273,12 +278,16 @@ class TurnScheduler:
     def _step(self, finish_later: bool = False) -> None:
         """One decode step of the batch. `finish_later`: inside an engine call (chunked prefill), the turns it
         finishes are resolved by `_finish_later_ones` once that call is done (the engine is not re-entered)."""
-        self._prefill_since_step = 0
         advanced = len(self._batch.active)   # admission keeps it <= max_batch_size, unless that just shrank
         self._batch.max_batch_size = max(self.max_batch_size, advanced)
         started = time.perf_counter()
         if self._last_step_end is not None:
-            self.step_gaps.add(started - self._last_step_end)
+            gap = started - self._last_step_end
+            self.step_gaps.add(gap)
+            if gap * 1e3 > self.largest_gap.get("ms", -1.0):
+                self.largest_gap = {"ms": gap * 1e3, "calls": self._calls_since_step,
+                                    "prefill_tokens": self._prefill_since_step}
+        self._prefill_since_step = self._calls_since_step = 0
         try:
             finished = self._batch.step()
         except BaseException as exc:  # noqa: BLE001 - a failed forward fails the turns in it, not the worker

@@ -84,3 +84,12 @@ def test_a_long_prompt_admitted_while_another_decodes_is_prefilled_in_chunks_wit
     assert tokens == [oracle[1], oracle[0]]                               # chunked: the oracle's tokens
     assert prompt > 80 and max(forwards) <= 8                             # no forward carried more than 8 tokens
     assert stats["steps_between_chunks"] >= prompt // 8 - 1               # the short one decoded meanwhile
+
+
+def test_the_prefill_budget_has_one_home_in_the_cluster_config() -> None:
+    from cluster.config import PREFILL_STEP_TOKENS, ClusterConfig
+    assert ClusterConfig().worker_settings().prefill_step_tokens == PREFILL_STEP_TOKENS["cpu"]
+    assert ClusterConfig(device="cuda", gpus_per_worker=1).prefill_step_budget() == PREFILL_STEP_TOKENS["cuda"]
+    assert ClusterConfig(prefill_step_tokens=0).worker_settings().prefill_step_tokens == 0       # off
+    with pytest.raises(ValueError, match="prefill_step_tokens"):
+        ClusterConfig(prefill_step_tokens=-1)

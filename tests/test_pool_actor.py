@@ -259,6 +259,19 @@ def test_a_turn_fetches_only_the_parts_of_the_pairs_it_reads(ray_cluster) -> Non
 
 
 @pytest.mark.ray
+def test_a_pool_spec_s_nice_lowers_the_pool_process_priority(ray_cluster) -> None:
+    ray = ray_cluster
+    plain, _ = get_or_create_pool_actor(spec())
+    niced, _ = get_or_create_pool_actor(spec(nice=2))
+    try:
+        base = ray.get(plain.stats.remote())["nice"]              # Ray's workers start niced already (15 here)
+        assert base < 19 and ray.get(niced.stats.remote())["nice"] == base + 2
+    finally:
+        ray.kill(plain)
+        ray.kill(niced)
+
+
+@pytest.mark.ray
 def test_joining_a_pool_built_for_another_model_or_settings_is_a_clear_error(ray_cluster, tmp_path) -> None:
     ray = ray_cluster
     built = spec(snapshot=PoolSnapshotSettings(path=str(tmp_path / "pool.msgpack")))
