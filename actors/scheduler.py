@@ -87,8 +87,8 @@ class TurnScheduler:
         self._calls_since_step = 0        # engine calls and admissions run since the last decode step
         self.largest_gap: dict[str, float] = {}   # the largest gap so far: its ms, calls and prefill tokens in it
         self._finished_later: list[tuple[Any, SequenceState, concurrent.futures.Future]] = []
-        if prefill_step_tokens:
-            engine.runner.prefill_budget = PrefillBudget(self._prefill_chunk, self._before_prefill)
+        # always installed: with a budget of 0 it only counts the prefill tokens each gap holds (`largest_gap`)
+        engine.runner.prefill_budget = PrefillBudget(self._prefill_chunk, self._before_prefill)
 
     # ---- control ------------------------------------------------------------------------------------------------
     def start(self) -> "TurnScheduler":
@@ -264,8 +264,8 @@ class TurnScheduler:
     def _before_prefill(self, tokens: int) -> None:
         """The runner is about to prefill `tokens` tokens (on this model thread, inside an engine call): once the
         tokens prefilled since the last decode step would pass `prefill_step_tokens`, the batch steps first."""
-        if self._prefill_since_step and self._prefill_since_step + tokens > self.prefill_step_tokens \
-                and self._batch.active:
+        if self.prefill_step_tokens and self._prefill_since_step \
+                and self._prefill_since_step + tokens > self.prefill_step_tokens and self._batch.active:
             self.steps_between_chunks += 1
             self._step(finish_later=True)
         self._prefill_since_step += tokens

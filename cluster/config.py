@@ -25,10 +25,6 @@ from kvcomm.config import KVCommConfig
 from kvcomm.memory_plan import MemoryConfig
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
-# chunked prefill's default budget by device: on CPU, 16 tokens prefill in about one decode step of SmolLM2-135M
-# with one thread (`kvcomm bench pool-stall`); on a GPU a decode step is memory-bound and a few hundred prefill
-# tokens ride along at little cost (vLLM's chunked-prefill default was 512); not measured here (no GPU)
-PREFILL_STEP_TOKENS = {"cpu": 16, "cuda": 512}
 DEFAULT_ANCHOR_CACHE_BYTES = 256 << 20   # the least a worker's anchor cache gets when the config sets none
 POOL_QUESTIONS = 4                       # an unset pool budget holds this many questions' anchors (at least 2 GiB)
 ANCHOR_CACHE_QUESTIONS = 1               # an unset anchor cache holds this many (at least 256 MiB)
@@ -96,9 +92,12 @@ class ClusterConfig(BaseModel):
     # --- continuous batching in a worker ---
     max_batch_size: int = Field(16, ge=1)             # sequences decoded together in one step
     max_queued_turns: int = Field(256, ge=1)          # turns admitted per worker (queued + decoding); more wait
-    prefill_step_tokens: int | None = Field(None, ge=0)  # chunked prefill: a decode step waits for at most this
-                                                      # many prefill tokens (0: prefills run whole); unset:
-                                                      # PREFILL_STEP_TOKENS by device (see there)
+    prefill_step_tokens: int = Field(0, ge=0)         # chunked prefill: a decode step waits for at most this many
+                                                      # prefill tokens (0: off, prefills run whole). 16 prefill in
+                                                      # about one decode step of SmolLM2-135M on a CPU core. Off by
+                                                      # default: each chunk costs a forward of its own, so turns
+                                                      # arriving together stop batching (a chunk's steps finish
+                                                      # short turns before the next is admitted)
     # --- fault tolerance ---
     worker_max_restarts: int = Field(1, ge=-1)        # Ray restarts a dead worker this often (-1: forever)
     worker_max_task_retries: int = Field(0, ge=-1)    # Ray retries of a method on a restarted worker
@@ -185,12 +184,6 @@ class ClusterConfig(BaseModel):
                 # what the anchor cache takes of the worker device's memory (CPU: the one tier)
                 "anchor_cache_on_device_bytes": cache if self.device == "cpu" else device}
 
-    def prefill_step_budget(self) -> int:
-        """Chunked prefill's budget: `prefill_step_tokens`, unset: `PREFILL_STEP_TOKENS` for the device."""
-        if self.prefill_step_tokens is not None:
-            return self.prefill_step_tokens
-        return PREFILL_STEP_TOKENS.get(self.device, PREFILL_STEP_TOKENS["cuda"])
-
     def kvcomm_config(self) -> KVCommConfig:
         """The algorithm's settings as every process gets them: `kvcomm`, with the pool budget of `budgets()` and
         the model's calibration filling the per-model knobs it leaves unset (`kvcomm.calibration.resolve`)."""
@@ -235,7 +228,7 @@ class ClusterConfig(BaseModel):
         return WorkerSettings(
             model=self.model, random_weights=self.random_weights, device=self.device, dtype=self.dtype,
             threads=self.worker_threads, max_batch_size=self.max_batch_size,
-            max_queued_turns=self.max_queued_turns, prefill_step_tokens=self.prefill_step_budget(),
+            max_queued_turns=self.max_queued_turns, prefill_step_tokens=self.prefill_step_tokens,
             anchor_cache_bytes=self.budgets()["anchor_cache_bytes"],
             anchor_device_cache_bytes=self.budgets()["anchor_device_cache_bytes"],
             content_cache_bytes=self.content_cache_bytes, pool=self.pool_spec(detached=pool_detached),

@@ -132,7 +132,7 @@ def run(*, model: str = "smollm2-135m-instruct", random_weights: bool = False, c
     scheduler = stats["scheduler"]
     step, gap = scheduler["step_ms"], scheduler["step_gap_ms"]
     quantile = (lambda values, q: sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1e3 if values else 0.0)
-    return {"load": load, "model": model, "prefill_step_tokens": config.prefill_step_budget(),
+    return {"load": load, "model": model, "prefill_step_tokens": config.prefill_step_tokens,
             "pool_nice": config.pool_nice, "pool_cpus": config.pool_cpus, "load_average": _load_average(),
             "sequences": sequences, "clients": clients if load else 0, "commit_mb": commit_mb if load else 0,
             "decode_tokens": len(result["turns"][0]["token_ids"]), "steps": scheduler["steps"],

@@ -8,10 +8,11 @@ pool was busy (the clients' snapshots and the commits went on) and the small ord
 
 The issue's figure, the largest gap between two decode steps over the median step, is reported (``[reliability]
 pool_stall``, with the machine's own noise next to it: the slowest decode step over the median one) but not
-asserted: on the shared 2-core machine it does not hold robustly. With chunked prefill on (the default) the largest
-gap held one engine call of one prefill token in every run (`largest_gap` in the report), i.e. one small forward; how long that forward takes depends on how the oversubscribed cores are shared: decode steps
-themselves, which hold no pool call and no prefill, vary as much (slowest step 4 to 7 times the median in the runs
-reported in the README). ``kvcomm bench pool-stall`` prints it before/after (cluster/bench/pool_stall.py).
+asserted: on the shared 2-core machine it does not hold robustly. In every run reported in the README the largest
+gap held a single engine call of the small orders (`largest_gap` in the report; with chunked prefill on, of one
+prefill token), i.e. one small forward; how long it takes depends on how the oversubscribed cores are shared: the
+decode steps themselves, which hold no pool call and no prefill, vary as much (slowest step 3 to 8 times the median).
+``kvcomm bench pool-stall`` prints it before/after (cluster/bench/pool_stall.py).
 """
 from __future__ import annotations
 
