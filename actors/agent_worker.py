@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import resource
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -33,8 +34,10 @@ import torch
 from kvcomm.chat import ChatContents, ChatRequest, ChatResult, ChatTurns
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine
+from kvcomm.harness.jobs import AgentSpec
 from kvcomm.memory_plan import KVBudget, MemoryConfig, plan_for_runner
 from kvcomm.names import POOL_MODES
+from kvcomm.templates import render_template
 
 from .anchor_pool_actor import PoolMismatchError, PoolSpec, join_pool_actor
 from .pool_client import RemoteAnchorPool
@@ -56,7 +59,9 @@ class WorkerSettings:
     threads: int                      # torch intra-op threads (Ray sets OMP_NUM_THREADS=1 in actors)
     max_batch_size: int               # sequences decoded together in one step
     max_queued_turns: int             # turns admitted to the scheduler at once (queued + decoding)
-    anchor_cache_bytes: int           # fetched anchor tensors kept (LRU)
+    prefill_step_tokens: int          # chunked prefill: prefill tokens a decode step waits for at most (0: off)
+    anchor_cache_bytes: int           # fetched anchor tensors kept (LRU; pinned host memory on CUDA)
+    anchor_device_cache_bytes: int    # on an accelerator: device copies of them kept (LRU)
     content_cache_bytes: int          # shared contents' base KV (inputs, responses) kept (LRU)
     pool: PoolSpec | None             # the cluster's anchor pool (None: none, every kvcomm turn prefills densely)
     pool_call_timeout_s: float
@@ -100,19 +105,22 @@ class AgentWorker:
             raise ValueError(f"{settings.model}: no tokenizer available; agent templates need one")
         runner = ModelRunner(loaded.spec, loaded.state_dict)
         loaded.state_dict.clear()   # the runner holds what it needs (q/k/v and gate/up concatenated): free the rest
-        self.memory_plan = plan_for_runner(runner, settings.memory, anchor_cache_bytes=settings.anchor_cache_bytes,
+        on_device = settings.anchor_cache_bytes if runner.device.type == "cpu" else settings.anchor_device_cache_bytes
+        self.memory_plan = plan_for_runner(runner, settings.memory, anchor_cache_bytes=on_device,
                                            content_cache_bytes=settings.content_cache_bytes, model=settings.model,
                                            max_batch_size=settings.max_batch_size)
         runner.kv_budget = KVBudget(self.memory_plan.kv_bytes, what=f"{worker_id}'s KV budget")
         self.pool = RemoteAnchorPool(self._find_pool_actor(), settings.kvcomm, runner.rope,
-                                     cache_bytes=settings.anchor_cache_bytes, device=runner.device,
+                                     cache_bytes=settings.anchor_cache_bytes,
+                                     device_cache_bytes=settings.anchor_device_cache_bytes, device=runner.device,
                                      call_timeout_s=settings.pool_call_timeout_s,
                                      retry_after_s=settings.pool_retry_after_s,
                                      resolve_actor=self._find_pool_actor, prefetch=True)
         self.engine = KVCommEngine(runner, loaded.tokenizer, settings.kvcomm, self.pool,
                                    agent_cache_bytes=settings.memory.agent_cache_bytes)
         self.scheduler = TurnScheduler(self.engine, settings.max_batch_size, settings.max_queued_turns,
-                                       name=f"kvcomm-model-{worker_id}", memory_plan=self.memory_plan).start()
+                                       name=f"kvcomm-model-{worker_id}", memory_plan=self.memory_plan,
+                                       prefill_step_tokens=settings.prefill_step_tokens).start()
         self.view = ScheduledEngine(self.engine, self.scheduler)
         # one thread per order in flight: it only waits on the model thread (and runs a job's code sandbox)
         self._job_threads = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_queued_turns,
@@ -126,6 +134,8 @@ class AgentWorker:
         self._orders_in_flight = 0
         self._tokens_in_flight = 0        # the routing cost (`RoutingHint.cost_tokens`) of the orders in flight
         self._namespaces: collections.Counter[str] = collections.Counter()
+        self._rendered: dict[Any, Any] = {}       # agent template -> its rendering (`_turn_pairs`)
+        self._render_lock = threading.Lock()
         self.load_s = time.perf_counter() - started
         self.model_source = loaded.source
         self.metrics = ReplicaMetrics(worker_id, settings.model).start(self)   # per-replica engine metrics
@@ -152,17 +162,20 @@ class AgentWorker:
     async def execute_content(self, order: ContentOrder) -> tuple[Any, Any, Any]:
         """A user input's base KV, offered to the gate: (`TurnOutcome`, the KV as a `SegmentPayload`, the staged
         pool payload or None)."""
+        pairs = frozenset((name, None) for name in order.offer_as)     # the gate reads those anchors' bases
         return await self._execute(order.routing_hint().cost_tokens, self._holding_pool,
-                                   order.namespace if order.pooled else None, execute_content, self.view, order,
-                                   self.contents, self.worker_id, self.node_id)
+                                   order.namespace if order.pooled else None, pairs, execute_content, self.view,
+                                   order, self.contents, self.worker_id, self.node_id)
 
     async def execute_turn(self, order: TurnOrder) -> tuple[Any, Any, Any, Any]:
         """One agent turn: (`TurnOutcome`, response KV, condition KV or None, staged pool payload or None)."""
         self._namespaces[order.namespace] += 1
         cancel = Cancellation()
         out = await self._execute(order.routing_hint().cost_tokens, self._holding_pool,
-                                  order.namespace if order.pooled else None, execute_turn, self.view, order,
-                                  self.contents, self.worker_id, self.node_id, cancel, cancel=cancel)
+                                  order.namespace if order.pooled else None,
+                                  functools.partial(self._turn_pairs, order), execute_turn,
+                                  self.view, order, self.contents, self.worker_id, self.node_id, cancel,
+                                  cancel=cancel)
         self._turns_run += 1
         self.metrics.observe_job_turn(order.mode, out[0].record)
         return out
@@ -181,7 +194,7 @@ class AgentWorker:
         arrived = time.perf_counter()
         cancel.check()
         if request.mode in POOL_MODES:
-            return self._holding_pool(request.namespace, self._chat_turn, request, on_text, cancel, arrived)
+            return self._holding_pool(request.namespace, None, self._chat_turn, request, on_text, cancel, arrived)
         return self._chat_turn(request, on_text, cancel, arrived)
 
     def _chat_turn(self, request: ChatRequest, on_text: Callable[[str], None] | None, cancel: Cancellation,
@@ -201,16 +214,30 @@ class AgentWorker:
         self.metrics.observe_chat(result, chat.ttft_s, time.perf_counter() - arrived)
         return chat
 
-    def _holding_pool(self, namespace: str | None, fn: Callable[..., Any], *args: Any) -> Any:
+    def _holding_pool(self, namespace: str | None, pairs: Any, fn: Callable[..., Any], *args: Any) -> Any:
         """A job thread: fetch the namespace's pool snapshot here (never on the model thread) and hold it for the
-        engine while `fn(*args)` runs (`RemoteAnchorPool.hold`); None: the work reads no pool."""
+        engine while `fn(*args)` runs (`RemoteAnchorPool.hold`); None: the work reads no pool. `pairs`: the
+        (placeholder, consumer) pairs the work reads (or a callable giving them, run here), None: every part."""
         if namespace is None:
             return fn(*args)
-        self.pool.hold(namespace)
+        self.pool.hold(namespace, pairs() if callable(pairs) else pairs)
         try:
             return fn(*args)
         finally:
             self.pool.release(namespace)
+
+    def _turn_pairs(self, order: TurnOrder) -> frozenset[tuple[str, str | None]]:
+        """The pool pairs a turn reads: its template's placeholders for its consumer key (the engine's offsets and
+        gate), and the bases of the names its output is offered under (the entropy gate)."""
+        template = AgentSpec.from_dict(dict(order.agent)).template_for_round(order.round)
+        with self._render_lock:                  # the tokenizer, on a job thread: one render at a time
+            rendered = self._rendered.get(template)
+            if rendered is None:
+                rendered = self._rendered[template] = render_template(template, self.engine.tokenizer)
+                while len(self._rendered) > 256:
+                    self._rendered.pop(next(iter(self._rendered)))
+        return (frozenset((name, rendered.key) for name in rendered.placeholders)
+                | frozenset((name, None) for name in order.consumed_names))
 
     async def _execute(self, cost: int, fn: Callable[..., Any], *args: Any,
                        cancel: Cancellation | None = None) -> Any:

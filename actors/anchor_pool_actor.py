@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -161,6 +162,9 @@ class PoolSpec:
     snapshot: PoolSnapshotSettings | None = None
     detached: bool = False                            # outlives its creator (Serve: always)
     max_restarts: int = -1                            # a crashed pool comes back (from its snapshot, if any)
+    num_cpus: float = 0                               # the CPUs Ray reserves for it (0: it packs anywhere)
+    nice: int = 0                                     # its process's CPU priority below the workers' (os.nice):
+                                                      # a busy pool yields a shared core to decoding
 
     def fingerprint(self) -> dict[str, Any]:
         """What must agree between the pool and everyone who joins it (not its lifetime options)."""
@@ -209,6 +213,8 @@ class AnchorPoolActor:
         self._saver = None if spec.snapshot is None else SnapshotSaver(self._state, spec.snapshot)
         self._started = time.time()
         self._placement_group = ray.get_runtime_context().get_placement_group_id()
+        if spec.nice:
+            os.nice(spec.nice)        # this actor's own process: every thread serving calls runs at that priority
 
     def fingerprint(self) -> dict[str, Any]:
         return self._fingerprint
@@ -257,6 +263,7 @@ class AnchorPoolActor:
         stats["uptime_s"] = time.time() - self._started
         stats["model"] = self._fingerprint["model"]
         stats["threads"] = threading.active_count()
+        stats["nice"] = os.nice(0)                              # its process's CPU priority (spec.nice added)
         stats["placement_group"] = self._placement_group       # None: outside every placement group
         stats["snapshot"] = None if self._saver is None else self._saver.stats()
         return stats
@@ -279,7 +286,7 @@ def get_or_create_pool_actor(spec: PoolSpec, timeout_s: float = 60.0) -> tuple[A
     try:
         handle = ray.get_actor(spec.name, namespace=spec.ray_namespace)
     except ValueError:
-        options: dict[str, Any] = dict(name=spec.name, namespace=spec.ray_namespace, num_cpus=0,
+        options: dict[str, Any] = dict(name=spec.name, namespace=spec.ray_namespace, num_cpus=spec.num_cpus,
                                        max_restarts=spec.max_restarts, max_concurrency=POOL_MAX_CONCURRENCY,
                                        get_if_exists=True, scheduling_strategy="DEFAULT")
         if spec.detached:

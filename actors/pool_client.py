@@ -1,14 +1,16 @@
-"""The worker side of the cluster's anchor pool: `RemoteAnchorPool`, the pool the engine sees, and `PartCache`.
+"""The worker side of the cluster's anchor pool: `RemoteAnchorPool`, the pool the engine sees.
 
 `RemoteAnchorPool` has the interface the engine uses (`snapshot`, `begin`, `commit`, `abort`, `config`, `rope`)
 over an `actors.anchor_pool_actor.AnchorPoolActor`. Its snapshots are real `PoolSnapshot`s of real `Anchor`s
-rebuilt from cached tensor parts (`PartCache`: LRU with a byte budget; a part's key never goes stale); its
-transactions are real `PoolTransaction`s (staging and tensor math happen on the worker).
+rebuilt from cached tensor parts (`actors.part_cache.AnchorPartCache`: a byte-bounded host tier, pinned on CUDA,
+and a separately bounded tier of on-device copies; a part's key never goes stale); its transactions are real
+`PoolTransaction`s (staging and tensor math happen on the worker).
 
 Off the model thread (a worker's setting, `prefetch=True`): the model thread makes no pool call at all.
-  * Reads: a turn's job thread calls `hold(namespace)` before the turn is handed to the model thread: it fetches
-    the namespace's snapshot (one actor call, "unchanged" answered without a rebuild, missing parts fetched into
-    the cache) and holds it until `release(namespace)`, after the turn. The engine's `snapshot(namespace)` on
+  * Reads: a turn's job thread calls `hold(namespace, pairs)` before the turn is handed to the model thread: it
+    fetches the namespace's snapshot (one actor call, "unchanged" answered without a rebuild) restricted to the
+    (placeholder, consumer) pairs the turn reads (`Pair`): only those pairs' parts are fetched into the cache,
+    on demand. It holds it until `release(namespace)`, after the turn. The engine's `snapshot(namespace)` on
     the model thread returns the held snapshot (or the last one kept), never calling the actor; a namespace
     nobody fetched reads as empty (the engine then prefills densely), counted in `snapshots_not_held`.
   * Writes: `commit` hands the payload to a committer thread and returns a `Future` of the new version; at most
@@ -25,13 +27,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -41,51 +44,12 @@ from kvcomm.config import KVCommConfig
 from kvcomm.rope import Rope
 
 from .latency import Latencies
+from .part_cache import AnchorPartCache, PartCache  # noqa: F401 - PartCache: re-exported
 from .pool_state import PartRef, payload_nbytes, transaction_payload
 
 log = logging.getLogger(__name__)
 
 _SNAPSHOTS_KEPT = 8   # namespaces whose last snapshot a client keeps to answer "unchanged" without a rebuild
-
-
-class PartCache:
-    """Fetched tensor parts by key, least recently used evicted first once over `budget_bytes` (one entry
-    larger than the budget is kept alone). `on_evict(key)` is told of every eviction."""
-
-    def __init__(self, budget_bytes: int, on_evict: Callable[[str], None] | None = None):
-        self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[str, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
-        self._on_evict = on_evict
-        self.nbytes = 0
-        self.hits = self.misses = self.evictions = 0
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        """The cached tensors (now the most recently used), or None; counted as a hit or a miss."""
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return entry[0]
-
-    def put(self, key: str, tensors: dict[str, torch.Tensor], nbytes: int) -> None:
-        if key in self._entries:
-            return
-        self._entries[key] = (tensors, nbytes)
-        self.nbytes += nbytes
-        while self.nbytes > self.budget_bytes and len(self._entries) > 1:
-            evicted, (_, size) = self._entries.popitem(last=False)
-            self.nbytes -= size
-            self.evictions += 1
-            if self._on_evict is not None:
-                self._on_evict(evicted)
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 @dataclass
@@ -101,12 +65,85 @@ class _ClientStats:
     snapshots_failed: int = 0
     fetch_s: float = 0.0
     fetched_bytes: int = 0
+    fetched_parts: int = 0             # tensor parts (object-store objects) fetched
     commit_s: float = 0.0
     committed_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
     calls: Latencies = field(default_factory=Latencies)   # recent snapshot-call latencies
     calls_by_thread: collections.Counter = field(default_factory=collections.Counter)   # actor calls, by thread
     commit_calls: Latencies = field(default_factory=Latencies)
+
+
+Pair = tuple[str, "str | None"]
+"""(placeholder, consumer): a turn of consumer agent template `consumer` (its `RenderedTemplate.key`) reads the
+anchors of `placeholder`: their base parts and that consumer's deltas. A consumer of None reads the bases alone
+(the entropy gate on content offered under `placeholder`)."""
+Pairs = frozenset  # of Pair
+
+
+class _RefDropped(Exception):
+    """A part the snapshot needs is neither cached nor fetchable from the kept wire (its refs were dropped)."""
+
+
+@dataclass
+class _Hold:
+    count: int = 0                         # turns holding the namespace
+    pairs: Pairs | None = frozenset()      # the pairs they read (None: every part)
+    snapshot: PoolSnapshot | None = None   # the latest snapshot fetched for them
+
+
+def _union(a: Pairs | None, b: Pairs | None) -> Pairs | None:
+    return None if a is None or b is None else a | b
+
+
+def _covers(have: Pairs | None, want: Pairs | None) -> bool:
+    return have is None or (want is not None and want <= have)
+
+
+def _selection(wire: Mapping[str, Any], pairs: Pairs | None) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(placeholder, metadata, parts) of every anchor `pairs` read, each with only the consumers read: the pairs'
+    consumers, plus an anchor's last writer when it has a rotated base key (reference mode reads it with any
+    consumer's deltas). An anchor read for its base alone lists no consumers and no last writer."""
+    consumers_of: dict[str, set[str]] | None = None
+    if pairs is not None:
+        consumers_of = {}
+        for placeholder, consumer in pairs:
+            consumers_of.setdefault(placeholder, set()).update(() if consumer is None else (consumer,))
+    selection = []
+    for placeholder, entries in wire["lists"].items():
+        if consumers_of is not None and placeholder not in consumers_of:
+            continue
+        for entry in entries:
+            metadata, parts = entry["metadata"], entry["parts"]
+            if consumers_of is None:
+                selection.append((placeholder, metadata, parts))
+                continue
+            names = consumers_of[placeholder] & set(parts["deltas"])
+            writer = metadata["last_writer"]
+            if names and writer in parts["rbk"]:
+                names.add(writer)
+            consumers = [c for c in metadata["consumers"] if c["consumer"] in names]
+            selection.append((placeholder,
+                              {**metadata, "consumers": consumers, "last_writer": writer if writer in names else None},
+                              {"base": parts["base"], "deltas": {c: parts["deltas"][c] for c in names},
+                               "rbk": {c: parts["rbk"][c] for c in names if c in parts["rbk"]}}))
+    return selection
+
+
+def _parts_of(parts: Mapping[str, Any]) -> list[PartRef]:
+    return [parts["base"], *parts["deltas"].values(), *parts["rbk"].values()]
+
+
+def _without_refs(wire: Mapping[str, Any]) -> dict[str, Any]:
+    """The wire with every part's object ref dropped: a kept wire must not keep objects the pool evicted alive."""
+    def strip(part: PartRef) -> PartRef:
+        return dataclasses.replace(part, ref=None)
+    return {**wire, "lists": {placeholder: [{"metadata": e["metadata"],
+                                             "parts": {"base": strip(e["parts"]["base"]),
+                                                       "deltas": {c: strip(p) for c, p in e["parts"]["deltas"].items()},
+                                                       "rbk": {c: strip(p) for c, p in e["parts"]["rbk"].items()}}}
+                                            for e in entries]
+                              for placeholder, entries in wire["lists"].items()}}
 
 
 class RemoteAnchorPool(TransactionHost):
@@ -119,8 +156,9 @@ class RemoteAnchorPool(TransactionHost):
     """
 
     def __init__(self, actor: Any, config: KVCommConfig, rope: Rope | None, *, cache_bytes: int = 256 << 20,
-                 device: torch.device | str = "cpu", call_timeout_s: float = 10.0, retry_after_s: float = 5.0,
-                 resolve_actor: Callable[[], Any] | None = None, prefetch: bool = False,
+                 device_cache_bytes: int | None = None, device: torch.device | str = "cpu",
+                 pin: Callable[[torch.Tensor], torch.Tensor] | None = None, call_timeout_s: float = 10.0,
+                 retry_after_s: float = 5.0, resolve_actor: Callable[[], Any] | None = None, prefetch: bool = False,
                  max_pending_commit_bytes: int = 1 << 30):
         self.actor = actor
         self._resolve_actor = resolve_actor
@@ -133,11 +171,14 @@ class RemoteAnchorPool(TransactionHost):
         self.prefetch = prefetch
         self.max_pending_commit_bytes = max_pending_commit_bytes
         self._lock = threading.RLock()
-        self.cache = PartCache(cache_bytes, on_evict=self._forget_snapshots_using)
-        self._snapshots: OrderedDict[str, tuple[str, int, PoolSnapshot]] = OrderedDict()
-        # ^ namespace -> (epoch, changed_at, snapshot): its last snapshot, kept while its parts are cached
+        self.cache = AnchorPartCache(cache_bytes, cache_bytes if device_cache_bytes is None else device_cache_bytes,
+                                     self.device, pin=pin, on_evict=self._forget_snapshots_using)
+        self._wires: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # ^ namespace -> its last wire (metadata and part keys, refs dropped): "unchanged" is rebuilt from it
+        self._snapshots: OrderedDict[str, tuple[Pairs | None, PoolSnapshot]] = OrderedDict()
+        # ^ namespace -> (the pairs it holds, None: all; its last snapshot), kept while its parts are cached
         self._snapshot_keys: dict[str, frozenset[str]] = {}   # namespace -> part keys its kept snapshot holds
-        self._held: dict[str, tuple[int, PoolSnapshot]] = {}   # namespace -> (turns holding it, latest fetched)
+        self._held: dict[str, _Hold] = {}                     # namespace -> the turns holding it
         self._unreachable_until = 0.0
         self._stats = _ClientStats()
         self._pending: dict[str, list[concurrent.futures.Future]] = collections.defaultdict(list)
@@ -150,133 +191,163 @@ class RemoteAnchorPool(TransactionHost):
         with self._lock:
             self._stats.snapshots += 1
             if self.prefetch:
-                if namespace in self._held:
-                    return self._held[namespace][1]
+                held = self._held.get(namespace)
+                if held is not None and held.snapshot is not None:
+                    return held.snapshot
                 if namespace in self._snapshots:
-                    return self._snapshots[namespace][2]
+                    return self._snapshots[namespace][1]
                 self._stats.snapshots_not_held += 1
                 return _empty_snapshot(namespace)
         return self.fetch(namespace)
 
-    def hold(self, namespace: str) -> PoolSnapshot:
+    def hold(self, namespace: str, pairs: Iterable[Pair] | None = None) -> PoolSnapshot:
         """Fetch the namespace's snapshot now (on the calling thread, e.g. a turn's job thread) and hold it for
-        the engine's reads until `release(namespace)`; waits for this client's pending commits to it first."""
+        the engine's reads until `release(namespace)`; waits for this client's pending commits to it first.
+
+        `pairs`: the (placeholder, consumer) pairs the turn reads (`Pair`); only their parts are fetched. None:
+        every part. Turns holding one namespace at once share one snapshot covering all their pairs."""
+        wanted = None if pairs is None else frozenset(pairs)
         with self._lock:
+            held = self._held.get(namespace)
+            if held is None:
+                held = self._held[namespace] = _Hold()
+            held.count += 1
+            held.pairs = _union(held.pairs, wanted)
             pending = list(self._pending.get(namespace, ()))
         concurrent.futures.wait(pending, timeout=self.call_timeout_s)
-        snap = self.fetch(namespace)
-        with self._lock:
-            count = self._held.get(namespace, (0, snap))[0]
-            self._held[namespace] = (count + 1, snap)
-        return snap
+        while True:
+            with self._lock:
+                covering = held.pairs
+            snap = self.fetch(namespace, covering)
+            with self._lock:
+                if held.pairs != covering:
+                    continue                              # another turn joined with other pairs meanwhile
+                if held.snapshot is None or snap.version >= held.snapshot.version:
+                    held.snapshot = snap
+                return held.snapshot
 
     def release(self, namespace: str) -> None:
         """A turn that `hold` fetched for is done: the snapshot is let go once no turn holds it."""
         with self._lock:
-            count, snap = self._held.get(namespace, (0, None))
-            if count <= 1:
-                self._held.pop(namespace, None)
-            else:
-                self._held[namespace] = (count - 1, snap)
+            held = self._held.get(namespace)
+            if held is None:
+                return
+            held.count -= 1
+            if held.count <= 0:
+                del self._held[namespace]
 
-    def fetch(self, namespace: str) -> PoolSnapshot:
-        """The namespace's anchors at the pool's current version, from the actor (empty when the pool is lost)."""
+    def fetch(self, namespace: str, pairs: Pairs | None = None) -> PoolSnapshot:
+        """The namespace's anchors at the pool's current version, from the actor (empty when the pool is lost):
+        only the parts `pairs` read (None: all of them)."""
         import ray
         if not self._reachable():
             return _empty_snapshot(namespace)
         with self._lock:
-            cached = self._snapshots.get(namespace)
+            wire = self._wires.get(namespace)
+            kept = self._snapshots.get(namespace)
             actor = self.actor
-            self._stats.fetches += 1
-            self._count_call()
-        known = None if cached is None else (cached[0], cached[1])
         started = time.monotonic()
         try:
-            wire = ray.get(actor.snapshot.remote(namespace, known), timeout=self.call_timeout_s)
-            with self._lock:
-                self._stats.calls.add(time.monotonic() - started)
-            if wire is None:
+            for _ in range(2):
                 with self._lock:
-                    self._stats.snapshots_unchanged += 1
-                    if namespace in self._snapshots:
-                        self._snapshots.move_to_end(namespace)
-                return cached[2]
-            snap = self._build_snapshot(wire)
+                    self._stats.fetches += 1
+                    self._count_call()
+                known = None if wire is None else (wire["epoch"], int(wire["changed_at"]))
+                answer = ray.get(actor.snapshot.remote(namespace, known), timeout=self.call_timeout_s)
+                with self._lock:
+                    self._stats.calls.add(time.monotonic() - started)
+                    if answer is None:
+                        self._stats.snapshots_unchanged += 1
+                        if kept is not None and _covers(kept[0], pairs) and namespace in self._snapshots:
+                            self._snapshots.move_to_end(namespace)
+                            return kept[1]
+                    else:
+                        wire = answer
+                try:
+                    snap, keys = self._build_snapshot(wire, pairs)
+                    break
+                except _RefDropped:
+                    wire = None                   # a part it needs left the cache: ask for the refs again
+            else:
+                raise RuntimeError(f"namespace {namespace!r}: parts kept leaving the cache while it was rebuilt")
         except Exception as exc:  # noqa: BLE001 - any failure to reach the pool costs speed, never the turn
             self._lost("snapshot", exc)
             with self._lock:
                 self._stats.snapshots_failed += 1
             return _empty_snapshot(namespace)
         with self._lock:
-            self._keep(namespace, wire, snap)
+            self._keep(namespace, wire, pairs, snap, keys)
         return snap
 
-    def _keep(self, namespace: str, wire: Mapping[str, Any], snap: PoolSnapshot) -> None:
-        """Keep the namespace's last snapshot (to answer "unchanged" without a rebuild) only while every part it
-        holds is in the cache: a kept snapshot never pins tensors the cache has evicted, so the anchor bytes a
-        worker holds between turns stay within `cache_bytes` (plus the snapshots turns in flight hold)."""
-        keys = frozenset(part.key for entries in wire["lists"].values() for entry in entries
-                         for part in [entry["parts"]["base"], *entry["parts"]["deltas"].values(),
-                                      *entry["parts"]["rbk"].values()])
+    def _keep(self, namespace: str, wire: Mapping[str, Any], pairs: Pairs | None, snap: PoolSnapshot,
+              keys: frozenset[str]) -> None:
+        """Keep the namespace's wire (refs dropped) and last snapshot, to answer "unchanged" without a rebuild; the
+        snapshot only while every part it holds is in the cache: a kept snapshot never pins tensors the cache has
+        evicted, so the anchor bytes a worker holds between turns stay within its cache budgets (plus the
+        snapshots turns in flight hold)."""
+        self._wires[namespace] = _without_refs(wire)
+        self._wires.move_to_end(namespace)
         self._snapshots.pop(namespace, None)
         self._snapshot_keys.pop(namespace, None)
-        if not all(key in self.cache for key in keys):
-            return                                         # larger than the cache: rebuilt from the pool next time
-        self._snapshots[namespace] = (wire["epoch"], int(wire["changed_at"]), snap)
-        self._snapshot_keys[namespace] = keys
+        if all(self.cache.holds_on_device(key) for key in keys):
+            self._snapshots[namespace] = (pairs, snap)
+            self._snapshot_keys[namespace] = keys
         while len(self._snapshots) > _SNAPSHOTS_KEPT:
             dropped, _ = self._snapshots.popitem(last=False)
             self._snapshot_keys.pop(dropped, None)
+        while len(self._wires) > _SNAPSHOTS_KEPT:
+            self._wires.popitem(last=False)
 
     def _forget_snapshots_using(self, key: str) -> None:
         for namespace in [ns for ns, keys in self._snapshot_keys.items() if key in keys]:
             self._snapshots.pop(namespace, None)
             del self._snapshot_keys[namespace]
 
-    def _build_snapshot(self, wire: Mapping[str, Any]) -> PoolSnapshot:
+    def _build_snapshot(self, wire: Mapping[str, Any], pairs: Pairs | None) -> tuple[PoolSnapshot, frozenset[str]]:
+        """The snapshot of `wire` holding only what `pairs` read, and the part keys it holds; parts not cached are
+        fetched (all in one `ray.get`)."""
         import ray
+        selection = _selection(wire, pairs)
         have: dict[str, dict[str, torch.Tensor]] = {}    # part key -> tensors (held here: the LRU may evict)
         wanted: dict[str, PartRef] = {}
         with self._lock:
-            for entries in wire["lists"].values():
-                for entry in entries:
-                    parts = entry["parts"]
-                    for part in [parts["base"], *parts["deltas"].values(), *parts["rbk"].values()]:
-                        if part.key in have or part.key in wanted:
-                            continue
-                        cached = self.cache.get(part.key)
-                        if cached is None:
-                            wanted[part.key] = part
-                        else:
-                            have[part.key] = cached
+            for _, _, selected in selection:
+                for part in _parts_of(selected):
+                    if part.key in have or part.key in wanted:
+                        continue
+                    cached = self.cache.get(part.key)
+                    if cached is None:
+                        wanted[part.key] = part
+                    else:
+                        have[part.key] = cached
+        if any(part.ref is None for part in wanted.values()):
+            raise _RefDropped()
         if wanted:
             t0 = time.perf_counter()
             arrays = ray.get([p.ref for p in wanted.values()], timeout=self.call_timeout_s)
-            fetched = {key: {n: numpy_to_tensor(a, part.dtype, self.device) for n, a in entry_arrays.items()}
+            fetched = {key: {n: numpy_to_tensor(a, part.dtype, "cpu") for n, a in entry_arrays.items()}
                        for (key, part), entry_arrays in zip(wanted.items(), arrays)}
             with self._lock:
                 for key, part in wanted.items():
-                    have[key] = fetched[key]
-                    self.cache.put(key, fetched[key], part.nbytes)
+                    have[key] = self.cache.put(key, fetched[key], part.nbytes)
                     self._stats.fetched_bytes += part.nbytes
+                    self._stats.fetched_parts += 1
                 self._stats.fetch_s += time.perf_counter() - t0
 
-        lists = {}
-        for placeholder, entries in wire["lists"].items():
-            anchors = []
-            for entry in entries:
-                metadata, parts = entry["metadata"], entry["parts"]
-                tensors = dict(have[parts["base"].key])
-                for index, consumer in enumerate(metadata["consumers"]):
-                    name = consumer["consumer"]
-                    for tensor_name, tensor in have[parts["deltas"][name].key].items():
-                        tensors[f"deltas.{index}.{tensor_name}"] = tensor
-                    if consumer["has_rotated_base_key"]:
-                        tensors[f"deltas.{index}.rotated_base_key"] = have[parts["rbk"][name].key]["rotated_base_key"]
-                anchors.append(Anchor.from_state(metadata, tensors))
-            lists[placeholder] = tuple(anchors)
-        return PoolSnapshot(namespace=wire["namespace"], version=int(wire["version"]),
-                            lists=MappingProxyType(lists), namespaces=tuple(wire["namespaces"]))
+        lists: dict[str, list[Anchor]] = {}
+        for placeholder, metadata, selected in selection:
+            tensors = dict(have[selected["base"].key])
+            for index, consumer in enumerate(metadata["consumers"]):
+                name = consumer["consumer"]
+                for tensor_name, tensor in have[selected["deltas"][name].key].items():
+                    tensors[f"deltas.{index}.{tensor_name}"] = tensor
+                if consumer["has_rotated_base_key"]:
+                    tensors[f"deltas.{index}.rotated_base_key"] = have[selected["rbk"][name].key]["rotated_base_key"]
+            lists.setdefault(placeholder, []).append(Anchor.from_state(metadata, tensors))
+        snap = PoolSnapshot(namespace=wire["namespace"], version=int(wire["version"]),
+                            lists=MappingProxyType({p: tuple(a) for p, a in lists.items()}),
+                            namespaces=tuple(wire["namespaces"]))
+        return snap, frozenset(have)
 
     # ---- writing (begin / abort: kvcomm.anchor_pool.TransactionHost) --------------------------------------------
     def commit(self, txn: PoolTransaction) -> Any:
@@ -384,10 +455,8 @@ class RemoteAnchorPool(TransactionHost):
                     "snapshots_failed": s.snapshots_failed, "commits": s.commits,
                     "commits_dropped": s.commits_dropped, "commits_pending": s.commits_pending,
                     "pending_commit_bytes": s.pending_commit_bytes,
-                    "fetch_s": s.fetch_s, "fetched_bytes": s.fetched_bytes, "commit_s": s.commit_s,
-                    "committed_bytes": s.committed_bytes, "cache_entries": len(self.cache),
-                    "cache_bytes": self.cache.nbytes, "cache_hits": self.cache.hits,
-                    "cache_misses": self.cache.misses, "cache_evictions": self.cache.evictions,
+                    "fetch_s": s.fetch_s, "fetched_bytes": s.fetched_bytes, "fetched_parts": s.fetched_parts,
+                    "commit_s": s.commit_s, "committed_bytes": s.committed_bytes, **self.cache.stats(),
                     "held_namespaces": len(self._held),
                     "reachable": self.actor is not None and time.monotonic() >= self._unreachable_until,
                     "snapshot_call_ms": s.calls.summary(), "commit_call_ms": s.commit_calls.summary(),

@@ -7,6 +7,11 @@
   slot (one that can never fit fails at once, naming the limit), advances every active sequence by one token in one
   batched forward, and resolves the futures of finished turns (`engine.finish`). A turn can be cancelled while it
   waits or decodes (`cancel`): it leaves the batch at the next step.
+  Chunked prefill (`prefill_step_tokens` > 0, as vLLM's scheduler does): a decode step carries at most that many
+  prefill tokens. While sequences decode the runner prefills in chunks of that size and asks before each forward
+  (`kvcomm.runner.PrefillBudget`); once the tokens prefilled since the last step would pass the budget, the batch
+  takes a decode step first, so no prefill, engine call or admission holds decoding sequences for longer than
+  about one budget's worth of prefill (turns finished by such a step are resolved when the current work is done).
 * `ScheduledEngine`: the engine as the worker side of a turn (`actors.turns`) uses it, callable from any thread:
   its `run_turn` joins the shared batch and its other engine calls (inputs, the gate) run on the model thread; the
   pool, thread-safe, is used on the caller's thread.
@@ -26,6 +31,7 @@ from typing import Any, Callable
 from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
 from kvcomm.generation import SequenceState
 from kvcomm.memory_plan import MemoryPlan
+from kvcomm.runner import PrefillBudget
 
 from .latency import Latencies
 from .turns import Cancellation, TurnCancelled
@@ -41,12 +47,15 @@ class TurnScheduler:
     """Continuous batching on one engine: one model thread runs engine calls, prefills and decode steps."""
 
     def __init__(self, engine: KVCommEngine, max_batch_size: int, max_queued_turns: int = 1024,
-                 name: str = "kvcomm-model", memory_plan: MemoryPlan | None = None):
-        """`memory_plan`: turns it can never serve fail at once (its KV budget is `engine.runner.kv_budget`)."""
+                 name: str = "kvcomm-model", memory_plan: MemoryPlan | None = None, prefill_step_tokens: int = 0):
+        """`memory_plan`: turns it can never serve fail at once (its KV budget is `engine.runner.kv_budget`).
+        `prefill_step_tokens`: chunked prefill's budget (see the module docstring); 0: prefills run whole."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queued_turns < 1:
             raise ValueError(f"max_queued_turns must be >= 1, got {max_queued_turns}")
+        if prefill_step_tokens < 0:
+            raise ValueError(f"prefill_step_tokens must be >= 0 (0: no chunked prefill), got {prefill_step_tokens}")
         self.engine, self.memory_plan = engine, memory_plan
         self._turn_slots = threading.BoundedSemaphore(max_queued_turns)   # queued + decoding turns
         self.max_batch_size = max_batch_size
@@ -72,6 +81,14 @@ class TurnScheduler:
         self._last_step_end: float | None = None
         self.prefill_s = 0.0
         self.decode_s = 0.0
+        self.prefill_step_tokens = prefill_step_tokens
+        self.steps_between_chunks = 0     # decode steps taken inside a prefill or engine call (chunked prefill)
+        self._prefill_since_step = 0      # prefill tokens run since the last decode step
+        self._calls_since_step = 0        # engine calls and admissions run since the last decode step
+        self.largest_gap: dict[str, float] = {}   # the largest gap so far: its ms, calls and prefill tokens in it
+        self._finished_later: list[tuple[Any, SequenceState, concurrent.futures.Future]] = []
+        # always installed: with a budget of 0 it only counts the prefill tokens each gap holds (`largest_gap`)
+        engine.runner.prefill_budget = PrefillBudget(self._prefill_chunk, self._before_prefill)
 
     # ---- control ------------------------------------------------------------------------------------------------
     def start(self) -> "TurnScheduler":
@@ -143,6 +160,8 @@ class TurnScheduler:
                 "turns_finished": self.turns_finished, "turns_failed": self.turns_failed,
                 "turns_cancelled": self.turns_cancelled,
                 "tokens_generated": self.tokens_generated, "busy_s": self.busy_s, "prefill_s": self.prefill_s,
+                "prefill_step_tokens": self.prefill_step_tokens, "steps_between_chunks": self.steps_between_chunks,
+                "largest_gap": dict(self.largest_gap),
                 "decode_s": self.decode_s, "decode_kv_bytes": self._batch.kv_bytes,
                 "step_ms": self.step_times.summary(), "step_gap_ms": self.step_gaps.summary(),
                 "kv_budget": self.engine.runner.kv_budget.stats()}
@@ -162,12 +181,14 @@ class TurnScheduler:
             if cancelled:
                 self._drop(cancelled)
             for fn, future in calls:
+                self._calls_since_step += 1
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
                     except BaseException as exc:  # noqa: BLE001 - handed to the caller
                         future.set_exception(exc)
             admitted = self._admit_pending()
+            self._finish_later_ones()
             t1 = time.perf_counter()
             self.prefill_s += t1 - t0
             if self._batch.active:
@@ -210,6 +231,7 @@ class TurnScheduler:
     def _admit(self, request: TurnRequest, future: concurrent.futures.Future) -> None:
         if not future.set_running_or_notify_cancel():
             return
+        self._calls_since_step += 1
         try:
             prepared = self.engine.prepare(request)
             state = self._batch.add(prepared.kv, prepared.last_logits[-1], request.sampling,
@@ -235,12 +257,37 @@ class TurnScheduler:
             self.turns_cancelled += 1
             future.set_exception(TurnCancelled("cancelled by its driver while decoding"))
 
-    def _step(self) -> None:
+    def _prefill_chunk(self) -> int:
+        """Chunk size for the runner's next prefill forward: the budget while sequences decode, else 0 (whole)."""
+        return self.prefill_step_tokens if self._batch.active else 0
+
+    def _before_prefill(self, tokens: int) -> None:
+        """The runner is about to prefill `tokens` tokens (on this model thread, inside an engine call): once the
+        tokens prefilled since the last decode step would pass `prefill_step_tokens`, the batch steps first."""
+        if self.prefill_step_tokens and self._prefill_since_step \
+                and self._prefill_since_step + tokens > self.prefill_step_tokens and self._batch.active:
+            self.steps_between_chunks += 1
+            self._step(finish_later=True)
+        self._prefill_since_step += tokens
+
+    def _finish_later_ones(self) -> None:
+        finished, self._finished_later = self._finished_later, []
+        for prepared, state, future in finished:
+            self._finish(prepared, state, future)
+
+    def _step(self, finish_later: bool = False) -> None:
+        """One decode step of the batch. `finish_later`: inside an engine call (chunked prefill), the turns it
+        finishes are resolved by `_finish_later_ones` once that call is done (the engine is not re-entered)."""
         advanced = len(self._batch.active)   # admission keeps it <= max_batch_size, unless that just shrank
         self._batch.max_batch_size = max(self.max_batch_size, advanced)
         started = time.perf_counter()
         if self._last_step_end is not None:
-            self.step_gaps.add(started - self._last_step_end)
+            gap = started - self._last_step_end
+            self.step_gaps.add(gap)
+            if gap * 1e3 > self.largest_gap.get("ms", -1.0):
+                self.largest_gap = {"ms": gap * 1e3, "calls": self._calls_since_step,
+                                    "prefill_tokens": self._prefill_since_step}
+        self._prefill_since_step = self._calls_since_step = 0
         try:
             finished = self._batch.step()
         except BaseException as exc:  # noqa: BLE001 - a failed forward fails the turns in it, not the worker
@@ -255,7 +302,10 @@ class TurnScheduler:
         self.step_times.add(ended - started)
         for state in finished:
             prepared, future = self._running.pop(id(state))
-            self._finish(prepared, state, future)
+            if finish_later:
+                self._finished_later.append((prepared, state, future))
+            else:
+                self._finish(prepared, state, future)
         self._last_step_end = ended if self._batch.active else None   # an idle wait is not a stall
 
     def _finish(self, prepared: Any, state: SequenceState, future: concurrent.futures.Future) -> None:
@@ -278,6 +328,7 @@ class TurnScheduler:
             future.set_exception(exc)
 
     def _fail_everything(self, exc: BaseException) -> None:
+        self._finish_later_ones()
         self._fail_running(exc)
         with self._cv:
             leftovers = list(self._calls) + list(self._pending)

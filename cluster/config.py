@@ -93,6 +93,12 @@ class ClusterConfig(BaseModel):
     # --- continuous batching in a worker ---
     max_batch_size: int = Field(16, ge=1)             # sequences decoded together in one step
     max_queued_turns: int = Field(256, ge=1)          # turns admitted per worker (queued + decoding); more wait
+    prefill_step_tokens: int = Field(0, ge=0)         # chunked prefill: a decode step waits for at most this many
+                                                      # prefill tokens (0: off, prefills run whole). 16 prefill in
+                                                      # about one decode step of SmolLM2-135M on a CPU core. Off by
+                                                      # default: each chunk costs a forward of its own, so turns
+                                                      # arriving together stop batching (a chunk's steps finish
+                                                      # short turns before the next is admitted)
     # --- fault tolerance ---
     worker_max_restarts: int = Field(1, ge=-1)        # Ray restarts a dead worker this often (-1: forever)
     worker_max_task_retries: int = Field(0, ge=-1)    # Ray retries of a method on a restarted worker
@@ -106,8 +112,13 @@ class ClusterConfig(BaseModel):
     # --- caches and the anchor pool actor ---
     anchor_cache_bytes: int = Field(DEFAULT_ANCHOR_CACHE_BYTES, ge=0)  # fetched anchor tensors cached per worker
                                                       # (LRU); unset: derived from the model (`budgets`)
+    anchor_device_cache_bytes: int | None = Field(None, ge=0)  # on an accelerator: device copies of cached anchor
+                                                      # parts (their own LRU; the anchor cache itself is pinned host
+                                                      # memory there); unset: anchor_cache_bytes
     content_cache_bytes: int = Field(256 << 20, ge=0) # shared contents' base KV cached per worker (LRU)
     pool_actor_name: str = "kvcomm-anchor-pool"
+    pool_cpus: float = Field(0, ge=0)                 # CPUs Ray reserves for the pool actor (0: packs anywhere)
+    pool_nice: int = Field(0, ge=0, le=19)            # the pool actor's CPU priority below the workers' (os.nice)
     ray_namespace: str = "kvcomm"
     pool_detached: bool = False                       # the pool outlives the runner (and the driver)
     pool_call_timeout_s: float = Field(10.0, gt=0)    # past this, a pool call counts as a lost pool
@@ -168,7 +179,11 @@ class ClusterConfig(BaseModel):
                 else max(KVCommConfig().pool_byte_budget, POOL_QUESTIONS * question))
         cache = (self.anchor_cache_bytes if "anchor_cache_bytes" in self.model_fields_set
                  else max(DEFAULT_ANCHOR_CACHE_BYTES, ANCHOR_CACHE_QUESTIONS * question))
-        return {"pool_byte_budget": pool, "anchor_cache_bytes": cache, "anchor_bytes_per_question": question}
+        device = cache if self.anchor_device_cache_bytes is None else self.anchor_device_cache_bytes
+        return {"pool_byte_budget": pool, "anchor_cache_bytes": cache, "anchor_device_cache_bytes": device,
+                "anchor_bytes_per_question": question,
+                # what the anchor cache takes of the worker device's memory (CPU: the one tier)
+                "anchor_cache_on_device_bytes": cache if self.device == "cpu" else device}
 
     def kvcomm_config(self) -> KVCommConfig:
         """The algorithm's settings as every process gets them: `kvcomm`, with the pool budget of `budgets()` and
@@ -205,6 +220,7 @@ class ClusterConfig(BaseModel):
         """The one anchor pool of this deployment, as everyone creates or joins it (`actors.anchor_pool_actor`);
         `detached` overrides `pool_detached` (a Serve app's pool is always detached)."""
         return PoolSpec(name=self.pool_actor_name, ray_namespace=self.ray_namespace, model=self.model_tag(),
+                        num_cpus=self.pool_cpus, nice=self.pool_nice,
                         kvcomm=self.kvcomm_config(), snapshot=self.pool_snapshot(),
                         detached=self.pool_detached if detached is None else detached)
 
@@ -213,7 +229,9 @@ class ClusterConfig(BaseModel):
         return WorkerSettings(
             model=self.model, random_weights=self.random_weights, device=self.device, dtype=self.dtype,
             threads=self.worker_threads, max_batch_size=self.max_batch_size,
-            max_queued_turns=self.max_queued_turns, anchor_cache_bytes=self.budgets()["anchor_cache_bytes"],
+            max_queued_turns=self.max_queued_turns, prefill_step_tokens=self.prefill_step_tokens,
+            anchor_cache_bytes=self.budgets()["anchor_cache_bytes"],
+            anchor_device_cache_bytes=self.budgets()["anchor_device_cache_bytes"],
             content_cache_bytes=self.content_cache_bytes, pool=self.pool_spec(detached=pool_detached),
             pool_call_timeout_s=self.pool_call_timeout_s, pool_retry_after_s=self.pool_retry_after_s,
             kvcomm=self.kvcomm_config(), memory=self.memory.to_memory())

@@ -79,7 +79,7 @@ def plan_of(config: ClusterConfig, architecture: str | None = None) -> Any:
             raise ModelLoadError(f"{exc}; or pass --architecture PRESET") from None
     return plan_memory(spec, resolve_dtype(config.dtype, config.device), config.memory.to_memory(),
                        device_type=config.device, anchor_cache_bytes=config.budgets(
-                           PRESETS[architecture] if architecture else None)["anchor_cache_bytes"],
+                           PRESETS[architecture] if architecture else None)["anchor_cache_on_device_bytes"],
                        content_cache_bytes=config.content_cache_bytes, max_batch_size=config.max_batch_size,
                        model=label)
 

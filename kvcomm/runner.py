@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +57,22 @@ class ForwardRequest:
     all_logits: bool = False            # logits for every new token, else only the last
 
 
+@dataclass(frozen=True)
+class PrefillBudget:
+    """Chunked prefill, for a model thread that also decodes (`actors.scheduler.TurnScheduler` sets it on its
+    runner): `prefill` and the selective-recompute prefills call `before_forward(tokens)` before each forward of
+    new tokens (the scheduler runs a decode step there once the step's prefill tokens would exceed its budget),
+    and `prefill` computes a long prompt in chunks of at most `chunk_tokens()` tokens (0: the rest in one forward;
+    the scheduler says 0 while nothing decodes). Each chunk is appended to the same buffer and attends over the
+    chunks before it: the same logits and KV as one forward, up to rounding."""
+    chunk_tokens: Callable[[], int]
+    before_forward: Callable[[int], None]
+
+
 class ModelRunner:
     """Holds one model's weights on one device and runs ragged-batch forward passes."""
+
+    prefill_budget: PrefillBudget | None = None   # chunked prefill (see `PrefillBudget`); None: one forward
 
     def __init__(self, spec: ModelSpec, state_dict: dict[str, torch.Tensor], *, attention: str = "auto",
                  flash_kernel: FlashKernel | None = None, kv_budget: KVBudget | None = None):
@@ -304,7 +318,16 @@ class ModelRunner:
             raise ValueError(f"start={start} but the context ends at position {context.end}")
         kv = self.new_kv(context, extra_capacity=ids.numel() + extra_capacity,
                          start=0 if start is None else start)
-        (logits,) = self.forward([ForwardRequest(kv, ids, all_logits=all_logits)])
+        budget, n, begin = self.prefill_budget, ids.numel(), 0
+        while True:   # one forward, or chunks of the budget's size each appended to the buffer
+            size = n - begin if budget is None or all_logits else (budget.chunk_tokens() or n - begin)
+            size = max(1, min(size, n - begin))
+            if budget is not None:
+                budget.before_forward(size)
+            (logits,) = self.forward([ForwardRequest(kv, ids[begin:begin + size], all_logits=all_logits)])
+            begin += size
+            if begin >= n:
+                break
         return logits, kv
 
     @torch.inference_mode()
@@ -325,6 +348,8 @@ class ModelRunner:
         n_cached, n_tail = cached.num_tokens, int(tail_ids.numel())
         if n_tail == 0:
             raise ValueError("blend_prefill needs at least one tail token")
+        if self.prefill_budget is not None:
+            self.prefill_budget.before_forward(n_cached + n_tail)     # every token through check_layer
         kv = self.new_kv(cached, extra_capacity=n_tail + extra_capacity)
         total = n_cached + n_tail
         ids = self._to_device(torch.cat([cached_ids.reshape(-1).cpu(), tail_ids.reshape(-1).cpu()]))  # [total]
@@ -389,6 +414,8 @@ class ModelRunner:
         picked = torch.unique(recompute.reshape(-1).to(torch.int64))                              # sorted [r]
         if picked.numel() and (int(picked[0]) < 0 or int(picked[-1]) >= n_cached):
             raise IndexError(f"recompute indices must lie in [0, {n_cached}), got {picked.tolist()[:8]}...")
+        if self.prefill_budget is not None:
+            self.prefill_budget.before_forward(int(picked.numel()) + n_tail)
         kv = self.new_kv(cached, extra_capacity=n_tail + extra_capacity)
         total = n_cached + n_tail
         rows = torch.cat([picked, torch.arange(n_cached, total)]).to(self.device)                 # [R]

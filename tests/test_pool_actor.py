@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from actors.anchor_pool_actor import PoolMismatchError, PoolSnapshotSettings, PoolSpec, get_or_create_pool_actor
+from actors.part_cache import AnchorPartCache
 from actors.pool_client import RemoteAnchorPool
 from actors.pool_state import AnchorPoolState, transaction_payload
 from kvcomm.anchor_pool import AnchorPool
@@ -182,6 +183,94 @@ def test_a_worker_client_keeps_its_snapshot_across_other_namespaces_commits(ray_
         ray.kill(actor)
 
 
+def two_consumer_payload(namespace: str) -> tuple[dict, dict[str, str]]:
+    """Anchors of placeholders "p" and "q" (8 tokens), each with deltas of consumers "c1" and "c2" over a following
+    segment of 4 tokens; reference mode, so each anchor's last writer (p's: c1, q's: c2) keeps a rotated base key."""
+    txn = AnchorPool(CONFIG).begin(namespace)
+    ids = {}
+    for placeholder, writers, fill in (("p", ("c2", "c1"), 1.0), ("q", ("c1", "c2"), 5.0)):
+        base = KVSegment(torch.full((2, 2, 8, 64), fill), torch.full((2, 2, 8, 64), -fill), 0)
+        ids[placeholder] = txn.add_anchor(placeholder, base)
+        for k, consumer in enumerate(writers):
+            shifted = KVSegment(base.keys + k + 1, base.values - k - 1, 10)
+            following = KVSegment(torch.full((2, 2, 4, 64), fill + k), torch.zeros(2, 2, 4, 64), 18)
+            zeros = torch.zeros(2, 2, 4, 64)
+            txn.add_deltas(ids[placeholder], consumer, ph_real=shifted,
+                           ph_base_rotated=KVSegment(base.keys, base.values, 10),
+                           pf_real=following, pf_base=KVSegment(zeros, zeros, 18))
+    return transaction_payload(txn), ids
+
+
+@pytest.mark.ray
+def test_a_turn_fetches_only_the_parts_of_the_pairs_it_reads(ray_cluster) -> None:
+    ray = ray_cluster
+    actor, _ = get_or_create_pool_actor(spec())
+    try:
+        wire, ids = two_consumer_payload("ns")
+        ray.get(actor.commit.remote(wire))
+        full = RemoteAnchorPool(actor, CONFIG, rope=None).fetch("ns")         # every part: the reference
+        everything = full.nbytes
+        parts = ray.get(actor.snapshot.remote("ns"))["lists"]
+        size = {name: {"base": e[0]["parts"]["base"].nbytes,
+                       **{f"delta {c}": ref.nbytes for c, ref in e[0]["parts"]["deltas"].items()},
+                       **{f"rbk {c}": ref.nbytes for c, ref in e[0]["parts"]["rbk"].items()}}
+                for name, e in parts.items()}
+        assert set(size["p"]) == {"base", "delta c1", "delta c2", "rbk c1"}   # p's last writer: c1
+
+        client = RemoteAnchorPool(actor, CONFIG, rope=None, prefetch=True)
+        snap = client.hold("ns", [("p", "c1")])                              # a turn of consumer c1 reading {p}
+        stats = client.stats()
+        assert stats["fetched_parts"] == 3                                   # p's base, c1's deltas, c1's rbk
+        assert stats["fetched_bytes"] == size["p"]["base"] + size["p"]["delta c1"] + size["p"]["rbk c1"]
+        assert snap.anchors("q") == [] and [set(a.deltas) for a in snap.anchors("p")] == [{"c1"}]
+        mine, reference = snap.anchor(ids["p"]), full.anchor(ids["p"])
+        for name in ("ph_key", "ph_value", "pf_key", "pf_value", "rotated_base_key"):
+            assert torch.equal(getattr(mine.deltas["c1"], name), getattr(reference.deltas["c1"], name)), name
+        assert torch.equal(mine.base_keys, reference.base_keys)
+        assert torch.equal(mine.reference_base_key, reference.reference_base_key)
+        assert client.snapshot("ns") is snap                                 # what the engine reads
+        client.release("ns")
+
+        gate = client.hold("ns", [("q", None)])                              # the gate on content offered as q
+        assert client.stats()["fetched_parts"] == 4                          # + q's base only
+        assert [set(a.deltas) for a in gate.anchors("q")] == [set()] and gate.anchors("q")[0].last_writer is None
+        client.release("ns")
+
+        # q read by c1: c1's deltas, and the last writer c2's deltas and rotated base key (reference mode reads
+        # it with any consumer's deltas); q's base is already cached
+        turn = client.hold("ns", [("q", "c1")])
+        assert client.stats()["fetched_parts"] == 4 + 3
+        q = turn.anchor(ids["q"])
+        assert set(q.deltas) == {"c1", "c2"}
+        assert torch.equal(q.reference_base_key, full.anchor(ids["q"]).reference_base_key)
+        client.release("ns")
+        assert client.stats()["fetched_bytes"] < everything
+        assert client.stats()["fetched_bytes"] == everything - size["p"]["delta c2"]   # p's c2 deltas: never read
+
+        client.hold("ns", [("p", "c1")])                                     # two turns at once on one namespace:
+        both = client.hold("ns", [("q", None)])                              # one snapshot covers both turns' pairs
+        assert client.snapshot("ns") is both and set(both.placeholders) == {"p", "q"}
+        assert set(both.anchor(ids["p"]).deltas) == {"c1"}
+        client.release("ns")
+        client.release("ns")
+        client.close()
+    finally:
+        ray.kill(actor)
+
+
+@pytest.mark.ray
+def test_a_pool_spec_s_nice_lowers_the_pool_process_priority(ray_cluster) -> None:
+    ray = ray_cluster
+    plain, _ = get_or_create_pool_actor(spec())
+    niced, _ = get_or_create_pool_actor(spec(nice=2))
+    try:
+        base = ray.get(plain.stats.remote())["nice"]              # Ray's workers start niced already (15 here)
+        assert base < 19 and ray.get(niced.stats.remote())["nice"] == base + 2
+    finally:
+        ray.kill(plain)
+        ray.kill(niced)
+
+
 @pytest.mark.ray
 def test_joining_a_pool_built_for_another_model_or_settings_is_a_clear_error(ray_cluster, tmp_path) -> None:
     ray = ray_cluster
@@ -229,3 +318,76 @@ def test_a_pool_created_inside_a_placement_group_lives_outside_it(ray_cluster) -
         assert ray.get(handle.ping.remote(), timeout=30) == "ok"
     finally:
         ray.kill(ray.get_actor(pool_spec.name, namespace=pool_spec.ray_namespace))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a worker's part cache: host tier (pinned on CUDA) and device tier, each bounded by its own budget
+# ------------------------------------------------------------------------------------------------------------
+def part(fill: float) -> dict[str, torch.Tensor]:
+    return {"k": torch.full((256,), fill)}                    # 1 KiB
+
+
+def test_the_host_and_device_tiers_evict_by_their_own_budgets_on_mocked_cuda() -> None:
+    """The accelerator branch on a CPU-only machine: "meta" stands for the device, `pin` records what is pinned."""
+    pinned, evicted = [], []
+    cache = AnchorPartCache(host_bytes=3 * 1024, device_bytes=2 * 1024, device="meta",
+                            pin=lambda t: pinned.append(t) or t.clone(), on_evict=evicted.append)
+    copies = {key: cache.put(key, part(i), 1024) for i, key in enumerate("abc")}
+    assert len(pinned) == 3                                                   # every host part pinned
+    assert all(t.device.type == "meta" for c in copies.values() for t in c.values())   # turns read device copies
+    assert cache.stats()["cache_bytes"] == 3 * 1024 and cache.stats()["device_cache_bytes"] == 2 * 1024
+    assert evicted == ["a"] and "a" in cache and not cache.holds_on_device("a")  # a's device copy went, host kept
+    again = cache.get("a")                                                    # copied back from the host tier
+    assert again["k"].device.type == "meta" and cache.holds_on_device("a") and not cache.holds_on_device("b")
+    assert cache.host.misses == 0                                             # no fetch was needed
+    cache.put("d", part(3), 1024)                                             # host over budget: LRU b leaves
+    assert "b" not in cache and "a" in cache and cache.host.evictions == 1
+    assert cache.stats()["device_cache_bytes"] <= 2 * 1024 and cache.stats()["cache_bytes"] == 3 * 1024
+    cache.put("e", part(4), 1024)                                             # host evicts c: its device copy too
+    assert "c" not in cache and not cache.holds_on_device("c") and evicted.count("c") >= 1
+
+
+def test_a_cpu_worker_s_cache_is_one_tier_bounded_by_the_host_budget() -> None:
+    cache = AnchorPartCache(host_bytes=2 * 1024, device_bytes=1, device="cpu", pin=lambda t: 1 / 0)
+    tensors = part(1.0)
+    assert cache.put("a", tensors, 1024) is tensors                           # no copy, no pinning on a CPU worker
+    cache.put("b", part(2.0), 1024)
+    assert cache.holds_on_device("a") and cache.stats()["device_cache_bytes"] == 2 * 1024   # the device budget: unused
+    cache.put("c", part(3.0), 1024)
+    assert "a" not in cache and cache.nbytes == 2 * 1024 and cache.evictions == 1
+
+
+@pytest.mark.ray
+def test_a_worker_client_on_mocked_cuda_holds_device_copies_within_the_device_budget(ray_cluster) -> None:
+    ray = ray_cluster
+    actor, _ = get_or_create_pool_actor(spec())
+    try:
+        wire, ids = two_consumer_payload("ns")
+        ray.get(actor.commit.remote(wire))
+        pinned = []
+        client = RemoteAnchorPool(actor, CONFIG, rope=None, prefetch=True, cache_bytes=1 << 20,
+                                  device_cache_bytes=40_000, device="meta", pin=lambda t: pinned.append(t) or t)
+        snap = client.hold("ns", [("p", "c1"), ("q", "c2")])
+        tensors = [t for a in (snap.anchor(ids["p"]), snap.anchor(ids["q"])) for t in a.to_state()[1].values()]
+        assert tensors and all(t.device.type == "meta" for t in tensors)
+        stats = client.stats()
+        assert stats["fetched_parts"] == 6 and len(pinned) == 2 * (2 + 4 + 1)   # per anchor: base, deltas, rbk
+        assert stats["cache_bytes"] == stats["fetched_bytes"] > 40_000     # every part stays on the host ...
+        assert stats["device_cache_bytes"] <= 40_000 and stats["device_cache_evictions"] > 0   # ... copies bounded
+        client.release("ns")
+        assert client.snapshot("ns") is not snap        # not kept: it held device copies the device tier let go
+        client.close()
+    finally:
+        ray.kill(actor)
+
+
+def test_the_device_tier_budget_has_one_home_in_the_cluster_config() -> None:
+    from cluster.config import ClusterConfig
+    config = ClusterConfig(anchor_device_cache_bytes=1 << 20)
+    settings = config.worker_settings()
+    assert settings.anchor_device_cache_bytes == 1 << 20 and settings.anchor_cache_bytes > 1 << 20
+    assert config.budgets()["anchor_cache_on_device_bytes"] == settings.anchor_cache_bytes   # CPU: one tier
+    gpu = config.with_(device="cuda", gpus_per_worker=1).budgets()
+    assert gpu["anchor_cache_on_device_bytes"] == 1 << 20          # what `kvcomm plan` counts on the GPU
+    unset = ClusterConfig().budgets()
+    assert unset["anchor_device_cache_bytes"] == unset["anchor_cache_bytes"]

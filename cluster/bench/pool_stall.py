@@ -19,6 +19,7 @@ same command gives before and after figures.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -77,8 +78,9 @@ def _small_orders(worker: Any, stop: threading.Event, done: list[int]) -> None:
 
 def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, clients: int = 32,
         commit_mb: int = 100, decode_tokens: int = 96, hot_anchors: int = 64, load: bool = True,
-        small_orders: bool = True, sequences: int = 1) -> dict[str, Any]:
-    """One measurement (`load=False`: the same decode with nothing else running, the baseline)."""
+        small_orders: bool = True, sequences: int = 1, cluster: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One measurement (`load=False`: the same decode with nothing else running, the baseline). `cluster`: cluster
+    config fields to set (e.g. prefill_step_tokens, pool_nice, pool_cpus); unset ones keep their defaults."""
     import ray
     from ..batch.runner import ClusterRunner
     if not ray.is_initialized():
@@ -86,7 +88,8 @@ def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, clients: i
                  log_to_driver=False, configure_logging=False)
     config = ClusterConfig(model=model, random_weights=random_weights, num_workers=1, cpus_per_worker=1,
                            threads_per_worker=1, max_batch_size=4, pool_actor_name=f"stall-pool-{uuid.uuid4().hex[:6]}",
-                           kvcomm={"pool_byte_budget": (3 * commit_mb + 64) << 20, "max_anchors": 64})
+                           kvcomm={"pool_byte_budget": (3 * commit_mb + 64) << 20, "max_anchors": 64},
+                           **(cluster or {}))
     with ClusterRunner(config) as runner:
         worker, pool = runner.workers[0], runner.pool_actor
         shape = ray.get(worker.stats.remote())["kv_shape"]
@@ -131,10 +134,15 @@ def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, clients: i
     scheduler = stats["scheduler"]
     step, gap = scheduler["step_ms"], scheduler["step_gap_ms"]
     quantile = (lambda values, q: sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1e3 if values else 0.0)
-    return {"load": load, "model": model, "sequences": sequences, "clients": clients if load else 0, "commit_mb": commit_mb if load else 0,
+    return {"load": load, "model": model, "prefill_step_tokens": config.prefill_step_tokens,
+            "pool_nice": config.pool_nice, "pool_cpus": config.pool_cpus, "load_average": _load_average(),
+            "sequences": sequences, "clients": clients if load else 0, "commit_mb": commit_mb if load else 0,
             "decode_tokens": len(result["turns"][0]["token_ids"]), "steps": scheduler["steps"],
-            "step_p50_ms": step["p50"], "gap_max_ms": gap["max"], "gap_p99_ms": gap["p99"],
+            "step_p50_ms": step["p50"], "step_max_ms": step["max"], "gap_max_ms": gap["max"], "gap_p99_ms": gap["p99"],
+            # the machine's own noise: the slowest decode step over the median one (no pool call is in a step)
+            "step_max_over_step_p50": step["max"] / step["p50"] if step["p50"] else 0.0,
             "gap_max_over_step_p50": gap["max"] / step["p50"] if step["p50"] else 0.0,
+            "largest_gap": scheduler.get("largest_gap"),     # what ran in it: engine calls, prefill tokens
             "small_orders": orders[0], "client_snapshots": len(snapshot_s),
             "client_snapshot_p50_ms": quantile(snapshot_s, 0.5), "client_snapshot_p99_ms": quantile(snapshot_s, 0.99),
             "commits": len(commit_s), "commit_mean_s": statistics.fmean(commit_s) if commit_s else 0.0,
@@ -143,13 +151,25 @@ def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, clients: i
             "pool_bytes_per_question": pool_stats.get("bytes_per_question")}
 
 
+def _load_average() -> float | None:
+    """The machine's 1-minute load average at the end of the run (a shared machine's figures vary with it)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| load | step p50 ms | largest gap ms | gap p99 ms | largest gap / step | small orders | "
-             "client snapshot p50 / p99 ms | 100 MB commits (mean s) |", "|---|---:|---:|---:|---:|---:|---|---|"]
+    lines = ["| load | prefill step tokens / pool nice / pool CPUs | load average | step p50 ms | largest gap ms | "
+             "gap p99 ms | largest gap / step | slowest step / step | small orders | client snapshot p50 / p99 ms | 100 MB commits (mean s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         load = f"{r['clients']} clients + {r['commit_mb']} MB commits" if r["load"] else "none"
-        lines.append(f"| {load} | {r['step_p50_ms']:.1f} | {r['gap_max_ms']:.1f} | {r['gap_p99_ms']:.1f} | "
-                     f"{r['gap_max_over_step_p50']:.2f} | {r['small_orders']} | "
+        settings = f"{r.get('prefill_step_tokens', '-')} / {r.get('pool_nice', '-')} / {r.get('pool_cpus', '-')}"
+        lines.append(f"| {load} | {settings} | {r.get('load_average') or 0:.1f} | {r['step_p50_ms']:.1f} | "
+                     f"{r['gap_max_ms']:.1f} | {r['gap_p99_ms']:.1f} | "
+                     f"{r['gap_max_over_step_p50']:.2f} | {r.get('step_max_over_step_p50', 0):.2f} | "
+                     f"{r['small_orders']} | "
                      f"{r['client_snapshot_p50_ms']:.1f} / {r['client_snapshot_p99_ms']:.1f} | "
                      f"{r['commits']} ({r['commit_mean_s']:.2f}) |")
     return "\n".join(lines)
@@ -160,15 +180,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=32, help="threads hammering the pool with snapshots")
     parser.add_argument("--commit-mb", type=int, default=100, help="size of each commit in flight")
     parser.add_argument("--decode-tokens", type=int, default=96, help="tokens the measured sequence decodes")
+    parser.add_argument("--prefill-step-tokens", type=int, default=None,
+                        help="chunked prefill's budget (config prefill_step_tokens; 0: off; default: the config's)")
+    parser.add_argument("--pool-nice", type=int, default=None, help="the pool actor's nice value (config pool_nice)")
+    parser.add_argument("--pool-cpus", type=float, default=None, help="CPUs reserved for the pool actor (pool_cpus)")
     parser.add_argument("--json", default=None)
 
 
 def cli_main(args: argparse.Namespace) -> int:
     rows = []
+    cluster = {key: value for key, value in (("prefill_step_tokens", args.prefill_step_tokens),
+                                              ("pool_nice", args.pool_nice), ("pool_cpus", args.pool_cpus))
+               if value is not None}
     for load in (False, True):
         print(f"pool-stall: decoding {args.decode_tokens} tokens, load {'on' if load else 'off'}", file=sys.stderr)
         rows.append(run(model=args.model, random_weights=args.random_weights, clients=args.clients,
-                        commit_mb=args.commit_mb, decode_tokens=args.decode_tokens, load=load))
+                        commit_mb=args.commit_mb, decode_tokens=args.decode_tokens, load=load, cluster=cluster))
     print(markdown_table(rows))
     write_json_report(args.json, {"runs": rows})
     return 0

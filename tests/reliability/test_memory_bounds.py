@@ -101,7 +101,7 @@ class Worker:
 
     def anchor_bytes_held(self) -> int:
         """Bytes of distinct tensor storage the pool client holds between turns (its cache and kept snapshots)."""
-        tensors = [t for tensors, _ in self.pool.cache._entries.values() for t in tensors.values()]
+        tensors = self.pool.cache.tensors()
         for *_, snap in self.pool._snapshots.values():
             for anchors in snap.lists.values():
                 for anchor in anchors:

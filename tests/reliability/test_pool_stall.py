@@ -7,9 +7,12 @@ call made on the model thread (on main every one of those reads ran there, betwe
 pool was busy (the clients' snapshots and the commits went on) and the small orders were served.
 
 The issue's figure, the largest gap between two decode steps over the median step, is reported (``[reliability]
-pool_stall``) but not asserted: on the shared 2-core machine the small orders' own prefill (a two-token input, about
-one decode step of compute) takes two to eight steps' time when the cores are oversubscribed, pool or no pool (the
-gaps were traced to that call). ``kvcomm bench pool-stall`` prints it before/after (cluster/bench/pool_stall.py).
+pool_stall``, with the machine's own noise next to it: the slowest decode step over the median one) but not
+asserted: on the shared 2-core machine it does not hold robustly. In every run reported in the README the largest
+gap held a single engine call of the small orders (`largest_gap` in the report; with chunked prefill on, of one
+prefill token), i.e. one small forward; how long it takes depends on how the oversubscribed cores are shared: the
+decode steps themselves, which hold no pool call and no prefill, vary as much (slowest step 3 to 8 times the median).
+``kvcomm bench pool-stall`` prints it before/after (cluster/bench/pool_stall.py).
 """
 from __future__ import annotations
 

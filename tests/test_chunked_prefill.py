@@ -1,0 +1,94 @@
+"""Chunked prefill (`TurnScheduler(prefill_step_tokens=N)`, `kvcomm.runner.PrefillBudget`): while sequences decode,
+a prompt is prefilled in chunks of at most N tokens with decode steps in between, and gives the tokens a one-shot
+prefill gives (dense's oracle); a runner without a budget runs one forward.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from actors.scheduler import TurnScheduler
+from kvcomm.config import KVCommConfig
+from kvcomm.engine import KVCommEngine, TurnRequest
+from kvcomm.generation import Sampling
+from kvcomm.model_loading import load_model
+from kvcomm.runner import ModelRunner, PrefillBudget
+from kvcomm.templates import AgentTemplate
+
+QUESTION = "Ben has 3 cards and gets 4 more from his sister. How many cards does Ben have now? "
+
+
+class RecordingRunner(ModelRunner):
+    """A real runner that records how many new tokens each forward computed (decode steps included)."""
+
+    def forward(self, requests, *args, **kwargs):
+        self.forwards.append(sum(int(r.token_ids.numel()) for r in requests))
+        return super().forward(requests, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    loaded = load_model(tiny_model_dir, random_weights=True, seed=4)
+    runner = RecordingRunner(loaded.spec, loaded.state_dict)
+    runner.forwards = []
+    return KVCommEngine(runner, loaded.tokenizer, KVCommConfig())
+
+
+def _agent(i: int) -> AgentTemplate:
+    return AgentTemplate(f"agent{i}", f"You are helper number {i}.", "Question: {user_question}\nAnswer:")
+
+
+def test_a_prompt_prefilled_in_chunks_gives_the_one_shot_logits_and_greedy_tokens(engine) -> None:
+    runner = engine.runner
+    ids = torch.as_tensor(engine.encode(QUESTION * 4))
+    whole, whole_kv = runner.prefill(ids)
+    steps = []
+    runner.prefill_budget = PrefillBudget(lambda: 7, steps.append)
+    try:
+        chunked, kv = runner.prefill(ids, extra_capacity=4)
+    finally:
+        runner.prefill_budget = None
+    assert len(ids) > 40 and steps == [7] * (len(ids) // 7) + ([len(ids) % 7] if len(ids) % 7 else [])
+    assert kv.segment().num_tokens == len(ids)
+    torch.testing.assert_close(kv.segment().keys, whole_kv.segment().keys, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kv.segment().values, whole_kv.segment().values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+    assert int(chunked[-1].argmax()) == int(whole[-1].argmax())
+
+
+def test_a_long_prompt_admitted_while_another_decodes_is_prefilled_in_chunks_with_the_oracle_s_tokens(engine) -> None:
+    runner = engine.runner
+    short = TurnRequest(_agent(1), {"user_question": engine.make_input("Hi.")}, mode="dense",
+                        sampling=Sampling(max_new_tokens=300, min_new_tokens=300))
+    long = TurnRequest(_agent(2), {"user_question": engine.make_input(QUESTION * 6)}, mode="dense",
+                       sampling=Sampling(max_new_tokens=24, min_new_tokens=24))
+    oracle = [engine.run_turn(r).token_ids for r in (short, long)]        # one-shot prefill, alone
+    prompt = len(engine.prepare(long).prompt_ids)
+    scheduler = TurnScheduler(engine, max_batch_size=4, prefill_step_tokens=8).start()
+    try:
+        first = scheduler.turn(short)
+        deadline = time.monotonic() + 60
+        while scheduler.load()["active"] < 1:
+            assert time.monotonic() < deadline and not first.done(), "the short turn never started decoding"
+            time.sleep(0.001)
+        runner.forwards.clear()
+        second = scheduler.turn(long)
+        tokens = [second.result(timeout=120).token_ids, first.result(timeout=120).token_ids]
+        forwards = list(runner.forwards)
+        stats = scheduler.stats()
+    finally:
+        scheduler.stop()
+        runner.prefill_budget = None
+    assert tokens == [oracle[1], oracle[0]]                               # chunked: the oracle's tokens
+    assert prompt > 80 and max(forwards) <= 8                             # no forward carried more than 8 tokens
+    assert stats["steps_between_chunks"] >= prompt // 8 - 1               # the short one decoded meanwhile
+
+
+def test_the_prefill_budget_has_one_home_in_the_cluster_config() -> None:
+    from cluster.config import ClusterConfig
+    assert ClusterConfig().worker_settings().prefill_step_tokens == 0                        # off by default
+    assert ClusterConfig(prefill_step_tokens=16).worker_settings().prefill_step_tokens == 16
+    with pytest.raises(ValueError, match="prefill_step_tokens"):
+        ClusterConfig(prefill_step_tokens=-1)
