@@ -1,7 +1,7 @@
 """One Serve app for every test in tests/reliability (package scope: started once, shut down after the last).
 
 The app is built through `app_builder` as ``serve run`` builds it: tiny-llama with random weights and the embedded
-tokenizer (as tests/test_serve.py), one worker replica on half a CPU, two API keys, and small limits so that the
+tokenizer (as tests/http/test_serve.py), one worker replica on half a CPU, two API keys, and small limits so that the
 fuzz test's valid requests stay cheap and the overload test can fill the in-flight slots (`LIMITS`).
 Serve is shut down, and the anchor pool actor removed, after the package's last test.
 """

@@ -17,7 +17,6 @@ import socket
 import uuid
 
 import httpx
-import pytest
 
 from kvcomm.config import KVCommConfig
 from kvcomm.harness.jobs import GenerationParams, JobSpec
@@ -27,7 +26,6 @@ from kvcomm.session import build_engine
 
 from .conftest import report
 
-pytestmark = [pytest.mark.ray, pytest.mark.reliability]
 
 APP = "kvcomm-autoscale-test"
 SCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.0,

@@ -13,13 +13,9 @@ gaps were traced to that call). ``kvcomm bench pool-stall`` prints it before/aft
 """
 from __future__ import annotations
 
-import pytest
-
 from cluster.bench.pool_stall import run
 
 from .conftest import report
-
-pytestmark = [pytest.mark.ray, pytest.mark.reliability]
 
 
 def test_a_busy_pool_never_stalls_a_decoding_worker(ray_cluster) -> None:

@@ -12,7 +12,7 @@ import yaml
 from cluster.cli import main as cli_main
 from cluster.serve.config import load_serve_config_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "configs" / "kuberay-rayservice.yaml"
 H100 = ROOT / "configs" / "h100x8-llama3.1-8b.yaml"
 DEFAULT_OBJECT_STORE_SHARE = 0.3      # Ray's default object store: 30% of the node's memory

@@ -29,7 +29,6 @@ from actors.pool_client import RemoteAnchorPool
 from actors.pool_state import AnchorPoolState, transaction_payload
 from cluster.config import ClusterConfig, KVCommSettings
 
-pytestmark = pytest.mark.ray
 
 GAMMA = 1.0          # as in the TTFT benchmark: two anchors per placeholder are enough to reuse
 NEW_TOKENS = 8       # every response exactly this long, so later contents fit earlier anchors

@@ -14,7 +14,7 @@ import pytest
 
 from kvcomm.bench import ttft
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = dict(agents=3, prefix=16, input=32, output=16)
 
 

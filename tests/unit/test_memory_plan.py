@@ -25,7 +25,7 @@ from kvcomm.runner import ModelRunner
 from kvcomm.session import build_engine
 from kvcomm.templates import AgentTemplate
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 H100_CONFIG = REPO / "configs" / "h100x8-llama3.1-8b.yaml"
 
 

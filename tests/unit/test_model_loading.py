@@ -24,7 +24,7 @@ from kvcomm.model_loading import (  # noqa: E402
 from kvcomm.model_loading import _move_into_place  # noqa: E402
 from kvcomm.model_spec import PRESETS, ModelSpec  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_IDS = torch.tensor([[1, 504, 3458, 314, 260, 3821, 30, 28, 7]])
 
 

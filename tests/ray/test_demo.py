@@ -18,9 +18,9 @@ from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
 from kvcomm.session import build_engine
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 QUESTIONS = (
     "A baker makes 24 muffins in the morning and 18 in the afternoon. She sells 35 of them. How many are left?",
     "Tom has 3 boxes with 12 pencils in each box and gives away 10 pencils. How many pencils does he have now?",

@@ -201,7 +201,6 @@ def oracle(tiny_model_dir):
     return build_engine(tiny_model_dir, random_weights=True, config=KVCommConfig(gamma=1.0))
 
 
-@pytest.mark.ray
 def test_job_over_http_equals_the_in_process_engine_and_streams_its_turns(client, oracle) -> None:
     from kvcomm.harness.jobs import JobSpec
     job = math_job("Tom has 3 apples and buys 5 more. How many apples does Tom have?", "dense")
@@ -235,7 +234,6 @@ def test_job_over_http_equals_the_in_process_engine_and_streams_its_turns(client
                                                      "Authorization": f"Bearer {OTHER_KEY}"}).status_code == 404
 
 
-@pytest.mark.ray
 def test_openai_client_gets_a_completion_and_a_stream(app_url, oracle) -> None:
     import openai
     api = openai.OpenAI(base_url=f"{app_url}/v1", api_key=KEY, max_retries=0, timeout=120)
@@ -267,7 +265,6 @@ def test_openai_client_gets_a_completion_and_a_stream(app_url, oracle) -> None:
     assert raw.status_code == 200 and parse_sse(raw.text)[-1] == (None, "[DONE]")
 
 
-@pytest.mark.ray
 def test_openai_stop_strings_cut_the_answer_before_the_stop_streamed_or_not(app_url, oracle) -> None:
     import openai
     api = openai.OpenAI(base_url=f"{app_url}/v1", api_key=KEY, max_retries=0, timeout=120)
@@ -293,7 +290,6 @@ def test_openai_stop_strings_cut_the_answer_before_the_stop_streamed_or_not(app_
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
-@pytest.mark.ray
 def test_a_stream_the_client_drops_stops_decoding(client, oracle) -> None:
     """Counted, not timed: the tiny model decodes 4,000 tokens within seconds, so only the replica's count of the
     tokens it decoded for the chat tells a cancelled chat from one decoded to its end."""
@@ -323,7 +319,6 @@ def test_a_stream_the_client_drops_stops_decoding(client, oracle) -> None:
     assert metric(client.get("/metrics").text, "kvcomm_queue_length") == 0
 
 
-@pytest.mark.ray
 def test_metrics_appear_after_traffic(client) -> None:
     before = client.get("/metrics").text
     job = math_job("Sam has 4 pens and buys 2 more. How many pens does Sam have?", "kvcomm", job_id="metrics-job")
@@ -345,7 +340,6 @@ def test_metrics_appear_after_traffic(client) -> None:
     assert metric(text, "kvcomm_queue_length") == 0
 
 
-@pytest.mark.ray
 def test_every_route_but_healthz_needs_the_key(app_url) -> None:
     with httpx.Client(base_url=app_url, timeout=60) as anonymous:
         assert anonymous.get("/healthz").status_code == 200
@@ -360,7 +354,6 @@ def test_every_route_but_healthz_needs_the_key(app_url) -> None:
         assert anonymous.get("/v1/models", headers={"Authorization": f"Bearer {OTHER_KEY}"}).status_code == 200
 
 
-@pytest.mark.ray
 def test_bad_input_is_a_4xx_naming_the_field_and_the_server_still_answers(client) -> None:
     job = math_job("Ann has 2 cats and gets 1 more. How many cats does Ann have?", "dense", job_id="bad-input")
     cyclic = {**job, "edges": [["1", "2"], ["2", "3"], ["3", "1"]]}
@@ -396,7 +389,6 @@ def test_bad_input_is_a_4xx_naming_the_field_and_the_server_still_answers(client
     assert client.post("/v1/jobs?wait=true", json=job).json()["status"] == "succeeded"
 
 
-@pytest.mark.ray
 def test_kvcomm_jobs_over_http_equal_the_oracle_job_by_job(client, oracle) -> None:
     """Sequential kvcomm jobs in a fresh namespace, and the same jobs in the same order on the in-process engine:
     every turn's tokens, gate reason and reuse equal, so the pool went through the same states on both."""
@@ -416,7 +408,6 @@ def test_kvcomm_jobs_over_http_equal_the_oracle_job_by_job(client, oracle) -> No
         assert result["reuse_rate"] == want.reuse_rate and result["final_answer"] == want.final_answer
 
 
-@pytest.mark.ray
 def test_a_sampled_job_over_http_equals_the_oracle(client, oracle) -> None:
     """Temperature and top-p with a seed: the server's sampled turns are the in-process engine's, draw for draw
     (and differ from greedy decoding, so the sampler really ran)."""
@@ -434,7 +425,6 @@ def test_a_sampled_job_over_http_equals_the_oracle(client, oracle) -> None:
     assert [t["token_ids"] for t in response.json()["result"]["turns"]] == [t.token_ids for t in want.turns]
 
 
-@pytest.mark.ray
 def test_the_per_key_cap_refuses_a_keys_third_job_with_429_while_another_key_gets_in(app_url, client) -> None:
     """serve.max_in_flight_per_key = 2: key A's third unfinished job is refused at once (429, Retry-After, naming
     the knob), key B is accepted meanwhile, and a slot freed by a cancel lets A in again."""

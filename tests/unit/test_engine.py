@@ -110,7 +110,7 @@ def test_one_anchor_from_another_question_brings_the_following_segment_toward_de
     placeholder (reused here, with the last-token tail) lands far closer to dense than naive's, and so does the
     first token's distribution. A missing or mis-rotated prefix offset fails this. (With the default
     last-segment tail that segment is recomputed, and one other question's placeholder delta alone does not
-    help: the many-anchor case is tests/test_kvcomm_claim.py.)"""
+    help: the many-anchor case is tests/unit/test_kvcomm_claim.py.)"""
     engine = _engine(smollm2_engine_parts, config)
     agent = _agent(2)
     recorded, other = engine.make_input(OTHER_QUESTION), engine.make_input(QUESTION)

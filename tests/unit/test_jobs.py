@@ -17,7 +17,7 @@ from kvcomm.harness.topologies import (DECISION_AGENT_ID, TOPOLOGIES, build_job,
                                        star)
 from kvcomm.templates import PLACEHOLDER_PATTERN, AgentTemplate, render_template
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def three_agent_dict() -> dict:

@@ -2,7 +2,7 @@
 
 They are not GSM8K's own questions: CI runs on a clean checkout without ``../shared/data``, and the held-out
 GSM8K file stays held out for the benchmarks. Tests that need "questions the anchors were not recorded from"
-split this list (see tests/test_kvcomm_claim.py).
+split this list (see tests/unit/test_kvcomm_claim.py).
 """
 
 QUESTIONS = (

@@ -49,9 +49,9 @@ import httpx
 import pytest
 import yaml
 
-from procfs import running_processes
+from tests.support.procfs import running_processes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 SECTION = "## HTTP API (Ray Serve)"
 README_ADDRESS = "127.0.0.1:8000"
@@ -400,7 +400,6 @@ def _serve(directory: Path):
                 process.wait()
 
 
-@pytest.mark.ray
 @pytest.mark.slow            # the server's start: ~30 s on the 2-core CPU
 def test_the_readme_examples_run_against_the_server(server: Server, oracle: Oracle) -> None:
     files, examples = readme_examples()
@@ -443,7 +442,6 @@ def test_the_readme_examples_run_against_the_server(server: Server, oracle: Orac
     assert oracle.jobs, "no example created a job"
 
 
-@pytest.mark.ray
 @pytest.mark.slow
 def test_ctrl_c_stops_kvcomm_serve_with_one_line_and_no_traceback(server: Server) -> None:
     assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
@@ -455,7 +453,6 @@ def test_ctrl_c_stops_kvcomm_serve_with_one_line_and_no_traceback(server: Server
     assert "[serve] shutting down" in after, after
 
 
-@pytest.mark.ray
 @pytest.mark.slow
 def test_sigterm_stops_kvcomm_serve_like_ctrl_c_and_leaves_no_process(tmp_path) -> None:
     serving = _serve(tmp_path)
@@ -475,7 +472,6 @@ def test_sigterm_stops_kvcomm_serve_like_ctrl_c_and_leaves_no_process(tmp_path) 
     serving.close()
 
 
-@pytest.mark.ray
 @pytest.mark.slow
 def test_a_sigkilled_kvcomm_serve_takes_its_local_ray_cluster_with_it(tmp_path) -> None:
     """No cleanup code runs on SIGKILL (the OOM killer, `kill -9`): Ray's GCS and raylet die with the process,

@@ -3,7 +3,7 @@ cut at its contents, dense chats equal to generation on the very same prompt tok
 later prompts as its own token ids, reuse across requests gated per consumer, namespaces, streaming with stop
 strings, tool messages, the content cache's byte budget, and chats and job turns in one decode batch.
 
-The group-chat shape is the one AutoGen and LangGraph send (tests/test_frameworks.py sends it over HTTP): each
+The group-chat shape is the one AutoGen and LangGraph send (tests/http/test_frameworks.py sends it over HTTP): each
 agent's request is its own system prompt, the user's task, and the answers of the agents before it.
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ from actors.metrics import BY_NAME, METRICS, RAY_PREFIX, REPLICA, exported_prome
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docs" / "grafana" / "kvcomm.json"
 EXPORT_WAIT_S = 45.0          # Ray's metrics agent exports every ~10 s
 
@@ -208,7 +208,6 @@ def select(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, pairs), v in samples.items() if n == name and want <= set(pairs))
 
 
-@pytest.mark.ray
 @pytest.mark.slow
 def test_a_worker_replicas_engine_metrics_reach_rays_prometheus_export(traced_app, ray_cluster) -> None:
     import ray
@@ -273,7 +272,6 @@ def read_spans(session_logs: Path) -> list[dict]:
     return spans
 
 
-@pytest.mark.ray
 @pytest.mark.slow
 def test_serve_tracing_has_a_span_per_job_and_per_turn_with_route_replica_and_gate_decision(traced_app) -> None:
     import ray

@@ -132,7 +132,6 @@ def spec(**changes) -> PoolSpec:
                        "model": "model=tiny random_weights=True", "kvcomm": CONFIG, **changes})
 
 
-@pytest.mark.ray
 def test_snapshots_are_answered_while_a_100_mb_commit_is_in_flight(ray_cluster) -> None:
     ray = ray_cluster
     actor, created = get_or_create_pool_actor(spec())
@@ -156,7 +155,6 @@ def test_snapshots_are_answered_while_a_100_mb_commit_is_in_flight(ray_cluster) 
         ray.kill(actor)
 
 
-@pytest.mark.ray
 def test_a_worker_client_keeps_its_snapshot_across_other_namespaces_commits(ray_cluster) -> None:
     ray = ray_cluster
     actor, _ = get_or_create_pool_actor(spec())
@@ -182,7 +180,6 @@ def test_a_worker_client_keeps_its_snapshot_across_other_namespaces_commits(ray_
         ray.kill(actor)
 
 
-@pytest.mark.ray
 def test_joining_a_pool_built_for_another_model_or_settings_is_a_clear_error(ray_cluster, tmp_path) -> None:
     ray = ray_cluster
     built = spec(snapshot=PoolSnapshotSettings(path=str(tmp_path / "pool.msgpack")))
@@ -203,7 +200,6 @@ def test_joining_a_pool_built_for_another_model_or_settings_is_a_clear_error(ray
         ray.kill(actor)
 
 
-@pytest.mark.ray
 def test_a_pool_created_inside_a_placement_group_lives_outside_it(ray_cluster) -> None:
     """What a Serve replica (or a worker) in a placement group does: the pool is not captured by the group, and
     removing the group (a downscale) leaves it running."""

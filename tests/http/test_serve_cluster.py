@@ -23,7 +23,6 @@ from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
 from kvcomm.session import build_engine
 
-pytestmark = pytest.mark.ray
 
 APP = "kvcomm-cluster-test"
 NAMESPACE = "kvcomm-test"

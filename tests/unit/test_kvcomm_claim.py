@@ -2,7 +2,7 @@
 kvcomm's cache lands much closer to dense prefill than reuse without offsets on questions it has never seen.
 
 Setting (the fidelity benchmark's, small): the three fully connected GSM8K agents of `kvcomm.harness.roles`
-(agent k reads the question and every agent j < k). Questions come from tests/math_questions.py (written for
+(agent k reads the question and every agent j < k). Questions come from tests/support/math_questions.py (written for
 the suite in GSM8K's style: CI's clean checkout has no ``../shared/data``). The first `WARMUP` questions run as
 kvcomm jobs through `job_runner.run_jobs` (the pool starts cold, so every turn prefills densely and records its
 anchors); the next `MEASURED` questions are never seen by the pool. On those, each agent's upstream responses are
@@ -42,7 +42,7 @@ from kvcomm.harness.jobs import AgentSpec, GenerationParams, JobSpec
 from kvcomm.harness.roles import fully_connected_math_agents
 from kvcomm.job_runner import run_jobs
 
-from math_questions import QUESTIONS   # tests/ is on sys.path (rootdir-relative imports, like procfs)
+from tests.support.math_questions import QUESTIONS
 
 pytestmark = pytest.mark.slow
 

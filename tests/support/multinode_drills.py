@@ -1,8 +1,8 @@
 """Drills on a Ray cluster of several simulated nodes (`cluster.bench.simcluster`), each run in a process of its own
-by tests/test_multinode.py (this test session's own local Ray cluster cannot share a process with another
+by tests/multinode/test_multinode.py (this test session's own local Ray cluster cannot share a process with another
 cluster). A drill asserts what it checks and prints one ``RESULT {json}`` line with its figures.
 
-    python tests/multinode_drills.py DRILL MODEL_DIR WORKDIR
+    python tests/support/multinode_drills.py DRILL MODEL_DIR WORKDIR
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from kvcomm.config import KVCommConfig  # noqa: E402

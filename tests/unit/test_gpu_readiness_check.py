@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MISSING_ON_A_BARE_GPU_MACHINE = ("ray", "pydantic", "gguf", "flash_attn", "accelerate", "fastapi")
 
 

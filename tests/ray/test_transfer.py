@@ -9,7 +9,6 @@ from actors.transfer import (SegmentPayload, SegmentRef, get_segment, payload_to
                              segment_to_payload)
 from kvcomm.kv import KVSegment
 
-pytestmark = pytest.mark.ray
 
 SHAPE = (4, 3, 16, 8)   # [layers, kv_heads, tokens, head_dim]
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from procfs import process_stat
+from tests.support.procfs import process_stat
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
 
 RAYLET = """

@@ -32,8 +32,6 @@ QUESTIONS = ("Tom has 3 apples and buys 5 more. How many apples does Tom have?",
              "Ann has 2 cats and gets 1 more. How many cats?",
              "Bob has 9 cars and sells 3. How many cars?")
 
-pytestmark = pytest.mark.ray
-
 
 @pytest.fixture(scope="module")
 def app_url(ray_cluster, tiny_model_dir):

@@ -1,7 +1,7 @@
 """The cluster on several nodes, simulated on this machine (`cluster.bench.simcluster`, `ray.cluster_utils`): a
 head node without CPUs and worker nodes with fake GPUs, the model on the CPU (`ClusterConfig.simulate_gpus`).
 
-Each drill (tests/multinode_drills.py) runs in a process of its own, because this session's local Ray cluster
+Each drill (tests/support/multinode_drills.py) runs in a process of its own, because this session's local Ray cluster
 cannot share a process with another cluster; the drill asserts what it checks and prints its figures:
 
 * ``spread``: jobs from `kvcomm submit` (worker actors placed SPREAD) and over HTTP (one worker replica per node)
@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [pytest.mark.multinode, pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def run_drill(name: str, model_dir: str, workdir: Path, timeout_s: float = 900) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_drills.py"), name, model_dir,
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "multinode_drills.py"), name, model_dir,
                            str(workdir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, (done.stdout[-3000:], done.stderr[-6000:])

@@ -24,12 +24,11 @@ import yaml
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 
-from procfs import running_processes
+from tests.support.procfs import running_processes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.ray
 @pytest.mark.slow             # a Ray cluster of its own and four replicas: ~40 s on 2 cores
 def test_serve_run_honours_the_config_files_deployments(tmp_path, tiny_model_dir) -> None:
     config = yaml.safe_load((ROOT / "configs" / "local-2replicas.yaml").read_text())

@@ -23,8 +23,7 @@ from kvcomm.session import build_engine
 
 from cluster.batch.submit import finished_ids, main, read_jobs
 
-pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_config(tmp_path: Path, model_dir: str) -> Path:
