@@ -11,7 +11,6 @@ first-token agreement and KL against dense on the same tokens are printed.
 from __future__ import annotations
 
 import base64
-import socket
 import uuid
 
 import httpx
@@ -20,10 +19,9 @@ import pytest
 import torch
 
 from cluster.bench.agents import run_autogen, run_langgraph
-from cluster.serve.config import ServeAppConfig
-from kvcomm.config import KVCommConfig
 from kvcomm.generation import Sampling, generate_from_ids
-from kvcomm.session import build_engine
+
+from tests.support.serve_app import running_app, tiny_app_args
 
 MODEL_NAME = "tiny-chat"
 MAX_TOKENS = 6
@@ -35,27 +33,9 @@ QUESTIONS = ("Tom has 3 apples and buys 5 more. How many apples does Tom have?",
 
 @pytest.fixture(scope="module")
 def app_url(ray_cluster, tiny_model_dir):
-    from ray import serve
-    from cluster.serve.app import app_builder, kill_service_actors
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    args = {"cluster": {"model": tiny_model_dir, "random_weights": True, "num_workers": 1, "cpus_per_worker": 0.5,
-                        "threads_per_worker": 1, "pool_actor_name": f"frameworks-pool-{uuid.uuid4().hex[:8]}",
-                        "ray_namespace": "kvcomm-test", "kvcomm": {"gamma": 1.0}},
-            "serve": {"served_model_name": MODEL_NAME}}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder(args), name="kvcomm-frameworks", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        kill_service_actors(ServeAppConfig.from_args(args))
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_model_dir):
-    return build_engine(tiny_model_dir, random_weights=True, config=KVCommConfig(gamma=1.0))
+    args = tiny_app_args(tiny_model_dir, "frameworks-pool", {"served_model_name": MODEL_NAME})
+    with running_app(args, "kvcomm-frameworks") as url:
+        yield url
 
 
 def dense_tokens(oracle, prompt_ids, max_tokens: int = MAX_TOKENS) -> tuple[list[int], torch.Tensor]:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import collections
 import json
 import re
-import socket
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import httpx
@@ -23,6 +21,8 @@ import pytest
 from actors.metrics import BY_NAME, METRICS, RAY_PREFIX, REPLICA, exported_prometheus_names
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
+
+from tests.support.serve_app import running_app, tiny_app_args
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docs" / "grafana" / "kvcomm.json"
@@ -159,20 +159,10 @@ def test_tracing_is_off_by_default_and_a_serve_config_file_can_turn_it_on(tmp_pa
 @pytest.fixture(scope="module")
 def traced_app(ray_cluster, tiny_model_dir):
     from ray import serve
-    from cluster.serve.app import app_builder, kill_service_actors
-    from cluster.serve.config import ServeAppConfig
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    args = {"cluster": {"model": tiny_model_dir, "random_weights": True, "num_workers": 1, "cpus_per_worker": 0.5,
-                        "threads_per_worker": 1, "pool_actor_name": f"obs-test-pool-{uuid.uuid4().hex[:8]}",
-                        "ray_namespace": "kvcomm-test", "kvcomm": {"gamma": 1.0}},
-            "serve": {"served_model_name": "tiny-test"}}
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                tracing_config={"enabled": True, "sampling_ratio": 1.0})    # Serve's default (file) exporter
-    serve.run(app_builder(args), name="kvcomm-obs", route_prefix="/")
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+    args = tiny_app_args(tiny_model_dir, "obs-test-pool", {"served_model_name": "tiny-test"})
+    tracing = {"enabled": True, "sampling_ratio": 1.0}                     # Serve's default (file) exporter
+    with running_app(args, "kvcomm-obs", tracing_config=tracing) as url:
+        with httpx.Client(base_url=url, timeout=120) as client:
             jobs = []
             for index, task in enumerate([f"Mia has {a} shells and finds {b} more. How many shells does Mia have?"
                                           for a, b in [(3, 4), (5, 2), (6, 1)]]):   # the third one reuses
@@ -186,9 +176,6 @@ def traced_app(ray_cluster, tiny_model_dir):
             assert chat.status_code == 200, chat.text
             yield {"client": client, "jobs": jobs, "chat": chat.json(),
                    "workers": serve.get_deployment_handle("AgentWorkerDeployment", app_name="kvcomm-obs")}
-    finally:
-        serve.shutdown()
-        kill_service_actors(ServeAppConfig.from_args(args))
 
 
 def parse_prometheus(text: str) -> dict[tuple[str, frozenset], float]:

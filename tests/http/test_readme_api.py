@@ -36,7 +36,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -50,6 +49,7 @@ import pytest
 import yaml
 
 from tests.support.procfs import running_processes
+from tests.support.serve_app import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -371,9 +371,7 @@ def _serve(directory: Path):
     from kvcomm.model_loading import hf_config_from_spec
     from kvcomm.model_spec import PRESETS
     hf_config_from_spec(PRESETS["tiny-llama"].with_(vocab_size=49152)).save_pretrained(directory / "model")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     config["http_options"]["port"] = port
     args = config["applications"][0]["args"]

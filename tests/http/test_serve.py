@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import uuid
 
@@ -17,15 +16,15 @@ import httpx
 import pytest
 
 from kvcomm.chat import chat_prompt_ids
-from kvcomm.config import KVCommConfig
 from kvcomm.generation import Sampling, generate_from_ids
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
-from kvcomm.session import build_engine
 
 from cluster.config import ClusterConfig
 from cluster.serve.config import ServeAppConfig, api_key_digests, load_serve_config_file
+
+from tests.support.serve_app import running_app, tiny_app_args
 
 KEY, OTHER_KEY = "test-key-" + uuid.uuid4().hex, "other-key-" + uuid.uuid4().hex
 MODEL_NAME = "tiny-test"
@@ -171,34 +170,17 @@ def test_shipped_configs_validate_and_bad_args_name_the_field(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def app_url(ray_cluster, tiny_model_dir):
-    from ray import serve
-    from cluster.serve.app import app_builder, kill_service_actors
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    args = {"cluster": {"model": tiny_model_dir, "random_weights": True, "num_workers": 1, "cpus_per_worker": 0.5,
-                        "threads_per_worker": 1, "pool_actor_name": f"serve-test-pool-{uuid.uuid4().hex[:8]}",
-                        "ray_namespace": "kvcomm-test", "kvcomm": {"gamma": 1.0}},
-            "serve": {"served_model_name": MODEL_NAME, "api_keys": [KEY, OTHER_KEY], "max_body_bytes": 64 * 1024,
-                      "max_in_flight_per_key": PER_KEY}}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder(args), name="kvcomm-test", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        kill_service_actors(ServeAppConfig.from_args(args))
+    args = tiny_app_args(tiny_model_dir, "serve-test-pool", {
+        "served_model_name": MODEL_NAME, "api_keys": [KEY, OTHER_KEY], "max_body_bytes": 64 * 1024,
+        "max_in_flight_per_key": PER_KEY})
+    with running_app(args, "kvcomm-test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(app_url):
     with httpx.Client(base_url=app_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
         yield http
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_model_dir):
-    return build_engine(tiny_model_dir, random_weights=True, config=KVCommConfig(gamma=1.0))
 
 
 def test_job_over_http_equals_the_in_process_engine_and_streams_its_turns(client, oracle) -> None:

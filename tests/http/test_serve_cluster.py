@@ -17,16 +17,14 @@ import uuid
 import httpx
 import pytest
 
-from kvcomm.config import KVCommConfig
 from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
-from kvcomm.session import build_engine
 
+from tests.support.serve_app import running_app, tiny_app_args
 
 APP = "kvcomm-cluster-test"
 NAMESPACE = "kvcomm-test"
-GAMMA = 1.0
 
 
 def job(task: str, mode: str, *, agents: int = 3, tokens: int = 4, job_id: str | None = None,
@@ -148,33 +146,16 @@ def test_the_router_counts_a_turn_against_its_replica_as_soon_as_it_is_ranked() 
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, tiny_model_dir, tmp_path_factory):
-    from ray import serve
-
-    from cluster.serve.app import build_app, kill_service_actors
+    from cluster.serve.app import build_app
     from cluster.serve.config import ServeAppConfig
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     store = f"test-job-store-{uuid.uuid4().hex[:6]}"
-    args = {"cluster": {"model": tiny_model_dir, "random_weights": True, "num_workers": 2, "cpus_per_worker": 0.5,
-                        "threads_per_worker": 1, "pool_actor_name": f"cluster-test-pool-{uuid.uuid4().hex[:8]}",
-                        "ray_namespace": NAMESPACE, "kvcomm": {"gamma": GAMMA}},
-            "serve": {"served_model_name": "tiny", "route_slack_tokens": 0, "job_lease_s": 2.0,
-                      "job_store_name": store, "max_output_tokens": 4000,
-                      "job_store_snapshot_path": str(tmp_path_factory.mktemp("store") / "jobs.msgpack")}}
+    args = tiny_app_args(tiny_model_dir, "cluster-test-pool", {
+        "served_model_name": "tiny", "route_slack_tokens": 0, "job_lease_s": 2.0, "job_store_name": store,
+        "max_output_tokens": 4000, "job_store_snapshot_path": str(tmp_path_factory.mktemp("store") / "jobs.msgpack")},
+        namespace=NAMESPACE, num_workers=2)
     config = ServeAppConfig.from_args(args)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config, deployments={"KVCommIngress": {"num_replicas": 2}}), name=APP, route_prefix="/")
-    try:
-        yield {"url": f"http://127.0.0.1:{port}", "config": config, "store": store}
-    finally:
-        serve.shutdown()
-        kill_service_actors(config)
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_model_dir):
-    return build_engine(tiny_model_dir, random_weights=True, config=KVCommConfig(gamma=GAMMA))
+    with running_app(args, APP, app=build_app(config, deployments={"KVCommIngress": {"num_replicas": 2}})) as url:
+        yield {"url": url, "config": config, "store": store}
 
 
 def store_record(ray, app, job_id: str) -> dict:

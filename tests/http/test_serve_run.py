@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 
 from tests.support.procfs import running_processes
+from tests.support.serve_app import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,9 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow             # a Ray cluster of its own and four replicas: ~40 s on 2 cores
 def test_serve_run_honours_the_config_files_deployments(tmp_path, tiny_model_dir) -> None:
     config = yaml.safe_load((ROOT / "configs" / "local-2replicas.yaml").read_text())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config["http_options"]["port"] = port
     args = config["applications"][0]["args"]
     args["cluster"].update(model=tiny_model_dir, random_weights=True, cpus_per_worker=0.5, threads_per_worker=1,

@@ -26,6 +26,7 @@ from kvcomm.session import build_engine  # noqa: E402
 
 from cluster.bench.simcluster import SimulatedCluster, actor_node  # noqa: E402
 from cluster.config import ClusterConfig  # noqa: E402
+from tests.support.serve_app import free_port  # noqa: E402
 
 NAMESPACE = "kvcomm-multinode"
 TASKS = [f"Tom has {a} apples and buys {b} more. How many apples does Tom have?"
@@ -86,7 +87,7 @@ def drill_spread(model_dir: str, workdir: Path) -> dict:
         from cluster.serve.config import ServeAppConfig
         app = ServeAppConfig.from_args({"cluster": json.loads(config(model_dir).model_dump_json()),
                                         "serve": {"served_model_name": "tiny"}})
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(app), name="multinode", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
@@ -112,13 +113,6 @@ def drill_spread(model_dir: str, workdir: Path) -> dict:
         serve.shutdown()
         kill_service_actors(app)
     return out
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -6,13 +6,13 @@ import json
 import math
 
 import pytest
-import torch
 
 from kvcomm.bench import anchors, fidelity
 from kvcomm.bench.turns import load_questions
 from kvcomm.calibration import Calibration
-from kvcomm.model_loading import load_model
 from kvcomm.templates import AgentTemplate
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: torch on one thread for the module
 
 QUESTIONS = [
     "Tom has 3 apples and buys 5 more. How many apples does he have?",
@@ -31,23 +31,6 @@ def _agents() -> list[AgentTemplate]:
         agents.append(AgentTemplate(str(k), f"You are a {role}. Answer with one number.",
                                     "Q:\n{user_question}\n" + upstream + "Your answer:", "A: "))
     return agents
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model's ops are too small to split: one thread is faster, and far faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_model_dir):
-    """tiny-llama's architecture with the embedded tokenizer's vocabulary, random weights."""
-    loaded = load_model(tiny_model_dir, random_weights=True, seed=3)
-    assert loaded.tokenizer is not None
-    return loaded
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from kvcomm.anchor_pool import AnchorPool
 from kvcomm.bench import quality
@@ -14,8 +13,9 @@ from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine
 from kvcomm.harness.scoring import score_gsm8k
 from kvcomm.job_runner import run_job, run_jobs
-from kvcomm.model_loading import load_model
 from kvcomm.runner import ModelRunner
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: torch on one thread for the module
 
 QUESTIONS = [
     ("Tom has 3 apples and buys 5 more. How many apples does he have?", 8),
@@ -30,23 +30,6 @@ MODES = ("dense", "dense-prefix", "naive", "kvcomm")
 def _records(items):
     return [quality.Record(f"gsm8k-{i}", q, {"question": q, "answer": f"#### {a}", "target": float(a)})
             for i, (q, a) in enumerate(items)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model's ops are too small to split: one thread is faster, and far faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_model_dir):
-    """tiny-llama's architecture with the embedded tokenizer's vocabulary, random weights."""
-    loaded = load_model(tiny_model_dir, random_weights=True, seed=3)
-    assert loaded.tokenizer is not None
-    return loaded
 
 
 SETTING = quality.Setting(limit=3, agents=3, modes=MODES, max_new_tokens=6, group_size=2, warmup=2,
