@@ -14,18 +14,21 @@ import sys
 import pytest
 import torch
 
-from tests.support.tiers import tier_of
+from tests.support.tiers import TIERS, tier_of
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # Ray 2.60 enables token auth by default; local only here
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test with its folder's tier (`pytest -m unit` selects tests/unit, and so on)."""
+    """Mark each test with its folder's tier (`pytest -m unit` selects tests/unit, and so on) and run the tiers
+    from the cheapest (unit, no Ray) to the dearest (a stable sort: each file's tests stay together, in order)."""
+    order = {tier: index for index, tier in enumerate(TIERS)}
     for item in items:
         tier = tier_of(item.path)
         if tier is not None:
             item.add_marker(tier)
+    items.sort(key=lambda item: order.get(tier_of(item.path), len(order)))
 
 
 # ------------------------------------------------------------------------------------------------------------
