@@ -146,7 +146,6 @@ def test_the_router_counts_a_turn_against_its_replica_as_soon_as_it_is_ranked() 
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, tiny_model_dir, tmp_path_factory):
-    from cluster.serve.app import build_app
     from cluster.serve.config import ServeAppConfig
     store = f"test-job-store-{uuid.uuid4().hex[:6]}"
     args = tiny_app_args(tiny_model_dir, "cluster-test-pool", {
@@ -154,7 +153,7 @@ def app(ray_cluster, tiny_model_dir, tmp_path_factory):
         "max_output_tokens": 4000, "job_store_snapshot_path": str(tmp_path_factory.mktemp("store") / "jobs.msgpack")},
         namespace=NAMESPACE, num_workers=2)
     config = ServeAppConfig.from_args(args)
-    with running_app(args, APP, app=build_app(config, deployments={"KVCommIngress": {"num_replicas": 2}})) as url:
+    with running_app(args, APP, deployments={"KVCommIngress": {"num_replicas": 2}}) as url:
         yield {"url": url, "config": config, "store": store}
 
 

@@ -30,18 +30,20 @@ def tiny_app_args(model_dir: str, pool_prefix: str, serve: dict[str, Any], *, ga
 
 
 @contextmanager
-def running_app(args: dict[str, Any], name: str, *, app: Any = None, **start: Any) -> Iterator[str]:
-    """Serve `app` (default: ``app_builder(args)``, as ``serve run`` builds it) at ``/`` on a free port; yields its
-    base URL. `start` goes to ``serve.start`` (e.g. ``tracing_config``)."""
+def running_app(args: dict[str, Any], name: str, *, deployments: dict[str, dict[str, Any]] | None = None,
+                **start: Any) -> Iterator[str]:
+    """Serve the app of `args` (built as ``serve run`` builds it; `deployments` as a config file's ``deployments:``)
+    at ``/`` on a free port; yields its base URL. `start` goes to ``serve.start`` (e.g. ``tracing_config``)."""
     from ray import serve
 
-    from cluster.serve.app import app_builder, kill_service_actors
+    from cluster.serve.app import build_app, kill_service_actors
     from cluster.serve.config import ServeAppConfig
+    config = ServeAppConfig.from_args(args)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, **start)
-    serve.run(app_builder(args) if app is None else app, name=name, route_prefix="/")
+    serve.run(build_app(config, deployments=deployments), name=name, route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        kill_service_actors(ServeAppConfig.from_args(args))
+        kill_service_actors(config)
