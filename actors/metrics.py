@@ -4,7 +4,7 @@ This module owns
 
 * `METRICS`: each metric's `MetricDef` (name, type, labels, help, histogram buckets, the vLLM metric of the same
   meaning), for the ingress (`cluster.serve.metrics.ServiceMetrics`) and for every worker replica (below). It is
-  the single source that docs/metrics.md and the Grafana dashboard's test (tests/test_observability.py) check.
+  the single source that docs/metrics.md and the Grafana dashboard's test (tests/http/test_observability.py) check.
 * `MetricSet`: records observations of some of those metrics twice: into Ray's metrics API
   (`ray.util.metrics`, which each node's metrics agent exports for a Prometheus scrape) and into an in-process
   registry (`value`, `render` in the Prometheus text format), so a test or ``GET /metrics`` needs no scrape.

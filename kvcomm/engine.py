@@ -145,7 +145,7 @@ class KVCommEngine:
     def agent_cache_bytes(self, value: int) -> None:
         self.agents.budget_bytes = value
 
-    # tests/test_memory_plan.py reads the cache's LRU order and byte count by these older names
+    # tests/unit/test_memory_plan.py reads the cache's LRU order and byte count by these older names
     @property
     def _agents(self) -> OrderedDict:
         return self.agents._states

@@ -11,7 +11,7 @@
 # Writes: $OUT.json (the report), $OUT.png (the figure), $OUT.md (the markdown table), $OUT.log (stderr).
 #
 # Every setting can be overridden from the environment, which is how the CPU test runs this very script
-# with a tiny model (tests/test_ttft_bench.py):
+# with a tiny model (tests/unit/test_ttft_bench.py):
 #   KVCOMM_BENCH_DEVICE (cuda)  KVCOMM_BENCH_DTYPE (bfloat16)  KVCOMM_BENCH_MODEL (llama-3.1-8b, random weights)
 #   KVCOMM_BENCH_AGENTS (5)  KVCOMM_BENCH_PREFIX (512)  KVCOMM_BENCH_INPUT (1024)  KVCOMM_BENCH_OUTPUT (512)
 #   KVCOMM_BENCH_SAMPLES (20)  KVCOMM_BENCH_WARMUP (2)  KVCOMM_BENCH_MODES (all six)

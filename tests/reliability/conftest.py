@@ -1,7 +1,7 @@
 """One Serve app for every test in tests/reliability (package scope: started once, shut down after the last).
 
 The app is built through `app_builder` as ``serve run`` builds it: tiny-llama with random weights and the embedded
-tokenizer (as tests/test_serve.py), one worker replica on half a CPU, two API keys, and small limits so that the
+tokenizer (as tests/http/test_serve.py), one worker replica on half a CPU, two API keys, and small limits so that the
 fuzz test's valid requests stay cheap and the overload test can fill the in-flight slots (`LIMITS`).
 Serve is shut down, and the anchor pool actor removed, after the package's last test.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,8 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
+from kvcomm.config import KVCommConfig
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
+from kvcomm.session import build_engine
+
+from tests.support.serve_app import running_app, tiny_app_args
 
 MODEL_NAME = "tiny-reliability"
 KEY, OTHER_KEY = "rel-key-" + uuid.uuid4().hex, "rel-other-" + uuid.uuid4().hex
@@ -75,32 +78,18 @@ def report(name: str, data: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="package")
 def app_args(tiny_model_dir) -> dict[str, Any]:
-    return {"cluster": {"model": tiny_model_dir, "random_weights": True, "num_workers": 1, "cpus_per_worker": 0.5,
-                        "threads_per_worker": 1, "pool_actor_name": f"reliability-pool-{uuid.uuid4().hex[:8]}",
-                        "ray_namespace": "kvcomm-test", "kvcomm": {"gamma": 1.0}},
-            "serve": {"served_model_name": MODEL_NAME, "api_keys": [KEY, OTHER_KEY], **LIMITS}}
+    return tiny_app_args(tiny_model_dir, "reliability-pool",
+                         {"served_model_name": MODEL_NAME, "api_keys": [KEY, OTHER_KEY], **LIMITS})
 
 
 @pytest.fixture(scope="package")
 def app(ray_cluster, app_args) -> App:
-    from ray import serve
-    from cluster.serve.app import app_builder, kill_service_actors
-    from cluster.serve.config import ServeAppConfig
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder(app_args), name="kvcomm-reliability", route_prefix="/")
-    try:
-        yield App(f"http://127.0.0.1:{port}", KEY, OTHER_KEY, dict(LIMITS))
-    finally:
-        serve.shutdown()
-        kill_service_actors(ServeAppConfig.from_args(app_args))
+    with running_app(app_args, "kvcomm-reliability") as url:
+        yield App(url, KEY, OTHER_KEY, dict(LIMITS))
 
 
 @pytest.fixture(scope="package")
 def oracle(tiny_model_dir):
-    """The in-process engine over the same random weights (the results the app must reproduce in dense mode)."""
-    from kvcomm.config import KVCommConfig
-    from kvcomm.session import build_engine
+    """tests/conftest.py's `oracle` (the in-process engine the app must reproduce in dense mode), built once for
+    the package rather than once per module."""
     return build_engine(tiny_model_dir, random_weights=True, config=KVCommConfig(gamma=1.0))

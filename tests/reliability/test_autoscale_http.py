@@ -13,11 +13,9 @@ replica that is gone.
 """
 from __future__ import annotations
 
-import socket
 import uuid
 
 import httpx
-import pytest
 
 from kvcomm.config import KVCommConfig
 from kvcomm.harness.jobs import GenerationParams, JobSpec
@@ -25,9 +23,10 @@ from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
 from kvcomm.session import build_engine
 
+from tests.support.serve_app import free_port
+
 from .conftest import report
 
-pytestmark = [pytest.mark.ray, pytest.mark.reliability]
 
 APP = "kvcomm-autoscale-test"
 SCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.0,
@@ -61,9 +60,7 @@ def test_a_scale_down_mid_job_reruns_no_finished_turn(ray_cluster, tiny_model_di
     from cluster.serve.app import build_app, kill_service_actors
     from cluster.serve.config import ServeAppConfig
     ray = ray_cluster
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     store = f"autoscale-store-{uuid.uuid4().hex[:6]}"
     config = ServeAppConfig.from_args({
         "cluster": {"model": tiny_model_dir, "random_weights": True, "cpus_per_worker": 0.5, "threads_per_worker": 1,

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import collections
 
-import pytest
-
 from cluster.bench.fuzz import fuzz_corpus
 from cluster.bench.http import fuzz_drill, load_drill
 from cluster.bench.reliability import markdown_table
 
 from .conftest import MODEL_NAME, App, math_job, report
-
-pytestmark = [pytest.mark.reliability]
 
 
 def test_the_corpus_is_seeded_and_has_every_kind() -> None:
@@ -46,7 +42,6 @@ def test_the_report_prints_the_http_drills() -> None:
     assert "560 sent, status codes {400: 500, 401: 60}, 5xx: 0, valid request afterwards: True" in table
 
 
-@pytest.mark.ray
 def test_the_benchmarks_drills_pass_against_the_app(app: App) -> None:
     fuzz = fuzz_drill(app.url, app.key, app.other_key, count=500, seed=1, model=MODEL_NAME,
                       max_body_bytes=app.limits["max_body_bytes"], retry_after_s=app.limits["retry_after_s"])

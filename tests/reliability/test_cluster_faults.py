@@ -17,8 +17,6 @@ from cluster.bench.reliability import (TIGHT_BUDGET_TOKENS, kv_bytes_per_token, 
                                        pool_faults, tight_budgets, worker_faults)
 from cluster.config import ClusterConfig
 
-pytestmark = [pytest.mark.reliability, pytest.mark.ray]
-
 
 @pytest.fixture(scope="module")
 def runner(ray_cluster, tiny_model_dir):

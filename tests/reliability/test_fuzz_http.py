@@ -31,7 +31,6 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,7 +42,6 @@ from cluster.bench.http import request_headers, response_problem, send
 
 from .conftest import MODEL_NAME, App, chat_request, math_job, report
 
-pytestmark = [pytest.mark.ray, pytest.mark.reliability]
 
 EXAMPLES = 560          # requests generated (each example sends one); the test asserts at least 500 went out
 

@@ -1,7 +1,7 @@
 """Tenant isolation over HTTP: one API key cannot read, or learn of, another key's jobs; keys never reach the logs;
 concurrent kvcomm jobs in separate anchor namespaces each equal their own in-process oracle.
 
-tests/test_serve.py already checks that ``GET /v1/jobs/{id}`` is 404 for another key or another namespace header;
+tests/http/test_serve.py already checks that ``GET /v1/jobs/{id}`` is 404 for another key or another namespace header;
 this adds the events stream, that the 404 for someone else's job is the very answer an unknown id gets (ids do not
 leak existence), that the same namespace name under two keys is two anchor namespaces, and that neither key appears
 in any log file of the Ray session (Serve's proxy and replica logs, the workers' stdout/stderr) after this package's
@@ -12,11 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from .conftest import App, math_job
 
-pytestmark = [pytest.mark.ray, pytest.mark.reliability]
 
 UNKNOWN_ID = "job-0123456789abcdef"
 

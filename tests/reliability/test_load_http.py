@@ -14,7 +14,6 @@ import collections
 import time
 
 import httpx
-import pytest
 
 from cluster.bench.http import load_drill
 from kvcomm.harness.jobs import JobSpec
@@ -22,7 +21,6 @@ from kvcomm.job_runner import run_job
 
 from .conftest import App, chat_request, math_job, report
 
-pytestmark = [pytest.mark.ray, pytest.mark.reliability]
 
 CONCURRENT_JOBS = 32
 NEW_TOKENS = 4

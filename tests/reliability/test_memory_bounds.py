@@ -42,7 +42,6 @@ from actors.transfer import SegmentRef, segment_to_payload
 from actors.turns import ContentHandle, ContentResolver, TurnOrder, execute_content, execute_turn
 from cluster.driver import DagJob, Reply
 
-pytestmark = pytest.mark.reliability
 
 TASKS = 1000                  # distinct tasks through the pool and the workers' caches (no model)
 JOBS = 200                    # real jobs through the engine, turn by turn

@@ -3,7 +3,7 @@ with the anchors it saved (same ids, same part keys, same tensor bytes) and kvco
 
 A one-worker `ClusterRunner` (tiny-llama, random weights, embedded tokenizer) with ``pool_snapshot_path`` set and
 ``pool_snapshot_every_commits: 1``. Without the snapshot a restarted pool is empty and the same job would go dense
-(``new_anchor:cold_pool``, see tests/test_cluster.py).
+(``new_anchor:cold_pool``, see tests/ray/test_cluster.py).
 """
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ import time
 import uuid
 
 import numpy as np
-import pytest
 
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 
 from cluster.config import ClusterConfig
 
-pytestmark = [pytest.mark.reliability, pytest.mark.ray]
 TASKS = [f"Tom has {a} apples and buys {b} more. How many apples does Tom have?" for a, b in [(3, 5), (4, 2), (6, 1)]]
 
 

@@ -16,13 +16,9 @@ decode steps themselves, which hold no pool call and no prefill, vary as much (s
 """
 from __future__ import annotations
 
-import pytest
-
 from cluster.bench.pool_stall import run
 
 from .conftest import report
-
-pytestmark = [pytest.mark.ray, pytest.mark.reliability]
 
 
 def test_a_busy_pool_never_stalls_a_decoding_worker(ray_cluster) -> None:

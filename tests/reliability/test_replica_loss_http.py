@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
 
 from .conftest import App, report
-
-pytestmark = [pytest.mark.ray, pytest.mark.reliability]
 
 
 def _worker_replicas(ray) -> list[str]:

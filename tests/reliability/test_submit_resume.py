@@ -28,9 +28,8 @@ from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
 
 from cluster.batch.submit import finished_ids
-from procfs import process_stat, running_processes
+from tests.support.procfs import process_stat, running_processes
 
-pytestmark = [pytest.mark.reliability, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[2]
 JOBS = 16
 SECOND_CLUSTER = "current thread is not the main thread"   # ray.init from a job thread after shutdown

@@ -1,0 +1,173 @@
+"""Unmodified agent frameworks against the Serve app over real HTTP: AutoGen's `RoundRobinGroupChat` of three
+agents and a three-node LangGraph graph on `ChatOpenAI` (streaming), driven by `cluster.bench.agents` exactly as
+``kvcomm bench agents`` drives them, on the tiny random-weight model; the official `openai` client for streaming,
+stop strings and tool messages with reuse, and the chat errors.
+
+With reuse off (``kvcomm.mode: dense``) every answer equals the in-process dense generation on the very prompt
+tokens the server reports; with reuse on, agents 2 and 3 reuse from the third question on (the entropy gate makes
+a namespace's first two contents of each kind anchors: a pool of <= 1 anchor always takes a new one), and their
+first-token agreement and KL against dense on the same tokens are printed.
+"""
+from __future__ import annotations
+
+import base64
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from cluster.bench.agents import run_autogen, run_langgraph
+from kvcomm.generation import Sampling, generate_from_ids
+
+from tests.support.serve_app import running_app, tiny_app_args
+
+MODEL_NAME = "tiny-chat"
+MAX_TOKENS = 6
+QUESTIONS = ("Tom has 3 apples and buys 5 more. How many apples does Tom have?",
+             "Sam has 4 pens and buys 2 more. How many pens does Sam have?",
+             "Ann has 2 cats and gets 1 more. How many cats?",
+             "Bob has 9 cars and sells 3. How many cars?")
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_cluster, tiny_model_dir):
+    args = tiny_app_args(tiny_model_dir, "frameworks-pool", {"served_model_name": MODEL_NAME})
+    with running_app(args, "kvcomm-frameworks") as url:
+        yield url
+
+
+def dense_tokens(oracle, prompt_ids, max_tokens: int = MAX_TOKENS) -> tuple[list[int], torch.Tensor]:
+    out = generate_from_ids(oracle.runner, prompt_ids, Sampling(max_new_tokens=max_tokens,
+                                                                stop_token_ids=oracle.stop_token_ids))
+    return out.token_ids, out.first_logits
+
+
+def served_logprobs(encoded: str | bytes) -> torch.Tensor:
+    raw = base64.b64decode(encoded) if isinstance(encoded, str) else encoded
+    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").copy())
+
+
+def check_framework(run, url: str, oracle, framework: str, **options) -> None:
+    tag = uuid.uuid4().hex[:6]
+    conversations = {mode: run(url, QUESTIONS, mode=mode, namespace=f"{framework}-{mode}-{tag}",
+                               max_tokens=MAX_TOKENS, model=MODEL_NAME, **options) for mode in ("dense", "kvcomm")}
+    for conversation in conversations["dense"]:                 # reuse off: dense, token for token
+        assert len(conversation.turns) == 3
+        for turn in conversation.turns:
+            assert (turn["mode"], turn["reason"], turn["cached_tokens"]) == ("dense", "dense_mode", 0)
+            assert turn["completion_ids"] == dense_tokens(oracle, turn["prompt_ids"])[0]
+        first, second, third = conversation.turns
+        for earlier in (first, second):                        # earlier answers enter as their producer's ids
+            ids = third["prompt_ids"]
+            assert any(ids[i:i + len(earlier["completion_ids"])] == earlier["completion_ids"]
+                       for i in range(len(ids))), framework
+    reasons, kls, agree = [], [], []
+    for number, conversation in enumerate(conversations["kvcomm"]):
+        reasons.append([t["reason"] for t in conversation.turns])
+        for position, turn in enumerate(conversation.turns):
+            tokens, logits = dense_tokens(oracle, turn["prompt_ids"])
+            if not turn["reused"]:
+                assert turn["completion_ids"] == tokens, (framework, number, position, turn["reason"])
+                continue
+            assert 0 < turn["cached_tokens"] < turn["prompt_tokens"]
+            dense = torch.log_softmax(logits.double(), -1)
+            served = served_logprobs(turn["first_logprobs"]).double()
+            kls.append(float((dense.exp() * (dense - served)).sum()))
+            agree.append(int(dense.argmax()) == int(served.argmax()))
+    assert all(reason.startswith("new_anchor:") for row in reasons[:2] for reason in row), reasons
+    assert all(row[1:] == ["reused", "reused"] for row in reasons[2:]), reasons     # agents 2 and 3 reuse
+    print(f"\n{framework}: reuse on vs dense on the same tokens, {len(kls)} reused turns: first-token agreement "
+          f"{sum(agree)}/{len(agree)}, KL mean {np.mean(kls):.2e}, max {max(kls):.2e}")
+    assert max(kls) < 0.5                     # reuse stays close to dense (the tiny model: ~0)
+
+
+def test_autogen_round_robin_group_chat_reuses_across_requests(app_url, oracle) -> None:
+    check_framework(run_autogen, app_url, oracle, "autogen")
+
+
+def test_langgraph_three_node_graph_reuses_across_requests_streaming(app_url, oracle) -> None:
+    check_framework(run_langgraph, app_url, oracle, "langgraph", stream=True)
+
+
+def test_streaming_stop_strings_and_tool_messages_work_with_reuse(app_url, oracle) -> None:
+    import openai
+    api = openai.OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    options = {"kvcomm": {"mode": "kvcomm", "namespace": f"tools-{uuid.uuid4().hex[:6]}", "details": True}}
+    messages = [{"role": "system", "content": "You check tool results."},
+                {"role": "user", "content": QUESTIONS[0]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "3 + 5 = 8"},
+                {"role": "user", "content": "What does the tool say?"}]
+    first, second = (api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=24, temperature=0,
+                                                 extra_body=options) for _ in range(2))
+    assert first.model_extra["kvcomm"]["reason"].startswith("new_anchor:")
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert "<|im_start|>tool\n3 + 5 = 8<|im_end|>" in oracle.tokenizer.decode(
+        first.model_extra["kvcomm"]["prompt_token_ids"])
+    assert second.model_extra["kvcomm"]["reused"] and second.usage.prompt_tokens_details.cached_tokens > 0
+    text = second.choices[0].message.content
+    stop = next(text[i:i + 2] for i in range(8, len(text) - 2) if text.find(text[i:i + 2]) == i)
+    cut = api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=24, temperature=0, stop=stop,
+                                      extra_body=options)
+    assert cut.choices[0].message.content == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    chunks = list(api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=24, temperature=0,
+                                              stop=stop, stream=True, stream_options={"include_usage": True},
+                                              extra_body=options))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 1 and "".join(deltas) == cut.choices[0].message.content
+    final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert final.choices[0].finish_reason == "stop" and final.model_extra["kvcomm"]["reused"]
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens_details.cached_tokens
+
+
+def metric_samples(http: httpx.Client) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in http.get("/metrics").text.splitlines() if line and not line.startswith("#")}
+
+
+def test_chat_errors_name_the_field_and_metrics_count_reuse(app_url) -> None:
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [({**chat, "n": 2}, "n", "only n=1 is supported"),
+             ({**chat, "kvcomm": {"mode": "turbo"}}, "kvcomm.mode", "unknown mode 'turbo'"),
+             ({**chat, "kvcomm": {"reuse": True}}, "kvcomm.reuse", "Extra inputs"),
+             ({**chat, "kvcomm": {"namespace": "no spaces"}}, "kvcomm.namespace", "pattern"),
+             ({**chat, "messages": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}]},
+              "messages[1].tool_calls", "not supported")]
+    with httpx.Client(base_url=app_url, timeout=60) as http:
+        for body, param, words in cases:
+            response = http.post("/v1/chat/completions", json=body)
+            error = response.json()["error"]
+            assert response.status_code == 400 and error["param"] == param, (param, response.text)
+            assert error["message"].startswith(f"{param}: ") and words in error["message"], error
+        before = metric_samples(http)
+        body = {**chat, "messages": [{"role": "user", "content": QUESTIONS[3]}],
+                "kvcomm": {"namespace": f"metrics-{uuid.uuid4().hex[:6]}"}}        # the server's default: kvcomm
+        answers = [http.post("/v1/chat/completions", json=body).json() for _ in range(2)]
+        after = metric_samples(http)
+    assert [a["kvcomm"]["mode"] for a in answers] == ["kvcomm", "kvcomm"] and answers[1]["kvcomm"]["reused"]
+
+    def grew(sample: str) -> float:
+        return after.get(sample, 0.0) - before.get(sample, 0.0)
+    assert grew('kvcomm_reused_prompt_tokens_total{source="chat"}') == \
+        answers[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert grew('kvcomm_chat_decisions_total{mode="kvcomm",reason="reused"}') == 1
+    assert grew('kvcomm_chat_decisions_total{mode="kvcomm",reason="new_anchor:cold_pool"}') == 1
+    assert grew('kvcomm_ttft_seconds_count{mode="chat-kvcomm"}') == 2
+
+
+def test_a_chats_namespace_routes_it_to_its_home_replica_when_loads_tie() -> None:
+    from cluster.serve.openai_api import ChatCompletionRequest
+    from cluster.serve.router import home_replica, rank_replicas
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "kvcomm": {"namespace": "team"}}
+    params = ChatCompletionRequest.model_validate(body).params(default_mode="kvcomm", namespace="tenant.team",
+                                                               default_max_tokens=16)
+    hint = params.routing_hint()
+    assert hint.namespace == "tenant.team" and params.request.mode == "kvcomm"
+    replicas = {"r1": 0.0, "r2": 0.0, "r3": 0.0}
+    ranked = rank_replicas(replicas, {}, cost_bytes_by_node={}, namespace=hint.namespace, slack_tokens=0)
+    assert ranked[0] == home_replica("tenant.team", sorted(replicas))
+    busy = rank_replicas({**replicas, ranked[0]: 500.0}, {}, cost_bytes_by_node={}, namespace=hint.namespace,
+                         slack_tokens=0)
+    assert busy[0] != ranked[0]                       # load first: a busy home replica is passed over

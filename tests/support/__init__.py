@@ -1,0 +1,1 @@
+"""Helpers shared by every test tier (import as ``tests.support.<module>``); no tests and no fixtures live here."""
