@@ -44,7 +44,7 @@ from kvcomm.config import KVCommConfig
 from kvcomm.rope import Rope
 
 from .latency import Latencies
-from .part_cache import AnchorPartCache, PartCache  # noqa: F401 - PartCache: re-exported
+from .part_cache import AnchorPartCache
 from .pool_state import PartRef, payload_nbytes, transaction_payload
 
 log = logging.getLogger(__name__)

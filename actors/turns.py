@@ -36,7 +36,7 @@ from kvcomm.harness.jobs import AgentSpec, Turn
 from kvcomm.job_runner import TurnRecord, sampling_for, share_turn_output, turn_record
 from kvcomm.kv import KVSegment
 
-from .pool_client import PartCache
+from .part_cache import PartCache
 from .pool_state import transaction_payload
 from .transfer import SegmentPayload, SegmentRef, get_segment, segment_to_payload
 

@@ -46,6 +46,14 @@ class AgentCache:
     def __len__(self) -> int:
         return len(self._states)
 
+    def templates(self) -> list[AgentTemplate]:
+        """The cached templates, least recently used first."""
+        return list(self._states)
+
+    def clear(self) -> None:
+        self._states.clear()
+        self.bytes = 0
+
     def get(self, template: AgentTemplate) -> AgentState:
         state = self._states.get(template)
         if state is not None:

@@ -7,7 +7,8 @@ import argparse
 from .names import EMBEDDED_MODEL
 
 
-def add_model_args(parser: argparse.ArgumentParser, *, local: bool = True) -> None:
+def add_model_args(parser: argparse.ArgumentParser, *, local: bool = True,
+                   threads_help: str = "torch CPU threads (default: all cores)") -> None:
     """Add ``--model`` and ``--random-weights``; with `local` (the model runs in this process) also ``--device``,
     ``--dtype`` and ``--threads``. Cluster commands pass ``local=False``: their workers choose devices."""
     parser.add_argument("--model", default=EMBEDDED_MODEL,
@@ -17,7 +18,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, local: bool = True) -> No
         parser.add_argument("--device", default="cpu")
         parser.add_argument("--dtype", default=None,
                             help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on GPU)")
-        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+        parser.add_argument("--threads", type=int, default=None, help=threads_help)
 
 
 def apply_threads(args: argparse.Namespace) -> None:

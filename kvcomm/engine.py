@@ -145,19 +145,6 @@ class KVCommEngine:
     def agent_cache_bytes(self, value: int) -> None:
         self.agents.budget_bytes = value
 
-    # tests/unit/test_memory_plan.py reads the cache's LRU order and byte count by these older names
-    @property
-    def _agents(self) -> OrderedDict:
-        return self.agents._states
-
-    @property
-    def _agent_bytes(self) -> int:
-        return self.agents.bytes
-
-    @_agent_bytes.setter
-    def _agent_bytes(self, value: int) -> None:
-        self.agents.bytes = value
-
     def agent_state(self, template: AgentTemplate) -> AgentState:
         """The agent's rendered template and fixed-segment KV, computed once per template (`AgentCache`)."""
         return self.agents.get(template)

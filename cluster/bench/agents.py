@@ -286,7 +286,7 @@ def run(*, frameworks: Sequence[str] = FRAMEWORKS, questions: int = 8, warmup: i
         random_weights: bool = False, gamma: float | None = None, num_cpus: int | None = None,
         progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> dict[str, Any]:
     """The benchmark (module docstring): returns the summary, the setting and every conversation's turns."""
-    from kvcomm.bench.fidelity import load_questions
+    from kvcomm.bench.turns import load_questions
     from kvcomm.session import build_engine
 
     from .http import run_with_app

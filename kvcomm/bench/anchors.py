@@ -21,6 +21,7 @@ from . import write_json_report
 from ..config import KVCommConfig
 from ..engine import TurnRequest
 from ..generation import Sampling
+from ..names import EMBEDDED_MODEL
 from ..model_loading import LoadedModel
 from ..runner import ModelRunner
 from ..templates import AgentTemplate
@@ -35,7 +36,7 @@ DEFAULTS = Setting(warmup=40, warmup_mode="replay")
 CORRECTED = KVCommConfig(calibration="none").with_calibration()   # offsets alone: no recompute, no turn gate
 
 
-def sweep_anchors(model: str = "smollm2-135m-instruct", *, anchors: Sequence[int] = SWEEP_ANCHORS,
+def sweep_anchors(model: str = EMBEDDED_MODEL, *, anchors: Sequence[int] = SWEEP_ANCHORS,
                   setting: Setting | None = None, agents: Sequence[AgentTemplate] | None = None,
                   base_config: KVCommConfig | None = None, device: str = "cpu", dtype: str | None = None,
                   random_weights: bool = False,

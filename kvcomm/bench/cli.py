@@ -1,35 +1,21 @@
-"""The command-line boilerplate every `kvcomm bench` benchmark of this package shares.
-
-`model_options` adds ``--model/--random-weights/--device/--dtype/--threads``, `apply_threads` honours
-``--threads``, and `standalone_main` runs a benchmark's `add_arguments` / `cli_main` pair as
-``python -m kvcomm.bench.<name>``. What each benchmark measures and its other options live in its own module.
+"""What every `kvcomm bench` benchmark of this package shares on the command line: the model options (declared once
+in `kvcomm.cli_args`, here with the benchmarks' thread advice) and `standalone_main`, which runs a benchmark's
+`add_arguments` / `cli_main` pair as ``python -m kvcomm.bench.<name>``. What each benchmark measures and its other
+options live in its own module.
 """
 from __future__ import annotations
 
 import argparse
 from typing import Callable, Sequence
 
-import torch
+from ..cli_args import add_model_args, apply_threads
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 THREADS_HELP = "torch CPU threads (on a CPU shared with other jobs, 1 is often fastest)"
 
 
 def model_options(parser: argparse.ArgumentParser, *, threads_help: str = THREADS_HELP) -> None:
-    """The model, device and thread options (`cluster.cli` adds its own copies where it shares a parser)."""
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="embedded name, HF checkpoint dir, .gguf file, or preset (with --random-weights)")
-    parser.add_argument("--random-weights", action="store_true", help="random weights for a preset")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 on CPU, "
-                                                     "bf16 on GPU)")
-    parser.add_argument("--threads", type=int, default=None, help=threads_help)
-
-
-def apply_threads(args: argparse.Namespace) -> None:
-    """``--threads``, when given, as torch's CPU thread count."""
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    """``--model/--random-weights/--device/--dtype/--threads`` for a benchmark that runs the model in this process."""
+    add_model_args(parser, threads_help=threads_help)
 
 
 def standalone_main(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
@@ -39,3 +25,6 @@ def standalone_main(name: str, add_arguments: Callable[[argparse.ArgumentParser]
     parser = argparse.ArgumentParser(prog=f"python -m kvcomm.bench.{name}", description=description)
     add_arguments(parser)
     return cli_main(parser.parse_args(list(argv) if argv is not None else None))
+
+
+__all__ = ["THREADS_HELP", "apply_threads", "model_options", "standalone_main"]

@@ -72,6 +72,7 @@ from ..calibration import CalibrationWarning, resolve, spearman
 from ..config import KVCommConfig
 from ..engine import KVCommEngine, TurnRequest
 from ..generation import Sampling
+from ..names import EMBEDDED_MODEL
 from ..model_loading import LoadedModel
 from ..runner import ModelRunner, SequenceKV
 from ..templates import AgentTemplate
@@ -227,7 +228,7 @@ def _summarize(rows: Sequence[dict[str, Any]], setting: Setting, num_layers: int
     return {"methods": methods, "dense_prepare_ms_mean": sum(dense_ms) / len(dense_ms)}
 
 
-def run(model: str = "smollm2-135m-instruct", *, setting: Setting | None = None,
+def run(model: str = EMBEDDED_MODEL, *, setting: Setting | None = None,
         agents: Sequence[AgentTemplate] | None = None, device: str = "cpu", dtype: str | None = None,
         random_weights: bool = False,
         loaded: LoadedModel | None = None, progress: bool = True) -> dict[str, Any]:

@@ -55,7 +55,7 @@ from .cli import apply_threads, model_options, standalone_main
 from ..anchor_pool import AnchorPool
 from ..config import KVCommConfig
 from ..engine import KVCommEngine
-from ..names import MODES, POOL_MODES
+from ..names import EMBEDDED_MODEL, MODES, POOL_MODES
 from ..harness.datasets import DEFAULT_GSM8K_PATH
 from ..harness.jobs import JobSpec
 from ..harness.scoring import check_humaneval, extract_number, humaneval_completion, score_gsm8k
@@ -220,7 +220,7 @@ def warm_pool(engine: KVCommEngine, mode: str, jobs: Sequence[JobSpec], group_si
             "wall_s": time.perf_counter() - started, "pool_after": _pool_summary(engine.pool)}
 
 
-def run(model: str = "smollm2-135m-instruct", *, setting: Setting | None = None, device: str = "cpu",
+def run(model: str = EMBEDDED_MODEL, *, setting: Setting | None = None, device: str = "cpu",
         dtype: str | None = None, random_weights: bool = False, loaded: LoadedModel | None = None,
         config: KVCommConfig | None = None, progress: bool = True,
         records: tuple[list[Record], list[Record]] | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..generation import DecodeBatch, Sampling
+from ..names import EMBEDDED_MODEL
 from ..model_loading import build_hf_model, load_model
 from ..runner import ModelRunner
 
@@ -30,7 +31,7 @@ def _paired_median_times(ours: Callable[[], Any], theirs: Callable[[], Any], rep
     return statistics.median(t_ours), statistics.median(t_theirs)
 
 
-def run(model: str = "smollm2-135m-instruct", *, prefill_lengths=(256, 512, 1024, 2048), batch_sizes=(1, 4, 16),
+def run(model: str = EMBEDDED_MODEL, *, prefill_lengths=(256, 512, 1024, 2048), batch_sizes=(1, 4, 16),
         decode_tokens: int = 32, repeats: int = 3, device: str = "cpu", dtype: str | None = None,
         random_weights: bool = False, progress: Callable[[str], None] = print) -> dict[str, Any]:
     loaded = load_model(model, device=device, dtype=dtype, random_weights=random_weights)

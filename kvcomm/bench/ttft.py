@@ -46,7 +46,7 @@ import torch
 from ..anchor_pool import AnchorPool
 from ..config import KVCommConfig
 from ..engine import KVCommEngine, SharedContent, TurnRequest
-from ..names import MODES, POOL_MODES
+from ..names import EMBEDDED_MODEL, MODES, POOL_MODES
 from ..generation import DecodeBatch, Sampling
 from ..model_loading import load_model
 from ..runner import ModelRunner, SequenceKV
@@ -338,7 +338,7 @@ def _pool_summary(pool: AnchorPool) -> dict[str, Any]:
 
 def run(agents: int = 5, prefix: int = 512, input: int = 1024, output: int = 512,
         modes: Sequence[str] = DEFAULT_MODES, samples: int = 3, warmup: int = 2, *,
-        model: str = "smollm2-135m-instruct", device: str = "cpu", dtype: str | None = None,
+        model: str = EMBEDDED_MODEL, device: str = "cpu", dtype: str | None = None,
         random_weights: bool = False, threads: int | None = 2, seed: int = 0, progress: bool = True,
         config: KVCommConfig | None = None) -> dict[str, Any]:
     """The paper's Table 2 setting: TTFT per agent and mode; see the module docstring for what is timed.
@@ -365,7 +365,7 @@ def run(agents: int = 5, prefix: int = 512, input: int = 1024, output: int = 512
 def run_grid(agents: int = 3, prefixes: Sequence[int] = PAPER_GRID["prefixes"],
              outputs: Sequence[int] = PAPER_GRID["outputs"], input: int = 1024,
              modes: Sequence[str] = ("dense", "dense-prefix", "kvcomm"), samples: int = 1, warmup: int = 2, *,
-             model: str = "smollm2-135m-instruct", device: str = "cpu", dtype: str | None = None,
+             model: str = EMBEDDED_MODEL, device: str = "cpu", dtype: str | None = None,
              random_weights: bool = False, threads: int | None = 2, seed: int = 0, progress: bool = True,
              config: KVCommConfig | None = None) -> dict[str, Any]:
     """The paper's Table 3: the last agent's TTFT and speedups over a prefix x output grid (one model load,

@@ -262,12 +262,11 @@ def test_agent_states_are_bounded_by_bytes(tiny_model_dir):
     states = [engine.agent_state(_agent(i)) for i in range(6)]
     each = sum(seg.nbytes for seg in states[0].fixed_kv)
     engine.agent_cache_bytes = 2 * each + each // 2
-    engine._agents.clear()
-    engine._agent_bytes = 0
+    engine.agents.clear()
     for i in range(6):
         engine.agent_state(_agent(i))
-    assert engine._agent_bytes <= engine.agent_cache_bytes and len(engine._agents) == 2
-    assert list(engine._agents) == [_agent(4), _agent(5)]               # the most recently used stay
+    assert engine.agents.bytes <= engine.agent_cache_bytes and len(engine.agents) == 2
+    assert engine.agents.templates() == [_agent(4), _agent(5)]          # the most recently used stay
 
 
 def test_a_mostly_emptied_decode_buffer_shrinks(tiny):
