@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from kvcomm.bench import anchors, fidelity
 from kvcomm.bench.turns import load_questions
