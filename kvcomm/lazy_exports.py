@@ -9,7 +9,8 @@ from typing import Any, Callable, Mapping
 
 def exporter(package: str, homes: Mapping[str, str], namespace: dict[str, Any]) -> Callable[[str], Any]:
     """The ``__getattr__`` of `package`: a name in `homes` (name -> submodule) is imported from its submodule once
-    and cached in the package's `namespace`; any other name is an AttributeError."""
+    and cached in the package's `namespace`; any other name is an AttributeError. A name in `homes` must not be a
+    submodule's: ``from package import name`` would then get the attribute, not the submodule."""
     def __getattr__(name: str) -> Any:
         if name not in homes:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")

@@ -5,6 +5,6 @@ from __future__ import annotations
 
 from kvcomm.lazy_exports import exporter
 
-_HOMES = {"ClusterRunner": "runner", "JobTicket": "runner", "submit": "submit", "read_jobs": "submit"}
+_HOMES = {"ClusterRunner": "runner", "JobTicket": "runner", "read_jobs": "submit", "run_over_http": "submit"}
 __all__ = sorted(_HOMES)
 __getattr__ = exporter(__name__, _HOMES, globals())

@@ -1,6 +1,7 @@
 """Each package's `__init__` names its public surface; the shared names and generation parameters have one home."""
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
@@ -26,6 +27,8 @@ def test_every_public_name_resolves_from_its_package(package):
         assert getattr(value, "__name__", name) == name or not callable(value), (package.__name__, name)
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         getattr(package, "not_a_name")
+    submodules = {p.stem for p in pathlib.Path(package.__file__).parent.iterdir() if p.suffix == ".py" or p.is_dir()}
+    assert not submodules & set(package.__all__), "a public name that is also a submodule hides the submodule"
 
 
 def test_the_shared_names_import_without_torch():
