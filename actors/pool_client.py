@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from kvcomm.anchor_pool import Anchor, PoolSnapshot, PoolTransaction, TransactionHost
+from kvcomm.anchor_pool import PoolSnapshot, PoolTransaction, TransactionHost
+from kvcomm.anchor_records import Anchor
 from kvcomm.codec import numpy_to_tensor
 from kvcomm.config import KVCommConfig
 from kvcomm.rope import Rope

@@ -37,7 +37,8 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from kvcomm.anchor_pool import Anchor, AnchorPool, ConsumerDeltas, PoolTransaction
+from kvcomm.anchor_pool import AnchorPool, PoolTransaction
+from kvcomm.anchor_records import Anchor, ConsumerDeltas
 from kvcomm.codec import dtype_name, numpy_to_tensor, pack_stream, tensor_to_numpy, unpack_stream
 from kvcomm.config import KVCommConfig
 

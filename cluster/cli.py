@@ -27,7 +27,7 @@ def cmd_bench_runner(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from kvcomm.harness.job_files import load_jobs
     from kvcomm.job_runner import run_job
-    from kvcomm.session import build_engine
+    from kvcomm.engine import build_engine
     jobs = load_jobs(args.job)
     engine = build_engine(args.model, device=args.device, dtype=args.dtype, random_weights=args.random_weights)
     results = []

@@ -17,7 +17,7 @@ _HOMES = {
     "ModelRunner": "runner", "KVSegment": "kv",
     # one turn
     "KVCommEngine": "engine", "TurnRequest": "engine", "TurnResult": "engine", "SharedContent": "engine",
-    "ContextLengthError": "engine", "build_engine": "session", "AnchorPool": "anchor_pool",
+    "ContextLengthError": "engine", "build_engine": "engine", "AnchorPool": "anchor_pool",
     "AgentTemplate": "templates", "GenerationParams": "sampling", "Sampling": "sampling",
     # jobs and chats
     "run_job": "job_runner", "run_jobs": "job_runner", "JobResult": "job_runner", "TurnRecord": "job_runner",

@@ -1,170 +1,29 @@
 """The anchor pool: observed placeholder contents and the KV offsets consumers saw for them.
 
-This module owns the pool as a plain, thread-safe data structure (no model, no Ray): `Anchor` and
-`ConsumerDeltas` (immutable records of tensors), `AnchorPool` (versioned, copy-on-write, namespaced state with
+This module owns the pool as a plain, thread-safe data structure (no model, no Ray) of the records in
+`kvcomm.anchor_records` (`Anchor`, `ConsumerDeltas`): `AnchorPool` (versioned, copy-on-write, namespaced state with
 the LFU-in-window eviction and a global byte budget), `PoolSnapshot` (an immutable, consistent view of one
 namespace) and `PoolTransaction` (changes staged by one request, published atomically by `AnchorPool.commit`).
 
-Positions. An anchor's base KV is stored at canonical positions ``0 .. T-1``. Key deltas are stored either
-de-rotated to position 0 (``config.rerotate_deltas``, the corrected mode: rotation is linear, so de-rotating a
-difference is exact) or as observed (reference mode, together with the writer's rotated base key; the last writer
-of an anchor overwrites it, exactly like the reference's ``ph_key_embedding``).
-
-Separating tensors from metadata (for an actor that keeps tensors in an object store):
-``Anchor.to_state()`` returns ``(metadata, tensors)``, a JSON-able dict and a flat ``{name: Tensor}`` dict;
-``Anchor.from_state(metadata, tensors)`` rebuilds the anchor. The pool itself only ever replaces whole
-`Anchor` objects, so an actor can map anchor ids to object references and rebuild on the worker.
+Positions: an anchor's base KV is stored at canonical positions ``0 .. T-1`` (its deltas: `kvcomm.anchor_records`).
+The pool only ever replaces whole `Anchor` objects, so an actor can map anchor ids to object references and rebuild
+anchors on the worker (`Anchor.to_state` / `from_state`).
 """
 from __future__ import annotations
 
 import threading
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field, replace
-from functools import cached_property
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from .anchor_records import Anchor, ConsumerDeltas, with_consumer_deltas
 from .config import KVCommConfig
 from .kv import KVSegment
 from .rope import Rope
-
-
-def _tensor_bytes(tensor: torch.Tensor | None) -> int:
-    return 0 if tensor is None else tensor.numel() * tensor.element_size()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Records
-# ------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class ConsumerDeltas:
-    """What one consumer agent observed for one anchor in its dense prefill: real KV minus base KV.
-
-    ph_key, ph_value: [layers, kv_heads, T, head_dim], the placeholder's delta (T = the anchor's length).
-    pf_key, pf_value: [layers, kv_heads, S, head_dim], the delta of the consumer's fixed segment right after it.
-    ph_start, pf_start: the positions at which the placeholder and the following segment were observed.
-    keys_canonical: True when ph_key/pf_key were de-rotated to start at position 0 (corrected mode); False when
-      they are stored as observed, rotated for ph_start.. / pf_start.. (reference mode).
-    rotated_base_key: [layers, kv_heads, T, head_dim], the anchor's base keys rotated to ph_start (reference mode
-      only, and only on the anchor's last writer; None otherwise).
-    offset_error: the relative V error the pool's offsets had on this very observation when it was recorded
-      (`kvcomm.offsets.recorded_error`, estimated from the other anchors): the pool's track record for this
-      placeholder kind and consumer, read by the turn gate; None when not measured.
-    """
-    ph_key: torch.Tensor
-    ph_value: torch.Tensor
-    pf_key: torch.Tensor
-    pf_value: torch.Tensor
-    ph_start: int
-    pf_start: int
-    rotated_base_key: torch.Tensor | None = None
-    keys_canonical: bool = True
-    offset_error: float | None = None
-
-    @property
-    def ph_tokens(self) -> int:
-        return self.ph_key.shape[2]
-
-    @property
-    def pf_tokens(self) -> int:
-        return self.pf_key.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(_tensor_bytes(t) for t in (self.ph_key, self.ph_value, self.pf_key, self.pf_value,
-                                               self.rotated_base_key))
-
-
-@dataclass(frozen=True, eq=False)
-class Anchor:
-    """One observed content of a placeholder kind: its base KV and, per consumer agent id, the observed deltas.
-
-    base_keys, base_values: [layers, kv_heads, T, head_dim], keys rotated for positions 0..T-1.
-    inserted_seq: the pool-wide insertion order (eviction looks at the oldest first).
-    last_writer: the consumer whose deltas were recorded last (reference mode reads its rotated base key).
-    Equality is identity: anchors hold tensors.
-    """
-    anchor_id: str
-    placeholder: str
-    base_keys: torch.Tensor
-    base_values: torch.Tensor
-    deltas: Mapping[str, ConsumerDeltas] = field(default_factory=lambda: MappingProxyType({}))
-    activation_count: int = 0
-    inserted_seq: int = -1
-    last_writer: str | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.base_keys.shape[2]
-
-    @cached_property
-    def nbytes(self) -> int:
-        """Bytes of every tensor this anchor holds (base and all consumers' deltas)."""
-        return (_tensor_bytes(self.base_keys) + _tensor_bytes(self.base_values)
-                + sum(d.nbytes for d in self.deltas.values()))
-
-    @property
-    def reference_base_key(self) -> torch.Tensor | None:
-        """[layers, kv_heads, T, head_dim]: the last writer's rotated base key (reference mode), else None."""
-        if self.last_writer is None:
-            return None
-        return self.deltas[self.last_writer].rotated_base_key
-
-    # ---- tensors separable from metadata ----------------------------------------------------------------------
-    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """(metadata, tensors): plain-Python metadata and a flat dict of named tensors; see `from_state`."""
-        tensors: dict[str, torch.Tensor] = {"base_keys": self.base_keys, "base_values": self.base_values}
-        consumers = []
-        for index, (consumer, d) in enumerate(self.deltas.items()):
-            prefix = f"deltas.{index}."
-            tensors[prefix + "ph_key"] = d.ph_key
-            tensors[prefix + "ph_value"] = d.ph_value
-            tensors[prefix + "pf_key"] = d.pf_key
-            tensors[prefix + "pf_value"] = d.pf_value
-            if d.rotated_base_key is not None:
-                tensors[prefix + "rotated_base_key"] = d.rotated_base_key
-            consumers.append({"consumer": consumer, "ph_start": d.ph_start, "pf_start": d.pf_start,
-                              "keys_canonical": d.keys_canonical,
-                              "has_rotated_base_key": d.rotated_base_key is not None,
-                              "offset_error": d.offset_error})
-        metadata = {"anchor_id": self.anchor_id, "placeholder": self.placeholder,
-                    "activation_count": self.activation_count, "inserted_seq": self.inserted_seq,
-                    "last_writer": self.last_writer, "consumers": consumers}
-        return metadata, tensors
-
-    @classmethod
-    def from_state(cls, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> "Anchor":
-        deltas: dict[str, ConsumerDeltas] = {}
-        for index, entry in enumerate(metadata["consumers"]):
-            prefix = f"deltas.{index}."
-            deltas[entry["consumer"]] = ConsumerDeltas(
-                ph_key=tensors[prefix + "ph_key"], ph_value=tensors[prefix + "ph_value"],
-                pf_key=tensors[prefix + "pf_key"], pf_value=tensors[prefix + "pf_value"],
-                ph_start=int(entry["ph_start"]), pf_start=int(entry["pf_start"]),
-                rotated_base_key=tensors[prefix + "rotated_base_key"] if entry["has_rotated_base_key"] else None,
-                keys_canonical=bool(entry["keys_canonical"]), offset_error=entry.get("offset_error"))
-        return cls(anchor_id=metadata["anchor_id"], placeholder=metadata["placeholder"],
-                   base_keys=tensors["base_keys"], base_values=tensors["base_values"],
-                   deltas=MappingProxyType(deltas), activation_count=int(metadata["activation_count"]),
-                   inserted_seq=int(metadata["inserted_seq"]), last_writer=metadata["last_writer"])
-
-
-def _with_consumer_deltas(anchor: Anchor, consumer: str, new: ConsumerDeltas) -> Anchor:
-    """A copy of `anchor` with `consumer`'s deltas set (replacing any earlier ones) and it as the last writer.
-
-    In reference mode only the last writer keeps its rotated base key (the reference overwrites one
-    ``ph_key_embedding``); earlier writers' copies are dropped so the pool does not pay for them.
-    """
-    merged: dict[str, ConsumerDeltas] = {}
-    for name, old in anchor.deltas.items():
-        if name == consumer:
-            continue
-        merged[name] = replace(old, rotated_base_key=None) if new.rotated_base_key is not None else old
-    merged[consumer] = new
-    return replace(anchor, deltas=MappingProxyType(merged), last_writer=consumer)
 
 
 def choose_victim(anchors: Sequence[Anchor], window: int, protected_ids: frozenset[str] = frozenset()) -> int:
@@ -450,7 +309,7 @@ class AnchorPool(TransactionHost):
                 anchor = replace(staged, inserted_seq=self._next_seq, activation_count=activations.pop(anchor_id, 0))
                 self._next_seq += 1
                 for consumer, deltas in txn._deltas.get(anchor_id, {}).items():
-                    anchor = _with_consumer_deltas(anchor, consumer, deltas)
+                    anchor = with_consumer_deltas(anchor, consumer, deltas)
                 lists.setdefault(anchor.placeholder, []).append(anchor)
             # 2. deltas and activations for anchors committed earlier (gone ones are counted as stale)
             updates = {anchor_id: per_consumer for anchor_id, per_consumer in txn._deltas.items()
@@ -460,7 +319,7 @@ class AnchorPool(TransactionHost):
                 for index, anchor in enumerate(anchors):
                     changed = anchor
                     for consumer, deltas in updates.pop(anchor.anchor_id, {}).items():
-                        changed = _with_consumer_deltas(changed, consumer, deltas)
+                        changed = with_consumer_deltas(changed, consumer, deltas)
                     count = activations.pop(anchor.anchor_id, 0)
                     if count:
                         changed = replace(changed, activation_count=changed.activation_count + count)

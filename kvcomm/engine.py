@@ -32,12 +32,14 @@ import torch
 from .alignment import align_and_offset, record_deltas
 from .anchor_pool import AnchorPool, PoolTransaction
 from .base_cache import AgentCache, AgentState, InputEncoder
+from .calibration import resolve as resolve_calibration
 from .config import KVCommConfig
 from .gate import TurnForecast, gate
 from .generation import DecodeBatch, Sampling, SequenceState, cut_at_stop_string, result_of
 from .kv import KVSegment, concat
 from .memory_plan import MemoryConfig
-from .names import DENSE_MODES, MODES, POOL_MODES
+from .model_loading import load_model
+from .names import DENSE_MODES, EMBEDDED_MODEL, MODES, POOL_MODES
 from .offsets import compatible_anchors
 from .runner import ModelRunner, SequenceKV
 from .stages import StageListener, StageTimes
@@ -364,3 +366,16 @@ class KVCommEngine:
             prompt_ids=prepared.prompt_ids, ttft_s=gen.ttft_s, total_s=gen.total_s, timings=timings,
             recomputed_tokens=prepared.recomputed, response=response, finish_reason=gen.finish_reason,
             predicted_kl=None if prepared.forecast is None else prepared.forecast.predicted_kl)
+
+
+def build_engine(model: str = EMBEDDED_MODEL, *, device: str = "cpu", dtype: str | None = None,
+                 random_weights: bool = False, config: KVCommConfig | None = None,
+                 pool: AnchorPool | None = None) -> KVCommEngine:
+    """One call from a model name to a ready engine: load the weights, build the runner, the pool and the engine with
+    the model's calibration applied (`kvcomm.calibration.resolve`, which warns when the model has none)."""
+    loaded = load_model(model, device=device, dtype=dtype, random_weights=random_weights)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{model}: no tokenizer available; agent templates need one")
+    runner = ModelRunner(loaded.spec, loaded.state_dict)
+    config, _ = resolve_calibration(config or KVCommConfig(), model)
+    return KVCommEngine(runner, loaded.tokenizer, config, pool if pool is not None else AnchorPool(config, runner.rope))

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from .anchor_pool import Anchor
+from .anchor_records import Anchor
 from .config import KVCommConfig
 from .kv import KVSegment
 

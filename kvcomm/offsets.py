@@ -39,7 +39,7 @@ from typing import Hashable, MutableMapping, Sequence
 
 import torch
 
-from .anchor_pool import Anchor, ConsumerDeltas
+from .anchor_records import Anchor, ConsumerDeltas
 from .config import KVCommConfig
 from .kv import KVSegment
 from .rope import Rope

@@ -78,7 +78,7 @@ def oracle(tiny_model_dir):
     """The in-process engine over the tiny random weights a test Serve app loads (gamma 1.0): the results the app
     must reproduce in dense mode."""
     from kvcomm.config import KVCommConfig
-    from kvcomm.session import build_engine
+    from kvcomm.engine import build_engine
     return build_engine(tiny_model_dir, random_weights=True, config=KVCommConfig(gamma=1.0))
 
 

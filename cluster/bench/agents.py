@@ -287,7 +287,7 @@ def run(*, frameworks: Sequence[str] = FRAMEWORKS, questions: int = 8, warmup: i
         progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> dict[str, Any]:
     """The benchmark (module docstring): returns the summary, the setting and every conversation's turns."""
     from kvcomm.bench.turns import load_questions
-    from kvcomm.session import build_engine
+    from kvcomm.engine import build_engine
 
     from .http import run_with_app
     unknown = [f for f in frameworks if f not in RUNNERS]

@@ -292,7 +292,7 @@ def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, jobs: int 
         extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every drill on a fresh 2-worker cluster (the memory drill on a second one with `tight_budgets`); `extra`
     adds sections run after them (the HTTP drills)."""
-    from kvcomm.session import build_engine
+    from kvcomm.engine import build_engine
 
     from ..batch.runner import ClusterRunner
     from ..runtime import RayRuntime

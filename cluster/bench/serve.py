@@ -107,7 +107,7 @@ def shared_pool(url: str, *, count: int, agents: int, new_tokens: int) -> dict[s
 def run(*, replicas: Sequence[int] = (1, 2), agents: int = 16, new_tokens: int = 16, concurrent: int = 2,
         shared_jobs: int = 4, model: str = EMBEDDED_MODEL, random_weights: bool = False,
         cpus_per_replica: float = 1.0, address: str | None = None) -> dict[str, Any]:
-    from kvcomm.session import build_engine
+    from kvcomm.engine import build_engine
 
     from ..serve.command import DEFAULT_CONFIG
     from ..serve.config import load_serve_config_file

@@ -46,7 +46,7 @@ import torch
 from ..anchor_pool import AnchorPool
 from ..config import KVCommConfig
 from ..engine import KVCommEngine, SharedContent, TurnRequest
-from ..names import EMBEDDED_MODEL, MODES, POOL_MODES
+from ..names import DENSE_MODES, EMBEDDED_MODEL, MODES, POOL_MODES
 from ..generation import DecodeBatch, Sampling
 from ..model_loading import load_model
 from ..runner import ModelRunner, SequenceKV
@@ -230,12 +230,12 @@ def summarize(setting: Setting, samples: Sequence[SampleMeasurement], layout: li
                 "reasons": dict(Counter(t.reason for t in rows)),
                 "recomputed_tokens": statistics.median([t.recomputed_tokens for t in rows]) if rows else None,
             }
-            if mode not in ("dense", "dense-prefix"):
+            if mode not in DENSE_MODES:
                 split = {key: _median_ms([t.timings.get(key, 0.0) for t in rows]) for key in SPLIT_KEYS}
                 split["other"] = _median_ms([t.ttft_s - sum(t.timings.get(key, 0.0) for key in SPLIT_KEYS)
                                              for t in rows])
                 entry["split_ms"] = split
-            if k == 1 and mode not in ("dense", "dense-prefix"):
+            if k == 1 and mode not in DENSE_MODES:
                 by_sample = {t.sample: t.ttft_s for t in rows}
                 entry["ttft_with_input_prefill_ms"] = _median_ms(
                     [by_sample[s.index] + s.input_prefill_s for s in measured if s.index in by_sample])

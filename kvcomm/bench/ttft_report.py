@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..names import POOL_MODES
+from ..names import DENSE_MODES, POOL_MODES
 
 SPLIT_KEYS = ("fetch", "align", "offset", "prefill")   # the engine's timing stages shown in kvcomm's split
 GOALS = {"vs_dense": 10.0, "vs_dense_prefix": 4.0}   # agent N, kvcomm, on CPU with the embedded model
@@ -111,7 +111,7 @@ def plot(report: dict[str, Any], png_path: str | Path) -> Path:
     ax_ttft.legend(fontsize=8)
     ax_ttft.grid(axis="y", which="both", alpha=0.3)
 
-    reuse_modes = [m for m in modes if m not in ("dense", "dense-prefix")]
+    reuse_modes = [m for m in modes if m not in DENSE_MODES]
     series = [(m, "speedup_vs_dense", "vs dense", None) for m in reuse_modes]
     if "dense-prefix" in modes:
         series += [(m, "speedup_vs_dense_prefix", "vs dense-prefix", "//") for m in reuse_modes]

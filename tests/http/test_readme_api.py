@@ -304,7 +304,7 @@ class Oracle:
 @pytest.fixture(scope="module")
 def oracle(server) -> Oracle:
     from cluster.serve.config import ServeAppConfig
-    from kvcomm.session import build_engine
+    from kvcomm.engine import build_engine
     config = ServeAppConfig.from_args(server.args)
     engine = build_engine(str(server.model_dir), random_weights=True, config=config.cluster.kvcomm.to_kvcomm())
     return Oracle(engine, config.serve, config.chat_cache_bytes)

@@ -22,7 +22,7 @@ from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
 from kvcomm.kv import KVSegment
 from kvcomm.calibration import resolve as resolve_calibration
-from kvcomm.session import build_engine
+from kvcomm.engine import build_engine
 
 from actors.anchor_pool_actor import PoolSpec, get_or_create_pool_actor
 from actors.pool_client import RemoteAnchorPool

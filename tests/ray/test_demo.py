@@ -16,7 +16,7 @@ from kvcomm.config import KVCommConfig
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
-from kvcomm.session import build_engine
+from kvcomm.engine import build_engine
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ import pytest
 from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
-from kvcomm.session import build_engine
+from kvcomm.engine import build_engine
 
 from cluster.batch.submit import finished_ids, main, read_jobs
 

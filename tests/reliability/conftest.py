@@ -21,7 +21,7 @@ import pytest
 from kvcomm.config import KVCommConfig
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
-from kvcomm.session import build_engine
+from kvcomm.engine import build_engine
 
 from tests.support.serve_app import running_app, tiny_app_args
 

@@ -21,7 +21,7 @@ from kvcomm.config import KVCommConfig
 from kvcomm.harness.jobs import GenerationParams, JobSpec
 from kvcomm.harness.topologies import build_job
 from kvcomm.job_runner import run_job
-from kvcomm.session import build_engine
+from kvcomm.engine import build_engine
 
 from tests.support.serve_app import free_port
 

@@ -47,7 +47,7 @@ def test_jobs_survive_the_pool_dying_and_every_turn_equals_the_oracle(runner, ti
     """The oracle replays the jobs in process, its pool emptied where the actor was killed: equal turns (tokens,
     reasons, reuse) and an equal restarted pool (anchors per placeholder, version = non-empty commits) mean no job
     was lost, no gate decision went astray, and no job's anchors were committed twice."""
-    from kvcomm.session import build_engine
+    from kvcomm.engine import build_engine
     oracle = build_engine(tiny_model_dir, random_weights=True, config=runner.config.kvcomm.to_kvcomm())
     tag = f"pf-{uuid.uuid4().hex[:6]}"
     report = pool_faults(runner, make_jobs(10, mode="kvcomm", tag=tag, new_tokens=8), kill_after=4, oracle=oracle)

@@ -31,7 +31,7 @@ from kvcomm.engine import KVCommEngine
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job
 from kvcomm.model_spec import PRESETS
-from kvcomm.session import build_engine
+from kvcomm.engine import build_engine
 
 from kvcomm.kv import KVSegment
 from kvcomm.rope import Rope

@@ -22,7 +22,7 @@ from kvcomm.config import KVCommConfig  # noqa: E402
 from kvcomm.harness.jobs import GenerationParams  # noqa: E402
 from kvcomm.harness.topologies import build_job  # noqa: E402
 from kvcomm.job_runner import run_job  # noqa: E402
-from kvcomm.session import build_engine  # noqa: E402
+from kvcomm.engine import build_engine  # noqa: E402
 
 from cluster.bench.simcluster import SimulatedCluster, actor_node  # noqa: E402
 from cluster.config import ClusterConfig  # noqa: E402

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from kvcomm.anchor_pool import Anchor, AnchorPool, choose_victim
+from kvcomm.anchor_pool import AnchorPool, choose_victim
+from kvcomm.anchor_records import Anchor
 from kvcomm.config import KVCommConfig
 from kvcomm.kv import KVSegment
 from kvcomm.model_spec import PRESETS

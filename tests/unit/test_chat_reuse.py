@@ -20,7 +20,7 @@ from kvcomm.config import KVCommConfig
 from kvcomm.engine import TurnRequest
 from kvcomm.names import MODES
 from kvcomm.generation import Sampling, generate_from_ids
-from kvcomm.session import build_engine
+from kvcomm.engine import build_engine
 from kvcomm.templates import AgentTemplate, chat_text, render_template
 
 SYSTEMS = ("You are a careful math solver.", "You are an analyst who checks arithmetic.", "You are an inspector.")

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from kvcomm.anchor_pool import Anchor
+from kvcomm.anchor_records import Anchor
 from kvcomm.config import KVCommConfig
 from kvcomm.gate import gate, match_probabilities, top_p_indices
 from kvcomm.kv import KVSegment

@@ -22,7 +22,7 @@ from kvcomm.memory_plan import (GIB, JobShape, KVBudget, KVBudgetError, MemoryCo
 from kvcomm.model_loading import load_model
 from kvcomm.model_spec import PRESETS
 from kvcomm.runner import ModelRunner
-from kvcomm.session import build_engine
+from kvcomm.engine import build_engine
 from kvcomm.templates import AgentTemplate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from kvcomm.anchor_pool import Anchor, AnchorPool
+from kvcomm.anchor_pool import AnchorPool
+from kvcomm.anchor_records import Anchor
 from kvcomm.config import KVCommConfig
 from kvcomm.kv import KVSegment
 from kvcomm.model_spec import PRESETS
