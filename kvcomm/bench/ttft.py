@@ -4,31 +4,7 @@ This module owns the TTFT benchmark's measurement loop, its report (a JSON-able 
 point (`add_arguments` / `cli_main`, also ``python -m kvcomm.bench.ttft``; `scripts/gpu_bench.sh` runs it on a
 GPU). The synthetic CopyMachine job is `kvcomm.bench.ttft_workload`; the tables and plot `kvcomm.bench.ttft_report`.
 
-The setting (kvcomm-algorithm.md section 4, the reference's ``experiments/benchmark_TTFT.py``):
-
-* a fully connected job of N agents: agent k reads the user input and every agent j < k's response;
-* agent k's template: a system prompt of ~`prefix` tokens (a role line naming agent k, then one-token filler
-  symbols, a different symbol per agent), then ``{user_question}`` (~`input` random Delta/Omega symbols, like the
-  reference's 1000 random symbols), then for each upstream agent a fixed header line, its ``{agent_j_current}``
-  placeholder and a fixed closing line, then an instruction;
-* every response is forced to exactly `output` tokens.
-
-Teacher forcing. Decoding `output` tokens per agent per sample is far too slow on a CPU, so each response is
-produced by teacher forcing: its tokens are `output` synthetic symbol tokens, and its KV is the producer's own KV
-for them, computed by prefilling them right after the producer's exact (dense) prompt KV -- exactly the KV a
-decode would have produced for those tokens -- then de-rotated to position 0 (the reference's response base).
-This changes nothing about what TTFT measures: TTFT stops at the first token. Every mode sees identical tokens.
-
-What is timed, per agent and mode: from the start of `KVCommEngine.prepare` (template lookup, fetch, RoPE
-alignment, offsets, assembly, the recomputed tail or full prefill) until the first token is sampled, i.e. the
-engine's own ``TurnResult.ttft_s`` without the decode. Like the reference, the isolated user-input prefill (paid
-once per question, not per agent), the entropy gate (anchor prediction) and the response de-rotation are not in
-TTFT; the input prefill and the gate are reported separately, and agent 1's TTFT is also reported with the input
-prefill added. Pool warm-up: `warmup` samples run in kvcomm mode only; their dense fallbacks record anchors. The
-reference's TTFT script uses gamma = 1.0, so once every placeholder has two anchors every call reuses; this
-benchmark does the same (``KVCommConfig(gamma=1.0)``; default gamma is 0.3). Measured samples then run every
-mode, in an order rotated per sample and agent so machine drift hits all modes alike; speedups are ratios of
-medians against dense and dense-prefix measured in the same run.
+The setting, what is compared and what is timed: docs/benchmarks.md ("`kvcomm bench ttft`").
 """
 from __future__ import annotations
 
