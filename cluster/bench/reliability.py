@@ -90,7 +90,9 @@ def worker_faults(runner: Any, jobs: Sequence[JobSpec], *, kill_process: bool = 
     started = time.perf_counter()
     tickets = [runner.submit(job) for job in jobs]
     faults, orders_hit = [], {}
-    _wait_until(lambda: _orders_on(runner, 0) > 0, busy_timeout_s)
+    # both faults land mid-turn: wait until both workers run orders, so worker-1 is still busy right after the kill
+    # (waiting for it only after worker-0's kill can miss it when the jobs' last orders are on worker-0)
+    _wait_until(lambda: _orders_on(runner, 0) > 0 and (pid is None or _orders_on(runner, 1) > 0), busy_timeout_s)
     orders_hit["ray.kill"] = _orders_on(runner, 0)
     ray.kill(runner.workers[0], no_restart=False)                    # the actor dies; Ray restarts it
     faults.append("ray.kill(worker-0)")
