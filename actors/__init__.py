@@ -15,7 +15,7 @@ _HOMES = {
     "get_or_create_pool_actor": "anchor_pool_actor", "RemoteAnchorPool": "pool_client",
     "TurnOrder": "turns", "ContentOrder": "turns", "ContentHandle": "turns", "TurnOutcome": "turns",
     "SegmentRef": "transfer", "put_segment": "transfer", "get_segment": "transfer",
-    "ReplicaMetrics": "metrics",
+    "ReplicaMetrics": "metrics", "WorkerLoad": "worker_load", "SchedulerLoad": "worker_load",
 }
 __all__ = sorted(_HOMES)
 __getattr__ = exporter(__name__, _HOMES, globals())

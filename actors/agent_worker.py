@@ -45,6 +45,7 @@ from .scheduler import ScheduledEngine, TurnScheduler
 from .metrics import ReplicaMetrics
 from .turns import (Cancellation, ContentOrder, ContentResolver, TurnCancelled, TurnOrder, execute_content,
                     execute_turn)
+from .worker_load import WorkerLoad
 
 log = logging.getLogger(__name__)
 
@@ -268,12 +269,15 @@ class AgentWorker:
         return await self.execute_turn(order)
 
     # ---- routing and health -------------------------------------------------------------------------------------
-    async def load(self) -> dict[str, Any]:
+    async def load(self) -> WorkerLoad:
         """What a router looks at: orders and their cost in tokens in flight, queued and decoding turns."""
-        load = self.scheduler.load()
-        load.update(worker=self.worker_id, node_id=self.node_id, orders=self._orders_in_flight,
-                    tokens=self._tokens_in_flight, max_batch_size=self.settings.max_batch_size)
-        return load
+        return self.load_now()
+
+    def load_now(self) -> WorkerLoad:
+        """`load()` for a caller that cannot await (Serve's `record_routing_stats`); it reads counters only."""
+        return WorkerLoad.of(self.scheduler.load(), worker=self.worker_id, node_id=self.node_id,
+                             orders=self._orders_in_flight, tokens=self._tokens_in_flight,
+                             max_batch_size=self.settings.max_batch_size)
 
     async def stats(self) -> dict[str, Any]:
         spec = self.engine.spec

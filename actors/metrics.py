@@ -352,8 +352,8 @@ class ReplicaMetrics:
             record = self.metrics.record
             scheduler, pool = worker.scheduler, worker.pool
             load = scheduler.load()
-            record("kvcomm_num_requests_running", load["active"], how="set")
-            record("kvcomm_num_requests_waiting", load["queued"], how="set")
+            record("kvcomm_num_requests_running", load.active, how="set")
+            record("kvcomm_num_requests_waiting", load.queued, how="set")
             budget = worker.engine.runner.kv_budget
             capacity = budget.capacity if budget.capacity is not None else worker.memory_plan.kv_bytes
             record("kvcomm_kv_cache_usage_bytes", budget.used, how="set")

@@ -35,6 +35,7 @@ from kvcomm.runner import PrefillBudget
 
 from .latency import Latencies
 from .turns import Cancellation, TurnCancelled
+from .worker_load import SchedulerLoad
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,8 @@ class TurnScheduler:
             queue.append(item)
             self._cv.notify()
 
-    def load(self) -> dict[str, int]:
-        return {"queued": len(self._pending), "active": len(self._batch.active), "calls": len(self._calls)}
+    def load(self) -> SchedulerLoad:
+        return SchedulerLoad(queued=len(self._pending), active=len(self._batch.active), calls=len(self._calls))
 
     def stats(self) -> dict[str, float]:
         return {"steps": self.steps, "step_sequences": self.step_sequences,

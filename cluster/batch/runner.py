@@ -29,6 +29,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 from actors.agent_worker import start_agent_worker
 from actors.anchor_pool_actor import get_or_create_pool_actor
 from actors.turns import ContentOrder, TurnOrder, TurnOutcome
+from actors.worker_load import WorkerLoad
 from kvcomm.harness.jobs import JobSpec, JobSpecError
 
 from ..config import ClusterConfig
@@ -356,7 +357,7 @@ class ClusterRunner:
                     yield {"id": ticket.job_id, "error": error_message(exc)}
 
     # ---- observability ------------------------------------------------------------------------------------------
-    def loads(self) -> list[dict[str, Any]]:
+    def loads(self) -> list[WorkerLoad]:
         self._require_started()
         return ray.get([w.load.remote() for w in self.workers])
 

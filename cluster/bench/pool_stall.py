@@ -108,7 +108,7 @@ def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, clients: i
                 for i in range(sequences)]
         tickets = [runner.submit(job) for job in jobs]
         deadline = time.monotonic() + 120
-        while ray.get(worker.load.remote())["active"] < sequences:   # inputs and prefills run before the first step
+        while ray.get(worker.load.remote()).active < sequences:   # inputs and prefills run before the first step
             if time.monotonic() > deadline:
                 raise TimeoutError("the long sequence never started decoding")
             time.sleep(0.005)

@@ -72,7 +72,7 @@ def _orders_on(runner: Any, index: int) -> int:
     """Orders (turns, user inputs) the worker itself is running now; 0 while it is dead or restarting."""
     import ray
     try:
-        return int(ray.get(runner.workers[index].load.remote(), timeout=5)["orders"])
+        return ray.get(runner.workers[index].load.remote(), timeout=5).orders
     except Exception:  # noqa: BLE001 - a dead or restarting worker runs nothing
         return 0
 

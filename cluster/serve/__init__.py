@@ -12,6 +12,7 @@ router of ours, a job store and the anchor pool outside any replica.
   worker.py    AgentWorkerDeployment: one model replica (turns, user inputs, chats, routing stats)
   router.py    KVCommRouter: load in tokens, then KV locality by node, then the namespace's home replica
   job_store.py JobStore: job records and events in a detached actor, snapshotted
+  job_events.py the events a job emits (turn, retry, cancelled): frozen dataclasses, `to_dict()` their wire form
   http.py      the FastAPI app, API errors, JSON bodies, callers, in-flight limits, SSE
   metrics.py   the service's Prometheus metrics
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import msgpack
 
+from .job_events import CancelledEvent, RetryEvent
+
 log = logging.getLogger(__name__)
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -40,8 +42,9 @@ _SNAPSHOT_VERSION = 1
 
 class JobStore:
     """See the module docstring. Records are plain dicts: ``id``, ``owner``, ``spec``, ``spec_id``, ``mode``,
-    ``namespace``, ``status``, ``created_at``, ``finished_at``, ``events`` [(number, name, data)], ``result``,
-    ``error``, ``driver``, ``lease_until``, ``attempts``."""
+    ``namespace``, ``status``, ``created_at``, ``finished_at``, ``events`` [(number, kind, data): a
+    `cluster.serve.job_events` event's kind and wire form], ``result``, ``error``, ``driver``, ``lease_until``,
+    ``attempts``."""
 
     def __init__(self, max_jobs_kept: int = 1000, snapshot_path: str | None = None, snapshot_every_s: float = 2.0):
         self.max_jobs_kept = max_jobs_kept
@@ -76,13 +79,13 @@ class JobStore:
             out["events"] = list(job["events"])
         return out
 
-    async def append(self, job_id: str, driver: str, name: str, data: dict[str, Any]) -> int | None:
-        """Add an event to a job `driver` drives; its number, or None when `driver` no longer drives it."""
+    async def append(self, job_id: str, driver: str, kind: str, data: dict[str, Any]) -> int | None:
+        """Add an event (a `JobEvent`'s `kind` and `to_dict()`: the store receives and keeps wire forms only) to a
+        job `driver` drives; its number, or None when `driver` no longer drives it."""
         job = self._jobs.get(job_id)
         if job is None or job["driver"] != driver or job["status"] in FINISHED:
             return None
-        number = (job["events"][-1][0] if job["events"] else 0) + 1
-        job["events"].append((number, name, data))
+        number = _add_event(job, kind, data)
         self._touch(job_id)
         return number
 
@@ -103,7 +106,8 @@ class JobStore:
         if job is None:
             return None
         if job["status"] not in FINISHED:
-            job["events"].append(((job["events"][-1][0] if job["events"] else 0) + 1, "cancelled", {"job": job_id}))
+            cancelled = CancelledEvent(job=job_id)
+            _add_event(job, cancelled.kind, cancelled.to_dict())
             self._end(job, "cancelled", None, {"status": 499, "message": "job: cancelled by the client",
                                                "type": "cancelled", "param": None, "code": "cancelled"})
         return await self.get(job_id)
@@ -150,9 +154,9 @@ class JobStore:
                 continue
             previous = job["driver"]
             job.update(driver=driver, lease_until=now + lease_s, attempts=job["attempts"] + 1)
-            number = (job["events"][-1][0] if job["events"] else 0) + 1
-            job["events"].append((number, "retry", {"job": job["id"], "attempt": job["attempts"],
-                                                    "reason": f"its ingress replica {previous} stopped answering"}))
+            retry = RetryEvent(job=job["id"], reason=f"its ingress replica {previous} stopped answering",
+                               attempt=job["attempts"])
+            _add_event(job, retry.kind, retry.to_dict())
             self._touch(job["id"])
             claimed.append({k: v for k, v in job.items() if k != "events"})
         return claimed
@@ -229,6 +233,13 @@ class JobStore:
             if job_id in self._jobs:
                 self._finished[job_id] = None
         log.info("job store: %d jobs loaded from %s", len(self._jobs), self.snapshot_path)
+
+
+def _add_event(job: dict[str, Any], kind: str, data: dict[str, Any]) -> int:
+    """Append an event to the job's events in its stored form, (number, kind, data); the event's number."""
+    number = (job["events"][-1][0] if job["events"] else 0) + 1
+    job["events"].append((number, kind, data))
+    return number
 
 
 def _after(events: list[tuple[int, str, Any]], after: int) -> list[tuple[int, str, Any]]:

@@ -39,6 +39,7 @@ from ..driver import DagJob, JobCancelled, WorkerLost
 from .executor import ReplicaCalls
 from .http import (INT64_MAX, INT64_MIN, APIError, Caller, InFlightSlots, internal_error_message, limit_error,
                    query_flag, read_json, sse)
+from .job_events import RetryEvent, TurnEvent
 from .job_store import FINISHED
 from .metrics import ServiceMetrics
 from .tracing import end_job_span, start_job_span, traced
@@ -169,14 +170,13 @@ class JobService:
         """Run the job on a driver thread; publish its turns; record its end; give back its in-flight slot."""
         loop = asyncio.get_running_loop()
         job_id, mode, tenant = record["id"], record["mode"], record["owner"][0]
-        events: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue[TurnEvent | RetryEvent | None] = asyncio.Queue()   # None: the job ended
 
-        def on_turn(turn: TurnRecord) -> None:             # on the driver thread; the event is its wire form
-            loop.call_soon_threadsafe(events.put_nowait, ("turn", {**turn.to_dict(), "job": job_id}))
+        def on_turn(turn: TurnRecord) -> None:             # on the driver thread
+            loop.call_soon_threadsafe(events.put_nowait, TurnEvent(job=job_id, turn=turn))
 
-        def on_retry(reason: str) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, ("retry", {"job": job_id, "reason": reason,
-                                                                    "scope": "turn"}))
+        def on_retry(reason: str) -> None:                 # one lost turn sent again
+            loop.call_soon_threadsafe(events.put_nowait, RetryEvent(job=job_id, reason=reason))
 
         span = start_job_span(job_id, mode, spec.namespace, len(spec.agents))   # no-op unless Serve traces
         dag = DagJob(spec, mode, traced(self.calls, span), retries=self.settings.job_retries, on_turn=on_turn,
@@ -185,15 +185,15 @@ class JobService:
 
         async def publish() -> None:                       # one writer per job keeps its events in order
             while True:
-                item = await events.get()
-                if item is None:
+                event = await events.get()
+                if event is None:
                     return
-                name, data = item
-                if name == "turn":
-                    self.metrics.observe_turn(mode, data["reason"], data["ttft_s"], data["reused"],
-                                              data["prompt_tokens"], len(data["token_ids"]),
-                                              reused_prompt_tokens(data["prompt_tokens"], data["recomputed_tokens"]))
-                await self.store.append.remote(job_id, self.replica_id, name, data)
+                if isinstance(event, TurnEvent):
+                    turn = event.turn
+                    self.metrics.observe_turn(mode, turn.reason, turn.ttft_s, turn.reused,
+                                              turn.prompt_tokens, len(turn.token_ids),
+                                              reused_prompt_tokens(turn.prompt_tokens, turn.recomputed_tokens))
+                await self.store.append.remote(job_id, self.replica_id, event.kind, event.to_dict())
 
         async def run() -> None:
             publisher = asyncio.ensure_future(publish())

@@ -78,6 +78,7 @@ class KVCommRouter(FIFOMixin, RequestRouter):
         self._sent_tokens: dict[ReplicaID, int] = {}
 
     def _load(self, replica: RunningReplica) -> float:
+        # routing_stats: Ray's dict, from the replica's `WorkerLoad` (`AgentWorkerDeployment.record_routing_stats`)
         reported = float((replica.routing_stats or {}).get("tokens", 0))
         return max(reported, float(self._sent_tokens.get(replica.replica_id, 0)))
 

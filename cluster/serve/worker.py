@@ -24,6 +24,7 @@ another model or other settings is an error), so a scale-down never takes the po
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -35,6 +36,7 @@ from ray import serve
 
 from actors.agent_worker import AgentWorker, WorkerSettings
 from actors.turns import ContentOrder, TurnCancelled, TurnOrder
+from actors.worker_load import WorkerLoad
 from kvcomm.chat import ChatRequestError, ChatResult
 from kvcomm.memory_plan import KVBudgetError
 
@@ -110,21 +112,20 @@ class AgentWorkerDeployment:
 
     # ---- routing, observability, health -------------------------------------------------------------------------
     def record_routing_stats(self) -> dict[str, Any]:
-        """What `cluster.serve.router.KVCommRouter` weighs: the routing cost (tokens) of everything in flight."""
-        return {"tokens": self.worker._tokens_in_flight,
-                "orders": self.worker._orders_in_flight, "chats": self._chats,
-                "node_id": self.worker.node_id, "at": time.time()}
+        """What `cluster.serve.router.KVCommRouter` weighs: the routing cost (tokens) of everything in flight.
+        Ray's API takes a dict: {tokens, orders, chats, node_id, at (unix s)}, from this replica's `WorkerLoad`."""
+        load = self.worker.load_now()
+        return {"tokens": load.tokens, "orders": load.orders, "chats": self._chats, "node_id": load.node_id,
+                "at": time.time()}
 
     async def model_info(self) -> dict[str, Any]:
         spec = self.worker.engine.spec
         return {"source": self.worker.model_source, "context_length": int(spec.max_position_embeddings),
                 "vocab_size": int(spec.vocab_size), "worker": self.worker_id}
 
-    async def load(self) -> dict[str, Any]:
+    async def load(self) -> WorkerLoad:
         """The worker's orders, queued and decoding turns, plus the chats it is decoding."""
-        load = await self.worker.load()
-        load["chats"] = self._chats
-        return load
+        return dataclasses.replace(await self.worker.load(), chats=self._chats)
 
     async def stats(self) -> dict[str, Any]:
         """The worker's stats; its ``chats``: chats running here, tokens decoded for chats (cancelled ones too), the

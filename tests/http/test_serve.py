@@ -290,12 +290,12 @@ def test_a_stream_the_client_drops_stops_decoding(client, oracle) -> None:
         for line in stream.iter_lines():
             chunks += line.startswith("data: ")
             if chunks == 4:
-                assert workers.load.remote().result()["chats"] == 1
+                assert workers.load.remote().result().chats == 1
                 break
     deadline = time.monotonic() + 120          # a bound on the wait only: the count below decides
-    while workers.load.remote().result()["chats"] and time.monotonic() < deadline:
+    while workers.load.remote().result().chats and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert workers.load.remote().result()["chats"] == 0
+    assert workers.load.remote().result().chats == 0
     decoded = workers.stats.remote().result()["chats"]["tokens_generated"] - before
     assert 3 <= decoded < bound, f"{decoded} tokens decoded after the client left (of {max_tokens})"
     assert metric(client.get("/metrics").text, "kvcomm_queue_length") == 0

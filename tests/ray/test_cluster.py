@@ -27,6 +27,7 @@ from kvcomm.engine import build_engine
 from actors.anchor_pool_actor import PoolSpec, get_or_create_pool_actor
 from actors.pool_client import RemoteAnchorPool
 from actors.pool_state import AnchorPoolState, transaction_payload
+from actors.worker_load import WorkerLoad
 from cluster.config import ClusterConfig, KVCommSettings
 
 
@@ -393,6 +394,10 @@ def test_sixteen_concurrent_jobs_on_one_worker_equal_sequential_runs(cluster) ->
         assert token_ids(many) == token_ids(one), job.id
     mean_batch = (after["step_sequences"] - before["step_sequences"]) / (after["steps"] - before["steps"])
     assert mean_batch > 4, f"turns of concurrent jobs were not batched (mean batch {mean_batch:.1f})"
+    loads = cluster.loads()                         # typed `WorkerLoad`s; idle again once every job is done
+    assert all(isinstance(load, WorkerLoad) for load in loads)
+    assert [(load.orders, load.tokens, load.queued, load.active) for load in loads] == [(0, 0, 0, 0)] * 2
+    assert loads[0].to_dict()["worker"] == loads[0].worker and loads[0].max_batch_size == 16
 
 
 def test_routing_keeps_a_namespace_on_its_worker_and_spreads_new_ones(cluster) -> None:

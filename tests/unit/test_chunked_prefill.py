@@ -70,7 +70,7 @@ def test_a_long_prompt_admitted_while_another_decodes_is_prefilled_in_chunks_wit
     try:
         first = scheduler.turn(short)
         deadline = time.monotonic() + 60
-        while scheduler.load()["active"] < 1:
+        while scheduler.load().active < 1:
             assert time.monotonic() < deadline and not first.done(), "the short turn never started decoding"
             time.sleep(0.001)
         runner.forwards.clear()

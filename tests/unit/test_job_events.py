@@ -1,0 +1,45 @@
+"""A job's events are typed where they happen (`cluster.serve.job_events`) and keep their wire form: the keys, their
+order and values that the job store snapshots and ``GET /v1/jobs/{id}/events`` sends (no Ray: the store is a plain
+class; the HTTP tests check the same events end to end)."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from cluster.serve.job_events import CancelledEvent, RetryEvent, TurnEvent
+from cluster.serve.job_store import JobStore
+from kvcomm.job_runner import TurnRecord
+
+
+def test_each_event_kind_has_its_wire_form():
+    turn = TurnRecord(agent_id="a", round=1, role="solver", text="4", token_ids=[7, 8], ttft_s=0.5, total_s=1.0,
+                      reused=True, reason="reused", prompt_tokens=20, recomputed_tokens=3, timings={"align": 0.1},
+                      worker="replica-1")
+    event = TurnEvent(job="j1", turn=turn)
+    assert event.kind == "turn" and list(event.to_dict()) == [*turn.to_dict(), "job"]
+    assert json.dumps(event.to_dict()) == json.dumps({**turn.to_dict(), "job": "j1"})
+    assert json.dumps(RetryEvent(job="j1", reason="lost").to_dict()) == \
+        '{"job": "j1", "reason": "lost", "scope": "turn"}'
+    assert json.dumps(RetryEvent(job="j1", reason="gone", attempt=2).to_dict()) == \
+        '{"job": "j1", "attempt": 2, "reason": "gone"}'
+    assert (CancelledEvent(job="j1").kind, CancelledEvent(job="j1").to_dict()) == ("cancelled", {"job": "j1"})
+
+
+def test_the_store_numbers_and_keeps_events_in_their_wire_form():
+    async def scenario():
+        store = JobStore()
+        for job_id in ("j1", "j2"):
+            await store.create({"id": job_id}, driver="ingress-a", lease_s=0.0)
+        retry = RetryEvent(job="j1", reason="lost")
+        assert await store.append("j1", "ingress-a", retry.kind, retry.to_dict()) == 1
+        assert await store.append("j1", "ingress-b", retry.kind, retry.to_dict()) is None   # not its driver
+        claimed = await store.claim_orphans("ingress-b", lease_s=60.0, limit=10)
+        assert sorted(job["id"] for job in claimed) == ["j1", "j2"]
+        await store.cancel("j2")
+        return (await store.get("j1", with_events=True))["events"], (await store.get("j2", with_events=True))["events"]
+
+    j1, j2 = asyncio.run(scenario())
+    orphaned = "its ingress replica ingress-a stopped answering"
+    assert j1 == [(1, "retry", {"job": "j1", "reason": "lost", "scope": "turn"}),
+                  (2, "retry", {"job": "j1", "attempt": 2, "reason": orphaned})]
+    assert j2 == [(1, "retry", {"job": "j2", "attempt": 2, "reason": orphaned}), (2, "cancelled", {"job": "j2"})]
