@@ -67,7 +67,9 @@ def test_a_scale_down_mid_job_reruns_no_finished_turn(ray_cluster, tiny_model_di
                     "pool_actor_name": f"autoscale-pool-{uuid.uuid4().hex[:8]}", "ray_namespace": "kvcomm-test"},
         "serve": {"served_model_name": "tiny", "route_slack_tokens": 0, "job_store_name": store,
                   "max_output_tokens": 4000}})
-    jobs = [chain_job(f"Question {i}: Ben has {i + 3} cards. How many cards?", 20 if i == 0 else 12, 600,
+    # the first job is long enough (32 turns of 600 tokens) to outlast the scale-down on a quiet machine (at 20 it
+    # once finished first)
+    jobs = [chain_job(f"Question {i}: Ben has {i + 3} cards. How many cards?", 32 if i == 0 else 12, 600,
                       f"chain-{i}-{uuid.uuid4().hex[:4]}") for i in range(3)]
     expected = run_job(build_engine(tiny_model_dir, random_weights=True, config=KVCommConfig()),
                        JobSpec.from_dict(jobs[0]))
