@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from . import write_json_report
+from . import publish
 from ..config import KVCommConfig
 from ..engine import TurnRequest
 from ..generation import Sampling
@@ -163,11 +163,7 @@ def cli_main(args: argparse.Namespace) -> int:
                            base_config=KVCommConfig.reference() if args.reference else CORRECTED,
                            device=args.device, dtype=args.dtype, random_weights=args.random_weights,
                            progress=not args.quiet)
-    print(markdown_table(report))
-    write_json_report(args.json, report)
-    if args.plot:
-        plot(report, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
+    publish(report, markdown_table(report), args.json, args.plot, lambda path: plot(report, path))
     return 0
 
 

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from . import write_json_report
+from . import publish
 from ..calibration import CalibrationWarning, resolve, spearman
 from ..config import KVCommConfig
 from ..engine import KVCommEngine, TurnRequest
@@ -318,11 +318,7 @@ def cli_main(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     report = run(args.model, setting=setting_from_args(args, methods), device=args.device, dtype=args.dtype,
                  random_weights=args.random_weights, progress=not args.quiet)
-    print(markdown_table(report))
-    write_json_report(args.json, report)
-    if args.plot:
-        plot(report, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
+    publish(report, markdown_table(report), args.json, args.plot, lambda path: plot(report, path))
     return 0
 
 

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from . import write_json_report
+from . import publish
 from ..calibration import Calibration, find, model_key, spearman
 from ..config import KVCommConfig
 from ..engine import KVCommEngine, TurnRequest
@@ -369,9 +369,6 @@ def cli_main(args: argparse.Namespace) -> int:
     path = find(args.model, args.calibration)
     calibration = Calibration.load(path) if path is not None else None
     report["summary"] = summarize(report, calibration)
-    print(markdown_table(report, report["summary"]))
-    write_json_report(args.json, report)
-    if args.plot:
-        plot(report, report["summary"], args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
+    publish(report, markdown_table(report, report["summary"]), args.json, args.plot,
+            lambda path: plot(report, report["summary"], path))
     return 0
