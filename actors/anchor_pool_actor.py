@@ -264,6 +264,7 @@ class AnchorPoolActor:
         stats["model"] = self._fingerprint["model"]
         stats["threads"] = threading.active_count()
         stats["nice"] = os.nice(0)                              # its process's CPU priority (spec.nice added)
+        stats["pid"] = os.getpid()
         stats["placement_group"] = self._placement_group       # None: outside every placement group
         stats["snapshot"] = None if self._saver is None else self._saver.stats()
         return stats

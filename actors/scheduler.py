@@ -7,11 +7,13 @@
   slot (one that can never fit fails at once, naming the limit), advances every active sequence by one token in one
   batched forward, and resolves the futures of finished turns (`engine.finish`). A turn can be cancelled while it
   waits or decodes (`cancel`): it leaves the batch at the next step.
-  Chunked prefill (`prefill_step_tokens` > 0, as vLLM's scheduler does): a decode step carries at most that many
-  prefill tokens. While sequences decode the runner prefills in chunks of that size and asks before each forward
-  (`kvcomm.runner.PrefillBudget`); once the tokens prefilled since the last step would pass the budget, the batch
-  takes a decode step first, so no prefill, engine call or admission holds decoding sequences for longer than
-  about one budget's worth of prefill (turns finished by such a step are resolved when the current work is done).
+  Decode steps ride in engine calls (as vLLM's scheduler mixes prefill chunks and decodes in one batch): while
+  sequences decode, every forward of new tokens an engine call or admission runs on this thread (a prefill or one
+  of its chunks, an input, a base cache) carries the batch's next decode step in the same pass over the weights
+  (`kvcomm.runner.PrefillBudget.ride_decode`); the turns such a step finishes are resolved when the current work
+  is done. Chunked prefill (`prefill_step_tokens` > 0) bounds the prefill tokens one forward carries: while
+  sequences decode the runner prefills in chunks of that size, each carrying a step; the selective-recompute
+  prefills (their own layer loops) take a separate step first once the tokens since the last step would pass it.
 * `ScheduledEngine`: the engine as the worker side of a turn (`actors.turns`) uses it, callable from any thread:
   its `run_turn` joins the shared batch and its other engine calls (inputs, the gate) run on the model thread; the
   pool, thread-safe, is used on the caller's thread.
@@ -28,10 +30,12 @@ import time
 import traceback
 from typing import Any, Callable
 
+import torch
+
 from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
 from kvcomm.generation import SequenceState
 from kvcomm.memory_plan import MemoryPlan
-from kvcomm.runner import PrefillBudget
+from kvcomm.runner import DecodeRide, PrefillBudget
 
 from .latency import Latencies
 from .turns import Cancellation, TurnCancelled
@@ -79,17 +83,21 @@ class TurnScheduler:
         self.busy_s = 0.0
         self.step_times = Latencies()     # decode steps
         self.step_gaps = Latencies()      # sequences waiting between two steps (admissions, engine calls)
+        self.token_intervals = Latencies()   # from one step's end to the next's while sequences decode: the gap
+        #                                      and the step itself, what a decoding sequence waits per token
         self._last_step_end: float | None = None
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.prefill_step_tokens = prefill_step_tokens
-        self.steps_between_chunks = 0     # decode steps taken inside a prefill or engine call (chunked prefill)
+        self.steps_between_chunks = 0     # decode steps of their own taken inside an engine call (chunked prefill)
+        self.steps_riding = 0             # decode steps that rode in an engine call's forward of new tokens
+        self._stepping = False            # a step of its own is running or resolving its turns: no step rides
         self._prefill_since_step = 0      # prefill tokens run since the last decode step
         self._calls_since_step = 0        # engine calls and admissions run since the last decode step
         self.largest_gap: dict[str, float] = {}   # the largest gap so far: its ms, calls and prefill tokens in it
         self._finished_later: list[tuple[Any, SequenceState, concurrent.futures.Future]] = []
         # always installed: with a budget of 0 it only counts the prefill tokens each gap holds (`largest_gap`)
-        engine.runner.prefill_budget = PrefillBudget(self._prefill_chunk, self._before_prefill)
+        engine.runner.prefill_budget = PrefillBudget(self._prefill_chunk, self._before_prefill, self._ride_decode)
 
     # ---- control ------------------------------------------------------------------------------------------------
     def start(self) -> "TurnScheduler":
@@ -162,6 +170,7 @@ class TurnScheduler:
                 "turns_cancelled": self.turns_cancelled,
                 "tokens_generated": self.tokens_generated, "busy_s": self.busy_s, "prefill_s": self.prefill_s,
                 "prefill_step_tokens": self.prefill_step_tokens, "steps_between_chunks": self.steps_between_chunks,
+                "steps_riding": self.steps_riding, "token_interval_ms": self.token_intervals.summary(),
                 "largest_gap": dict(self.largest_gap),
                 "decode_s": self.decode_s, "decode_kv_bytes": self._batch.kv_bytes,
                 "step_ms": self.step_times.summary(), "step_gap_ms": self.step_gaps.summary(),
@@ -259,13 +268,15 @@ class TurnScheduler:
             future.set_exception(TurnCancelled("cancelled by its driver while decoding"))
 
     def _prefill_chunk(self) -> int:
-        """Chunk size for the runner's next prefill forward: the budget while sequences decode, else 0 (whole)."""
-        return self.prefill_step_tokens if self._batch.active else 0
+        """Chunk size for the runner's next prefill forward: the budget while sequences decode, else 0 (whole;
+        also while a step resolves its finished turns, whose engine work no step may interrupt)."""
+        return self.prefill_step_tokens if self._batch.active and not self._stepping else 0
 
     def _before_prefill(self, tokens: int) -> None:
-        """The runner is about to prefill `tokens` tokens (on this model thread, inside an engine call): once the
-        tokens prefilled since the last decode step would pass `prefill_step_tokens`, the batch steps first."""
-        if self.prefill_step_tokens and self._prefill_since_step \
+        """The runner is about to run a selective-recompute prefill of `tokens` tokens (its own layer loop, which
+        carries no decode step) on this model thread: once the tokens prefilled since the last decode step would
+        pass `prefill_step_tokens`, the batch takes a step of its own first."""
+        if self.prefill_step_tokens and self._prefill_since_step and not self._stepping \
                 and self._prefill_since_step + tokens > self.prefill_step_tokens and self._batch.active:
             self.steps_between_chunks += 1
             self._step(finish_later=True)
@@ -277,8 +288,48 @@ class TurnScheduler:
             self._finish(prepared, state, future)
 
     def _step(self, finish_later: bool = False) -> None:
-        """One decode step of the batch. `finish_later`: inside an engine call (chunked prefill), the turns it
-        finishes are resolved by `_finish_later_ones` once that call is done (the engine is not re-entered)."""
+        """One decode step of the batch, a forward of its own. `finish_later`: inside an engine call (chunked
+        prefill), the turns it finishes are resolved by `_finish_later_ones` once that call is done (the engine is
+        not re-entered)."""
+        advanced, started = self._open_step()
+        self._stepping = True
+        try:
+            try:
+                finished = self._batch.step()
+            except BaseException as exc:  # noqa: BLE001 - a failed forward fails the turns in it, not the worker
+                self._step_failed(exc)
+                return
+            self._close_step(advanced, started, finished, finish_later)
+        finally:
+            self._stepping = False
+
+    def _ride_decode(self) -> DecodeRide | None:
+        """A decode step for the runner's next forward of new tokens (`PrefillBudget.ride_decode`): only on this
+        model thread, while sequences decode and no step of its own is under way. The turns it finishes are
+        resolved once the current engine call is done."""
+        if threading.current_thread() is not self._thread or self._stepping or not self._batch.active:
+            return None
+        advanced, started = self._open_step()
+        try:
+            plan = self._batch.begin_step()
+        except BaseException as exc:  # noqa: BLE001 - as in `_step`: the batch's turns fail, the engine call goes on
+            self._step_failed(exc)
+            return None
+        if plan is None:
+            return None
+
+        def deliver(logits: torch.Tensor) -> None:
+            try:
+                finished = self._batch.end_step(plan, logits)
+            except BaseException as exc:  # noqa: BLE001
+                self._step_failed(exc)
+                return
+            self.steps_riding += 1
+            self._close_step(advanced, started, finished, finish_later=True)
+        return DecodeRide(plan.inputs, deliver)
+
+    def _open_step(self) -> tuple[int, float]:
+        """Start a step: size the batch, record the gap since the last step and what ran in it."""
         advanced = len(self._batch.active)   # admission keeps it <= max_batch_size, unless that just shrank
         self._batch.max_batch_size = max(self.max_batch_size, advanced)
         started = time.perf_counter()
@@ -289,18 +340,16 @@ class TurnScheduler:
                 self.largest_gap = {"ms": gap * 1e3, "calls": self._calls_since_step,
                                     "prefill_tokens": self._prefill_since_step}
         self._prefill_since_step = self._calls_since_step = 0
-        try:
-            finished = self._batch.step()
-        except BaseException as exc:  # noqa: BLE001 - a failed forward fails the turns in it, not the worker
-            log.exception("decode step failed; failing the %d turns in the batch", len(self._running))
-            traceback.clear_frames(exc.__traceback__)   # the failed frames' locals hold the decode buffers
-            self._fail_running(exc)
-            return
+        return advanced, started
+
+    def _close_step(self, advanced: int, started: float, finished: list[SequenceState], finish_later: bool) -> None:
         self.steps += 1
         self.step_sequences += advanced
         self.max_active = max(self.max_active, advanced)
         ended = time.perf_counter()
         self.step_times.add(ended - started)
+        if self._last_step_end is not None:    # a sequence decoding through both steps waited this long for a token
+            self.token_intervals.add(ended - self._last_step_end)
         for state in finished:
             prepared, future = self._running.pop(id(state))
             if finish_later:
@@ -308,6 +357,11 @@ class TurnScheduler:
             else:
                 self._finish(prepared, state, future)
         self._last_step_end = ended if self._batch.active else None   # an idle wait is not a stall
+
+    def _step_failed(self, exc: BaseException) -> None:
+        log.exception("decode step failed; failing the %d turns in the batch", len(self._running))
+        traceback.clear_frames(exc.__traceback__)   # the failed frames' locals hold the decode buffers
+        self._fail_running(exc)
 
     def _finish(self, prepared: Any, state: SequenceState, future: concurrent.futures.Future) -> None:
         try:

@@ -24,11 +24,11 @@ from typing import Callable, Sequence
 import torch
 
 from .memory_plan import KVBudgetError, capacity_class
-from .runner import BatchKV, ModelRunner, SequenceKV
+from .runner import BatchKV, DecodeInputs, ModelRunner, SequenceKV
 from .sampling import RowSampling, Sampling, sample_tokens
 
-__all__ = ["DecodeBatch", "GenerationResult", "Sampling", "SequenceState", "cut_at_stop_string", "first_stop_at",
-           "generate", "generate_from_ids", "result_of"]
+__all__ = ["DecodeBatch", "GenerationResult", "Sampling", "SequenceState", "StepPlan", "cut_at_stop_string",
+           "first_stop_at", "generate", "generate_from_ids", "result_of"]
 
 
 @dataclass
@@ -98,6 +98,14 @@ def cut_at_stop_string(token_ids: Sequence[int], stops: Sequence[str],
             break
         keep -= 1
     return text, keep
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One decode step between `DecodeBatch.begin_step` and `end_step`: what the forward computes, and the
+    sequences its logits' rows belong to (order[i] is row i)."""
+    inputs: DecodeInputs
+    order: list[SequenceState]
 
 
 class _Buffer:
@@ -291,6 +299,15 @@ class DecodeBatch:
     def step(self) -> list[SequenceState]:
         """Advance every active sequence that has a slot by one token (flushes included); return those that
         finished. The batch's sampled tokens are the one read-back from the device."""
+        plan = self.begin_step()
+        if plan is None:
+            return self._retire()
+        return self.end_step(plan, self.runner.decode_step(plan.inputs.groups, plan.inputs.token_ids))
+
+    def begin_step(self) -> StepPlan | None:
+        """The first half of `step`, for a step that rides in another forward (`ModelRunner.forward` with the
+        scheduler's hooks): place the sequences the step advances and say what it computes; None when no sequence
+        has a slot. Nothing may join or leave the batch until `end_step`."""
         batch = self._active[: self.max_batch_size]
         self._release_outside(batch)
         for state in batch:
@@ -301,11 +318,14 @@ class DecodeBatch:
         buffers = [b for group in self._groups.values() for b in group]
         order = [s for b in buffers for s in b.owners]
         if not order:
-            return self._retire()
-        logits = self.runner.decode_step([b.kv for b in buffers], [s.tokens[-1] for s in order])  # [N, vocab]
+            return None
+        return StepPlan(DecodeInputs([b.kv for b in buffers], [s.tokens[-1] for s in order]), order)
+
+    def end_step(self, plan: StepPlan, logits: torch.Tensor) -> list[SequenceState]:
+        """The second half of `step`: sample from the step's logits [N, vocab]; return the sequences finished."""
         self.steps += 1
-        tokens = sample_tokens(logits, [s._row() for s in order]).tolist()   # the step's one device read
-        for state, token in zip(order, tokens):
+        tokens = sample_tokens(logits, [s._row() for s in plan.order]).tolist()   # the step's one device read
+        for state, token in zip(plan.order, tokens):
             if state.needs_flush:
                 state.needs_flush = False
                 continue

@@ -6,9 +6,11 @@ several sequences, each adding any number of tokens (a prefill, a one-token deco
 a few tokens inside a reused cache), with all projections and MLPs batched over the flattened tokens and
 attention computed per sequence (flash-attn where `kvcomm.attention` says it is right, else torch SDPA).
 
-Decoding has its own path, `decode_step`: the sequences of a decode batch sit in the slots of persistent
-`BatchKV` buffers (`kvcomm.kv_buffers`), so one token for every sequence costs one SDPA call per layer and
-buffer, not one per sequence and layer.
+Decoding has its own attention path: the sequences of a decode batch sit in the slots of persistent `BatchKV`
+buffers (`kvcomm.kv_buffers`), so one token for every sequence costs one SDPA call per layer and buffer, not one
+per sequence and layer. `decode_step` runs a step alone; on a worker's model thread a step rides in the next
+forward of new tokens instead (`PrefillBudget.ride_decode`): prefill rows and decode rows share one pass over
+the weights, one layer loop (`_run`).
 
 Device discipline (the runner is meant for a GPU and tested on the CPU): host data (token ids, positions,
 lengths) crosses to the device in one non-blocking copy per call (`_to_device`); nothing here reads a device
@@ -34,7 +36,8 @@ from .memory_plan import KVBudget
 from .model_spec import ModelSpec
 from .rope import Rope
 
-__all__ = ["BatchKV", "ForwardRequest", "ModelRunner", "SequenceKV"]   # the buffers live in kv_buffers
+__all__ = ["BatchKV", "DecodeInputs", "DecodeRide", "ForwardRequest", "ModelRunner", "PrefillBudget",
+           "SequenceKV"]   # the buffers live in kv_buffers
 
 
 @dataclass
@@ -58,21 +61,45 @@ class ForwardRequest:
 
 
 @dataclass(frozen=True)
+class DecodeInputs:
+    """One decode step's inputs: the batch's buffers and one token per used slot, group by group, slot by slot."""
+    groups: Sequence[BatchKV]
+    token_ids: Sequence[int] | torch.Tensor     # [N] host ints, N = the used slots of all groups
+
+
+@dataclass(frozen=True)
+class DecodeRide:
+    """A decode step offered to ride in the runner's next forward: its inputs, and where its logits go."""
+    inputs: DecodeInputs
+    deliver: Callable[[torch.Tensor], None]     # called with the step's logits [N, vocab] fp32
+
+
+def _no_ride() -> DecodeRide | None:
+    return None
+
+
+@dataclass(frozen=True)
 class PrefillBudget:
-    """Chunked prefill, for a model thread that also decodes (`actors.scheduler.TurnScheduler` sets it on its
-    runner): `prefill` and the selective-recompute prefills call `before_forward(tokens)` before each forward of
-    new tokens (the scheduler runs a decode step there once the step's prefill tokens would exceed its budget),
-    and `prefill` computes a long prompt in chunks of at most `chunk_tokens()` tokens (0: the rest in one forward;
-    the scheduler says 0 while nothing decodes). Each chunk is appended to the same buffer and attends over the
-    chunks before it: the same logits and KV as one forward, up to rounding."""
+    """The model thread's hooks into the runner (`actors.scheduler.TurnScheduler` sets them on its runner).
+
+    * `ride_decode()`: a decode step of the sequences decoding meanwhile, or None; every `forward` of new tokens
+      on the model thread (a prefill or one of its chunks, an input, a base cache) carries that step in the same
+      pass over the weights, so the batch's tokens keep coming while engine calls run.
+    * Chunked prefill: `prefill` computes a long prompt in chunks of at most `chunk_tokens()` tokens (0: the rest
+      in one forward; the scheduler says 0 while nothing decodes), each appended to the same buffer and attending
+      over the chunks before it (the same logits and KV as one forward, up to rounding), each carrying a step.
+      The selective-recompute prefills, which run their own layer loops and carry no step, call
+      `before_forward(tokens)` first, and the scheduler runs a separate decode step there once the prefill tokens
+      since its last step would pass its budget."""
     chunk_tokens: Callable[[], int]
     before_forward: Callable[[int], None]
+    ride_decode: Callable[[], DecodeRide | None] = _no_ride
 
 
 class ModelRunner:
     """Holds one model's weights on one device and runs ragged-batch forward passes."""
 
-    prefill_budget: PrefillBudget | None = None   # chunked prefill (see `PrefillBudget`); None: one forward
+    prefill_budget: PrefillBudget | None = None   # the model thread's hooks (see `PrefillBudget`); None: none
 
     def __init__(self, spec: ModelSpec, state_dict: dict[str, torch.Tensor], *, attention: str = "auto",
                  flash_kernel: FlashKernel | None = None, kv_budget: KVBudget | None = None):
@@ -148,18 +175,58 @@ class ModelRunner:
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
         return weight * x32.to(x.dtype)
 
-    @torch.inference_mode()
     def forward(self, requests: Sequence[ForwardRequest]) -> list[torch.Tensor]:
         """Append each request's tokens to its KV buffer; return fp32 logits per request.
 
-        Each result is [t, vocab] when `all_logits`, else [1, vocab] (the last token).
+        Each result is [t, vocab] when `all_logits`, else [1, vocab] (the last token). When the scheduler's hooks
+        offer a decode step (`PrefillBudget.ride_decode`), its tokens ride in this same forward (one pass over
+        the weights for both, as vLLM mixes prefill chunks and decodes in one batch) and its logits go back to it.
         """
+        ride = self.prefill_budget.ride_decode() if self.prefill_budget is not None else None
+        if ride is None:
+            return self._run(requests, None)[0]
+        outputs, decode_logits = self._run(requests, ride.inputs)
+        ride.deliver(decode_logits)
+        return outputs
+
+    def decode_step(self, groups: Sequence[BatchKV], token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """One decode step: append one token to every used slot of every group; return fp32 logits [N, vocab].
+
+        `token_ids` (N host ints, or a host tensor [N]) lists the tokens group by group, slot by slot (N = total
+        used slots). Projections and MLPs run once over all N tokens; attention is one call per group and layer
+        over its padded slots, with a lengths mask when their lengths differ.
+        """
+        return self._run((), DecodeInputs(groups, token_ids))[1]
+
+    @torch.inference_mode()
+    def _run(self, requests: Sequence[ForwardRequest], decode: DecodeInputs | None
+             ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One forward over the requests' new tokens (rows 0..P) and a decode step's tokens (rows P..P+D).
+
+        Projections, RoPE and MLPs run once over all rows; attention runs per request (its causal mask over its
+        own buffer) and per decode group (its padded slots). Host data reaches the device in one copy.
+        Returns (each request's logits, the decode rows' logits [D, vocab] or None)."""
         spec = self.spec
         n_heads, n_kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         lengths = [int(r.token_ids.numel()) for r in requests]
         if any(n == 0 for n in lengths):
             raise ValueError("every forward request needs at least one token")
-        ids = torch.cat([r.token_ids.reshape(-1).cpu() for r in requests])                 # [N] host
+        groups = list(decode.groups) if decode is not None else []
+        sizes = [g.size for g in groups]
+        n_decode = sum(sizes)
+        if decode is not None:
+            ids_host = (decode.token_ids.reshape(-1).tolist() if isinstance(decode.token_ids, torch.Tensor)
+                        else list(decode.token_ids))
+            if n_decode == 0 or len(ids_host) != n_decode:
+                raise ValueError(f"decode_step needs one token per used slot ({n_decode}), got {len(ids_host)}")
+        else:
+            ids_host = []
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        n_prefill = bounds[-1]
+        total = n_prefill + n_decode
+        # host rows, one copy to the device: ids [total] | positions [total] | logit rows | ragged decode lengths
         pos_parts = []
         for r, n in zip(requests, lengths):
             if r.positions is None:
@@ -167,31 +234,46 @@ class ModelRunner:
             else:
                 pos_parts.append(r.positions.reshape(-1).to(torch.int64).cpu())
             r.kv.reserve(n)
-        bounds = [0]
-        for n in lengths:
-            bounds.append(bounds[-1] + n)
+        ragged = [min(g.lengths) != max(g.lengths) for g in groups]
+        decode_host = torch.tensor(ids_host + [s + n for g in groups for s, n in zip(g.starts, g.lengths)]
+                                   + [n for g, r in zip(groups, ragged) if r for n in g.lengths], dtype=torch.int64)
         # logits only where asked: the lm_head over a 50-150K vocabulary is a large share of a short prefill
-        rows = []
-        for i, r in enumerate(requests):
-            a, b = bounds[i], bounds[i + 1]
-            rows.append(torch.arange(a, b) if r.all_logits else torch.tensor([b - 1]))
-        host = torch.cat([ids.to(torch.int64), torch.cat(pos_parts), torch.cat(rows)])    # one copy to the device
-        ids, positions, index = self._to_device(host).split([bounds[-1], bounds[-1], host.numel() - 2 * bounds[-1]])
-        cos, sin = self.rope.cos_sin(positions, self.dtype)                                # [N, head_dim]
-        cos, sin = cos[:, None, :], sin[:, None, :]                                         # [N, 1, head_dim]
+        rows = [torch.arange(a, b) if r.all_logits else torch.tensor([b - 1])
+                for r, a, b in zip(requests, bounds, bounds[1:])]
+        rows.append(torch.arange(n_prefill, total))                                        # every decode row
+        host = torch.cat([t.reshape(-1).to(torch.int64) for t in (
+            *[r.token_ids.cpu() for r in requests], decode_host[:n_decode],
+            *pos_parts, decode_host[n_decode:2 * n_decode], *rows, decode_host[2 * n_decode:])])
+        on_device = self._to_device(host)
+        ids, positions = on_device[:total], on_device[total:2 * total]                     # [total], [total]
+        n_rows = sum(int(t.numel()) for t in rows)
+        index = on_device[2 * total:2 * total + n_rows]                                    # logit rows
+        ragged_lengths = on_device[2 * total + n_rows:]
+        cos, sin = self.rope.cos_sin(positions, self.dtype)                                # [total, head_dim]
+        cos, sin = cos[:, None, :], sin[:, None, :]                                         # [total, 1, head_dim]
         masks = [self._causal_mask(r.kv.length, n) for r, n in zip(requests, lengths)]
+        plans = []   # per decode group: (rows a:b, where its new K/V go, attended length, mask)
+        a, cursor = n_prefill, 0
+        for g, n, is_ragged in zip(groups, sizes, ragged):
+            span = max(g.lengths) + 1
+            mask, where = None, (slice(0, n), slice(None), span - 1)   # equal lengths: one strided write
+            if is_ragged:   # slot i sees its own lengths[i] + 1 tokens
+                slot_lengths = ragged_lengths[cursor:cursor + n]                                # [n]
+                cursor += n
+                mask = (torch.arange(span, device=self.device)[None, :] <= slot_lengths[:, None])[:, None, None, :]
+                where = (torch.arange(n, device=self.device), slice(None), slot_lengths)
+            plans.append((a, a + n, where, span, mask))
+            a += n
 
-        hidden = self.embed[ids]                                                           # [N, hidden]
-        q_width, kv_width = n_heads * hd, n_kv * hd
+        hidden = self.embed[ids]                                                           # [total, hidden]
+        q_width, kv_width, group = n_heads * hd, n_kv * hd, n_heads // n_kv
         for layer_idx, w in enumerate(self.layers):
             x = self._rms_norm(hidden, w.input_norm)
-            qkv = F.linear(x, w.qkv, w.qkv_bias)                                           # [N, (H+2Hkv)*D]
-            q = qkv[:, :q_width].view(-1, n_heads, hd)                                     # [N, H, D]
-            k = qkv[:, q_width:q_width + kv_width].view(-1, n_kv, hd)                       # [N, Hkv, D]
-            v = qkv[:, q_width + kv_width:].view(-1, n_kv, hd)                              # [N, Hkv, D]
-            q = self.rope.apply(q, cos, sin)
-            k = self.rope.apply(k, cos, sin)
-            attn_out = torch.empty(q.shape[0], q_width, dtype=self.dtype, device=self.device)  # [N, H*D]
+            qkv = F.linear(x, w.qkv, w.qkv_bias)                                           # [total, (H+2Hkv)*D]
+            q = self.rope.apply(qkv[:, :q_width].view(-1, n_heads, hd), cos, sin)                 # [total, H, D]
+            k = self.rope.apply(qkv[:, q_width:q_width + kv_width].view(-1, n_kv, hd), cos, sin)  # [total, Hkv, D]
+            v = qkv[:, q_width + kv_width:].view(-1, n_kv, hd)                                    # [total, Hkv, D]
+            attn_out = torch.empty(total, q_width, dtype=self.dtype, device=self.device)       # [total, H*D]
             for i, r in enumerate(requests):
                 a, b = bounds[i], bounds[i + 1]
                 kv = r.kv
@@ -200,67 +282,6 @@ class ModelRunner:
                 kv.values[layer_idx, :, kv.length:end] = v[a:b].transpose(0, 1)
                 attn_out[a:b] = self._attend(q[a:b], kv.keys[layer_idx, :, :end], kv.values[layer_idx, :, :end],
                                              masks[i])
-            hidden = hidden + F.linear(attn_out, w.o_proj)
-            x = self._rms_norm(hidden, w.post_norm)
-            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)                             # [N, I] each
-            hidden = hidden + F.linear(F.silu(gate) * up, w.down)
-        for r, n in zip(requests, lengths):
-            r.kv.length += n
-
-        normed = self._rms_norm(hidden[index], self.final_norm)
-        logits = F.linear(normed, self.lm_head).float()                                    # [rows, vocab]
-        out, cursor = [], 0
-        for r, n in zip(requests, lengths):
-            take = n if r.all_logits else 1
-            out.append(logits[cursor:cursor + take])
-            cursor += take
-        return out
-
-    @torch.inference_mode()
-    def decode_step(self, groups: Sequence[BatchKV], token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """One decode step: append one token to every used slot of every group; return fp32 logits [N, vocab].
-
-        `token_ids` (N host ints, or a host tensor [N]) lists the tokens group by group, slot by slot (N = total
-        used slots). Projections and MLPs run once over all N tokens; attention is one call per group and layer
-        over its padded slots, with a lengths mask when their lengths differ. Ids, positions and lengths reach the
-        device in one copy.
-        """
-        spec = self.spec
-        n_heads, n_kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        sizes = [g.size for g in groups]
-        total = sum(sizes)
-        ids_host = token_ids.reshape(-1).tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
-        if total == 0 or len(ids_host) != total:
-            raise ValueError(f"decode_step needs one token per used slot ({total}), got {len(ids_host)}")
-        ragged = [min(g.lengths) != max(g.lengths) for g in groups]
-        host = ids_host + [s + n for g in groups for s, n in zip(g.starts, g.lengths)]
-        host += [n for g, r in zip(groups, ragged) if r for n in g.lengths]
-        on_device = self._to_device(torch.tensor(host, dtype=torch.int64))
-        ids, positions = on_device[:total], on_device[total:2 * total]                    # [N], [N]
-        cos, sin = self.rope.cos_sin(positions, self.dtype)
-        cos, sin = cos[:, None, :], sin[:, None, :]                                         # [N, 1, D]
-        plans = []   # per group: (rows a:b, where the new K/V go, attended length, mask)
-        a, cursor = 0, 2 * total
-        for g, n, is_ragged in zip(groups, sizes, ragged):
-            span = max(g.lengths) + 1
-            mask, where = None, (slice(0, n), slice(None), span - 1)   # equal lengths: one strided write
-            if is_ragged:   # slot i sees its own lengths[i] + 1 tokens
-                lengths = on_device[cursor:cursor + n]                                        # [n]
-                cursor += n
-                mask = (torch.arange(span, device=self.device)[None, :] <= lengths[:, None])[:, None, None, :]
-                where = (torch.arange(n, device=self.device), slice(None), lengths)
-            plans.append((a, a + n, where, span, mask))
-            a += n
-
-        hidden = self.embed[ids]                                                           # [N, hidden]
-        q_width, kv_width, group = n_heads * hd, n_kv * hd, n_heads // n_kv
-        for layer_idx, w in enumerate(self.layers):
-            x = self._rms_norm(hidden, w.input_norm)
-            qkv = F.linear(x, w.qkv, w.qkv_bias)
-            q = self.rope.apply(qkv[:, :q_width].view(-1, n_heads, hd), cos, sin)                 # [N, H, D]
-            k = self.rope.apply(qkv[:, q_width:q_width + kv_width].view(-1, n_kv, hd), cos, sin)  # [N, Hkv, D]
-            v = qkv[:, q_width + kv_width:].view(-1, n_kv, hd)                                    # [N, Hkv, D]
-            parts = []
             for g, (a, b, where, span, mask) in zip(groups, plans):
                 keys, values = g.keys[layer_idx], g.values[layer_idx]                # [slots, Hkv, cap, D]
                 keys[where] = k[a:b]                                                # the new token of each slot
@@ -269,15 +290,24 @@ class ModelRunner:
                 # (no head grouping left for SDPA to do, so a mask keeps the fused kernels)
                 out = sdpa(q[a:b].view(b - a, n_kv, group, hd), keys[:b - a, :, :span], values[:b - a, :, :span],
                            mask=mask, scale=self._scale)                                   # [n, Hkv, H/Hkv, D]
-                parts.append(out.reshape(b - a, q_width))
-            attn_out = parts[0] if len(parts) == 1 else torch.cat(parts)
+                attn_out[a:b] = out.reshape(b - a, q_width)
             hidden = hidden + F.linear(attn_out, w.o_proj)
             x = self._rms_norm(hidden, w.post_norm)
-            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)                             # [total, I] each
             hidden = hidden + F.linear(F.silu(gate) * up, w.down)
+        for r, n in zip(requests, lengths):
+            r.kv.length += n
         for g in groups:
             g.lengths = [n + 1 for n in g.lengths]
-        return F.linear(self._rms_norm(hidden, self.final_norm), self.lm_head).float()
+
+        picked = hidden if not requests else hidden[index]                                 # [rows, hidden]
+        logits = F.linear(self._rms_norm(picked, self.final_norm), self.lm_head).float()  # [rows, vocab]
+        out, cursor = [], 0
+        for r, n in zip(requests, lengths):
+            take = n if r.all_logits else 1
+            out.append(logits[cursor:cursor + take])
+            cursor += take
+        return out, (logits[cursor:] if decode is not None else None)
 
     def _causal_mask(self, context_len: int, new_len: int) -> torch.Tensor | None:
         """Bool mask [new, context + new]: new token i sees the whole context and new tokens <= i.
@@ -322,8 +352,6 @@ class ModelRunner:
         while True:   # one forward, or chunks of the budget's size each appended to the buffer
             size = n - begin if budget is None or all_logits else (budget.chunk_tokens() or n - begin)
             size = max(1, min(size, n - begin))
-            if budget is not None:
-                budget.before_forward(size)
             (logits,) = self.forward([ForwardRequest(kv, ids[begin:begin + size], all_logits=all_logits)])
             begin += size
             if begin >= n:

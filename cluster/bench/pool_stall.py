@@ -78,9 +78,13 @@ def _small_orders(worker: Any, stop: threading.Event, done: list[int]) -> None:
 
 def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, clients: int = 32,
         commit_mb: int = 100, decode_tokens: int = 96, hot_anchors: int = 64, load: bool = True,
-        small_orders: bool = True, sequences: int = 1, cluster: dict[str, Any] | None = None) -> dict[str, Any]:
+        small_orders: bool = True, sequences: int = 1, cluster: dict[str, Any] | None = None,
+        isolate_worker: bool = False) -> dict[str, Any]:
     """One measurement (`load=False`: the same decode with nothing else running, the baseline). `cluster`: cluster
-    config fields to set (e.g. prefill_step_tokens, pool_nice, pool_cpus); unset ones keep their defaults."""
+    config fields to set (e.g. prefill_step_tokens, pool_nice, pool_cpus); unset ones keep their defaults.
+    `isolate_worker`: the worker's process gets a CPU core of its own and the pool actor and this process (the
+    clients, the commits) the others, as on a node whose pool has CPUs of its own (Linux only; other processes
+    of the machine are not moved)."""
     import ray
     from ..batch.runner import ClusterRunner
     if not ray.is_initialized():
@@ -106,6 +110,7 @@ def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, clients: i
                           num_agents=1, mode="dense", job_id=f"stall-{uuid.uuid4().hex[:6]}",
                           generation=GenerationParams(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens))
                 for i in range(sequences)]
+        cores = _isolate(worker, pool) if isolate_worker else None
         tickets = [runner.submit(job) for job in jobs]
         deadline = time.monotonic() + 120
         while ray.get(worker.load.remote()).active < sequences:   # inputs and prefills run before the first step
@@ -132,9 +137,9 @@ def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, clients: i
         stats = ray.get(worker.stats.remote())
         pool_stats = ray.get(pool.stats.remote())
     scheduler = stats["scheduler"]
-    step, gap = scheduler["step_ms"], scheduler["step_gap_ms"]
+    step, gap, token = scheduler["step_ms"], scheduler["step_gap_ms"], scheduler["token_interval_ms"]
     quantile = (lambda values, q: sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1e3 if values else 0.0)
-    return {"load": load, "model": model, "prefill_step_tokens": config.prefill_step_tokens,
+    return {"load": load, "model": model, "prefill_step_tokens": config.prefill_step_tokens, "worker_cores": cores,
             "pool_nice": config.pool_nice, "pool_cpus": config.pool_cpus, "load_average": _load_average(),
             "sequences": sequences, "clients": clients if load else 0, "commit_mb": commit_mb if load else 0,
             "decode_tokens": len(result["turns"][0]["token_ids"]), "steps": scheduler["steps"],
@@ -143,12 +148,31 @@ def run(*, model: str = EMBEDDED_MODEL, random_weights: bool = False, clients: i
             "step_max_over_step_p50": step["max"] / step["p50"] if step["p50"] else 0.0,
             "gap_max_over_step_p50": gap["max"] / step["p50"] if step["p50"] else 0.0,
             "largest_gap": scheduler.get("largest_gap"),     # what ran in it: engine calls, prefill tokens
+            # what the decoding sequence saw: from one token to the next (a gap and the step after it)
+            "token_interval_p50_ms": token["p50"], "token_interval_max_ms": token["max"],
+            "token_interval_max_over_p50": token["max"] / token["p50"] if token["p50"] else 0.0,
+            "steps_riding": scheduler.get("steps_riding", 0),
             "small_orders": orders[0], "client_snapshots": len(snapshot_s),
             "client_snapshot_p50_ms": quantile(snapshot_s, 0.5), "client_snapshot_p99_ms": quantile(snapshot_s, 0.99),
             "commits": len(commit_s), "commit_mean_s": statistics.fmean(commit_s) if commit_s else 0.0,
             "worker_pool_call_ms": stats["pool"].get("snapshot_call_ms"),
             "worker_pool_calls_by_thread": stats["pool"].get("calls_by_thread"),
             "pool_bytes_per_question": pool_stats.get("bytes_per_question")}
+
+
+def _isolate(worker: Any, pool: Any) -> dict[str, list[int]]:
+    """Pin the worker's process to the last CPU core and the pool actor's and this process's to the others."""
+    import ray
+    worker_pid = ray.get(worker.stats.remote())["pid"]
+    available = sorted(os.sched_getaffinity(worker_pid))    # a fresh worker may use every core Ray's node may
+    if len(available) < 2:
+        raise RuntimeError(f"--isolate-worker needs at least 2 CPU cores, the worker may use {available}")
+    mine, others = {available[-1]}, set(available[:-1])
+    os.sched_setaffinity(worker_pid, mine)
+    os.sched_setaffinity(ray.get(pool.stats.remote())["pid"], others)
+    for thread_id in os.listdir("/proc/self/task"):   # every thread of this process, the clients' included
+        os.sched_setaffinity(int(thread_id), others)
+    return {"worker": sorted(mine), "pool_and_clients": sorted(others)}
 
 
 def _load_average() -> float | None:
@@ -161,15 +185,17 @@ def _load_average() -> float | None:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| load | prefill step tokens / pool nice / pool CPUs | load average | step p50 ms | largest gap ms | "
-             "gap p99 ms | largest gap / step | slowest step / step | small orders | client snapshot p50 / p99 ms | 100 MB commits (mean s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "gap p99 ms | largest gap / step | slowest step / step | token interval p50 / max ms | "
+             "slowest token / median | small orders | client snapshot p50 / p99 ms | 100 MB commits (mean s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|"]
     for r in rows:
         load = f"{r['clients']} clients + {r['commit_mb']} MB commits" if r["load"] else "none"
         settings = f"{r.get('prefill_step_tokens', '-')} / {r.get('pool_nice', '-')} / {r.get('pool_cpus', '-')}"
         lines.append(f"| {load} | {settings} | {r.get('load_average') or 0:.1f} | {r['step_p50_ms']:.1f} | "
                      f"{r['gap_max_ms']:.1f} | {r['gap_p99_ms']:.1f} | "
                      f"{r['gap_max_over_step_p50']:.2f} | {r.get('step_max_over_step_p50', 0):.2f} | "
-                     f"{r['small_orders']} | "
+                     f"{r.get('token_interval_p50_ms', 0):.1f} / {r.get('token_interval_max_ms', 0):.1f} | "
+                     f"{r.get('token_interval_max_over_p50', 0):.2f} | {r['small_orders']} | "
                      f"{r['client_snapshot_p50_ms']:.1f} / {r['client_snapshot_p99_ms']:.1f} | "
                      f"{r['commits']} ({r['commit_mean_s']:.2f}) |")
     return "\n".join(lines)
@@ -184,6 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chunked prefill's budget (config prefill_step_tokens; 0: off; default: the config's)")
     parser.add_argument("--pool-nice", type=int, default=None, help="the pool actor's nice value (config pool_nice)")
     parser.add_argument("--pool-cpus", type=float, default=None, help="CPUs reserved for the pool actor (pool_cpus)")
+    parser.add_argument("--isolate-worker", action="store_true",
+                        help="give the worker's process a CPU core of its own, the pool and the clients the others")
     parser.add_argument("--json", default=None)
 
 
@@ -195,7 +223,8 @@ def cli_main(args: argparse.Namespace) -> int:
     for load in (False, True):
         print(f"pool-stall: decoding {args.decode_tokens} tokens, load {'on' if load else 'off'}", file=sys.stderr)
         rows.append(run(model=args.model, random_weights=args.random_weights, clients=args.clients,
-                        commit_mb=args.commit_mb, decode_tokens=args.decode_tokens, load=load, cluster=cluster))
+                        commit_mb=args.commit_mb, decode_tokens=args.decode_tokens, load=load, cluster=cluster,
+                        isolate_worker=args.isolate_worker))
     print(markdown_table(rows))
     write_json_report(args.json, {"runs": rows})
     return 0

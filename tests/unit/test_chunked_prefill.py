@@ -1,6 +1,7 @@
-"""Chunked prefill (`TurnScheduler(prefill_step_tokens=N)`, `kvcomm.runner.PrefillBudget`): while sequences decode,
-a prompt is prefilled in chunks of at most N tokens with decode steps in between, and gives the tokens a one-shot
-prefill gives (dense's oracle); a runner without a budget runs one forward.
+"""Chunked prefill and decode steps riding in prefills (`TurnScheduler(prefill_step_tokens=N)`,
+`kvcomm.runner.PrefillBudget`): while sequences decode, a prompt is prefilled in chunks of at most N tokens, each
+forward also carrying the batch's decode step, and both give the tokens one-shot prefill and lone decode steps give
+(dense's oracle); a runner without hooks runs one forward.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ QUESTION = "Ben has 3 cards and gets 4 more from his sister. How many cards does
 
 
 class RecordingRunner(ModelRunner):
-    """A real runner that records how many new tokens each forward computed (decode steps included)."""
+    """A real runner that records, per pass over the weights, its prefill tokens and its decode rows."""
 
-    def forward(self, requests, *args, **kwargs):
-        self.forwards.append(sum(int(r.token_ids.numel()) for r in requests))
-        return super().forward(requests, *args, **kwargs)
+    def _run(self, requests, decode):
+        decoded = sum(g.size for g in decode.groups) if decode is not None else 0
+        self.forwards.append((sum(int(r.token_ids.numel()) for r in requests), decoded))
+        return super()._run(requests, decode)
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +46,13 @@ def test_a_prompt_prefilled_in_chunks_gives_the_one_shot_logits_and_greedy_token
     runner = engine.runner
     ids = torch.as_tensor(engine.encode(QUESTION * 4))
     whole, whole_kv = runner.prefill(ids)
-    steps = []
-    runner.prefill_budget = PrefillBudget(lambda: 7, steps.append)
+    runner.forwards.clear()
+    runner.prefill_budget = PrefillBudget(lambda: 7, lambda tokens: None)
     try:
         chunked, kv = runner.prefill(ids, extra_capacity=4)
     finally:
         runner.prefill_budget = None
+    steps = [p for p, _ in runner.forwards]
     assert len(ids) > 40 and steps == [7] * (len(ids) // 7) + ([len(ids) % 7] if len(ids) % 7 else [])
     assert kv.segment().num_tokens == len(ids)
     torch.testing.assert_close(kv.segment().keys, whole_kv.segment().keys, atol=1e-4, rtol=1e-4)
@@ -82,8 +85,36 @@ def test_a_long_prompt_admitted_while_another_decodes_is_prefilled_in_chunks_wit
         scheduler.stop()
         runner.prefill_budget = None
     assert tokens == [oracle[1], oracle[0]]                               # chunked: the oracle's tokens
-    assert prompt > 80 and max(forwards) <= 8                             # no forward carried more than 8 tokens
-    assert stats["steps_between_chunks"] >= prompt // 8 - 1               # the short one decoded meanwhile
+    chunks = [(p, d) for p, d in forwards if p]                           # the forwards of the long prefill
+    assert prompt > 80 and sum(p for p, _ in chunks) >= prompt // 2 and max(p for p, _ in chunks) <= 8
+    assert all(d == 1 for _, d in chunks)                 # every chunk carried the short turn's decode step
+    assert stats["steps_riding"] >= len(chunks) and stats["steps_between_chunks"] == 0   # no step of its own
+
+
+def test_a_decode_step_rides_in_an_unchunked_prefill_and_keeps_the_oracle_s_tokens(engine) -> None:
+    """Without chunking, an admission's whole prefill still carries the decoding sequences' next step."""
+    runner = engine.runner
+    turns = [TurnRequest(_agent(i), {"user_question": engine.make_input(f"{QUESTION} ({i})")}, mode="dense",
+                         sampling=Sampling(max_new_tokens=12, min_new_tokens=12)) for i in range(3)]
+    oracle = [engine.run_turn(r).token_ids for r in turns]
+    scheduler = TurnScheduler(engine, max_batch_size=4).start()
+    try:
+        first = scheduler.turn(turns[0])
+        deadline = time.monotonic() + 60
+        while scheduler.load().active < 1:
+            assert time.monotonic() < deadline and not first.done(), "the first turn never started decoding"
+            time.sleep(0.001)
+        runner.forwards.clear()
+        rest = [scheduler.turn(r) for r in turns[1:]]
+        tokens = [f.result(timeout=120).token_ids for f in [first, *rest]]
+        forwards = list(runner.forwards)
+        stats = scheduler.stats()
+    finally:
+        scheduler.stop()
+        runner.prefill_budget = None
+    assert tokens == oracle
+    mixed = [(p, d) for p, d in forwards if p > 8 and d]                   # a prompt's prefill with decode rows
+    assert mixed and stats["steps_riding"] >= len(mixed) and stats["steps_between_chunks"] == 0
 
 
 def test_the_prefill_budget_has_one_home_in_the_cluster_config() -> None:
