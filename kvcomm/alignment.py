@@ -1,9 +1,9 @@
 """Alignment and offsets: cached KV moved to where a consumer's prompt puts it, and the offsets learned from it.
 
-`align_and_offset` re-rotates every placeholder's base KV and every fixed segment to its prompt positions and, with
-an anchor-pool snapshot, adds the offsets interpolated from the anchors (`kvcomm.offsets`). `record_deltas` is the
-other side: after a dense prefill, stage each new anchor's real-minus-base deltas for this consumer. Neither
-decides whether a turn reuses (the gates, `kvcomm.engine`) nor which tokens are recomputed (`kvcomm.tail_prefill`).
+`align_and_offset` writes every placeholder's base KV and every fixed segment into the turn's KV buffer at its
+prompt positions (keys re-rotated) and, with an anchor-pool snapshot, adds the offsets interpolated from the anchors
+there (`kvcomm.offsets`). `record_deltas` is the other side: after a dense prefill, stage each new anchor's
+real-minus-base deltas for this consumer. Neither decides whether a turn reuses (the gates, `kvcomm.engine`) nor which tokens are recomputed (`kvcomm.tail_prefill`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from .base_cache import AgentState, copy_segment
 from .config import KVCommConfig
 from .kv import KVSegment
-from .offsets import OffsetEstimate, estimate_offsets, recorded_error
+from .offsets import OffsetEstimate, OffsetPlan, add_offsets, estimate_offsets, plan_offsets, recorded_error
 from .rope import Rope
 from .runner import SequenceKV
 from .stages import StageTimes
@@ -24,38 +24,54 @@ WEIGHT_CACHE_ENTRIES = 32    # anchor weights shared by the consumers of one con
 
 def align_and_offset(state: AgentState, layout: PromptLayout, contents: Sequence[Any], bases: Sequence[KVSegment],
                      snapshot: Any, rope: Rope, config: KVCommConfig, weight_cache: OrderedDict,
-                     times: StageTimes) -> tuple[list[KVSegment], list[float | None]]:
-    """The prompt's pieces in order (leading fixed segment, then each placeholder and the fixed segment after
-    it) moved to their positions (`bases`: each placeholder's base KV), offsets added when `snapshot` is given
-    (kvcomm/hybrid), and per placeholder its anchors' recorded offset error (None without offsets). Times the
-    "align" and "offset" stages."""
+                     times: StageTimes, into: SequenceKV) -> list[float | None]:
+    """Write the prompt's cached KV into the turn's own buffer `into` (empty, from position 0, with room for the
+    whole prompt), piece by piece at its prompt positions: the leading fixed segment, then each placeholder's base
+    KV (`bases`) and the fixed segment after it, keys re-rotated on the way in; with a `snapshot` (kvcomm/hybrid)
+    the offsets interpolated from the anchors are added in place (`kvcomm.offsets.add_offsets`). Nothing is built
+    and then copied: the buffer is what the tail prefill extends and the decode reads. Afterwards `into` holds
+    `layout.length` tokens. Returns per placeholder its anchors' recorded offset error (None without offsets).
+    Times the "align" and "offset" stages."""
+    if into.length or into.start or into.capacity < layout.length:
+        raise ValueError(f"the turn's buffer must be empty, from position 0, with room for {layout.length} tokens "
+                         f"(holds {into.length} from {into.start}, capacity {into.capacity})")
     rendered = state.rendered
-    pieces: list[KVSegment] = [state.fixed_kv[0]]
     errors: list[float | None] = []
+    with times.stage("align"):
+        _place(into, state.fixed_kv[0], 0, rope)
     for i, (name, content) in enumerate(zip(rendered.placeholders, contents)):
         with times.stage("align"):
-            ph = bases[i].shifted(rope, layout.placeholder_spans[i][0])
-            pf = state.fixed_kv[i + 1].shifted(rope, layout.fixed_spans[i + 1][0])
+            ph = _place(into, bases[i], layout.placeholder_spans[i][0], rope)
+            pf = _place(into, state.fixed_kv[i + 1], layout.fixed_spans[i + 1][0], rope)
         errors.append(None)
         if snapshot is not None and content.num_tokens:
             with times.stage("offset"):
                 anchors = snapshot.anchors(name)
-                estimate = estimate_offsets(ph, pf, anchors, rendered.key, rope, config,
-                                            weight_cache=weight_cache, content_key=content.content_key)
-                if estimate is not None:
-                    ph = ph.plus(estimate.ph_key, estimate.ph_value)
-                    pf = pf.plus(estimate.pf_key, estimate.pf_value)
-                errors[-1] = anchor_error(anchors, estimate, rendered.key, config)
-        pieces += [ph, pf]
+                plan = plan_offsets(ph, pf, anchors, rendered.key, rope, config, weight_cache=weight_cache,
+                                    content_key=content.content_key)
+                if plan is not None:
+                    add_offsets(plan, rope, ph, pf)
+                errors[-1] = anchor_error(anchors, plan, rendered.key, config)
+    into.length = layout.length
     while len(weight_cache) > WEIGHT_CACHE_ENTRIES:
         weight_cache.popitem(last=False)
-    return pieces, errors
+    return errors
 
 
-def anchor_error(anchors: Sequence[Any], estimate: OffsetEstimate | None, consumer: str,
+def _place(into: SequenceKV, segment: KVSegment, begin: int, rope: Rope) -> KVSegment:
+    """Write `segment` into `into` at buffer index (= position) `begin`, keys re-rotated to it; return the view
+    [layers, kv_heads, tokens, head_dim] of the buffer it now occupies."""
+    end = begin + segment.num_tokens
+    view = KVSegment(into.keys[:, :, begin:end], into.values[:, :, begin:end], begin)
+    rope.shift_keys(segment.keys, begin - segment.start, out=view.keys)
+    view.values.copy_(segment.values)
+    return view
+
+
+def anchor_error(anchors: Sequence[Any], estimate: OffsetPlan | OffsetEstimate | None, consumer: str,
                  config: KVCommConfig) -> float:
-    """The mean recorded offset error of the anchors an estimate used (`unknown_anchor_error` where an anchor
-    recorded none, or when there was no estimate at all)."""
+    """The mean recorded offset error of the anchors an estimate (or plan) used (`unknown_anchor_error` where an
+    anchor recorded none, or when there was no estimate at all)."""
     if estimate is None:
         return config.unknown_anchor_error
     by_id = {a.anchor_id: a for a in anchors}

@@ -36,7 +36,7 @@ from .calibration import resolve as resolve_calibration
 from .config import KVCommConfig
 from .gate import TurnForecast, gate
 from .generation import DecodeBatch, Sampling, SequenceState, cut_at_stop_string, result_of
-from .kv import KVSegment, concat
+from .kv import KVSegment
 from .memory_plan import MemoryConfig
 from .model_loading import load_model
 from .names import DENSE_MODES, EMBEDDED_MODEL, MODES, POOL_MODES
@@ -312,13 +312,13 @@ class KVCommEngine:
         with times.stage("fetch"):
             bases = [c.base for c in contents]   # in-process: already here (Ray workers time their fetch)
         snapshot = self.pool.snapshot(request.namespace) if mode in POOL_MODES else None
-        pieces, errors = align_and_offset(state, layout, contents, bases, snapshot, self.runner.rope, self.config,
-                                          self._weight_cache, times)
-        with times.stage("align"):
-            tail_len = tail_length(rendered, len(prompt_ids), self.config)
-            whole = concat([p for p in pieces if p.num_tokens])                       # [L, H, prompt, D]
-            assembled = whole.slice(0, len(prompt_ids) - tail_len)
-            tail_ids = torch.tensor(prompt_ids[len(prompt_ids) - tail_len:], dtype=torch.int64)
+        # the turn's own buffer: the cache is assembled in it and the tail prefill and the decode extend it
+        kv = self.runner.new_kv(None, extra_capacity=len(prompt_ids) + request.sampling.max_new_tokens + 1)
+        errors = align_and_offset(state, layout, contents, bases, snapshot, self.runner.rope, self.config,
+                                  self._weight_cache, times, into=kv)
+        tail_len = tail_length(rendered, len(prompt_ids), self.config)
+        whole = kv.segment()                                                        # [L, H, prompt, D]
+        tail_ids = torch.tensor(prompt_ids[len(prompt_ids) - tail_len:], dtype=torch.int64)
 
         forecast, chosen = None, torch.empty(0, dtype=torch.int64)
         if snapshot is not None and state.probe is not None:
@@ -329,8 +329,8 @@ class KVCommEngine:
                 return self._turn_gate_fallback(request, state, contents, prompt_ids, started, forecast)
 
         with times.stage("prefill"):
-            logits, kv, recomputed = prefill_rest(mode, self.runner, self.config, rendered, assembled, prompt_ids,
-                                                  tail_ids, chosen, request.sampling.max_new_tokens + 1)
+            logits, kv, recomputed = prefill_rest(mode, self.runner, self.config, rendered, kv, prompt_ids, tail_ids,
+                                                  chosen, request.sampling.max_new_tokens + 1)
         return PreparedPrompt(request, kv, logits, prompt_ids, True, "reused", started, times.seconds, recomputed,
                               forecast)
 

@@ -128,7 +128,8 @@ def _anchor_distances(current: torch.Tensor, anchors: Sequence[torch.Tensor]) ->
             tail = head
         else:
             tail = anchor[:, :, anchor.shape[2] - overlap:].float() - current32[:, :, tokens - overlap:]  # tail
-        prefix_dist[i] = torch.linalg.vector_norm(tail, dim=2) * math.sqrt(tokens / overlap)   # [L, H, D]
+        # the L2 norm over tokens as sqrt(sum of squares): vector_norm over a middle dim is ~5x slower on a CPU
+        prefix_dist[i] = tail.square().sum(dim=2).sqrt_() * math.sqrt(tokens / overlap)       # [L, H, D]
         placeholder_dist[i, :overlap] = head.abs_().mean(dim=(0, 1, 3))                       # [m]
     return placeholder_dist, prefix_dist
 
@@ -206,16 +207,26 @@ def _check_mode(anchors: Sequence[Anchor], deltas: Sequence[ConsumerDeltas], con
             raise ValueError(f"anchor {anchor.anchor_id} has no rotated base key; reference mode needs one")
 
 
-def estimate_offsets(base: KVSegment, following: KVSegment, anchors: Sequence[Anchor], consumer: str, rope: Rope,
-                     config: KVCommConfig, weight_cache: MutableMapping[Hashable, AnchorWeights] | None = None,
-                     content_key: str | None = None) -> OffsetEstimate | None:
-    """Estimate the offsets of a placeholder (`base`, rotated to its actual start in `consumer`'s prompt) and of
-    the consumer's fixed segment after it (`following`, rotated to its actual start) from `anchors` (one
-    placeholder kind, pool order).
+@dataclass(frozen=True, eq=False)
+class OffsetPlan:
+    """What one placeholder's offsets combine: the compatible anchors' deltas for this consumer (pool order) and
+    their weights, with where the placeholder (`ph_start`, T tokens) and its following segment (`pf_start`, S
+    tokens) sit in the consumer's prompt. `offset_layers` turns it into offsets for any range of layers."""
+    deltas: list[ConsumerDeltas]
+    anchor_ids: list[str]
+    weights: AnchorWeights
+    tokens: int
+    ph_start: int
+    pf_start: int
+    rerotate: bool
+    weights_from_cache: bool
 
-    Returns None when no anchor is compatible (or the placeholder is empty): the caller then uses the bases as
-    they are. `content_key` identifies the placeholder content for `weight_cache`; by default a hash of its values.
-    """
+
+def plan_offsets(base: KVSegment, following: KVSegment, anchors: Sequence[Anchor], consumer: str, rope: Rope,
+                 config: KVCommConfig, weight_cache: MutableMapping[Hashable, AnchorWeights] | None = None,
+                 content_key: str | None = None) -> OffsetPlan | None:
+    """The anchors and weights `estimate_offsets` combines (arguments as there); None when no anchor is
+    compatible or the placeholder is empty. Weights come from `weight_cache` when it holds them."""
     tokens, following_tokens = base.num_tokens, following.num_tokens
     if tokens == 0:
         return None
@@ -246,30 +257,80 @@ def estimate_offsets(base: KVSegment, following: KVSegment, anchors: Sequence[An
                                  config.temperature)
         if cache_key is not None:
             weight_cache[cache_key] = weights
+    return OffsetPlan(deltas, anchor_ids, weights, tokens, base.start, following.start, config.rerotate_deltas,
+                      from_cache)
 
+
+def offset_layers(plan: OffsetPlan, rope: Rope, layers: slice) -> tuple[torch.Tensor, ...]:
+    """The plan's fp32 offsets for `layers` (a slice of layers from `layers.start`): (ph_key, ph_value
+    [l, H, T, D]; pf_key, pf_value [l, H, S, D]), layer 0 exactly zero. Each element is computed by the same
+    operations whatever the slice, so offsets computed a few layers at a time equal those computed at once."""
+    weights, deltas, tokens = plan.weights, plan.deltas, plan.tokens
     # Weighted sums over anchors, accumulated one anchor at a time into fp32 outputs (no [N, ...] stack).
-    # ph weights [N, T]; deltas [L, H, T_a, D], each over its first min(T, T_a) tokens -> [L, H, T, D]
-    ph_key = _weighted_placeholder_sum(weights.ph_k, [d.ph_key for d in deltas], tokens)
-    ph_value = _weighted_placeholder_sum(weights.ph_v, [d.ph_value for d in deltas], tokens)
+    # ph weights [N, T]; deltas [l, H, T_a, D], each over its first min(T, T_a) tokens -> [l, H, T, D]
+    ph_key = _weighted_placeholder_sum(weights.ph_k, [d.ph_key[layers] for d in deltas], tokens)
+    ph_value = _weighted_placeholder_sum(weights.ph_v, [d.ph_value[layers] for d in deltas], tokens)
     # Prefix weights differ per channel and RoPE mixes channel c with c +- D/2, so (corrected mode) rotate each
     # anchor's delta to the current start before weighting. Placeholder weights are per token only, so rotating
     # the sum is exact.
-    pf_deltas_k = [rope.shift_keys(d.pf_key.float(), following.start) if config.rerotate_deltas else d.pf_key
+    pf_deltas_k = [rope.shift_keys(d.pf_key[layers].float(), plan.pf_start) if plan.rerotate else d.pf_key[layers]
                    for d in deltas]
-    # pf weights [N, L, H, D] -> [N, L, H, 1, D]; deltas [L, H, S, D]
-    pf_key = _weighted_sum(weights.pf_k[:, :, :, None, :], pf_deltas_k)              # [L, H, S, D]
-    pf_value = _weighted_sum(weights.pf_v[:, :, :, None, :], [d.pf_value for d in deltas])
-    if config.rerotate_deltas:
-        ph_key = rope.shift_keys(ph_key, base.start)
-    for offset in (ph_key, ph_value, pf_key, pf_value):
-        offset[0] = 0.0                                                            # layer 0: base is exact
+    # pf weights [N, L, H, D] -> [N, l, H, 1, D]; deltas [l, H, S, D]
+    pf_key = _weighted_sum(weights.pf_k[:, layers, :, None, :], pf_deltas_k)          # [l, H, S, D]
+    pf_value = _weighted_sum(weights.pf_v[:, layers, :, None, :], [d.pf_value[layers] for d in deltas])
+    if plan.rerotate:
+        ph_key = rope.shift_keys(ph_key, plan.ph_start)
+    if (layers.start or 0) == 0:
+        for offset in (ph_key, ph_value, pf_key, pf_value):
+            offset[0] = 0.0                                                        # layer 0: base is exact
+    return ph_key, ph_value, pf_key, pf_value
 
+
+def add_offsets(plan: OffsetPlan, rope: Rope, placeholder: KVSegment, following: KVSegment,
+                chunk_elements: int = 1 << 18) -> None:
+    """Add the plan's offsets in place to `placeholder` and `following` (views into the turn's KV buffer, at the
+    positions the plan was made for): the very sums `estimate_offsets` returns, added as `KVSegment.plus` adds
+    them (in fp32, rounded once), but computed a few layers at a time (about `chunk_elements` placeholder
+    elements), so no full-size fp32 offset is ever allocated and each chunk stays in cache while it is added."""
+    layers, heads, tokens, dim = placeholder.keys.shape
+    step = max(1, chunk_elements // max(1, heads * tokens * dim))
+    targets = (placeholder.keys, placeholder.values, following.keys, following.values)
+    for begin in range(0, layers, step):
+        chunk = slice(begin, min(layers, begin + step))
+        for target, offset in zip(targets, offset_layers(plan, rope, chunk)):
+            _add_rounded_once(target[chunk], offset)
+
+
+def _add_rounded_once(target: torch.Tensor, offset: torch.Tensor) -> None:
+    """target += offset, the sum taken in fp32 and rounded once into target's dtype (`KVSegment.plus`'s rule)."""
+    if target.dtype == torch.float32:
+        target.add_(offset)
+    else:
+        target.copy_(target.float().add_(offset))
+
+
+def estimate_offsets(base: KVSegment, following: KVSegment, anchors: Sequence[Anchor], consumer: str, rope: Rope,
+                     config: KVCommConfig, weight_cache: MutableMapping[Hashable, AnchorWeights] | None = None,
+                     content_key: str | None = None) -> OffsetEstimate | None:
+    """Estimate the offsets of a placeholder (`base`, rotated to its actual start in `consumer`'s prompt) and of
+    the consumer's fixed segment after it (`following`, rotated to its actual start) from `anchors` (one
+    placeholder kind, pool order).
+
+    Returns None when no anchor is compatible (or the placeholder is empty): the caller then uses the bases as
+    they are. `content_key` identifies the placeholder content for `weight_cache`; by default a hash of its values.
+    A turn's assembly adds the same offsets in place instead (`plan_offsets`, `add_offsets`).
+    """
+    plan = plan_offsets(base, following, anchors, consumer, rope, config, weight_cache, content_key)
+    if plan is None:
+        return None
+    ph_key, ph_value, pf_key, pf_value = offset_layers(plan, rope, slice(0, None))
+    weights = plan.weights
     effective = sum(_effective_count(w) for w in (weights.ph_k, weights.ph_v, weights.pf_k, weights.pf_v)) / 4
     return OffsetEstimate(
         ph_key=ph_key, ph_value=ph_value, pf_key=pf_key, pf_value=pf_value,   # fp32: rounded once, when added
-        anchor_ids=anchor_ids, ph_weights_k=weights.ph_k, ph_weights_v=weights.ph_v,
+        anchor_ids=plan.anchor_ids, ph_weights_k=weights.ph_k, ph_weights_v=weights.ph_v,
         pf_weights_k=weights.pf_k, pf_weights_v=weights.pf_v, effective_anchors=effective,
-        weights_from_cache=from_cache)
+        weights_from_cache=plan.weights_from_cache)
 
 
 def apply_offsets(base: KVSegment, following: KVSegment, estimate: OffsetEstimate | None

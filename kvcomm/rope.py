@@ -56,20 +56,24 @@ class Rope:
         """Rotate x [..., tokens, head_dim] by per-token angles (cos/sin [tokens, head_dim])."""
         return x * cos + rotate_half(x) * sin
 
-    def shift_keys(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+    def shift_keys(self, keys: torch.Tensor, delta: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Move post-RoPE keys [..., tokens, head_dim] by `delta` positions (may be negative).
 
         The rotation is computed in fp32 whatever the storage dtype and cast back; delta 0 returns `keys` itself.
+        `out` (same shape, any dtype, not overlapping `keys`): write the result there, rounded once to its dtype
+        (an fp32 `out` is written directly, without an intermediate tensor), and return it.
         """
         if delta == 0:
-            return keys
+            return keys if out is None else out.copy_(keys)
         angle = float(delta) * self.inv_freq.double()  # fp64 angle of one constant shift: exact composition
         cos, sin = angle.cos().float(), angle.sin().float()          # [head_dim // 2]: both halves share them
         k32 = keys.float()
         half = k32.shape[-1] // 2
         first, second = k32[..., :half], k32[..., half:]
-        out = torch.empty_like(k32)
+        rotated = out if out is not None and out.dtype == torch.float32 else torch.empty_like(k32)
         # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): rotate_half's formula, without materializing rotate_half
-        torch.mul(first, cos, out=out[..., :half]).addcmul_(second, sin, value=-1.0)
-        torch.mul(second, cos, out=out[..., half:]).addcmul_(first, sin)
-        return out.to(keys.dtype)
+        torch.mul(first, cos, out=rotated[..., :half]).addcmul_(second, sin, value=-1.0)
+        torch.mul(second, cos, out=rotated[..., half:]).addcmul_(first, sin)
+        if out is None:
+            return rotated.to(keys.dtype)
+        return out if rotated is out else out.copy_(rotated)

@@ -423,11 +423,12 @@ class ModelRunner:
         return logits, kv, selected
 
     @torch.inference_mode()
-    def recompute_prefill(self, cached: KVSegment, cached_ids: torch.Tensor, tail_ids: torch.Tensor,
+    def recompute_prefill(self, cached: KVSegment | SequenceKV, cached_ids: torch.Tensor, tail_ids: torch.Tensor,
                           recompute: torch.Tensor, *, extra_capacity: int = 0, keep_queries: bool = False
                           ) -> tuple[torch.Tensor, SequenceKV, torch.Tensor | None]:
         """Selective recompute with the tokens chosen up front: reuse `cached`, recompute the cached tokens at
-        `recompute` ([r] int64 indices into `cached`) and compute the tail, at every layer.
+        `recompute` ([r] int64 indices into `cached`) and compute the tail, at every layer. A `SequenceKV` as
+        `cached` is extended in place (no copy): its valid tokens are the cache, and it is the buffer returned.
 
         Each recomputed or tail token attends over the whole buffer up to itself (reused KV where nothing was
         recomputed, fresh KV where something was), so a recomputed token sees the corrected KV of the tokens
@@ -436,7 +437,8 @@ class ModelRunner:
         head_dim], else None). With no recompute indices this equals `prefill(tail_ids, context=cached)`.
         """
         spec = self.spec
-        n_cached, n_tail = cached.num_tokens, int(tail_ids.numel())
+        in_place = isinstance(cached, SequenceKV)
+        n_cached, n_tail = cached.length if in_place else cached.num_tokens, int(tail_ids.numel())
         if n_tail == 0:
             raise ValueError("recompute_prefill needs at least one tail token")
         picked = torch.unique(recompute.reshape(-1).to(torch.int64))                              # sorted [r]
@@ -444,7 +446,11 @@ class ModelRunner:
             raise IndexError(f"recompute indices must lie in [0, {n_cached}), got {picked.tolist()[:8]}...")
         if self.prefill_budget is not None:
             self.prefill_budget.before_forward(int(picked.numel()) + n_tail)
-        kv = self.new_kv(cached, extra_capacity=n_tail + extra_capacity)
+        if in_place:
+            kv = cached
+            kv.reserve(n_tail + extra_capacity)
+        else:
+            kv = self.new_kv(cached, extra_capacity=n_tail + extra_capacity)
         total = n_cached + n_tail
         rows = torch.cat([picked, torch.arange(n_cached, total)]).to(self.device)                 # [R]
         ids = torch.cat([cached_ids.reshape(-1).to(torch.int64), tail_ids.reshape(-1).to(torch.int64)])

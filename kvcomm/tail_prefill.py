@@ -48,11 +48,14 @@ def plan_correction(mode: str, state: AgentState, layout: PromptLayout, whole: K
 
 
 def prefill_rest(mode: str, runner: ModelRunner, config: KVCommConfig, rendered: RenderedTemplate,
-                 assembled: KVSegment, prompt_ids: Sequence[int], tail_ids: torch.Tensor, chosen: torch.Tensor,
+                 kv: SequenceKV, prompt_ids: Sequence[int], tail_ids: torch.Tensor, chosen: torch.Tensor,
                  extra_capacity: int) -> tuple[torch.Tensor, SequenceKV, int]:
-    """Run the model on `assembled` (the reused prompt minus its tail) and `tail_ids` ([tail] int64): logits, the
-    turn's KV buffer, and how many prompt tokens went through the model (tail plus recomputed)."""
+    """Run the model on the turn's buffer `kv` (the whole prompt assembled in it; its last `len(tail_ids)` tokens,
+    `tail_ids` [tail] int64, are dropped and computed) and the chosen cached tokens: logits, the turn's KV buffer
+    (kvcomm and naive: `kv` itself, extended in place), and how many prompt tokens went through the model."""
     tail_len = int(tail_ids.numel())
+    kv.truncate(len(prompt_ids) - tail_len)
+    assembled = kv.segment()                                           # [L, H, prompt - tail, D], a view
     if mode in ("cacheblend", "hybrid"):
         ratio = config.blend_recompute_ratio if mode == "cacheblend" else config.hybrid_recompute_ratio
         logits, kv, selected = runner.blend_prefill(
@@ -60,12 +63,10 @@ def prefill_rest(mode: str, runner: ModelRunner, config: KVCommConfig, rendered:
             check_layer=min(config.blend_check_layer, runner.spec.num_layers - 1),
             protected_prefix=len(rendered.fixed[0]), extra_capacity=extra_capacity)
         return logits, kv, tail_len + int(selected.numel())
-    if chosen.numel():
-        logits, kv, _ = runner.recompute_prefill(assembled, _cached_ids(prompt_ids, assembled), tail_ids, chosen,
-                                                 extra_capacity=extra_capacity)
-        return logits, kv, tail_len + int(chosen.numel())
-    logits, kv = runner.prefill(tail_ids, context=assembled, extra_capacity=extra_capacity)
-    return logits, kv, tail_len
+    # the tail alone is the recompute with nothing chosen (it equals runner.prefill after the cache)
+    logits, kv, _ = runner.recompute_prefill(kv, _cached_ids(prompt_ids, assembled), tail_ids, chosen,
+                                             extra_capacity=extra_capacity)
+    return logits, kv, tail_len + int(chosen.numel())
 
 
 def _cached_ids(prompt_ids: Sequence[int], assembled: KVSegment) -> torch.Tensor:

@@ -46,6 +46,25 @@ def test_recompute_prefill_is_prefill_without_indices_and_dense_when_everything_
         runner.recompute_prefill(cached, ids[:32], ids[32:], torch.tensor([32]))
 
 
+def test_recompute_prefill_in_place_on_the_turn_s_buffer_equals_the_copying_call(tiny_runner):
+    """A reused turn assembles its cache in its own buffer and the recompute extends that buffer in place; the
+    logits and KV must be those of the call that copies the cache into a new buffer, bit for bit."""
+    runner, _ = tiny_runner
+    ids = torch.randint(10, 40000, (40,), generator=torch.Generator().manual_seed(3))
+    _, dense_kv = runner.prefill(ids)
+    noise = torch.Generator().manual_seed(4)
+    cached = KVSegment(dense_kv.keys[:, :, :32] + 0.1 * torch.randn(dense_kv.keys[:, :, :32].shape, generator=noise),
+                       dense_kv.values[:, :, :32], 0)
+    chosen = torch.tensor([3, 17, 30])
+    want_logits, want_kv, _ = runner.recompute_prefill(cached, ids[:32], ids[32:], chosen, extra_capacity=5)
+    buffer = runner.new_kv(cached, extra_capacity=8 + 5)
+    logits, kv, _ = runner.recompute_prefill(buffer, ids[:32], ids[32:], chosen, extra_capacity=5)
+    assert kv is buffer and kv.length == 40 and kv.capacity >= 45
+    assert torch.equal(logits, want_logits)
+    assert torch.equal(kv.segment().keys, want_kv.segment().keys)
+    assert torch.equal(kv.segment().values, want_kv.segment().values)
+
+
 def test_attention_mass_selection_span_starts_and_token_errors(tiny_runner):
     runner, _ = tiny_runner
     spec = runner.spec

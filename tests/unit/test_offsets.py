@@ -15,7 +15,8 @@ from kvcomm.anchor_records import Anchor
 from kvcomm.config import KVCommConfig
 from kvcomm.kv import KVSegment
 from kvcomm.model_spec import PRESETS
-from kvcomm.offsets import anchor_weights, apply_offsets, estimate_offsets, weights_depend_on_consumer
+from kvcomm.offsets import (add_offsets, anchor_weights, apply_offsets, estimate_offsets, plan_offsets,
+                            weights_depend_on_consumer)
 from kvcomm.rope import Rope
 
 SPEC = PRESETS["tiny-llama"]
@@ -244,3 +245,32 @@ def test_no_compatible_anchor_and_mode_mismatch():
     record_anchor(pool, question, question, prefix_after, prefix_after, "agent_1", ph_start=5)
     with pytest.raises(ValueError, match="rerotate_deltas"):
         estimate_offsets(question.at(5), prefix_after.at(9), anchors_of(pool), "agent_1", ROPE, CORRECTED)
+
+
+@pytest.mark.parametrize("config", [KVCommConfig(min_anchor_coverage=0.5), REFERENCE.with_(min_anchor_coverage=0.5)],
+                         ids=["corrected", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offsets_added_in_place_a_few_layers_at_a_time_equal_the_estimate_added_bit_for_bit(config, dtype):
+    """The turn's assembly adds offsets in place, a chunk of layers at a time (`add_offsets`); it must equal the
+    whole estimate added by `KVSegment.plus` exactly: anchors shorter than, as long as and longer than the
+    placeholder, layer 0 in the first chunk only, keys rotated, and the bf16 sum rounded once."""
+    pool = AnchorPool(config, rope=ROPE)
+    prefix_after = Content(3, seed=2)
+    for seed, tokens in ((40, 4), (41, 6), (42, 9)):             # for a 6-token placeholder
+        content = Content(tokens, seed=seed)
+        record_anchor(pool, content, content.perturbed(seed + 1), prefix_after, prefix_after.perturbed(seed),
+                      "agent_1", ph_start=11)
+    question = Content(6, seed=3)
+    base, following = question.at(17).to(dtype=dtype), prefix_after.at(23).to(dtype=dtype)
+    estimate = estimate_offsets(base, following, anchors_of(pool), "agent_1", ROPE, config)
+    want_ph, want_pf = apply_offsets(base, following, estimate)
+    for chunk_elements in (1, HEADS * 6 * DIM * 2, 1 << 30):     # one layer, two layers, all at once
+        got_ph = KVSegment(base.keys.clone(), base.values.clone(), base.start)
+        got_pf = KVSegment(following.keys.clone(), following.values.clone(), following.start)
+        plan = plan_offsets(got_ph, got_pf, anchors_of(pool), "agent_1", ROPE, config)
+        assert plan.anchor_ids == estimate.anchor_ids and len(plan.anchor_ids) == 3
+        add_offsets(plan, ROPE, got_ph, got_pf, chunk_elements=chunk_elements)
+        for got, want in ((got_ph, want_ph), (got_pf, want_pf)):
+            assert got.keys.dtype == dtype
+            assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values), chunk_elements
+        assert not torch.equal(got_ph.values, base.values)       # the offsets were added
