@@ -4,6 +4,7 @@ nothing (`kvcomm.bench.fidelity` does).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,50 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{warm['reused']}/{warm['turns']} | {anchors} | {pool['bytes'] / 2**20:.0f} | "
             f"{off['with_offsets']}/{off['placeholders']} | {off['compatible_mean']:.1f} / "
             f"{off['effective_mean']:.1f} |")
+    lines += ["", *served_table(report)]
     return "\n".join(lines)
+
+
+NAIVE = "base-only+tail"     # the engine's naive mode: base KV re-rotated, the trailing segment recomputed
+
+
+def served_table(report: dict[str, Any]) -> list[str]:
+    """Per method, with 95% Wilson intervals: first-token agreement (forced reuse, and as served where the gates
+    decide: a turn sent dense agrees), greedy exact matches, the gates' reuse, and preparation against naive reuse
+    (forced; and as served, a fallback costing both of its attempts)."""
+    methods = report["methods"]
+    naive = methods.get(NAIVE, {}).get("prepare_ms_mean")
+    lines = [f"| method | first token = dense | served first token | greedy {report['setting']['continuation_tokens']}"
+             f" exact | reuse (both gates) | prepare vs naive | served prepare vs naive |",
+             "|---|---|---|---|---|---|---|"]
+    for method, m in methods.items():
+        if method == "dense":
+            continue
+        n = m["turns"]
+        gated = "gate_reuse_rate" in m
+        reused = round(m["gate_reuse_rate"] * n) if gated else None
+        served = m.get("served_prepare_ms_mean")
+        lines.append(
+            f"| {method} | {_count(m['top1_agree'], n)} | {_count(m['served_top1_agree'], n) if gated else '-'} | "
+            f"{_count(m['greedy_exact'], n)} | {_count(reused, n) if gated else '-'} | "
+            f"{fmt(m['prepare_ms_mean'] / naive if naive else None, '.2f')}x | "
+            f"{fmt(served / naive if naive and served else None, '.2f')}x |")
+    return lines
+
+
+def _count(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} = {k / n:.0%} [{lo:.0%}, {hi:.0%}]"
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def plot(report: dict[str, Any], path: str) -> None:
