@@ -18,15 +18,16 @@ at gamma iff e > gamma.
    geometric mean (the forecast is a first-order model; only its scale is fitted).
 2. Every (r, gamma, KL threshold, margin) choice, gamma in `GAMMAS`, the thresholds being those seen at r that
    send at most `MAX_GATED` of the turns dense (and inf / 0: never): a turn is reused when no gate sends it dense.
-   A choice meets the targets when the 95% upper bound of the mean KL over its reused turns (normal approximation:
-   mean + 1.96 sd / sqrt(n), so that the target holds on unseen turns too, not just on these) is <= target_kl,
-   the first-token agreement of the served turns (a dense turn agrees) is >= min_top1, and its reuse rate >=
-   min_reuse. Among those the cheapest wins: the mean preparation per turn, a turn gated before its reused
-   prefill costing a dense prefill, one the fidelity gate sends back after it costing both (then the highest
-   reuse, the smallest gamma: the pool learns more). If none meets all three, the highest reuse among those
-   meeting the fidelity targets; if none meets them, the lowest KL bound. Which case applied is recorded (`met`,
-   `why`). Replaying gamma on a fixed pool ignores that a higher gamma also teaches the pool less: the fidelity
-   benchmark's calibrated pool, warmed with the chosen gamma, measures that effect.
+   A choice meets the targets when, so that they hold on unseen turns too and not just on these, the 95% upper
+   bound of the mean KL over its reused turns (normal approximation: mean + 1.96 sd / sqrt(n)) is <= target_kl
+   and the 95% lower bound (Wilson) of the first-token agreement of the served turns (a dense turn agrees) is >=
+   min_top1, and its reuse rate is >= min_reuse. (A lower bound needs enough turns: at 97%, 192 turns allow one
+   disagreement, 96 none.) Among those the cheapest wins: the mean preparation per turn, a turn gated before its
+   reused prefill costing a dense prefill, one the fidelity gate sends back after it costing both (then the
+   highest reuse, the smallest gamma: the pool learns more). If none meets all three, the highest reuse among
+   those meeting the fidelity targets; if none meets them, the best top-1 bound among those keeping KL; else the
+   lowest KL bound. Which case applied is recorded (`met`, `why`). Replaying gamma on a fixed pool ignores that a
+   higher gamma also teaches the pool less: the fidelity benchmark's calibrated pool, warmed with the chosen gamma, measures that effect.
 
 How well each gate's signal predicts what it guards is recorded too (`predictor`): the forecast's Spearman against
 KL, and the margin's ROC AUC for first-token disagreement.
@@ -46,6 +47,7 @@ from .config import UNCALIBRATED, KVCommConfig
 FORMAT = 2
 OLD_FORMATS = {1: {"gate_min_margin": 0.0}}   # format 1 had no fidelity gate: it never falls back
 GAMMAS = (0.3, 0.5, 0.7, 1.0)      # entropy-gate gammas the fit considers (0.3: the paper's default)
+Z95 = 1.96                         # the normal quantile of every 95% bound the fit uses
 MAX_GATED = 0.3                    # the fit tries gate thresholds sending up to this share of turns dense
 # the repository's configs/calibration/ (a source checkout); KVCOMM_CALIBRATION_DIR points elsewhere
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "configs" / "calibration"
@@ -217,10 +219,11 @@ def _evaluate(turns: Sequence[TurnMeasurement], scale: float, gamma: float, thre
     mean = sum(kls) / len(kls) if kls else 0.0
     spread = math.sqrt(sum((k - mean) ** 2 for k in kls) / (len(kls) - 1)) if len(kls) > 1 else 0.0
     cost = sum(t.dense_ms for t in turns) + sum(t.prepare_ms for t in before) - sum(t.dense_ms for t in reused)
+    agree = sum(t.top1_agree for t in reused) + len(turns) - len(reused)          # a dense turn agrees
     return {"gamma": gamma, "threshold": threshold, "min_margin": min_margin, "reuse": len(reused) / len(turns),
             "margin_gated": (len(before) - len(reused)) / len(turns),
-            "kl_reused": mean, "kl_reused_upper95": mean + 1.96 * spread / math.sqrt(max(1, len(kls))),
-            "top1_served": (sum(t.top1_agree for t in reused) + len(turns) - len(reused)) / len(turns),
+            "kl_reused": mean, "kl_reused_upper95": mean + Z95 * spread / math.sqrt(max(1, len(kls))),
+            "top1_served": agree / len(turns), "top1_served_lower95": wilson(agree, len(turns))[0],
             "prepare_ms_reused": sum(t.prepare_ms for t in reused) / len(reused) if reused else math.inf,
             "cost_ms": cost / len(turns)}
 
@@ -254,7 +257,7 @@ def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float
         margins = _low_margins(turns, max_gated)
         options += [{"ratio": ratio, **_evaluate(turns, scale, gamma, th, m)}
                     for gamma in gammas for th in thresholds for m in margins]
-    faithful = [o for o in options if o["kl_reused_upper95"] <= target_kl and o["top1_served"] >= min_top1]
+    faithful = [o for o in options if o["kl_reused_upper95"] <= target_kl and o["top1_served_lower95"] >= min_top1]
     both = [o for o in faithful if o["reuse"] >= min_reuse]
     if both:
         best = min(both, key=lambda o: (o["cost_ms"], -o["reuse"], o["gamma"], -o["threshold"], o["min_margin"]))
@@ -263,16 +266,21 @@ def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float
         best = max(faithful, key=lambda o: (o["reuse"], -o["cost_ms"], -o["gamma"]))
         why = (f"no choice reaches reuse >= {min_reuse:.0%} at KL <= {target_kl} (95% bound) and top-1 >= "
                f"{min_top1:.0%}: the highest reuse that keeps them")
+    elif any(o["kl_reused_upper95"] <= target_kl for o in options):
+        best = max((o for o in options if o["kl_reused_upper95"] <= target_kl),
+                   key=lambda o: (o["top1_served_lower95"], o["reuse"], -o["cost_ms"]))
+        why = (f"no choice keeps KL <= {target_kl} and top-1 >= {min_top1:.0%} (95% bounds): the best top-1 bound "
+               f"that keeps KL")
     else:
         best = min(options, key=lambda o: (o["kl_reused_upper95"], -o["reuse"]))
-        why = f"no choice keeps KL <= {target_kl} (95% bound) and top-1 >= {min_top1:.0%}: the lowest KL bound"
+        why = f"no choice keeps KL <= {target_kl} (95% bound): the lowest KL bound"
     candidates = []
     for ratio in sorted(by_ratio):
         mine = [o for o in options if o["ratio"] == ratio]
         fitting = [o for o in both if o["ratio"] == ratio]
         candidates.append(min(fitting, key=lambda o: (o["cost_ms"], -o["reuse"])) if fitting
-                          else min(mine, key=lambda o: (o["kl_reused_upper95"] > target_kl, -o["top1_served"],
-                                                        -o["reuse"])))
+                          else min(mine, key=lambda o: (o["kl_reused_upper95"] > target_kl,
+                                                        -o["top1_served_lower95"], -o["reuse"])))
     predictor = {"turns": len(measurements), "spearman": spearman([t.forecast for t in measurements],
                                                                   [t.kl for t in measurements]),
                  "spearman_per_ratio": {str(r): spearman([t.forecast for t in ts], [t.kl for t in ts])
@@ -284,6 +292,16 @@ def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float
     return Calibration(model=model_key(model), target_kl=target_kl, min_reuse=min_reuse, min_top1=min_top1,
                        knobs=knobs, met=bool(both), why=why, dev=best, candidates=candidates, predictor=predictor,
                        data=dict(data or {}))
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval (95% at the default z) of a proportion k/n."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def auc(scores: Sequence[float], positives: Sequence[bool]) -> float:

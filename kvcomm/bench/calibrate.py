@@ -61,14 +61,15 @@ def describe(calibration: Calibration) -> str:
              f"the development turns)",
              f"  development turns: reuse {dev['reuse']:.0%} (fidelity gate sent {dev['margin_gated']:.0%} back), KL "
              f"on reused turns {dev['kl_reused']:.4f} (95% bound {dev['kl_reused_upper95']:.4f}), served top-1 "
-             f"{dev['top1_served']:.1%}, reused-turn prepare {fmt(dev['prepare_ms_reused'], '.0f')} ms, per turn "
+             f"{dev['top1_served']:.1%} (95% bound {dev['top1_served_lower95']:.1%}), reused-turn prepare {fmt(dev['prepare_ms_reused'], '.0f')} ms, per turn "
              f"with fallbacks {dev['cost_ms']:.0f} ms",
              f"  forecast vs measured KL: Spearman {predictor['spearman']:+.2f} over {predictor['turns']} (turn, "
              f"ratio) pairs; first-token margin vs disagreement, AUC per ratio: " + ", ".join(
                  f"{r}: {fmt(a, '.2f')}" for r, a in predictor.get("margin_auc_per_ratio", {}).items()),
              "  cheapest choice per ratio (or its best try): " + "; ".join(
                  f"{c['ratio']:.2f} (gamma {c['gamma']}, margin {c['min_margin']:.3f}): reuse {c['reuse']:.0%} KL "
-                 f"{c['kl_reused']:.4f} top-1 {c['top1_served']:.1%} {c['cost_ms']:.0f} ms/turn"
+                 f"{c['kl_reused']:.4f} top-1 {c['top1_served']:.1%} (>= {c['top1_served_lower95']:.1%}) "
+                 f"{c['cost_ms']:.0f} ms/turn"
                  for c in calibration.candidates)]
     return "\n".join(lines)
 

@@ -4,10 +4,10 @@ nothing (`kvcomm.bench.fidelity` does).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
+from ..calibration import wilson
 from .fidelity_setting import CONFIDENT_MARGIN, GATE_TRACED
 from .turns import fmt
 
@@ -111,16 +111,6 @@ def served_table(report: dict[str, Any]) -> list[str]:
 def _count(k: int, n: int) -> str:
     lo, hi = wilson(k, n)
     return f"{k}/{n} = {k / n:.0%} [{lo:.0%}, {hi:.0%}]"
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def plot(report: dict[str, Any], path: str) -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kvcomm.anchor_pool import AnchorPool
-from kvcomm.calibration import Calibration, CalibrationWarning, TurnMeasurement, find, fit, model_key, resolve
+from kvcomm.calibration import (Calibration, CalibrationWarning, TurnMeasurement, find, fit, model_key, resolve,
+                                wilson)
 from kvcomm.config import UNCALIBRATED, KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest, build_engine
 from kvcomm.gate import first_token_margin
@@ -34,7 +35,7 @@ def test_fit_picks_the_cheapest_ratio_and_threshold_that_meet_both_targets():
     low = [0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.1]
     measurements = (_turns(0.0, [k * 5 for k in low], [k * 5 for k in low], 100.0)
                     + _turns(0.1, low, low, 150.0) + _turns(0.4, [k / 4 for k in low], [k / 4 for k in low], 300.0))
-    calibration = fit(measurements, model=MODEL, target_kl=0.01, min_reuse=0.85)
+    calibration = fit(measurements, model=MODEL, target_kl=0.01, min_reuse=0.85, min_top1=0.0)   # KL alone
     assert calibration.met and calibration.knobs["recompute_ratio"] == 0.1
     assert calibration.knobs["kl_scale"] == pytest.approx(1.0)           # forecasts equal the measured KL
     assert calibration.knobs["gate_max_kl"] == pytest.approx(0.009)     # the 0.1 turn goes dense
@@ -44,11 +45,11 @@ def test_fit_picks_the_cheapest_ratio_and_threshold_that_meet_both_targets():
     # the entropy gate's own fallbacks count against the reuse rate: two turns the pool cannot vouch for (inf)
     # leave no room at any gamma ...
     strict = fit(_turns(0.1, low, low, 150.0, entropy={0: math.inf, 1: math.inf}), model=MODEL, target_kl=0.01,
-                 min_reuse=0.85)
+                 min_reuse=0.85, min_top1=0.0)
     assert not strict.met and "highest reuse" in strict.why and strict.dev["reuse"] <= 0.8
     # ... but two turns gated out at entropy ratio 0.6 come back at gamma 0.7
     noisy = fit(_turns(0.1, low, low, 150.0, entropy={0: 0.6, 1: 0.6}), model=MODEL, target_kl=0.01,
-                min_reuse=0.85)
+                min_reuse=0.85, min_top1=0.0)
     assert noisy.met and noisy.knobs["gamma"] == 0.7 and noisy.dev["reuse"] == pytest.approx(0.9)
     hopeless = fit(_turns(0.0, [0.5] * 4, [0.5] * 4, 100.0), model=MODEL, target_kl=0.01, min_reuse=0.85)
     assert not hopeless.met and "lowest KL" in hopeless.why
@@ -150,22 +151,29 @@ def test_a_calibration_read_back_from_disk_drives_the_turn_gate(smollm2_engine_p
 
 
 def test_fit_buys_first_token_agreement_with_the_fidelity_gate_when_that_is_cheaper_than_recompute():
-    # ratio 0.1: KL fine, but one turn in 20 loses its first token, and it is the one with the smallest margin;
-    # ratio 0.4: every first token agrees, at twice the preparation
+    # ratio 0.1: KL fine, but 3 turns in 200 lose their first token, and they have the smallest margins; ratio 0.4:
+    # every first token agrees, at twice the preparation. The target is the 95% lower bound of the served
+    # agreement (Wilson): at 200 turns >= 97% allows one disagreement
     def turns(ratio, prepare_ms, dense_ms, wrong=()):
-        return [TurnMeasurement(ratio, 0.004, 0.004, i not in wrong, prepare_ms, 0.0, margin=0.01 * (i + 1),
-                                dense_ms=dense_ms) for i in range(20)]
-    cheap_fallback = fit(turns(0.1, 150.0, 1000.0, wrong={0}) + turns(0.4, 300.0, 1000.0), model=MODEL,
+        return [TurnMeasurement(ratio, 0.004, 0.004, i not in wrong, prepare_ms, 0.0, margin=0.001 * (i + 1),
+                                dense_ms=dense_ms) for i in range(200)]
+    cheap_fallback = fit(turns(0.1, 150.0, 1000.0, wrong={0, 1, 2}) + turns(0.4, 300.0, 1000.0), model=MODEL,
                          target_kl=0.01, min_reuse=0.85)
     assert cheap_fallback.met and cheap_fallback.knobs["recompute_ratio"] == 0.1
-    assert cheap_fallback.knobs["gate_min_margin"] == pytest.approx(0.015)    # between the wrong turn and the next
-    assert cheap_fallback.dev["top1_served"] == 1.0 and cheap_fallback.dev["reuse"] == pytest.approx(0.95)
-    assert cheap_fallback.dev["cost_ms"] == pytest.approx((20 * 150 + 1000) / 20)   # the fallback pays both
+    # the two smallest margins go dense (the threshold halfway to the third): 199/200 served agree, bound >= 97%
+    assert cheap_fallback.knobs["gate_min_margin"] == pytest.approx(0.0025)
+    assert cheap_fallback.dev["top1_served"] == pytest.approx(0.995) and cheap_fallback.dev["reuse"] == 0.99
+    assert cheap_fallback.dev["top1_served_lower95"] == pytest.approx(wilson(199, 200)[0])
+    assert wilson(199, 200)[0] >= 0.97 > wilson(198, 200)[0]
+    assert cheap_fallback.dev["cost_ms"] == pytest.approx((200 * 150 + 2 * 1000) / 200)   # a fallback pays both
     assert cheap_fallback.predictor["margin_auc_per_ratio"]["0.1"] == 1.0
     # when a dense prefill costs more than the recompute saves, the recompute wins
-    dear_fallback = fit(turns(0.1, 150.0, 5000.0, wrong={0}) + turns(0.4, 300.0, 5000.0), model=MODEL,
+    dear_fallback = fit(turns(0.1, 150.0, 20000.0, wrong={0, 1, 2}) + turns(0.4, 300.0, 20000.0), model=MODEL,
                         target_kl=0.01, min_reuse=0.85)
     assert dear_fallback.knobs["recompute_ratio"] == 0.4 and dear_fallback.knobs["gate_min_margin"] == 0.0
+    # too few turns to bound agreement at 97% (96 turns, all agreeing: >= 96.2%): not met, the best bound kept
+    few = fit(turns(0.4, 300.0, 1000.0)[:96], model=MODEL, target_kl=0.01, min_reuse=0.85)
+    assert not few.met and "best top-1 bound" in few.why and few.dev["top1_served"] == 1.0
 
 
 def test_the_fidelity_gate_sends_a_turn_dense_exactly_below_its_margin_and_serves_dense_tokens(
