@@ -199,7 +199,7 @@ def summarize(report: dict[str, Any], calibration: Calibration | None = None) ->
     rows, setting = report["rows"], report["setting"]
     naive_ms = sum(r["variants"]["naive"]["prepare_ms"] for r in rows) / len(rows) if "naive" in rows[0][
         "variants"] else None
-    out: dict[str, Any] = {"variants": {}, "gate_sweep": {}, "margin_sweep": {}, "variants_margin_auc": {},
+    out: dict[str, Any] = {"variants": {}, "gate_sweep": {}, "margin_sweep": {}, "signals": {},
                            "dense_prepare_ms": sum(
         r["dense_prepare_ms"] for r in rows) / len(rows), "naive_prepare_ms": naive_ms}
     scale = calibration.knobs["kl_scale"] if calibration is not None else 1.0
@@ -225,8 +225,7 @@ def summarize(report: dict[str, Any], calibration: Calibration | None = None) ->
                 if all("margin" in c for c in cells):
                     out["margin_sweep"][name] = [_gate_point(rows, name, scale, gamma, math.inf, m)
                                                  for m in MARGINS]
-                    out["variants_margin_auc"][name] = auc([-c["margin"] for c in cells],
-                                                           [not c["top1_agree"] for c in cells])
+                    out["signals"][name] = signal_quality(cells)
         out["variants"][name] = entry
     if calibration is not None:
         name = f"kvcomm@{calibration.knobs['recompute_ratio']:.0%}"
@@ -234,6 +233,22 @@ def summarize(report: dict[str, Any], calibration: Calibration | None = None) ->
             point = _gate_point(rows, name, scale, gamma, calibration.knobs["gate_max_kl"],
                                 calibration.knobs["gate_min_margin"])
             out["calibrated"] = {"variant": name, **calibration.knobs, **point}
+    return out
+
+
+# candidate fidelity-gate signals, each oriented so that a higher score should mean a fragile first token
+SIGNALS = {"margin": -1.0, "logit_gap": -1.0, "entropy": 1.0, "top1_prob": -1.0, "forecast": 1.0}
+
+
+def signal_quality(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How well each candidate signal of one variant's turns predicts what a gate guards: ROC AUC for first-token
+    disagreement with dense, Spearman against KL."""
+    wrong = [not c["top1_agree"] for c in cells]
+    kls = [c["kl"] for c in cells]
+    out: dict[str, Any] = {"disagreements": sum(wrong)}
+    for signal, sign in SIGNALS.items():
+        scores = [sign * c[signal] for c in cells]
+        out[signal] = {"auc": auc(scores, wrong), "spearman": spearman(scores, kls)}
     return out
 
 
@@ -288,15 +303,21 @@ def markdown_table(report: dict[str, Any], summary: dict[str, Any]) -> str:
             for p in points[::3] + ([points[-1]] if (len(points) - 1) % 3 else []):
                 lines.append(f"| {name} | {fmt(p['threshold'], '.4f')} | {p['reuse']:.0%} | "
                              f"{fmt(p['kl_reused'], '.4f')} | {p['served_kl']:.4f} | {p['top1_served']:.0%} |")
-    if summary.get("margin_sweep"):
+    if summary.get("signals"):
+        lines += ["", "Which signal predicts a fragile turn: ROC AUC for first-token disagreement with dense (0.5: "
+                      "chance), Spearman against KL in brackets (a small margin, logit gap or top-1 probability and "
+                      "a large entropy or forecast counted as fragile):", "",
+                  "| variant | disagreements | " + " | ".join(SIGNALS) + " |", "|---|---|" + "---|" * len(SIGNALS)]
+        for name, q in summary["signals"].items():
+            lines.append(f"| {name} | {q['disagreements']} | " + " | ".join(
+                f"{fmt(q[sig]['auc'], '.2f')} ({fmt(q[sig]['spearman'], '+.2f')})" for sig in SIGNALS) + " |")
         lines += ["", "Fidelity gate swept (dense when the reused first token's top-1/top-2 margin is below the "
-                      "threshold; turn gate off; AUC: how well a small margin ranks first-token disagreement):", "",
-                  "| variant | margin AUC | min margin | reuse | KL on reused turns | served top-1 |",
-                  "|---|---|---|---|---|---|"]
+                      "threshold; turn gate off):", "",
+                  "| variant | min margin | reuse | KL on reused turns | served top-1 |", "|---|---|---|---|---|"]
         for name, points in summary["margin_sweep"].items():
             for p in points:
-                lines.append(f"| {name} | {summary['variants_margin_auc'][name]:.2f} | {p['min_margin']:.3f} | "
-                             f"{p['reuse']:.0%} | {fmt(p['kl_reused'], '.4f')} | {p['top1_served']:.1%} |")
+                lines.append(f"| {name} | {p['min_margin']:.3f} | {p['reuse']:.0%} | {fmt(p['kl_reused'], '.4f')} | "
+                             f"{p['top1_served']:.1%} |")
     if "calibrated" in summary:
         c = summary["calibrated"]
         lines += ["", f"Calibrated point ({c['variant']}, gamma {c['gamma']}, gate_max_kl "

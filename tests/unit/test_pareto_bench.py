@@ -54,6 +54,9 @@ def test_every_variant_on_every_turn_and_the_gate_sweep(report):
     for name in ("kvcomm@0%", "kvcomm@50%"):
         reuse = [p["reuse"] for p in summary["margin_sweep"][name]]
         assert reuse == sorted(reuse, reverse=True) and reuse[0] == summary["gate_sweep"][name][-1]["reuse"]
+        quality = summary["signals"][name]
+        assert quality["disagreements"] == sum(not r["variants"][name]["top1_agree"] for r in report["rows"])
+        assert set(pareto.SIGNALS) <= set(quality)
 
 
 def test_a_calibration_fitted_from_the_report_is_what_a_config_resolves_to(report, tmp_path):
