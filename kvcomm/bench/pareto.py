@@ -256,11 +256,15 @@ def _gate_point(rows: Sequence[dict[str, Any]], name: str, scale: float, gamma: 
                 min_margin: float = 0.0) -> dict[str, Any]:
     """The three gates replayed on one kvcomm variant: entropy gate at `gamma`, turn gate at `threshold` (on the
     scaled forecast), fidelity gate at `min_margin` (on the reused first token's margin)."""
-    reused = [r for r in rows
-              if r["entropy_ratio"] <= gamma and scale * r["variants"][name]["forecast"] <= threshold
-              and r["variants"][name].get("margin", math.inf) >= min_margin]
+    before = [r for r in rows
+              if r["entropy_ratio"] <= gamma and scale * r["variants"][name]["forecast"] <= threshold]
+    reused = [r for r in before if r["variants"][name].get("margin", math.inf) >= min_margin]
     kls = [r["variants"][name]["kl"] for r in reused]
+    # per turn, fallbacks included: gated before the reused prefill -> dense; sent back after it -> both
+    served_ms = (sum(r["dense_prepare_ms"] for r in rows) + sum(r["variants"][name]["prepare_ms"] for r in before)
+                 - sum(r["dense_prepare_ms"] for r in reused)) / len(rows)
     return {"threshold": threshold, "min_margin": min_margin, "reuse": len(reused) / len(rows),
+            "served_ms": served_ms,
             "kl_reused": sum(kls) / len(kls) if kls else None, "served_kl": sum(kls) / len(rows),
             "top1_served": (sum(r["variants"][name]["top1_agree"] for r in reused) + len(rows) - len(reused))
             / len(rows),
@@ -313,18 +317,21 @@ def markdown_table(report: dict[str, Any], summary: dict[str, Any]) -> str:
                 f"{fmt(q[sig]['auc'], '.2f')} ({fmt(q[sig]['spearman'], '+.2f')})" for sig in SIGNALS) + " |")
         lines += ["", "Fidelity gate swept (dense when the reused first token's top-1/top-2 margin is below the "
                       "threshold; turn gate off):", "",
-                  "| variant | min margin | reuse | KL on reused turns | served top-1 |", "|---|---|---|---|---|"]
+                  "| variant | min margin | reuse | KL on reused turns | served top-1 | ms per turn, fallbacks "
+                  "included (vs naive) |", "|---|---|---|---|---|---|"]
+        naive = summary["naive_prepare_ms"]
         for name, points in summary["margin_sweep"].items():
             for p in points:
                 lines.append(f"| {name} | {p['min_margin']:.3f} | {p['reuse']:.0%} | {fmt(p['kl_reused'], '.4f')} | "
-                             f"{p['top1_served']:.1%} |")
+                             f"{p['top1_served']:.1%} | {p['served_ms']:.0f} "
+                             f"({fmt(p['served_ms'] / naive if naive else None, '.2f')}x) |")
     if "calibrated" in summary:
         c = summary["calibrated"]
         lines += ["", f"Calibrated point ({c['variant']}, gamma {c['gamma']}, gate_max_kl "
                       f"{fmt(c['threshold'], '.4f')}, gate_min_margin {c['min_margin']:.4f}): reuse "
                       f"{c['reuse']:.0%}, KL on reused turns {fmt(c['kl_reused'], '.4f')}, served KL "
                       f"{c['served_kl']:.4f}, served top-1 {c['top1_served']:.1%}, reused-turn prepare "
-                      f"{fmt(c['prepare_ms_reused'], '.0f')} ms."]
+                      f"{fmt(c['prepare_ms_reused'], '.0f')} ms, {c['served_ms']:.0f} ms per turn with fallbacks."]
     return "\n".join(lines)
 
 
@@ -334,7 +341,9 @@ def plot(report: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5))
+    gated = bool(summary.get("margin_sweep"))
+    fig, axes = plt.subplots(1, 3 if gated else 2, figsize=(22 if gated else 15, 5.5))
+    left, right = axes[0], axes[1]
     by_method: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for name, v in summary["variants"].items():
         by_method.setdefault(v["method"], []).append((name, v))
@@ -367,10 +376,34 @@ def plot(report: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     right.set_title("turn gate threshold swept, per kvcomm recompute ratio")
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
+    if gated:
+        _plot_margin_sweep(axes[2], summary)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_margin_sweep(ax: Any, summary: dict[str, Any]) -> None:
+    """Served first-token agreement against preparation per turn (fallbacks included), one curve per kvcomm ratio
+    along the fidelity gate's margin thresholds."""
+    naive = summary["naive_prepare_ms"] or 1.0
+    for name, points in summary["margin_sweep"].items():
+        xs, ys = [p["served_ms"] / naive for p in points], [100 * p["top1_served"] for p in points]
+        ax.plot(xs, ys, marker="o", label=name)
+        for p, x, y in zip(points, xs, ys):
+            ax.annotate(f"{p['min_margin']:g}", (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6)
+    if "calibrated" in summary:
+        c = summary["calibrated"]
+        ax.plot([c["served_ms"] / naive], [100 * c["top1_served"]], marker="*", markersize=14, color="black",
+                linestyle="none", label=f"calibrated ({c['variant']}, margin {c['min_margin']:.3f})")
+    ax.axhline(97, color="grey", linestyle="--", label="97%")
+    ax.set_xlabel("preparation per turn, fallbacks included, x naive" if summary["naive_prepare_ms"]
+                  else "preparation per turn, fallbacks included, ms")
+    ax.set_ylabel("served first token = dense, %")
+    ax.set_title("fidelity gate: margin threshold swept (labels), per kvcomm ratio")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 # ------------------------------------------------------------------------------------------------------------
