@@ -103,9 +103,12 @@ def served_table(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {method} | {_count(m['top1_agree'], n)} | {_count(m['served_top1_agree'], n) if gated else '-'} | "
             f"{_count(m['greedy_exact'], n)} | {_count(reused, n) if gated else '-'} | "
-            f"{fmt(m['prepare_ms_mean'] / naive if naive else None, '.2f')}x | "
-            f"{fmt(served / naive if naive and served else None, '.2f')}x |")
+            f"{_times(m['prepare_ms_mean'], naive)} | {_times(served, naive)} |")
     return lines
+
+
+def _times(ms: float | None, naive: float | None) -> str:
+    return f"{ms / naive:.2f}x" if ms and naive else "-"
 
 
 def _count(k: int, n: int) -> str:
