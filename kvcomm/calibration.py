@@ -1,5 +1,5 @@
-"""Per-model calibration: the entropy gate's gamma, the recompute budget, and the turn gate's threshold and scale,
-fitted on measured KL.
+"""Per-model calibration: the entropy gate's gamma, the recompute budget, the turn gate's threshold and scale, and the
+fidelity gate's margin, fitted on measured KL and first-token agreement.
 
 This module owns the calibration file (`Calibration`, JSON), where a model's file is found (`find`: the config's
 ``calibration`` knob, "auto" = ``<calibration dir>/<model name>.json``), how a config takes its values (`resolve`:
@@ -9,21 +9,28 @@ with a `CalibrationWarning`), and the fit itself (`fit`, pure arithmetic on per-
 
 The fit. Input: for every measured turn of a development split and every candidate recompute ratio r, the KL of
 kvcomm (forced reuse) against dense, the turn gate's raw forecast s (its predicted KL at kl_scale = 1), the turn's
-first-token agreement and prepare time, and its entropy ratio e (the largest entropy / log2(N) of the entropy gate's
-decisions on the contents it reads, inf where the pool cannot vouch at all): the entropy gate sends it dense at
-gamma iff e > gamma.
+first-token agreement, its reused first token's margin (top-1 minus top-2 probability: the fidelity gate's signal),
+its prepare time and its dense prefill time, and its entropy ratio e (the largest entropy / log2(N) of the entropy
+gate's decisions on the contents it reads, inf where the pool cannot vouch at all): the entropy gate sends it dense
+at gamma iff e > gamma.
 
 1. kl_scale = exp(mean(log KL - log s)) over every (turn, r): the scale under which the forecast is right in the
    geometric mean (the forecast is a first-order model; only its scale is fitted).
-2. Every (r, gamma, threshold) triple, gamma in `GAMMAS`, thresholds being the forecasts seen at that r and inf: a
-   turn is reused when neither gate sends it dense. A triple meets the targets when the 95% upper bound of the
-   mean KL over its reused turns (normal approximation: mean + 1.96 sd / sqrt(n), so that the target holds on
-   unseen turns too, not just on these) is <= target_kl, the first-token agreement of the served turns (a dense
-   turn agrees) is >= min_top1, and its reuse rate >= min_reuse. Among those, the smallest r wins (recompute is
-   the cost), then the highest reuse, then the smallest gamma (the pool learns more). If none meets all three,
-   the highest reuse among those meeting the fidelity targets; if none meets them, the lowest KL bound. Which case
-   applied is recorded (`met`, `why`). Replaying gamma on a fixed pool ignores that a higher gamma also teaches the
-   pool less: the fidelity benchmark's calibrated pool, warmed with the chosen gamma, measures that effect.
+2. Every (r, gamma, KL threshold, margin) choice, gamma in `GAMMAS`, the thresholds being those seen at r that
+   send at most `MAX_GATED` of the turns dense (and inf / 0: never): a turn is reused when no gate sends it dense.
+   A choice meets the targets when, so that they hold on unseen turns too and not just on these, the 95% upper
+   bound of the mean KL over its reused turns (normal approximation: mean + 1.96 sd / sqrt(n)) is <= target_kl
+   and the 95% lower bound (Wilson) of the first-token agreement of the served turns (a dense turn agrees) is >=
+   min_top1, and its reuse rate is >= min_reuse. (A lower bound needs enough turns: at 97%, 192 turns allow one
+   disagreement, 96 none.) Among those the cheapest wins: the mean preparation per turn, a turn gated before its
+   reused prefill costing a dense prefill, one the fidelity gate sends back after it costing both (then the
+   highest reuse, the smallest gamma: the pool learns more). If none meets all three, the highest reuse among
+   those meeting the fidelity targets; if none meets them, the best top-1 bound among those keeping KL; else the
+   lowest KL bound. Which case applied is recorded (`met`, `why`). Replaying gamma on a fixed pool ignores that a
+   higher gamma also teaches the pool less: the fidelity benchmark's calibrated pool, warmed with the chosen gamma, measures that effect.
+
+How well each gate's signal predicts what it guards is recorded too (`predictor`): the forecast's Spearman against
+KL, and the margin's ROC AUC for first-token disagreement.
 """
 from __future__ import annotations
 
@@ -37,8 +44,11 @@ from typing import Any, Mapping, Sequence
 
 from .config import UNCALIBRATED, KVCommConfig
 
-FORMAT = 1
+FORMAT = 2
+OLD_FORMATS = {1: {"gate_min_margin": 0.0}}   # format 1 had no fidelity gate: it never falls back
 GAMMAS = (0.3, 0.5, 0.7, 1.0)      # entropy-gate gammas the fit considers (0.3: the paper's default)
+Z95 = 1.96                         # the normal quantile of every 95% bound the fit uses
+MAX_GATED = 0.3                    # the fit tries gate thresholds sending up to this share of turns dense
 # the repository's configs/calibration/ (a source checkout); KVCOMM_CALIBRATION_DIR points elsewhere
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "configs" / "calibration"
 
@@ -56,20 +66,23 @@ class TurnMeasurement:
     top1_agree: bool
     prepare_ms: float
     entropy_ratio: float         # the entropy gate sends this turn dense at gamma iff entropy_ratio > gamma
+    margin: float = math.inf     # the reused first token's top-1 minus top-2 probability (the fidelity gate's signal)
+    dense_ms: float = 0.0        # the turn's dense prefill (what a fallback costs)
 
 
 @dataclass(frozen=True)
 class Calibration:
     model: str
-    knobs: dict[str, float]                  # gamma, recompute_ratio, gate_max_kl (inf: never), kl_scale
+    knobs: dict[str, float]                  # gamma, recompute_ratio, gate_max_kl (inf: never), kl_scale,
+                                             # gate_min_margin (0: never)
     target_kl: float
     min_reuse: float
-    met: bool                                # the chosen pair meets both targets on the development turns
+    met: bool                                # the chosen knobs meet every target on the development turns
     why: str
     min_top1: float = 0.97
-    dev: dict[str, Any] = field(default_factory=dict)        # the chosen pair's figures on the development turns
-    candidates: list[dict[str, Any]] = field(default_factory=list)   # the best pair per ratio
-    predictor: dict[str, Any] = field(default_factory=dict)  # how well the forecast ranks measured KL
+    dev: dict[str, Any] = field(default_factory=dict)        # the chosen knobs' figures on the development turns
+    candidates: list[dict[str, Any]] = field(default_factory=list)   # the best choice per ratio
+    predictor: dict[str, Any] = field(default_factory=dict)  # how well each gate's signal predicts what it guards
     data: dict[str, Any] = field(default_factory=dict)       # where the development turns came from
     format: int = FORMAT
 
@@ -101,10 +114,12 @@ class Calibration:
             raise FileNotFoundError(f"calibration file {path} does not exist") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"calibration file {path} is not JSON: {exc}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        if not isinstance(data, dict) or (data.get("format") != FORMAT and data.get("format") not in OLD_FORMATS):
             raise ValueError(f"calibration file {path}: not a format-{FORMAT} calibration (kvcomm calibrate writes "
                              f"one)")
         knobs = {k: (math.inf if v is None else float(v)) for k, v in dict(data.get("knobs", {})).items()}
+        knobs = {**OLD_FORMATS.get(data["format"], {}), **knobs}
+        data["format"] = FORMAT
         try:
             return cls(**{**data, "knobs": knobs})
         except (TypeError, ValueError) as exc:
@@ -194,20 +209,36 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     return cov / var if var else math.nan
 
 
-def _evaluate(turns: Sequence[TurnMeasurement], scale: float, gamma: float, threshold: float) -> dict[str, Any]:
-    reused = [t for t in turns if t.entropy_ratio <= gamma and scale * t.forecast <= threshold]
+def _evaluate(turns: Sequence[TurnMeasurement], scale: float, gamma: float, threshold: float,
+              min_margin: float) -> dict[str, Any]:
+    """One (gamma, KL threshold, margin) choice replayed on one ratio's turns: reuse, KL on reused turns and its 95%
+    bound, served first-token agreement, and the preparation cost per turn (`_cost_ms`)."""
+    before = [t for t in turns if t.entropy_ratio <= gamma and scale * t.forecast <= threshold]
+    reused = [t for t in before if t.margin >= min_margin]
     kls = [t.kl for t in reused]
     mean = sum(kls) / len(kls) if kls else 0.0
     spread = math.sqrt(sum((k - mean) ** 2 for k in kls) / (len(kls) - 1)) if len(kls) > 1 else 0.0
-    return {"gamma": gamma, "threshold": threshold, "reuse": len(reused) / len(turns),
-            "kl_reused": mean, "kl_reused_upper95": mean + 1.96 * spread / math.sqrt(max(1, len(kls))),
-            "top1_served": (sum(t.top1_agree for t in reused) + len(turns) - len(reused)) / len(turns),
-            "prepare_ms_reused": sum(t.prepare_ms for t in reused) / len(reused) if reused else math.inf}
+    cost = sum(t.dense_ms for t in turns) + sum(t.prepare_ms for t in before) - sum(t.dense_ms for t in reused)
+    agree = sum(t.top1_agree for t in reused) + len(turns) - len(reused)          # a dense turn agrees
+    return {"gamma": gamma, "threshold": threshold, "min_margin": min_margin, "reuse": len(reused) / len(turns),
+            "margin_gated": (len(before) - len(reused)) / len(turns),
+            "kl_reused": mean, "kl_reused_upper95": mean + Z95 * spread / math.sqrt(max(1, len(kls))),
+            "top1_served": agree / len(turns), "top1_served_lower95": wilson(agree, len(turns))[0],
+            "prepare_ms_reused": sum(t.prepare_ms for t in reused) / len(reused) if reused else math.inf,
+            "cost_ms": cost / len(turns)}
+
+
+def _low_margins(turns: Sequence[TurnMeasurement], share: float) -> list[float]:
+    """Fidelity-gate thresholds to try: 0 (never) and the midpoints between the lowest margins, gating up to
+    `share` of the turns."""
+    margins = sorted(t.margin for t in turns if math.isfinite(t.margin))
+    count = min(len(margins) - 1, math.ceil(share * len(turns)))
+    return [0.0] + [(margins[i] + margins[i + 1]) / 2 for i in range(max(0, count))]
 
 
 def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float, min_reuse: float,
         min_top1: float = 0.97, data: Mapping[str, Any] | None = None,
-        gammas: Sequence[float] = GAMMAS) -> Calibration:
+        gammas: Sequence[float] = GAMMAS, max_gated: float = MAX_GATED) -> Calibration:
     """The calibration for `model` from development measurements (see the module docstring)."""
     if not measurements:
         raise ValueError("fit needs measurements")
@@ -221,32 +252,64 @@ def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float
         by_ratio.setdefault(t.ratio, []).append(t)
     options = []
     for ratio, turns in sorted(by_ratio.items()):
-        thresholds = sorted({scale * t.forecast for t in turns}) + [math.inf]
-        options += [{"ratio": ratio, **_evaluate(turns, scale, gamma, th)} for gamma in gammas for th in thresholds]
-    faithful = [o for o in options if o["kl_reused_upper95"] <= target_kl and o["top1_served"] >= min_top1]
+        forecasts = sorted({scale * t.forecast for t in turns})
+        thresholds = forecasts[max(0, len(forecasts) - 1 - math.ceil(max_gated * len(turns))):] + [math.inf]
+        margins = _low_margins(turns, max_gated)
+        options += [{"ratio": ratio, **_evaluate(turns, scale, gamma, th, m)}
+                    for gamma in gammas for th in thresholds for m in margins]
+    faithful = [o for o in options if o["kl_reused_upper95"] <= target_kl and o["top1_served_lower95"] >= min_top1]
     both = [o for o in faithful if o["reuse"] >= min_reuse]
     if both:
-        best = min(both, key=lambda o: (o["ratio"], -o["reuse"], o["gamma"], -o["threshold"]))
-        why = "the smallest recompute ratio meeting every target, at its highest reuse"
+        best = min(both, key=lambda o: (o["cost_ms"], -o["reuse"], o["gamma"], -o["threshold"], o["min_margin"]))
+        why = "the cheapest choice (preparation per turn, fallbacks included) meeting every target"
     elif faithful:
-        best = max(faithful, key=lambda o: (o["reuse"], -o["ratio"], -o["gamma"]))
+        best = max(faithful, key=lambda o: (o["reuse"], -o["cost_ms"], -o["gamma"]))
         why = (f"no choice reaches reuse >= {min_reuse:.0%} at KL <= {target_kl} (95% bound) and top-1 >= "
                f"{min_top1:.0%}: the highest reuse that keeps them")
+    elif any(o["kl_reused_upper95"] <= target_kl for o in options):
+        best = max((o for o in options if o["kl_reused_upper95"] <= target_kl),
+                   key=lambda o: (o["top1_served_lower95"], o["reuse"], -o["cost_ms"]))
+        why = (f"no choice keeps KL <= {target_kl} and top-1 >= {min_top1:.0%} (95% bounds): the best top-1 bound "
+               f"that keeps KL")
     else:
         best = min(options, key=lambda o: (o["kl_reused_upper95"], -o["reuse"]))
-        why = f"no choice keeps KL <= {target_kl} (95% bound) and top-1 >= {min_top1:.0%}: the lowest KL bound"
+        why = f"no choice keeps KL <= {target_kl} (95% bound): the lowest KL bound"
     candidates = []
     for ratio in sorted(by_ratio):
         mine = [o for o in options if o["ratio"] == ratio]
-        fitting = [o for o in faithful if o["ratio"] == ratio]
-        candidates.append(max(fitting, key=lambda o: (o["reuse"], -o["gamma"])) if fitting
-                          else min(mine, key=lambda o: o["kl_reused_upper95"]))
+        fitting = [o for o in both if o["ratio"] == ratio]
+        candidates.append(min(fitting, key=lambda o: (o["cost_ms"], -o["reuse"])) if fitting
+                          else min(mine, key=lambda o: (o["kl_reused_upper95"] > target_kl,
+                                                        -o["top1_served_lower95"], -o["reuse"])))
     predictor = {"turns": len(measurements), "spearman": spearman([t.forecast for t in measurements],
                                                                   [t.kl for t in measurements]),
                  "spearman_per_ratio": {str(r): spearman([t.forecast for t in ts], [t.kl for t in ts])
-                                        for r, ts in sorted(by_ratio.items())}}
+                                        for r, ts in sorted(by_ratio.items())},
+                 "margin_auc_per_ratio": {str(r): auc([-t.margin for t in ts], [not t.top1_agree for t in ts])
+                                          for r, ts in sorted(by_ratio.items())}}
+    knobs = {"gamma": best["gamma"], "recompute_ratio": best["ratio"], "gate_max_kl": best["threshold"],
+             "kl_scale": scale, "gate_min_margin": best["min_margin"]}
     return Calibration(model=model_key(model), target_kl=target_kl, min_reuse=min_reuse, min_top1=min_top1,
-                       knobs={"gamma": best["gamma"], "recompute_ratio": best["ratio"],
-                              "gate_max_kl": best["threshold"], "kl_scale": scale},
-                       met=bool(both), why=why, dev=best, candidates=candidates, predictor=predictor,
+                       knobs=knobs, met=bool(both), why=why, dev=best, candidates=candidates, predictor=predictor,
                        data=dict(data or {}))
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval (95% at the default z) of a proportion k/n."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def auc(scores: Sequence[float], positives: Sequence[bool]) -> float:
+    """Area under the ROC curve: the chance a positive scores above a negative (ties count half); NaN without
+    both classes."""
+    pos = [s for s, p in zip(scores, positives) if p]
+    neg = [s for s, p in zip(scores, positives) if not p]
+    if not pos or not neg:
+        return math.nan
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))

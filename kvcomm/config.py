@@ -1,8 +1,8 @@
 """The one home of every algorithm knob: `KVCommConfig`, frozen, with one default each.
 
 Deployment knobs (workers, placement, HTTP) live in `cluster.config`, which embeds this object unchanged.
-Four knobs are per model (`UNCALIBRATED`: the entropy gate's gamma, the recompute budget, the turn gate's threshold
-and its predictor's scale): their default None means "the model's calibration file" (`kvcomm.calibration` resolves
+Five knobs are per model (`UNCALIBRATED`: the entropy gate's gamma, the recompute budget, the turn gate's threshold
+and its predictor's scale, the fidelity gate's margin): their default None means "the model's calibration file" (`kvcomm.calibration` resolves
 it, warning when the model has none); `with_calibration` fills them (an engine fills what is left uncalibrated).
 `KVCommConfig.reference()` reproduces the published KVCOMM code's choices (FastMAS/KVCOMM @48ca0b3); the
 default is the corrected mode, whose fixes are each a separate flag so every one can be measured alone.
@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping
 
 TailPolicy = Literal["last_token", "last_segment"]
 # the per-model knobs a calibration file sets (`kvcomm.calibration`), and their values when a model has none
-UNCALIBRATED = {"gamma": 0.3, "recompute_ratio": 0.0, "gate_max_kl": math.inf, "kl_scale": 1.0}
+UNCALIBRATED = {"gamma": 0.3, "recompute_ratio": 0.0, "gate_max_kl": math.inf, "kl_scale": 1.0, "gate_min_margin": 0.0}
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class KVCommConfig:
     gate_max_kl: float | None = None   # calibrated (None: the model's calibration; inf: never falls back)
     kl_scale: float | None = None      # calibrated: predicted KL = kl_scale * sum_t attention(t) * error(t)^2
     unknown_anchor_error: float = 0.3  # offset error assumed for anchors that recorded none
+    # --- fidelity gate (kvcomm.gate.first_token_signals): after the reused prefill, dense iff the first token's
+    # margin (top-1 minus top-2 probability) is below gate_min_margin ---
+    gate_min_margin: float | None = None  # calibrated (None: the model's calibration; 0: never falls back)
     # --- anchor pool ---
     max_anchors: int = 20              # V: anchors per (namespace, placeholder kind)
     window: int = 5                    # W: eviction victim = least activated among the W oldest
@@ -70,6 +73,8 @@ class KVCommConfig:
             problems.append(f"gate_max_kl must be >= 0 (inf: never fall back), got {self.gate_max_kl}")
         if self.kl_scale is not None and not (self.kl_scale >= 0 and math.isfinite(self.kl_scale)):
             problems.append(f"kl_scale must be a finite number >= 0, got {self.kl_scale}")
+        if self.gate_min_margin is not None and not 0.0 <= self.gate_min_margin <= 1.0:
+            problems.append(f"gate_min_margin must be in [0, 1] (0: never fall back), got {self.gate_min_margin}")
         if not 0 <= self.unknown_anchor_error:
             problems.append(f"unknown_anchor_error must be >= 0, got {self.unknown_anchor_error}")
         if self.recompute_span_starts < 0:
@@ -87,11 +92,11 @@ class KVCommConfig:
     @classmethod
     def reference(cls, **overrides: Any) -> "KVCommConfig":
         """The published code's behaviour: shared weights, un-rotated deltas, its top-p quirk, L-1 cache, anchors
-        at least as long as the content, no recompute and no turn gate."""
+        at least as long as the content, no recompute, no turn gate and no fidelity gate."""
         base = dict(gamma=UNCALIBRATED["gamma"], exact_top_p=False, rerotate_deltas=False,
                     per_consumer_weights=False, tail_policy="last_token",
                     min_anchor_coverage=1.0, recompute_ratio=0.0, recompute_span_starts=0, gate_max_kl=math.inf,
-                    kl_scale=UNCALIBRATED["kl_scale"])
+                    kl_scale=UNCALIBRATED["kl_scale"], gate_min_margin=0.0)
         base.update(overrides)
         return cls(**base)
 

@@ -8,7 +8,8 @@ Modes, all on the same runner and the same token sequence:
   kvcomm        naive assembly plus offsets interpolated from the anchor pool, then the tokens the prompt's last
                 token attends to most recomputed (`recompute_ratio`, kvcomm.corrections); two gates send a turn
                 to a dense prefill that records a new anchor: the entropy gate on new content, and the turn gate
-                on the turn's predicted KL (kvcomm.gate)
+                on the turn's predicted KL (kvcomm.gate); after the reused prefill, the fidelity gate sends a turn
+                whose first token is fragile (top-1/top-2 margin below `gate_min_margin`) dense too
   hybrid        kvcomm's offsets, then CacheBlend-style recompute of the worst-matching tokens
 
 A request may force a dense prefill (`TurnRequest.force_dense`: a judge or decision agent kept exact); in kvcomm
@@ -34,7 +35,7 @@ from .anchor_pool import AnchorPool, PoolTransaction
 from .base_cache import AgentCache, AgentState, InputEncoder
 from .calibration import resolve as resolve_calibration
 from .config import KVCommConfig
-from .gate import TurnForecast, gate
+from .gate import TurnForecast, first_token_margin, gate
 from .generation import DecodeBatch, Sampling, SequenceState, cut_at_stop_string, result_of
 from .kv import KVSegment
 from .memory_plan import MemoryConfig
@@ -47,8 +48,10 @@ from .tail_prefill import plan_correction, prefill_rest, tail_length
 from .templates import AgentTemplate, PromptTemplate, TemplateError
 
 # A content staged as a new anchor by the entropy gate sends every consumer dense (the pool must learn all of its
-# deltas); one staged by the turn gate ("predicted_kl") records only the consumers that go dense anyway.
+# deltas); one staged by the turn gate ("predicted_kl") or the fidelity gate ("low_margin") records only the
+# consumers that go dense anyway.
 TURN_GATE_REASON = "predicted_kl"
+FIDELITY_GATE_REASON = "low_margin"
 
 
 class ContextLengthError(ValueError):
@@ -264,7 +267,7 @@ class KVCommEngine:
             return None
         for name, content in zip(state.rendered.placeholders, contents):
             reason = content.gate_reason.get(name, "gate")
-            if name in content.anchor_ids and reason != TURN_GATE_REASON:
+            if name in content.anchor_ids and reason not in (TURN_GATE_REASON, FIDELITY_GATE_REASON):
                 return "new_anchor:" + reason
         if not self.config.rerotate_deltas:
             return None   # reference mode: a placeholder without compatible anchors is reused naively
@@ -305,7 +308,8 @@ class KVCommEngine:
     def _reuse(self, request: TurnRequest, state: AgentState, contents: Sequence[SharedContent],
                prompt_ids: list[int], started: float, *, gated: bool = True) -> PreparedPrompt:
         """Assemble the prompt from cached KV (aligned, offset in kvcomm/hybrid), then prefill what is left;
-        `gated`: a kvcomm turn whose forecast is too high falls back to dense (needs a transaction)."""
+        `gated`: a kvcomm turn whose forecast is too high, or whose first token is fragile, falls back to dense
+        (needs a transaction)."""
         mode, rendered = request.mode, state.rendered
         layout = rendered.layout([c.num_tokens for c in contents])
         times = StageTimes(("fetch", "align", "offset"), listener=self.stage_listener)
@@ -326,24 +330,30 @@ class KVCommEngine:
                 forecast, chosen = plan_correction(mode, state, layout, whole, errors, tail_len, self.runner,
                                                    self.config)
             if gated and mode == "kvcomm" and forecast.dense and request.transaction is not None:
-                return self._turn_gate_fallback(request, state, contents, prompt_ids, started, forecast)
+                return self._turn_gate_fallback(request, state, contents, prompt_ids, started, forecast,
+                                                TURN_GATE_REASON)
 
         with times.stage("prefill"):
             logits, kv, recomputed = prefill_rest(mode, self.runner, self.config, rendered, kv, prompt_ids, tail_ids,
                                                   chosen, request.sampling.max_new_tokens + 1)
+        if (gated and mode == "kvcomm" and request.transaction is not None
+                and first_token_margin(logits[-1]) < self.config.gate_min_margin):
+            return self._turn_gate_fallback(request, state, contents, prompt_ids, started, forecast,
+                                            FIDELITY_GATE_REASON)
         return PreparedPrompt(request, kv, logits, prompt_ids, True, "reused", started, times.seconds, recomputed,
                               forecast)
 
     def _turn_gate_fallback(self, request: TurnRequest, state: AgentState, contents: Sequence[SharedContent],
-                            prompt_ids: list[int], started: float, forecast: TurnForecast) -> PreparedPrompt:
-        """The turn gate predicted too high a KL: prefill densely, and let the pool learn from it (every content
-        of the turn not yet staged becomes an anchor holding this consumer's deltas)."""
+                            prompt_ids: list[int], started: float, forecast: TurnForecast | None,
+                            reason: str) -> PreparedPrompt:
+        """The turn gate predicted too high a KL, or the fidelity gate found the first token fragile (`reason`):
+        prefill densely, and let the pool learn from it (every content of the turn not yet staged becomes an anchor
+        holding this consumer's deltas). The forecast stays reported."""
         for name, content in zip(state.rendered.placeholders, contents):
             if content.num_tokens and name not in content.anchor_ids:
                 content.anchor_ids[name] = request.transaction.add_anchor(name, content.base)
-                content.gate_reason[name] = TURN_GATE_REASON
-        prepared = self._dense(request, state, contents, prompt_ids, started, "new_anchor:" + TURN_GATE_REASON,
-                               record=True)
+                content.gate_reason[name] = reason
+        prepared = self._dense(request, state, contents, prompt_ids, started, "new_anchor:" + reason, record=True)
         prepared.forecast = forecast
         return prepared
 

@@ -134,3 +134,21 @@ def predict_kl(attention: torch.Tensor, errors: torch.Tensor, recomputed: torch.
     squared = float((reused * errors.float().pow(2)).sum())
     return TurnForecast(predicted_kl=kl_scale * squared, reused_attention=mass,
                         anchor_error=math.sqrt(squared / mass) if mass > 0 else 0.0, threshold=threshold)
+
+
+def first_token_margin(logits: torch.Tensor) -> float:
+    """The fidelity gate's signal: top-1 minus top-2 probability of the first token's distribution ([vocab]
+    logits). A reused turn below the calibrated ``gate_min_margin`` goes dense."""
+    top = torch.softmax(logits.double(), dim=-1).topk(2).values                             # [2]
+    return float(top[0] - top[1])
+
+
+def first_token_signals(logits: torch.Tensor) -> dict[str, float]:
+    """What a reused turn's own first-token distribution says about its fragility, from its logits ([vocab]):
+    margin (top-1 minus top-2 probability), logit_gap (top-1 minus top-2 logit), entropy (nats), top1_prob."""
+    logits = logits.double()
+    log_p = torch.log_softmax(logits, dim=-1)                                               # [vocab]
+    top_logits = logits.topk(2).values                                                      # [2]
+    top_p = log_p.topk(2).values.exp()                                                      # [2]
+    return {"margin": float(top_p[0] - top_p[1]), "logit_gap": float(top_logits[0] - top_logits[1]),
+            "entropy": float(-(log_p.exp() * log_p).sum()), "top1_prob": float(top_p[0])}

@@ -2,14 +2,17 @@
 
 It measures kvcomm with forced reuse at every candidate recompute ratio on every turn of the development split
 (`kvcomm.bench.pareto.measure`, kvcomm variants only), traces the entropy gate's own decisions, then
-`kvcomm.calibration.fit` chooses gamma, the recompute ratio and the turn gate's threshold and scale for
-`--target-kl`, `--min-top1` and `--min-reuse`, and the file is written to ``<calibration dir>/<model>.json``
-(where ``calibration: auto`` finds it) or to `--out`; `--report` fits again from an earlier measurement. The default split is lines 0:500 of the GSM8K file: keep the figures you report on other lines.
+`kvcomm.calibration.fit` chooses gamma, the recompute ratio, the turn gate's threshold and scale and the fidelity
+gate's margin for `--target-kl`, `--min-top1` and `--min-reuse`, and the file is written to
+``<calibration dir>/<model>.json`` (where ``calibration: auto`` finds it) or to `--out`; `--report` fits again from
+an earlier measurement. The default split is lines 0:500 of the GSM8K file: keep the figures you report on other
+lines.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,8 @@ from . import pareto
 from .cli import apply_threads
 from .turns import fmt
 
-DEFAULTS = pareto.Setting(questions=24, warmup=15, lines=(0, 500), methods=("kvcomm",))
+# 64 questions = 192 turns: at 97% the fit's 95% lower bound on first-token agreement needs about that many
+DEFAULTS = pareto.Setting(questions=64, warmup=15, lines=(0, 500), methods=("kvcomm",), ratios=(0.1, 0.2, 0.3, 0.4))
 
 
 def measurements(report: dict[str, Any]) -> list[TurnMeasurement]:
@@ -32,7 +36,8 @@ def measurements(report: dict[str, Any]) -> list[TurnMeasurement]:
             cell = row["variants"][spec["name"]]
             out.append(TurnMeasurement(ratio=spec["knob"], kl=cell["kl"], forecast=cell["forecast"],
                                        top1_agree=cell["top1_agree"], prepare_ms=cell["prepare_ms"],
-                                       entropy_ratio=row["entropy_ratio"]))
+                                       entropy_ratio=row["entropy_ratio"], margin=cell.get("margin", math.inf),
+                                       dense_ms=row["dense_prepare_ms"]))
     return out
 
 
@@ -50,17 +55,23 @@ def calibrate(report: dict[str, Any], *, model: str, target_kl: float, min_reuse
 def describe(calibration: Calibration) -> str:
     k = calibration.knobs
     dev = calibration.dev
+    predictor = calibration.predictor
     lines = [f"calibration for {calibration.model}: gamma {k['gamma']}, recompute_ratio {k['recompute_ratio']:.2f}, "
-             f"gate_max_kl {fmt(k['gate_max_kl'], '.4f')}, kl_scale {k['kl_scale']:.3f} ({calibration.why}; "
-             f"targets {'met' if calibration.met else 'NOT met'} on the development turns)",
-             f"  development turns: reuse {dev['reuse']:.0%}, KL on reused turns {dev['kl_reused']:.4f} (95% bound "
-             f"{dev['kl_reused_upper95']:.4f}), served top-1 {dev['top1_served']:.1%}, reused-turn prepare "
-             f"{fmt(dev['prepare_ms_reused'], '.0f')} ms",
-             f"  forecast vs measured KL: Spearman {calibration.predictor['spearman']:+.2f} over "
-             f"{calibration.predictor['turns']} (turn, ratio) pairs",
-             "  best threshold per ratio: " + "; ".join(
-                 f"{c['ratio']:.2f} (gamma {c['gamma']}): reuse {c['reuse']:.0%} KL {c['kl_reused']:.4f} "
-                 f"{fmt(c['prepare_ms_reused'], '.0f')} ms" for c in calibration.candidates)]
+             f"gate_max_kl {fmt(k['gate_max_kl'], '.4f')}, kl_scale {k['kl_scale']:.3f}, gate_min_margin "
+             f"{k['gate_min_margin']:.4f} ({calibration.why}; targets {'met' if calibration.met else 'NOT met'} on "
+             f"the development turns)",
+             f"  development turns: reuse {dev['reuse']:.0%} (fidelity gate sent {dev['margin_gated']:.0%} back), KL "
+             f"on reused turns {dev['kl_reused']:.4f} (95% bound {dev['kl_reused_upper95']:.4f}), served top-1 "
+             f"{dev['top1_served']:.1%} (95% bound {dev['top1_served_lower95']:.1%}), reused-turn prepare {fmt(dev['prepare_ms_reused'], '.0f')} ms, per turn "
+             f"with fallbacks {dev['cost_ms']:.0f} ms",
+             f"  forecast vs measured KL: Spearman {predictor['spearman']:+.2f} over {predictor['turns']} (turn, "
+             f"ratio) pairs; first-token margin vs disagreement, AUC per ratio: " + ", ".join(
+                 f"{r}: {fmt(a, '.2f')}" for r, a in predictor.get("margin_auc_per_ratio", {}).items()),
+             "  cheapest choice per ratio (or its best try): " + "; ".join(
+                 f"{c['ratio']:.2f} (gamma {c['gamma']}, margin {c['min_margin']:.3f}): reuse {c['reuse']:.0%} KL "
+                 f"{c['kl_reused']:.4f} top-1 {c['top1_served']:.1%} (>= {c['top1_served_lower95']:.1%}) "
+                 f"{c['cost_ms']:.0f} ms/turn"
+                 for c in calibration.candidates)]
     return "\n".join(lines)
 
 

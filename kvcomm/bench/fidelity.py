@@ -41,7 +41,7 @@ from .turns import (BENCH_POOL_BYTE_BUDGET, NAMESPACE, WARMUP_DETAIL, Case, Gate
                     matching_prefix, model_arguments, parse_lines, pool_summary, timed_prepare, top_margin,
                     warmer)
 from .fidelity_report import markdown_table, plot
-from .fidelity_setting import (CONFIDENT_MARGIN, ERROR_GROUPS, GATE_TRACED, METHODS, POOL_METHODS, POOLS, PROBE,
+from .fidelity_setting import (CONFIDENT_MARGIN, ERROR_GROUPS, GATE_TRACED, METHODS, POOL_METHODS, PROBE,
                                Setting)
 
 
@@ -114,7 +114,8 @@ def _measure_turn(engines: _Engines, agents: Sequence[AgentTemplate], index: int
         }
         if method in traces and traces[method][index].reused is not None:
             trace = traces[method][index]
-            row["methods"][method].update(gate_reused=trace.reused, gate_reason=trace.reason)
+            row["methods"][method].update(gate_reused=trace.reused, gate_reason=trace.reason,
+                                          served_prepare_ms=trace.served_s * 1e3)
 
     continuations = greedy_continuations(dense_engine.runner, {"oracle": oracle, **turns}, continuation)
     budget = continuation.max_new_tokens
@@ -175,6 +176,7 @@ def _summarize(rows: Sequence[dict[str, Any]], setting: Setting, num_layers: int
             summary["served_kl_mean"] = sum(served) / len(served)
             summary["served_kl_ci95"] = list(bootstrap_ci(served, setting.bootstrap, setting.seed))
             summary["served_top1_agree"] = sum(c["top1_agree"] or not c["gate_reused"] for c in cells)
+            summary["served_prepare_ms_mean"] = sum(c["served_prepare_ms"] for c in cells) / len(cells)
         predicted = [(c["predicted_kl"], c["kl"]) for c in cells if c.get("predicted_kl") is not None]
         if predicted:
             summary["predicted_kl_mean"] = sum(p for p, _ in predicted) / len(predicted)
@@ -220,11 +222,11 @@ def run(model: str = EMBEDDED_MODEL, *, setting: Setting | None = None,
     timings["dense_responses_s"] = time.perf_counter() - t
     t = time.perf_counter()
     warm = warmer(dense_engine, agents, warmup_q, setting.warmup_mode, setting.response_tokens, sampling, progress)
-    warmups = {name: warm(getattr(engines, name), f"warm-up, {name} pool") for name in POOLS}
+    warmups = {name: warm(getattr(engines, name), f"warm-up, {name} pool") for name in setting.pools}
     timings["warmup_s"] = time.perf_counter() - t
 
     rows: list[dict[str, Any]] = []
-    diagnostics: dict[str, list[dict[str, float]]] = {name: [] for name in POOLS}
+    diagnostics: dict[str, list[dict[str, float]]] = {name: [] for name in setting.pools}
     t = time.perf_counter()
     bar = tqdm(total=len(cases) * len(agents), desc="measure", unit="turn", disable=not progress, file=sys.stderr)
     for case in cases:
@@ -241,7 +243,7 @@ def run(model: str = EMBEDDED_MODEL, *, setting: Setting | None = None,
                                               mode="hybrid" if method == "hybrid" else "kvcomm",
                                               trace_gate=method in GATE_TRACED)
         for index, agent in enumerate(agents):
-            for pool_name in POOLS:
+            for pool_name in setting.pools:
                 diagnostics[pool_name].append(offset_diagnostics(
                     getattr(engines, pool_name), agent, {n: case.contents[n] for n in agent.placeholders()}))
             rows.append(_measure_turn(engines, agents, index, case, oracles[index], [o.kv for o in oracles],
@@ -286,7 +288,7 @@ def run(model: str = EMBEDDED_MODEL, *, setting: Setting | None = None,
         "shared_tokens": {"min": min(shared_tokens), "max": max(shared_tokens),
                           "mean": sum(shared_tokens) / len(shared_tokens)},
         "warmup": warmups,
-        "pools": {name: pool_summary(getattr(engines, name).pool) for name in POOLS},
+        "pools": {name: pool_summary(getattr(engines, name).pool) for name in setting.pools},
         "offsets": offsets,
         **summary,
         "rows": rows,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..calibration import wilson
 from .fidelity_setting import CONFIDENT_MARGIN, GATE_TRACED
 from .turns import fmt
 
@@ -76,7 +77,43 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{warm['reused']}/{warm['turns']} | {anchors} | {pool['bytes'] / 2**20:.0f} | "
             f"{off['with_offsets']}/{off['placeholders']} | {off['compatible_mean']:.1f} / "
             f"{off['effective_mean']:.1f} |")
+    lines += ["", *served_table(report)]
     return "\n".join(lines)
+
+
+NAIVE = "base-only+tail"     # the engine's naive mode: base KV re-rotated, the trailing segment recomputed
+
+
+def served_table(report: dict[str, Any]) -> list[str]:
+    """Per method, with 95% Wilson intervals: first-token agreement (forced reuse, and as served where the gates
+    decide: a turn sent dense agrees), greedy exact matches, the gates' reuse, and preparation against naive reuse
+    (forced; and as served, a fallback costing both of its attempts)."""
+    methods = report["methods"]
+    naive = methods.get(NAIVE, {}).get("prepare_ms_mean")
+    lines = [f"| method | first token = dense | served first token | greedy {report['setting']['continuation_tokens']}"
+             f" exact | reuse (both gates) | prepare vs naive | served prepare vs naive |",
+             "|---|---|---|---|---|---|---|"]
+    for method, m in methods.items():
+        if method == "dense":
+            continue
+        n = m["turns"]
+        gated = "gate_reuse_rate" in m
+        reused = round(m["gate_reuse_rate"] * n) if gated else None
+        served = m.get("served_prepare_ms_mean")
+        lines.append(
+            f"| {method} | {_count(m['top1_agree'], n)} | {_count(m['served_top1_agree'], n) if gated else '-'} | "
+            f"{_count(m['greedy_exact'], n)} | {_count(reused, n) if gated else '-'} | "
+            f"{_times(m['prepare_ms_mean'], naive)} | {_times(served, naive)} |")
+    return lines
+
+
+def _times(ms: float | None, naive: float | None) -> str:
+    return f"{ms / naive:.2f}x" if ms and naive else "-"
+
+
+def _count(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} = {k / n:.0%} [{lo:.0%}, {hi:.0%}]"
 
 
 def plot(report: dict[str, Any], path: str) -> None:

@@ -17,6 +17,9 @@ POOL_METHODS = {"kvcomm-reference": "reference", "kvcomm-corrected-lasttoken": "
 GATE_TRACED = {"kvcomm-reference": "reference", "kvcomm-corrected": "corrected",
                "kvcomm-calibrated": "calibrated"}   # method -> pool whose gate decisions it traces
 POOLS = ("reference", "corrected", "calibrated")
+# the pool each engine of POOL_METHODS reads (corrected_lasttoken shares corrected's)
+ENGINE_POOL = {"reference": "reference", "corrected": "corrected", "corrected_lasttoken": "corrected",
+               "calibrated": "calibrated"}
 ERROR_GROUPS = ("span", "placeholders", "question", "responses", "fixed")
 CONFIDENT_MARGIN = 0.1           # dense top-1 minus top-2 probability for a turn to count as confident
 PROBE = {"base-only": {"kl": 0.230, "top1": (35, 48), "greedy_exact": (18, 48)},
@@ -38,6 +41,12 @@ class Setting:
     warmup_mode: str = "jobs"           # "jobs": run_job in kvcomm mode; "replay": the fixed dense responses
     lines: tuple[int, int] | None = None  # draw questions only from these 0-based lines of `data` (a split)
     calibration: str = "auto"           # kvcomm-calibrated's calibration (KVCommConfig.calibration)
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """The pools the requested methods read (only these are warmed and diagnosed)."""
+        used = {ENGINE_POOL[engine] for method, engine in POOL_METHODS.items() if method in self.methods}
+        return tuple(p for p in POOLS if p in used)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]

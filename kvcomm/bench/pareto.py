@@ -15,11 +15,13 @@ hybrid@r            offsets, the last segment, and r of the tokens chosen by Cac
 cacheblend@r        no offsets, the last segment, and r chosen by CacheBlend's layer-1 key deviation
 ==================  ==========================================================================================
 
-Per turn and variant: KL(dense || variant), first-token agreement, prepare time, recomputed tokens, and for kvcomm
-variants the turn gate's raw forecast (predicted KL at kl_scale = 1). The entropy gate's own decision on each turn
+Per turn and variant: KL(dense || variant), first-token agreement, prepare time, recomputed tokens, the reused
+first token's own signals (`kvcomm.gate.first_token_signals`: margin, logit gap, entropy; the margin is the fidelity
+gate's), and for kvcomm variants the turn gate's raw forecast (predicted KL at kl_scale = 1). The entropy gate's own decision on each turn
 is traced once (`turns.kvcomm_turns` on the uncalibrated engine, whose turn gate never falls back). The gate sweep
 then replays, per kvcomm ratio, every threshold over the forecasts: the reuse rate, the KL on reused turns and the
-served KL (dense turns count 0). With a calibration, its (ratio, threshold) point is marked.
+served KL (dense turns count 0), and the fidelity gate's margin thresholds (`MARGINS`) alike. With a calibration,
+its (ratio, thresholds) point is marked.
 """
 from __future__ import annotations
 
@@ -36,10 +38,10 @@ import torch
 from tqdm import tqdm
 
 from . import publish
-from ..calibration import Calibration, find, model_key, spearman
+from ..calibration import Calibration, auc, find, model_key, spearman
 from ..config import KVCommConfig
 from ..engine import KVCommEngine, TurnRequest
-from ..gate import gate
+from ..gate import first_token_signals, gate
 from ..generation import Sampling
 from ..model_loading import LoadedModel
 from ..runner import ModelRunner
@@ -47,10 +49,11 @@ from ..templates import AgentTemplate
 from .cli import apply_threads
 from .turns import (BENCH_POOL_BYTE_BUDGET, DEFAULT_DATA, NAMESPACE, WARMUP_MODES, bootstrap_ci,
                     dense_cases, fmt, kl_divergence, kvcomm_turns, load_checked, load_questions, math_agents,
-                    model_arguments, parse_lines, pool_summary, timed_prepare, warmer)
+                    model_arguments, parse_lines, pool_summary, timed_prepare, top_margin, warmer)
 
 RATIOS = (0.0, 0.05, 0.10, 0.20, 0.40)
 SPAN_STARTS = (1, 2, 4, 8)
+MARGINS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)   # fidelity-gate thresholds the summary sweeps
 METHOD_ORDER = ("naive", "kvcomm", "kvcomm+starts", "hybrid", "cacheblend")
 
 
@@ -143,6 +146,7 @@ def measure(model: str, setting: Setting, *, agents: Sequence[AgentTemplate] | N
             vouched = traces[index].reused or traces[index].reason == "new_anchor:high_entropy"
             entropy_ratio = max((ratios[n] for n in contents), default=0.0) if vouched else math.inf
             row: dict[str, Any] = {"line": case.line, "agent": agent.agent_id, "prompt_tokens": len(oracle.prompt_ids),
+                                   "dense_margin": top_margin(dense_logits),
                                    "dense_prepare_ms": dense_s * 1e3, "entropy_gate_dense": not traces[index].reused,
                                    "entropy_ratio": entropy_ratio, "gate_reason": traces[index].reason,
                                    "variants": {}}
@@ -155,7 +159,8 @@ def measure(model: str, setting: Setting, *, agents: Sequence[AgentTemplate] | N
                     "kl": kl_divergence(dense_logits, logits),
                     "top1_agree": int(logits.argmax()) == int(dense_logits.argmax()),
                     "prepare_ms": seconds * 1e3, "recomputed_tokens": prepared.recomputed,
-                    "forecast": None if prepared.forecast is None else prepared.forecast.predicted_kl}
+                    "forecast": None if prepared.forecast is None else prepared.forecast.predicted_kl,
+                    **first_token_signals(logits)}
             rows.append(row)
             bar.update(1)
     bar.close()
@@ -194,7 +199,8 @@ def summarize(report: dict[str, Any], calibration: Calibration | None = None) ->
     rows, setting = report["rows"], report["setting"]
     naive_ms = sum(r["variants"]["naive"]["prepare_ms"] for r in rows) / len(rows) if "naive" in rows[0][
         "variants"] else None
-    out: dict[str, Any] = {"variants": {}, "gate_sweep": {}, "dense_prepare_ms": sum(
+    out: dict[str, Any] = {"variants": {}, "gate_sweep": {}, "margin_sweep": {}, "signals": {},
+                           "dense_prepare_ms": sum(
         r["dense_prepare_ms"] for r in rows) / len(rows), "naive_prepare_ms": naive_ms}
     scale = calibration.knobs["kl_scale"] if calibration is not None else 1.0
     gamma = calibration.knobs["gamma"] if calibration is not None else report["config"]["gamma"]
@@ -216,21 +222,49 @@ def summarize(report: dict[str, Any], calibration: Calibration | None = None) ->
             entry["forecast_spearman"] = spearman(forecasts, kls)
             if spec["method"] == "kvcomm":
                 out["gate_sweep"][name] = gate_sweep(rows, name, scale, gamma)
+                if all("margin" in c for c in cells):
+                    out["margin_sweep"][name] = [_gate_point(rows, name, scale, gamma, math.inf, m)
+                                                 for m in MARGINS]
+                    out["signals"][name] = signal_quality(cells)
         out["variants"][name] = entry
     if calibration is not None:
         name = f"kvcomm@{calibration.knobs['recompute_ratio']:.0%}"
         if name in out["variants"]:
-            point = _gate_point(rows, name, scale, gamma, calibration.knobs["gate_max_kl"])
+            point = _gate_point(rows, name, scale, gamma, calibration.knobs["gate_max_kl"],
+                                calibration.knobs["gate_min_margin"])
             out["calibrated"] = {"variant": name, **calibration.knobs, **point}
     return out
 
 
-def _gate_point(rows: Sequence[dict[str, Any]], name: str, scale: float, gamma: float, threshold: float
-                ) -> dict[str, Any]:
-    reused = [r for r in rows
+# candidate fidelity-gate signals, each oriented so that a higher score should mean a fragile first token
+SIGNALS = {"margin": -1.0, "logit_gap": -1.0, "entropy": 1.0, "top1_prob": -1.0, "forecast": 1.0}
+
+
+def signal_quality(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How well each candidate signal of one variant's turns predicts what a gate guards: ROC AUC for first-token
+    disagreement with dense, Spearman against KL."""
+    wrong = [not c["top1_agree"] for c in cells]
+    kls = [c["kl"] for c in cells]
+    out: dict[str, Any] = {"disagreements": sum(wrong)}
+    for signal, sign in SIGNALS.items():
+        scores = [sign * c[signal] for c in cells]
+        out[signal] = {"auc": auc(scores, wrong), "spearman": spearman(scores, kls)}
+    return out
+
+
+def _gate_point(rows: Sequence[dict[str, Any]], name: str, scale: float, gamma: float, threshold: float,
+                min_margin: float = 0.0) -> dict[str, Any]:
+    """The three gates replayed on one kvcomm variant: entropy gate at `gamma`, turn gate at `threshold` (on the
+    scaled forecast), fidelity gate at `min_margin` (on the reused first token's margin)."""
+    before = [r for r in rows
               if r["entropy_ratio"] <= gamma and scale * r["variants"][name]["forecast"] <= threshold]
+    reused = [r for r in before if r["variants"][name].get("margin", math.inf) >= min_margin]
     kls = [r["variants"][name]["kl"] for r in reused]
-    return {"threshold": threshold, "reuse": len(reused) / len(rows),
+    # per turn, fallbacks included: gated before the reused prefill -> dense; sent back after it -> both
+    served_ms = (sum(r["dense_prepare_ms"] for r in rows) + sum(r["variants"][name]["prepare_ms"] for r in before)
+                 - sum(r["dense_prepare_ms"] for r in reused)) / len(rows)
+    return {"threshold": threshold, "min_margin": min_margin, "reuse": len(reused) / len(rows),
+            "served_ms": served_ms,
             "kl_reused": sum(kls) / len(kls) if kls else None, "served_kl": sum(kls) / len(rows),
             "top1_served": (sum(r["variants"][name]["top1_agree"] for r in reused) + len(rows) - len(reused))
             / len(rows),
@@ -273,13 +307,31 @@ def markdown_table(report: dict[str, Any], summary: dict[str, Any]) -> str:
             for p in points[::3] + ([points[-1]] if (len(points) - 1) % 3 else []):
                 lines.append(f"| {name} | {fmt(p['threshold'], '.4f')} | {p['reuse']:.0%} | "
                              f"{fmt(p['kl_reused'], '.4f')} | {p['served_kl']:.4f} | {p['top1_served']:.0%} |")
+    if summary.get("signals"):
+        lines += ["", "Which signal predicts a fragile turn: ROC AUC for first-token disagreement with dense (0.5: "
+                      "chance), Spearman against KL in brackets (a small margin, logit gap or top-1 probability and "
+                      "a large entropy or forecast counted as fragile):", "",
+                  "| variant | disagreements | " + " | ".join(SIGNALS) + " |", "|---|---|" + "---|" * len(SIGNALS)]
+        for name, q in summary["signals"].items():
+            lines.append(f"| {name} | {q['disagreements']} | " + " | ".join(
+                f"{fmt(q[sig]['auc'], '.2f')} ({fmt(q[sig]['spearman'], '+.2f')})" for sig in SIGNALS) + " |")
+        lines += ["", "Fidelity gate swept (dense when the reused first token's top-1/top-2 margin is below the "
+                      "threshold; turn gate off):", "",
+                  "| variant | min margin | reuse | KL on reused turns | served top-1 | ms per turn, fallbacks "
+                  "included (vs naive) |", "|---|---|---|---|---|---|"]
+        naive = summary["naive_prepare_ms"]
+        for name, points in summary["margin_sweep"].items():
+            for p in points:
+                lines.append(f"| {name} | {p['min_margin']:.3f} | {p['reuse']:.0%} | {fmt(p['kl_reused'], '.4f')} | "
+                             f"{p['top1_served']:.1%} | {p['served_ms']:.0f} "
+                             f"({fmt(p['served_ms'] / naive if naive else None, '.2f')}x) |")
     if "calibrated" in summary:
         c = summary["calibrated"]
         lines += ["", f"Calibrated point ({c['variant']}, gamma {c['gamma']}, gate_max_kl "
-                      f"{fmt(c['threshold'], '.4f')}): reuse "
+                      f"{fmt(c['threshold'], '.4f')}, gate_min_margin {c['min_margin']:.4f}): reuse "
                       f"{c['reuse']:.0%}, KL on reused turns {fmt(c['kl_reused'], '.4f')}, served KL "
                       f"{c['served_kl']:.4f}, served top-1 {c['top1_served']:.1%}, reused-turn prepare "
-                      f"{fmt(c['prepare_ms_reused'], '.0f')} ms."]
+                      f"{fmt(c['prepare_ms_reused'], '.0f')} ms, {c['served_ms']:.0f} ms per turn with fallbacks."]
     return "\n".join(lines)
 
 
@@ -289,7 +341,9 @@ def plot(report: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5))
+    gated = bool(summary.get("margin_sweep"))
+    fig, axes = plt.subplots(1, 3 if gated else 2, figsize=(22 if gated else 15, 5.5))
+    left, right = axes[0], axes[1]
     by_method: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for name, v in summary["variants"].items():
         by_method.setdefault(v["method"], []).append((name, v))
@@ -322,10 +376,34 @@ def plot(report: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     right.set_title("turn gate threshold swept, per kvcomm recompute ratio")
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
+    if gated:
+        _plot_margin_sweep(axes[2], summary)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_margin_sweep(ax: Any, summary: dict[str, Any]) -> None:
+    """Served first-token agreement against preparation per turn (fallbacks included), one curve per kvcomm ratio
+    along the fidelity gate's margin thresholds."""
+    naive = summary["naive_prepare_ms"] or 1.0
+    for name, points in summary["margin_sweep"].items():
+        xs, ys = [p["served_ms"] / naive for p in points], [100 * p["top1_served"] for p in points]
+        ax.plot(xs, ys, marker="o", label=name)
+        for p, x, y in zip(points, xs, ys):
+            ax.annotate(f"{p['min_margin']:g}", (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6)
+    if "calibrated" in summary:
+        c = summary["calibrated"]
+        ax.plot([c["served_ms"] / naive], [100 * c["top1_served"]], marker="*", markersize=14, color="black",
+                linestyle="none", label=f"calibrated ({c['variant']}, margin {c['min_margin']:.3f})")
+    ax.axhline(97, color="grey", linestyle="--", label="97%")
+    ax.set_xlabel("preparation per turn, fallbacks included, x naive" if summary["naive_prepare_ms"]
+                  else "preparation per turn, fallbacks included, ms")
+    ax.set_ylabel("served first token = dense, %")
+    ax.set_title("fidelity gate: margin threshold swept (labels), per kvcomm ratio")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 # ------------------------------------------------------------------------------------------------------------

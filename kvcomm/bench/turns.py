@@ -230,6 +230,7 @@ class GateTrace:
     reused: bool | None
     reason: str | None
     forced: PreparedTurn
+    served_s: float | None = None     # what the engine's own decision took to prepare (a fallback: both attempts)
 
 
 def kvcomm_turns(engine: KVCommEngine, agents: Sequence[AgentTemplate], case: Case, sampling: Sampling,
@@ -245,17 +246,17 @@ def kvcomm_turns(engine: KVCommEngine, agents: Sequence[AgentTemplate], case: Ca
     traces = []
     for agent in agents:
         names = agent.placeholders()
-        reused = reason = None
+        reused = reason = served_s = None
         if txn is not None:      # the engine's own decision, as a job would take it
             prepared, seconds = timed_prepare(engine, TurnRequest(
                 agent, {n: gated[n] for n in names}, mode=mode, sampling=sampling, namespace=NAMESPACE,
                 transaction=txn))
-            reused, reason = prepared.reused, prepared.reason
+            reused, reason, served_s = prepared.reused, prepared.reason, seconds
         if txn is None or not prepared.reused:   # sent dense (or not traced): measure the reuse path anyway
             prepared, seconds = timed_prepare(engine, TurnRequest(
                 agent, {n: case.contents[n] for n in names}, mode=mode, sampling=sampling, namespace=NAMESPACE),
                 force_reuse=True)
-        traces.append(GateTrace(reused, reason, as_turn(prepared, seconds)))
+        traces.append(GateTrace(reused, reason, as_turn(prepared, seconds), served_s))
         if response_name(agent) in consumed and txn is not None:
             engine.offer_content(NAMESPACE, response_name(agent), gated[response_name(agent)], txn)
     if txn is not None:

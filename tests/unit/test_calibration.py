@@ -1,5 +1,6 @@
-"""kvcomm.calibration: the fit's choices, the file's round trip, how a config finds and takes a calibration, and a
-calibration written to disk and read back driving the turn gate's decision on the embedded model."""
+"""kvcomm.calibration: the fit's choices, the file's round trip, how a config finds and takes a calibration, a
+calibration written to disk and read back driving the turn gate's and the fidelity gate's decisions on the embedded
+model, and a model without a calibration serving with a warning."""
 from __future__ import annotations
 
 import json
@@ -7,11 +8,14 @@ import math
 import warnings
 
 import pytest
+import torch
 
 from kvcomm.anchor_pool import AnchorPool
-from kvcomm.calibration import Calibration, CalibrationWarning, TurnMeasurement, find, fit, model_key, resolve
+from kvcomm.calibration import (Calibration, CalibrationWarning, TurnMeasurement, find, fit, model_key, resolve,
+                                wilson)
 from kvcomm.config import UNCALIBRATED, KVCommConfig
-from kvcomm.engine import KVCommEngine, TurnRequest
+from kvcomm.engine import KVCommEngine, TurnRequest, build_engine
+from kvcomm.gate import first_token_margin
 from kvcomm.generation import Sampling
 from kvcomm.templates import AgentTemplate
 
@@ -31,7 +35,7 @@ def test_fit_picks_the_cheapest_ratio_and_threshold_that_meet_both_targets():
     low = [0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.1]
     measurements = (_turns(0.0, [k * 5 for k in low], [k * 5 for k in low], 100.0)
                     + _turns(0.1, low, low, 150.0) + _turns(0.4, [k / 4 for k in low], [k / 4 for k in low], 300.0))
-    calibration = fit(measurements, model=MODEL, target_kl=0.01, min_reuse=0.85)
+    calibration = fit(measurements, model=MODEL, target_kl=0.01, min_reuse=0.85, min_top1=0.0)   # KL alone
     assert calibration.met and calibration.knobs["recompute_ratio"] == 0.1
     assert calibration.knobs["kl_scale"] == pytest.approx(1.0)           # forecasts equal the measured KL
     assert calibration.knobs["gate_max_kl"] == pytest.approx(0.009)     # the 0.1 turn goes dense
@@ -41,18 +45,19 @@ def test_fit_picks_the_cheapest_ratio_and_threshold_that_meet_both_targets():
     # the entropy gate's own fallbacks count against the reuse rate: two turns the pool cannot vouch for (inf)
     # leave no room at any gamma ...
     strict = fit(_turns(0.1, low, low, 150.0, entropy={0: math.inf, 1: math.inf}), model=MODEL, target_kl=0.01,
-                 min_reuse=0.85)
+                 min_reuse=0.85, min_top1=0.0)
     assert not strict.met and "highest reuse" in strict.why and strict.dev["reuse"] <= 0.8
     # ... but two turns gated out at entropy ratio 0.6 come back at gamma 0.7
     noisy = fit(_turns(0.1, low, low, 150.0, entropy={0: 0.6, 1: 0.6}), model=MODEL, target_kl=0.01,
-                min_reuse=0.85)
+                min_reuse=0.85, min_top1=0.0)
     assert noisy.met and noisy.knobs["gamma"] == 0.7 and noisy.dev["reuse"] == pytest.approx(0.9)
     hopeless = fit(_turns(0.0, [0.5] * 4, [0.5] * 4, 100.0), model=MODEL, target_kl=0.01, min_reuse=0.85)
     assert not hopeless.met and "lowest KL" in hopeless.why
 
 
 def test_a_calibration_round_trips_through_its_file_with_an_infinite_threshold(tmp_path):
-    calibration = Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.2, "gate_max_kl": math.inf, "kl_scale": 2.5},
+    calibration = Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.2, "gate_max_kl": math.inf, "kl_scale": 2.5,
+                                                  "gate_min_margin": 0.05},
                               target_kl=0.01, min_reuse=0.85, met=True, why="test",
                               dev={"threshold": math.inf, "reuse": 1.0})
     path = calibration.save(tmp_path / "cal.json")
@@ -60,11 +65,16 @@ def test_a_calibration_round_trips_through_its_file_with_an_infinite_threshold(t
     loaded = Calibration.load(path)
     assert loaded.knobs == calibration.knobs and loaded.dev["threshold"] is None
     with pytest.raises(ValueError, match="recompute_ratio must be in"):
-        Calibration(model=MODEL, knobs={"gamma": 0.3, "recompute_ratio": 2.0, "gate_max_kl": 1.0, "kl_scale": 1.0},
-                    target_kl=0.01, min_reuse=0.8, met=False, why="")
+        Calibration(model=MODEL, knobs={"gamma": 0.3, "recompute_ratio": 2.0, "gate_max_kl": 1.0, "kl_scale": 1.0,
+                                        "gate_min_margin": 0.0}, target_kl=0.01, min_reuse=0.8, met=False, why="")
     (tmp_path / "bad.json").write_text("{\"format\": 99}")
-    with pytest.raises(ValueError, match="not a format-1 calibration"):
+    with pytest.raises(ValueError, match="not a format-2 calibration"):
         Calibration.load(tmp_path / "bad.json")
+    # a format-1 file (before the fidelity gate) still loads, its fidelity gate off
+    old = json.loads(path.read_text())
+    del old["knobs"]["gate_min_margin"]
+    (tmp_path / "old.json").write_text(json.dumps({**old, "format": 1}))
+    assert Calibration.load(tmp_path / "old.json").knobs == {**calibration.knobs, "gate_min_margin": 0.0}
 
 
 def test_resolve_fills_only_unset_knobs_and_warns_without_a_calibration(tmp_path, monkeypatch):
@@ -79,11 +89,13 @@ def test_resolve_fills_only_unset_knobs_and_warns_without_a_calibration(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resolve(KVCommConfig(calibration="none"), MODEL)                    # asked for none: no warning
-    Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.3, "gate_max_kl": 0.02, "kl_scale": 3.0}, target_kl=0.01,
+    Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.3, "gate_max_kl": 0.02, "kl_scale": 3.0,
+                                    "gate_min_margin": 0.1}, target_kl=0.01,
                 min_reuse=0.85, met=True, why="").save(tmp_path / f"{MODEL}.json")
     assert find(MODEL) == tmp_path / f"{MODEL}.json" and model_key("/models/SmolLM2-135M-Instruct.gguf") == MODEL
     config, found = resolve(KVCommConfig(gate_max_kl=0.5), MODEL)
     assert found is not None and config.recompute_ratio == 0.3 and config.kl_scale == 3.0 and config.gamma == 0.5
+    assert config.gate_min_margin == 0.1
     assert config.gate_max_kl == 0.5                                          # set by hand: kept
     with pytest.warns(CalibrationWarning, match="made for"):
         resolve(KVCommConfig(calibration=str(tmp_path / f"{MODEL}.json")), "llama-3.1-8b")
@@ -94,16 +106,25 @@ def _agent() -> AgentTemplate:
                          "Question:\n{user_question}\nAnswer with one number.")
 
 
-def test_a_calibration_read_back_from_disk_drives_the_turn_gate(smollm2_engine_parts, tmp_path):
+@pytest.fixture(scope="module")
+def recorder(smollm2_engine_parts) -> KVCommEngine:
+    """An engine whose pool holds two anchors for the solver's question, each with its recorded deltas (tests
+    only read it: their transactions are aborted)."""
     runner, tokenizer = smollm2_engine_parts
-    sampling = Sampling(max_new_tokens=4)
     recorder = KVCommEngine(runner, tokenizer, KVCommConfig(calibration="none"))
     txn = recorder.pool.begin("ns")
     for question in ("Tom has 3 apples and buys 5 more. How many apples?", "A box holds 6 eggs. How many in 9?"):
         content = recorder.make_input(question)
         recorder.offer_content("ns", "user_question", content, txn)
-        recorder.prepare(TurnRequest(_agent(), {"user_question": content}, "kvcomm", sampling, "ns", txn))
+        recorder.prepare(TurnRequest(_agent(), {"user_question": content}, "kvcomm", Sampling(max_new_tokens=4),
+                                     "ns", txn))
     recorder.pool.commit(txn)
+    return recorder
+
+
+def test_a_calibration_read_back_from_disk_drives_the_turn_gate(smollm2_engine_parts, recorder, tmp_path):
+    runner, tokenizer = smollm2_engine_parts
+    sampling = Sampling(max_new_tokens=4)
     anchors = recorder.pool.snapshot("ns").anchors("user_question")
     errors = [d.offset_error for a in anchors for d in a.deltas.values()]
     assert len(errors) == 2 and all(0.0 < e < 1.0 for e in errors)          # each anchor's own track record
@@ -114,7 +135,7 @@ def test_a_calibration_read_back_from_disk_drives_the_turn_gate(smollm2_engine_p
 
     for factor, expect_reuse in ((0.5, False), (2.0, True)):
         path = Calibration(model=MODEL, knobs={"gamma": 0.3, "recompute_ratio": 0.0, "kl_scale": 1.0,
-                                               "gate_max_kl": factor * forecast.predicted_kl},
+                                               "gate_max_kl": factor * forecast.predicted_kl, "gate_min_margin": 0.0},
                            target_kl=0.01, min_reuse=0.85, met=True, why="test").save(tmp_path / f"cal{factor}.json")
         config, _ = resolve(KVCommConfig(calibration=str(path)), MODEL)
         engine = KVCommEngine(runner, tokenizer, config, recorder.pool)
@@ -127,3 +148,70 @@ def test_a_calibration_read_back_from_disk_drives_the_turn_gate(smollm2_engine_p
             assert prepared.reason == "new_anchor:predicted_kl"
             assert content.gate_reason["user_question"] == "predicted_kl" and txn.staged_anchor_ids
         engine.pool.abort(txn)
+
+
+def test_fit_buys_first_token_agreement_with_the_fidelity_gate_when_that_is_cheaper_than_recompute():
+    # ratio 0.1: KL fine, but 3 turns in 200 lose their first token, and they have the smallest margins; ratio 0.4:
+    # every first token agrees, at twice the preparation. The target is the 95% lower bound of the served
+    # agreement (Wilson): at 200 turns >= 97% allows one disagreement
+    def turns(ratio, prepare_ms, dense_ms, wrong=()):
+        return [TurnMeasurement(ratio, 0.004, 0.004, i not in wrong, prepare_ms, 0.0, margin=0.001 * (i + 1),
+                                dense_ms=dense_ms) for i in range(200)]
+    cheap_fallback = fit(turns(0.1, 150.0, 1000.0, wrong={0, 1, 2}) + turns(0.4, 300.0, 1000.0), model=MODEL,
+                         target_kl=0.01, min_reuse=0.85)
+    assert cheap_fallback.met and cheap_fallback.knobs["recompute_ratio"] == 0.1
+    # the two smallest margins go dense (the threshold halfway to the third): 199/200 served agree, bound >= 97%
+    assert cheap_fallback.knobs["gate_min_margin"] == pytest.approx(0.0025)
+    assert cheap_fallback.dev["top1_served"] == pytest.approx(0.995) and cheap_fallback.dev["reuse"] == 0.99
+    assert cheap_fallback.dev["top1_served_lower95"] == pytest.approx(wilson(199, 200)[0])
+    assert wilson(199, 200)[0] >= 0.97 > wilson(198, 200)[0]
+    assert cheap_fallback.dev["cost_ms"] == pytest.approx((200 * 150 + 2 * 1000) / 200)   # a fallback pays both
+    assert cheap_fallback.predictor["margin_auc_per_ratio"]["0.1"] == 1.0
+    # when a dense prefill costs more than the recompute saves, the recompute wins
+    dear_fallback = fit(turns(0.1, 150.0, 20000.0, wrong={0, 1, 2}) + turns(0.4, 300.0, 20000.0), model=MODEL,
+                        target_kl=0.01, min_reuse=0.85)
+    assert dear_fallback.knobs["recompute_ratio"] == 0.4 and dear_fallback.knobs["gate_min_margin"] == 0.0
+    # too few turns to bound agreement at 97% (96 turns, all agreeing: >= 96.2%): not met, the best bound kept
+    few = fit(turns(0.4, 300.0, 1000.0)[:96], model=MODEL, target_kl=0.01, min_reuse=0.85)
+    assert not few.met and "best top-1 bound" in few.why and few.dev["top1_served"] == 1.0
+
+
+def test_the_fidelity_gate_sends_a_turn_dense_exactly_below_its_margin_and_serves_dense_tokens(
+        smollm2_engine_parts, recorder):
+    runner, tokenizer = smollm2_engine_parts
+    question = "Sara reads 12 pages a day for 4 days. How many pages?"
+    sampling = Sampling(max_new_tokens=3)
+    reused = recorder.prepare(TurnRequest(_agent(), {"user_question": recorder.make_input(question)}, "kvcomm",
+                                          sampling, "ns"), force_reuse=True)
+    margin = first_token_margin(reused.last_logits[-1])
+    assert 0.0 < margin < 1.0
+    oracle = recorder.run_turn(TurnRequest(_agent(), {"user_question": recorder.make_input(question)}, "dense",
+                                           sampling, "ns"))
+    for threshold, expect_reuse in ((margin * 1.001, False), (margin * 0.999, True)):
+        engine = KVCommEngine(runner, tokenizer, KVCommConfig(calibration="none", gate_min_margin=threshold),
+                              recorder.pool)
+        txn = engine.pool.begin("ns")
+        content = engine.make_input(question)
+        result = engine.run_turn(TurnRequest(_agent(), {"user_question": content}, "kvcomm", sampling, "ns", txn))
+        assert result.reused == expect_reuse, (threshold, margin, result.reason)
+        assert result.predicted_kl is not None and result.predicted_kl > 0     # the forecast is reported either way
+        if expect_reuse:
+            assert first_token_margin(result.first_logits) == pytest.approx(margin, rel=1e-5)
+        else:   # why it went dense, the pool learns from it, and what it serves is dense's own output
+            assert result.reason == "new_anchor:low_margin" and content.gate_reason["user_question"] == "low_margin"
+            assert txn.staged_anchor_ids
+            assert result.token_ids == oracle.token_ids and torch.equal(result.first_logits, oracle.first_logits)
+        engine.pool.abort(txn)
+
+
+def test_a_model_without_a_calibration_still_serves_with_a_warning(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCOMM_CALIBRATION_DIR", str(tmp_path))             # no calibration file there
+    with pytest.warns(CalibrationWarning, match="serving uncalibrated"):
+        engine = build_engine(tiny_model_dir, random_weights=True)
+    assert {name: getattr(engine.config, name) for name in UNCALIBRATED} == UNCALIBRATED
+    txn = engine.pool.begin("ns")
+    content = engine.make_input("Tom has 3 apples and buys 5 more. How many apples?")
+    engine.offer_content("ns", "user_question", content, txn)
+    result = engine.run_turn(TurnRequest(_agent(), {"user_question": content}, "kvcomm", Sampling(max_new_tokens=3),
+                                         "ns", txn))
+    assert len(result.token_ids) == 3 and result.reason.startswith("new_anchor:")   # a cold pool: dense, learning

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kvcomm.bench import anchors, fidelity
+from kvcomm.bench import anchors, fidelity, fidelity_report
 from kvcomm.bench.turns import load_questions
 from kvcomm.calibration import Calibration
 from kvcomm.templates import AgentTemplate
@@ -39,8 +39,9 @@ def report(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gsm8k")
     data = folder / "test.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": "#### 0"}) + "\n" for q in QUESTIONS))
-    calibration = Calibration(model="tiny", knobs={"gamma": 0.3, "recompute_ratio": 0.5, "gate_max_kl": math.inf,
-                                                         "kl_scale": 1.0},
+    # a fidelity gate at margin 1 sends every turn the other gates let through back to dense
+    calibration = Calibration(model="tiny", knobs={"gamma": 1.0, "recompute_ratio": 0.5, "gate_max_kl": math.inf,
+                                                   "kl_scale": 1.0, "gate_min_margin": 1.0},
                               target_kl=0.01, min_reuse=0.85, met=True, why="test").save(folder / "tiny.json")
     setting = fidelity.Setting(questions=2, warmup=2, response_tokens=6, continuation_tokens=4, bootstrap=200,
                                data=str(data), calibration=str(calibration))
@@ -98,6 +99,13 @@ def test_the_calibrated_method_runs_the_calibration_and_its_served_figures_add_u
         assert m["served_top1_agree"] == sum(c["top1_agree"] or not c["gate_reused"] for c in cells)
         assert m["gate_reuse_rate"] == pytest.approx(sum(c["gate_reused"] for c in cells) / len(cells))
     assert all(row["methods"]["kvcomm-calibrated"]["predicted_kl"] is not None for row in report["rows"])
+    assert "reused" not in calibrated["gate_reasons"] and calibrated["served_top1_agree"] == calibrated["turns"]
+    assert "new_anchor:low_margin" in fidelity.markdown_table(report)
+    for method in fidelity.GATE_TRACED:     # what the gates' own decisions cost, fallbacks included
+        cells = [row["methods"][method] for row in report["rows"]]
+        assert report["methods"][method]["served_prepare_ms_mean"] == pytest.approx(
+            sum(c["served_prepare_ms"] for c in cells) / len(cells))
+    assert "| kvcomm-calibrated | " in "\n".join(fidelity_report.served_table(report))
 
 
 def test_questions_come_from_the_requested_lines_only(tmp_path):

@@ -49,6 +49,14 @@ def test_every_variant_on_every_turn_and_the_gate_sweep(report):
         assert points[-1]["reuse"] == pytest.approx(never_dense)        # at gamma 0.3, as traced
         assert all((r["entropy_ratio"] > 0.3) == r["entropy_gate_dense"] for r in report["rows"])
     assert "| kvcomm@50% |" in pareto.markdown_table(report, summary)
+    # the fidelity gate's signal on every variant, and its sweep: a higher minimum margin never reuses more
+    assert all(0.0 <= cell["margin"] <= 1.0 for row in report["rows"] for cell in row["variants"].values())
+    for name in ("kvcomm@0%", "kvcomm@50%"):
+        reuse = [p["reuse"] for p in summary["margin_sweep"][name]]
+        assert reuse == sorted(reuse, reverse=True) and reuse[0] == summary["gate_sweep"][name][-1]["reuse"]
+        quality = summary["signals"][name]
+        assert quality["disagreements"] == sum(not r["variants"][name]["top1_agree"] for r in report["rows"])
+        assert set(pareto.SIGNALS) <= set(quality)
 
 
 def test_a_calibration_fitted_from_the_report_is_what_a_config_resolves_to(report, tmp_path):
