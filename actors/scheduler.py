@@ -10,10 +10,10 @@
   Decode steps ride in engine calls (as vLLM's scheduler mixes prefill chunks and decodes in one batch): while
   sequences decode, every forward of new tokens an engine call or admission runs on this thread (a prefill or one
   of its chunks, an input, a base cache) carries the batch's next decode step in the same pass over the weights
-  (`kvcomm.runner.PrefillBudget.ride_decode`); the turns such a step finishes are resolved when the current work
+  (`kvcomm.runner_hooks.PrefillBudget.ride_decode`); the turns such a step finishes are resolved when the current work
   is done. Chunked prefill (`prefill_step_tokens` > 0) bounds the prefill tokens one forward carries: while
-  sequences decode the runner prefills in chunks of that size, each carrying a step; the selective-recompute
-  prefills (their own layer loops) take a separate step first once the tokens since the last step would pass it.
+  sequences decode the runner prefills in chunks of that size, each carrying a step; CacheBlend's prefill (its own
+  layer loop, no step rides in it) takes a separate step first once the tokens since the last step would pass it.
 * `ScheduledEngine`: the engine as the worker side of a turn (`actors.turns`) uses it, callable from any thread:
   its `run_turn` joins the shared batch and its other engine calls (inputs, the gate) run on the model thread; the
   pool, thread-safe, is used on the caller's thread.
@@ -35,7 +35,7 @@ import torch
 from kvcomm.engine import KVCommEngine, TurnRequest, TurnResult
 from kvcomm.generation import SequenceState
 from kvcomm.memory_plan import MemoryPlan
-from kvcomm.runner import DecodeRide, PrefillBudget
+from kvcomm.runner_hooks import DecodeRide, PrefillBudget
 
 from .latency import Latencies
 from .turns import Cancellation, TurnCancelled
@@ -273,8 +273,8 @@ class TurnScheduler:
         return self.prefill_step_tokens if self._batch.active and not self._stepping else 0
 
     def _before_prefill(self, tokens: int) -> None:
-        """The runner is about to run a selective-recompute prefill of `tokens` tokens (its own layer loop, which
-        carries no decode step) on this model thread: once the tokens prefilled since the last decode step would
+        """The runner is about to run a selective-recompute prefill of `tokens` tokens that carries no decode step
+        (`blend_prefill`, or `recompute_prefill` when none rode) on this model thread: once the tokens prefilled since the last decode step would
         pass `prefill_step_tokens`, the batch takes a step of its own first."""
         if self.prefill_step_tokens and self._prefill_since_step and not self._stepping \
                 and self._prefill_since_step + tokens > self.prefill_step_tokens and self._batch.active:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from .kv_buffers import BatchKV, SequenceKV
 from .memory_plan import KVBudget
 from .model_spec import ModelSpec
 from .rope import Rope
+from .runner_hooks import DecodeInputs, DecodeRide, PrefillBudget
 
 __all__ = ["BatchKV", "DecodeInputs", "DecodeRide", "ForwardRequest", "ModelRunner", "PrefillBudget",
            "SequenceKV"]   # the buffers live in kv_buffers
@@ -58,42 +59,6 @@ class ForwardRequest:
     token_ids: torch.Tensor             # [t] int64
     positions: torch.Tensor | None = None  # [t] int64; default: kv.next_position + arange(t)
     all_logits: bool = False            # logits for every new token, else only the last
-
-
-@dataclass(frozen=True)
-class DecodeInputs:
-    """One decode step's inputs: the batch's buffers and one token per used slot, group by group, slot by slot."""
-    groups: Sequence[BatchKV]
-    token_ids: Sequence[int] | torch.Tensor     # [N] host ints, N = the used slots of all groups
-
-
-@dataclass(frozen=True)
-class DecodeRide:
-    """A decode step offered to ride in the runner's next forward: its inputs, and where its logits go."""
-    inputs: DecodeInputs
-    deliver: Callable[[torch.Tensor], None]     # called with the step's logits [N, vocab] fp32
-
-
-def _no_ride() -> DecodeRide | None:
-    return None
-
-
-@dataclass(frozen=True)
-class PrefillBudget:
-    """The model thread's hooks into the runner (`actors.scheduler.TurnScheduler` sets them on its runner).
-
-    * `ride_decode()`: a decode step of the sequences decoding meanwhile, or None; every `forward` of new tokens
-      on the model thread (a prefill or one of its chunks, an input, a base cache) carries that step in the same
-      pass over the weights, so the batch's tokens keep coming while engine calls run.
-    * Chunked prefill: `prefill` computes a long prompt in chunks of at most `chunk_tokens()` tokens (0: the rest
-      in one forward; the scheduler says 0 while nothing decodes), each appended to the same buffer and attending
-      over the chunks before it (the same logits and KV as one forward, up to rounding), each carrying a step.
-      The selective-recompute prefills, which run their own layer loops and carry no step, call
-      `before_forward(tokens)` first, and the scheduler runs a separate decode step there once the prefill tokens
-      since its last step would pass its budget."""
-    chunk_tokens: Callable[[], int]
-    before_forward: Callable[[int], None]
-    ride_decode: Callable[[], DecodeRide | None] = _no_ride
 
 
 class ModelRunner:
@@ -212,15 +177,8 @@ class ModelRunner:
         if any(n == 0 for n in lengths):
             raise ValueError("every forward request needs at least one token")
         groups = list(decode.groups) if decode is not None else []
-        sizes = [g.size for g in groups]
-        n_decode = sum(sizes)
-        if decode is not None:
-            ids_host = (decode.token_ids.reshape(-1).tolist() if isinstance(decode.token_ids, torch.Tensor)
-                        else list(decode.token_ids))
-            if n_decode == 0 or len(ids_host) != n_decode:
-                raise ValueError(f"decode_step needs one token per used slot ({n_decode}), got {len(ids_host)}")
-        else:
-            ids_host = []
+        decode_host, ragged = self._decode_host(decode)
+        n_decode = sum(g.size for g in groups)
         bounds = [0]
         for n in lengths:
             bounds.append(bounds[-1] + n)
@@ -234,9 +192,6 @@ class ModelRunner:
             else:
                 pos_parts.append(r.positions.reshape(-1).to(torch.int64).cpu())
             r.kv.reserve(n)
-        ragged = [min(g.lengths) != max(g.lengths) for g in groups]
-        decode_host = torch.tensor(ids_host + [s + n for g in groups for s, n in zip(g.starts, g.lengths)]
-                                   + [n for g, r in zip(groups, ragged) if r for n in g.lengths], dtype=torch.int64)
         # logits only where asked: the lm_head over a 50-150K vocabulary is a large share of a short prefill
         rows = [torch.arange(a, b) if r.all_logits else torch.tensor([b - 1])
                 for r, a, b in zip(requests, bounds, bounds[1:])]
@@ -252,21 +207,10 @@ class ModelRunner:
         cos, sin = self.rope.cos_sin(positions, self.dtype)                                # [total, head_dim]
         cos, sin = cos[:, None, :], sin[:, None, :]                                         # [total, 1, head_dim]
         masks = [self._causal_mask(r.kv.length, n) for r, n in zip(requests, lengths)]
-        plans = []   # per decode group: (rows a:b, where its new K/V go, attended length, mask)
-        a, cursor = n_prefill, 0
-        for g, n, is_ragged in zip(groups, sizes, ragged):
-            span = max(g.lengths) + 1
-            mask, where = None, (slice(0, n), slice(None), span - 1)   # equal lengths: one strided write
-            if is_ragged:   # slot i sees its own lengths[i] + 1 tokens
-                slot_lengths = ragged_lengths[cursor:cursor + n]                                # [n]
-                cursor += n
-                mask = (torch.arange(span, device=self.device)[None, :] <= slot_lengths[:, None])[:, None, None, :]
-                where = (torch.arange(n, device=self.device), slice(None), slot_lengths)
-            plans.append((a, a + n, where, span, mask))
-            a += n
+        plans = self._decode_plans(groups, ragged, ragged_lengths, n_prefill)
 
         hidden = self.embed[ids]                                                           # [total, hidden]
-        q_width, kv_width, group = n_heads * hd, n_kv * hd, n_heads // n_kv
+        q_width, kv_width = n_heads * hd, n_kv * hd
         for layer_idx, w in enumerate(self.layers):
             x = self._rms_norm(hidden, w.input_norm)
             qkv = F.linear(x, w.qkv, w.qkv_bias)                                           # [total, (H+2Hkv)*D]
@@ -282,15 +226,7 @@ class ModelRunner:
                 kv.values[layer_idx, :, kv.length:end] = v[a:b].transpose(0, 1)
                 attn_out[a:b] = self._attend(q[a:b], kv.keys[layer_idx, :, :end], kv.values[layer_idx, :, :end],
                                              masks[i])
-            for g, (a, b, where, span, mask) in zip(groups, plans):
-                keys, values = g.keys[layer_idx], g.values[layer_idx]                # [slots, Hkv, cap, D]
-                keys[where] = k[a:b]                                                # the new token of each slot
-                values[where] = v[a:b]
-                # the query heads sharing a KV head ride as that head's query rows: [n, Hkv, H/Hkv, D]
-                # (no head grouping left for SDPA to do, so a mask keeps the fused kernels)
-                out = sdpa(q[a:b].view(b - a, n_kv, group, hd), keys[:b - a, :, :span], values[:b - a, :, :span],
-                           mask=mask, scale=self._scale)                                   # [n, Hkv, H/Hkv, D]
-                attn_out[a:b] = out.reshape(b - a, q_width)
+            self._attend_decode(layer_idx, q, k, v, groups, plans, attn_out)
             hidden = hidden + F.linear(attn_out, w.o_proj)
             x = self._rms_norm(hidden, w.post_norm)
             gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)                             # [total, I] each
@@ -308,6 +244,54 @@ class ModelRunner:
             out.append(logits[cursor:cursor + take])
             cursor += take
         return out, (logits[cursor:] if decode is not None else None)
+
+    def _decode_host(self, decode: DecodeInputs | None) -> tuple[torch.Tensor, list[bool]]:
+        """A decode step's host rows: ids [D] | positions [D] | the lengths of ragged groups' slots (int64), and
+        which groups are ragged (their slots' lengths differ)."""
+        if decode is None:
+            return torch.empty(0, dtype=torch.int64), []
+        groups = list(decode.groups)
+        n_decode = sum(g.size for g in groups)
+        ids = (decode.token_ids.reshape(-1).tolist() if isinstance(decode.token_ids, torch.Tensor)
+               else list(decode.token_ids))
+        if n_decode == 0 or len(ids) != n_decode:
+            raise ValueError(f"decode_step needs one token per used slot ({n_decode}), got {len(ids)}")
+        ragged = [min(g.lengths) != max(g.lengths) for g in groups]
+        host = ids + [s + n for g in groups for s, n in zip(g.starts, g.lengths)]
+        host += [n for g, r in zip(groups, ragged) if r for n in g.lengths]
+        return torch.tensor(host, dtype=torch.int64), ragged
+
+    def _decode_plans(self, groups: Sequence[BatchKV], ragged: Sequence[bool], ragged_lengths: torch.Tensor,
+                      first_row: int) -> list[tuple]:
+        """Per decode group: (its rows a:b of the forward, where its new K/V go, attended length, mask)."""
+        plans, a, cursor = [], first_row, 0
+        for g, is_ragged in zip(groups, ragged):
+            n, span = g.size, max(g.lengths) + 1
+            mask, where = None, (slice(0, n), slice(None), span - 1)   # equal lengths: one strided write
+            if is_ragged:   # slot i sees its own lengths[i] + 1 tokens
+                slot_lengths = ragged_lengths[cursor:cursor + n]                                # [n]
+                cursor += n
+                mask = (torch.arange(span, device=self.device)[None, :] <= slot_lengths[:, None])[:, None, None, :]
+                where = (torch.arange(n, device=self.device), slice(None), slot_lengths)
+            plans.append((a, a + n, where, span, mask))
+            a += n
+        return plans
+
+    def _attend_decode(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       groups: Sequence[BatchKV], plans: list[tuple], attn_out: torch.Tensor) -> None:
+        """The decode rows' attention at one layer: each group's new K/V written into its slots, its rows of
+        `attn_out` [rows, H*D] filled (q [rows, H, D], k/v [rows, Hkv, D] hold every row of the forward)."""
+        n_heads, n_kv, hd = self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim
+        group = n_heads // n_kv
+        for g, (a, b, where, span, mask) in zip(groups, plans):
+            keys, values = g.keys[layer_idx], g.values[layer_idx]                    # [slots, Hkv, cap, D]
+            keys[where] = k[a:b]                                                    # the new token of each slot
+            values[where] = v[a:b]
+            # the query heads sharing a KV head ride as that head's query rows: [n, Hkv, H/Hkv, D]
+            # (no head grouping left for SDPA to do, so a mask keeps the fused kernels)
+            out = sdpa(q[a:b].view(b - a, n_kv, group, hd), keys[:b - a, :, :span], values[:b - a, :, :span],
+                       mask=mask, scale=self._scale)                                       # [n, Hkv, H/Hkv, D]
+            attn_out[a:b] = out.reshape(b - a, n_heads * hd)
 
     def _causal_mask(self, context_len: int, new_len: int) -> torch.Tensor | None:
         """Bool mask [new, context + new]: new token i sees the whole context and new tokens <= i.
@@ -444,7 +428,8 @@ class ModelRunner:
         picked = torch.unique(recompute.reshape(-1).to(torch.int64))                              # sorted [r]
         if picked.numel() and (int(picked[0]) < 0 or int(picked[-1]) >= n_cached):
             raise IndexError(f"recompute indices must lie in [0, {n_cached}), got {picked.tolist()[:8]}...")
-        if self.prefill_budget is not None:
+        ride = self.prefill_budget.ride_decode() if self.prefill_budget is not None else None
+        if ride is None and self.prefill_budget is not None:
             self.prefill_budget.before_forward(int(picked.numel()) + n_tail)
         if in_place:
             kv = cached
@@ -454,7 +439,12 @@ class ModelRunner:
         total = n_cached + n_tail
         rows = torch.cat([picked, torch.arange(n_cached, total)]).to(self.device)                 # [R]
         ids = torch.cat([cached_ids.reshape(-1).to(torch.int64), tail_ids.reshape(-1).to(torch.int64)])
-        cos, sin = self.rope.cos_sin(rows + cached.start, self.dtype)                             # [R, D]
+        groups = list(ride.inputs.groups) if ride is not None else []
+        decode_host, ragged = self._decode_host(ride.inputs if ride is not None else None)
+        n_decode = sum(g.size for g in groups)
+        decode_rows = self._to_device(decode_host)       # a riding step's ids [D] | positions [D] | ragged lengths
+        cos, sin = self.rope.cos_sin(torch.cat([rows + cached.start, decode_rows[n_decode:2 * n_decode]]),
+                                     self.dtype)                                                  # [R + D, D]
         cos, sin = cos[:, None, :], sin[:, None, :]
         n_heads, n_kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         group, count = n_heads // n_kv, int(rows.numel())
@@ -462,27 +452,35 @@ class ModelRunner:
         # row i sees buffer indices <= rows[i]; the query heads of one KV head ride as its query rows (no GQA
         # expansion of the cache): mask [group * R, total], repeated per head of the group
         mask = (torch.arange(total, device=self.device)[None, :] <= rows[:, None]).repeat(group, 1)
-        hidden = self.embed[ids.to(self.device)[rows]]                                            # [R, hidden]
+        plans = self._decode_plans(groups, ragged, decode_rows[2 * n_decode:], count)
+        hidden = self.embed[torch.cat([ids.to(self.device)[rows], decode_rows[:n_decode]])]   # [R + D, hidden]
         queries = []
         for layer_idx, w in enumerate(self.layers):
             x = self._rms_norm(hidden, w.input_norm)
             qkv = F.linear(x, w.qkv, w.qkv_bias)
-            q = self.rope.apply(qkv[:, :q_width].view(-1, n_heads, hd), cos, sin)                 # [R, H, D]
-            k = self.rope.apply(qkv[:, q_width:q_width + kv_width].view(-1, n_kv, hd), cos, sin)  # [R, Hkv, D]
-            v = qkv[:, q_width + kv_width:].view(-1, n_kv, hd)                                    # [R, Hkv, D]
+            q = self.rope.apply(qkv[:, :q_width].view(-1, n_heads, hd), cos, sin)             # [R + D, H, D]
+            k = self.rope.apply(qkv[:, q_width:q_width + kv_width].view(-1, n_kv, hd), cos, sin)  # [R + D, Hkv, D]
+            v = qkv[:, q_width + kv_width:].view(-1, n_kv, hd)                                # [R + D, Hkv, D]
             if keep_queries:
-                queries.append(q[-1].float())
-            kv.keys[layer_idx, :, rows] = k.transpose(0, 1)
-            kv.values[layer_idx, :, rows] = v.transpose(0, 1)
-            q_grouped = q.view(count, n_kv, group, hd).permute(1, 2, 0, 3).reshape(n_kv, group * count, hd)
+                queries.append(q[count - 1].float())
+            kv.keys[layer_idx, :, rows] = k[:count].transpose(0, 1)
+            kv.values[layer_idx, :, rows] = v[:count].transpose(0, 1)
+            q_grouped = q[:count].view(count, n_kv, group, hd).permute(1, 2, 0, 3).reshape(n_kv, group * count, hd)
             out = F.scaled_dot_product_attention(
                 q_grouped.unsqueeze(0), kv.keys[layer_idx, :, :total].unsqueeze(0),
                 kv.values[layer_idx, :, :total].unsqueeze(0), attn_mask=mask, scale=self._scale)  # [1, Hkv, G*R, D]
             attn = out[0].view(n_kv, group, count, hd).permute(2, 0, 1, 3).reshape(count, q_width)  # [R, H*D]
+            if n_decode:
+                attn = torch.cat([attn, torch.empty(n_decode, q_width, dtype=attn.dtype, device=self.device)])
+                self._attend_decode(layer_idx, q, k, v, groups, plans, attn)                     # rows R..R+D
             hidden = hidden + F.linear(attn, w.o_proj)
             x = self._rms_norm(hidden, w.post_norm)
             gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
             hidden = hidden + F.linear(F.silu(gate) * up, w.down)
         kv.length = total
-        logits = F.linear(self._rms_norm(hidden[-1:], self.final_norm), self.lm_head).float()
-        return logits, kv, torch.stack(queries) if keep_queries else None
+        for g in groups:
+            g.lengths = [n + 1 for n in g.lengths]
+        logits = F.linear(self._rms_norm(hidden[count - 1:], self.final_norm), self.lm_head).float()  # [1 + D, V]
+        if ride is not None:
+            ride.deliver(logits[1:])
+        return logits[:1], kv, torch.stack(queries) if keep_queries else None

@@ -8,7 +8,7 @@ pool was busy (the clients' snapshots and the commits went on) and the small ord
 
 The issue's figure, the largest gap between two decode steps over the median step, stays under 2: every forward
 of new tokens an engine call runs on the model thread (the small orders' input prefill) carries the batch's decode
-step (`kvcomm.runner.PrefillBudget.ride_decode`), so a gap holds only the engine calls' work outside forwards (the
+step (`kvcomm.runner_hooks.PrefillBudget.ride_decode`), so a gap holds only the engine calls' work outside forwards (the
 gate's arithmetic) and never a pool call. Reported (``[reliability] pool_stall``) next to it: the largest interval
 between two tokens over the median one, which also holds the steps' own length on the shared cores (not asserted:
 on a 2-core machine shared with 32 client threads and the pool it is the operating system's to decide).

@@ -1,5 +1,5 @@
 """Chunked prefill and decode steps riding in prefills (`TurnScheduler(prefill_step_tokens=N)`,
-`kvcomm.runner.PrefillBudget`): while sequences decode, a prompt is prefilled in chunks of at most N tokens, each
+`kvcomm.runner_hooks.PrefillBudget`): while sequences decode, a prompt is prefilled in chunks of at most N tokens, each
 forward also carrying the batch's decode step, and both give the tokens one-shot prefill and lone decode steps give
 (dense's oracle); a runner without hooks runs one forward.
 """
@@ -15,7 +15,8 @@ from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest
 from kvcomm.generation import Sampling
 from kvcomm.model_loading import load_model
-from kvcomm.runner import ModelRunner, PrefillBudget
+from kvcomm.runner import ModelRunner
+from kvcomm.runner_hooks import PrefillBudget
 from kvcomm.templates import AgentTemplate
 
 QUESTION = "Ben has 3 cards and gets 4 more from his sister. How many cards does Ben have now? "
@@ -29,12 +30,23 @@ class RecordingRunner(ModelRunner):
         self.forwards.append((sum(int(r.token_ids.numel()) for r in requests), decoded))
         return super()._run(requests, decode)
 
+    def _attend_decode(self, layer_idx, q, k, v, groups, plans, attn_out):
+        if layer_idx == 0 and q.shape[0] > sum(g.size for g in groups):   # decode rows riding in a prefill
+            self.ridden.append(sum(g.size for g in groups))
+        return super()._attend_decode(layer_idx, q, k, v, groups, plans, attn_out)
+
+    def recompute_prefill(self, *args, **kwargs):
+        ridden = len(self.ridden)
+        out = super().recompute_prefill(*args, **kwargs)
+        self.recomputes.append(sum(self.ridden[ridden:]))   # decode rows that rode in this recompute prefill
+        return out
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     loaded = load_model(tiny_model_dir, random_weights=True, seed=4)
     runner = RecordingRunner(loaded.spec, loaded.state_dict)
-    runner.forwards = []
+    runner.forwards, runner.ridden, runner.recomputes = [], [], []
     return KVCommEngine(runner, loaded.tokenizer, KVCommConfig())
 
 
@@ -123,3 +135,30 @@ def test_the_prefill_budget_has_one_home_in_the_cluster_config() -> None:
     assert ClusterConfig(prefill_step_tokens=16).worker_settings().prefill_step_tokens == 16
     with pytest.raises(ValueError, match="prefill_step_tokens"):
         ClusterConfig(prefill_step_tokens=-1)
+
+
+def test_a_reused_turn_s_tail_prefill_carries_the_decode_step_and_keeps_the_oracle_s_tokens(engine) -> None:
+    """A naive (reused) turn's tail goes through `recompute_prefill`, whose own layer loop also takes the decoding
+    sequences' step: both turns' tokens equal their lone runs'."""
+    runner = engine.runner
+    first = TurnRequest(_agent(1), {"user_question": engine.make_input("Hi there.")}, mode="dense",
+                        sampling=Sampling(max_new_tokens=60, min_new_tokens=60))
+    reused = TurnRequest(_agent(2), {"user_question": engine.make_input(QUESTION * 2)}, mode="naive",
+                         sampling=Sampling(max_new_tokens=8, min_new_tokens=8))
+    oracle = [engine.run_turn(r).token_ids for r in (first, reused)]
+    scheduler = TurnScheduler(engine, max_batch_size=4).start()
+    try:
+        decoding = scheduler.turn(first)
+        deadline = time.monotonic() + 60
+        while scheduler.load().active < 1:
+            assert time.monotonic() < deadline and not decoding.done(), "the first turn never started decoding"
+            time.sleep(0.001)
+        runner.recomputes.clear()
+        second = scheduler.turn(reused)
+        tokens = [decoding.result(timeout=120).token_ids, second.result(timeout=120).token_ids]
+        recomputes = list(runner.recomputes)
+    finally:
+        scheduler.stop()
+        runner.prefill_budget = None
+    assert tokens == oracle
+    assert recomputes and all(d == 1 for d in recomputes)   # the tail prefill carried the first turn's step
