@@ -274,8 +274,8 @@ class TurnScheduler:
 
     def _before_prefill(self, tokens: int) -> None:
         """The runner is about to run a selective-recompute prefill of `tokens` tokens that carries no decode step
-        (`blend_prefill`, or `recompute_prefill` when none rode) on this model thread: once the tokens prefilled since the last decode step would
-        pass `prefill_step_tokens`, the batch takes a step of its own first."""
+        (`blend_prefill`, or `recompute_prefill` when none rode) on this model thread: once the tokens prefilled
+        since the last decode step would pass `prefill_step_tokens`, the batch takes a step of its own first."""
         if self.prefill_step_tokens and self._prefill_since_step and not self._stepping \
                 and self._prefill_since_step + tokens > self.prefill_step_tokens and self._batch.active:
             self.steps_between_chunks += 1

@@ -442,18 +442,22 @@ class ModelRunner:
         groups = list(ride.inputs.groups) if ride is not None else []
         decode_host, ragged = self._decode_host(ride.inputs if ride is not None else None)
         n_decode = sum(g.size for g in groups)
-        decode_rows = self._to_device(decode_host)       # a riding step's ids [D] | positions [D] | ragged lengths
-        cos, sin = self.rope.cos_sin(torch.cat([rows + cached.start, decode_rows[n_decode:2 * n_decode]]),
-                                     self.dtype)                                                  # [R + D, D]
-        cos, sin = cos[:, None, :], sin[:, None, :]
         n_heads, n_kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         group, count = n_heads // n_kv, int(rows.numel())
         q_width, kv_width = n_heads * hd, n_kv * hd
+        positions, row_ids = rows + cached.start, ids.to(self.device)[rows]                       # [R], [R]
+        if n_decode:   # the riding step's rows follow the turn's: ids [D] | positions [D] | ragged lengths
+            decode_rows = self._to_device(decode_host)
+            positions = torch.cat([positions, decode_rows[n_decode:2 * n_decode]])               # [R + D]
+            row_ids = torch.cat([row_ids, decode_rows[:n_decode]])                                # [R + D]
+            plans = self._decode_plans(groups, ragged, decode_rows[2 * n_decode:], count)
+            attn_out = torch.empty(count + n_decode, q_width, dtype=self.dtype, device=self.device)  # [R + D, H*D]
+        cos, sin = self.rope.cos_sin(positions, self.dtype)                                       # [R + D, D]
+        cos, sin = cos[:, None, :], sin[:, None, :]
         # row i sees buffer indices <= rows[i]; the query heads of one KV head ride as its query rows (no GQA
         # expansion of the cache): mask [group * R, total], repeated per head of the group
         mask = (torch.arange(total, device=self.device)[None, :] <= rows[:, None]).repeat(group, 1)
-        plans = self._decode_plans(groups, ragged, decode_rows[2 * n_decode:], count)
-        hidden = self.embed[torch.cat([ids.to(self.device)[rows], decode_rows[:n_decode]])]   # [R + D, hidden]
+        hidden = self.embed[row_ids]                                                              # [R + D, hidden]
         queries = []
         for layer_idx, w in enumerate(self.layers):
             x = self._rms_norm(hidden, w.input_norm)
@@ -471,8 +475,9 @@ class ModelRunner:
                 kv.values[layer_idx, :, :total].unsqueeze(0), attn_mask=mask, scale=self._scale)  # [1, Hkv, G*R, D]
             attn = out[0].view(n_kv, group, count, hd).permute(2, 0, 1, 3).reshape(count, q_width)  # [R, H*D]
             if n_decode:
-                attn = torch.cat([attn, torch.empty(n_decode, q_width, dtype=attn.dtype, device=self.device)])
-                self._attend_decode(layer_idx, q, k, v, groups, plans, attn)                     # rows R..R+D
+                attn_out[:count] = attn
+                self._attend_decode(layer_idx, q, k, v, groups, plans, attn_out)                 # rows R..R+D
+                attn = attn_out
             hidden = hidden + F.linear(attn, w.o_proj)
             x = self._rms_norm(hidden, w.post_norm)
             gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)

@@ -50,6 +50,14 @@ def engine(tiny_model_dir):
     return KVCommEngine(runner, loaded.tokenizer, KVCommConfig())
 
 
+def _until_decoding(scheduler: TurnScheduler, turn) -> None:
+    """Wait (bounded) until the scheduler's batch decodes `turn`, the first turn submitted."""
+    deadline = time.monotonic() + 60
+    while scheduler.load().active < 1:
+        assert time.monotonic() < deadline and not turn.done(), "the first turn never started decoding"
+        time.sleep(0.001)
+
+
 def _agent(i: int) -> AgentTemplate:
     return AgentTemplate(f"agent{i}", f"You are helper number {i}.", "Question: {user_question}\nAnswer:")
 
@@ -84,10 +92,7 @@ def test_a_long_prompt_admitted_while_another_decodes_is_prefilled_in_chunks_wit
     scheduler = TurnScheduler(engine, max_batch_size=4, prefill_step_tokens=8).start()
     try:
         first = scheduler.turn(short)
-        deadline = time.monotonic() + 60
-        while scheduler.load().active < 1:
-            assert time.monotonic() < deadline and not first.done(), "the short turn never started decoding"
-            time.sleep(0.001)
+        _until_decoding(scheduler, first)
         runner.forwards.clear()
         second = scheduler.turn(long)
         tokens = [second.result(timeout=120).token_ids, first.result(timeout=120).token_ids]
@@ -112,10 +117,7 @@ def test_a_decode_step_rides_in_an_unchunked_prefill_and_keeps_the_oracle_s_toke
     scheduler = TurnScheduler(engine, max_batch_size=4).start()
     try:
         first = scheduler.turn(turns[0])
-        deadline = time.monotonic() + 60
-        while scheduler.load().active < 1:
-            assert time.monotonic() < deadline and not first.done(), "the first turn never started decoding"
-            time.sleep(0.001)
+        _until_decoding(scheduler, first)
         runner.forwards.clear()
         rest = [scheduler.turn(r) for r in turns[1:]]
         tokens = [f.result(timeout=120).token_ids for f in [first, *rest]]
@@ -149,10 +151,7 @@ def test_a_reused_turn_s_tail_prefill_carries_the_decode_step_and_keeps_the_orac
     scheduler = TurnScheduler(engine, max_batch_size=4).start()
     try:
         decoding = scheduler.turn(first)
-        deadline = time.monotonic() + 60
-        while scheduler.load().active < 1:
-            assert time.monotonic() < deadline and not decoding.done(), "the first turn never started decoding"
-            time.sleep(0.001)
+        _until_decoding(scheduler, decoding)
         runner.recomputes.clear()
         second = scheduler.turn(reused)
         tokens = [decoding.result(timeout=120).token_ids, second.result(timeout=120).token_ids]
