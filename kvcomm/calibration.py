@@ -1,5 +1,5 @@
-"""Per-model calibration: the entropy gate's gamma, the recompute budget, the turn gate's threshold and scale, and the
-fidelity gate's margin, fitted on measured KL and first-token agreement.
+"""Per-model calibration: the entropy gate's gamma, kvcomm's recompute recipe, the turn gate's threshold and scale,
+and the fidelity gate's margin, fitted on measured KL and first-token agreement.
 
 This module owns the calibration file (`Calibration`, JSON), where a model's file is found (`find`: the config's
 ``calibration`` knob, "auto" = ``<calibration dir>/<model name>.json``), how a config takes its values (`resolve`:
@@ -7,7 +7,9 @@ the per-model knobs left at None take the calibration's; a model without a calib
 with a `CalibrationWarning`), and the fit itself (`fit`, pure arithmetic on per-turn measurements). Measuring is
 `kvcomm calibrate`'s job (`kvcomm.bench.calibrate`).
 
-The fit. Input: for every measured turn of a development split and every candidate recompute ratio r, the KL of
+The fit. Input: for every measured turn of a development split and every candidate recompute recipe r (a share of
+the reused span chosen by the query, the first k tokens of every placeholder, and the tail: the last fixed segment
+recomputed whole, or only its last N tokens with the query choosing among the segment's others), the KL of
 kvcomm (forced reuse) against dense, the turn gate's raw forecast s (its predicted KL at kl_scale = 1), the turn's
 first-token agreement, its reused first token's margin (top-1 minus top-2 probability: the fidelity gate's signal),
 its prepare time and its dense prefill time, and its entropy ratio e (the largest entropy / log2(N) of the entropy
@@ -16,13 +18,15 @@ at gamma iff e > gamma.
 
 1. kl_scale = exp(mean(log KL - log s)) over every (turn, r): the scale under which the forecast is right in the
    geometric mean (the forecast is a first-order model; only its scale is fitted).
-2. Every (r, gamma, KL threshold, margin) choice, gamma in `GAMMAS`, the thresholds being those seen at r that
+2. Every (recipe r, gamma, KL threshold, margin) choice, gamma in `GAMMAS`, the thresholds being those seen at r that
    send at most `MAX_GATED` of the turns dense (and inf / 0: never): a turn is reused when no gate sends it dense.
    A choice meets the targets when, so that they hold on unseen turns too and not just on these, the 95% upper
    bound of the mean KL over its reused turns (normal approximation: mean + 1.96 sd / sqrt(n)) is <= target_kl
    and the 95% lower bound (Wilson) of the first-token agreement of the served turns (a dense turn agrees) is >=
    min_top1, and its reuse rate is >= min_reuse. (A lower bound needs enough turns: at 97%, 192 turns allow one
-   disagreement, 96 none.) Among those the cheapest wins: the mean preparation per turn, a turn gated before its
+   disagreement, 96 none.) With a preparation cap (`max_vs_naive`, the measurements carrying naive reuse's time on
+   the same turns) a reused turn must also prepare within that multiple of naive's; when none does the cap is
+   dropped (`met` false, `why` says so) rather than traded for fidelity, reuse or the cost per turn. Among those the cheapest wins: the mean preparation per turn, a turn gated before its
    reused prefill costing a dense prefill, one the fidelity gate sends back after it costing both (then the
    highest reuse, the smallest gamma: the pool learns more). If none meets all three, the highest reuse among
    those meeting the fidelity targets; if none meets them, the best top-1 bound among those keeping KL; else the
@@ -44,8 +48,11 @@ from typing import Any, Mapping, Sequence
 
 from .config import UNCALIBRATED, KVCommConfig
 
-FORMAT = 2
-OLD_FORMATS = {1: {"gate_min_margin": 0.0}}   # format 1 had no fidelity gate: it never falls back
+FORMAT = 3
+# what older formats' files leave out: format 1 had no fidelity gate (it never falls back); formats 1 and 2 knew
+# one recipe shape (the query-chosen share only, the last fixed segment recomputed whole)
+_RECIPE_BEFORE_3 = {"recompute_span_starts": 0, "kvcomm_tail": "last_segment"}
+OLD_FORMATS = {1: {"gate_min_margin": 0.0, **_RECIPE_BEFORE_3}, 2: _RECIPE_BEFORE_3}
 GAMMAS = (0.3, 0.5, 0.7, 1.0)      # entropy-gate gammas the fit considers (0.3: the paper's default)
 Z95 = 1.96                         # the normal quantile of every 95% bound the fit uses
 MAX_GATED = 0.3                    # the fit tries gate thresholds sending up to this share of turns dense
@@ -59,8 +66,9 @@ class CalibrationWarning(UserWarning):
 
 @dataclass(frozen=True)
 class TurnMeasurement:
-    """One development turn at one recompute ratio (what `fit` needs)."""
-    ratio: float
+    """One development turn at one recompute recipe (what `fit` needs)."""
+    ratio: float                 # the recipe: the query-chosen share of the reused span (with span_starts and
+                                 # kvcomm_tail below)
     kl: float                    # KL(dense || kvcomm) with forced reuse
     forecast: float              # the turn gate's predicted KL at kl_scale = 1
     top1_agree: bool
@@ -68,20 +76,35 @@ class TurnMeasurement:
     entropy_ratio: float         # the entropy gate sends this turn dense at gamma iff entropy_ratio > gamma
     margin: float = math.inf     # the reused first token's top-1 minus top-2 probability (the fidelity gate's signal)
     dense_ms: float = 0.0        # the turn's dense prefill (what a fallback costs)
+    naive_ms: float = 0.0        # the turn's naive reuse (the preparation cap's yardstick; 0: not measured)
+    span_starts: int = 0         # the recipe's first k tokens of every placeholder
+    kvcomm_tail: str | int = "last_segment"   # the recipe's tail (`KVCommConfig.kvcomm_tail`)
+
+    @property
+    def recipe(self) -> tuple[float, int, str | int]:
+        return (self.ratio, self.span_starts, self.kvcomm_tail)
+
+
+def recipe_label(ratio: float, span_starts: int = 0, kvcomm_tail: str | int = "last_segment") -> str:
+    """A recipe's short name: "20%", "20%+s2" (first 2 tokens of every placeholder too), "20%+s2+qtail" (only the
+    last token recomputed, the last fixed segment's others open to the query's choice), "20%+t8" (the last 8)."""
+    tail = {"last_segment": "", "last_token": "+qtail"}.get(kvcomm_tail, f"+t{kvcomm_tail}")   # type: ignore[arg-type]
+    return f"{ratio:.0%}" + (f"+s{span_starts}" if span_starts else "") + tail
 
 
 @dataclass(frozen=True)
 class Calibration:
     model: str
-    knobs: dict[str, float]                  # gamma, recompute_ratio, gate_max_kl (inf: never), kl_scale,
-                                             # gate_min_margin (0: never)
+    knobs: dict[str, Any]                    # gamma, recompute_ratio, recompute_span_starts, kvcomm_tail,
+                                             # gate_max_kl (inf: never), kl_scale, gate_min_margin (0: never)
     target_kl: float
     min_reuse: float
     met: bool                                # the chosen knobs meet every target on the development turns
     why: str
     min_top1: float = 0.97
+    max_vs_naive: float | None = None        # the preparation cap the fit was given (None: none)
     dev: dict[str, Any] = field(default_factory=dict)        # the chosen knobs' figures on the development turns
-    candidates: list[dict[str, Any]] = field(default_factory=list)   # the best choice per ratio
+    candidates: list[dict[str, Any]] = field(default_factory=list)   # the best choice per recipe
     predictor: dict[str, Any] = field(default_factory=dict)  # how well each gate's signal predicts what it guards
     data: dict[str, Any] = field(default_factory=dict)       # where the development turns came from
     format: int = FORMAT
@@ -117,11 +140,10 @@ class Calibration:
         if not isinstance(data, dict) or (data.get("format") != FORMAT and data.get("format") not in OLD_FORMATS):
             raise ValueError(f"calibration file {path}: not a format-{FORMAT} calibration (kvcomm calibrate writes "
                              f"one)")
-        knobs = {k: (math.inf if v is None else float(v)) for k, v in dict(data.get("knobs", {})).items()}
-        knobs = {**OLD_FORMATS.get(data["format"], {}), **knobs}
+        knobs = {**OLD_FORMATS.get(data["format"], {}), **dict(data.get("knobs", {}))}
         data["format"] = FORMAT
         try:
-            return cls(**{**data, "knobs": knobs})
+            return cls(**{**data, "knobs": {k: _knob(k, v) for k, v in knobs.items()}})
         except (TypeError, ValueError) as exc:
             raise ValueError(f"calibration file {path}: {exc}") from None
 
@@ -167,6 +189,18 @@ def resolve(config: KVCommConfig, model: str) -> tuple[KVCommConfig, Calibration
         warnings.warn(f"calibration {path} was made for {calibration.model!r}, not {model!r}",
                       CalibrationWarning, stacklevel=2)
     return config.with_calibration(calibration.knobs), calibration
+
+
+def _knob(name: str, value: Any) -> Any:
+    """A knob as JSON holds it, typed like its `UNCALIBRATED` value (null: an infinite threshold)."""
+    kind = type(UNCALIBRATED.get(name, 0.0))
+    if value is None:
+        return math.inf
+    if name == "kvcomm_tail":                  # a policy name or a token count
+        return value if isinstance(value, str) else _knob("recompute_span_starts", value)
+    if kind is int and float(value) != int(value):
+        raise ValueError(f"knob {name} must be an integer, got {value!r}")
+    return kind(value)
 
 
 def _finite(value: Any) -> Any:
@@ -225,6 +259,8 @@ def _evaluate(turns: Sequence[TurnMeasurement], scale: float, gamma: float, thre
             "kl_reused": mean, "kl_reused_upper95": mean + Z95 * spread / math.sqrt(max(1, len(kls))),
             "top1_served": agree / len(turns), "top1_served_lower95": wilson(agree, len(turns))[0],
             "prepare_ms_reused": sum(t.prepare_ms for t in reused) / len(reused) if reused else math.inf,
+            "prepare_vs_naive": (sum(t.prepare_ms for t in reused) / sum(t.naive_ms for t in reused)
+                                 if reused and all(t.naive_ms > 0 for t in reused) else math.inf),
             "cost_ms": cost / len(turns)}
 
 
@@ -237,7 +273,7 @@ def _low_margins(turns: Sequence[TurnMeasurement], share: float) -> list[float]:
 
 
 def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float, min_reuse: float,
-        min_top1: float = 0.97, data: Mapping[str, Any] | None = None,
+        min_top1: float = 0.97, max_vs_naive: float | None = None, data: Mapping[str, Any] | None = None,
         gammas: Sequence[float] = GAMMAS, max_gated: float = MAX_GATED) -> Calibration:
     """The calibration for `model` from development measurements (see the module docstring)."""
     if not measurements:
@@ -247,21 +283,28 @@ def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float
                          f"{min_top1}")
     logs = [math.log(max(t.kl, 1e-9)) - math.log(max(t.forecast, 1e-9)) for t in measurements]
     scale = math.exp(sum(logs) / len(logs))
-    by_ratio: dict[float, list[TurnMeasurement]] = {}
+    by_recipe: dict[tuple[float, int, str | int], list[TurnMeasurement]] = {}
     for t in measurements:
-        by_ratio.setdefault(t.ratio, []).append(t)
+        by_recipe.setdefault(t.recipe, []).append(t)
     options = []
-    for ratio, turns in sorted(by_ratio.items()):
+    for (ratio, starts, tail), turns in sorted(by_recipe.items(), key=_recipe_order):
         forecasts = sorted({scale * t.forecast for t in turns})
         thresholds = forecasts[max(0, len(forecasts) - 1 - math.ceil(max_gated * len(turns))):] + [math.inf]
         margins = _low_margins(turns, max_gated)
-        options += [{"ratio": ratio, **_evaluate(turns, scale, gamma, th, m)}
+        options += [{"ratio": ratio, "span_starts": starts, "kvcomm_tail": tail,
+                     **_evaluate(turns, scale, gamma, th, m)}
                     for gamma in gammas for th in thresholds for m in margins]
     faithful = [o for o in options if o["kl_reused_upper95"] <= target_kl and o["top1_served_lower95"] >= min_top1]
     both = [o for o in faithful if o["reuse"] >= min_reuse]
-    if both:
+    capped = [o for o in both if max_vs_naive is None or o["prepare_vs_naive"] <= max_vs_naive]
+    cap = "" if max_vs_naive is None else f", a reused turn within {max_vs_naive}x naive's preparation"
+    if capped:
+        best = min(capped, key=lambda o: (o["cost_ms"], -o["reuse"], o["gamma"], -o["threshold"], o["min_margin"]))
+        why = f"the cheapest choice (preparation per turn, fallbacks included) meeting every target{cap}"
+    elif both:     # the cap is dropped, not traded for fidelity, reuse or the cost per turn
         best = min(both, key=lambda o: (o["cost_ms"], -o["reuse"], o["gamma"], -o["threshold"], o["min_margin"]))
-        why = "the cheapest choice (preparation per turn, fallbacks included) meeting every target"
+        why = (f"no choice meeting the fidelity and reuse targets prepares a reused turn within {max_vs_naive}x "
+               f"naive's: the cheapest of them (preparation per turn, fallbacks included)")
     elif faithful:
         best = max(faithful, key=lambda o: (o["reuse"], -o["cost_ms"], -o["gamma"]))
         why = (f"no choice reaches reuse >= {min_reuse:.0%} at KL <= {target_kl} (95% bound) and top-1 >= "
@@ -275,23 +318,36 @@ def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float
         best = min(options, key=lambda o: (o["kl_reused_upper95"], -o["reuse"]))
         why = f"no choice keeps KL <= {target_kl} (95% bound): the lowest KL bound"
     candidates = []
-    for ratio in sorted(by_ratio):
-        mine = [o for o in options if o["ratio"] == ratio]
-        fitting = [o for o in both if o["ratio"] == ratio]
+    for recipe, _ in sorted(by_recipe.items(), key=_recipe_order):
+        mine = [o for o in options if _recipe(o) == recipe]
+        fitting = [o for o in both if _recipe(o) == recipe]
         candidates.append(min(fitting, key=lambda o: (o["cost_ms"], -o["reuse"])) if fitting
                           else min(mine, key=lambda o: (o["kl_reused_upper95"] > target_kl,
                                                         -o["top1_served_lower95"], -o["reuse"])))
     predictor = {"turns": len(measurements), "spearman": spearman([t.forecast for t in measurements],
                                                                   [t.kl for t in measurements]),
-                 "spearman_per_ratio": {str(r): spearman([t.forecast for t in ts], [t.kl for t in ts])
-                                        for r, ts in sorted(by_ratio.items())},
-                 "margin_auc_per_ratio": {str(r): auc([-t.margin for t in ts], [not t.top1_agree for t in ts])
-                                          for r, ts in sorted(by_ratio.items())}}
-    knobs = {"gamma": best["gamma"], "recompute_ratio": best["ratio"], "gate_max_kl": best["threshold"],
-             "kl_scale": scale, "gate_min_margin": best["min_margin"]}
+                 "spearman_per_recipe": {recipe_label(*r): spearman([t.forecast for t in ts], [t.kl for t in ts])
+                                         for r, ts in sorted(by_recipe.items(), key=_recipe_order)},
+                 "margin_auc_per_recipe": {recipe_label(*r): auc([-t.margin for t in ts],
+                                                                 [not t.top1_agree for t in ts])
+                                           for r, ts in sorted(by_recipe.items(), key=_recipe_order)}}
+    knobs = {"gamma": best["gamma"], "recompute_ratio": best["ratio"], "recompute_span_starts": best["span_starts"],
+             "kvcomm_tail": best["kvcomm_tail"], "gate_max_kl": best["threshold"], "kl_scale": scale,
+             "gate_min_margin": best["min_margin"]}
     return Calibration(model=model_key(model), target_kl=target_kl, min_reuse=min_reuse, min_top1=min_top1,
-                       knobs=knobs, met=bool(both), why=why, dev=best, candidates=candidates, predictor=predictor,
+                       knobs=knobs, met=bool(capped), why=why, max_vs_naive=max_vs_naive, dev=best,
+                       candidates=candidates, predictor=predictor,
                        data=dict(data or {}))
+
+
+def _recipe(option: Mapping[str, Any]) -> tuple[float, int, str | int]:
+    return (option["ratio"], option["span_starts"], option["kvcomm_tail"])
+
+
+def _recipe_order(item: tuple[tuple[float, int, str | int], Any]) -> tuple[float, int, str]:
+    """Recipes in order of ratio, then span starts, then tail (a name or a count)."""
+    (ratio, starts, tail), _ = item
+    return (ratio, starts, str(tail))
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:

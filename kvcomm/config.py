@@ -1,9 +1,10 @@
 """The one home of every algorithm knob: `KVCommConfig`, frozen, with one default each.
 
 Deployment knobs (workers, placement, HTTP) live in `cluster.config`, which embeds this object unchanged.
-Five knobs are per model (`UNCALIBRATED`: the entropy gate's gamma, the recompute budget, the turn gate's threshold
-and its predictor's scale, the fidelity gate's margin): their default None means "the model's calibration file" (`kvcomm.calibration` resolves
-it, warning when the model has none); `with_calibration` fills them (an engine fills what is left uncalibrated).
+Seven knobs are per model (`UNCALIBRATED`: the entropy gate's gamma, kvcomm's recompute recipe (its budget, span
+starts and tail), the turn gate's threshold and its predictor's scale, the fidelity gate's margin): their default None
+means "the model's calibration file" (`kvcomm.calibration` resolves it, warning when the model has none);
+`with_calibration` fills them (an engine fills what is left uncalibrated).
 `KVCommConfig.reference()` reproduces the published KVCOMM code's choices (FastMAS/KVCOMM @48ca0b3); the
 default is the corrected mode, whose fixes are each a separate flag so every one can be measured alone.
 """
@@ -15,7 +16,8 @@ from typing import Any, Literal, Mapping
 
 TailPolicy = Literal["last_token", "last_segment"]
 # the per-model knobs a calibration file sets (`kvcomm.calibration`), and their values when a model has none
-UNCALIBRATED = {"gamma": 0.3, "recompute_ratio": 0.0, "gate_max_kl": math.inf, "kl_scale": 1.0, "gate_min_margin": 0.0}
+UNCALIBRATED = {"gamma": 0.3, "recompute_ratio": 0.0, "recompute_span_starts": 0, "kvcomm_tail": "last_segment",
+                "gate_max_kl": math.inf, "kl_scale": 1.0, "gate_min_margin": 0.0}
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,15 @@ class KVCommConfig:
     rerotate_deltas: bool = True       # store key deltas at position 0 and rotate them to the current positions
     per_consumer_weights: bool = True  # weights computed per consumer agent (reference: first consumer's, shared)
     # --- assembly and corrections (kvcomm.corrections) ---
-    tail_policy: TailPolicy = "last_segment"  # recompute only the last prompt token, or the whole last fixed segment
+    tail_policy: TailPolicy = "last_segment"  # naive, cacheblend, hybrid: recompute only the last prompt token,
+                                              # or the whole last fixed segment
+    kvcomm_tail: TailPolicy | int | None = None  # calibrated: kvcomm's tail. "last_token" or N: only the last 1 or N
+                                                 # prompt tokens; the rest of the last fixed segment is reused with
+                                                 # its offsets, its tokens open to the recompute budget's choice
     recompute_ratio: float | None = None  # calibrated: kvcomm's share of the reused span recomputed, the tokens
                                           # the last prompt token attends to most (0: offsets alone)
-    recompute_span_starts: int = 0     # kvcomm: also recompute the first k tokens of every placeholder (EPIC)
+    recompute_span_starts: int | None = None  # calibrated: kvcomm also recomputes the first k tokens of every
+                                              # placeholder (EPIC: each reused span's own attention sink)
     # --- baselines that live on the same runner ---
     blend_recompute_ratio: float = 0.15  # cacheblend: share of reused tokens recomputed
     blend_check_layer: int = 1           # cacheblend: layer whose K deviation selects the tokens
@@ -77,10 +84,15 @@ class KVCommConfig:
             problems.append(f"gate_min_margin must be in [0, 1] (0: never fall back), got {self.gate_min_margin}")
         if not 0 <= self.unknown_anchor_error:
             problems.append(f"unknown_anchor_error must be >= 0, got {self.unknown_anchor_error}")
-        if self.recompute_span_starts < 0:
-            problems.append(f"recompute_span_starts must be >= 0, got {self.recompute_span_starts}")
+        if self.recompute_span_starts is not None and not (isinstance(self.recompute_span_starts, int)
+                                                           and self.recompute_span_starts >= 0):
+            problems.append(f"recompute_span_starts must be an integer >= 0, got {self.recompute_span_starts!r}")
         if self.tail_policy not in ("last_token", "last_segment"):
             problems.append(f"tail_policy must be 'last_token' or 'last_segment', got {self.tail_policy!r}")
+        tail = self.kvcomm_tail
+        if not (tail is None or tail in ("last_token", "last_segment")
+                or (isinstance(tail, int) and not isinstance(tail, bool) and tail >= 1)):
+            problems.append(f"kvcomm_tail must be 'last_token', 'last_segment' or a token count >= 1, got {tail!r}")
         for name in ("blend_recompute_ratio", "hybrid_recompute_ratio", "recompute_ratio"):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -94,7 +106,7 @@ class KVCommConfig:
         """The published code's behaviour: shared weights, un-rotated deltas, its top-p quirk, L-1 cache, anchors
         at least as long as the content, no recompute, no turn gate and no fidelity gate."""
         base = dict(gamma=UNCALIBRATED["gamma"], exact_top_p=False, rerotate_deltas=False,
-                    per_consumer_weights=False, tail_policy="last_token",
+                    per_consumer_weights=False, tail_policy="last_token", kvcomm_tail="last_token",
                     min_anchor_coverage=1.0, recompute_ratio=0.0, recompute_span_starts=0, gate_max_kl=math.inf,
                     kl_scale=UNCALIBRATED["kl_scale"], gate_min_margin=0.0)
         base.update(overrides)
@@ -116,7 +128,7 @@ class KVCommConfig:
         """Whether every per-model knob has a value (from a calibration, or set by hand)."""
         return all(getattr(self, name) is not None for name in UNCALIBRATED)
 
-    def with_calibration(self, values: Mapping[str, float] | None = None) -> "KVCommConfig":
+    def with_calibration(self, values: Mapping[str, Any] | None = None) -> "KVCommConfig":
         """The per-model knobs left at None filled from `values` (a calibration's), the rest from `UNCALIBRATED`;
         knobs already set keep their values."""
         values = values or {}

@@ -320,7 +320,7 @@ class KVCommEngine:
         kv = self.runner.new_kv(None, extra_capacity=len(prompt_ids) + request.sampling.max_new_tokens + 1)
         errors = align_and_offset(state, layout, contents, bases, snapshot, self.runner.rope, self.config,
                                   self._weight_cache, times, into=kv)
-        tail_len = tail_length(rendered, len(prompt_ids), self.config)
+        tail_len = tail_length(mode, rendered, len(prompt_ids), self.config)
         whole = kv.segment()                                                        # [L, H, prompt, D]
         tail_ids = torch.tensor(prompt_ids[len(prompt_ids) - tail_len:], dtype=torch.int64)
 

@@ -21,19 +21,24 @@ from .runner import ModelRunner, SequenceKV
 from .templates import PromptLayout, RenderedTemplate
 
 
-def tail_length(rendered: RenderedTemplate, prompt_len: int, config: KVCommConfig) -> int:
-    """How many trailing prompt tokens are recomputed instead of reused (at least one)."""
-    if config.tail_policy == "last_segment" and rendered.placeholders:
-        return max(1, min(len(rendered.fixed[-1]), prompt_len))
-    return 1
+def tail_length(mode: str, rendered: RenderedTemplate, prompt_len: int, config: KVCommConfig) -> int:
+    """How many trailing prompt tokens a `mode` turn recomputes whatever else it chooses (at least one): the last
+    fixed segment, the last token, or (kvcomm) the last N tokens within that segment, by `config.kvcomm_tail` in
+    kvcomm mode and `config.tail_policy` otherwise."""
+    policy = config.kvcomm_tail if mode == "kvcomm" else config.tail_policy
+    if policy == "last_token" or not rendered.placeholders:
+        return 1
+    segment = len(rendered.fixed[-1])
+    return max(1, min(segment if policy == "last_segment" else int(policy), segment, prompt_len))
 
 
 def plan_correction(mode: str, state: AgentState, layout: PromptLayout, whole: KVSegment,
                     errors: Sequence[float | None], tail_len: int, runner: ModelRunner,
                     config: KVCommConfig) -> tuple[TurnForecast, torch.Tensor]:
-    """For a reused kvcomm/hybrid turn: the cached tokens kvcomm recomputes (query-driven, plus span starts)
-    and the turn gate's forecast for what is left reused (hybrid: for its offsets and tail alone; its
-    CacheBlend selection happens later). `whole`: [layers, kv_heads, prompt, head_dim], the assembled prompt."""
+    """For a reused kvcomm/hybrid turn: the cached tokens kvcomm recomputes (query-driven, plus span starts; with a
+    short kvcomm tail the query chooses among the rest of the last fixed segment too) and the turn gate's forecast
+    for what is left reused (hybrid: for its offsets and tail alone; its CacheBlend selection happens later).
+    `whole`: [layers, kv_heads, prompt, head_dim], the assembled prompt."""
     length = whole.num_tokens                                    # prompt tokens; the last one is recomputed
     attention = attention_mass(state.probe, whole.keys[:, :, :length - 1], length - 1, runner.rope,
                                1.0 / math.sqrt(runner.spec.head_dim))                              # [length - 1]

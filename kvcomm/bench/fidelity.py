@@ -203,7 +203,7 @@ def run(model: str = EMBEDDED_MODEL, *, setting: Setting | None = None,
                                                               calibration=setting.calibration), model)
     corrected = engine_for(runner, loaded.tokenizer, corrected_config)
     engines = _Engines(engine_for(runner, loaded.tokenizer, reference_config), corrected,
-                       KVCommEngine(runner, loaded.tokenizer, corrected_config.with_(tail_policy="last_token"),
+                       KVCommEngine(runner, loaded.tokenizer, corrected_config.with_(kvcomm_tail="last_token"),
                                     corrected.pool),
                        engine_for(runner, loaded.tokenizer, calibrated_config))
     agents_source = "caller" if agents is not None else "kvcomm.harness.roles.fully_connected_math_agents"

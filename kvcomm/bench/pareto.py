@@ -9,7 +9,11 @@ prefill of the identical prompt at the first decode position:
 ==================  ==========================================================================================
 naive               base KV re-rotated, no offsets, the last fixed segment recomputed (the cost baseline)
 kvcomm@r            offsets, the last segment, and a share r of the reused span recomputed: the tokens the last
-                    prompt token attends to most (`kvcomm.corrections`); r = 0 is offsets alone
+                    prompt token attends to most (`kvcomm.corrections`); r = 0 is offsets alone. Other recipes
+                    (`--recompute-starts`, `--kvcomm-tails`): kvcomm@r+s2 also recomputes the first 2 tokens of
+                    every placeholder; kvcomm@r+qtail reuses the last segment with its offsets and recomputes the
+                    last token only, the query choosing among the segment's other tokens; kvcomm@r+t8 recomputes
+                    the segment's last 8 tokens (`kvcomm_tail`)
 kvcomm+starts@k     offsets, the last segment, and the first k tokens of every placeholder (EPIC)
 hybrid@r            offsets, the last segment, and r of the tokens chosen by CacheBlend's layer-1 key deviation
 cacheblend@r        no offsets, the last segment, and r chosen by CacheBlend's layer-1 key deviation
@@ -19,7 +23,7 @@ Per turn and variant: KL(dense || variant), first-token agreement, prepare time,
 first token's own signals (`kvcomm.gate.first_token_signals`: margin, logit gap, entropy; the margin is the fidelity
 gate's), and for kvcomm variants the turn gate's raw forecast (predicted KL at kl_scale = 1). The entropy gate's own decision on each turn
 is traced once (`turns.kvcomm_turns` on the uncalibrated engine, whose turn gate never falls back). The gate sweep
-then replays, per kvcomm ratio, every threshold over the forecasts: the reuse rate, the KL on reused turns and the
+then replays, per kvcomm recipe, every threshold over the forecasts: the reuse rate, the KL on reused turns and the
 served KL (dense turns count 0), and the fidelity gate's margin thresholds (`MARGINS`) alike. With a calibration,
 its (ratio, thresholds) point is marked.
 """
@@ -38,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from . import publish
-from ..calibration import Calibration, auc, find, model_key, spearman
+from ..calibration import Calibration, auc, find, model_key, recipe_label, spearman
 from ..config import KVCommConfig
 from ..engine import KVCommEngine, TurnRequest
 from ..gate import first_token_signals, gate
@@ -72,6 +76,8 @@ class Setting:
     ratios: tuple[float, ...] = RATIOS
     span_starts: tuple[int, ...] = SPAN_STARTS
     methods: tuple[str, ...] = METHOD_ORDER
+    recompute_starts: tuple[int, ...] = (0,)          # kvcomm@r recipes: span starts added to every ratio
+    kvcomm_tails: tuple[str | int, ...] = ("last_segment",)  # kvcomm@r recipes: each tail with every ratio
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHOD_ORDER]
@@ -81,6 +87,10 @@ class Setting:
             raise ValueError(f"warmup_mode must be one of {', '.join(WARMUP_MODES)}, got {self.warmup_mode!r}")
         if any(not 0 <= r <= 1 for r in self.ratios) or any(k < 1 for k in self.span_starts):
             raise ValueError(f"ratios must lie in [0, 1] and span starts be >= 1: {self.ratios}, {self.span_starts}")
+        if any(k < 0 for k in self.recompute_starts):
+            raise ValueError(f"recompute starts must be >= 0: {self.recompute_starts}")
+        for tail in self.kvcomm_tails:
+            KVCommConfig(kvcomm_tail=tail)           # its own check names a bad tail
         if self.questions < 1 or self.warmup < 0 or self.agents < 1:
             raise ValueError(f"need questions >= 1, warmup >= 0, agents >= 1; got {self.questions}, "
                              f"{self.warmup}, {self.agents}")
@@ -95,8 +105,14 @@ class Variant:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+def kvcomm_variant(ratio: float, span_starts: int = 0, kvcomm_tail: str | int = "last_segment") -> str:
+    """The name of kvcomm's variant for one recompute recipe: kvcomm@20%, kvcomm@20%+s2, kvcomm@20%+s2+qtail."""
+    return f"kvcomm@{recipe_label(ratio, span_starts, kvcomm_tail)}"
+
+
 def variants(setting: Setting) -> list[Variant]:
-    """The variants `setting` asks for (every ratio for kvcomm, hybrid and cacheblend; every k for span starts)."""
+    """The variants `setting` asks for (every recipe for kvcomm, every ratio for hybrid and cacheblend; every k for
+    span starts)."""
     out: list[Variant] = []
     for method in setting.methods:
         if method == "naive":
@@ -104,11 +120,13 @@ def variants(setting: Setting) -> list[Variant]:
         elif method == "kvcomm+starts":
             out += [Variant(f"kvcomm+starts@{k}", method, "kvcomm", k, {"recompute_span_starts": k})
                     for k in setting.span_starts]
+        elif method == "kvcomm":
+            out += [Variant(kvcomm_variant(r, k, tail), method, "kvcomm", r,
+                            {"recompute_ratio": r, "recompute_span_starts": k, "kvcomm_tail": tail})
+                    for tail in setting.kvcomm_tails for k in setting.recompute_starts for r in setting.ratios]
         else:
-            knob = {"kvcomm": "recompute_ratio", "hybrid": "hybrid_recompute_ratio",
-                    "cacheblend": "blend_recompute_ratio"}[method]
-            out += [Variant(f"{method}@{r:.0%}", method, method, r, {knob: r})
-                    for r in setting.ratios if not (method != "kvcomm" and r == 0)]
+            knob = {"hybrid": "hybrid_recompute_ratio", "cacheblend": "blend_recompute_ratio"}[method]
+            out += [Variant(f"{method}@{r:.0%}", method, method, r, {knob: r}) for r in setting.ratios if r > 0]
     return out
 
 
@@ -228,7 +246,8 @@ def summarize(report: dict[str, Any], calibration: Calibration | None = None) ->
                     out["signals"][name] = signal_quality(cells)
         out["variants"][name] = entry
     if calibration is not None:
-        name = f"kvcomm@{calibration.knobs['recompute_ratio']:.0%}"
+        k = calibration.knobs
+        name = kvcomm_variant(k["recompute_ratio"], k["recompute_span_starts"], k["kvcomm_tail"])
         if name in out["variants"]:
             point = _gate_point(rows, name, scale, gamma, calibration.knobs["gate_max_kl"],
                                 calibration.knobs["gate_min_margin"])
@@ -337,7 +356,7 @@ def markdown_table(report: dict[str, Any], summary: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     """Left: KL against reused-turn prepare time, one curve per method (ratio or k along it). Right: the gate
-    sweep, KL on reused turns against the reuse rate, one curve per kvcomm ratio."""
+    sweep, KL on reused turns against the reuse rate, one curve per kvcomm recipe."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -345,15 +364,16 @@ def plot(report: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, 3 if gated else 2, figsize=(22 if gated else 15, 5.5))
     left, right = axes[0], axes[1]
     by_method: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for name, v in summary["variants"].items():
-        by_method.setdefault(v["method"], []).append((name, v))
+    for name, v in summary["variants"].items():   # one curve per method (kvcomm: per recipe shape), ratio along it
+        by_method.setdefault(name.split("@")[0] + name.partition("%")[2], []).append((name, v))
     for method, entries in by_method.items():
         xs, ys = [v["prepare_ms"] for _, v in entries], [v["kl_mean"] for _, v in entries]
         lo = [v["kl_mean"] - v["kl_ci95"][0] for _, v in entries]
         hi = [v["kl_ci95"][1] - v["kl_mean"] for _, v in entries]
         left.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method)
         for (name, v), x, y in zip(entries, xs, ys):
-            left.annotate(name.split("@")[-1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            left.annotate(name.split("@")[-1].split("+")[0], (x, y), textcoords="offset points", xytext=(4, 4),
+                          fontsize=7)
     if summary.get("naive_prepare_ms"):
         left.axvline(1.3 * summary["naive_prepare_ms"], color="grey", linestyle=":", label="1.3x naive")
     left.axhline(0.01, color="grey", linestyle="--", label="KL 0.01")
@@ -373,7 +393,7 @@ def plot(report: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     right.axvline(0.85, color="grey", linestyle=":")
     right.set_xlabel("reuse rate (both gates)")
     right.set_ylabel("KL on reused turns, mean")
-    right.set_title("turn gate threshold swept, per kvcomm recompute ratio")
+    right.set_title("turn gate threshold swept, per kvcomm recompute recipe")
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
     if gated:
@@ -385,7 +405,7 @@ def plot(report: dict[str, Any], summary: dict[str, Any], path: str) -> None:
 
 
 def _plot_margin_sweep(ax: Any, summary: dict[str, Any]) -> None:
-    """Served first-token agreement against preparation per turn (fallbacks included), one curve per kvcomm ratio
+    """Served first-token agreement against preparation per turn (fallbacks included), one curve per kvcomm recipe
     along the fidelity gate's margin thresholds."""
     naive = summary["naive_prepare_ms"] or 1.0
     for name, points in summary["margin_sweep"].items():
@@ -401,7 +421,7 @@ def _plot_margin_sweep(ax: Any, summary: dict[str, Any]) -> None:
     ax.set_xlabel("preparation per turn, fallbacks included, x naive" if summary["naive_prepare_ms"]
                   else "preparation per turn, fallbacks included, ms")
     ax.set_ylabel("served first token = dense, %")
-    ax.set_title("fidelity gate: margin threshold swept (labels), per kvcomm ratio")
+    ax.set_title("fidelity gate: margin threshold swept (labels), per kvcomm recipe")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -420,6 +440,11 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Setting = Setting()
                         help="recompute ratios swept (shares of the reused span)")
     parser.add_argument("--span-starts", default=",".join(str(k) for k in defaults.span_starts),
                         help="k values of kvcomm+starts (first k tokens of every placeholder recomputed)")
+    parser.add_argument("--recompute-starts", default=",".join(str(k) for k in defaults.recompute_starts),
+                        help="kvcomm recipes: first k tokens of every placeholder recomputed besides each ratio")
+    parser.add_argument("--kvcomm-tails", default=",".join(str(t) for t in defaults.kvcomm_tails),
+                        help="kvcomm recipes: last_segment (recomputed whole), last_token or a count N (only the "
+                             "last 1 or N tokens recomputed, the query choosing among the segment's others)")
     parser.add_argument("--methods", default=",".join(defaults.methods))
     parser.add_argument("--calibration", default="auto",
                         help="mark this calibration's point: auto (the model's file), none, or a file")
@@ -433,6 +458,9 @@ def setting_from_args(args: argparse.Namespace, **overrides: Any) -> Setting:
                              warmup_mode=args.warmup_mode, lines=parse_lines(args.lines),
                              ratios=_floats(args.ratios),
                              span_starts=tuple(int(k) for k in args.span_starts.split(",") if k.strip()),
+                             recompute_starts=tuple(int(k) for k in args.recompute_starts.split(",") if k.strip()),
+                             kvcomm_tails=tuple(int(t) if t.strip().isdigit() else t.strip()
+                                                for t in args.kvcomm_tails.split(",") if t.strip()),
                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip())), **overrides})
 
 

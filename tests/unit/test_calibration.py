@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kvcomm.anchor_pool import AnchorPool
-from kvcomm.calibration import (Calibration, CalibrationWarning, TurnMeasurement, find, fit, model_key, resolve,
-                                wilson)
+from kvcomm.calibration import (Calibration, CalibrationWarning, TurnMeasurement, find, fit, model_key, recipe_label,
+                                resolve, wilson)
 from kvcomm.config import UNCALIBRATED, KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest, build_engine
 from kvcomm.gate import first_token_margin
@@ -56,25 +56,40 @@ def test_fit_picks_the_cheapest_ratio_and_threshold_that_meet_both_targets():
 
 
 def test_a_calibration_round_trips_through_its_file_with_an_infinite_threshold(tmp_path):
-    calibration = Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.2, "gate_max_kl": math.inf, "kl_scale": 2.5,
-                                                  "gate_min_margin": 0.05},
+    calibration = Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.2, "recompute_span_starts": 2,
+                                                  "kvcomm_tail": "last_token", "gate_max_kl": math.inf,
+                                                  "kl_scale": 2.5, "gate_min_margin": 0.05},
                               target_kl=0.01, min_reuse=0.85, met=True, why="test",
                               dev={"threshold": math.inf, "reuse": 1.0})
     path = calibration.save(tmp_path / "cal.json")
     assert json.loads(path.read_text())["knobs"]["gate_max_kl"] is None          # strict JSON, no Infinity
     loaded = Calibration.load(path)
     assert loaded.knobs == calibration.knobs and loaded.dev["threshold"] is None
+    assert type(loaded.knobs["recompute_span_starts"]) is int and loaded.knobs["kvcomm_tail"] == "last_token"
+    assert KVCommConfig(calibration=str(path)).with_calibration(loaded.knobs).kvcomm_tail == "last_token"
     with pytest.raises(ValueError, match="recompute_ratio must be in"):
-        Calibration(model=MODEL, knobs={"gamma": 0.3, "recompute_ratio": 2.0, "gate_max_kl": 1.0, "kl_scale": 1.0,
-                                        "gate_min_margin": 0.0}, target_kl=0.01, min_reuse=0.8, met=False, why="")
+        Calibration(model=MODEL, knobs={**calibration.knobs, "recompute_ratio": 2.0}, target_kl=0.01, min_reuse=0.8,
+                    met=False, why="")
+    for bad, problem in (({"kvcomm_tail": "everything"}, "kvcomm_tail must be"),
+                         ({"recompute_span_starts": 1.5}, "recompute_span_starts must be an integer")):
+        (tmp_path / "badknob.json").write_text(json.dumps({**json.loads(path.read_text()),
+                                                           "knobs": {**json.loads(path.read_text())["knobs"], **bad}}))
+        with pytest.raises(ValueError, match=problem):
+            Calibration.load(tmp_path / "badknob.json")
     (tmp_path / "bad.json").write_text("{\"format\": 99}")
-    with pytest.raises(ValueError, match="not a format-2 calibration"):
+    with pytest.raises(ValueError, match="not a format-3 calibration"):
         Calibration.load(tmp_path / "bad.json")
-    # a format-1 file (before the fidelity gate) still loads, its fidelity gate off
+    # older files still load with what they meant: format 2 knew one recipe shape (no span starts, the last segment
+    # recomputed whole), format 1 also had no fidelity gate (off)
     old = json.loads(path.read_text())
+    for name in ("recompute_span_starts", "kvcomm_tail"):
+        del old["knobs"][name]
+    (tmp_path / "two.json").write_text(json.dumps({**old, "format": 2}))
+    shape_2 = {**calibration.knobs, "recompute_span_starts": 0, "kvcomm_tail": "last_segment"}
+    assert Calibration.load(tmp_path / "two.json").knobs == shape_2
     del old["knobs"]["gate_min_margin"]
     (tmp_path / "old.json").write_text(json.dumps({**old, "format": 1}))
-    assert Calibration.load(tmp_path / "old.json").knobs == {**calibration.knobs, "gate_min_margin": 0.0}
+    assert Calibration.load(tmp_path / "old.json").knobs == {**shape_2, "gate_min_margin": 0.0}
 
 
 def test_resolve_fills_only_unset_knobs_and_warns_without_a_calibration(tmp_path, monkeypatch):
@@ -89,7 +104,8 @@ def test_resolve_fills_only_unset_knobs_and_warns_without_a_calibration(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resolve(KVCommConfig(calibration="none"), MODEL)                    # asked for none: no warning
-    Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.3, "gate_max_kl": 0.02, "kl_scale": 3.0,
+    Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.3, "recompute_span_starts": 0,
+                                    "kvcomm_tail": "last_segment", "gate_max_kl": 0.02, "kl_scale": 3.0,
                                     "gate_min_margin": 0.1}, target_kl=0.01,
                 min_reuse=0.85, met=True, why="").save(tmp_path / f"{MODEL}.json")
     assert find(MODEL) == tmp_path / f"{MODEL}.json" and model_key("/models/SmolLM2-135M-Instruct.gguf") == MODEL
@@ -134,7 +150,8 @@ def test_a_calibration_read_back_from_disk_drives_the_turn_gate(smollm2_engine_p
     assert forecast is not None and forecast.predicted_kl > 0 and math.isinf(forecast.threshold)
 
     for factor, expect_reuse in ((0.5, False), (2.0, True)):
-        path = Calibration(model=MODEL, knobs={"gamma": 0.3, "recompute_ratio": 0.0, "kl_scale": 1.0,
+        path = Calibration(model=MODEL, knobs={"gamma": 0.3, "recompute_ratio": 0.0, "recompute_span_starts": 0,
+                                               "kvcomm_tail": "last_segment", "kl_scale": 1.0,
                                                "gate_max_kl": factor * forecast.predicted_kl, "gate_min_margin": 0.0},
                            target_kl=0.01, min_reuse=0.85, met=True, why="test").save(tmp_path / f"cal{factor}.json")
         config, _ = resolve(KVCommConfig(calibration=str(path)), MODEL)
@@ -166,7 +183,7 @@ def test_fit_buys_first_token_agreement_with_the_fidelity_gate_when_that_is_chea
     assert cheap_fallback.dev["top1_served_lower95"] == pytest.approx(wilson(199, 200)[0])
     assert wilson(199, 200)[0] >= 0.97 > wilson(198, 200)[0]
     assert cheap_fallback.dev["cost_ms"] == pytest.approx((200 * 150 + 2 * 1000) / 200)   # a fallback pays both
-    assert cheap_fallback.predictor["margin_auc_per_ratio"]["0.1"] == 1.0
+    assert cheap_fallback.predictor["margin_auc_per_recipe"]["10%"] == 1.0
     # when a dense prefill costs more than the recompute saves, the recompute wins
     dear_fallback = fit(turns(0.1, 150.0, 20000.0, wrong={0, 1, 2}) + turns(0.4, 300.0, 20000.0), model=MODEL,
                         target_kl=0.01, min_reuse=0.85)
@@ -215,3 +232,41 @@ def test_a_model_without_a_calibration_still_serves_with_a_warning(tiny_model_di
     result = engine.run_turn(TurnRequest(_agent(), {"user_question": content}, "kvcomm", Sampling(max_new_tokens=3),
                                          "ns", txn))
     assert len(result.token_ids) == 3 and result.reason.startswith("new_anchor:")   # a cold pool: dense, learning
+
+
+def test_fit_chooses_among_recipe_shapes_and_the_chosen_shape_is_what_the_config_gets():
+    """Recipes of the same ratio but another shape are separate candidates: the cheapest one meeting the targets
+    wins, whatever its shape, and the knobs carry its span starts and tail."""
+    def turns(ratio, kl, prepare_ms, **shape):
+        return [TurnMeasurement(ratio, kl, kl, True, prepare_ms, 0.0, margin=0.5, dense_ms=1000.0, **shape)
+                for _ in range(200)]
+    measured = (turns(0.2, 0.02, 200.0) + turns(0.2, 0.005, 210.0, span_starts=2)
+                + turns(0.25, 0.006, 180.0, span_starts=2, kvcomm_tail="last_token") + turns(0.4, 0.003, 300.0))
+    calibration = fit(measured, model=MODEL, target_kl=0.01, min_reuse=0.85)
+    assert calibration.met
+    assert {k: calibration.knobs[k] for k in ("recompute_ratio", "recompute_span_starts", "kvcomm_tail")} == {
+        "recompute_ratio": 0.25, "recompute_span_starts": 2, "kvcomm_tail": "last_token"}
+    assert [recipe_label(c["ratio"], c["span_starts"], c["kvcomm_tail"]) for c in calibration.candidates] == [
+        "20%", "20%+s2", "25%+s2+qtail", "40%"]
+    config = KVCommConfig(calibration="none").with_calibration(calibration.knobs)
+    assert (config.recompute_ratio, config.recompute_span_starts, config.kvcomm_tail) == (0.25, 2, "last_token")
+
+
+def test_the_preparation_cap_against_naive_decides_before_the_cost_per_turn():
+    """With a cap, a recipe whose reused turns prepare beyond max_vs_naive x naive's (on the same turns) does not
+    qualify even when its fallbacks make it cheaper per turn; when nothing fits under the cap the cap is dropped
+    (the cheapest per turn again) and the calibration says the targets are not met."""
+    def turns(ratio, prepare_ms, wrong=(), **shape):
+        return [TurnMeasurement(ratio, 0.004, 0.004, i not in wrong, prepare_ms, 0.0, margin=0.001 * (i + 1),
+                                dense_ms=600.0, naive_ms=100.0, **shape) for i in range(200)]
+    slow_sure = turns(0.3, 150.0)                                        # 1.5x naive, nothing sent back
+    quick_fragile = turns(0.1, 125.0, wrong=set(range(12)), kvcomm_tail=8)   # 1.25x, 11 turns sent back
+    uncapped = fit(slow_sure + quick_fragile, model=MODEL, target_kl=0.01, min_reuse=0.85)
+    assert uncapped.knobs["recompute_ratio"] == 0.3 and uncapped.met            # cheaper per turn
+    capped = fit(slow_sure + quick_fragile, model=MODEL, target_kl=0.01, min_reuse=0.85, max_vs_naive=1.3)
+    assert capped.met and (capped.knobs["recompute_ratio"], capped.knobs["kvcomm_tail"]) == (0.1, 8)
+    assert capped.dev["prepare_vs_naive"] == pytest.approx(1.25) and capped.max_vs_naive == 1.3
+    assert capped.dev["cost_ms"] > uncapped.dev["cost_ms"]
+    too_tight = fit(slow_sure + quick_fragile, model=MODEL, target_kl=0.01, min_reuse=0.85, max_vs_naive=1.1)
+    assert not too_tight.met and "within 1.1x naive" in too_tight.why
+    assert too_tight.knobs["recompute_ratio"] == 0.3 and too_tight.dev == uncapped.dev

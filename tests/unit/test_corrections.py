@@ -2,6 +2,8 @@
 choice lowers KL on the embedded model on a question the pool never saw, and a forced-dense agent is dense."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -116,6 +118,33 @@ def test_query_driven_recompute_lowers_kl_on_an_unseen_question(smollm2_engine_p
         kls[ratio] = _kl(dense.last_logits[-1], prepared.last_logits[-1])
     assert kls[0.3] < 0.5 * kls[0.0], kls
     assert kls[1.0] < 1e-6, kls                # everything after the leading segment recomputed: dense again
+
+    # the last-token tail: kvcomm reuses the last fixed segment with its offsets, and its tokens are the query's to
+    # choose like any reused token's; naive (tail_policy) still recomputes that segment whole
+    state = recorder.agent_state(_solver())
+    layout = state.rendered.layout([unseen.num_tokens])
+    leading, last_segment = len(state.rendered.fixed[0]), len(state.rendered.fixed[-1])
+    prompt = layout.fixed_spans[-1][1]
+    tails = {}
+    for ratio, starts in ((0.0, 0), (0.3, 0), (0.0, 2), (1.0, 0)):
+        engine = KVCommEngine(*smollm2_engine_parts, recorder.config.with_(
+            recompute_ratio=ratio, recompute_span_starts=starts, kvcomm_tail="last_token"), recorder.pool)
+        prepared = engine.prepare(request)
+        tails[ratio, starts] = (prepared.recomputed, _kl(dense.last_logits[-1], prepared.last_logits[-1]))
+        naive = engine.prepare(TurnRequest(_solver(), {"user_question": unseen}, "naive", SAMPLING, "ns"))
+        assert naive.recomputed == last_segment
+    reusable = prompt - 1 - leading                     # what the query chooses from: all but the leading and last
+    assert tails[0.0, 0][0] == 1                                               # the last token alone
+    assert tails[0.3, 0][0] == 1 + math.ceil(0.3 * reusable), tails
+    assert tails[0.0, 2][0] == 1 + 2 * len(layout.placeholder_spans)           # each placeholder's first two
+    assert tails[1.0, 0][0] == prompt - leading and tails[1.0, 0][1] < 1e-6, tails   # dense again
+    for count, expected in ((4, 4), (10 ** 6, last_segment)):                  # the last N, at most the segment
+        engine = KVCommEngine(*smollm2_engine_parts, recorder.config.with_(
+            recompute_ratio=0.0, recompute_span_starts=0, kvcomm_tail=count), recorder.pool)
+        assert engine.prepare(request).recomputed == expected
+    for bad in (0, True, "everything"):
+        with pytest.raises(ValueError, match="kvcomm_tail must be"):
+            KVCommConfig(kvcomm_tail=bad)
 
 
 def test_a_forced_dense_agent_is_dense_in_every_reuse_mode(smollm2_engine_parts):

@@ -79,7 +79,7 @@ def test_zero_offset_equals_naive_bit_for_bit(smollm2_engine_parts):
     value delta of 0.01 must move exactly the placeholder's values of layers >= 1 by 0.01 (so the anchor is used,
     and the offset lands where it belongs). A wrong span, a forgotten layer-0 reset or a scaled weight fails."""
     agent = _agent(1)
-    zero = _engine(smollm2_engine_parts, KVCommConfig(tail_policy="last_token"))
+    zero = _engine(smollm2_engine_parts, KVCommConfig(tail_policy="last_token", kvcomm_tail="last_token"))
     content = zero.make_input(QUESTION)
     _pool_with_one_anchor(zero, agent, content, 0.0)
     naive = _prepare(zero, agent, content, "naive")
@@ -90,7 +90,7 @@ def test_zero_offset_equals_naive_bit_for_bit(smollm2_engine_parts):
     assert torch.equal(naive.kv.segment(0, n).values, kvcomm.kv.segment(0, n).values)
     assert torch.equal(naive.last_logits, kvcomm.last_logits)
 
-    shifted = _engine(smollm2_engine_parts, KVCommConfig(tail_policy="last_token"))
+    shifted = _engine(smollm2_engine_parts, KVCommConfig(tail_policy="last_token", kvcomm_tail="last_token"))
     _pool_with_one_anchor(shifted, agent, content, 0.01)
     moved = _prepare(shifted, agent, content, "kvcomm", txn=None)
     layout = shifted.agent_state(agent).rendered.layout([content.num_tokens])
@@ -104,7 +104,8 @@ def test_zero_offset_equals_naive_bit_for_bit(smollm2_engine_parts):
     assert (ph_end, pf_end) == (pf_start, n)
 
 
-@pytest.mark.parametrize("config", [KVCommConfig(tail_policy="last_token"), KVCommConfig.reference()],
+@pytest.mark.parametrize("config", [KVCommConfig(tail_policy="last_token", kvcomm_tail="last_token"),
+                                    KVCommConfig.reference()],
                          ids=["corrected-lasttoken", "reference"])
 def test_one_anchor_from_another_question_brings_the_following_segment_toward_dense(smollm2_engine_parts, config):
     """An anchor recorded on one question corrects another question's cache: the fixed segment after the

@@ -40,8 +40,9 @@ def report(tiny_model, tmp_path_factory):
     data = folder / "test.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": "#### 0"}) + "\n" for q in QUESTIONS))
     # a fidelity gate at margin 1 sends every turn the other gates let through back to dense
-    calibration = Calibration(model="tiny", knobs={"gamma": 1.0, "recompute_ratio": 0.5, "gate_max_kl": math.inf,
-                                                   "kl_scale": 1.0, "gate_min_margin": 1.0},
+    calibration = Calibration(model="tiny", knobs={"gamma": 1.0, "recompute_ratio": 0.5, "recompute_span_starts": 1,
+                                                   "kvcomm_tail": 4, "gate_max_kl": math.inf, "kl_scale": 1.0,
+                                                   "gate_min_margin": 1.0},
                               target_kl=0.01, min_reuse=0.85, met=True, why="test").save(folder / "tiny.json")
     setting = fidelity.Setting(questions=2, warmup=2, response_tokens=6, continuation_tokens=4, bootstrap=200,
                                data=str(data), calibration=str(calibration))
@@ -89,6 +90,8 @@ def test_report_structure(report, tiny_model):
 def test_the_calibrated_method_runs_the_calibration_and_its_served_figures_add_up(report):
     calibrated, corrected = report["methods"]["kvcomm-calibrated"], report["methods"]["kvcomm-corrected"]
     assert report["configs"]["calibrated"]["recompute_ratio"] == 0.5 and report["calibration"]["model"] == "tiny"
+    assert (report["configs"]["calibrated"]["recompute_span_starts"], report["configs"]["calibrated"]["kvcomm_tail"]
+            ) == (1, 4)                                                       # the whole recipe reached the engine
     assert report["configs"]["corrected"]["recompute_ratio"] == 0.0
     assert calibrated["recomputed_tokens_mean"] > corrected["recomputed_tokens_mean"]   # its budget reached the engine
     for method in fidelity.GATE_TRACED:

@@ -212,7 +212,7 @@ def test_cacheblend_and_hybrid_recompute_their_configured_share_and_move_the_kv_
     for method, ratio in (("cacheblend", config.blend_recompute_ratio), ("hybrid", config.hybrid_recompute_ratio)):
         for recomputed, prompt, leading, tail in claim.recomputed[method]:
             assert recomputed == _expected_recompute(prompt, leading, tail, ratio), (method, recomputed, prompt)
-    assert reference.tail_policy == "last_token" and config.tail_policy == "last_segment"
+    assert reference.tail_policy == reference.kvcomm_tail == "last_token" and config.tail_policy == "last_segment"
     assert all(r == 1 for r, *_ in claim.recomputed["base-only"])
     assert all(r == tail for method in ("naive", "kvcomm") for r, _, _, tail in claim.recomputed[method])
     for recomputing, assembly in (("cacheblend", "naive"), ("hybrid", "kvcomm")):

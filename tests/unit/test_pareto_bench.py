@@ -26,7 +26,8 @@ def report(tiny_model_dir, tmp_path_factory):
     data.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
     loaded = load_model(tiny_model_dir, random_weights=True, seed=4)
     setting = pareto.Setting(questions=1, warmup=3, agents=3, response_tokens=5, bootstrap=100, data=str(data),
-                             ratios=(0.0, 0.5), span_starts=(1,))
+                             ratios=(0.0, 0.5), span_starts=(1,), recompute_starts=(0, 1),
+                             kvcomm_tails=("last_segment", 2))
     try:
         yield pareto.measure("tiny", setting, loaded=loaded, progress=False)
     finally:
@@ -35,12 +36,17 @@ def report(tiny_model_dir, tmp_path_factory):
 
 def test_every_variant_on_every_turn_and_the_gate_sweep(report):
     names = [v["name"] for v in report["setting"]["variants"]]
-    assert names == ["naive", "kvcomm@0%", "kvcomm@50%", "kvcomm+starts@1", "hybrid@50%", "cacheblend@50%"]
+    assert names == ["naive", "kvcomm@0%", "kvcomm@50%", "kvcomm@0%+s1", "kvcomm@50%+s1", "kvcomm@0%+t2",
+                     "kvcomm@50%+t2", "kvcomm@0%+s1+t2", "kvcomm@50%+s1+t2", "kvcomm+starts@1", "hybrid@50%",
+                     "cacheblend@50%"]
     assert report["turns"] == 3 and all(set(row["variants"]) == set(names) for row in report["rows"])
     summary = pareto.summarize(report)
     v = summary["variants"]
     assert v["kvcomm@50%"]["recomputed_tokens"] > v["kvcomm@0%"]["recomputed_tokens"]
     assert v["kvcomm+starts@1"]["recomputed_tokens"] > v["kvcomm@0%"]["recomputed_tokens"]
+    # a recipe's span starts and short tail reach the engine: 2 tail tokens instead of the last segment's
+    assert v["kvcomm@0%+s1"]["recomputed_tokens"] == v["kvcomm+starts@1"]["recomputed_tokens"]
+    assert v["kvcomm@0%+t2"]["recomputed_tokens"] == 2 < v["kvcomm@0%"]["recomputed_tokens"]
     for name in ("kvcomm@0%", "kvcomm@50%"):
         points = summary["gate_sweep"][name]
         reuse = [p["reuse"] for p in points]
@@ -60,14 +66,19 @@ def test_every_variant_on_every_turn_and_the_gate_sweep(report):
 
 
 def test_a_calibration_fitted_from_the_report_is_what_a_config_resolves_to(report, tmp_path):
-    calibration = calibrate.calibrate(report, model="tiny", target_kl=0.01, min_reuse=0.5)
+    calibration = calibrate.calibrate(report, model="tiny", target_kl=0.01, min_reuse=0.5, max_vs_naive=1.3)
     assert calibration.knobs["recompute_ratio"] in (0.0, 0.5) and calibration.data["turns"] == 3
-    assert len(calibrate.measurements(report)) == 2 * 3                   # (turn, kvcomm ratio) pairs
+    assert len(calibrate.measurements(report)) == 8 * 3                   # (turn, kvcomm recipe) pairs
+    assert all(m.naive_ms == row["variants"]["naive"]["prepare_ms"] for m, row in zip(
+        calibrate.measurements(report), report["rows"]))                  # the cap's yardstick, per turn
+    assert calibration.dev["prepare_vs_naive"] > 0 and "x naive's)" in calibrate.describe(calibration)
     path = calibration.save(tmp_path / "tiny.json")
     config, found = resolve(KVCommConfig(calibration=str(path)), "tiny")
     assert found == Calibration.load(path)
     assert {name: getattr(config, name) for name in calibration.knobs} == calibration.knobs
     summary = pareto.summarize(report, found)
-    assert summary["calibrated"]["variant"] == f"kvcomm@{calibration.knobs['recompute_ratio']:.0%}"
+    k = calibration.knobs
+    assert summary["calibrated"]["variant"] == pareto.kvcomm_variant(k["recompute_ratio"], k["recompute_span_starts"],
+                                                                     k["kvcomm_tail"]) in summary["variants"]
     pareto.plot(report, summary, str(tmp_path / "pareto.png"))
     assert (tmp_path / "pareto.png").stat().st_size > 0
