@@ -26,7 +26,12 @@ at gamma iff e > gamma.
    min_top1, and its reuse rate is >= min_reuse. (A lower bound needs enough turns: at 97%, 192 turns allow one
    disagreement, 96 none.) With a preparation cap (`max_vs_naive`, the measurements carrying naive reuse's time on
    the same turns) a reused turn must also prepare within that multiple of naive's; when none does the cap is
-   dropped (`met` false, `why` says so) rather than traded for fidelity, reuse or the cost per turn. Among those the cheapest wins: the mean preparation per turn, a turn gated before its
+   dropped (`met` false, `why` says so) rather than traded for fidelity, reuse or the cost per turn. A recipe
+   qualifies only if its fidelity gate also holds out of sample (`cross_validate`): the development questions in
+   `FOLDS` folds, the margin chosen on the other folds by the same rule (the smallest meeting min_top1's bound)
+   and applied to the fold left out, the out-of-fold reuse must reach min_reuse and the out-of-fold agreement's
+   bound min_top1. (A margin fitted to the few turns that disagree is fitted to them: on held-out questions a low
+   recompute share with a tight margin lost first tokens that 30% did not.) Among those the cheapest wins: the mean preparation per turn, a turn gated before its
    reused prefill costing a dense prefill, one the fidelity gate sends back after it costing both (then the
    highest reuse, the smallest gamma: the pool learns more). If none meets all three, the highest reuse among
    those meeting the fidelity targets; if none meets them, the best top-1 bound among those keeping KL; else the
@@ -54,6 +59,7 @@ FORMAT = 3
 _RECIPE_BEFORE_3 = {"recompute_span_starts": 0, "kvcomm_tail": "last_segment"}
 OLD_FORMATS = {1: {"gate_min_margin": 0.0, **_RECIPE_BEFORE_3}, 2: _RECIPE_BEFORE_3}
 GAMMAS = (0.3, 0.5, 0.7, 1.0)      # entropy-gate gammas the fit considers (0.3: the paper's default)
+FOLDS = 4                          # the fidelity gate's out-of-sample check: folds of development questions
 Z95 = 1.96                         # the normal quantile of every 95% bound the fit uses
 MAX_GATED = 0.3                    # the fit tries gate thresholds sending up to this share of turns dense
 # the repository's configs/calibration/ (a source checkout); KVCOMM_CALIBRATION_DIR points elsewhere
@@ -77,6 +83,7 @@ class TurnMeasurement:
     margin: float = math.inf     # the reused first token's top-1 minus top-2 probability (the fidelity gate's signal)
     dense_ms: float = 0.0        # the turn's dense prefill (what a fallback costs)
     naive_ms: float = 0.0        # the turn's naive reuse (the preparation cap's yardstick; 0: not measured)
+    group: int = -1              # the turn's question (folds never split one); -1: unknown, a fold per turn
     span_starts: int = 0         # the recipe's first k tokens of every placeholder
     kvcomm_tail: str | int = "last_segment"   # the recipe's tail (`KVCommConfig.kvcomm_tail`)
 
@@ -264,6 +271,32 @@ def _evaluate(turns: Sequence[TurnMeasurement], scale: float, gamma: float, thre
             "cost_ms": cost / len(turns)}
 
 
+def cross_validate(turns: Sequence[TurnMeasurement], min_top1: float, folds: int = FOLDS) -> dict[str, float]:
+    """The fidelity gate out of sample, on one recipe's turns: per fold of questions, the smallest margin threshold
+    whose served agreement on the other folds keeps its 95% lower bound >= min_top1, applied to the fold; the
+    out-of-fold reuse, agreement and its bound (the entropy and turn gates left out)."""
+    groups = sorted({t.group if t.group >= 0 else -1 - i for i, t in enumerate(turns)})
+    fold_of = {g: i % folds for i, g in enumerate(groups)}
+    keys = [fold_of[t.group if t.group >= 0 else -1 - i] for i, t in enumerate(turns)]
+    agree = reused = 0
+    for k in range(folds):
+        train = [t for t, f in zip(turns, keys) if f != k]
+        test = [t for t, f in zip(turns, keys) if f == k]
+        if not train or not test:
+            continue
+        margin = next((m for m in [0.0] + sorted(math.nextafter(t.margin, math.inf) for t in train)
+                       if wilson(_served_agreement(train, m), len(train))[0] >= min_top1), math.inf)
+        agree += _served_agreement(test, margin)
+        reused += sum(t.margin >= margin for t in test)
+    return {"reuse": reused / len(turns), "top1_served": agree / len(turns),
+            "top1_served_lower95": wilson(agree, len(turns))[0]}
+
+
+def _served_agreement(turns: Sequence[TurnMeasurement], min_margin: float) -> int:
+    """Turns whose served first token is dense's at this margin threshold (a turn sent back is dense)."""
+    return sum(t.top1_agree or t.margin < min_margin for t in turns)
+
+
 def _low_margins(turns: Sequence[TurnMeasurement], share: float) -> list[float]:
     """Fidelity-gate thresholds to try: 0 (never) and the midpoints between the lowest margins, gating up to
     `share` of the turns."""
@@ -294,8 +327,12 @@ def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float
         options += [{"ratio": ratio, "span_starts": starts, "kvcomm_tail": tail,
                      **_evaluate(turns, scale, gamma, th, m)}
                     for gamma in gammas for th in thresholds for m in margins]
-    faithful = [o for o in options if o["kl_reused_upper95"] <= target_kl and o["top1_served_lower95"] >= min_top1]
-    both = [o for o in faithful if o["reuse"] >= min_reuse]
+    held_out = {recipe: cross_validate(turns, min_top1) for recipe, turns in by_recipe.items()}
+    for o in options:
+        o["cv"] = held_out[_recipe(o)]
+    faithful = [o for o in options if o["kl_reused_upper95"] <= target_kl and o["top1_served_lower95"] >= min_top1
+                and o["cv"]["top1_served_lower95"] >= min_top1]
+    both = [o for o in faithful if o["reuse"] >= min_reuse and o["cv"]["reuse"] >= min_reuse]
     capped = [o for o in both if max_vs_naive is None or o["prepare_vs_naive"] <= max_vs_naive]
     cap = "" if max_vs_naive is None else f", a reused turn within {max_vs_naive}x naive's preparation"
     if capped:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..calibration import Calibration, TurnMeasurement, calibration_dir, fit, model_key, recipe_label
+from ..calibration import FOLDS, Calibration, TurnMeasurement, calibration_dir, fit, model_key, recipe_label
 from . import pareto
 from .cli import apply_threads
 from .turns import fmt
@@ -46,6 +46,7 @@ def measurements(report: dict[str, Any]) -> list[TurnMeasurement]:
                                        entropy_ratio=row["entropy_ratio"], margin=cell.get("margin", math.inf),
                                        dense_ms=row["dense_prepare_ms"],
                                        naive_ms=row["variants"].get("naive", {}).get("prepare_ms", 0.0),
+                                       group=row["line"],
                                        span_starts=recipe.get("recompute_span_starts", 0),
                                        kvcomm_tail=recipe.get("kvcomm_tail", "last_segment")))
     return out
@@ -78,7 +79,10 @@ def describe(calibration: Calibration) -> str:
              f"{dev['top1_served']:.1%} (95% bound {dev['top1_served_lower95']:.1%}), reused-turn prepare "
              f"{fmt(dev['prepare_ms_reused'], '.0f')} ms ({fmt(dev.get('prepare_vs_naive'), '.2f')}x naive's), "
              f"per turn "
-             f"with fallbacks {dev['cost_ms']:.0f} ms",
+             f"with fallbacks {dev['cost_ms']:.0f} ms"
+             + (f"; the fidelity gate out of sample ({FOLDS} folds): reuse {dev['cv']['reuse']:.0%}, served top-1 "
+                f"{dev['cv']['top1_served']:.1%} (95% bound {dev['cv']['top1_served_lower95']:.1%})"
+                if "cv" in dev else ""),
              f"  forecast vs measured KL: Spearman {predictor['spearman']:+.2f} over {predictor['turns']} (turn, "
              f"recipe) pairs; first-token margin vs disagreement, AUC per recipe: " + ", ".join(
                  f"{r}: {fmt(a, '.2f')}" for r, a in predictor.get("margin_auc_per_recipe", {}).items()),

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kvcomm.anchor_pool import AnchorPool
-from kvcomm.calibration import (Calibration, CalibrationWarning, TurnMeasurement, find, fit, model_key, recipe_label,
-                                resolve, wilson)
+from kvcomm.calibration import (Calibration, CalibrationWarning, TurnMeasurement, cross_validate, find, fit,
+                                model_key, recipe_label, resolve, wilson)
 from kvcomm.config import UNCALIBRATED, KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest, build_engine
 from kvcomm.gate import first_token_margin
@@ -270,3 +270,29 @@ def test_the_preparation_cap_against_naive_decides_before_the_cost_per_turn():
     too_tight = fit(slow_sure + quick_fragile, model=MODEL, target_kl=0.01, min_reuse=0.85, max_vs_naive=1.1)
     assert not too_tight.met and "within 1.1x naive" in too_tight.why
     assert too_tight.knobs["recompute_ratio"] == 0.3 and too_tight.dev == uncapped.dev
+
+
+def test_a_margin_fitted_to_the_few_turns_that_disagree_must_hold_out_of_sample():
+    """Two recipes that both pass once the margin gate is fitted on all turns: in one the turns that lose their
+    first token all have small margins; in the other one question's two such turns have margins above every other
+    question's, so a threshold chosen without that question misses both. Only the first passes the cross-validated
+    check, and the fit takes it although the other is cheaper."""
+    def turns(ratio, prepare_ms, wrong_margins):
+        out = []
+        for question in range(64):
+            for agent in range(3):
+                i = 3 * question + agent
+                wrong = i in wrong_margins
+                out.append(TurnMeasurement(ratio, 0.004, 0.004, not wrong, prepare_ms, 0.0,
+                                           margin=wrong_margins.get(i, 0.2 + 0.001 * i), dense_ms=1000.0,
+                                           group=question))
+        return out
+    tight = turns(0.3, 200.0, {0: 0.001, 3: 0.0011, 6: 0.0012, 9: 0.0013})          # all far below the rest
+    scattered = turns(0.1, 150.0, {0: 0.05, 1: 0.06, 3: 0.01, 6: 0.012, 9: 0.014})   # question 0's are high
+    assert cross_validate(tight, 0.97)["top1_served"] == 191 / 192             # only the largest escapes
+    assert cross_validate(scattered, 0.97)["top1_served"] == 190 / 192         # question 0's two escape
+    chosen = fit(tight + scattered, model=MODEL, target_kl=0.01, min_reuse=0.85)
+    assert chosen.met and chosen.knobs["recompute_ratio"] == 0.3
+    assert chosen.dev["cv"]["reuse"] >= 0.85 and chosen.dev["cv"]["top1_served_lower95"] >= 0.97
+    alone = fit(scattered, model=MODEL, target_kl=0.01, min_reuse=0.85)              # in-sample it would pass
+    assert not alone.met and alone.dev["top1_served_lower95"] >= 0.97
