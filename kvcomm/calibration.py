@@ -199,15 +199,17 @@ def resolve(config: KVCommConfig, model: str) -> tuple[KVCommConfig, Calibration
 
 
 def _knob(name: str, value: Any) -> Any:
-    """A knob as JSON holds it, typed like its `UNCALIBRATED` value (null: an infinite threshold)."""
-    kind = type(UNCALIBRATED.get(name, 0.0))
+    """A knob as JSON holds it, typed: span starts and a tail count integers, a tail name a string, the rest floats
+    (null: an infinite threshold)."""
     if value is None:
         return math.inf
-    if name == "kvcomm_tail":                  # a policy name or a token count
-        return value if isinstance(value, str) else _knob("recompute_span_starts", value)
-    if kind is int and float(value) != int(value):
-        raise ValueError(f"knob {name} must be an integer, got {value!r}")
-    return kind(value)
+    if name == "kvcomm_tail" and isinstance(value, str):     # a policy name, else a token count
+        return value
+    if name in ("kvcomm_tail", "recompute_span_starts"):
+        if float(value) != int(value):
+            raise ValueError(f"knob {name} must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
 
 
 def _finite(value: Any) -> Any:
@@ -275,9 +277,9 @@ def cross_validate(turns: Sequence[TurnMeasurement], min_top1: float, folds: int
     """The fidelity gate out of sample, on one recipe's turns: per fold of questions, the smallest margin threshold
     whose served agreement on the other folds keeps its 95% lower bound >= min_top1, applied to the fold; the
     out-of-fold reuse, agreement and its bound (the entropy and turn gates left out)."""
-    groups = sorted({t.group if t.group >= 0 else -1 - i for i, t in enumerate(turns)})
-    fold_of = {g: i % folds for i, g in enumerate(groups)}
-    keys = [fold_of[t.group if t.group >= 0 else -1 - i] for i, t in enumerate(turns)]
+    groups = [t.group if t.group >= 0 else -1 - i for i, t in enumerate(turns)]   # no question: a group per turn
+    fold_of = {g: i % folds for i, g in enumerate(sorted(set(groups)))}
+    keys = [fold_of[g] for g in groups]
     agree = reused = 0
     for k in range(folds):
         train = [t for t, f in zip(turns, keys) if f != k]
@@ -319,17 +321,17 @@ def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float
     by_recipe: dict[tuple[float, int, str | int], list[TurnMeasurement]] = {}
     for t in measurements:
         by_recipe.setdefault(t.recipe, []).append(t)
-    options = []
-    for (ratio, starts, tail), turns in sorted(by_recipe.items(), key=_recipe_order):
+    by_recipe = dict(sorted(by_recipe.items(), key=lambda item: _recipe_order(item[0])))
+    options_by_recipe = {}
+    for (ratio, starts, tail), turns in by_recipe.items():
         forecasts = sorted({scale * t.forecast for t in turns})
         thresholds = forecasts[max(0, len(forecasts) - 1 - math.ceil(max_gated * len(turns))):] + [math.inf]
         margins = _low_margins(turns, max_gated)
-        options += [{"ratio": ratio, "span_starts": starts, "kvcomm_tail": tail,
-                     **_evaluate(turns, scale, gamma, th, m)}
-                    for gamma in gammas for th in thresholds for m in margins]
-    held_out = {recipe: cross_validate(turns, min_top1) for recipe, turns in by_recipe.items()}
-    for o in options:
-        o["cv"] = held_out[_recipe(o)]
+        held_out = cross_validate(turns, min_top1)
+        options_by_recipe[ratio, starts, tail] = [
+            {"ratio": ratio, "span_starts": starts, "kvcomm_tail": tail, **_evaluate(turns, scale, gamma, th, m),
+             "cv": held_out} for gamma in gammas for th in thresholds for m in margins]
+    options = [o for recipe_options in options_by_recipe.values() for o in recipe_options]
     faithful = [o for o in options if o["kl_reused_upper95"] <= target_kl and o["top1_served_lower95"] >= min_top1
                 and o["cv"]["top1_served_lower95"] >= min_top1]
     both = [o for o in faithful if o["reuse"] >= min_reuse and o["cv"]["reuse"] >= min_reuse]
@@ -355,8 +357,7 @@ def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float
         best = min(options, key=lambda o: (o["kl_reused_upper95"], -o["reuse"]))
         why = f"no choice keeps KL <= {target_kl} (95% bound): the lowest KL bound"
     candidates = []
-    for recipe, _ in sorted(by_recipe.items(), key=_recipe_order):
-        mine = [o for o in options if _recipe(o) == recipe]
+    for recipe, mine in options_by_recipe.items():
         fitting = [o for o in both if _recipe(o) == recipe]
         candidates.append(min(fitting, key=lambda o: (o["cost_ms"], -o["reuse"])) if fitting
                           else min(mine, key=lambda o: (o["kl_reused_upper95"] > target_kl,
@@ -364,10 +365,10 @@ def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float
     predictor = {"turns": len(measurements), "spearman": spearman([t.forecast for t in measurements],
                                                                   [t.kl for t in measurements]),
                  "spearman_per_recipe": {recipe_label(*r): spearman([t.forecast for t in ts], [t.kl for t in ts])
-                                         for r, ts in sorted(by_recipe.items(), key=_recipe_order)},
+                                         for r, ts in by_recipe.items()},
                  "margin_auc_per_recipe": {recipe_label(*r): auc([-t.margin for t in ts],
                                                                  [not t.top1_agree for t in ts])
-                                           for r, ts in sorted(by_recipe.items(), key=_recipe_order)}}
+                                           for r, ts in by_recipe.items()}}
     knobs = {"gamma": best["gamma"], "recompute_ratio": best["ratio"], "recompute_span_starts": best["span_starts"],
              "kvcomm_tail": best["kvcomm_tail"], "gate_max_kl": best["threshold"], "kl_scale": scale,
              "gate_min_margin": best["min_margin"]}
@@ -381,9 +382,9 @@ def _recipe(option: Mapping[str, Any]) -> tuple[float, int, str | int]:
     return (option["ratio"], option["span_starts"], option["kvcomm_tail"])
 
 
-def _recipe_order(item: tuple[tuple[float, int, str | int], Any]) -> tuple[float, int, str]:
+def _recipe_order(recipe: tuple[float, int, str | int]) -> tuple[float, int, str]:
     """Recipes in order of ratio, then span starts, then tail (a name or a count)."""
-    (ratio, starts, tail), _ = item
+    ratio, starts, tail = recipe
     return (ratio, starts, str(tail))
 
 
