@@ -40,6 +40,11 @@ at gamma iff e > gamma.
 
 How well each gate's signal predicts what it guards is recorded too (`predictor`): the forecast's Spearman against
 KL, and the margin's ROC AUC for first-token disagreement.
+
+The chosen recipe is bounded (`recompute_max_tokens`, `measured_bound`): no turn recomputes more cached tokens
+than the recipe did on any development turn. A share of the reused span grows with the content; without the bound
+the embedded model's 30% recomputed 974 tokens at agent 5 of the paper's Table-2 setting (3,072 reused tokens),
+20x naive reuse's preparation, where the development turns never asked for more than 91.
 """
 from __future__ import annotations
 
@@ -53,11 +58,13 @@ from typing import Any, Mapping, Sequence
 
 from .config import UNCALIBRATED, KVCommConfig
 
-FORMAT = 3
+FORMAT = 4
 # what older formats' files leave out: format 1 had no fidelity gate (it never falls back); formats 1 and 2 knew
-# one recipe shape (the query-chosen share only, the last fixed segment recomputed whole)
-_RECIPE_BEFORE_3 = {"recompute_span_starts": 0, "kvcomm_tail": "last_segment"}
-OLD_FORMATS = {1: {"gate_min_margin": 0.0, **_RECIPE_BEFORE_3}, 2: _RECIPE_BEFORE_3}
+# one recipe shape (the query-chosen share only, the last fixed segment recomputed whole); before format 4 a
+# recipe's budget had no bound
+_UNBOUNDED_BEFORE_4 = {"recompute_max_tokens": math.inf}
+_RECIPE_BEFORE_3 = {"recompute_span_starts": 0, "kvcomm_tail": "last_segment", **_UNBOUNDED_BEFORE_4}
+OLD_FORMATS = {1: {"gate_min_margin": 0.0, **_RECIPE_BEFORE_3}, 2: _RECIPE_BEFORE_3, 3: _UNBOUNDED_BEFORE_4}
 GAMMAS = (0.3, 0.5, 0.7, 1.0)      # entropy-gate gammas the fit considers (0.3: the paper's default)
 FOLDS = 4                          # the fidelity gate's out-of-sample check: folds of development questions
 Z95 = 1.96                         # the normal quantile of every 95% bound the fit uses
@@ -86,6 +93,7 @@ class TurnMeasurement:
     group: int = -1              # the turn's question (folds never split one); -1: unknown, a fold per turn
     span_starts: int = 0         # the recipe's first k tokens of every placeholder
     kvcomm_tail: str | int = "last_segment"   # the recipe's tail (`KVCommConfig.kvcomm_tail`)
+    chosen_tokens: int = -1      # the cached tokens the recipe recomputed on this turn (-1: not measured)
 
     @property
     def recipe(self) -> tuple[float, int, str | int]:
@@ -103,7 +111,8 @@ def recipe_label(ratio: float, span_starts: int = 0, kvcomm_tail: str | int = "l
 class Calibration:
     model: str
     knobs: dict[str, Any]                    # gamma, recompute_ratio, recompute_span_starts, kvcomm_tail,
-                                             # gate_max_kl (inf: never), kl_scale, gate_min_margin (0: never)
+                                             # recompute_max_tokens (inf: no bound), gate_max_kl (inf: never),
+                                             # kl_scale, gate_min_margin (0: never)
     target_kl: float
     min_reuse: float
     met: bool                                # the chosen knobs meet every target on the development turns
@@ -370,12 +379,19 @@ def fit(measurements: Sequence[TurnMeasurement], *, model: str, target_kl: float
                                                                  [not t.top1_agree for t in ts])
                                            for r, ts in by_recipe.items()}}
     knobs = {"gamma": best["gamma"], "recompute_ratio": best["ratio"], "recompute_span_starts": best["span_starts"],
-             "kvcomm_tail": best["kvcomm_tail"], "gate_max_kl": best["threshold"], "kl_scale": scale,
-             "gate_min_margin": best["min_margin"]}
+             "kvcomm_tail": best["kvcomm_tail"], "recompute_max_tokens": measured_bound(by_recipe[_recipe(best)]),
+             "gate_max_kl": best["threshold"], "kl_scale": scale, "gate_min_margin": best["min_margin"]}
     return Calibration(model=model_key(model), target_kl=target_kl, min_reuse=min_reuse, min_top1=min_top1,
                        knobs=knobs, met=bool(capped), why=why, max_vs_naive=max_vs_naive, dev=best,
                        candidates=candidates, predictor=predictor,
                        data=dict(data or {}))
+
+
+def measured_bound(turns: Sequence[TurnMeasurement]) -> float:
+    """A recipe's `recompute_max_tokens`: the most cached tokens it recomputed on any development turn (what the
+    calibration measured and vouches for); inf when a turn's count was not measured."""
+    counts = [t.chosen_tokens for t in turns]
+    return math.inf if not counts or min(counts) < 0 else float(max(counts))
 
 
 def _recipe(option: Mapping[str, Any]) -> tuple[float, int, str | int]:

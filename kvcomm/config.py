@@ -1,10 +1,10 @@
 """The one home of every algorithm knob: `KVCommConfig`, frozen, with one default each.
 
 Deployment knobs (workers, placement, HTTP) live in `cluster.config`, which embeds this object unchanged.
-Seven knobs are per model (`UNCALIBRATED`: the entropy gate's gamma, kvcomm's recompute recipe (its budget, span
-starts and tail), the turn gate's threshold and its predictor's scale, the fidelity gate's margin): their default None
-means "the model's calibration file" (`kvcomm.calibration` resolves it, warning when the model has none);
-`with_calibration` fills them (an engine fills what is left uncalibrated).
+Eight knobs are per model (`UNCALIBRATED`: the entropy gate's gamma, kvcomm's recompute recipe (its budget, span
+starts, tail and the most tokens it may recompute), the turn gate's threshold and its predictor's scale, the
+fidelity gate's margin): their default None means "the model's calibration file" (`kvcomm.calibration` resolves
+it, warning when the model has none); `with_calibration` fills them (an engine fills what is left uncalibrated).
 `KVCommConfig.reference()` reproduces the published KVCOMM code's choices (FastMAS/KVCOMM @48ca0b3); the
 default is the corrected mode, whose fixes are each a separate flag so every one can be measured alone.
 """
@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping
 TailPolicy = Literal["last_token", "last_segment"]
 # the per-model knobs a calibration file sets (`kvcomm.calibration`), and their values when a model has none
 UNCALIBRATED = {"gamma": 0.3, "recompute_ratio": 0.0, "recompute_span_starts": 0, "kvcomm_tail": "last_segment",
-                "gate_max_kl": math.inf, "kl_scale": 1.0, "gate_min_margin": 0.0}
+                "recompute_max_tokens": math.inf, "gate_max_kl": math.inf, "kl_scale": 1.0, "gate_min_margin": 0.0}
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ class KVCommConfig:
                                           # the last prompt token attends to most (0: offsets alone)
     recompute_span_starts: int | None = None  # calibrated: kvcomm also recomputes the first k tokens of every
                                               # placeholder (EPIC: each reused span's own attention sink)
+    recompute_max_tokens: float | None = None  # calibrated: at most this many cached tokens recomputed per turn
+                                               # (span starts first; inf: no bound). The ratio alone would make
+                                               # a long content pay a share of a dense prefill
     # --- baselines that live on the same runner ---
     blend_recompute_ratio: float = 0.15  # cacheblend: share of reused tokens recomputed
     blend_check_layer: int = 1           # cacheblend: layer whose K deviation selects the tokens
@@ -87,6 +90,11 @@ class KVCommConfig:
         if self.recompute_span_starts is not None and not (isinstance(self.recompute_span_starts, int)
                                                            and self.recompute_span_starts >= 0):
             problems.append(f"recompute_span_starts must be an integer >= 0, got {self.recompute_span_starts!r}")
+        if self.recompute_max_tokens is not None and not (
+                self.recompute_max_tokens == math.inf or (float(self.recompute_max_tokens).is_integer()
+                                                          and self.recompute_max_tokens >= 0)):
+            problems.append(f"recompute_max_tokens must be a whole number >= 0 or inf, got "
+                            f"{self.recompute_max_tokens!r}")
         if self.tail_policy not in ("last_token", "last_segment"):
             problems.append(f"tail_policy must be 'last_token' or 'last_segment', got {self.tail_policy!r}")
         tail = self.kvcomm_tail
@@ -107,7 +115,8 @@ class KVCommConfig:
         at least as long as the content, no recompute, no turn gate and no fidelity gate."""
         base = dict(gamma=UNCALIBRATED["gamma"], exact_top_p=False, rerotate_deltas=False,
                     per_consumer_weights=False, tail_policy="last_token", kvcomm_tail="last_token",
-                    min_anchor_coverage=1.0, recompute_ratio=0.0, recompute_span_starts=0, gate_max_kl=math.inf,
+                    min_anchor_coverage=1.0, recompute_ratio=0.0, recompute_span_starts=0,
+                    recompute_max_tokens=math.inf, gate_max_kl=math.inf,
                     kl_scale=UNCALIBRATED["kl_scale"], gate_min_margin=0.0)
         base.update(overrides)
         return cls(**base)

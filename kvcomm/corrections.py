@@ -57,14 +57,17 @@ def span_starts(layout: PromptLayout, tokens: int, end: int) -> list[int]:
     return [t for begin, stop in layout.placeholder_spans for t in range(begin, min(stop, begin + tokens, end))]
 
 
-def select_recompute(mass: torch.Tensor, begin: int, end: int, ratio: float, extra: Sequence[int] = ()
-                     ) -> torch.Tensor:
-    """[r] int64 sorted positions to recompute: the ceil(ratio * (end - begin)) positions of [begin, end) with the
-    most attention `mass` ([n] with n >= end), plus `extra` (positions in [begin, end))."""
+def select_recompute(mass: torch.Tensor, begin: int, end: int, ratio: float, extra: Sequence[int] = (),
+                     max_count: float = math.inf) -> torch.Tensor:
+    """[r] int64 sorted positions to recompute: `extra` (positions in [begin, end)) plus the
+    ceil(ratio * (end - begin)) positions of [begin, end) with the most attention `mass` ([n] with n >= end), no
+    more than `max_count` in all: `extra` first (in its order), then the most attended."""
+    extra = list(extra)
+    chosen = torch.as_tensor(extra[:int(min(len(extra), max_count))], dtype=torch.int64)
     count = math.ceil(ratio * max(0, end - begin) - 1e-9) if ratio > 0 else 0
-    chosen = torch.as_tensor(list(extra), dtype=torch.int64)
+    count = int(min(count, end - begin, max(0, max_count - chosen.numel())))
     if count:
-        top = torch.topk(mass[begin:end], min(count, end - begin)).indices + begin
+        top = torch.topk(mass[begin:end], count).indices + begin
         chosen = torch.cat([chosen, top.to(torch.int64).cpu()])
     return torch.unique(chosen)
 

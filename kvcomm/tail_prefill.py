@@ -46,7 +46,8 @@ def plan_correction(mode: str, state: AgentState, layout: PromptLayout, whole: K
     chosen = torch.empty(0, dtype=torch.int64)
     if mode == "kvcomm":
         starts = span_starts(layout, config.recompute_span_starts, end) if config.recompute_span_starts else ()
-        chosen = select_recompute(attention, begin, end, config.recompute_ratio, [t for t in starts if t >= begin])
+        chosen = select_recompute(attention, begin, end, config.recompute_ratio, [t for t in starts if t >= begin],
+                                  config.recompute_max_tokens)
     forecast = predict_kl(attention, token_errors(layout, errors, length - 1),
                           torch.cat([chosen, torch.arange(end, length - 1)]), config.kl_scale, config.gate_max_kl)
     return forecast, chosen

@@ -39,6 +39,7 @@ def measurements(report: dict[str, Any]) -> list[TurnMeasurement]:
         if spec["method"] != "kvcomm":
             continue
         recipe = spec["overrides"]
+        tail = recipe.get("kvcomm_tail", "last_segment")
         for row in report["rows"]:
             cell = row["variants"][spec["name"]]
             out.append(TurnMeasurement(ratio=spec["knob"], kl=cell["kl"], forecast=cell["forecast"],
@@ -48,8 +49,22 @@ def measurements(report: dict[str, Any]) -> list[TurnMeasurement]:
                                        naive_ms=row["variants"].get("naive", {}).get("prepare_ms", 0.0),
                                        group=row["line"],
                                        span_starts=recipe.get("recompute_span_starts", 0),
-                                       kvcomm_tail=recipe.get("kvcomm_tail", "last_segment")))
+                                       kvcomm_tail=tail, chosen_tokens=chosen_tokens(cell, row, tail)))
     return out
+
+
+def chosen_tokens(cell: dict[str, Any], row: dict[str, Any], kvcomm_tail: str | int) -> int:
+    """The cached tokens a kvcomm variant recomputed on a turn: its recomputed tokens less its tail, which is
+    naive's (the last fixed segment), its last N tokens, or the last one; -1 where naive was not measured."""
+    naive = row["variants"].get("naive")
+    if naive is None:
+        return -1
+    segment = naive["recomputed_tokens"]
+    if kvcomm_tail in ("last_segment", "last_token"):
+        tail = segment if kvcomm_tail == "last_segment" else 1
+    else:
+        tail = max(1, min(segment, int(kvcomm_tail)))
+    return cell["recomputed_tokens"] - tail
 
 
 def calibrate(report: dict[str, Any], *, model: str, target_kl: float, min_reuse: float,
@@ -70,7 +85,8 @@ def describe(calibration: Calibration) -> str:
     dev = calibration.dev
     predictor = calibration.predictor
     lines = [f"calibration for {calibration.model}: gamma {k['gamma']}, recompute "
-             f"{recipe_label(k['recompute_ratio'], k['recompute_span_starts'], k['kvcomm_tail'])}, "
+             f"{recipe_label(k['recompute_ratio'], k['recompute_span_starts'], k['kvcomm_tail'])} (at most "
+             f"{fmt(k['recompute_max_tokens'], '.0f')} tokens), "
              f"gate_max_kl {fmt(k['gate_max_kl'], '.4f')}, kl_scale {k['kl_scale']:.3f}, gate_min_margin "
              f"{k['gate_min_margin']:.4f} ({calibration.why}; targets {'met' if calibration.met else 'NOT met'} on "
              f"the development turns)",

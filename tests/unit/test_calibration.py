@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvcomm.anchor_pool import AnchorPool
+from kvcomm.bench.calibrate import chosen_tokens
 from kvcomm.calibration import (Calibration, CalibrationWarning, TurnMeasurement, cross_validate, find, fit,
                                 model_key, recipe_label, resolve, wilson)
 from kvcomm.config import UNCALIBRATED, KVCommConfig
@@ -57,7 +58,8 @@ def test_fit_picks_the_cheapest_ratio_and_threshold_that_meet_both_targets():
 
 def test_a_calibration_round_trips_through_its_file_with_an_infinite_threshold(tmp_path):
     calibration = Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.2, "recompute_span_starts": 2,
-                                                  "kvcomm_tail": "last_token", "gate_max_kl": math.inf,
+                                                  "kvcomm_tail": "last_token", "recompute_max_tokens": 64.0,
+                                                  "gate_max_kl": math.inf,
                                                   "kl_scale": 2.5, "gate_min_margin": 0.05},
                               target_kl=0.01, min_reuse=0.85, met=True, why="test",
                               dev={"threshold": math.inf, "reuse": 1.0})
@@ -77,15 +79,19 @@ def test_a_calibration_round_trips_through_its_file_with_an_infinite_threshold(t
         with pytest.raises(ValueError, match=problem):
             Calibration.load(tmp_path / "badknob.json")
     (tmp_path / "bad.json").write_text("{\"format\": 99}")
-    with pytest.raises(ValueError, match="not a format-3 calibration"):
+    with pytest.raises(ValueError, match="not a format-4 calibration"):
         Calibration.load(tmp_path / "bad.json")
-    # older files still load with what they meant: format 2 knew one recipe shape (no span starts, the last segment
-    # recomputed whole), format 1 also had no fidelity gate (off)
+    # older files still load with what they meant: before format 4 a recipe had no bound, format 2 knew one recipe
+    # shape (no span starts, the last segment recomputed whole), format 1 also had no fidelity gate (off)
     old = json.loads(path.read_text())
+    del old["knobs"]["recompute_max_tokens"]
+    (tmp_path / "three.json").write_text(json.dumps({**old, "format": 3}))
+    assert Calibration.load(tmp_path / "three.json").knobs == {**calibration.knobs, "recompute_max_tokens": math.inf}
     for name in ("recompute_span_starts", "kvcomm_tail"):
         del old["knobs"][name]
     (tmp_path / "two.json").write_text(json.dumps({**old, "format": 2}))
-    shape_2 = {**calibration.knobs, "recompute_span_starts": 0, "kvcomm_tail": "last_segment"}
+    shape_2 = {**calibration.knobs, "recompute_span_starts": 0, "kvcomm_tail": "last_segment",
+               "recompute_max_tokens": math.inf}
     assert Calibration.load(tmp_path / "two.json").knobs == shape_2
     del old["knobs"]["gate_min_margin"]
     (tmp_path / "old.json").write_text(json.dumps({**old, "format": 1}))
@@ -105,7 +111,8 @@ def test_resolve_fills_only_unset_knobs_and_warns_without_a_calibration(tmp_path
         warnings.simplefilter("error")
         resolve(KVCommConfig(calibration="none"), MODEL)                    # asked for none: no warning
     Calibration(model=MODEL, knobs={"gamma": 0.5, "recompute_ratio": 0.3, "recompute_span_starts": 0,
-                                    "kvcomm_tail": "last_segment", "gate_max_kl": 0.02, "kl_scale": 3.0,
+                                    "recompute_max_tokens": math.inf, "kvcomm_tail": "last_segment",
+                                    "gate_max_kl": 0.02, "kl_scale": 3.0,
                                     "gate_min_margin": 0.1}, target_kl=0.01,
                 min_reuse=0.85, met=True, why="").save(tmp_path / f"{MODEL}.json")
     assert find(MODEL) == tmp_path / f"{MODEL}.json" and model_key("/models/SmolLM2-135M-Instruct.gguf") == MODEL
@@ -151,7 +158,8 @@ def test_a_calibration_read_back_from_disk_drives_the_turn_gate(smollm2_engine_p
 
     for factor, expect_reuse in ((0.5, False), (2.0, True)):
         path = Calibration(model=MODEL, knobs={"gamma": 0.3, "recompute_ratio": 0.0, "recompute_span_starts": 0,
-                                               "kvcomm_tail": "last_segment", "kl_scale": 1.0,
+                                               "recompute_max_tokens": math.inf, "kvcomm_tail": "last_segment",
+                                               "kl_scale": 1.0,
                                                "gate_max_kl": factor * forecast.predicted_kl, "gate_min_margin": 0.0},
                            target_kl=0.01, min_reuse=0.85, met=True, why="test").save(tmp_path / f"cal{factor}.json")
         config, _ = resolve(KVCommConfig(calibration=str(path)), MODEL)
@@ -250,6 +258,25 @@ def test_fit_chooses_among_recipe_shapes_and_the_chosen_shape_is_what_the_config
         "20%", "20%+s2", "25%+s2+qtail", "40%"]
     config = KVCommConfig(calibration="none").with_calibration(calibration.knobs)
     assert (config.recompute_ratio, config.recompute_span_starts, config.kvcomm_tail) == (0.25, 2, "last_token")
+    assert calibration.knobs["recompute_max_tokens"] == math.inf        # the turns' counts were not measured
+
+
+def test_the_chosen_recipe_is_bounded_by_the_most_it_recomputed_on_a_development_turn():
+    """recompute_max_tokens is the chosen recipe's largest count of recomputed cached tokens on the development
+    turns (another recipe's counts do not matter); the counts come from the Pareto rows: recomputed tokens less the
+    recipe's tail (naive's last segment, its last N, or the last token)."""
+    def turns(ratio, prepare_ms, counts, **shape):
+        return [TurnMeasurement(ratio, 0.004, 0.004, True, prepare_ms, 0.0, margin=0.5, dense_ms=1000.0,
+                                chosen_tokens=counts[i % len(counts)], **shape) for i in range(200)]
+    chosen = fit(turns(0.3, 200.0, [20, 57, 31]) + turns(0.4, 300.0, [90, 120]), model=MODEL, target_kl=0.01,
+                 min_reuse=0.85)
+    assert chosen.knobs["recompute_ratio"] == 0.3 and chosen.knobs["recompute_max_tokens"] == 57
+    row = {"variants": {"naive": {"recomputed_tokens": 30}}}
+    assert chosen_tokens({"recomputed_tokens": 75}, row, "last_segment") == 45
+    assert chosen_tokens({"recomputed_tokens": 50}, row, 8) == 42
+    assert chosen_tokens({"recomputed_tokens": 50}, row, 100) == 20                    # N beyond the segment
+    assert chosen_tokens({"recomputed_tokens": 50}, row, "last_token") == 49
+    assert chosen_tokens({"recomputed_tokens": 50}, {"variants": {}}, "last_segment") == -1   # naive not measured
 
 
 def test_the_preparation_cap_against_naive_decides_before_the_cost_per_turn():

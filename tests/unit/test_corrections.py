@@ -77,6 +77,10 @@ def test_attention_mass_selection_span_starts_and_token_errors(tiny_runner):
     mass = torch.arange(20, dtype=torch.float32)                                # token t gets mass t
     assert select_recompute(mass, 5, 15, 0.3).tolist() == [12, 13, 14]         # ceil(0.3 * 10) heaviest in [5, 15)
     assert select_recompute(mass, 5, 15, 0.0, extra=[6]).tolist() == [6]
+    # the bound counts the span starts first, then the most attended
+    assert select_recompute(mass, 5, 15, 0.3, extra=[6], max_count=2).tolist() == [6, 14]
+    assert select_recompute(mass, 5, 15, 0.3, extra=[6, 9, 10], max_count=2).tolist() == [6, 9]
+    assert select_recompute(mass, 5, 15, 1.0, max_count=math.inf).tolist() == list(range(5, 15))
     layout = PromptLayout(fixed_spans=((0, 3), (7, 9), (12, 14)), placeholder_spans=((3, 7), (9, 12)), length=14)
     assert span_starts(layout, 2, end=13) == [3, 4, 9, 10]
     errors = token_errors(layout, [0.2, None], 14)
@@ -145,6 +149,16 @@ def test_query_driven_recompute_lowers_kl_on_an_unseen_question(smollm2_engine_p
     for bad in (0, True, "everything"):
         with pytest.raises(ValueError, match="kvcomm_tail must be"):
             KVCommConfig(kvcomm_tail=bad)
+
+    # the recipe's bound: a share of a long content recomputes no more than recompute_max_tokens cached tokens
+    for starts, bound, expected in ((2, 5, 1 + 5), (0, 5, 1 + 5), (0, math.inf, 1 + math.ceil(0.3 * reusable))):
+        engine = KVCommEngine(*smollm2_engine_parts, recorder.config.with_(
+            recompute_ratio=0.3, recompute_span_starts=starts, kvcomm_tail="last_token", recompute_max_tokens=bound),
+            recorder.pool)
+        assert engine.prepare(request).recomputed == expected, (starts, bound)
+    for bad in (-1, 2.5, float("nan")):
+        with pytest.raises(ValueError, match="recompute_max_tokens must be"):
+            KVCommConfig(recompute_max_tokens=bad)
 
 
 def test_a_forced_dense_agent_is_dense_in_every_reuse_mode(smollm2_engine_parts):

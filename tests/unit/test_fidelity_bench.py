@@ -41,7 +41,8 @@ def report(tiny_model, tmp_path_factory):
     data.write_text("".join(json.dumps({"question": q, "answer": "#### 0"}) + "\n" for q in QUESTIONS))
     # a fidelity gate at margin 1 sends every turn the other gates let through back to dense
     calibration = Calibration(model="tiny", knobs={"gamma": 1.0, "recompute_ratio": 0.5, "recompute_span_starts": 1,
-                                                   "kvcomm_tail": 4, "gate_max_kl": math.inf, "kl_scale": 1.0,
+                                                   "recompute_max_tokens": math.inf, "kvcomm_tail": 4,
+                                                   "gate_max_kl": math.inf, "kl_scale": 1.0,
                                                    "gate_min_margin": 1.0},
                               target_kl=0.01, min_reuse=0.85, met=True, why="test").save(folder / "tiny.json")
     setting = fidelity.Setting(questions=2, warmup=2, response_tokens=6, continuation_tokens=4, bootstrap=200,
