@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from ..anchor_pool import AnchorPool
+from ..calibration import resolve
 from ..config import KVCommConfig
 from ..engine import KVCommEngine, SharedContent, TurnRequest
 from ..names import DENSE_MODES, EMBEDDED_MODEL, MODES, POOL_MODES
@@ -296,7 +297,8 @@ def measure(runner: ModelRunner, tokenizer: Any, setting: Setting, *, config: KV
                     "warmup": setting.warmup, "warmup_modes": warm_modes, "seed": setting.seed,
                     "response_generation": "teacher_forced"},
         "device": str(runner.device), "dtype": str(runner.dtype), "threads": torch.get_num_threads(),
-        "attention": runner.attention_backend, "config": config.to_dict(), "config_mode": config.mode,
+        "attention": runner.attention_backend, "config": bench.engine.config.to_dict(),   # as the engine ran it
+        "config_mode": bench.engine.config.mode,
         **summary,
         "pool": _pool_summary(bench.engine.pool),
         "notes": notes,
@@ -398,14 +400,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list (default: the paper's 128,256,512,1024 on GPU, 128,512 on CPU)")
     parser.add_argument("--json", default=None, help="write the report here")
     parser.add_argument("--plot", default=None, help="write the TTFT/speedup figure here (PNG; not for --grid)")
+    parser.add_argument("--calibration", default="none",
+                        help="none (default: the uncalibrated corrected config, no recompute budget), auto (the "
+                             "model's calibration, as a served engine runs it), or a calibration file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     model_options(parser, threads_help="torch CPU threads (default 2)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed `add_arguments` options; print the markdown table, write JSON / PNG."""
+    config = None if args.calibration == "none" else resolve(bench_config(calibration=args.calibration),
+                                                                 args.model)[0]
     common = dict(model=args.model, device=args.device, dtype=args.dtype, random_weights=args.random_weights,
-                  threads=getattr(args, "threads", None) or 2, seed=args.seed, progress=not args.no_progress)
+                  threads=getattr(args, "threads", None) or 2, seed=args.seed, progress=not args.no_progress,
+                  config=config)
     if args.grid:
         on_gpu = str(args.device).startswith("cuda")
         grid = PAPER_GRID if on_gpu else CPU_GRID

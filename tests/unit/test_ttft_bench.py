@@ -1,9 +1,11 @@
 """The TTFT benchmark (kvcomm.bench.ttft) on a tiny random-weight Llama with the embedded tokenizer: report
 structure, a TTFT for every agent and mode, speedups against dense / dense-prefix of the same run, kvcomm's split,
-the markdown table and the plot, and scripts/gpu_bench.sh's Python path run end to end on the CPU."""
+the markdown table and the plot, scripts/gpu_bench.sh's Python path run end to end on the CPU, and the option that
+runs kvcomm with a calibration (its recipe and bound)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvcomm.bench import ttft, ttft_workload
+from kvcomm.calibration import Calibration, model_key
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(agents=3, prefix=16, input=32, output=16)
@@ -123,3 +126,24 @@ def test_grid_reports_the_last_agent_per_prefix_and_output(tiny_model_dir):
         assert kvcomm["speedup_vs_dense"] == pytest.approx(cell["modes"]["dense"]["ttft_ms"] / kvcomm["ttft_ms"])
     table = ttft.markdown_table(grid)
     assert table.splitlines()[0] == "| prefix \\ output | 8 |" and "| 24 |" in table
+
+
+def test_the_calibration_option_runs_kvcomm_as_a_served_engine_would(tiny_model_dir, tmp_path):
+    """`--calibration FILE` applies a calibration's recipe, bound included: each reused kvcomm turn recomputes its
+    tail (naive's) plus exactly the bound's tokens, where half the reused span would be more; the default (none)
+    stays uncalibrated."""
+    path = Calibration(model=model_key(tiny_model_dir), knobs={
+        "gamma": 1.0, "recompute_ratio": 0.5, "recompute_span_starts": 1, "kvcomm_tail": "last_segment",
+        "recompute_max_tokens": 3.0, "gate_max_kl": math.inf, "kl_scale": 1.0, "gate_min_margin": 0.0},
+        target_kl=0.01, min_reuse=0.85, met=True, why="test").save(tmp_path / "tiny.json")
+    common = ["--agents", "2", "--prefix", "8", "--input", "16", "--output", "8", "--samples", "1",
+              "--modes", "naive,kvcomm", "--model", tiny_model_dir, "--random-weights", "--no-progress"]
+    assert ttft.main(common + ["--calibration", str(path), "--json", str(tmp_path / "cal.json")]) == 0
+    assert ttft.main(common + ["--json", str(tmp_path / "none.json")]) == 0
+    calibrated, plain = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cal", "none"))
+    assert calibrated["config"]["recompute_max_tokens"] == 3 and calibrated["config"]["recompute_ratio"] == 0.5
+    assert plain["config"]["recompute_ratio"] == 0.0
+    for agent in calibrated["agents"]:
+        naive, kvcomm = agent["modes"]["naive"], agent["modes"]["kvcomm"]
+        assert kvcomm["reuse_rate"] == 1.0
+        assert kvcomm["recomputed_tokens"] == naive["recomputed_tokens"] + 3, agent
