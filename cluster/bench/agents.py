@@ -4,10 +4,11 @@ This module owns the benchmark and the framework drivers the tests use too:
 
 * `ChatLog`: httpx event hooks that keep each chat completion a framework sends, with the response's ``kvcomm``
   details (the server's TTFT, reuse decision, prompt and completion token ids, first-token log-probabilities).
-* `run_autogen` / `run_langgraph`: one conversation per question through three agents (Math Solver, Mathematical
-  Analyst and Inspector of `kvcomm.harness.roles.MATH`) of a framework used as its users use it, pointed at the
-  server's base URL: AutoGen's `RoundRobinGroupChat` of `AssistantAgent`s on `OpenAIChatCompletionClient`, and a
-  LangGraph graph of three nodes that call `langchain-openai`'s `ChatOpenAI` on the shared messages. The serving
+* `run_autogen` / `run_langgraph` / `run_openai_agents`: one conversation per question through three agents (Math
+  Solver, Mathematical Analyst and Inspector of `kvcomm.harness.roles.MATH`) of a framework used as its users use
+  it, pointed at the server's base URL: AutoGen's `RoundRobinGroupChat` of `AssistantAgent`s on
+  `OpenAIChatCompletionClient`, a LangGraph graph of three nodes that call `langchain-openai`'s `ChatOpenAI` on the
+  shared messages, and three OpenAI Agents SDK `Agent`s run in turn on the conversation so far. The serving
   mode and namespace ride in ``extra_body={"kvcomm": ...}``, the one thing the frameworks are told.
 * `run`: the Serve app (``configs/local.yaml``: the embedded model on the CPU, one replica), every question
   through each framework with reuse off (``mode: dense``) and on (``kvcomm``), in namespaces of their own, the two
@@ -37,7 +38,8 @@ from kvcomm.cli_args import add_model_args
 from kvcomm.harness.datasets import DEFAULT_GSM8K_PATH as DEFAULT_DATA
 from kvcomm.names import EMBEDDED_MODEL
 
-FRAMEWORKS = ("autogen", "langgraph")
+FRAMEWORKS = ("autogen", "langgraph")   # the default; `RUNNERS` has every framework
+NEEDS = {"autogen": "autogen_agentchat", "langgraph": "langgraph", "openai-agents": "agents"}   # their modules
 MODES = ("dense", "kvcomm")          # reuse off, reuse on
 AUTOGEN_MODEL_INFO = {"vision": False, "function_calling": False, "json_output": False, "family": "unknown",
                       "structured_output": False}   # AutoGen needs it for a model name OpenAI does not know
@@ -140,7 +142,7 @@ def _options(mode: str, namespace: str) -> dict[str, Any]:
 def run_autogen(base_url: str, questions: Sequence[str], *, mode: str, namespace: str, max_tokens: int,
                 model: str, api_key: str = "unused") -> list[Conversation]:
     """Each question through a fresh AutoGen `RoundRobinGroupChat` of three `AssistantAgent`s (one message each)."""
-    _need("autogen_agentchat")
+    _need(NEEDS["autogen"])
     from autogen_agentchat.agents import AssistantAgent
     from autogen_agentchat.conditions import MaxMessageTermination
     from autogen_agentchat.teams import RoundRobinGroupChat
@@ -171,7 +173,7 @@ def run_langgraph(base_url: str, questions: Sequence[str], *, mode: str, namespa
                   ) -> list[Conversation]:
     """Each question through a LangGraph graph of three nodes (solver -> analyst -> inspector), each calling
     `ChatOpenAI` on the shared messages with its own system prompt and adding its answer as a named AI message."""
-    _need("langgraph")
+    _need(NEEDS["langgraph"])
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
     from langchain_openai import ChatOpenAI
     from langgraph.graph import END, START, MessagesState, StateGraph
@@ -205,7 +207,40 @@ def run_langgraph(base_url: str, questions: Sequence[str], *, mode: str, namespa
     return out
 
 
-RUNNERS = {"autogen": run_autogen, "langgraph": run_langgraph}
+def run_openai_agents(base_url: str, questions: Sequence[str], *, mode: str, namespace: str, max_tokens: int,
+                      model: str, api_key: str = "unused") -> list[Conversation]:
+    """Each question through three OpenAI Agents SDK `Agent`s on `OpenAIChatCompletionsModel`, run one after the
+    other as the SDK chains agents without tools: each `Runner.run` gets the conversation so far
+    (`result.to_input_list()`), its instructions being the agent's system prompt. Tracing is off (it would export
+    to OpenAI)."""
+    _need(NEEDS["openai-agents"])
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)
+
+    async def conversations() -> list[Conversation]:
+        log = ChatLog()
+        client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key=api_key, http_client=log.async_client())
+        settings = ModelSettings(temperature=0, max_tokens=max_tokens, extra_body=_options(mode, namespace))
+        chat_model = OpenAIChatCompletionsModel(model=model, openai_client=client)
+        agents = [Agent(name=name, instructions=system, model=chat_model, model_settings=settings)
+                  for name, system in math_agents()]
+        out = []
+        try:
+            for question in questions:
+                started = time.perf_counter()
+                history: Any = question
+                for agent in agents:
+                    history = (await Runner.run(agent, history)).to_input_list()
+                out.append(Conversation("openai-agents", mode, question, log.take(), time.perf_counter() - started))
+        finally:
+            await client.close()
+        return out
+    return asyncio.run(conversations())
+
+
+RUNNERS = {"autogen": run_autogen, "langgraph": run_langgraph, "openai-agents": run_openai_agents}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -294,7 +329,7 @@ def run(*, frameworks: Sequence[str] = FRAMEWORKS, questions: int = 8, warmup: i
     if unknown:
         raise ValueError(f"--framework: unknown {', '.join(unknown)}; frameworks: {', '.join(RUNNERS)}")
     for framework in frameworks:
-        _need({"autogen": "autogen_agentchat", "langgraph": "langgraph"}[framework])
+        _need(NEEDS[framework])
     picked = load_questions(data, warmup + questions, skip=skip, seed=seed)
     config = app_config(model, random_weights, gamma)
     tag = uuid.uuid4().hex[:8]
@@ -373,7 +408,8 @@ def plot(report: dict[str, Any], png_path: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--framework", default=",".join(FRAMEWORKS), help="autogen, langgraph or both (comma list)")
+    parser.add_argument("--framework", default=",".join(FRAMEWORKS),
+                        help=f"comma list of {', '.join(RUNNERS)} (default: {','.join(FRAMEWORKS)})")
     parser.add_argument("--questions", type=int, default=8, help="measured GSM8K questions per framework")
     parser.add_argument("--warmup", type=int, default=2, help="questions before them that teach the pool, not counted")
     parser.add_argument("--data", default=DEFAULT_DATA, help="GSM8K jsonl (a 'question' per line)")

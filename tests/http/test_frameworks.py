@@ -1,7 +1,7 @@
 """Unmodified agent frameworks against the Serve app over real HTTP: AutoGen's `RoundRobinGroupChat` of three
-agents and a three-node LangGraph graph on `ChatOpenAI` (streaming), driven by `cluster.bench.agents` exactly as
-``kvcomm bench agents`` drives them, on the tiny random-weight model; the official `openai` client for streaming,
-stop strings and tool messages with reuse, and the chat errors.
+agents, a three-node LangGraph graph on `ChatOpenAI` (streaming) and three OpenAI Agents SDK agents run in turn,
+driven by `cluster.bench.agents` exactly as ``kvcomm bench agents`` drives them, on the tiny random-weight model;
+the official `openai` client for streaming, stop strings and tool messages with reuse, and the chat errors.
 
 With reuse off (``kvcomm.mode: dense``) every answer equals the in-process dense generation on the very prompt
 tokens the server reports; with reuse on, agents 2 and 3 reuse from the third question on (the entropy gate makes
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.bench.agents import run_autogen, run_langgraph
+from cluster.bench.agents import run_autogen, run_langgraph, run_openai_agents
 from kvcomm.generation import Sampling, generate_from_ids
 
 from tests.support.serve_app import running_app, tiny_app_args
@@ -89,6 +89,10 @@ def test_autogen_round_robin_group_chat_reuses_across_requests(app_url, oracle) 
 
 def test_langgraph_three_node_graph_reuses_across_requests_streaming(app_url, oracle) -> None:
     check_framework(run_langgraph, app_url, oracle, "langgraph", stream=True)
+
+
+def test_openai_agents_sdk_agents_in_turn_reuse_across_requests(app_url, oracle) -> None:
+    check_framework(run_openai_agents, app_url, oracle, "openai-agents")
 
 
 def test_streaming_stop_strings_and_tool_messages_work_with_reuse(app_url, oracle) -> None:
