@@ -211,13 +211,11 @@ def run_openai_agents(base_url: str, questions: Sequence[str], *, mode: str, nam
                       model: str, api_key: str = "unused") -> list[Conversation]:
     """Each question through three OpenAI Agents SDK `Agent`s on `OpenAIChatCompletionsModel`, run one after the
     other as the SDK chains agents without tools: each `Runner.run` gets the conversation so far
-    (`result.to_input_list()`), its instructions being the agent's system prompt. Tracing is off (it would export
-    to OpenAI)."""
+    (`result.to_input_list()`), its instructions being the agent's system prompt. Tracing is off for these runs
+    (it would export to OpenAI)."""
     _need(NEEDS["openai-agents"])
-    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, set_tracing_disabled
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, RunConfig, Runner
     from openai import AsyncOpenAI
-
-    set_tracing_disabled(True)
 
     async def conversations() -> list[Conversation]:
         log = ChatLog()
@@ -232,7 +230,8 @@ def run_openai_agents(base_url: str, questions: Sequence[str], *, mode: str, nam
                 started = time.perf_counter()
                 history: Any = question
                 for agent in agents:
-                    history = (await Runner.run(agent, history)).to_input_list()
+                    result = await Runner.run(agent, history, run_config=RunConfig(tracing_disabled=True))
+                    history = result.to_input_list()
                 out.append(Conversation("openai-agents", mode, question, log.take(), time.perf_counter() - started))
         finally:
             await client.close()
