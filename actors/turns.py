@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from kvcomm.engine import SharedContent, TurnRequest
+from kvcomm.engine import SharedContent, TurnRequest, learn_gate_state
 from kvcomm.harness.jobs import AgentSpec, Turn
 from kvcomm.job_runner import TurnRecord, sampling_for, share_turn_output, turn_record
 from kvcomm.kv import KVSegment
@@ -60,9 +60,9 @@ class ContentHandle:
 
     def learn_gate_state(self, anchor_ids: Mapping[str, str], gate_reason: Mapping[str, str]) -> None:
         """Take in what a turn that read this content staged for it (a consumer may promote it to an anchor);
-        the dicts are the driver's own, so later turns of the job see it."""
-        self.anchor_ids.update(anchor_ids)
-        self.gate_reason.update(gate_reason)
+        the dicts are the driver's own, so later turns of the job see it. Turns of one round run concurrently and
+        each reports the state it started from: `kvcomm.engine.learn_gate_state` merges them."""
+        learn_gate_state(self.anchor_ids, self.gate_reason, anchor_ids, gate_reason)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .engine import ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult
+from .engine import ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult, learn_gate_state
 from .generation import Sampling, first_stop_at
 from .kv import KVSegment
 from .names import BASE_MODES, MODES, POOL_MODES
@@ -443,14 +443,11 @@ class ChatTurns:
             entry = prepared.entries.get(name)
             if entry is None:
                 continue
-            entry.gate_reason.update(content.gate_reason)
             anchor = content.anchor_ids.get(name)
-            if anchor is None:
-                continue
-            if entry.anchor_ids.get(name) != anchor:
-                entry.anchor_ids[name] = anchor
+            turn_anchor = {name: anchor} if anchor is not None else {}
+            if name in learn_gate_state(entry.anchor_ids, entry.gate_reason, turn_anchor, content.gate_reason):
                 entry.recorded[name] = set()
-            if recorded:
+            if anchor is not None and recorded:
                 entry.recorded.setdefault(name, set()).add(prepared.consumer)
 
     def abort(self, prepared: PreparedChat) -> None:

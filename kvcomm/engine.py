@@ -54,6 +54,24 @@ TURN_GATE_REASON = "predicted_kl"
 FIDELITY_GATE_REASON = "low_margin"
 
 
+def learn_gate_state(anchor_ids: dict[str, str], gate_reason: dict[str, str], turn_anchor_ids: Mapping[str, str],
+                     turn_reasons: Mapping[str, str]) -> list[str]:
+    """Merge what one turn reports of a content's gate state (its anchor per placeholder name and the gate's reasons,
+    as the turn left them) into what a job or a chat store keeps of it, in place; returns the names whose anchor is
+    new. An anchor and the reason it was made for travel together; a reason without a new anchor only fills a name
+    nothing is known for. Turns that read a content concurrently each report the state they started from, so a
+    plain update would let one turn's stale reason ("matched") overwrite the reason another turn gave with its
+    anchor ("low_margin"), and every later consumer would take the content for the entropy gate's new anchor."""
+    new = [name for name, anchor in turn_anchor_ids.items() if anchor_ids.get(name) != anchor]
+    for name in new:
+        anchor_ids[name] = turn_anchor_ids[name]
+        if name in turn_reasons:
+            gate_reason[name] = turn_reasons[name]
+    for name, reason in turn_reasons.items():
+        gate_reason.setdefault(name, reason)
+    return new
+
+
 class ContextLengthError(ValueError):
     """A prompt plus its output budget does not fit the model's context."""
 

@@ -6,7 +6,7 @@ import torch
 
 from kvcomm.anchor_pool import AnchorPool
 from kvcomm.config import KVCommConfig
-from kvcomm.engine import ContextLengthError, KVCommEngine, TurnRequest
+from kvcomm.engine import FIDELITY_GATE_REASON, ContextLengthError, KVCommEngine, TurnRequest, learn_gate_state
 from kvcomm.names import MODES
 from kvcomm.generation import Sampling
 from kvcomm.kv import KVSegment
@@ -201,3 +201,26 @@ def test_stop_token_ids_are_the_model_configs_and_the_tokenizers_end_of_sequence
     assert engine.tokenizer.eos_token_id in stops and set(engine.spec.eos_token_ids) <= set(stops)
     assert list(stops) == sorted(set(stops))
     assert engine.tokenizer.decode([stops[0]]) in {"<|im_end|>", "<|endoftext|>"}
+
+
+def test_concurrent_turns_gate_reports_merge_without_a_stale_reason_overwriting_an_anchor_s():
+    """Two turns of one round read a content the entropy gate matched: one falls back at the fidelity gate and
+    promotes it to an anchor ("low_margin"), the other reuses and reports the state it started from. In either
+    order the job keeps the anchor with its own reason (a later consumer reuses, as in one process); with a plain
+    update the stale "matched" won and sent every later consumer dense as the entropy gate's new anchor (the
+    reliability benchmark's pool drill: one job in eight differed from its in-process replay)."""
+    promoted = ({"user_question": "anchor-1"}, {"user_question": FIDELITY_GATE_REASON, "agent_1_current": "matched"})
+    stale = ({}, {"user_question": "matched"})
+    for reports in ((promoted, stale), (stale, promoted)):
+        anchors, reasons = {}, {"user_question": "matched"}
+        new = [learn_gate_state(anchors, reasons, *report) for report in reports]
+        assert anchors == {"user_question": "anchor-1"}, reports
+        assert reasons == {"user_question": FIDELITY_GATE_REASON, "agent_1_current": "matched"}, reports
+        assert sorted(sum(new, [])) == ["user_question"]                   # the anchor is new once
+    # a different anchor replaces the known one, its reason with it; a reason alone fills only unknown names
+    anchors, reasons = {"user_question": "anchor-1"}, {"user_question": FIDELITY_GATE_REASON}
+    assert learn_gate_state(anchors, reasons, {"user_question": "anchor-2"},
+                            {"user_question": "no_compatible_anchor"}) == ["user_question"]
+    assert (anchors, reasons) == ({"user_question": "anchor-2"}, {"user_question": "no_compatible_anchor"})
+    assert learn_gate_state(anchors, reasons, {}, {"user_question": "matched", "x": "high_entropy"}) == []
+    assert reasons == {"user_question": "no_compatible_anchor", "x": "high_entropy"}
