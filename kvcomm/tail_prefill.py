@@ -26,9 +26,14 @@ def tail_length(mode: str, rendered: RenderedTemplate, prompt_len: int, config: 
     fixed segment, the last token, or (kvcomm) the last N tokens within that segment, by `config.kvcomm_tail` in
     kvcomm mode and `config.tail_policy` otherwise."""
     policy = config.kvcomm_tail if mode == "kvcomm" else config.tail_policy
-    if policy == "last_token" or not rendered.placeholders:
+    return tail_tokens(policy, len(rendered.fixed[-1]), prompt_len) if rendered.placeholders else 1
+
+
+def tail_tokens(policy: str | int, segment: int, prompt_len: int) -> int:
+    """The rule of `tail_length` for a template with placeholders whose last fixed segment has `segment` tokens:
+    1 for "last_token", the segment for "last_segment", the last N (at most the segment) for a count N."""
+    if policy == "last_token":
         return 1
-    segment = len(rendered.fixed[-1])
     return max(1, min(segment if policy == "last_segment" else int(policy), segment, prompt_len))
 
 

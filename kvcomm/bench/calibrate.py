@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration import FOLDS, Calibration, TurnMeasurement, calibration_dir, fit, model_key, recipe_label
+from ..tail_prefill import tail_tokens
 from . import pareto
 from .cli import apply_threads
 from .turns import fmt
@@ -54,17 +55,13 @@ def measurements(report: dict[str, Any]) -> list[TurnMeasurement]:
 
 
 def chosen_tokens(cell: dict[str, Any], row: dict[str, Any], kvcomm_tail: str | int) -> int:
-    """The cached tokens a kvcomm variant recomputed on a turn: its recomputed tokens less its tail, which is
-    naive's (the last fixed segment), its last N tokens, or the last one; -1 where naive was not measured."""
+    """The cached tokens a kvcomm variant recomputed on a turn: its recomputed tokens less its tail
+    (`tail_prefill.tail_tokens`, the last fixed segment's length being what naive recomputed); -1 where naive was
+    not measured."""
     naive = row["variants"].get("naive")
     if naive is None:
         return -1
-    segment = naive["recomputed_tokens"]
-    if kvcomm_tail in ("last_segment", "last_token"):
-        tail = segment if kvcomm_tail == "last_segment" else 1
-    else:
-        tail = max(1, min(segment, int(kvcomm_tail)))
-    return cell["recomputed_tokens"] - tail
+    return cell["recomputed_tokens"] - tail_tokens(kvcomm_tail, naive["recomputed_tokens"], row["prompt_tokens"])
 
 
 def calibrate(report: dict[str, Any], *, model: str, target_kl: float, min_reuse: float,

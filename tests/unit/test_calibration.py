@@ -271,12 +271,13 @@ def test_the_chosen_recipe_is_bounded_by_the_most_it_recomputed_on_a_development
     chosen = fit(turns(0.3, 200.0, [20, 57, 31]) + turns(0.4, 300.0, [90, 120]), model=MODEL, target_kl=0.01,
                  min_reuse=0.85)
     assert chosen.knobs["recompute_ratio"] == 0.3 and chosen.knobs["recompute_max_tokens"] == 57
-    row = {"variants": {"naive": {"recomputed_tokens": 30}}}
+    row = {"prompt_tokens": 200, "variants": {"naive": {"recomputed_tokens": 30}}}
     assert chosen_tokens({"recomputed_tokens": 75}, row, "last_segment") == 45
     assert chosen_tokens({"recomputed_tokens": 50}, row, 8) == 42
     assert chosen_tokens({"recomputed_tokens": 50}, row, 100) == 20                    # N beyond the segment
     assert chosen_tokens({"recomputed_tokens": 50}, row, "last_token") == 49
-    assert chosen_tokens({"recomputed_tokens": 50}, {"variants": {}}, "last_segment") == -1   # naive not measured
+    unmeasured = {"prompt_tokens": 200, "variants": {}}                                    # naive not measured
+    assert chosen_tokens({"recomputed_tokens": 50}, unmeasured, "last_segment") == -1
 
 
 def test_the_preparation_cap_against_naive_decides_before_the_cost_per_turn():
