@@ -31,7 +31,7 @@ from cluster.batch.submit import finished_ids
 from tests.support.procfs import process_stat, running_processes
 
 REPO = Path(__file__).resolve().parents[2]
-JOBS = 16
+JOBS = 40          # enough that a run stopped after a few results still has most of the batch to do
 SECOND_CLUSTER = "current thread is not the main thread"   # ray.init from a job thread after shutdown
 
 
@@ -92,13 +92,16 @@ class Run:
         self.seen: dict[tuple[int, int], str] = {}
 
     def wait_for_results(self, count: int, timeout_s: float = 180) -> None:
+        """Returns as soon as `count` results are in (a signal sent next lands with the batch still running),
+        having sampled the run's processes right before."""
         deadline = time.monotonic() + timeout_s
-        while len(complete_records(self.out)[0]) < count:
+        while True:
+            self.seen.update(run_processes(self.marker, self.process.pid))
+            if len(complete_records(self.out)[0]) >= count:
+                return
             assert self.process.poll() is None, f"exited ({self.process.returncode}) early:\n{self.output()[-3000:]}"
             assert time.monotonic() < deadline, f"fewer than {count} results after {timeout_s} s"
-            self.seen.update(run_processes(self.marker, self.process.pid))
-            time.sleep(0.2)
-        self.seen.update(run_processes(self.marker, self.process.pid))
+            time.sleep(0.05)
 
     def stop(self, sig: int) -> int:
         self.process.send_signal(sig)
