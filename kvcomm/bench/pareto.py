@@ -383,8 +383,10 @@ def plot(report: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     left.set_title(f"every method, recompute swept ({report['turns']} held-out turns)")
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
+    style = _RecipeStyles(list(summary["gate_sweep"]) + list(summary.get("margin_sweep", {})))
     for name, points in summary["gate_sweep"].items():
-        right.plot([p["reuse"] for p in points], [p["kl_reused"] or 0.0 for p in points], marker=".", label=name)
+        right.plot([p["reuse"] for p in points], [p["kl_reused"] or 0.0 for p in points], marker=".",
+                   **style(name))
     if "calibrated" in summary and summary["calibrated"]["kl_reused"] is not None:
         c = summary["calibrated"]
         right.plot([c["reuse"]], [c["kl_reused"]], marker="*", markersize=14, color="black", linestyle="none",
@@ -395,24 +397,58 @@ def plot(report: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     right.set_ylabel("KL on reused turns, mean")
     right.set_title("turn gate threshold swept, per kvcomm recompute recipe")
     right.grid(alpha=0.3)
-    right.legend(fontsize=8)
+    style.legend(right)
     if gated:
-        _plot_margin_sweep(axes[2], summary)
+        _plot_margin_sweep(axes[2], summary, style)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _plot_margin_sweep(ax: Any, summary: dict[str, Any]) -> None:
+class _RecipeStyles:
+    """One look per kvcomm recipe in the sweep panels: the colour says the query's share (light to dark), the line
+    the recipe's shape (+s2, +t8, ...), so twenty curves stay apart and the legend needs one entry per share and
+    per shape, not per curve."""
+
+    SHAPES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))
+
+    def __init__(self, names: Sequence[str]):
+        self.ratios = sorted({self.split(n)[0] for n in names})
+        self.shapes = list(dict.fromkeys(self.split(n)[1] for n in names))
+
+    @staticmethod
+    def split(name: str) -> tuple[str, str]:
+        """"kvcomm@10%+s2+t8" -> ("10%", "+s2+t8")."""
+        ratio, _, shape = name.partition("@")[2].partition("%")
+        return ratio + "%", shape
+
+    def colour(self, ratio: str) -> Any:
+        import matplotlib
+        return matplotlib.colormaps["viridis"](0.85 - 0.75 * self.ratios.index(ratio) / max(1, len(self.ratios) - 1))
+
+    def __call__(self, name: str) -> dict[str, Any]:
+        ratio, shape = self.split(name)
+        return {"color": self.colour(ratio), "linestyle": self.SHAPES[self.shapes.index(shape) % len(self.SHAPES)]}
+
+    def legend(self, ax: Any, extra: Sequence[Any] = ()) -> None:
+        from matplotlib.lines import Line2D
+        handles = [Line2D([], [], color=self.colour(r), marker="o", label=f"kvcomm@{r}") for r in self.ratios]
+        handles += [Line2D([], [], color="grey", linestyle=self.SHAPES[i % len(self.SHAPES)],
+                           label=f"recipe: share{shape or ' only'}") for i, shape in enumerate(self.shapes)]
+        ax.legend(handles=handles + [h for h in ax.get_legend_handles_labels()[0]], fontsize=7, ncol=2)
+
+
+def _plot_margin_sweep(ax: Any, summary: dict[str, Any], style: _RecipeStyles) -> None:
     """Served first-token agreement against preparation per turn (fallbacks included), one curve per kvcomm recipe
-    along the fidelity gate's margin thresholds."""
+    along the fidelity gate's margin thresholds (labelled on the calibrated recipe's curve only)."""
     naive = summary["naive_prepare_ms"] or 1.0
+    calibrated = summary.get("calibrated", {}).get("variant")
     for name, points in summary["margin_sweep"].items():
         xs, ys = [p["served_ms"] / naive for p in points], [100 * p["top1_served"] for p in points]
-        ax.plot(xs, ys, marker="o", label=name)
-        for p, x, y in zip(points, xs, ys):
-            ax.annotate(f"{p['min_margin']:g}", (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6)
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=2.5 if name == calibrated else 1.2, **style(name))
+        for p, x, y in zip(points, xs, ys) if name == calibrated else ():
+            ax.annotate(f"{p['min_margin']:g}", (x, y), textcoords="offset points", xytext=(3, -9), fontsize=7)
     if "calibrated" in summary:
         c = summary["calibrated"]
         ax.plot([c["served_ms"] / naive], [100 * c["top1_served"]], marker="*", markersize=14, color="black",
@@ -421,9 +457,9 @@ def _plot_margin_sweep(ax: Any, summary: dict[str, Any]) -> None:
     ax.set_xlabel("preparation per turn, fallbacks included, x naive" if summary["naive_prepare_ms"]
                   else "preparation per turn, fallbacks included, ms")
     ax.set_ylabel("served first token = dense, %")
-    ax.set_title("fidelity gate: margin threshold swept (labels), per kvcomm recipe")
+    ax.set_title("fidelity gate: margin swept (labelled on the calibrated recipe)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    style.legend(ax)
 
 
 # ------------------------------------------------------------------------------------------------------------
