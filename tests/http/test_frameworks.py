@@ -1,6 +1,6 @@
 """Unmodified agent frameworks against the Serve app over real HTTP: AutoGen's `RoundRobinGroupChat` of three
 agents, a three-node LangGraph graph on `ChatOpenAI` (streaming) and three OpenAI Agents SDK agents run in turn,
-driven by `cluster.bench.agents` exactly as ``kvcomm bench agents`` drives them, on the tiny random-weight model;
+driven by `cluster.bench.frameworks` exactly as ``kvcomm bench agents`` drives them, on the tiny random-weight model;
 the official `openai` client for streaming, stop strings and tool messages with reuse, and the chat errors.
 
 With reuse off (``kvcomm.mode: dense``) every answer equals the in-process dense generation on the very prompt
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.bench.agents import run_autogen, run_langgraph, run_openai_agents
+from cluster.bench.frameworks import run_autogen, run_langgraph, run_openai_agents
 from kvcomm.generation import Sampling, generate_from_ids
 
 from tests.support.serve_app import running_app, tiny_app_args
