@@ -2,12 +2,14 @@
 
 * `ChatLog`: httpx hooks that keep each chat completion a framework sends, with the response's ``kvcomm`` details
   (the server's TTFT, reuse decision, prompt and completion token ids, first-token log-probabilities).
-* `run_autogen` / `run_langgraph` / `run_openai_agents` (`RUNNERS`): one conversation per question through three
-  agents (Math Solver, Mathematical Analyst and Inspector of `kvcomm.harness.roles.MATH`) of a framework used as its
-  users use it, pointed at the server's base URL: AutoGen's `RoundRobinGroupChat` of `AssistantAgent`s on
-  `OpenAIChatCompletionClient`, a LangGraph graph of three nodes that call `langchain-openai`'s `ChatOpenAI` on the
-  shared messages, and three OpenAI Agents SDK `Agent`s run in turn on the conversation so far. The serving mode
-  and namespace ride in ``extra_body={"kvcomm": ...}``, the one thing the frameworks are told.
+* `run_autogen` / `run_langgraph` / `run_openai_agents` / `run_crewai` (`RUNNERS`): one conversation per question
+  through three agents (Math Solver, Mathematical Analyst and Inspector of `kvcomm.harness.roles.MATH`) of a
+  framework used as its users use it, pointed at the server's base URL: AutoGen's `RoundRobinGroupChat` of
+  `AssistantAgent`s on `OpenAIChatCompletionClient`, a LangGraph graph of three nodes that call `langchain-openai`'s
+  `ChatOpenAI` on the shared messages, three OpenAI Agents SDK `Agent`s run in turn on the conversation so far, and
+  a CrewAI `Crew` of three `Agent`s with a `Task` each, run sequentially (each task reads the earlier tasks' outputs
+  as its context). The serving mode and namespace ride in ``extra_body={"kvcomm": ...}``, the one thing the
+  frameworks are told.
 
 `kvcomm bench agents` (`cluster.bench.agents`) and tests/http/test_frameworks.py drive them.
 """
@@ -15,12 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-NEEDS = {"autogen": "autogen_agentchat", "langgraph": "langgraph", "openai-agents": "agents"}   # their modules
+NEEDS = {"autogen": "autogen_agentchat", "langgraph": "langgraph", "openai-agents": "agents",
+         "crewai": "crewai"}   # their modules
 AUTOGEN_MODEL_INFO = {"vision": False, "function_calling": False, "json_output": False, "family": "unknown",
                       "structured_output": False}   # AutoGen needs it for a model name OpenAI does not know
 
@@ -87,11 +93,15 @@ class ChatLog:
         self.turns: list[dict[str, Any]] = []
 
     def _keep(self, response: Any) -> None:
-        if not response.request.url.path.endswith("/chat/completions"):
+        self.keep(response.request, response)
+
+    def keep(self, sent: Any, response: Any) -> None:
+        """Keep one chat completion: the httpx request sent and its response, read."""
+        if not sent.url.path.endswith("/chat/completions"):
             return
         if response.status_code != 200:
             raise RuntimeError(f"chat completion failed: {response.status_code} {response.text[:300]}")
-        request = json.loads(response.request.content)
+        request = json.loads(sent.content)
         streamed = response.headers.get("content-type", "").startswith("text/event-stream")
         self.turns.append(turn_of(request, merge_stream(response.text) if streamed else response.json()))
 
@@ -220,8 +230,71 @@ def run_openai_agents(base_url: str, questions: Sequence[str], *, mode: str, nam
     return asyncio.run(conversations())
 
 
-RUNNERS = {"autogen": run_autogen, "langgraph": run_langgraph, "openai-agents": run_openai_agents}
+@contextlib.contextmanager
+def crewai_telemetry_off() -> Any:
+    """CrewAI's anonymous telemetry (spans exported to CrewAI's servers) off while the block runs, through its
+    documented switch, the ``CREWAI_DISABLE_TELEMETRY`` environment variable (read when CrewAI's telemetry starts
+    and at every event), put back as it was afterwards. Not ``OTEL_SDK_DISABLED``: that would silence every
+    OpenTelemetry user in the process."""
+    before = os.environ.get("CREWAI_DISABLE_TELEMETRY")
+    os.environ["CREWAI_DISABLE_TELEMETRY"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CREWAI_DISABLE_TELEMETRY", None)
+        else:
+            os.environ["CREWAI_DISABLE_TELEMETRY"] = before
 
 
-__all__ = ["AUTOGEN_MODEL_INFO", "ChatLog", "Conversation", "NEEDS", "RUNNERS", "math_agents", "merge_stream",
-           "need", "run_autogen", "run_langgraph", "run_openai_agents", "turn_of"]
+def run_crewai(base_url: str, questions: Sequence[str], *, mode: str, namespace: str, max_tokens: int,
+               model: str, api_key: str = "unused") -> list[Conversation]:
+    """Each question through one CrewAI `Crew` of three `Agent`s (role, goal, the system prompt as backstory) with
+    a `Task` each, `Process.sequential`, every task taking the earlier tasks as its context (CrewAI writes their
+    outputs into the task's user message), kicked off once per question (``inputs={"question": ...}``). The `LLM` is
+    CrewAI's native OpenAI provider on an OpenAI-compatible server (``custom_openai``); its HTTP traffic reaches
+    `ChatLog` through CrewAI's transport hook (an ``interceptor``: CrewAI builds both a sync and an async OpenAI
+    client from one ``client_params``, so it cannot take an httpx client). Tracing is off (``tracing=False``), and
+    so is telemetry while the crews run (`crewai_telemetry_off`)."""
+    need(NEEDS["crewai"])
+    log = ChatLog()
+    with crewai_telemetry_off():
+        from crewai import LLM, Agent, Crew, Process, Task
+        from crewai.llms.hooks import BaseInterceptor
+
+        class Recorder(BaseInterceptor):
+            """Hands each request and its response (read here, in the transport) to the log."""
+            sent = threading.local()           # the request a thread's transport call is handling
+
+            def on_outbound(self, message: Any) -> Any:
+                self.sent.request = message
+                return message
+
+            def on_inbound(self, message: Any) -> Any:
+                message.read()
+                log.keep(self.sent.request, message)
+                return message
+
+        llm = LLM(model=model, custom_openai=True, base_url=f"{base_url}/v1", api_key=api_key, temperature=0,
+                  max_tokens=max_tokens, extra_body=_options(mode, namespace), interceptor=Recorder())
+        agents = [Agent(role=name, goal="Answer the math question correctly", backstory=system, llm=llm,
+                        allow_delegation=False) for name, system in math_agents()]
+        tasks: list[Any] = []
+        for agent in agents:
+            tasks.append(Task(description="{question}", expected_output="The answer, worked out step by step",
+                              agent=agent, context=list(tasks)))
+        crew = Crew(agents=agents, tasks=tasks, process=Process.sequential, tracing=False)
+        out = []
+        for question in questions:
+            started = time.perf_counter()
+            crew.kickoff(inputs={"question": question})
+            out.append(Conversation("crewai", mode, question, log.take(), time.perf_counter() - started))
+    return out
+
+
+RUNNERS = {"autogen": run_autogen, "langgraph": run_langgraph, "openai-agents": run_openai_agents,
+           "crewai": run_crewai}
+
+
+__all__ = ["AUTOGEN_MODEL_INFO", "ChatLog", "Conversation", "NEEDS", "RUNNERS", "crewai_telemetry_off", "math_agents",
+           "merge_stream", "need", "run_autogen", "run_crewai", "run_langgraph", "run_openai_agents", "turn_of"]
