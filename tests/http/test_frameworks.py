@@ -1,12 +1,14 @@
 """Unmodified agent frameworks against the Serve app over real HTTP: AutoGen's `RoundRobinGroupChat` of three
-agents, a three-node LangGraph graph on `ChatOpenAI` (streaming) and three OpenAI Agents SDK agents run in turn,
-driven by `cluster.bench.agents` exactly as ``kvcomm bench agents`` drives them, on the tiny random-weight model;
-the official `openai` client for streaming, stop strings and tool messages with reuse, and the chat errors.
+agents, a three-node LangGraph graph on `ChatOpenAI` (streaming), three OpenAI Agents SDK agents run in turn and a
+sequential CrewAI crew of three agents, driven by `cluster.bench.frameworks` exactly as ``kvcomm bench agents``
+drives them, on the tiny random-weight model; the official `openai` client for streaming, stop strings and tool
+messages with reuse, and the chat errors.
 
 With reuse off (``kvcomm.mode: dense``) every answer equals the in-process dense generation on the very prompt
 tokens the server reports; with reuse on, agents 2 and 3 reuse from the third question on (the entropy gate makes
-a namespace's first two contents of each kind anchors: a pool of <= 1 anchor always takes a new one), and their
-first-token agreement and KL against dense on the same tokens are printed.
+a namespace's first two contents of each kind anchors: a pool of <= 1 anchor always takes a new one; CrewAI's
+agents all reuse from the second, see its test), and their first-token agreement and KL against dense on the same
+tokens are printed.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.bench.agents import run_autogen, run_langgraph, run_openai_agents
+from cluster.bench.frameworks import run_autogen, run_crewai, run_langgraph, run_openai_agents
 from kvcomm.generation import Sampling, generate_from_ids
 
+from tests.support.outbound import outbound_attempts
 from tests.support.serve_app import running_app, tiny_app_args
 
 MODEL_NAME = "tiny-chat"
@@ -49,7 +52,9 @@ def served_logprobs(encoded: str | bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(raw, dtype="<f4").copy())
 
 
-def check_framework(run, url: str, oracle, framework: str, **options) -> None:
+def check_framework(run, url: str, oracle, framework: str, *, answers_inline: bool = False, **options) -> None:
+    """`answers_inline`: the framework writes the earlier agents' answers into the task's user message as text
+    (CrewAI's task context) instead of sending them as messages of their own (see the CrewAI test)."""
     tag = uuid.uuid4().hex[:6]
     conversations = {mode: run(url, QUESTIONS, mode=mode, namespace=f"{framework}-{mode}-{tag}",
                                max_tokens=MAX_TOKENS, model=MODEL_NAME, **options) for mode in ("dense", "kvcomm")}
@@ -59,10 +64,16 @@ def check_framework(run, url: str, oracle, framework: str, **options) -> None:
             assert (turn["mode"], turn["reason"], turn["cached_tokens"]) == ("dense", "dense_mode", 0)
             assert turn["completion_ids"] == dense_tokens(oracle, turn["prompt_ids"])[0]
         first, second, third = conversation.turns
-        for earlier in (first, second):                        # earlier answers enter as their producer's ids
-            ids = third["prompt_ids"]
-            assert any(ids[i:i + len(earlier["completion_ids"])] == earlier["completion_ids"]
-                       for i in range(len(ids))), framework
+        ids = third["prompt_ids"]
+        for earlier in (first, second):
+            if answers_inline:                                 # as text in the one user message, tokenized with it
+                assert earlier["text"] in third["messages"][-1]["content"], framework
+                assert earlier["text"] in oracle.tokenizer.decode(ids), framework
+            else:                                              # earlier answers enter as their producer's ids
+                assert any(ids[i:i + len(earlier["completion_ids"])] == earlier["completion_ids"]
+                           for i in range(len(ids))), framework
+        if answers_inline:
+            assert all([m["role"] for m in t["messages"]] == ["system", "user"] for t in conversation.turns)
     reasons, kls, agree = [], [], []
     for number, conversation in enumerate(conversations["kvcomm"]):
         reasons.append([t["reason"] for t in conversation.turns])
@@ -76,8 +87,12 @@ def check_framework(run, url: str, oracle, framework: str, **options) -> None:
             served = served_logprobs(turn["first_logprobs"]).double()
             kls.append(float((dense.exp() * (dense - served)).sum()))
             agree.append(int(dense.argmax()) == int(served.argmax()))
-    assert all(reason.startswith("new_anchor:") for row in reasons[:2] for reason in row), reasons
-    assert all(row[1:] == ["reused", "reused"] for row in reasons[2:]), reasons     # agents 2 and 3 reuse
+    if answers_inline:      # one anchor pool for every agent's one user message: question 1 teaches it
+        assert all(r.startswith("new_anchor:") or r == "no_compatible_anchor" for r in reasons[0]), reasons
+        assert all(row == ["reused", "reused", "reused"] for row in reasons[1:]), reasons
+    else:
+        assert all(reason.startswith("new_anchor:") for row in reasons[:2] for reason in row), reasons
+        assert all(row[1:] == ["reused", "reused"] for row in reasons[2:]), reasons     # agents 2 and 3 reuse
     print(f"\n{framework}: reuse on vs dense on the same tokens, {len(kls)} reused turns: first-token agreement "
           f"{sum(agree)}/{len(agree)}, KL mean {np.mean(kls):.2e}, max {max(kls):.2e}")
     assert max(kls) < 0.5                     # reuse stays close to dense (the tiny model: ~0)
@@ -93,6 +108,29 @@ def test_langgraph_three_node_graph_reuses_across_requests_streaming(app_url, or
 
 def test_openai_agents_sdk_agents_in_turn_reuse_across_requests(app_url, oracle) -> None:
     check_framework(run_openai_agents, app_url, oracle, "openai-agents")
+
+
+def test_crewai_sequential_crew_reuses_across_requests(app_url, oracle) -> None:
+    """CrewAI shapes its prompts unlike the three others, so two of `check_framework`'s checks take another form
+    (the dense checks do not change: with reuse off every answer is dense generation, token for token).
+
+    Every CrewAI call is two messages: the agent's system prompt (role, backstory, goal) and one user message that
+    holds the task, the earlier tasks' outputs under "This is the context you're working with:" and CrewAI's
+    instructions. An earlier answer therefore reaches a later agent as text inside that message, tokenized with it,
+    not as a message of its own entering as its producer's token ids (the two differ: a tokenizer does not give back
+    the ids a model sampled). And every agent's one user message is the same kind of content (the placeholder
+    ``chat_user_anon_0``), with one anchor pool in the namespace: question 1 teaches it (agents 1 and 2 become
+    anchors of a cold pool; agent 3's template finds no anchor with its deltas, goes dense and records them,
+    ``no_compatible_anchor``), and all three agents reuse from question 2 on, where the others' agents 2 and 3
+    start with question 3 (their answers are contents of other kinds, each with a pool of its own). What a CrewAI
+    agent reuses is its one message's KV computed on its own, placed after the system prompt with KVCOMM's offsets;
+    no KV of an earlier answer travels, since that answer is new text inside a new message.
+
+    CrewAI's telemetry and tracing are off (`crewai_telemetry_off`, ``tracing=False``): while the crews run, this
+    process tries to reach no host but loopback."""
+    with outbound_attempts() as attempts:
+        check_framework(run_crewai, app_url, oracle, "crewai", answers_inline=True)
+    assert attempts == []
 
 
 def test_streaming_stop_strings_and_tool_messages_work_with_reuse(app_url, oracle) -> None:
