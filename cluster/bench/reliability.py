@@ -92,13 +92,19 @@ def worker_faults(runner: Any, jobs: Sequence[JobSpec], *, kill_process: bool = 
     faults, orders_hit = [], {}
     # both faults land mid-turn: wait until both workers run orders, so worker-1 is still busy right after the kill
     # (waiting for it only after worker-0's kill can miss it when the jobs' last orders are on worker-0)
-    _wait_until(lambda: _orders_on(runner, 0) > 0 and (pid is None or _orders_on(runner, 1) > 0), busy_timeout_s)
-    orders_hit["ray.kill"] = _orders_on(runner, 0)
+    # (each count is the read that saw the worker busy: a second read could find its orders just finished)
+    seen = {0: 0, 1: 0}
+
+    def busy(index: int) -> bool:
+        seen[index] = _orders_on(runner, index)
+        return seen[index] > 0
+    _wait_until(lambda: busy(0) and (pid is None or busy(1)), busy_timeout_s)
+    orders_hit["ray.kill"] = seen[0]
     ray.kill(runner.workers[0], no_restart=False)                    # the actor dies; Ray restarts it
     faults.append("ray.kill(worker-0)")
     if pid is not None:
-        _wait_until(lambda: _orders_on(runner, 1) > 0, busy_timeout_s)
-        orders_hit["SIGKILL"] = _orders_on(runner, 1)
+        _wait_until(lambda: busy(1), busy_timeout_s)
+        orders_hit["SIGKILL"] = seen[1]
         os.kill(pid, signal.SIGKILL)                                 # its process dies; Ray restarts it
         faults.append(f"SIGKILL worker-1 process {pid}")
     results, errors = [], []
