@@ -92,9 +92,6 @@ class ChatLog:
     def __init__(self) -> None:
         self.turns: list[dict[str, Any]] = []
 
-    def _keep(self, response: Any) -> None:
-        self.keep(response.request, response)
-
     def keep(self, sent: Any, response: Any) -> None:
         """Keep one chat completion: the httpx request sent and its response, read."""
         if not sent.url.path.endswith("/chat/completions"):
@@ -110,7 +107,7 @@ class ChatLog:
 
         def hook(response: Any) -> None:
             response.read()            # the client reads the body again from memory
-            self._keep(response)
+            self.keep(response.request, response)
         return httpx.Client(timeout=timeout, event_hooks={"response": [hook]})
 
     def async_client(self, timeout: float = 600.0) -> Any:
@@ -118,7 +115,7 @@ class ChatLog:
 
         async def hook(response: Any) -> None:
             await response.aread()
-            self._keep(response)
+            self.keep(response.request, response)
         return httpx.AsyncClient(timeout=timeout, event_hooks={"response": [hook]})
 
     def take(self) -> list[dict[str, Any]]:

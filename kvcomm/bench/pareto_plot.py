@@ -86,12 +86,13 @@ class _RecipeStyles:
         ratio, shape = self.split(name)
         return {"color": self.colour(ratio), "linestyle": self.SHAPES[self.shapes.index(shape) % len(self.SHAPES)]}
 
-    def legend(self, ax: Any, extra: Sequence[Any] = ()) -> None:
+    def legend(self, ax: Any) -> None:
+        """A legend entry per share and per shape, then whatever else `ax` labelled (the calibrated point, ...)."""
         from matplotlib.lines import Line2D
         handles = [Line2D([], [], color=self.colour(r), marker="o", label=f"kvcomm@{r}") for r in self.ratios]
         handles += [Line2D([], [], color="grey", linestyle=self.SHAPES[i % len(self.SHAPES)],
                            label=f"recipe: share{shape or ' only'}") for i, shape in enumerate(self.shapes)]
-        ax.legend(handles=handles + [h for h in ax.get_legend_handles_labels()[0]], fontsize=7, ncol=2)
+        ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=7, ncol=2)
 
 
 def _plot_margin_sweep(ax: Any, summary: dict[str, Any], style: _RecipeStyles) -> None:
