@@ -4,15 +4,13 @@ requests, and the text it streams.
 This module owns how an OpenAI-style chat becomes a `kvcomm.engine.TurnRequest` (nothing HTTP here: no Ray, no
 pydantic), so a chat runs on the very path an agent turn of a job runs on, in any of the engine's modes:
 
-* `ChatTemplate`: a chat's fixed text as a template. Its leading system messages are literal (with the first
-  header they are the exact prefix, whose KV the engine keeps per template); every later non-empty message's
-  content is a placeholder named by `chat_placeholder` (role, sender, position class; see there). The template is
-  cut where the tokenizer's chat template renders each content (a sentinel stands in for it), so any chat template
-  works, and its pieces are tokenized one by one as an agent's are (`kvcomm.templates.render_template`).
+* The template (`kvcomm.chat_template`): leading system messages are literal (with the first header they are the
+  exact prefix, whose KV the engine keeps per template); every later non-empty message's content is a placeholder,
+  or several where it quotes responses this replica generated.
 * `ChatContents`: one replica's contents by (namespace, text): token ids, base KV and the entropy gate's state, in
   a byte-bounded LRU. A response this replica generated is kept with the producer's token ids and KV (as a job's
-  response is), so when a later chat carries its text it enters the prompt as those very ids, in every mode:
-  dense and reuse compare identical tokens.
+  response is), so when a later chat carries its text, as a message of its own or quoted inside a longer one, it
+  enters the prompt as those very ids, in every mode: dense and reuse compare identical tokens.
 * `ChatTurns`: `prepare` a chat's turn (each content looked up or computed, offered to the gate under its
   placeholder name the first time it is seen there, one pool transaction per chat), `finish` it (the response
   remembered, the transaction committed, the gate's state kept with the content). Single-threaded: a worker runs
@@ -26,38 +24,21 @@ chat template: system prompt, roles and senders) prefills densely and records on
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from .chat_template import ChatMessage, ChatRequestError, as_rendered, chat_template, trims_contents
 from .engine import ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult, learn_gate_state
 from .generation import Sampling, first_stop_at
 from .kv import KVSegment
 from .names import BASE_MODES, MODES, POOL_MODES
-from .templates import TemplateError, chat_text, render_template
+from .templates import TemplateError
 
-CHAT_AGENT_ID = "chat"                  # the agent id of every chat template (consumer keys add its digest)
-ROLES = ("system", "user", "assistant", "tool")
-_SENTINEL = "\u2063"                   # INVISIBLE SEPARATOR: marks where a content goes while the template renders
-
-
-class ChatRequestError(ValueError):
-    """A chat cannot run as given; `param` names the offending field (OpenAI's ``error.param``)."""
-
-    def __init__(self, param: str, message: str):
-        self.param = param
-        super().__init__(f"{param}: {message}")
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str                 # system | user | assistant | tool
-    content: str
-    name: str = ""            # the sender: OpenAI's `name` (a framework's agent name), or a tool call's id
+MIN_QUOTE_TOKENS = 4     # a response this short is never looked for inside a longer message (too little to reuse)
 
 
 @dataclass(frozen=True)
@@ -77,107 +58,6 @@ class ChatRequest:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The template
-# ------------------------------------------------------------------------------------------------------------
-def chat_placeholder(role: str, sender: str, ordinal: int) -> str:
-    """``chat_<role>_<sender>_<ordinal>``: the placeholder a chat message's content fills, and so what its anchors
-    are keyed by in the pool (with the namespace). `sender` is the message's ``name`` (letters and digits kept, a
-    short hash added when anything else was dropped; ``anon`` without a name); `ordinal` the position class: how
-    many earlier messages of the same role and sender the chat holds. So the task a group chat's user posted is
-    ``chat_user_user_0`` and agent ``solver``'s first answer ``chat_user_solver_0`` in every other agent's request
-    (AutoGen passes other agents' messages as user messages named after them), ``chat_assistant_solver_0`` where
-    a framework passes them as named assistant messages (LangGraph), whatever agent reads them: one anchor list per
-    kind of content, each anchor holding the deltas of every consumer that read it."""
-    key = re.sub(r"[^A-Za-z0-9]", "", sender)[:32]
-    if key != sender:
-        key += hashlib.sha256(sender.encode()).hexdigest()[:6]
-    return f"chat_{role}_{key or 'anon'}_{ordinal}"
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """A chat's prompt as a template: message i has role ``roles[i]`` and content ``literals[i]``, or, where that is
-    None, the content of the next placeholder of `names`. Frozen and hashable: the engine keeps each template's
-    fixed-segment KV (its leading segment is the chat's exact prefix cache)."""
-    agent_id: str
-    roles: tuple[str, ...]
-    literals: tuple[str | None, ...]
-    names: tuple[str, ...]
-
-    def placeholders(self) -> tuple[str, ...]:
-        return self.names
-
-    def split(self, tokenizer: Any) -> tuple[list[str], list[str]]:
-        """The chat template's text cut where each placeholder's content goes: (fixed texts, placeholder names)."""
-        if any(_SENTINEL in (text or "") for text in self.literals):
-            raise TemplateError("messages: a system message contains U+2063 (INVISIBLE SEPARATOR), which this "
-                                "server uses to locate contents")
-        slots = iter(range(len(self.names)))
-        messages = [{"role": role, "content": text if text is not None else f"{_SENTINEL}{next(slots)}{_SENTINEL}"}
-                    for role, text in zip(self.roles, self.literals)]
-        try:
-            text = chat_text(tokenizer, messages)
-        except Exception as exc:  # noqa: BLE001 - a chat template that rejects these messages (jinja raises anything)
-            raise TemplateError(f"messages: the model's chat template cannot render them: "
-                                f"{type(exc).__name__}: {str(exc)[:200]}") from None
-        pieces = re.split(f"{_SENTINEL}(\\d+){_SENTINEL}", text)    # [fixed0, slot0, fixed1, slot1, ...]
-        if [int(slot) for slot in pieces[1::2]] != list(range(len(self.names))):
-            raise TemplateError("messages: the model's chat template does not render every message's content "
-                                "once and in order")
-        return pieces[0::2], list(self.names)
-
-
-def chat_template(messages: Sequence[ChatMessage]) -> tuple[ChatTemplate, dict[str, ChatMessage]]:
-    """The chat's template and the message behind each of its placeholders. Leading system messages and empty
-    contents are fixed text; every other message's content is a placeholder (`chat_placeholder`)."""
-    roles, literals, names, slots = [], [], [], {}
-    seen: Counter[tuple[str, str]] = Counter()
-    leading = True
-    for index, message in enumerate(messages):
-        if message.role not in ROLES:
-            raise ChatRequestError(f"messages[{index}].role", f"unknown role {message.role!r}; roles: "
-                                                              f"{', '.join(ROLES)}")
-        leading = leading and message.role == "system"
-        roles.append(message.role)
-        if leading or not message.content:
-            literals.append(message.content)
-            continue
-        name = chat_placeholder(message.role, message.name, seen[(message.role, message.name)])
-        seen[(message.role, message.name)] += 1
-        literals.append(None)
-        names.append(name)
-        slots[name] = message
-    if not roles:
-        raise ChatRequestError("messages", "at least one message is needed")
-    return ChatTemplate(CHAT_AGENT_ID, tuple(roles), tuple(literals), tuple(names)), slots
-
-
-def trims_contents(tokenizer: Any) -> bool:
-    """Whether the tokenizer's chat template strips the whitespace around message contents (Llama 3's does): then
-    a chat's contents are stripped before they are tokenized, as the template would render them."""
-    return f" {_SENTINEL} " not in chat_text(tokenizer, [{"role": "user", "content": f" {_SENTINEL} "}])
-
-
-def as_rendered(messages: Sequence[ChatMessage], trim: bool) -> tuple[ChatMessage, ...]:
-    """The messages with their contents as the chat template renders them (stripped when it trims)."""
-    if not trim:
-        return tuple(messages)
-    return tuple(ChatMessage(m.role, m.content.strip(), m.name) for m in messages)
-
-
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, str]]) -> list[int]:
-    """The prompt a chat gets when none of its contents was kept from an earlier chat: its template's fixed pieces
-    and each content tokenized on their own (what a dense oracle prefills). Messages as `ChatMessage`s or OpenAI
-    dicts (role, content, name)."""
-    template, slots = chat_template(as_rendered([m if isinstance(m, ChatMessage) else
-                                                 ChatMessage(m["role"], m.get("content") or "", m.get("name") or "")
-                                                 for m in messages], trims_contents(tokenizer)))
-    rendered = render_template(template, tokenizer)
-    return rendered.fill({name: tokenizer.encode(slots[name].content, add_special_tokens=False)
-                          for name in template.names})
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Contents across requests
 # ------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -191,10 +71,11 @@ class ChatContent:
     gate_reason: dict[str, str] = field(default_factory=dict)    # placeholder name -> the gate's reason
     recorded: dict[str, set[str]] = field(default_factory=dict)  # placeholder name -> consumers that recorded
                                                                  # deltas for its anchor
+    text: str = ""                              # a response's text (what a later message may quote); "" for inputs
 
     @property
     def nbytes(self) -> int:
-        return (self.base.nbytes if self.base is not None else 0) + 8 * len(self.token_ids)
+        return (self.base.nbytes if self.base is not None else 0) + 8 * len(self.token_ids) + len(self.text)
 
     def for_turn(self, name: str, consumer: str) -> SharedContent:
         """A fresh `SharedContent` for one turn reading it as placeholder `name`: flagged as an anchor (so the turn
@@ -245,6 +126,12 @@ class ChatContents:
             _, evicted = self._entries.popitem(last=False)
             self.nbytes -= evicted.nbytes
             self.evictions += 1
+
+    def quotable(self, namespace: str) -> list[str]:
+        """The texts of the responses of `namespace` kept here with at least `MIN_QUOTE_TOKENS` tokens: what a
+        later message may carry inside its own text (`kvcomm.chat_template.quote_pieces`)."""
+        return [entry.text for (space, _), entry in self._entries.items()
+                if space == namespace and entry.kind == "response" and len(entry.token_ids) >= MIN_QUOTE_TOKENS]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -351,7 +238,8 @@ class ChatTurns:
         arrived = time.perf_counter() if arrived is None else arrived
         if request.mode not in MODES:
             raise ChatRequestError("kvcomm.mode", f"unknown mode {request.mode!r}; modes: {', '.join(MODES)}")
-        template, slots = chat_template(as_rendered(request.messages, self.trim))
+        template, slots = chat_template(as_rendered(request.messages, self.trim),
+                                        self.contents.quotable(request.namespace))
         try:
             state = self.engine.agent_state(template)
         except (TemplateError, ContextLengthError) as exc:
@@ -361,7 +249,7 @@ class ChatTurns:
         try:
             contents, entries = {}, {}
             for name in template.names:
-                entry, contents[name] = self._content(request, name, slots[name].content, consumer, txn)
+                entry, contents[name] = self._content(request, name, slots[name], consumer, txn)
                 if entry is not None:
                     entries[name] = entry
             prompt_tokens = len(state.rendered.fill({n: c.token_ids for n, c in contents.items()}))
@@ -423,7 +311,8 @@ class ChatTurns:
         response = result.response
         if response is not None and self.engine.detokenize(response.token_ids) == result.text:
             self.contents.put(request.namespace, result.text,
-                              ChatContent("response", response.token_ids, response.base, response.content_key))
+                              ChatContent("response", response.token_ids, response.base, response.content_key,
+                                          text=result.text))
         txn = prepared.turn.transaction
         if txn is not None and self.engine.pool.commit(txn) is not None:
             self._keep_gate_state(prepared, recorded=not result.reused)

@@ -29,7 +29,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.turns import RoutingHint
-from kvcomm.chat import ChatMessage, ChatRequest, ChatRequestError
+from kvcomm.chat import ChatRequest
+from kvcomm.chat_template import ChatMessage, ChatRequestError
 from kvcomm.names import MODES
 
 __all__ = ["ChatCompletionRequest", "ChatParams", "ChatRequestError", "chunk_body", "completion_body",

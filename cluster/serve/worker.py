@@ -37,7 +37,8 @@ from ray import serve
 from actors.agent_worker import AgentWorker, WorkerSettings
 from actors.turns import ContentOrder, TurnCancelled, TurnOrder
 from actors.worker_load import WorkerLoad
-from kvcomm.chat import ChatRequestError, ChatResult
+from kvcomm.chat import ChatResult
+from kvcomm.chat_template import ChatRequestError
 from kvcomm.memory_plan import KVBudgetError
 
 from .http import internal_error_message

@@ -15,7 +15,7 @@ import uuid
 import httpx
 import pytest
 
-from kvcomm.chat import chat_prompt_ids
+from kvcomm.chat_template import chat_prompt_ids
 from kvcomm.generation import Sampling, generate_from_ids
 from kvcomm.harness.jobs import GenerationParams
 from kvcomm.harness.topologies import build_job

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from kvcomm.bench.fidelity import kl_divergence
-from kvcomm.chat import (ChatContent, ChatContents, ChatMessage, ChatRequest, ChatRequestError, ChatTurns,
-                         TextStream, chat_placeholder, chat_prompt_ids, chat_template, trims_contents)
+from kvcomm.chat import ChatContent, ChatContents, ChatRequest, ChatTurns, TextStream
+from kvcomm.chat_template import (ChatMessage, ChatRequestError, chat_placeholder, chat_prompt_ids, chat_template,
+                                  quote_pieces, trims_contents)
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import TurnRequest
 from kvcomm.names import MODES
@@ -72,7 +73,7 @@ def test_chat_placeholders_are_named_by_role_sender_and_position_class() -> None
                               chat_placeholder("tool", "call_7", 0), chat_placeholder("user", "math solver", 1))
     assert template.literals[:2] == ("Be brief.", "Use numbers.")      # the leading system messages: fixed text
     assert template.literals[5] == ""                                  # an empty content: fixed text too
-    assert slots[solver].content == "an answer"
+    assert slots[solver] == "an answer"
     with pytest.raises(ChatRequestError, match=r"messages\[0\]\.role: unknown role 'robot'"):
         chat_template([ChatMessage("robot", "beep")])
 
@@ -168,6 +169,62 @@ def test_a_group_chat_reuses_from_its_third_question_and_is_dense_with_reuse_off
     print(f"\nreuse on vs dense, {len(kls)} reused turns: first-token agreement {sum(agree)}/{len(agree)}, "
           f"KL mean {sum(kls) / len(kls):.2e} max {max(kls):.2e}")
     assert all(k == k and k < float("inf") for k in kls)
+
+
+def crew_chat(turns: ChatTurns, question: str, mode: str, namespace: str = "ns"):
+    """One question through three agents CrewAI's way: an agent's one user message holds the task and, as text, the
+    answers of the agents before it (its task's context). Returns the agents' results and their user messages."""
+    results, tasks = [], []
+    for system in SYSTEMS:
+        context = "\n\n----------\n\n".join(r.text for r in results)
+        task = (f"Current Task: {question}\n\n" + (f"This is the context you're working with:\n{context}\n\n"
+                                                    if results else "") + "Provide your complete response:")
+        tasks.append(task)
+        results.append(ask(turns, [ChatMessage("system", system), ChatMessage("user", task)], mode=mode,
+                           namespace=namespace))
+    return results, tasks
+
+
+def test_quote_pieces_cut_a_message_at_the_responses_it_quotes() -> None:
+    text = "Task.\nContext:\nThe answer is 5.\n--\nThe answer is 5. Also 7.\nGo"
+    assert quote_pieces(text, ["The answer is 5.", "The answer is 5. Also 7.", "absent"]) == [
+        ("Task.\nContext:\n", False), ("The answer is 5.", True), ("\n--\n", False),
+        ("The answer is 5. Also 7.", True), ("\nGo", False)]          # the longer quote first, no overlaps
+    assert quote_pieces("abcabc", ["abc"]) == [("abc", True), ("abc", True)]
+    assert quote_pieces("abc", ["abc"]) == [("abc", False)]           # the whole message: one content as it is
+    template, slots = chat_template([ChatMessage("user", "Ctx: hello world. End")], ["hello world."])
+    assert template.names == ("chat_user_anon_0_text0", "chat_user_anon_0_quote0", "chat_user_anon_0_text1")
+    assert [slots[n] for n in template.names] == ["Ctx: ", "hello world.", " End"]
+
+
+def test_answers_quoted_inside_a_message_enter_as_their_producers_ids_and_are_not_prefilled(engine) -> None:
+    """CrewAI writes the earlier agents' answers into the task's one user message. Each answer (kept by the replica
+    that generated it) is cut out of the message and enters as its producer's token ids, in every mode, so dense and
+    reuse see the same tokens and a reuse mode takes the answer's KV instead of prefilling the message whole: the
+    message is never computed as one content, only its own text pieces (the task, the separators) are. The first two
+    questions teach the pool (every piece kind is new); from the third every agent reuses."""
+    dense_turns, reuse_turns = turns_on(engine), ChatTurns(engine, ChatContents(64 << 20))
+    reasons = []
+    for number, question in enumerate(QUESTIONS):
+        for mode, turns, namespace in (("dense", dense_turns, "dense-ns"), ("kvcomm", reuse_turns, "ns")):
+            results, tasks = crew_chat(turns, question, mode, namespace)
+            first, second, third = results
+            for earlier in (first, second):
+                ids = third.prompt_ids
+                assert any(ids[i:i + len(earlier.token_ids)] == list(earlier.token_ids) for i in range(len(ids)))
+            if mode == "kvcomm":       # the task's own text is computed, the message as a whole never is
+                assert turns.contents.get(namespace, tasks[2]) is None
+                assert turns.contents.get(namespace, tasks[2].split("\n----------")[0].split(first.text)[0])
+            for result in results:
+                oracle = dense_oracle(engine, result.prompt_ids)
+                if not result.reused:
+                    assert result.token_ids == oracle.token_ids, (mode, number, result.reason)
+                else:
+                    assert 0 < result.cached_tokens < result.prompt_tokens
+                    assert kl_divergence(oracle.first_logits, result.first_logits) < 0.5
+            if mode == "kvcomm":
+                reasons.append([r.reason for r in results])
+    assert all(row == ["reused", "reused", "reused"] for row in reasons[2:]), reasons
 
 
 def test_each_consumer_records_an_anchor_once_then_reuses_it(engine) -> None:
