@@ -97,7 +97,7 @@ class SharedContent:
 
 @dataclass
 class TurnRequest:
-    agent: PromptTemplate                   # an AgentTemplate, or a chat's kvcomm.chat.ChatTemplate
+    agent: PromptTemplate                   # an AgentTemplate, or a chat's kvcomm.chat_template.ChatTemplate
     contents: Mapping[str, SharedContent]   # placeholder name -> content
     mode: str = "kvcomm"
     sampling: Sampling = field(default_factory=Sampling)

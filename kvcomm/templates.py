@@ -7,8 +7,8 @@ is tokenized on its own and each placeholder's content is tokenized on its own (
 ids), so the dense path and every reuse path see the very same token sequence.
 
 A template only has to say how its prompt text is cut (`split`): `AgentTemplate` cuts at the placeholders of its
-user template; `kvcomm.chat.ChatTemplate` (an OpenAI chat's messages) at its messages' contents. `render_template`
-tokenizes the pieces of either alike.
+user template; `kvcomm.chat_template.ChatTemplate` (an OpenAI chat's messages) at its messages' contents.
+`render_template` tokenizes the pieces of either alike.
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ class AgentTemplate:
 
 
 class PromptTemplate(Protocol):
-    """What the engine needs of a template (`AgentTemplate`, `kvcomm.chat.ChatTemplate`): a name, and its prompt
-    text cut at its placeholders. Implementations are frozen dataclasses (the engine caches by template)."""
+    """What the engine needs of a template (`AgentTemplate`, `kvcomm.chat_template.ChatTemplate`): a name, and its
+    prompt text cut at its placeholders. Implementations are frozen dataclasses (the engine caches by template)."""
     agent_id: str
 
     def split(self, tokenizer: Any) -> tuple[list[str], list[str]]: ...
