@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .corrections import probe_queries
-from .kv import KVSegment
+from .kv import KVSegment, concat
 from .runner import ModelRunner
 from .templates import AgentTemplate, RenderedTemplate, render_template
 
@@ -83,21 +83,34 @@ class AgentCache:
 
 class InputEncoder:
     """A content's base KV in isolation: prefilled after a lead-in (a user-turn header, so the content's first
-    token is not the attention sink), the lead-in dropped, keys re-rotated to positions 0..n-1."""
+    token is not the attention sink), the lead-in dropped, keys re-rotated to positions 0..n-1.
+
+    Attention is causal, so the base of a content's first m tokens is the first m tokens of its base: a content
+    that begins as a known one did (`known`) computes only what follows the tokens they share."""
 
     def __init__(self, runner: ModelRunner, tokenizer: Any):
         self.runner = runner
         self.lead_in = _input_lead_in(tokenizer)
         self._lead_in_kv: KVSegment | None = None
 
-    def base(self, ids: Sequence[int]) -> KVSegment:
-        """[layers, kv_heads, len(ids), head_dim] at positions 0..n-1 (an empty segment for no tokens)."""
+    def base(self, ids: Sequence[int], known: tuple[Sequence[int], KVSegment] | None = None) -> KVSegment:
+        """[layers, kv_heads, len(ids), head_dim] at positions 0..n-1 (an empty segment for no tokens). `known`:
+        another content's token ids and base KV; the tokens `ids` shares with its start are taken from it."""
         if not ids:
             spec = self.runner.spec
             return KVSegment.empty(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype=self.runner.dtype,
                                    device=self.runner.device)
-        _, kv = self.runner.prefill(ids, context=self._lead_in_cache())
-        seg = kv.segment(len(self.lead_in))
+        shared = shared_prefix(ids, known[0]) if known is not None else 0
+        if shared == len(ids):                     # a prefix of the known content: nothing to compute
+            part = known[1].slice(0, shared)
+            return KVSegment(part.keys.clone(), part.values.clone(), 0)
+        lead = len(self.lead_in)
+        context = self._lead_in_cache()
+        if shared:                                 # lead-in + the shared tokens' base at positions lead.. lead+shared
+            prefix = known[1].slice(0, shared).shifted(self.runner.rope, lead)
+            context = prefix if context is None else concat([context, prefix])
+        _, kv = self.runner.prefill(list(ids[shared:]), context=context)
+        seg = kv.segment(lead)
         return KVSegment(seg.keys.clone(), seg.values.clone(), seg.start).shifted(self.runner.rope, 0)
 
     def _lead_in_cache(self) -> KVSegment | None:
@@ -108,6 +121,16 @@ class InputEncoder:
             seg = kv.segment()
             self._lead_in_kv = KVSegment(seg.keys.clone(), seg.values.clone(), 0)
         return self._lead_in_kv
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count
 
 
 def _input_lead_in(tokenizer: Any) -> tuple[int, ...]:

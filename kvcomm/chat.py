@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .chat_template import ChatMessage, ChatRequestError, as_rendered, chat_template, trims_contents
+from .base_cache import shared_prefix
 from .engine import ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult, learn_gate_state
 from .generation import Sampling, first_stop_at
 from .kv import KVSegment
@@ -97,6 +98,7 @@ class ChatContents:
         self._entries: OrderedDict[tuple[str, bytes], ChatContent] = OrderedDict()
         self.nbytes = 0
         self.hits = self.misses = self.evictions = 0
+        self.shared_start_tokens = 0        # tokens of new inputs whose base KV a kept input's start supplied
 
     @staticmethod
     def _key(namespace: str, text: str) -> tuple[str, bytes]:
@@ -136,9 +138,25 @@ class ChatContents:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def sharing_start(self, namespace: str, ids: Sequence[int]) -> tuple[Sequence[int], KVSegment] | None:
+        """The kept input of `namespace` whose token ids share the longest start with `ids` (its ids and base KV),
+        or None when none shares a token: a new input computes only what follows (`InputEncoder.base`)."""
+        best, shared = None, 0
+        for (space, _), entry in self._entries.items():
+            if space == namespace and entry.kind == "input" and entry.base is not None and entry.token_ids[:1] == \
+                    tuple(ids[:1]):
+                count = shared_prefix(ids, entry.token_ids)
+                if count > shared:
+                    best, shared = entry, count
+        if best is None:
+            return None
+        self.shared_start_tokens += shared
+        return best.token_ids, best.base
+
     def stats(self) -> dict[str, int]:
         return {"entries": len(self._entries), "bytes": self.nbytes, "budget_bytes": self.budget_bytes,
-                "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+                "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                "shared_start_tokens": self.shared_start_tokens}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -277,7 +295,7 @@ class ChatTurns:
         (its base KV in the modes that assemble from it); offered to the gate under `name` the first time."""
         entry = self.contents.get(request.namespace, text)
         if request.mode in BASE_MODES and (entry is None or entry.base is None):
-            made = self.engine.make_input(text)
+            made = self.engine.make_input(text, known=lambda ids: self.contents.sharing_start(request.namespace, ids))
             entry = ChatContent("input", made.token_ids, made.base, made.content_key)
             self.contents.put(request.namespace, text, entry)
         if entry is None:            # a dense mode: the tokens are all it needs

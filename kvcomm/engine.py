@@ -175,12 +175,16 @@ class KVCommEngine:
     def encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def make_input(self, text_or_ids: str | Sequence[int], kind: str = "input") -> SharedContent:
-        """A user input or condition: its base KV computed once in isolation (`InputEncoder`)."""
+    def make_input(self, text_or_ids: str | Sequence[int], kind: str = "input",
+                   known: Callable[[Sequence[int]], tuple[Sequence[int], KVSegment] | None] | None = None
+                   ) -> SharedContent:
+        """A user input or condition: its base KV computed once in isolation (`InputEncoder`). `known`, given the
+        content's token ids, may name another input's ids and base KV whose shared start need not be computed."""
         ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else tuple(int(t) for t in text_or_ids)
         if ids:
             self._check_fits(len(self.inputs.lead_in) + len(ids), 0, f"{kind} content")
-        return SharedContent(kind=kind, token_ids=ids, base=self.inputs.base(ids))
+        return SharedContent(kind=kind, token_ids=ids,
+                             base=self.inputs.base(ids, known(ids) if known is not None and ids else None))
 
     def _check_fits(self, prompt_len: int, new_tokens: int, what: str) -> None:
         limit = self.spec.max_position_embeddings

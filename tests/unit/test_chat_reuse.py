@@ -225,6 +225,8 @@ def test_answers_quoted_inside_a_message_enter_as_their_producers_ids_and_are_no
             if mode == "kvcomm":
                 reasons.append([r.reason for r in results])
     assert all(row == ["reused", "reused", "reused"] for row in reasons[2:]), reasons
+    # agent 2's task text begins as agent 1's message did: only what follows that start was computed for its base
+    assert reuse_turns.contents.stats()["shared_start_tokens"] > 0
 
 
 def test_each_consumer_records_an_anchor_once_then_reuses_it(engine) -> None:

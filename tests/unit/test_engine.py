@@ -43,6 +43,24 @@ def _prepare(engine, agent, content, mode, txn=None, namespace="ns"):
                                       namespace=namespace, transaction=txn))
 
 
+def test_an_input_that_begins_as_a_known_one_computes_only_the_rest(smollm2_engine_parts):
+    """Base KV is causal: a content's first m tokens have the base of those m tokens alone. So a new input sharing its
+    start with a known one takes that part of the known base and computes the rest after it, and a content that is a
+    start of the known one computes nothing; both equal the base computed from scratch."""
+    engine = _engine(smollm2_engine_parts)
+    known = engine.make_input(QUESTION + " Show your work.")
+    for text in (QUESTION + " Then 2 more are born. How many now?", QUESTION, OTHER_QUESTION):
+        scratch = engine.make_input(text)
+        shared = engine.make_input(text, known=lambda ids: (known.token_ids, known.base))
+        assert shared.token_ids == scratch.token_ids and shared.base.start == 0
+        assert shared.base.num_tokens == len(scratch.token_ids)
+        for side in ("keys", "values"):
+            got, want = getattr(shared.base, side), getattr(scratch.base, side)
+            assert _rel_err(got.float(), want.float()) < 1e-5, (text, side)
+    assert engine.make_input(QUESTION, known=lambda ids: (known.token_ids, known.base)).base.keys.data_ptr() != \
+        known.base.keys.data_ptr()                  # its own storage, not a view into the known content's
+
+
 def test_reuse_is_exact_when_the_prefix_is_the_isolation_prefix(smollm2_engine_parts):
     """A template whose leading segment is exactly the lead-in the base cache was computed under: every reuse
     mode must then reproduce dense (same tokens, same positions, same prefix)."""
