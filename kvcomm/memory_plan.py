@@ -28,9 +28,11 @@ from .model_spec import ModelSpec
 GIB = 1 << 30
 CPU_DEVICE_MEMORY_BYTES = 8 * GIB   # MemoryConfig.device_memory_bytes=None on the CPU: plan for this much
 SCRATCH_MARGIN = 1.25               # activations: allocator rounding and fragmentation on top of the tensor sum
-PREPARE_KV_COPIES = 4               # a prompt being prepared: its re-rotated segments, their concatenation, its
-                                    # prefill buffer (with the output reserve); and a finished sequence's KV
-                                    # being handed back
+PREPARE_KV_COPIES = 4               # around a prompt being prepared: its turn buffer (alignment writes the
+                                    # cache into it; the output reserve is the KV budget's), a dense turn's
+                                    # recorded deltas (real and base copies of its placeholders), an input's base
+                                    # being computed (with a shared start: that start's copy as its context), and
+                                    # a finished sequence's KV being handed back
 
 
 class MemoryPlanError(ValueError):
