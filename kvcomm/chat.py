@@ -31,8 +31,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .chat_template import ChatMessage, ChatRequestError, as_rendered, chat_template, trims_contents
 from .base_cache import shared_prefix
+from .chat_template import ChatMessage, ChatRequestError, as_rendered, chat_template, trims_contents
 from .engine import ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult, learn_gate_state
 from .generation import Sampling, first_stop_at
 from .kv import KVSegment
@@ -143,11 +143,11 @@ class ChatContents:
         or None when none shares a token: a new input computes only what follows (`InputEncoder.base`)."""
         best, shared = None, 0
         for (space, _), entry in self._entries.items():
-            if space == namespace and entry.kind == "input" and entry.base is not None and entry.token_ids[:1] == \
-                    tuple(ids[:1]):
-                count = shared_prefix(ids, entry.token_ids)
-                if count > shared:
-                    best, shared = entry, count
+            if space != namespace or entry.kind != "input" or entry.base is None:
+                continue
+            count = shared_prefix(ids, entry.token_ids)
+            if count > shared:
+                best, shared = entry, count
         if best is None:
             return None
         self.shared_start_tokens += shared
