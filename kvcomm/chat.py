@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .base_cache import shared_prefix
-from .chat_template import ChatMessage, ChatRequestError, as_rendered, chat_template, trims_contents
+from .chat_template import (QUOTE_PROBE_CHARS, ChatMessage, ChatRequestError, as_rendered, chat_template,
+                            quoted_suffix, trims_contents)
 from .engine import ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult, learn_gate_state
 from .generation import Sampling, first_stop_at
 from .kv import KVSegment
@@ -73,6 +74,7 @@ class ChatContent:
     recorded: dict[str, set[str]] = field(default_factory=dict)  # placeholder name -> consumers that recorded
                                                                  # deltas for its anchor
     text: str = ""                              # a response's text (what a later message may quote); "" for inputs
+    boundaries: tuple[int, ...] = ()            # a response's token boundaries in `text` once it was looked for
 
     @property
     def nbytes(self) -> int:
@@ -129,10 +131,10 @@ class ChatContents:
             self.nbytes -= evicted.nbytes
             self.evictions += 1
 
-    def quotable(self, namespace: str) -> list[str]:
-        """The texts of the responses of `namespace` kept here with at least `MIN_QUOTE_TOKENS` tokens: what a
-        later message may carry inside its own text (`kvcomm.chat_template.quote_pieces`)."""
-        return [entry.text for (space, _), entry in self._entries.items()
+    def responses(self, namespace: str) -> list[ChatContent]:
+        """The responses of `namespace` kept here with at least `MIN_QUOTE_TOKENS` tokens (what a later message may
+        quote), least recently used first."""
+        return [entry for (space, _), entry in self._entries.items()
                 if space == namespace and entry.kind == "response" and len(entry.token_ids) >= MIN_QUOTE_TOKENS]
 
     def __len__(self) -> int:
@@ -256,8 +258,8 @@ class ChatTurns:
         arrived = time.perf_counter() if arrived is None else arrived
         if request.mode not in MODES:
             raise ChatRequestError("kvcomm.mode", f"unknown mode {request.mode!r}; modes: {', '.join(MODES)}")
-        template, slots = chat_template(as_rendered(request.messages, self.trim),
-                                        self.contents.quotable(request.namespace))
+        messages = as_rendered(request.messages, self.trim)
+        template, slots = chat_template(messages, self._quotes(request.namespace, messages))
         try:
             state = self.engine.agent_state(template)
         except (TemplateError, ContextLengthError) as exc:
@@ -288,6 +290,33 @@ class ChatTurns:
             prepared.on_token(token)
         turn.on_token = on_token
         return prepared
+
+    def _quotes(self, namespace: str, messages: Sequence[ChatMessage]) -> list[str]:
+        """The texts of kept responses that the messages quote, whole or their end (`quoted_suffix`). An end is
+        kept as a response of its own: the producer's ids and base KV of those tokens (keys re-rotated to 0)."""
+        quotes = []
+        for entry in self.contents.responses(namespace):
+            for message in messages:
+                if entry.text.rstrip()[-QUOTE_PROBE_CHARS:] not in message.content:   # before any tokenizer work
+                    continue
+                if not entry.boundaries:
+                    ids = entry.token_ids
+                    entry.boundaries = tuple(len(self.engine.detokenize(ids[:k])) for k in range(len(ids))) + (
+                        len(entry.text),)
+                span = quoted_suffix(message.content, entry.text, entry.boundaries, MIN_QUOTE_TOKENS)
+                if span is None:
+                    continue
+                i, j = span
+                text = entry.text[entry.boundaries[i]:entry.boundaries[j]]
+                if (i, j) != (0, len(entry.token_ids)) and self.engine.detokenize(entry.token_ids[i:j]) == text \
+                        and self.contents.get(namespace, text) is None:
+                    part = entry.base.slice(i, j).shifted(self.engine.runner.rope, 0)
+                    made = SharedContent("response", entry.token_ids[i:j], base=part)
+                    self.contents.put(namespace, text, ChatContent("response", made.token_ids, part,
+                                                                   made.content_key, text=text))
+                quotes.append(text)
+                break
+        return quotes
 
     def _content(self, request: ChatRequest, name: str, text: str, consumer: str, txn: Any
                  ) -> tuple[ChatContent | None, SharedContent]:

@@ -18,6 +18,7 @@ from typing import Any, Collection, Mapping, Sequence
 
 from .templates import TemplateError, chat_text, render_template
 
+QUOTE_PROBE_CHARS = 8                  # a response is looked for in a message only if it has its last characters
 CHAT_AGENT_ID = "chat"                  # the agent id of every chat template (consumer keys add its digest)
 ROLES = ("system", "user", "assistant", "tool")
 _SENTINEL = "\u2063"                   # INVISIBLE SEPARATOR: marks where a content goes while the template renders
@@ -179,3 +180,23 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str
                                                  for m in messages], trims_contents(tokenizer)))
     rendered = render_template(template, tokenizer)
     return rendered.fill({name: tokenizer.encode(slots[name], add_special_tokens=False) for name in template.names})
+
+
+def quoted_suffix(message: str, text: str, boundaries: Sequence[int], min_tokens: int) -> tuple[int, int] | None:
+    """The token range [i, j) of the longest end of a response that `message` quotes: a framework may quote a
+    response whole, or only what follows its reasoning (CrewAI takes what follows "Final Answer:"), whitespace
+    stripped. `text` is the response, `boundaries` [n + 1] the character offset of each token boundary in it (0
+    first, len(text) last). j is the response's end less trailing whitespace tokens; i the first token boundary
+    from which ``text[boundaries[i]:boundaries[j]]`` occurs in `message`. None when no such quote has at least
+    `min_tokens` tokens (the shortest, the last `min_tokens` tokens, is tried first: it rules out most responses)."""
+    j = len(boundaries) - 1
+    while j > 0 and text[boundaries[j - 1]:boundaries[j]].isspace():
+        j -= 1
+    end = boundaries[j]
+    if j < min_tokens or text[boundaries[j - min_tokens]:end] not in message:
+        return None
+    for i in range(j - min_tokens + 1):
+        if text[boundaries[i]:end] in message:
+            return i, j
+    return None
+

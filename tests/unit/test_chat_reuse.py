@@ -16,7 +16,7 @@ import torch
 from kvcomm.bench.fidelity import kl_divergence
 from kvcomm.chat import ChatContent, ChatContents, ChatRequest, ChatTurns, TextStream
 from kvcomm.chat_template import (ChatMessage, ChatRequestError, chat_placeholder, chat_prompt_ids, chat_template,
-                                  quote_pieces, trims_contents)
+                                  quote_pieces, quoted_suffix, trims_contents)
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import TurnRequest
 from kvcomm.names import MODES
@@ -195,6 +195,40 @@ def test_quote_pieces_cut_a_message_at_the_responses_it_quotes() -> None:
     template, slots = chat_template([ChatMessage("user", "Ctx: hello world. End")], ["hello world."])
     assert template.names == ("chat_user_anon_0_text0", "chat_user_anon_0_quote0", "chat_user_anon_0_text1")
     assert [slots[n] for n in template.names] == ["Ctx: ", "hello world.", " End"]
+
+
+def test_quoted_suffix_finds_the_longest_end_of_a_response_a_message_quotes() -> None:
+    tokens = ["Thought", ":", " fine", "\n", "Final", " Answer", ":", " 42", " apples", ".", "\n"]
+    text, boundaries = "".join(tokens), [0]
+    for token in tokens:
+        boundaries.append(boundaries[-1] + len(token))
+    # CrewAI keeps what follows "Final Answer:", stripped: " 42" does not start the quote, " apples." does
+    assert quoted_suffix("Context:\n42 apples.\n---", text, boundaries, 2) == (8, 10)
+    assert quoted_suffix("Context - 42 apples.", text, boundaries, 2) == (7, 10)
+    assert quoted_suffix("Context: " + text.strip(), text, boundaries, 2) == (0, 10)    # whole, stripped
+    assert quoted_suffix("Context:\n42 apples.", text, boundaries, 3) is None          # " apples." is 2 tokens
+    assert quoted_suffix("nothing of it", text, boundaries, 1) is None
+
+
+def test_the_end_of_an_answer_quoted_inside_a_message_enters_as_those_producer_ids(engine) -> None:
+    """A framework that quotes only the end of an answer (what follows its reasoning), whitespace stripped: those
+    tokens of the producer's enter the prompt, with their KV, in every mode."""
+    turns = turns_on(engine)
+    answer = ask(turns, [ChatMessage("user", QUESTIONS[0])], mode="dense", max_tokens=16)
+    ids = answer.token_ids
+    cut = next(k for k in range(4, len(ids) - 5) if not engine.detokenize(ids[k:k + 1]).isspace())
+    end = len(ids)
+    while engine.detokenize(ids[end - 1:end]).isspace():
+        end -= 1
+    quoted = engine.detokenize(ids[cut:end])
+    assert engine.detokenize(ids[:cut]) + quoted == answer.text.rstrip()
+    messages = [ChatMessage("system", SYSTEMS[1]), ChatMessage("user", f"Context:{quoted.strip()}|Check it.")]
+    inner = ids[cut + 1:end] if quoted != quoted.lstrip() else ids[cut:end]   # a leading space: one token later
+    for mode in ("dense", "kvcomm", "kvcomm"):
+        prompt = ask(turns, messages, mode=mode).prompt_ids
+        assert any(prompt[i:i + len(inner)] == list(inner) for i in range(len(prompt))), mode
+    kept = turns.contents.get("ns", engine.detokenize(inner))     # the quoted end, kept as a response of its own
+    assert kept.kind == "response" and kept.token_ids == tuple(inner) and kept.base.num_tokens == len(inner)
 
 
 def test_answers_quoted_inside_a_message_enter_as_their_producers_ids_and_are_not_prefilled(engine) -> None:
