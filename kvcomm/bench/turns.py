@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from ..base_cache import shared_prefix
 from ..anchor_pool import AnchorPool
 from ..config import KVCommConfig
 from ..engine import KVCommEngine, PreparedPrompt, SharedContent, TurnRequest
@@ -303,14 +304,7 @@ def greedy_continuations(runner: ModelRunner, turns: dict[str, PreparedTurn], sa
 
 def matching_prefix(candidate: Sequence[int], reference: Sequence[int], budget: int) -> int:
     """Leading tokens in common; an identical sequence (both stopped at the same token) counts as `budget`."""
-    if list(candidate) == list(reference):
-        return budget
-    n = 0
-    for a, b in zip(candidate, reference):
-        if a != b:
-            break
-        n += 1
-    return n
+    return budget if list(candidate) == list(reference) else shared_prefix(candidate, reference)
 
 
 # ------------------------------------------------------------------------------------------------------------
