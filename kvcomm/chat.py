@@ -292,31 +292,40 @@ class ChatTurns:
         return prepared
 
     def _quotes(self, namespace: str, messages: Sequence[ChatMessage]) -> list[str]:
-        """The texts of kept responses that the messages quote, whole or their end (`quoted_suffix`). An end is
-        kept as a response of its own: the producer's ids and base KV of those tokens (keys re-rotated to 0)."""
+        """The texts of kept responses that the messages quote inside longer text, whole or their end
+        (`quoted_suffix`). A message that is a response is no quote (it is found whole, as one content)."""
         quotes = []
         for entry in self.contents.responses(namespace):
             for message in messages:
-                if entry.text.rstrip()[-QUOTE_PROBE_CHARS:] not in message.content:   # before any tokenizer work
+                text = message.content
+                if text == entry.text or entry.text.rstrip()[-QUOTE_PROBE_CHARS:] not in text:   # cheap tests first
                     continue
-                if not entry.boundaries:
-                    ids = entry.token_ids
-                    entry.boundaries = tuple(len(self.engine.detokenize(ids[:k])) for k in range(len(ids))) + (
-                        len(entry.text),)
-                span = quoted_suffix(message.content, entry.text, entry.boundaries, MIN_QUOTE_TOKENS)
-                if span is None:
-                    continue
-                i, j = span
-                text = entry.text[entry.boundaries[i]:entry.boundaries[j]]
-                if (i, j) != (0, len(entry.token_ids)) and self.engine.detokenize(entry.token_ids[i:j]) == text \
-                        and self.contents.get(namespace, text) is None:
-                    part = entry.base.slice(i, j).shifted(self.engine.runner.rope, 0)
-                    made = SharedContent("response", entry.token_ids[i:j], base=part)
-                    self.contents.put(namespace, text, ChatContent("response", made.token_ids, part,
-                                                                   made.content_key, text=text))
-                quotes.append(text)
-                break
+                quote = entry.text if entry.text in text else self._quoted_end(namespace, entry, text)
+                if quote is not None:
+                    quotes.append(quote)
+                    break
         return quotes
+
+    def _quoted_end(self, namespace: str, entry: ChatContent, message: str) -> str | None:
+        """The longest end of response `entry` that `message` quotes, kept as a response of its own (the producer's
+        ids and base KV of those tokens, keys re-rotated to 0); None when there is none, or when those tokens do not
+        decode to exactly that text."""
+        ids = entry.token_ids
+        if not entry.boundaries:
+            entry.boundaries = tuple(len(self.engine.detokenize(ids[:k])) for k in range(len(ids))) + (len(entry.text),)
+        span = quoted_suffix(message, entry.text, entry.boundaries, MIN_QUOTE_TOKENS)
+        if span is None:
+            return None
+        i, j = span
+        text = entry.text[entry.boundaries[i]:entry.boundaries[j]]
+        if self.engine.detokenize(ids[i:j]) != text:
+            return None
+        if self.contents.get(namespace, text) is None:
+            part = entry.base.slice(i, j).shifted(self.engine.runner.rope, 0)
+            made = SharedContent("response", ids[i:j], base=part)
+            self.contents.put(namespace, text, ChatContent("response", made.token_ids, part, made.content_key,
+                                                           text=text))
+        return text
 
     def _content(self, request: ChatRequest, name: str, text: str, consumer: str, txn: Any
                  ) -> tuple[ChatContent | None, SharedContent]:
