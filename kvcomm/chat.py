@@ -291,19 +291,23 @@ class ChatTurns:
         turn.on_token = on_token
         return prepared
 
-    def _quotes(self, namespace: str, messages: Sequence[ChatMessage]) -> list[str]:
-        """The texts of kept responses that the messages quote inside longer text, whole or their end
-        (`quoted_suffix`). A message that is a response is no quote (it is found whole, as one content)."""
-        quotes = []
-        for entry in self.contents.responses(namespace):
-            for message in messages:
-                text = message.content
-                if text == entry.text or entry.text.rstrip()[-QUOTE_PROBE_CHARS:] not in text:   # cheap tests first
+    def _quotes(self, namespace: str, messages: Sequence[ChatMessage]) -> dict[int, list[str]]:
+        """Message index -> the texts of kept responses that message quotes inside its own text, whole or their end
+        (`quoted_suffix`). A message that is a kept response is never cut: it enters whole as its producer's ids
+        (where a model repeated an earlier answer, cutting it would only make new kinds of content)."""
+        responses = self.contents.responses(namespace)
+        whole = {entry.text for entry in responses}
+        quotes: dict[int, list[str]] = {}
+        for index, message in enumerate(messages):
+            text = message.content
+            if text in whole:
+                continue
+            for entry in responses:
+                if entry.text.rstrip()[-QUOTE_PROBE_CHARS:] not in text:   # before any tokenizer work
                     continue
                 quote = entry.text if entry.text in text else self._quoted_end(namespace, entry, text)
                 if quote is not None:
-                    quotes.append(quote)
-                    break
+                    quotes.setdefault(index, []).append(quote)
         return quotes
 
     def _quoted_end(self, namespace: str, entry: ChatContent, message: str) -> str | None:

@@ -92,13 +92,14 @@ class ChatTemplate:
         return pieces[0::2], list(self.names)
 
 
-def chat_template(messages: Sequence[ChatMessage], quotes: Collection[str] = ()
+def chat_template(messages: Sequence[ChatMessage], quotes: Mapping[int, Collection[str]] | None = None
                   ) -> tuple[ChatTemplate, dict[str, str]]:
     """The chat's template and the text behind each of its placeholders. Leading system messages and empty
-    contents are fixed text; every other message's content is a placeholder (`chat_placeholder`), or, where it
-    quotes any of `quotes` (responses this replica generated, carried as text inside a longer message: CrewAI's
-    task context), one placeholder per piece of `quote_pieces`, named after the message's placeholder with
+    contents are fixed text; every other message's content is a placeholder (`chat_placeholder`), or, where message
+    i quotes any of ``quotes[i]`` (responses this replica generated, carried as text inside a longer message:
+    CrewAI's task context), one placeholder per piece of `quote_pieces`, named after the message's placeholder with
     ``_quote<k>`` (the k-th quoted response) or ``_text<j>`` (the j-th piece of its own text)."""
+    quotes = quotes or {}
     roles, literals, names, parts, slots = [], [], [], [], {}
     seen: Counter[tuple[str, str]] = Counter()
     leading = True
@@ -115,7 +116,7 @@ def chat_template(messages: Sequence[ChatMessage], quotes: Collection[str] = ()
         name = chat_placeholder(message.role, message.name, seen[(message.role, message.name)])
         seen[(message.role, message.name)] += 1
         literals.append(None)
-        pieces = quote_pieces(message.content, quotes)
+        pieces = quote_pieces(message.content, quotes.get(index, ()))
         parts.append(len(pieces))
         if len(pieces) == 1:
             names.append(name)

@@ -192,7 +192,7 @@ def test_quote_pieces_cut_a_message_at_the_responses_it_quotes() -> None:
         ("The answer is 5. Also 7.", True), ("\nGo", False)]          # the longer quote first, no overlaps
     assert quote_pieces("abcabc", ["abc"]) == [("abc", True), ("abc", True)]
     assert quote_pieces("abc", ["abc"]) == [("abc", False)]           # the whole message: one content as it is
-    template, slots = chat_template([ChatMessage("user", "Ctx: hello world. End")], ["hello world."])
+    template, slots = chat_template([ChatMessage("user", "Ctx: hello world. End")], {0: ["hello world."]})
     assert template.names == ("chat_user_anon_0_text0", "chat_user_anon_0_quote0", "chat_user_anon_0_text1")
     assert [slots[n] for n in template.names] == ["Ctx: ", "hello world.", " End"]
 
@@ -229,6 +229,28 @@ def test_the_end_of_an_answer_quoted_inside_a_message_enters_as_those_producer_i
         assert any(prompt[i:i + len(inner)] == list(inner) for i in range(len(prompt))), mode
     kept = turns.contents.get("ns", engine.detokenize(inner))     # the quoted end, kept as a response of its own
     assert kept.kind == "response" and kept.token_ids == tuple(inner) and kept.base.num_tokens == len(inner)
+
+
+def test_a_message_that_is_a_kept_response_is_never_cut_at_an_answer_it_repeats(engine) -> None:
+    """A model may repeat an earlier answer inside its own; passed on as a message, that answer enters whole as its
+    producer's ids (cutting it would make new kinds of content the pool has no anchors for), while the same text
+    inside a longer message is cut at the longest response it holds."""
+    turns = turns_on(engine)
+    first = ask(turns, [ChatMessage("user", QUESTIONS[0])], mode="dense", max_tokens=12)
+    repeated = f"As said: {first.text} So, yes."
+    made = engine.make_input(repeated)                  # stands in for an answer that repeated the first one
+    turns.contents.put("ns", repeated, ChatContent("response", made.token_ids, made.base, made.content_key,
+                                                   text=repeated))
+    inner = list(made.token_ids)
+    for mode in ("dense", "kvcomm"):
+        alone = ask(turns, [ChatMessage("system", SYSTEMS[2]), ChatMessage("user", repeated, "agent2")], mode=mode)
+        assert any(alone.prompt_ids[i:i + len(inner)] == inner for i in range(len(alone.prompt_ids))), mode
+    assert turns.contents.get("ns", "As said: ") is None            # kvcomm computed no piece of it: not cut
+    for mode in ("dense", "kvcomm"):
+        longer = ask(turns, [ChatMessage("system", SYSTEMS[2]), ChatMessage("user", f"Context: {repeated}")],
+                     mode=mode)
+        assert any(longer.prompt_ids[i:i + len(inner)] == inner for i in range(len(longer.prompt_ids))), mode
+    assert turns.contents.get("ns", "Context: ") is not None        # cut at the longest response it holds
 
 
 def test_answers_quoted_inside_a_message_enter_as_their_producers_ids_and_are_not_prefilled(engine) -> None:
