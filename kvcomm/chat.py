@@ -106,6 +106,10 @@ class ChatContents:
     def _key(namespace: str, text: str) -> tuple[str, bytes]:
         return namespace, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
+    def holds(self, namespace: str, text: str) -> bool:
+        """Whether `text` is kept for `namespace` (no use recorded: the LRU order and the counts stay)."""
+        return self._key(namespace, text) in self._entries
+
     def get(self, namespace: str, text: str) -> ChatContent | None:
         entry = self._entries.get(self._key(namespace, text))
         if entry is None:
@@ -293,14 +297,14 @@ class ChatTurns:
 
     def _quotes(self, namespace: str, messages: Sequence[ChatMessage]) -> dict[int, list[str]]:
         """Message index -> the texts of kept responses that message quotes inside its own text, whole or their end
-        (`quoted_suffix`). A message that is a kept response is never cut: it enters whole as its producer's ids
-        (where a model repeated an earlier answer, cutting it would only make new kinds of content)."""
+        (`quoted_suffix`). A message kept whole (a response, or a text an earlier chat of the namespace carried) is
+        never cut: it is found whole. Models repeat what they read (the question's last sentence, an earlier
+        answer), and cutting a message seen before at such a repeat would only make new kinds of content."""
         responses = self.contents.responses(namespace)
-        whole = {entry.text for entry in responses}
         quotes: dict[int, list[str]] = {}
         for index, message in enumerate(messages):
             text = message.content
-            if text in whole:
+            if self.contents.holds(namespace, text):
                 continue
             for entry in responses:
                 if entry.text.rstrip()[-QUOTE_PROBE_CHARS:] not in text:   # before any tokenizer work
@@ -340,8 +344,10 @@ class ChatTurns:
             made = self.engine.make_input(text, known=lambda ids: self.contents.sharing_start(request.namespace, ids))
             entry = ChatContent("input", made.token_ids, made.base, made.content_key)
             self.contents.put(request.namespace, text, entry)
-        if entry is None:            # a dense mode: the tokens are all it needs
-            return None, SharedContent("input", self.engine.encode(text))
+        if entry is None:            # a dense mode: the tokens are all it needs (kept: the text was seen whole)
+            made = SharedContent("input", self.engine.encode(text))
+            entry = ChatContent("input", made.token_ids, None, made.content_key)
+            self.contents.put(request.namespace, text, entry)
         content = entry.for_turn(name, consumer)
         if txn is not None:
             for anchor_id in content.anchor_ids.values():    # committed by an earlier chat (or since evicted)

@@ -231,10 +231,11 @@ def test_the_end_of_an_answer_quoted_inside_a_message_enters_as_those_producer_i
     assert kept.kind == "response" and kept.token_ids == tuple(inner) and kept.base.num_tokens == len(inner)
 
 
-def test_a_message_that_is_a_kept_response_is_never_cut_at_an_answer_it_repeats(engine) -> None:
+def test_a_message_kept_whole_is_never_cut_at_an_answer_it_repeats(engine) -> None:
     """A model may repeat an earlier answer inside its own; passed on as a message, that answer enters whole as its
     producer's ids (cutting it would make new kinds of content the pool has no anchors for), while the same text
-    inside a longer message is cut at the longest response it holds."""
+    inside a longer message is cut at the longest response it holds. A message an earlier chat carried is found
+    whole too, even where a later answer repeats part of it (models repeat the question)."""
     turns = turns_on(engine)
     first = ask(turns, [ChatMessage("user", QUESTIONS[0])], mode="dense", max_tokens=12)
     repeated = f"As said: {first.text} So, yes."
@@ -251,6 +252,14 @@ def test_a_message_that_is_a_kept_response_is_never_cut_at_an_answer_it_repeats(
                      mode=mode)
         assert any(longer.prompt_ids[i:i + len(inner)] == inner for i in range(len(longer.prompt_ids))), mode
     assert turns.contents.get("ns", "Context: ") is not None        # cut at the longest response it holds
+    seen = f"Seen before: {QUESTIONS[2]}"                             # kept whole, in a dense mode as in the others
+    for mode in ("dense", "kvcomm"):
+        ask(turns, [ChatMessage("user", seen)], mode=mode, namespace=f"seen-{mode}")
+        later = engine.make_input(QUESTIONS[2])                        # an answer that repeats the question, later
+        turns.contents.put(f"seen-{mode}", QUESTIONS[2], ChatContent("response", later.token_ids, later.base,
+                                                                     later.content_key, text=QUESTIONS[2]))
+        ask(turns, [ChatMessage("system", SYSTEMS[0]), ChatMessage("user", seen)], mode=mode, namespace=f"seen-{mode}")
+        assert turns.contents.get(f"seen-{mode}", "Seen before: ") is None, mode    # found whole, not cut
 
 
 def test_answers_quoted_inside_a_message_enter_as_their_producers_ids_and_are_not_prefilled(engine) -> None:
