@@ -262,8 +262,8 @@ class ChatTurns:
         arrived = time.perf_counter() if arrived is None else arrived
         if request.mode not in MODES:
             raise ChatRequestError("kvcomm.mode", f"unknown mode {request.mode!r}; modes: {', '.join(MODES)}")
-        messages = as_rendered(request.messages, self.trim)
-        template, slots = chat_template(messages, self._quotes(request.namespace, messages))
+        template, slots = chat_template(as_rendered(request.messages, self.trim),
+                                        lambda text: self._quotes(request.namespace, text))
         try:
             state = self.engine.agent_state(template)
         except (TemplateError, ContextLengthError) as exc:
@@ -295,23 +295,20 @@ class ChatTurns:
         turn.on_token = on_token
         return prepared
 
-    def _quotes(self, namespace: str, messages: Sequence[ChatMessage]) -> dict[int, list[str]]:
-        """Message index -> the texts of kept responses that message quotes inside its own text, whole or their end
-        (`quoted_suffix`). A message kept whole (a response, or a text an earlier chat of the namespace carried) is
-        never cut: it is found whole. Models repeat what they read (the question's last sentence, an earlier
-        answer), and cutting a message seen before at such a repeat would only make new kinds of content."""
-        responses = self.contents.responses(namespace)
-        quotes: dict[int, list[str]] = {}
-        for index, message in enumerate(messages):
-            text = message.content
-            if self.contents.holds(namespace, text):
+    def _quotes(self, namespace: str, text: str) -> list[str]:
+        """The texts of kept responses that a message's `text` quotes, whole or their end (`quoted_suffix`). A
+        message kept whole (a response, or a text an earlier chat of the namespace carried) is never cut: it is
+        found whole. Models repeat what they read (the question's last sentence, an earlier answer), and cutting a
+        message seen before at such a repeat would only make new kinds of content."""
+        if self.contents.holds(namespace, text):
+            return []
+        quotes = []
+        for entry in self.contents.responses(namespace):
+            if entry.text.rstrip()[-QUOTE_PROBE_CHARS:] not in text:   # before any tokenizer work
                 continue
-            for entry in responses:
-                if entry.text.rstrip()[-QUOTE_PROBE_CHARS:] not in text:   # before any tokenizer work
-                    continue
-                quote = entry.text if entry.text in text else self._quoted_end(namespace, entry, text)
-                if quote is not None:
-                    quotes.setdefault(index, []).append(quote)
+            quote = entry.text if entry.text in text else self._quoted_end(namespace, entry, text)
+            if quote is not None:
+                quotes.append(quote)
         return quotes
 
     def _quoted_end(self, namespace: str, entry: ChatContent, message: str) -> str | None:

@@ -14,7 +14,7 @@ import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from .templates import TemplateError, chat_text, render_template
 
@@ -64,7 +64,7 @@ class ChatTemplate:
     roles: tuple[str, ...]
     literals: tuple[str | None, ...]
     names: tuple[str, ...]
-    parts: tuple[int, ...] = ()         # placeholders per message (0 for a literal); () means 1 per None literal
+    parts: tuple[int, ...]              # placeholders per message (0 for a literal)
 
     def placeholders(self) -> tuple[str, ...]:
         return self.names
@@ -75,11 +75,10 @@ class ChatTemplate:
         if any(_SENTINEL in (text or "") for text in self.literals):
             raise TemplateError("messages: a system message contains U+2063 (INVISIBLE SEPARATOR), which this "
                                 "server uses to locate contents")
-        parts = self.parts or tuple(int(text is None) for text in self.literals)
         slots = iter(range(len(self.names)))
         messages = [{"role": role, "content": text if text is not None else
                      "".join(f"{_SENTINEL}{next(slots)}{_SENTINEL}" for _ in range(count))}
-                    for role, text, count in zip(self.roles, self.literals, parts)]
+                    for role, text, count in zip(self.roles, self.literals, self.parts)]
         try:
             text = chat_text(tokenizer, messages)
         except Exception as exc:  # noqa: BLE001 - a chat template that rejects these messages (jinja raises anything)
@@ -92,14 +91,13 @@ class ChatTemplate:
         return pieces[0::2], list(self.names)
 
 
-def chat_template(messages: Sequence[ChatMessage], quotes: Mapping[int, Collection[str]] | None = None
+def chat_template(messages: Sequence[ChatMessage], quotes_in: Callable[[str], Collection[str]] | None = None
                   ) -> tuple[ChatTemplate, dict[str, str]]:
     """The chat's template and the text behind each of its placeholders. Leading system messages and empty
-    contents are fixed text; every other message's content is a placeholder (`chat_placeholder`), or, where message
-    i quotes any of ``quotes[i]`` (responses this replica generated, carried as text inside a longer message:
-    CrewAI's task context), one placeholder per piece of `quote_pieces`, named after the message's placeholder with
-    ``_quote<k>`` (the k-th quoted response) or ``_text<j>`` (the j-th piece of its own text)."""
-    quotes = quotes or {}
+    contents are fixed text; every other message's content is a placeholder (`chat_placeholder`), or, where it
+    quotes any of ``quotes_in(content)`` (responses this replica generated, carried as text inside a longer
+    message: CrewAI's task context), one placeholder per piece of `quote_pieces`, named after the message's
+    placeholder with ``_quote<k>`` (the k-th quoted response) or ``_text<j>`` (the j-th piece of its own text)."""
     roles, literals, names, parts, slots = [], [], [], [], {}
     seen: Counter[tuple[str, str]] = Counter()
     leading = True
@@ -116,7 +114,7 @@ def chat_template(messages: Sequence[ChatMessage], quotes: Mapping[int, Collecti
         name = chat_placeholder(message.role, message.name, seen[(message.role, message.name)])
         seen[(message.role, message.name)] += 1
         literals.append(None)
-        pieces = quote_pieces(message.content, quotes.get(index, ()))
+        pieces = quote_pieces(message.content, quotes_in(message.content) if quotes_in is not None else ())
         parts.append(len(pieces))
         if len(pieces) == 1:
             names.append(name)

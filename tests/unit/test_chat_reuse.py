@@ -192,7 +192,7 @@ def test_quote_pieces_cut_a_message_at_the_responses_it_quotes() -> None:
         ("The answer is 5. Also 7.", True), ("\nGo", False)]          # the longer quote first, no overlaps
     assert quote_pieces("abcabc", ["abc"]) == [("abc", True), ("abc", True)]
     assert quote_pieces("abc", ["abc"]) == [("abc", False)]           # the whole message: one content as it is
-    template, slots = chat_template([ChatMessage("user", "Ctx: hello world. End")], {0: ["hello world."]})
+    template, slots = chat_template([ChatMessage("user", "Ctx: hello world. End")], lambda _: ["hello world."])
     assert template.names == ("chat_user_anon_0_text0", "chat_user_anon_0_quote0", "chat_user_anon_0_text1")
     assert [slots[n] for n in template.names] == ["Ctx: ", "hello world.", " End"]
 
