@@ -88,7 +88,7 @@ class TurnMeasurement:
     prepare_ms: float
     entropy_ratio: float         # the entropy gate sends this turn dense at gamma iff entropy_ratio > gamma
     margin: float = math.inf     # the reused first token's top-1 minus top-2 probability (the fidelity gate's signal)
-    dense_ms: float = 0.0        # the turn's dense prefill (what a fallback costs)
+    dense_ms: float = 0.0        # what a fallback costs: the turn's exact prefill after the agent's own prefix
     naive_ms: float = 0.0        # the turn's naive reuse (the preparation cap's yardstick; 0: not measured)
     group: int = -1              # the turn's question (folds never split one); -1: unknown, a fold per turn
     span_starts: int = 0         # the recipe's first k tokens of every placeholder

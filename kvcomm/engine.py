@@ -13,7 +13,10 @@ Modes, all on the same runner and the same token sequence:
   hybrid        kvcomm's offsets, then CacheBlend-style recompute of the worst-matching tokens
 
 A request may force a dense prefill (`TurnRequest.force_dense`: a judge or decision agent kept exact); in kvcomm
-and hybrid modes such a turn still records deltas for the anchors its contents are staged as.
+and hybrid modes such a turn still records deltas for the anchors its contents are staged as. Every dense prefill
+outside `dense` mode (a forced one, a gate's fallback, dense-prefix) starts from the agent's own leading fixed
+segment, whose KV is exact (computed once from position 0): a turn a reuse mode sends dense never costs more than
+dense-prefix's.
 
 The engine orchestrates: it picks the path (the gates, dense or reuse) and times its stages (`kvcomm.stages`).
 The work is elsewhere: base caches in `kvcomm.base_cache`, alignment and offsets in `kvcomm.alignment`, what a
@@ -276,10 +279,10 @@ class KVCommEngine:
             if dense_reason is not None:
                 return self._dense(request, state, contents, prompt_ids, started, dense_reason, record=True)
         if mode == "dense":
-            return self._dense(request, state, contents, prompt_ids, started, "dense_mode", record=False)
+            return self._dense(request, state, contents, prompt_ids, started, "dense_mode", record=False,
+                               reuse_prefix=False)
         if mode == "dense-prefix":
-            return self._dense(request, state, contents, prompt_ids, started, "dense_prefix_mode", record=False,
-                               reuse_prefix=True)
+            return self._dense(request, state, contents, prompt_ids, started, "dense_prefix_mode", record=False)
         return self._reuse(request, state, contents, prompt_ids, started, gated=not force_reuse)
 
     def _needs_dense(self, request: TurnRequest, state: AgentState,
@@ -310,7 +313,9 @@ class KVCommEngine:
 
     def _dense(self, request: TurnRequest, state: AgentState, contents: Sequence[SharedContent],
                prompt_ids: list[int], started: float, reason: str, *, record: bool,
-               reuse_prefix: bool = False) -> PreparedPrompt:
+               reuse_prefix: bool = True) -> PreparedPrompt:
+        """Prefill the whole prompt exactly: after the agent's leading fixed segment's KV (`reuse_prefix`), or all
+        of it (dense mode, the oracle); with `record`, stage the deltas of the turn's new anchors."""
         times = StageTimes(listener=self.stage_listener)
         n_prefix = len(state.rendered.fixed[0]) if reuse_prefix else 0
         with times.stage("prefill"):

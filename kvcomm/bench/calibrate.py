@@ -46,7 +46,7 @@ def measurements(report: dict[str, Any]) -> list[TurnMeasurement]:
             out.append(TurnMeasurement(ratio=spec["knob"], kl=cell["kl"], forecast=cell["forecast"],
                                        top1_agree=cell["top1_agree"], prepare_ms=cell["prepare_ms"],
                                        entropy_ratio=row["entropy_ratio"], margin=cell.get("margin", math.inf),
-                                       dense_ms=row["dense_prepare_ms"],
+                                       dense_ms=pareto.fallback_ms(row),
                                        naive_ms=row["variants"].get("naive", {}).get("prepare_ms", 0.0),
                                        group=row["line"],
                                        span_starts=recipe.get("recompute_span_starts", 0),

@@ -318,9 +318,14 @@ def test_a_chat_forced_dense_is_exactly_dense_and_still_records(engine) -> None:
     assert ask(turns, messages).reason == "new_anchor:cold_pool"
     assert ask(turns, messages).reason == "reused"
     forced = ask(turns, messages, force_dense=True)
-    assert (forced.reason, forced.reused, forced.cached_tokens) == ("forced_dense", False, 0)
-    assert forced.token_ids == dense_oracle(engine, forced.prompt_ids).token_ids
-    assert torch.equal(forced.first_logits, dense_oracle(engine, forced.prompt_ids).first_logits)
+    assert (forced.reason, forced.reused) == ("forced_dense", False)
+    oracle = dense_oracle(engine, forced.prompt_ids)
+    assert forced.token_ids == oracle.token_ids
+    assert torch.allclose(forced.first_logits, oracle.first_logits, atol=1e-4, rtol=0)
+    # exact prefix caching, no more: the template's leading segment (its own KV from position 0), as dense-prefix
+    prefix = ask(turns, messages, mode="dense-prefix")
+    assert 0 < forced.cached_tokens == prefix.cached_tokens < len(forced.prompt_ids)
+    assert torch.equal(forced.first_logits, prefix.first_logits)
     assert ask(turns, messages).reason == "reused"
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "kvcomm": {"force_dense": True}}
     params = ChatCompletionRequest.model_validate(body).params(default_mode="kvcomm", namespace="t/ns",

@@ -55,6 +55,10 @@ def test_every_variant_on_every_turn_and_the_gate_sweep(report):
         assert points[-1]["reuse"] == pytest.approx(never_dense)        # at gamma 0.3, as traced
         assert all((r["entropy_ratio"] > 0.3) == r["entropy_gate_dense"] for r in report["rows"])
     assert "| kvcomm@50% |" in pareto.markdown_table(report, summary)
+    # a turn the gates send dense costs what the engine's fallback costs (the prefill after the agent's own prefix)
+    assert all(row["fallback_prepare_ms"] > 0 for row in report["rows"])
+    all_dense = pareto._gate_point(report["rows"], "kvcomm@0%", 1.0, -1.0, float("inf"))
+    assert all_dense["reuse"] == 0 and all_dense["served_ms"] == pytest.approx(summary["fallback_prepare_ms"])
     # the fidelity gate's signal on every variant, and its sweep: a higher minimum margin never reuses more
     assert all(0.0 <= cell["margin"] <= 1.0 for row in report["rows"] for cell in row["variants"].values())
     for name in ("kvcomm@0%", "kvcomm@50%"):
