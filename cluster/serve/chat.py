@@ -94,6 +94,8 @@ class ChatService:
                         parts.append(event["text"])
                     elif event["event"] == "done":
                         done = event
+                    elif event["event"] == "error":          # failed while decoding: no answer, its error
+                        raise APIError(event["status"], event["message"], param=event.get("param"))
             finally:
                 end_chat_span(span, first.get("worker"), done, None if done else "ended without finishing")
         finally:
@@ -108,25 +110,34 @@ class ChatService:
     async def _chat_chunks(self, stream: Any, completion_id: str, created: int, include_usage: bool, details: bool,
                            tenant: str | None, span: Any = None, worker: str | None = None) -> AsyncIterator[bytes]:
         """The SSE chunks of a streaming chat; the first item (empty) is taken by `_chat` to start it. Ends the
-        worker's decoding if the client goes away, and releases the chat's in-flight slot."""
+        worker's decoding if the client goes away, and releases the chat's in-flight slot. A chat that fails after
+        its first token (the worker's ``error`` event, a lost worker replica, a stream that ends without ``done``)
+        ends with an error chunk (OpenAI's error object, which OpenAI clients raise) and no ``[DONE]``: the text
+        sent so far is not an answer."""
         model = self.settings.served_model
         finished, done = False, None
         try:
             yield b""
             yield sse(chunk_body(completion_id, model, created, {"role": "assistant", "content": ""}))
-            async for event in stream:
-                if event["event"] == "delta":
-                    yield sse(chunk_body(completion_id, model, created, {"content": event["text"]}))
-                elif event["event"] == "done":
-                    finished, done = True, event
-                    self.metrics.observe_chat(event)
-                    yield sse(chunk_body(completion_id, model, created, {}, finish_reason=event["finish_reason"],
-                                         kvcomm=kvcomm_body(event, details)))
-                    if include_usage:
-                        yield sse(chunk_body(completion_id, model, created, {}, with_choice=False,
-                                              usage=usage_body(event["prompt_tokens"], event["completion_tokens"],
-                                                               event["cached_tokens"])))
-            yield sse("[DONE]")
+            failure = APIError(502, "the worker ended the completion without finishing it")
+            try:
+                async for event in stream:
+                    if event["event"] == "delta":
+                        yield sse(chunk_body(completion_id, model, created, {"content": event["text"]}))
+                    elif event["event"] == "error":
+                        failure = APIError(event["status"], event["message"], param=event.get("param"))
+                    elif event["event"] == "done":
+                        finished, done = True, event
+                        self.metrics.observe_chat(event)
+                        yield sse(chunk_body(completion_id, model, created, {}, finish_reason=event["finish_reason"],
+                                             kvcomm=kvcomm_body(event, details)))
+                        if include_usage:
+                            yield sse(chunk_body(completion_id, model, created, {}, with_choice=False,
+                                                  usage=usage_body(event["prompt_tokens"], event["completion_tokens"],
+                                                                   event["cached_tokens"])))
+            except Exception as exc:  # noqa: BLE001 - the worker replica was lost mid-stream (a RayActorError...)
+                failure = APIError(502, f"the worker replica was lost mid-completion ({type(exc).__name__})")
+            yield sse("[DONE]" if finished else failure.body())
         finally:
             if not finished:
                 stream.cancel()            # the client went away: the worker stops decoding this chat

@@ -30,7 +30,8 @@ NAMESPACE_HEADER = "X-KVCOMM-Namespace"
 _NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 api = FastAPI(title="KVCOMM on Ray", description="Multi-agent jobs with KV-cache reuse, and an OpenAI-compatible "
-                                                 "chat API, on Ray Serve.", docs_url=None, redoc_url=None)
+                                                 "chat API, on Ray Serve.", docs_url=None, redoc_url=None,
+              openapi_url=None)   # no unauthenticated schema route: every route but /healthz needs a key
 
 
 def internal_error_message(what: str) -> str:
@@ -50,8 +51,12 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
         self.error_type = error_type or ("invalid_request_error" if status < 500 else "server_error")
 
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error object (also the data of a stream's error chunk)."""
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
     def response(self, extra: dict[str, Any] | None = None) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        body = self.body()
         body.update(extra or {})
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 

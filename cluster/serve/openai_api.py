@@ -2,9 +2,10 @@
 
 This module owns:
 
-* `ChatCompletionRequest`: the body of ``POST /v1/chat/completions`` (pydantic; unknown OpenAI fields are
-  ignored, unsupported values of known ones are rejected naming the field: ``n`` > 1, ``tools``, ``logprobs``, an
-  assistant message's ``tool_calls``). Our own options ride in the body's ``kvcomm`` object (the OpenAI clients'
+* `ChatCompletionRequest`: the body of ``POST /v1/chat/completions`` (pydantic; null means a field's default;
+  unsupported values of fields that would change the answer are rejected naming the field: ``n`` > 1, ``tools``
+  or a ``tool_choice`` that needs them, ``logprobs``, penalties, ``logit_bias``, a non-text ``response_format``,
+  an assistant message's ``tool_calls``; other unknown fields are ignored). Our own options ride in the body's ``kvcomm`` object (the OpenAI clients'
   ``extra_body``): ``mode`` (any engine mode; the server's default is ``serve.chat_mode``), ``namespace`` (the
   anchor namespace, unless the ``X-KVCOMM-Namespace`` header names one) and ``details`` (the prompt and
   completion token ids, the first token's log-probabilities and the TTFT in the response, for fidelity checks),
@@ -26,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.turns import RoutingHint
 from kvcomm.chat import ChatRequest
@@ -100,8 +101,10 @@ class KVCommOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``. Fields OpenAI defines that this server does not act on are ignored when they
-    keep their default (``n=1``, no tools, no logprobs) and rejected otherwise."""
+    """``POST /v1/chat/completions``. A field sent as null means its default, as OpenAI's spec has it. Fields that
+    would change the answer and that this server does not act on are accepted at their default (``n=1``, no tools,
+    no logprobs, penalties 0, no logit bias, text responses) and rejected naming the field otherwise; other
+    unknown fields (``user``, ``metadata``, ``store``, ...) are ignored."""
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -116,8 +119,23 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = 1
     logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None           # the deprecated form of tools
+    function_call: str | dict[str, Any] | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
     kvcomm: KVCommOptions = Field(default_factory=KVCommOptions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, body: Any) -> Any:
+        if isinstance(body, dict):
+            return {key: value for key, value in body.items() if value is not None or key in ("model", "messages")}
+        return body
 
     @field_validator("n")
     @classmethod
@@ -134,12 +152,48 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("logprobs are not supported")
         return logprobs
 
-    @field_validator("tools")
+    @field_validator("tools", "functions")
     @classmethod
     def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
         if tools:
             raise ValueError("tools are not supported")
         return tools
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if choice not in (None, "none", "auto"):
+            raise ValueError(f"only 'none' or 'auto' is supported (this server offers no tools), got {choice!r}")
+        return choice
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, penalty: float) -> float:
+        if penalty != 0:
+            raise ValueError(f"penalties are not supported: must be 0, got {penalty}")
+        return penalty
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, bias: dict[str, Any] | None) -> dict[str, Any] | None:
+        if bias:
+            raise ValueError("logit_bias is not supported")
+        return bias
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, count: int | None) -> int | None:
+        if count:
+            raise ValueError("logprobs are not supported")
+        return count
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+        if response_format is not None and response_format.get("type") != "text":
+            raise ValueError(f"only {{'type': 'text'}} is supported (no JSON mode or structured outputs), got "
+                             f"type {response_format.get('type')!r}")
+        return response_format
 
     @field_validator("stop")
     @classmethod

@@ -83,7 +83,8 @@ class AgentWorkerDeployment:
     # ---- chat completions ---------------------------------------------------------------------------------------
     async def chat(self, params: ChatParams) -> AsyncIterator[dict[str, Any]]:
         """One chat completion: an ``error`` event (status, param, message) and nothing else, or ``start`` when its
-        first token is out, ``delta`` events (text), and a final ``done`` event (`_done_event`). Closing the
+        first token is out, ``delta`` events (text), and a final ``done`` event (`_done_event`), or a final
+        ``error`` event when it fails while decoding (what was sent is then no answer). Closing the
         stream early (the client went away) takes the chat out of the decode batch."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -102,7 +103,8 @@ class AgentWorkerDeployment:
             while item is not None:
                 yield {"event": "delta", "text": item}
                 item = await events.get()
-            if work.exception() is not None:    # failed while decoding (logged by the scheduler): no `done`
+            if work.exception() is not None:    # failed while decoding: its error, never `done`
+                yield _error_event(work.exception())
                 return
             yield _done_event(work.result(), params.details)
         finally:
@@ -162,7 +164,8 @@ def _wait_for_actor(name: str, namespace: str, timeout_s: float) -> None:
 
 
 def _error_event(exc: BaseException) -> dict[str, Any]:
-    """A chat that failed before its first token, as the status and message the client gets."""
+    """A chat that failed (before its first token, or while decoding), as the status and message the client
+    gets."""
     if isinstance(exc, ChatRequestError):
         return {"event": "error", "status": 400, "param": exc.param, "message": str(exc)}
     if isinstance(exc, KVBudgetError):

@@ -138,10 +138,11 @@ def test_streaming_stop_strings_and_tool_messages_work_with_reuse(app_url, oracl
     first, second = (api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=24, temperature=0,
                                                  extra_body=options) for _ in range(2))
     assert first.model_extra["kvcomm"]["reason"].startswith("new_anchor:")
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert first.usage.prompt_tokens_details.cached_tokens > 0     # the leading system prompt's exact prefix only
     assert "<|im_start|>tool\n3 + 5 = 8<|im_end|>" in oracle.tokenizer.decode(
         first.model_extra["kvcomm"]["prompt_token_ids"])
-    assert second.model_extra["kvcomm"]["reused"] and second.usage.prompt_tokens_details.cached_tokens > 0
+    assert second.model_extra["kvcomm"]["reused"] and second.usage.prompt_tokens_details.cached_tokens > \
+        first.usage.prompt_tokens_details.cached_tokens
     text = second.choices[0].message.content
     stop = next(text[i:i + 2] for i in range(8, len(text) - 2) if text.find(text[i:i + 2]) == i)
     cut = api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=24, temperature=0, stop=stop,
@@ -170,13 +171,26 @@ def test_chat_errors_name_the_field_and_metrics_count_reuse(app_url) -> None:
              ({**chat, "kvcomm": {"namespace": "no spaces"}}, "kvcomm.namespace", "pattern"),
              ({**chat, "messages": [{"role": "user", "content": "hi"},
                                     {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}]},
-              "messages[1].tool_calls", "not supported")]
+              "messages[1].tool_calls", "not supported"),
+             # what would change the answer is refused rather than silently ignored
+             ({**chat, "response_format": {"type": "json_object"}}, "response_format", "no JSON mode"),
+             ({**chat, "frequency_penalty": 0.5}, "frequency_penalty", "must be 0"),
+             ({**chat, "presence_penalty": -1}, "presence_penalty", "must be 0"),
+             ({**chat, "logit_bias": {"42": 5}}, "logit_bias", "not supported"),
+             ({**chat, "tool_choice": "required"}, "tool_choice", "offers no tools")]
     with httpx.Client(base_url=app_url, timeout=60) as http:
         for body, param, words in cases:
             response = http.post("/v1/chat/completions", json=body)
             error = response.json()["error"]
             assert response.status_code == 400 and error["param"] == param, (param, response.text)
             assert error["message"].startswith(f"{param}: ") and words in error["message"], error
+        # null is a field's default (OpenAI's spec), and so are the defaults of what the server does not act on
+        defaults = {**chat, "temperature": None, "top_p": None, "n": None, "stream": None, "stop": None,
+                    "seed": None, "frequency_penalty": 0, "presence_penalty": None, "logit_bias": {},
+                    "response_format": {"type": "text"}, "tool_choice": "none", "user": "u-1", "store": False}
+        response = http.post("/v1/chat/completions", json=defaults)
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 2, response.text
+        assert http.get("/openapi.json").status_code == 404      # no schema route around the key check
         before = metric_samples(http)
         body = {**chat, "messages": [{"role": "user", "content": QUESTIONS[3]}],
                 "kvcomm": {"namespace": f"metrics-{uuid.uuid4().hex[:6]}"}}        # the server's default: kvcomm
@@ -186,8 +200,9 @@ def test_chat_errors_name_the_field_and_metrics_count_reuse(app_url) -> None:
 
     def grew(sample: str) -> float:
         return after.get(sample, 0.0) - before.get(sample, 0.0)
-    assert grew('kvcomm_reused_prompt_tokens_total{source="chat"}') == \
-        answers[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    cached = [a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers]
+    # the cold pool's dense turn still starts from the template's exact prefix; the reused turn reuses far more
+    assert 0 < cached[0] < cached[1] and grew('kvcomm_reused_prompt_tokens_total{source="chat"}') == sum(cached)
     assert grew('kvcomm_chat_decisions_total{mode="kvcomm",reason="reused"}') == 1
     assert grew('kvcomm_chat_decisions_total{mode="kvcomm",reason="new_anchor:cold_pool"}') == 1
     assert grew('kvcomm_ttft_seconds_count{mode="chat-kvcomm"}') == 2
