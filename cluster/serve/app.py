@@ -79,15 +79,27 @@ def app_builder(args: dict[str, Any] | None = None) -> Any:
     return build_app(ServeAppConfig.from_args(args))
 
 
+SAVE_BEFORE_KILL_TIMEOUT_S = 30.0   # how long a detached actor may take to save its snapshot before it is killed
+
+
 def kill_service_actors(config: ServeAppConfig) -> None:
-    """Remove the detached actors an application created (its anchor pool and job store), if they exist."""
+    """Remove the detached actors an application created (its anchor pool and job store), if they exist; each one
+    with a snapshot path saves it first (`ray.kill` skips their `__ray_shutdown__`: up to a minute of committed
+    anchors and the last seconds of job records would be lost)."""
     import ray
-    names = [config.cluster.pool_actor_name, config.serve.job_store_name]
-    for name in names:
+    actors = [(config.cluster.pool_actor_name, "save_snapshot", config.cluster.pool_snapshot_path),
+              (config.serve.job_store_name, "flush", config.serve.job_store_snapshot_path)]
+    for name, save, snapshot_path in actors:
         try:
-            ray.kill(ray.get_actor(name, namespace=config.cluster.ray_namespace))
+            actor = ray.get_actor(name, namespace=config.cluster.ray_namespace)
         except ValueError:
-            pass
+            continue
+        if snapshot_path:
+            try:
+                ray.get(getattr(actor, save).remote(), timeout=SAVE_BEFORE_KILL_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - best effort: the periodic saves stand
+                print(f"[serve] {name}: last snapshot not saved ({type(exc).__name__}: {exc})", flush=True)
+        ray.kill(actor)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -97,7 +109,9 @@ def run_server(config: str | Path | ServeConfigFile, *, host: str | None = None,
                address: str | None = None, num_cpus: int | None = None, ready: Any = None) -> int:
     """Start Ray (or join `address`), Serve on host:port, every application of the config file; serve until
     Ctrl-C (or until `ready(urls)` returns, for callers that drive the server themselves: its int is the exit
-    status); then shut down Serve, the applications' pool and job-store actors and a Ray cluster this call started.
+    status); then shut down the applications (all of Serve when this call started the Ray cluster, else only the
+    file's applications: a joined cluster may serve others), their pool and job-store actors (saving their
+    snapshots first) and a Ray cluster this call started.
 
     Ctrl-C is a normal way to stop (exit status 0 while serving; 130 when it interrupts the start or `ready`): it
     prints one line and shuts down, without a traceback; a second Ctrl-C during the shutdown skips waiting for
@@ -188,7 +202,11 @@ def _shut_down(spec: ServeConfigFile, runtime: RayRuntime | None) -> None:
     try:
         try:
             if ray.is_initialized():
-                serve.shutdown()
+                if runtime is not None and runtime.owned:
+                    serve.shutdown()
+                else:          # a cluster we joined may serve other applications: remove only ours
+                    for app in spec.applications:
+                        serve.delete(app.name)
                 for app in spec.applications:
                     kill_service_actors(app.config)
         except KeyboardInterrupt:
