@@ -287,7 +287,7 @@ def execute_turn(view: Any, order: TurnOrder, resolver: ContentResolver, worker_
                 for anchor_id in content.anchor_ids.values():
                     txn.adopt_anchor(anchor_id, content.num_tokens)
         request = TurnRequest(agent.template_for_round(order.round), contents, mode=order.mode,
-                              sampling=sampling_for(agent, view), namespace=order.namespace, transaction=txn,
+                              sampling=sampling_for(agent, order.round, view), namespace=order.namespace, transaction=txn,
                               force_dense=agent.force_dense)
         result = view.run_turn(request) if cancel is None else view.run_turn(request, cancel=cancel)
         response, condition = share_turn_output(view, order.namespace, agent, result, order.consumed_names, txn)

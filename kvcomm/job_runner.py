@@ -18,6 +18,7 @@ from typing import Any, Callable, Generic, Iterator, Mapping, Sequence, TypeVar
 
 from .engine import KVCommEngine, SharedContent, TurnRequest, TurnResult
 from .generation import Sampling
+from .sampling import turn_seed
 from .harness.jobs import AgentSpec, JobSpec, Turn
 from .harness.sandbox import run_python
 from .harness.scoring import extract_code
@@ -74,8 +75,10 @@ class JobResult:
                 "metadata": self.metadata, "turns": [t.to_dict() for t in self.turns]}
 
 
-def sampling_for(agent: AgentSpec, engine: KVCommEngine) -> Sampling:
-    return Sampling.of(agent.generation, engine.stop_token_ids)
+def sampling_for(agent: AgentSpec, round_index: int, engine: KVCommEngine) -> Sampling:
+    """How `agent` samples in round `round_index`: its generation parameters, its seed or one derived from the
+    agent and the round (`turn_seed`)."""
+    return Sampling.of(agent.generation, engine.stop_token_ids, turn_seed(agent.id, round_index))
 
 
 C = TypeVar("C")   # how a runner holds a shared content: `SharedContent` in process, a handle on a cluster
@@ -216,7 +219,7 @@ def turn_request(job: JobSpec, turn: Turn, mode: str, contents: Mapping[str, Sha
     """The engine request for `turn` of `job`, its placeholders filled from `contents` (name -> content)."""
     agent = job.agent(turn.agent_id)
     return TurnRequest(agent.template_for_round(turn.round), contents, mode=mode,
-                       sampling=sampling_for(agent, engine), namespace=job.namespace, transaction=txn,
+                       sampling=sampling_for(agent, turn.round, engine), namespace=job.namespace, transaction=txn,
                        force_dense=agent.force_dense)
 
 

@@ -12,6 +12,7 @@ on the wrong device, no per-sequence state to carry, and a seed gives the same t
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
@@ -32,7 +33,7 @@ class GenerationParams:
     min_new_tokens: int = 0
     temperature: float = 0.0     # 0: greedy
     top_p: float = 1.0
-    seed: int = 0
+    seed: int | None = None      # None: a job turn derives one from its agent and round (`turn_seed`)
     stop: tuple[str, ...] = ()   # stop strings: the response ends before the first one (finish_reason "stop";
                                  # not before min_new_tokens)
 
@@ -45,6 +46,8 @@ class GenerationParams:
         """The first thing wrong with these parameters, as (field path below this object, what is wrong), or None."""
         for name in ("max_new_tokens", "min_new_tokens", "seed"):
             value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 return name, f"expected an integer, got {type(value).__name__} {value!r}"
         for name in ("temperature", "top_p"):
@@ -86,15 +89,26 @@ class Sampling(GenerationParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.seed is None:
+            object.__setattr__(self, "seed", 0)
         problem = self.problem()
         if problem is not None:
             raise ValueError(f"{problem[0]}: {problem[1]}")
 
     @classmethod
-    def of(cls, params: GenerationParams, stop_token_ids: Sequence[int] = ()) -> "Sampling":
-        """`params` decoded with the model's `stop_token_ids`."""
-        return cls(**{f.name: getattr(params, f.name) for f in fields(GenerationParams)},
-                   stop_token_ids=tuple(stop_token_ids))
+    def of(cls, params: GenerationParams, stop_token_ids: Sequence[int] = (), default_seed: int = 0) -> "Sampling":
+        """`params` decoded with the model's `stop_token_ids`; `default_seed` where `params` set none."""
+        values = {f.name: getattr(params, f.name) for f in fields(GenerationParams)}
+        if values["seed"] is None:
+            values["seed"] = default_seed
+        return cls(**values, stop_token_ids=tuple(stop_token_ids))
+
+
+def turn_seed(agent_id: str, round_index: int) -> int:
+    """The seed of a job turn whose agent set none: a stable hash of (agent, round), so that agents sampling
+    from the same prompt do not answer alike, while a rerun of the job, in any mode, draws the same noise."""
+    digest = hashlib.blake2b(f"{agent_id}\x00{round_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1          # a non-negative 63-bit integer
 
 
 @dataclass(frozen=True)

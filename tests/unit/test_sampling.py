@@ -13,7 +13,7 @@ from kvcomm.anchor_pool import AnchorPool
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine, TurnRequest
 from kvcomm.generation import Sampling
-from kvcomm.sampling import RowSampling, sample_tokens
+from kvcomm.sampling import RowSampling, sample_tokens, turn_seed
 from kvcomm.harness.jobs import AgentSpec, GenerationParams, JobSpec
 from kvcomm.job_runner import run_job
 from kvcomm.templates import AgentTemplate
@@ -136,3 +136,17 @@ def test_a_job_s_generation_seed_reaches_every_turn(smollm2_engine_parts):
     first = job(3)
     assert job(3) == first
     assert job(4) != first
+
+
+def test_job_agents_without_a_seed_sample_apart_and_a_rerun_repeats(smollm2_engine_parts):
+    """Three agents sampling from one prompt with no seed set (self-consistency) give three answers, not one
+    answer three times: each turn's seed is derived from its agent and round; the job run again repeats them."""
+    engine = _engine(smollm2_engine_parts)
+    generation = GenerationParams(max_new_tokens=8, temperature=1.0)
+    agents = tuple(AgentSpec(str(i), "solver", "Solve it.", "{user_question}", generation=generation)
+                   for i in (1, 2, 3))
+    spec = JobSpec(id="self-consistency", task=QUESTION, agents=agents, mode="dense")
+    first = [tuple(t.token_ids) for t in run_job(engine, spec).turns]
+    assert len(first) == 3 and len(set(first)) == 3, first
+    assert [tuple(t.token_ids) for t in run_job(engine, spec).turns] == first
+    assert turn_seed("1", 0) != turn_seed("1", 1) and 0 <= turn_seed("1", 0) < 2 ** 63
