@@ -13,7 +13,9 @@ one and run again from its record (`claim_orphans`), announced by a ``retry`` ev
 * At most ``max_jobs_kept`` finished jobs are kept; the one finished longest ago is forgotten first.
 * With ``snapshot_path`` (a path every node sees), the whole store is saved there with msgpack at most every
   ``snapshot_every_s`` after a change, atomically (a temporary file renamed over the last), and loaded when the
-  actor (re)starts: Ray restarts it (``max_restarts=-1``) on a surviving node after a crash.
+  actor (re)starts: Ray restarts it (``max_restarts=-1``) on a surviving node after a crash. A running job read
+  back from the snapshot stays its driver's: only when no renewal came for two leases after the restart does a
+  live replica claim it (the restart must not hand live jobs to whichever replica asks first).
 
 Why an actor and not a database: it needs no service besides Ray (and reads as fast as an actor call), Ray
 restarts it, and the snapshot gives it durability across a restart; the records are small (turn texts and token
@@ -56,6 +58,7 @@ class JobStore:
         self._dirty = False
         self._saver: asyncio.Task | None = None
         self.saves = 0
+        self._started = time.time()   # a running job loaded from the snapshot is claimable two leases after this
         if self.snapshot_path is not None and self.snapshot_path.exists():
             self._load()
 
@@ -150,7 +153,10 @@ class JobStore:
         for job in self._jobs.values():
             if len(claimed) >= limit:
                 break
-            if job["status"] in FINISHED or job["lease_until"] > now:
+            # a job loaded from the snapshot (lease_until 0): a live driver renews it within two leases of the
+            # restart (its renewals fail while the store restarts and are tried again the next period)
+            expires = job["lease_until"] or self._started + 2 * lease_s
+            if job["status"] in FINISHED or expires > now:
                 continue
             previous = job["driver"]
             job.update(driver=driver, lease_until=now + lease_s, attempts=job["attempts"] + 1)
@@ -227,7 +233,8 @@ class JobStore:
         for job in state["jobs"]:
             job["events"] = [tuple(e) for e in job["events"]]
             if job["status"] not in FINISHED:
-                job["lease_until"] = 0.0      # its driver is gone or will renew: a live replica may claim it
+                job["lease_until"] = 0.0      # unknown: its driver renews it, or two leases after the restart
+                                              # a live replica claims it (`claim_orphans`)
             self._jobs[job["id"]] = job
         for job_id in state["finished"]:
             if job_id in self._jobs:

@@ -32,6 +32,7 @@ from actors.metrics import reused_prompt_tokens
 from kvcomm.engine import ContextLengthError
 from kvcomm.harness.jobs import JobSpec, JobSpecError
 from kvcomm.job_runner import TurnRecord
+from kvcomm.memory_plan import KVBudgetError
 from kvcomm.names import MODES
 from kvcomm.templates import TemplateError
 
@@ -100,10 +101,19 @@ class JobService:
                 await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
                 if not done.done() and await request.is_disconnected():
                     raise asyncio.CancelledError
+            record = await self.store.get.remote(job_id)
+            while record is not None and record["status"] not in FINISHED:   # driven elsewhere now: it ends there
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError
+                await asyncio.sleep(DISCONNECT_POLL_S)
+                record = await self.store.get.remote(job_id)
         except asyncio.CancelledError:                   # the client went away: its job ends with it
             asyncio.ensure_future(self._cancel(job_id))
             raise
-        return job_response(await self.store.get.remote(job_id))
+        if record is None:
+            raise APIError(503, f"job_id: job {job_id!r} was lost: the job store restarted before saving it; submit "
+                                "it again", param="job_id", error_type="server_error", code="job_lost")
+        return job_response(record)
 
     async def read(self, request: Request, caller: Caller) -> Response:
         return JSONResponse(public(await self._readable(request, caller)))
@@ -290,7 +300,7 @@ class JobService:
             if generation.max_new_tokens > settings.max_output_tokens:
                 raise limit_error(f"{field_path}.max_new_tokens", f"{generation.max_new_tokens} new tokens",
                                   "max_output_tokens", settings.max_output_tokens)
-            if not INT64_MIN <= generation.seed <= INT64_MAX:
+            if generation.seed is not None and not INT64_MIN <= generation.seed <= INT64_MAX:
                 raise APIError(400, f"{field_path}.seed: must be a 64-bit integer, got {generation.seed}",
                                param=f"{field_path}.seed")
         context = (await self.model_info())["context_length"]
@@ -330,7 +340,8 @@ def job_response(record: dict[str, Any]) -> Response:
 def job_error(job_id: str, exc: BaseException) -> dict[str, Any]:
     """What the client is told of a failed job (call inside the `except` block: a 500 logs the traceback)."""
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    if isinstance(cause, (JobSpecError, ContextLengthError, TemplateError)):
+    if isinstance(cause, (JobSpecError, ContextLengthError, TemplateError, KVBudgetError)):
+        # the job asks what no replica serves (a bad spec, a prompt over the model's or the memory plan's limit)
         error = APIError(400, f"{type(cause).__name__}: {cause}", param=getattr(cause, "field", None) or "job")
     elif isinstance(cause, WorkerLost):
         error = APIError(502, f"job: {cause}; the job's retries are used up (cluster.job_retries)")

@@ -238,6 +238,33 @@ def test_any_ingress_replica_serves_any_job_and_a_lost_one_loses_no_job(app, ora
     assert resumed[-1][1] == "done" and resumed[-1][2]["status"] == "succeeded"
 
 
+def test_a_restarted_job_store_gives_no_live_job_away(app, oracle, ray_cluster) -> None:
+    """The job store dies mid-job and Ray restarts it from its snapshot: the job stays its driving replica's (a
+    restored job is claimable only two leases after the restart, and its driver renews within a second), so it
+    finishes there, attempt 1, no ``retry``, with the oracle's tokens; not rerun by whichever replica asked first."""
+    ray = ray_cluster
+    spec = job("Bo has 5 cards and gets 7 more. How many cards?", "dense", agents=6, tokens=160)
+    expected = run_job(oracle, JobSpec.from_dict(spec))
+    store = ray.get_actor(app["store"], namespace=NAMESPACE)
+    with httpx.Client(base_url=app["url"], timeout=60) as http:
+        accepted = http.post("/v1/jobs", json=spec)
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["id"]
+        wait_for(lambda: store_record(ray, app, job_id)["turns_done"] >= 1, 120, "a first turn")
+        saves = ray.get(store.stats.remote(), timeout=30)["saves"]
+        wait_for(lambda: ray.get(store.stats.remote(), timeout=30)["saves"] > saves, 30, "a snapshot with the job")
+        driver = store_record(ray, app, job_id)["driver"]
+        ray.kill(store, no_restart=False)
+        # the first to ask the restarted store (before the driver's next renewal) gets no live job
+        assert ray.get(store.claim_orphans.remote("replica-first-to-ask", 2.0, 8), timeout=60) == []
+        done = wait_for(lambda: (r := http.get(f"/v1/jobs/{job_id}")).status_code == 200
+                        and r.json()["status"] == "succeeded" and r.json(), 180, "the job to finish")
+    record = store_record(ray, app, job_id)
+    assert done["attempts"] == 1 and record["driver"] == driver
+    assert "retry" not in [name for _, name, _ in record["events"]]
+    assert tokens_of(done["result"]) == expected_tokens(expected)
+
+
 def test_a_cancelled_job_stops_its_turns_and_commits_nothing(app, ray_cluster) -> None:
     ray = ray_cluster
     namespace = f"cancel-{uuid.uuid4().hex[:6]}"

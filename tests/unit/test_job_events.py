@@ -1,6 +1,6 @@
 """A job's events are typed where they happen (`cluster.serve.job_events`) and keep their wire form: the keys, their
 order and values that the job store snapshots and ``GET /v1/jobs/{id}/events`` sends (no Ray: the store is a plain
-class; the HTTP tests check the same events end to end)."""
+class; the HTTP tests check the same events end to end); and what a failed job's client is told."""
 from __future__ import annotations
 
 import asyncio
@@ -43,3 +43,31 @@ def test_the_store_numbers_and_keeps_events_in_their_wire_form():
     assert j1 == [(1, "retry", {"job": "j1", "reason": "lost", "scope": "turn"}),
                   (2, "retry", {"job": "j1", "attempt": 2, "reason": orphaned})]
     assert j2 == [(1, "retry", {"job": "j2", "attempt": 2, "reason": orphaned}), (2, "cancelled", {"job": "j2"})]
+
+
+def test_a_store_restarted_from_its_snapshot_gives_a_running_job_to_no_one_for_two_leases(tmp_path):
+    """A running job read back from the snapshot is not claimable at once (its driver may be alive and renew); two
+    leases after the restart, unrenewed, it is."""
+    async def scenario():
+        store = JobStore(snapshot_path=str(tmp_path / "jobs.msgpack"))
+        await store.create({"id": "j1"}, driver="ingress-a", lease_s=60.0)
+        await store.flush()
+        restarted = JobStore(snapshot_path=str(tmp_path / "jobs.msgpack"))       # what Ray's restart runs
+        first_to_ask = await restarted.claim_orphans("ingress-b", lease_s=60.0, limit=10)
+        assert await restarted.renew("ingress-a", ["j1"], lease_s=60.0) == []       # still its driver's
+        abandoned = JobStore(snapshot_path=str(tmp_path / "jobs.msgpack"))
+        later = await abandoned.claim_orphans("ingress-b", lease_s=0.0, limit=10)   # two (zero) leases on
+        return first_to_ask, later
+
+    first_to_ask, later = asyncio.run(scenario())
+    assert first_to_ask == [] and [job["id"] for job in later] == ["j1"]
+
+
+def test_a_job_no_replica_admits_is_the_clients_error_naming_the_knob():
+    """A prompt over the memory plan's limit is refused like one over the model's context: 400, not 500."""
+    from cluster.serve.jobs import job_error
+    from kvcomm.memory_plan import KVBudgetError
+    error = job_error("job-1", KVBudgetError("the prompt is 9000 tokens; this replica admits prompts of at most "
+                                             "memory.max_prompt_tokens = 8192"))
+    assert (error["status"], error["param"]) == (400, "job") and "memory.max_prompt_tokens" in error["message"]
+    assert job_error("job-2", RuntimeError("boom"))["status"] == 500
