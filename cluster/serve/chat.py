@@ -14,11 +14,11 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from ..config import describe_validation_error
-from .http import APIError, Caller, InFlightSlots, field_path, read_json, sse
+from .http import APIError, Caller, ClosingStreamingResponse, InFlightSlots, field_path, read_json, sse
 from .metrics import ServiceMetrics
 from .openai_api import (ChatCompletionRequest, ChatRequestError, chunk_body, completion_body, kvcomm_body,
                          new_completion_id, usage_body)
@@ -84,9 +84,10 @@ class ChatService:
                 include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
                 chunks = self._chat_chunks(stream, completion_id, created, include_usage, chat.kvcomm.details,
                                            caller.tenant, span, first.get("worker"))
-                await chunks.__anext__()   # started: its `finally` now runs however the response ends (even unsent)
+                await chunks.__anext__()   # started: its `finally` runs however the response ends (even unsent)
                 handed_off = True
-                return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                return ClosingStreamingResponse(chunks, media_type="text/event-stream",
+                                                headers={"Cache-Control": "no-cache"})
             parts, done = [], None
             try:
                 async for event in stream:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,21 @@ class Caller:
     @property
     def owner(self) -> tuple[str | None, str | None]:
         return (self.tenant, self.namespace_header)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A `StreamingResponse` that closes its body (an async generator) however the response ends. Starlette's
+    leaves the generator suspended at its ``yield`` when the response is cancelled in the middle of a send (the
+    client went away), so the generator's ``finally`` (cancel the job, stop the chat's decoding, give back the
+    in-flight slot) would wait for garbage collection: seconds, or never under load."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def sse(data: Any, event: str | None = None, event_id: int | None = None) -> bytes:

@@ -25,7 +25,7 @@ import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from ray.exceptions import RayTaskError
 
 from actors.metrics import reused_prompt_tokens
@@ -38,8 +38,8 @@ from kvcomm.templates import TemplateError
 
 from ..driver import DagJob, JobCancelled, WorkerLost
 from .executor import ReplicaCalls
-from .http import (INT64_MAX, INT64_MIN, APIError, Caller, InFlightSlots, internal_error_message, limit_error,
-                   query_flag, read_json, sse)
+from .http import (INT64_MAX, INT64_MIN, APIError, Caller, ClosingStreamingResponse, InFlightSlots,
+                   internal_error_message, limit_error, query_flag, read_json, sse)
 from .job_events import RetryEvent, TurnEvent
 from .job_store import FINISHED
 from .metrics import ServiceMetrics
@@ -91,8 +91,8 @@ class JobService:
         done = self._drive(record, spec)                 # releases the slot when the job ends
         if stream:                                       # the job first (its id), then its events
             intro = sse(public(await self.store.get.remote(job_id)), event="job")
-            return StreamingResponse(self._event_stream(job_id, 0, cancel_on_disconnect=True, intro=intro),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return ClosingStreamingResponse(self._event_stream(job_id, 0, cancel_on_disconnect=True, intro=intro),
+                                            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         if not wait:
             return JSONResponse(public(await self.store.get.remote(job_id)), status_code=202,
                                 headers={"Location": f"/v1/jobs/{job_id}"})
@@ -130,8 +130,8 @@ class JobService:
         after = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
         if not after.strip().isdigit():
             raise APIError(400, f"Last-Event-ID: expected an event number, got {after[:40]!r}", param="Last-Event-ID")
-        return StreamingResponse(self._event_stream(record["id"], int(after)), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return ClosingStreamingResponse(self._event_stream(record["id"], int(after)), media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache"})
 
     # ---- reading and cancelling ---------------------------------------------------------------------------------
     async def _readable(self, request: Request, caller: Caller) -> dict[str, Any]:

@@ -5,12 +5,12 @@ This module owns:
 * `ChatCompletionRequest`: the body of ``POST /v1/chat/completions`` (pydantic; null means a field's default;
   unsupported values of fields that would change the answer are rejected naming the field: ``n`` > 1, ``tools``
   or a ``tool_choice`` that needs them, ``logprobs``, penalties, ``logit_bias``, a non-text ``response_format``,
-  an assistant message's ``tool_calls``; other unknown fields are ignored). Our own options ride in the body's ``kvcomm`` object (the OpenAI clients'
-  ``extra_body``): ``mode`` (any engine mode; the server's default is ``serve.chat_mode``), ``namespace`` (the
-  anchor namespace, unless the ``X-KVCOMM-Namespace`` header names one) and ``details`` (the prompt and
-  completion token ids, the first token's log-probabilities and the TTFT in the response, for fidelity checks),
-  ``force_dense`` (this agent's prompt prefilled densely whatever the mode: a judge kept exact; in a pool mode its
-  turn still teaches the anchor pool).
+  an assistant message's ``tool_calls``; other unknown fields are ignored). Our own options ride in the body's
+  ``kvcomm`` object (the OpenAI clients' ``extra_body``): ``mode`` (any engine mode; the server's default is
+  ``serve.chat_mode``), ``namespace`` (the anchor namespace, unless the ``X-KVCOMM-Namespace`` header names one)
+  and ``details`` (the prompt and completion token ids, the first token's log-probabilities and the TTFT in the
+  response, for fidelity checks), ``force_dense`` (this agent's prompt prefilled densely whatever the mode: a
+  judge kept exact; in a pool mode its turn still teaches the anchor pool).
 * `ChatParams`: what a worker replica is sent, a `kvcomm.chat.ChatRequest` (the chat as the engine runs it) and
   its routing hint: the namespace (its home replica wins ties) and the cost in tokens.
 * `completion_body` / `chunk_body` / `usage_body` / `kvcomm_body`: OpenAI's ``chat.completion`` and

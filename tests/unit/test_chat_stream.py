@@ -3,7 +3,9 @@ event protocol (`cluster.serve.worker.WorkerDeployment.chat`) as plain data, no 
 finish chunk and ``[DONE]``; one that fails mid-decode (the worker's ``error`` event), whose worker replica is lost
 mid-stream, or whose events end without ``done`` ends with OpenAI's error object and no ``[DONE]``, which the
 openai client raises, so the text sent before it is never taken for a whole answer. (A real replica lost mid-chat
-cannot be timed reliably here: the tiny model decodes a chat before a kill lands.)"""
+cannot be timed reliably here: the tiny model decodes a chat before a kill lands.) And a streamed response
+cancelled in the middle of a send closes its body at once (`cluster.serve.http.ClosingStreamingResponse`), where
+Starlette's own leaves it to garbage collection."""
 from __future__ import annotations
 
 import asyncio
@@ -88,3 +90,50 @@ def test_a_chat_failing_after_its_first_token_ends_with_an_error_the_client_rais
     assert last["error"]["type"] == ("server_error" if status >= 500 else "invalid_request_error")
     with pytest.raises(openai.APIError, match=words):
         client_read(body)
+
+
+@pytest.mark.parametrize("closing", [True, False])
+def test_a_stream_cancelled_mid_send_closes_its_body_at_once_not_at_garbage_collection(closing):
+    """The client goes away while a chunk is being sent: the response task is cancelled inside ``send``. Starlette
+    leaves its body generator suspended there, so the generator's ``finally`` (cancel the job, stop the decoding,
+    give back the slot) waits for garbage collection (off here: never); `ClosingStreamingResponse` closes it."""
+    import gc
+
+    from starlette.responses import StreamingResponse
+
+    from cluster.serve.http import ClosingStreamingResponse
+    cleaned = []
+
+    async def body():
+        try:
+            while True:
+                yield b"data: x\n\n"
+        finally:
+            cleaned.append(True)
+
+    async def scenario() -> list:
+        sending = asyncio.Event()
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                sending.set()
+                await asyncio.sleep(3600)          # the proxy's send, when the client has gone
+
+        async def receive() -> dict:
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+        response = (ClosingStreamingResponse if closing else StreamingResponse)(body())
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        task = asyncio.ensure_future(response(scope, receive, send))
+        await sending.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.1)
+        return list(cleaned)            # before the loop's own shutdown closes what is left
+
+    gc.disable()
+    try:
+        assert asyncio.run(scenario()) == ([True] if closing else [])
+    finally:
+        gc.enable()
