@@ -129,7 +129,8 @@ class AgentWorker:
         self.node_id = _current_node_id()
         self.contents = ContentResolver(self.view, settings.content_cache_bytes - chat_cache_bytes, runner.device,
                                         self.node_id)
-        self.chats = ChatTurns(self.engine, ChatContents(chat_cache_bytes))   # used on the model thread only
+        self.chats = ChatTurns(self.engine, ChatContents(chat_cache_bytes),     # used on the model thread only
+                               max_prompt_tokens=self.memory_plan.max_prompt_tokens)
         self._turns_run = 0
         self._turns_cancelled = 0
         self._orders_in_flight = 0

@@ -32,13 +32,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .base_cache import shared_prefix
-from .chat_template import (QUOTE_PROBE_CHARS, ChatMessage, ChatRequestError, as_rendered, chat_template,
+from .chat_template import (QUOTE_PROBE_CHARS, ChatMessage, ChatRequestError, ChatTemplate, as_rendered, chat_template,
                             quoted_suffix, trims_contents)
 from .engine import ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult, learn_gate_state
 from .generation import Sampling, first_stop_at
 from .kv import KVSegment
 from .names import BASE_MODES, MODES, POOL_MODES
-from .templates import TemplateError
+from .templates import TemplateError, render_template
 
 MIN_QUOTE_TOKENS = 4     # a response this short is never looked for inside a longer message (too little to reuse)
 
@@ -247,9 +247,12 @@ class ChatTurns:
     """Chats on one engine: `prepare` a chat's turn, `finish` it after the engine ran it (see the module docstring).
     Not thread-safe: a worker calls it on its model thread only."""
 
-    def __init__(self, engine: KVCommEngine, contents: ChatContents):
+    def __init__(self, engine: KVCommEngine, contents: ChatContents, max_prompt_tokens: int | None = None):
+        """`max_prompt_tokens`: the longest prompt the replica admits (its memory plan's); a longer chat is refused
+        before any of its KV is computed."""
         self.engine = engine
         self.contents = contents
+        self.max_prompt_tokens = max_prompt_tokens
         self.trim = trims_contents(engine.tokenizer)
         self.decisions: Counter[str] = Counter()    # reason -> chats finished with it
         self.tokens_generated = 0                   # tokens decoded for chats, as they come (cancelled ones too)
@@ -265,6 +268,7 @@ class ChatTurns:
         template, slots = chat_template(as_rendered(request.messages, self.trim),
                                         lambda text: self._quotes(request.namespace, text))
         try:
+            self._check_size(template, slots)
             state = self.engine.agent_state(template)
         except (TemplateError, ContextLengthError) as exc:
             raise ChatRequestError("messages", str(exc).removeprefix("messages: ")) from None
@@ -352,6 +356,26 @@ class ChatTurns:
             if name not in entry.gate_reason:
                 self.engine.offer_content(request.namespace, name, content, txn)
         return entry, content
+
+    def _check_size(self, template: ChatTemplate, slots: dict[str, str]) -> None:
+        """Refuse a chat too long to serve before any of its KV is computed (the template's fixed KV, the messages'
+        base KV: a prompt over the memory plan would allocate it all first): its tokens, the template's fixed text
+        and every message tokenized on their own (a quoted answer's producer tokens may differ by a few; the
+        replica's admission checks the exact prompt), against the model's context and `max_prompt_tokens`.
+        Tokenizes nothing when the text's UTF-8 bytes (at least its tokens) fit."""
+        limit = int(self.engine.spec.max_position_embeddings) - 1
+        if self.max_prompt_tokens is not None:
+            limit = min(limit, self.max_prompt_tokens)
+        fixed_texts, _ = template.split(self.engine.tokenizer)
+        if 1 + sum(len(text.encode()) for text in [*fixed_texts, *slots.values()]) <= limit:
+            return                                # a token is at least one byte (and a BOS token at most one more)
+        tokens = sum(len(f) for f in render_template(template, self.engine.tokenizer).fixed) + sum(
+            len(self.engine.encode(text)) for text in slots.values())
+        if tokens > limit:
+            knob = ("memory.max_prompt_tokens" if self.max_prompt_tokens is not None and limit == self.max_prompt_tokens
+                    else "the model's context")
+            raise ChatRequestError("messages", f"the prompt is {tokens} tokens; this replica admits at most {limit} "
+                                               f"({knob})")
 
     def _max_tokens(self, request: ChatRequest, prompt_tokens: int) -> int:
         context = int(self.engine.spec.max_position_embeddings)

@@ -430,3 +430,17 @@ def test_chat_and_job_turns_decode_in_one_batch(engine) -> None:
         assert finished.token_ids == chat_result.token_ids and finished.prompt_tokens == len(chat_result.prompt_ids)
     finally:
         scheduler.stop()
+
+
+def test_a_chat_over_the_replicas_prompt_limit_is_refused_before_any_of_its_kv(engine) -> None:
+    """A chat longer than the replica admits (`max_prompt_tokens`, the memory plan's) is refused naming the knob
+    before anything of it is computed: no template's fixed KV, no message's base KV kept; a chat within it runs."""
+    turns = ChatTurns(engine, ChatContents(64 << 20), max_prompt_tokens=64)
+    engine.pool.drop_namespace("ns")
+    templates = len(engine.agents)
+    with pytest.raises(ChatRequestError, match=r"this replica admits at most 64 \(memory\.max_prompt_tokens\)") as err:
+        ask(turns, [ChatMessage("system", SYSTEMS[2]), ChatMessage("user", " ".join([QUESTIONS[0]] * 6), "user")])
+    assert err.value.param == "messages"
+    assert len(turns.contents) == 0 and len(engine.agents) == templates
+    within = ask(turns, [ChatMessage("user", QUESTIONS[0], "user")])
+    assert 0 < within.prompt_tokens <= 64 and turns.contents.holds("ns", QUESTIONS[0])
