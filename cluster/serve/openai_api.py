@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from actors.turns import RoutingHint
 from kvcomm.chat import ChatRequest
@@ -37,6 +37,10 @@ from kvcomm.names import MODES
 __all__ = ["ChatCompletionRequest", "ChatParams", "ChatRequestError", "chunk_body", "completion_body",
            "kvcomm_body", "new_completion_id", "usage_body"]
 
+# fields this server does not act on, refused unless they keep their default: field -> why
+UNSUPPORTED = {"logprobs": "logprobs are not supported", "top_logprobs": "logprobs are not supported",
+               "tools": "tools are not supported", "functions": "tools are not supported",
+               "logit_bias": "logit_bias is not supported"}
 DEFAULT_CHAT_COST_TOKENS = 256   # a chat without max_tokens counts this many output tokens when routed
 NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"   # as the X-KVCOMM-Namespace header
 
@@ -145,19 +149,12 @@ class ChatCompletionRequest(BaseModel):
                              f"{n} answers)" if n > 1 else f"must be 1, got {n}")
         return n
 
-    @field_validator("logprobs")
+    @field_validator(*UNSUPPORTED)
     @classmethod
-    def _no_logprobs(cls, logprobs: bool | None) -> bool | None:
-        if logprobs:
-            raise ValueError("logprobs are not supported")
-        return logprobs
-
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
-        if tools:
-            raise ValueError("tools are not supported")
-        return tools
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:                                     # anything but its default (None, False, 0, empty)
+            raise ValueError(UNSUPPORTED[info.field_name])
+        return value
 
     @field_validator("tool_choice", "function_call")
     @classmethod
@@ -172,20 +169,6 @@ class ChatCompletionRequest(BaseModel):
         if penalty != 0:
             raise ValueError(f"penalties are not supported: must be 0, got {penalty}")
         return penalty
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, bias: dict[str, Any] | None) -> dict[str, Any] | None:
-        if bias:
-            raise ValueError("logit_bias is not supported")
-        return bias
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, count: int | None) -> int | None:
-        if count:
-            raise ValueError("logprobs are not supported")
-        return count
 
     @field_validator("response_format")
     @classmethod
