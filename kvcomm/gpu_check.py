@@ -19,6 +19,11 @@ limit leaves what it measured:
 * decode: tokens/s of one continuous decode batch at batch 1, 16 and 64.
 * memory: the replica's plan (`kvcomm.memory_plan`) against what was used: the KV ledger's peak, and on CUDA the
   allocator's peak after the parity section (``torch.cuda.max_memory_allocated``) against the plan's envelope.
+* recipe_cost: issue #16's cost aim on this device. The Table-2 setting in naive and kvcomm mode, kvcomm with the
+  recompute recipe the embedded model's calibration ships (its share of tokens, span starts, tail and bound) and
+  both gates held open, so every kvcomm turn is a reused one: a reused turn's preparation against naive reuse's
+  (the aim: under 1.3x). Random weights make every first token fragile, which is why the gates are held open;
+  what they send back is measured on the real model by `kvcomm bench fidelity`.
 
 Writes OUTDIR/gpu_check.json, OUTDIR/summary.md and OUTDIR/ttft.png.
 """
@@ -32,24 +37,27 @@ import random
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from . import calibration
 from .anchor_pool import AnchorPool
 from .bench import ttft, ttft_workload
 from .engine import KVCommEngine, TurnRequest
 from .generation import DecodeBatch, Sampling, generate_from_ids
 from .memory_plan import GIB, JobShape, KVBudget, MemoryConfig, plan_for_runner
 from .model_loading import LoadedModel, build_hf_model, load_model
-from .names import MODES, POOL_MODES
+from .names import EMBEDDED_MODEL, MODES, POOL_MODES
 from .runner import ModelRunner
 from .templates import AgentTemplate
 from .word_tokenizer import WordTokenizer
 
 TOLERANCE_FACTOR = 2.0      # our bf16 logit error may be at most this times transformers' own bf16 error
+RECIPE_KNOBS = ("recompute_ratio", "recompute_span_starts", "kvcomm_tail", "recompute_max_tokens")
+COST_AIM_VS_NAIVE = 1.3     # issue #16: a reused turn prepares in under 1.3x naive reuse's time
 FORBIDDEN_MODULES = ("ray", "pydantic", "gguf", "flash_attn", "fastapi")   # what a bare GPU machine lacks
 # (accelerate too, but transformers imports it by itself wherever it is installed; the CI test hides it)
 
@@ -225,6 +233,32 @@ def check_ttft(runner: ModelRunner, tokenizer: Any, settings: CheckSettings, out
     return report
 
 
+def check_recipe_cost(runner: ModelRunner, tokenizer: Any, settings: CheckSettings) -> dict[str, Any]:
+    """Naive and kvcomm (the shipped calibration's recipe, gates open) per agent of the Table-2 setting: median
+    preparation to the first token, the ratio, recomputed tokens and how many kvcomm turns reused."""
+    path = calibration.find(EMBEDDED_MODEL, "auto")
+    if path is None:
+        raise FileNotFoundError(f"no calibration for {EMBEDDED_MODEL} in {calibration.calibration_dir()}")
+    recipe = {name: calibration.Calibration.load(path).knobs[name] for name in RECIPE_KNOBS}
+    config = ttft.bench_config(**recipe, gate_min_margin=0.0, gate_max_kl=float("inf"))
+    setting = replace(settings.ttft, modes=("naive", "kvcomm"))
+    report = ttft.measure(runner, tokenizer, setting, config=config, progress=False, desc="gpu_check recipe cost")
+    rows = []
+    for agent in report["agents"]:
+        naive, kvcomm = agent["modes"]["naive"], agent["modes"]["kvcomm"]
+        rows.append({"agent": agent["agent"], "prompt_tokens": agent["prompt_tokens"],
+                     "naive_ms": naive["ttft_ms"], "kvcomm_ms": kvcomm["ttft_ms"],
+                     "kvcomm_vs_naive": kvcomm["ttft_ms"] / naive["ttft_ms"],
+                     "naive_recomputed": naive["recomputed_tokens"], "kvcomm_recomputed": kvcomm["recomputed_tokens"],
+                     "kvcomm_reuse_rate": kvcomm["reuse_rate"]})
+    last = rows[-1]
+    return {"calibration": str(path), "recipe": recipe, "aim_vs_naive": COST_AIM_VS_NAIVE, "agents": rows,
+            "last_agent_vs_naive": last["kvcomm_vs_naive"],
+            "aim_met": last["kvcomm_vs_naive"] < COST_AIM_VS_NAIVE,
+            "ok": all(r["kvcomm_reuse_rate"] == 1.0 and r["kvcomm_recomputed"] > r["naive_recomputed"]
+                      for r in rows)}
+
+
 def check_decode(runner: ModelRunner, settings: CheckSettings) -> dict[str, Any]:
     rows = []
     generator = torch.Generator().manual_seed(1)
@@ -334,6 +368,17 @@ def summary_markdown(report: dict[str, Any]) -> str:
             lines += ["", f"kvcomm turns that reused: {section['kvcomm_reused']} of {section['turns']} per dtype.", ""]
         elif name == "ttft" and "markdown" in section:
             lines += [section["markdown"], ""]
+        elif name == "recipe_cost" and "agents" in section:
+            lines += [f"The shipped recipe ({', '.join(f'{k} {v}' for k, v in section['recipe'].items())}; gates "
+                      f"open) against naive reuse; issue #16's aim: a reused turn under "
+                      f"{section['aim_vs_naive']}x naive's preparation.", "",
+                      "| agent | prompt tokens | naive ms | kvcomm ms | kvcomm / naive | recomputed: naive, kvcomm |"
+                      " kvcomm reused |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['agent']} | {r['prompt_tokens']} | {r['naive_ms']:.1f} | {r['kvcomm_ms']:.1f} | "
+                      f"{r['kvcomm_vs_naive']:.2f}x | {r['naive_recomputed']:.0f}, {r['kvcomm_recomputed']:.0f} | "
+                      f"{r['kvcomm_reuse_rate']:.0%} |" for r in section["agents"]]
+            lines += ["", f"At agent {section['agents'][-1]['agent']}: {section['last_agent_vs_naive']:.2f}x naive "
+                          f"({'within' if section['aim_met'] else 'not within'} the aim).", ""]
         elif name == "decode" and "batches" in section:
             lines += ["| batch | tokens/s | ms per step |", "|---|---|---|"]
             lines += [f"| {r['batch']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} |" for r in section["batches"]]
@@ -405,6 +450,7 @@ def run(settings: CheckSettings, outdir: Path, mode: str) -> dict[str, Any]:
     section("ttft", lambda: check_ttft(runner, tokenizer, settings, outdir))
     section("decode", lambda: check_decode(runner, settings))
     section("memory", lambda: check_memory(plan, runner, baseline))
+    section("recipe_cost", lambda: check_recipe_cost(runner, tokenizer, settings))
     return report
 
 

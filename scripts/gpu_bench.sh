@@ -16,6 +16,8 @@
 #   KVCOMM_BENCH_AGENTS (5)  KVCOMM_BENCH_PREFIX (512)  KVCOMM_BENCH_INPUT (1024)  KVCOMM_BENCH_OUTPUT (512)
 #   KVCOMM_BENCH_SAMPLES (20)  KVCOMM_BENCH_WARMUP (2)  KVCOMM_BENCH_MODES (all six)
 #   KVCOMM_BENCH_OUT (results/ttft_gpu)  KVCOMM_BENCH_TIME_LIMIT (460)  PYTHON (.venv/bin/python)
+#   KVCOMM_BENCH_CALIBRATION (none: kvcomm without a recompute budget; a calibration file runs its knobs, e.g.
+#     configs/calibration/smollm2-135m-instruct.json for the shipped recipe's cost on this GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -37,6 +39,7 @@ WARMUP=${KVCOMM_BENCH_WARMUP:-2}
 MODES=${KVCOMM_BENCH_MODES:-dense,dense-prefix,naive,cacheblend,kvcomm,hybrid}
 OUT=${KVCOMM_BENCH_OUT:-results/ttft_gpu}
 TIME_LIMIT=${KVCOMM_BENCH_TIME_LIMIT:-460}
+CALIBRATION=${KVCOMM_BENCH_CALIBRATION:-none}
 
 mkdir -p "$(dirname "$OUT")"
 if [[ "$DEVICE" == cuda* ]]; then
@@ -54,7 +57,7 @@ status=0
 timeout "$TIME_LIMIT" "$PY" -m kvcomm.bench.ttft \
   --device "$DEVICE" --dtype "$DTYPE" --model "$MODEL" --random-weights \
   --agents "$AGENTS" --prefix "$PREFIX" --input "$INPUT" --output "$OUTPUT" --modes "$MODES" \
-  --samples "$SAMPLES" --warmup "$WARMUP" --threads 2 \
+  --samples "$SAMPLES" --warmup "$WARMUP" --threads 2 --calibration "$CALIBRATION" \
   --json "$OUT.json" --plot "$OUT.png" > "$OUT.md" 2> >(tee "$OUT.log" >&2) || status=$?
 cat "$OUT.md"
 echo "gpu_bench: exit $status after $(( $(date +%s) - started ))s; wrote $OUT.json $OUT.png $OUT.md $OUT.log" >&2

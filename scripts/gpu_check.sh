@@ -5,8 +5,8 @@
 # Needs only a python3 with a CUDA torch and transformers (numpy, tqdm; matplotlib for the figure): no Ray, no
 # pydantic, no flash-attn, no project venv, no registry, no model files (random weights). The repository goes on
 # PYTHONPATH. Runs kvcomm.gpu_check: bf16 parity with transformers on a Llama-3.1-8B-shaped random-weight model
-# (logits; 32 greedy tokens), the Table-2 TTFT setting in every mode, decode tokens/s at batch 1, 16 and 64, and
-# peak memory against the memory plan. Writes OUTDIR/gpu_check.json, OUTDIR/summary.md, OUTDIR/ttft.png and
+# (logits; 32 greedy tokens), the Table-2 TTFT setting in every mode, decode tokens/s at batch 1, 16 and 64,
+# peak memory against the memory plan, and the shipped recompute recipe's cost against naive reuse (issue #16). Writes OUTDIR/gpu_check.json, OUTDIR/summary.md, OUTDIR/ttft.png and
 # OUTDIR/gpu_check.log; exits 0 when every check passed.
 #
 #   PYTHON (default: the repository's .venv/bin/python when present, else python3)

@@ -29,7 +29,7 @@ def test_gpu_check_tiny_runs_without_what_a_bare_gpu_machine_lacks(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["ok"] and report["mode"] == "tiny" and report["environment"]["forbidden_modules_imported"] == []
     sections = report["sections"]
-    assert list(sections) == ["parity", "fidelity", "ttft", "decode", "memory"]
+    assert list(sections) == ["parity", "fidelity", "ttft", "decode", "memory", "recipe_cost"]
     fidelity = {e["mode"]: e for e in sections["fidelity"]["modes"]}
     assert sections["fidelity"]["dtypes"] == ["bfloat16", "float32"] and len(fidelity) == 6
     assert fidelity["kvcomm"]["kl_bfloat16"] < fidelity["naive"]["kl_bfloat16"]
@@ -43,6 +43,15 @@ def test_gpu_check_tiny_runs_without_what_a_bare_gpu_machine_lacks(tmp_path):
     assert all(row["tokens_per_s"] > 0 for row in sections["decode"]["batches"])
     memory = sections["memory"]
     assert 0 < memory["kv_ledger_peak_bytes"] <= memory["kv_budget_bytes"] == memory["plan"]["kv_bytes"]
+    # issue #16's cost aim, measured with the recipe the embedded model's calibration ships, every turn reused
+    cost, shipped = sections["recipe_cost"], json.loads(
+        (REPO / "configs" / "calibration" / "smollm2-135m-instruct.json").read_text())["knobs"]
+    assert cost["recipe"] == {k: shipped[k] for k in cost["recipe"]} and shipped["recompute_ratio"] > 0
+    assert [r["agent"] for r in cost["agents"]] == [1, 2, 3, 4, 5]
+    assert all(r["kvcomm_reuse_rate"] == 1.0 and r["kvcomm_recomputed"] > r["naive_recomputed"]
+               and r["kvcomm_vs_naive"] == r["kvcomm_ms"] / r["naive_ms"] for r in cost["agents"])
+    assert cost["aim_met"] == (cost["agents"][-1]["kvcomm_vs_naive"] < 1.3)
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# GPU check (tiny): PASS") and "| batch | tokens/s |" in summary
+    assert "## recipe_cost: ok" in summary and "| agent | prompt tokens | naive ms | kvcomm ms |" in summary
     assert (out / "ttft.png").stat().st_size > 10_000 and (out / "gpu_check.log").exists()

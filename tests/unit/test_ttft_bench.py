@@ -105,13 +105,17 @@ def test_gpu_bench_script_runs_on_cpu_with_a_tiny_model(tiny_model_dir, tmp_path
     env = dict(os.environ, PYTHON=sys.executable, KVCOMM_BENCH_DEVICE="cpu", KVCOMM_BENCH_DTYPE="float32",
                KVCOMM_BENCH_MODEL=tiny_model_dir, KVCOMM_BENCH_AGENTS="2", KVCOMM_BENCH_PREFIX="8",
                KVCOMM_BENCH_INPUT="16", KVCOMM_BENCH_OUTPUT="8", KVCOMM_BENCH_SAMPLES="1",
-               KVCOMM_BENCH_OUT=str(out), KVCOMM_BENCH_TIME_LIMIT="120")
+               KVCOMM_BENCH_OUT=str(out), KVCOMM_BENCH_TIME_LIMIT="120",
+               KVCOMM_BENCH_CALIBRATION=str(REPO / "configs" / "calibration" / "smollm2-135m-instruct.json"))
     done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_bench.sh")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-2000:]
     script_report = json.loads(out.with_suffix(".json").read_text())
     assert [a["agent"] for a in script_report["agents"]] == [1, 2]
     assert script_report["setting"]["samples"] == 1 and script_report["device"] == "cpu"
+    shipped = json.loads(Path(env["KVCOMM_BENCH_CALIBRATION"]).read_text())["knobs"]   # the recipe the file names
+    assert {k: script_report["config"][k] for k in ("recompute_ratio", "recompute_span_starts", "kvcomm_tail")} == \
+        {k: shipped[k] for k in ("recompute_ratio", "recompute_span_starts", "kvcomm_tail")}
     assert out.with_suffix(".png").exists() and "| agent |" in out.with_suffix(".md").read_text()
 
 
