@@ -118,7 +118,8 @@ class AgentWorker:
                                      retry_after_s=settings.pool_retry_after_s,
                                      resolve_actor=self._find_pool_actor, prefetch=True)
         self.engine = KVCommEngine(runner, loaded.tokenizer, settings.kvcomm, self.pool,
-                                   agent_cache_bytes=settings.memory.agent_cache_bytes)
+                                   agent_cache_bytes=settings.memory.agent_cache_bytes,
+                                   max_prompt_tokens=self.memory_plan.max_prompt_tokens)
         self.scheduler = TurnScheduler(self.engine, settings.max_batch_size, settings.max_queued_turns,
                                        name=f"kvcomm-model-{worker_id}", memory_plan=self.memory_plan,
                                        prefill_step_tokens=settings.prefill_step_tokens).start()
@@ -129,8 +130,7 @@ class AgentWorker:
         self.node_id = _current_node_id()
         self.contents = ContentResolver(self.view, settings.content_cache_bytes - chat_cache_bytes, runner.device,
                                         self.node_id)
-        self.chats = ChatTurns(self.engine, ChatContents(chat_cache_bytes),     # used on the model thread only
-                               max_prompt_tokens=self.memory_plan.max_prompt_tokens)
+        self.chats = ChatTurns(self.engine, ChatContents(chat_cache_bytes))     # used on the model thread only
         self._turns_run = 0
         self._turns_cancelled = 0
         self._orders_in_flight = 0

@@ -247,12 +247,11 @@ class ChatTurns:
     """Chats on one engine: `prepare` a chat's turn, `finish` it after the engine ran it (see the module docstring).
     Not thread-safe: a worker calls it on its model thread only."""
 
-    def __init__(self, engine: KVCommEngine, contents: ChatContents, max_prompt_tokens: int | None = None):
-        """`max_prompt_tokens`: the longest prompt the replica admits (its memory plan's); a longer chat is refused
-        before any of its KV is computed."""
+    def __init__(self, engine: KVCommEngine, contents: ChatContents):
+        """A chat longer than the engine admits (`KVCommEngine.max_prompt_tokens`, the replica's memory plan's, or
+        the model's context) is refused before any of its KV is computed."""
         self.engine = engine
         self.contents = contents
-        self.max_prompt_tokens = max_prompt_tokens
         self.trim = trims_contents(engine.tokenizer)
         self.decisions: Counter[str] = Counter()    # reason -> chats finished with it
         self.tokens_generated = 0                   # tokens decoded for chats, as they come (cancelled ones too)
@@ -363,17 +362,16 @@ class ChatTurns:
         and every message tokenized on their own (a quoted answer's producer tokens may differ by a few; the
         replica's admission checks the exact prompt), against the model's context and `max_prompt_tokens`.
         Tokenizes nothing when the text's UTF-8 bytes (at least its tokens) fit."""
-        limit = int(self.engine.spec.max_position_embeddings) - 1
-        if self.max_prompt_tokens is not None:
-            limit = min(limit, self.max_prompt_tokens)
+        limit, admitted = int(self.engine.spec.max_position_embeddings) - 1, self.engine.max_prompt_tokens
+        if admitted is not None:
+            limit = min(limit, admitted)
         fixed_texts, _ = template.split(self.engine.tokenizer)
         if 1 + sum(len(text.encode()) for text in [*fixed_texts, *slots.values()]) <= limit:
             return                                # a token is at least one byte (and a BOS token at most one more)
         tokens = sum(len(f) for f in render_template(template, self.engine.tokenizer).fixed) + sum(
             len(self.engine.encode(text)) for text in slots.values())
         if tokens > limit:
-            knob = ("memory.max_prompt_tokens" if self.max_prompt_tokens is not None and limit == self.max_prompt_tokens
-                    else "the model's context")
+            knob = "memory.max_prompt_tokens" if limit == admitted else "the model's context"
             raise ChatRequestError("messages", f"the prompt is {tokens} tokens; this replica admits at most {limit} "
                                                f"({knob})")
 

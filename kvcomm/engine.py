@@ -151,8 +151,13 @@ class KVCommEngine:
     (fetch, align, offset, select, prefill, record: the keys of `TurnResult.timings`)."""
 
     def __init__(self, runner: ModelRunner, tokenizer: Any, config: KVCommConfig | None = None,
-                 pool: AnchorPool | None = None, *, agent_cache_bytes: int = MemoryConfig.agent_cache_bytes):
+                 pool: AnchorPool | None = None, *, agent_cache_bytes: int = MemoryConfig.agent_cache_bytes,
+                 max_prompt_tokens: int | None = None):
+        """`max_prompt_tokens`: the longest prompt this engine's replica admits (its memory plan's, which sizes the
+        prefill scratch); None: the model's context. A template, an input or a prompt longer than it is refused
+        before its KV is computed."""
         self.runner = runner
+        self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer = tokenizer
         self.config = (config or KVCommConfig()).with_calibration()   # knobs no calibration set: uncalibrated
         self.pool = pool if pool is not None else AnchorPool(self.config, runner.rope)
@@ -190,6 +195,9 @@ class KVCommEngine:
                              base=self.inputs.base(ids, known(ids) if known is not None and ids else None))
 
     def _check_fits(self, prompt_len: int, new_tokens: int, what: str) -> None:
+        if self.max_prompt_tokens is not None and prompt_len > self.max_prompt_tokens:
+            raise ContextLengthError(f"{what}: {prompt_len} tokens; this replica admits prompts of at most "
+                                     f"memory.max_prompt_tokens = {self.max_prompt_tokens}")
         limit = self.spec.max_position_embeddings
         if prompt_len + new_tokens > limit:
             raise ContextLengthError(f"{what}: {prompt_len} prompt tokens + {new_tokens} new tokens exceed the "

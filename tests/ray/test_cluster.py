@@ -33,6 +33,7 @@ from cluster.config import ClusterConfig, KVCommSettings
 
 GAMMA = 1.0          # as in the TTFT benchmark: two anchors per placeholder are enough to reuse
 NEW_TOKENS = 8       # every response exactly this long, so later contents fit earlier anchors
+MAX_PROMPT_TOKENS = 2048   # the module cluster's memory plan admits prompts this long (the tiny model's context: 4096)
 TASKS = [f"Tom has {a} apples and buys {b} more. How many apples does Tom have?"
          for a, b in [(3, 5), (4, 2), (6, 1), (2, 7), (5, 5), (8, 1), (1, 9), (7, 2), (9, 3), (2, 2), (3, 3), (4, 4),
                       (6, 6), (7, 7), (8, 8), (9, 9)]]
@@ -60,7 +61,8 @@ def cluster_config(model_dir: str, **changes) -> ClusterConfig:
 @pytest.fixture(scope="module")
 def cluster(ray_cluster, tiny_model_dir):
     from cluster.batch.runner import ClusterRunner
-    runner = ClusterRunner(cluster_config(tiny_model_dir, worker_max_restarts=-1)).start()
+    runner = ClusterRunner(cluster_config(tiny_model_dir, worker_max_restarts=-1,
+                                          memory={"max_prompt_tokens": MAX_PROMPT_TOKENS})).start()
     yield runner
     runner.shutdown()
 
@@ -328,6 +330,18 @@ def test_a_judge_forced_dense_on_workers_is_dense_as_in_the_single_process_engin
         assert [t["reason"] for t in have["turns"]] == [t.reason for t in want.turns], job.id
         assert have["turns"][-1]["reason"] == "forced_dense" and not have["turns"][-1]["reused"], job.id
     assert any(t["reused"] for t in got[-1]["turns"][:-1])          # the others reuse by the third job
+
+
+def test_a_job_whose_input_no_prompt_can_hold_fails_at_its_input_naming_the_knob(cluster) -> None:
+    """A task longer than the workers' memory plan admits in a prompt (within the model's context) fails before
+    its base KV is computed, naming memory.max_prompt_tokens; the workers go on serving."""
+    task = " ".join(["Tom has 3 apples."] * 400)                                   # ~2,400 tokens
+    job = build_job("math", task, num_agents=3, mode="kvcomm", job_id="too-long-input", namespace="too-long",
+                    generation=GenerationParams(max_new_tokens=NEW_TOKENS))
+    with pytest.raises(Exception, match=rf"input content: \d+ tokens; this replica admits prompts of at most "
+                                        rf"memory.max_prompt_tokens = {MAX_PROMPT_TOKENS}"):
+        cluster.run_job(job, timeout_s=120)
+    assert cluster.run_job(make_job(0, "dense", "too-long"), timeout_s=120)["turns"]
 
 
 def test_stop_strings_cut_responses_on_workers_as_in_the_single_process_engine(cluster, tiny_model_dir) -> None:

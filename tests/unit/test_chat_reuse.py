@@ -18,7 +18,7 @@ from kvcomm.chat import ChatContent, ChatContents, ChatRequest, ChatTurns, TextS
 from kvcomm.chat_template import (ChatMessage, ChatRequestError, chat_placeholder, chat_prompt_ids, chat_template,
                                   quote_pieces, quoted_suffix, trims_contents)
 from kvcomm.config import KVCommConfig
-from kvcomm.engine import TurnRequest
+from kvcomm.engine import KVCommEngine, TurnRequest
 from kvcomm.names import MODES
 from kvcomm.generation import Sampling, generate_from_ids
 from kvcomm.engine import build_engine
@@ -435,8 +435,8 @@ def test_chat_and_job_turns_decode_in_one_batch(engine) -> None:
 def test_a_chat_over_the_replicas_prompt_limit_is_refused_before_any_of_its_kv(engine) -> None:
     """A chat longer than the replica admits (`max_prompt_tokens`, the memory plan's) is refused naming the knob
     before anything of it is computed: no template's fixed KV, no message's base KV kept; a chat within it runs."""
-    turns = ChatTurns(engine, ChatContents(64 << 20), max_prompt_tokens=64)
-    engine.pool.drop_namespace("ns")
+    engine = KVCommEngine(engine.runner, engine.tokenizer, engine.config, max_prompt_tokens=64)
+    turns = ChatTurns(engine, ChatContents(64 << 20))
     templates = len(engine.agents)
     with pytest.raises(ChatRequestError, match=r"this replica admits at most 64 \(memory\.max_prompt_tokens\)") as err:
         ask(turns, [ChatMessage("system", SYSTEMS[2]), ChatMessage("user", " ".join([QUESTIONS[0]] * 6), "user")])

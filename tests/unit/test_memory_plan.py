@@ -15,7 +15,7 @@ import yaml
 from actors.scheduler import TurnScheduler
 from cluster.cli import main as cli_main
 from kvcomm.config import KVCommConfig
-from kvcomm.engine import KVCommEngine, TurnRequest
+from kvcomm.engine import ContextLengthError, KVCommEngine, TurnRequest
 from kvcomm.generation import DecodeBatch, Sampling, generate_from_ids
 from kvcomm.memory_plan import (GIB, JobShape, KVBudget, KVBudgetError, MemoryConfig, MemoryPlanError,
                                 capacity_class, model_weight_bytes, plan_memory)
@@ -180,10 +180,16 @@ def _agent(i: int) -> AgentTemplate:
 
 
 class FailingRunner(ModelRunner):
-    """A runner whose decode step raises once, at a chosen step (a stand-in for a CUDA error mid-batch)."""
+    """A runner whose decode step raises once, at a chosen step (a stand-in for a CUDA error mid-batch); it counts
+    its prefills."""
 
     fail_at: int | None = None
     decode_calls = 0
+    prefill_calls = 0
+
+    def prefill(self, *args, **kwargs):
+        self.prefill_calls += 1
+        return super().prefill(*args, **kwargs)
 
     def decode_step(self, groups, token_ids):
         self.decode_calls += 1
@@ -232,6 +238,23 @@ def test_turns_are_admitted_by_kv_bytes_and_never_fitting_ones_fail_naming_the_l
     finally:
         scheduler.stop()
         runner.kv_budget = KVBudget(None)
+
+
+def test_a_template_or_input_longer_than_the_replica_admits_is_refused_before_its_kv(tiny_engine):
+    """An engine given its replica's `max_prompt_tokens` refuses an input or an agent template no prompt could hold
+    (both within the model's context) naming the knob, with no prefill run; shorter ones are computed."""
+    runner = tiny_engine.runner
+    engine = KVCommEngine(runner, tiny_engine.tokenizer, KVCommConfig(), max_prompt_tokens=48)
+    long_text = " ".join(["Tom has 3 apples."] * 20)
+    assert 48 < len(engine.encode(long_text)) < engine.spec.max_position_embeddings
+    before = runner.prefill_calls
+    with pytest.raises(ContextLengthError, match=r"input content: \d+ tokens; this replica admits prompts of at most "
+                                                 r"memory.max_prompt_tokens = 48"):
+        engine.make_input(long_text)
+    with pytest.raises(ContextLengthError, match="memory.max_prompt_tokens = 48"):
+        engine.agent_state(AgentTemplate("long", long_text, "{user_question}"))
+    assert runner.prefill_calls == before
+    assert engine.make_input(QUESTION).num_tokens <= 48 and runner.prefill_calls > before
 
 
 def test_a_failed_decode_step_frees_every_decode_buffer(tiny_engine):
