@@ -16,14 +16,14 @@ limit leaves what it measured:
   the bf16 model), with each mode's largest bf16-vs-fp32 logit difference.
 * ttft: the paper's Table-2 setting (5 agents, prefix 512, input 1024, output 512; scaled down on the CPU) in every
   serving mode, from `kvcomm.bench.ttft`.
-* decode: tokens/s of one continuous decode batch at batch 1, 16 and 64.
-* memory: the replica's plan (`kvcomm.memory_plan`) against what was used: the KV ledger's peak, and on CUDA the
-  allocator's peak after the parity section (``torch.cuda.max_memory_allocated``) against the plan's envelope.
 * recipe_cost: issue #16's cost aim on this device. The Table-2 setting in naive and kvcomm mode, kvcomm with the
   recompute recipe the embedded model's calibration ships (its share of tokens, span starts, tail and bound) and
   both gates held open, so every kvcomm turn is a reused one: a reused turn's preparation against naive reuse's
   (the aim: under 1.3x). Random weights make every first token fragile, which is why the gates are held open;
   what they send back is measured on the real model by `kvcomm bench fidelity`.
+* decode: tokens/s of one continuous decode batch at batch 1, 16 and 64.
+* memory: the replica's plan (`kvcomm.memory_plan`) against what was used: the KV ledger's peak, and on CUDA the
+  allocator's peak after the parity section (``torch.cuda.max_memory_allocated``) against the plan's envelope.
 
 Writes OUTDIR/gpu_check.json, OUTDIR/summary.md and OUTDIR/ttft.png.
 """
@@ -448,9 +448,9 @@ def run(settings: CheckSettings, outdir: Path, mode: str) -> dict[str, Any]:
                            **caches)
     runner.kv_budget = KVBudget(plan.kv_bytes, what="the check's KV budget")
     section("ttft", lambda: check_ttft(runner, tokenizer, settings, outdir))
+    section("recipe_cost", lambda: check_recipe_cost(runner, tokenizer, settings))
     section("decode", lambda: check_decode(runner, settings))
     section("memory", lambda: check_memory(plan, runner, baseline))
-    section("recipe_cost", lambda: check_recipe_cost(runner, tokenizer, settings))
     return report
 
 

@@ -29,7 +29,7 @@ def test_gpu_check_tiny_runs_without_what_a_bare_gpu_machine_lacks(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["ok"] and report["mode"] == "tiny" and report["environment"]["forbidden_modules_imported"] == []
     sections = report["sections"]
-    assert list(sections) == ["parity", "fidelity", "ttft", "decode", "memory", "recipe_cost"]
+    assert list(sections) == ["parity", "fidelity", "ttft", "recipe_cost", "decode", "memory"]
     fidelity = {e["mode"]: e for e in sections["fidelity"]["modes"]}
     assert sections["fidelity"]["dtypes"] == ["bfloat16", "float32"] and len(fidelity) == 6
     assert fidelity["kvcomm"]["kl_bfloat16"] < fidelity["naive"]["kl_bfloat16"]
