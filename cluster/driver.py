@@ -87,6 +87,7 @@ class DagJob:
         self.reruns = 0                              # orders run again because an object they made was lost
         self._levels: JobLevels[ContentHandle] | None = None
         self._made: dict[str, tuple[str, Any, TurnOrder | ContentOrder]] = {}   # object hex -> what made it
+        self._replaced: dict[str, ContentHandle] = {}  # lost object hex -> the handle of what was made again
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: set[int] = set()            # id() of calls sent and not yet answered
@@ -204,6 +205,12 @@ class DagJob:
                     replaced[_object_id(old)] = store[key]
         return replaced
 
+    def _current(self, handle: ContentHandle) -> ContentHandle:
+        """`handle`, or what was made again in place of its object (followed through every later loss)."""
+        while _object_id(handle) in self._replaced:
+            handle = self._replaced[_object_id(handle)]
+        return handle
+
     # ---- orders, with retries on worker loss --------------------------------------------------------------------
     def _check_cancelled(self) -> None:
         if self._cancelled.is_set():
@@ -248,12 +255,13 @@ class DagJob:
                 if self._cancelled.is_set():
                     raise JobCancelled(f"job {self.job.id} was cancelled") from None
                 lost = _lost_object(exc)
-                if lost is None or lost not in self._made or not isinstance(order, TurnOrder):
+                if lost is None or not isinstance(order, TurnOrder) or (
+                        lost not in self._made and lost not in self._replaced):
                     raise
-                replaced = self._remake(lost)
+                if lost not in self._replaced:        # the first order to miss it has it made again; the others
+                    self._replaced.update(self._remake(lost))        # that read it (a level's fan-out) take that
                 for name, handle in list(order.contents.items()):   # the order now reads what was made again
-                    if _object_id(handle) in replaced:
-                        order.contents[name] = replaced[_object_id(handle)]
+                    order.contents[name] = self._current(handle)
                 call = self._send(order)
                 continue
             self._forget(call)

@@ -125,7 +125,8 @@ def drill_node_lost(model_dir: str, workdir: Path) -> dict:
     from actors.anchor_pool_actor import POOL_MAX_CONCURRENCY, AnchorPoolActor
     from cluster.batch.runner import ClusterRunner
     oracle = build_engine(model_dir, random_weights=True, config=KVCommConfig(gamma=1.0))
-    dense = [job(i, "dense", tokens=160, topology="fully_connected") for i in range(16)]
+    dense = [job(i, "dense", tokens=160, topology="star" if i % 2 else "fully_connected") for i in range(16)]
+    # (a star's two level-0 agents read the question at once: a lost input is missed by both)
     expected = {j.id: tokens_of(run_job(oracle, j)) for j in dense}
     cfg = config(model_dir, num_workers=4, placement_strategy="PACK", job_retries=16,
                  pool_snapshot_path=str(workdir / "pool.msgpack"), pool_snapshot_every_commits=1)
