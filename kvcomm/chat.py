@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .base_cache import shared_prefix
-from .chat_template import (QUOTE_PROBE_CHARS, ChatMessage, ChatRequestError, ChatTemplate, as_rendered, chat_template,
+from .chat_template import (CONTEXT_LENGTH_EXCEEDED, QUOTE_PROBE_CHARS, ChatMessage, ChatRequestError, ChatTemplate, as_rendered, chat_template,
                             quoted_suffix, trims_contents)
 from .engine import ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult, learn_gate_state
 from .generation import Sampling, first_stop_at
@@ -169,29 +169,46 @@ class ChatContents:
 # Streaming text
 # ------------------------------------------------------------------------------------------------------------
 class TextStream:
-    """A response's text as its tokens come, sent as deltas to `emit`: decoded incrementally (an incomplete UTF-8
-    character waits for the next token), cut at the first stop string, and holding back the last characters that
-    could still begin one. `close(text)` sends what is left of the final text."""
+    """A response's text as its tokens come, sent as deltas to `emit`: decoded incrementally (each token decoded
+    after the tokens of the previous delta only, for the tokenizers whose pieces depend on what precedes them;
+    an incomplete UTF-8 character waits for the next token), cut at the first stop string, and holding back the
+    last characters that could still begin one. `close(text)` sends what is left of the final text. Each token
+    costs a decode of a few tokens, not of the whole response (which on the model thread, for every chat in the
+    batch, grew with the square of the response's length)."""
 
     def __init__(self, detokenize: Callable[[Sequence[int]], str], stops: Sequence[str],
                  emit: Callable[[str], None]):
         self.detokenize, self.stops, self.emit = detokenize, tuple(stops), emit
         self.hold = max((len(stop) - 1 for stop in self.stops), default=0)
         self.tokens: list[int] = []
+        self.text = ""              # the text of tokens[:self._read_at]
         self.sent = ""
         self.stopped = False
+        self._context_at = 0        # tokens[_context_at:_read_at]: the previous delta's, decoded again as context
+        self._read_at = 0
+        self._searched = 0          # characters of `text` searched for a stop string
 
     def feed(self, token: int) -> None:
         if self.stopped:
             return
         self.tokens.append(token)
-        text = self.detokenize(self.tokens)
-        if text.endswith("\ufffd"):
+        context = self.detokenize(self.tokens[self._context_at:self._read_at])
+        text = self.detokenize(self.tokens[self._context_at:])
+        if text.endswith("\ufffd") or len(text) <= len(context):
             return
-        at = first_stop_at(text, self.stops)
+        if text.startswith(context):
+            self.text += text[len(context):]
+        else:                       # a tokenizer that rewrote the context: decode the whole response once
+            self.text = self.detokenize(self.tokens)
+        self._context_at, self._read_at = self._read_at, len(self.tokens)
+        start = max(0, self._searched - self.hold)
+        at = first_stop_at(self.text[start:], self.stops)
+        self._searched = len(self.text)
         if at is not None:
-            text, self.stopped = text[:at], True
-        self._send(text if self.stopped else text[:max(len(self.sent), len(text) - self.hold)])
+            self.stopped = True
+            self._send(self.text[:start + at])
+        else:
+            self._send(self.text[:max(len(self.sent), len(self.text) - self.hold)])
 
     def close(self, text: str) -> None:
         self._send(text)
@@ -243,6 +260,11 @@ class ChatResult:
         return len(self.prompt_ids)
 
 
+def _code(exc: Exception) -> str | None:
+    """OpenAI's error code for an engine error a chat gets: a prompt too long is `CONTEXT_LENGTH_EXCEEDED`."""
+    return CONTEXT_LENGTH_EXCEEDED if isinstance(exc, ContextLengthError) else None
+
+
 class ChatTurns:
     """Chats on one engine: `prepare` a chat's turn, `finish` it after the engine ran it (see the module docstring).
     Not thread-safe: a worker calls it on its model thread only."""
@@ -270,13 +292,16 @@ class ChatTurns:
             self._check_size(template, slots)
             state = self.engine.agent_state(template)
         except (TemplateError, ContextLengthError) as exc:
-            raise ChatRequestError("messages", str(exc).removeprefix("messages: ")) from None
+            raise ChatRequestError("messages", str(exc).removeprefix("messages: "), _code(exc)) from None
         consumer = state.rendered.key
         txn = self.engine.pool.begin(request.namespace) if request.mode in POOL_MODES else None
         try:
             contents, entries = {}, {}
             for name in template.names:
-                entry, contents[name] = self._content(request, name, slots[name], consumer, txn)
+                try:
+                    entry, contents[name] = self._content(request, name, slots[name], consumer, txn)
+                except (TemplateError, ContextLengthError) as exc:   # a message too long for its own prefill
+                    raise ChatRequestError("messages", str(exc), _code(exc)) from None
                 if entry is not None:
                     entries[name] = entry
             prompt_tokens = len(state.rendered.fill({n: c.token_ids for n, c in contents.items()}))
@@ -373,18 +398,19 @@ class ChatTurns:
         if tokens > limit:
             knob = "memory.max_prompt_tokens" if limit == admitted else "the model's context"
             raise ChatRequestError("messages", f"the prompt is {tokens} tokens; this replica admits at most {limit} "
-                                               f"({knob})")
+                                               f"({knob})", CONTEXT_LENGTH_EXCEEDED)
 
     def _max_tokens(self, request: ChatRequest, prompt_tokens: int) -> int:
         context = int(self.engine.spec.max_position_embeddings)
         room = context - prompt_tokens
         if room < 1:
             raise ChatRequestError("messages", f"the prompt is {prompt_tokens} tokens; the model's context is "
-                                               f"{context}")
+                                               f"{context}", CONTEXT_LENGTH_EXCEEDED)
         if request.max_tokens is not None and request.max_tokens > room:
             raise ChatRequestError(request.max_tokens_param,
                                    f"{request.max_tokens} new tokens + {prompt_tokens} prompt tokens exceed the "
-                                   f"model's context of {context} tokens (at most {room} for this prompt)")
+                                   f"model's context of {context} tokens (at most {room} for this prompt)",
+                                   CONTEXT_LENGTH_EXCEEDED)
         return request.max_tokens or min(request.default_max_tokens, room)
 
     def finish(self, prepared: PreparedChat, result: TurnResult) -> ChatResult:

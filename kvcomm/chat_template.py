@@ -24,11 +24,15 @@ ROLES = ("system", "user", "assistant", "tool")
 _SENTINEL = "\u2063"                   # INVISIBLE SEPARATOR: marks where a content goes while the template renders
 
 
-class ChatRequestError(ValueError):
-    """A chat cannot run as given; `param` names the offending field (OpenAI's ``error.param``)."""
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"   # OpenAI's error code for a prompt or output too long
 
-    def __init__(self, param: str, message: str):
-        self.param = param
+
+class ChatRequestError(ValueError):
+    """A chat cannot run as given; `param` names the offending field (OpenAI's ``error.param``), `code` is OpenAI's
+    ``error.code`` where one applies (`CONTEXT_LENGTH_EXCEEDED`, which clients read to shorten the history)."""
+
+    def __init__(self, param: str, message: str, code: str | None = None):
+        self.param, self.code = param, code
         super().__init__(f"{param}: {message}")
 
 

@@ -190,18 +190,20 @@ class KVCommEngine:
         content's token ids, may name another input's ids and base KV whose shared start need not be computed."""
         ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else tuple(int(t) for t in text_or_ids)
         if ids:
-            self._check_fits(len(self.inputs.lead_in) + len(ids), 0, f"{kind} content")
+            self._check_fits(len(ids), 0, f"{kind} content", lead_in=len(self.inputs.lead_in))
         return SharedContent(kind=kind, token_ids=ids,
                              base=self.inputs.base(ids, known(ids) if known is not None and ids else None))
 
-    def _check_fits(self, prompt_len: int, new_tokens: int, what: str) -> None:
+    def _check_fits(self, prompt_len: int, new_tokens: int, what: str, lead_in: int = 0) -> None:
+        """`ContextLengthError` unless `prompt_len` tokens fit a prompt this replica admits and, after `lead_in`
+        tokens that are in no prompt (an input's isolated prefill), with `new_tokens` more, the model's context."""
         if self.max_prompt_tokens is not None and prompt_len > self.max_prompt_tokens:
             raise ContextLengthError(f"{what}: {prompt_len} tokens; this replica admits prompts of at most "
                                      f"memory.max_prompt_tokens = {self.max_prompt_tokens}")
         limit = self.spec.max_position_embeddings
-        if prompt_len + new_tokens > limit:
-            raise ContextLengthError(f"{what}: {prompt_len} prompt tokens + {new_tokens} new tokens exceed the "
-                                     f"model's context of {limit}")
+        if lead_in + prompt_len + new_tokens > limit:
+            raise ContextLengthError(f"{what}: {lead_in + prompt_len} prompt tokens + {new_tokens} new tokens exceed "
+                                     f"the model's context of {limit}")
 
     # ---- anchors: the gate on new content -----------------------------------------------------------------
     def offer_content(self, namespace: str, placeholder: str, content: SharedContent,

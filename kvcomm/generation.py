@@ -69,9 +69,10 @@ class SequenceState:
 
 def _ends_in_stop(tokens: Sequence[int], stops: Sequence[str], detokenize: Callable[[Sequence[int]], str]) -> bool:
     """Whether the newest token completed a stop string. Earlier tokens were checked when they came, so only the
-    tail is decoded: a stop string of n characters spans at most its last n tokens (+2 for a multi-byte
-    character split across tokens), not the whole response at every step."""
-    window = max(len(stop) for stop in stops) + 2
+    tail is decoded: a stop string of n UTF-8 bytes spans at most its last n tokens (a token is at least a byte;
+    one CJK character or emoji is often split over several), +2 for a character split across the window's start,
+    not the whole response at every step."""
+    window = max(len(stop.encode("utf-8")) for stop in stops) + 2
     text = detokenize(tokens[-window:])
     return any(stop in text for stop in stops)
 

@@ -40,7 +40,13 @@ class MemoryPlanError(ValueError):
 
 
 class KVBudgetError(RuntimeError):
-    """A request's KV can never fit the replica's KV budget (or the budget is momentarily full)."""
+    """A request's KV can never fit the replica's KV budget (or the budget is momentarily full). `too_long`:
+    "prompt" when the prompt alone is over the replica's limit, "output" when the prompt fits and its output
+    budget does not, None otherwise."""
+
+    def __init__(self, message: str, too_long: str | None = None):
+        super().__init__(message)
+        self.too_long = too_long
 
 
 @dataclass(frozen=True)
@@ -244,12 +250,13 @@ class MemoryPlan:
         """`KVBudgetError` naming the limit when a request of this size can never be served by this replica."""
         if prompt_tokens > self.max_prompt_tokens:
             raise KVBudgetError(f"the prompt is {prompt_tokens} tokens; this replica admits prompts of at most "
-                                f"memory.max_prompt_tokens = {self.max_prompt_tokens}")
+                                f"memory.max_prompt_tokens = {self.max_prompt_tokens}", too_long="prompt")
         need = slot_tokens(prompt_tokens, output_tokens)
         if need > self.kv_tokens:
+            too_long = "prompt" if slot_tokens(prompt_tokens, 1) > self.kv_tokens else "output"
             raise KVBudgetError(f"{prompt_tokens} prompt + {output_tokens} new tokens need a {need}-token KV slot; "
                                 f"this replica's KV budget is {self.kv_tokens} tokens "
-                                f"({self.kv_bytes / GIB:.2f} GiB, see `kvcomm plan`)")
+                                f"({self.kv_bytes / GIB:.2f} GiB, see `kvcomm plan`)", too_long=too_long)
 
     def jobs(self, shape: JobShape) -> dict[str, Any]:
         """How many jobs of `shape` one replica serves at once: bound by KV (one decoding turn per job, its slot

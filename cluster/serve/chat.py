@@ -74,7 +74,7 @@ class ChatService:
             try:
                 first = await stream.__anext__()
                 if first["event"] == "error":
-                    raise APIError(first["status"], first["message"], param=first.get("param"))
+                    raise _event_error(first)
             except BaseException as exc:
                 stream.cancel()
                 end_chat_span(span, None, None, error=f"{type(exc).__name__}: {exc}")
@@ -96,7 +96,14 @@ class ChatService:
                     elif event["event"] == "done":
                         done = event
                     elif event["event"] == "error":          # failed while decoding: no answer, its error
-                        raise APIError(event["status"], event["message"], param=event.get("param"))
+                        raise _event_error(event)
+            except APIError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the worker replica was lost mid-completion (a RayActorError...)
+                raise APIError(502, f"the worker replica was lost mid-completion ({type(exc).__name__})") from None
+            except BaseException:
+                stream.cancel()        # the client went away: the worker stops decoding this chat
+                raise
             finally:
                 end_chat_span(span, first.get("worker"), done, None if done else "ended without finishing")
         finally:
@@ -126,7 +133,7 @@ class ChatService:
                     if event["event"] == "delta":
                         yield sse(chunk_body(completion_id, model, created, {"content": event["text"]}))
                     elif event["event"] == "error":
-                        failure = APIError(event["status"], event["message"], param=event.get("param"))
+                        failure = _event_error(event)
                     elif event["event"] == "done":
                         finished, done = True, event
                         self.metrics.observe_chat(event)
@@ -144,3 +151,8 @@ class ChatService:
                 stream.cancel()            # the client went away: the worker stops decoding this chat
             end_chat_span(span, worker, done, None if finished else "the client went away")
             self._release(tenant)
+
+
+def _event_error(event: dict[str, Any]) -> APIError:
+    """A worker's ``error`` event as the error response: its status, message, field and OpenAI error code."""
+    return APIError(event["status"], event["message"], param=event.get("param"), code=event.get("code"))

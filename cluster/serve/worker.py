@@ -38,7 +38,7 @@ from actors.agent_worker import AgentWorker, WorkerSettings
 from actors.turns import ContentOrder, TurnCancelled, TurnOrder
 from actors.worker_load import WorkerLoad
 from kvcomm.chat import ChatResult
-from kvcomm.chat_template import ChatRequestError
+from kvcomm.chat_template import CONTEXT_LENGTH_EXCEEDED, ChatRequestError
 from kvcomm.memory_plan import KVBudgetError
 
 from .http import internal_error_message
@@ -96,7 +96,7 @@ class AgentWorkerDeployment:
         try:
             first = await events.get()
             if first is None and work.exception() is not None:
-                yield _error_event(work.exception())
+                yield _error_event(work.exception(), params.request.max_tokens_param)
                 return
             yield {"event": "start", "worker": self.worker_id}
             item = first
@@ -104,7 +104,7 @@ class AgentWorkerDeployment:
                 yield {"event": "delta", "text": item}
                 item = await events.get()
             if work.exception() is not None:    # failed while decoding: its error, never `done`
-                yield _error_event(work.exception())
+                yield _error_event(work.exception(), params.request.max_tokens_param)
                 return
             yield _done_event(work.result(), params.details)
         finally:
@@ -163,13 +163,15 @@ def _wait_for_actor(name: str, namespace: str, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
-def _error_event(exc: BaseException) -> dict[str, Any]:
-    """A chat that failed (before its first token, or while decoding), as the status and message the client
-    gets."""
+def _error_event(exc: BaseException, max_tokens_param: str) -> dict[str, Any]:
+    """A chat that failed (before its first token, or while decoding), as the status, field, message and OpenAI
+    error code the client gets; `max_tokens_param`: the field the request's output budget came in."""
     if isinstance(exc, ChatRequestError):
-        return {"event": "error", "status": 400, "param": exc.param, "message": str(exc)}
+        return {"event": "error", "status": 400, "param": exc.param, "message": str(exc), "code": exc.code}
     if isinstance(exc, KVBudgetError):
-        return {"event": "error", "status": 400, "param": "messages", "message": f"messages: {exc}"}
+        param = max_tokens_param if exc.too_long == "output" else "messages"
+        return {"event": "error", "status": 400, "param": param, "message": f"{param}: {exc}",
+                "code": CONTEXT_LENGTH_EXCEEDED if exc.too_long else None}
     if isinstance(exc, TurnCancelled):
         return {"event": "error", "status": 499, "param": None, "message": "the chat was cancelled"}
     try:

@@ -366,6 +366,15 @@ def test_bad_input_is_a_4xx_naming_the_field_and_the_server_still_answers(client
         assert response.status_code == status, (path, field, response.status_code, response.text)
         error = response.json()["error"]
         assert error["param"] == field and error["message"].startswith(field), (path, field, error)
+    # longer than the model's context (the tiny model's: 4096 tokens): OpenAI's code, which clients read to trim
+    too_long_chats = [({**chat, "messages": [{"role": "user", "content": "apple " * 4200}]}, "messages"),
+                      ({**chat, "max_tokens": 4090, "messages": [{"role": "user", "content": "apple " * 40}]},
+                       "max_tokens")]
+    for body, field in too_long_chats:
+        response = client.post("/v1/chat/completions", json=body)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == field, response.text
+        assert error["code"] == "context_length_exceeded" and "context" in error["message"], error
     ok = client.post("/v1/chat/completions", json=chat)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
     assert client.post("/v1/jobs?wait=true", json=job).json()["status"] == "succeeded"

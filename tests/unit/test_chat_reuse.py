@@ -368,6 +368,26 @@ def test_streamed_text_is_the_answer_and_never_shows_a_stop_string(engine) -> No
     assert sent == ["a", "b"] and stream.stopped
 
 
+def test_a_text_stream_decodes_a_few_tokens_per_token_and_sends_the_whole_text(engine) -> None:
+    """Byte-level pieces of CJK, emoji and accented text, fed one token at a time: the deltas add up to the text
+    of all the tokens, and no decode call reads more than the newest delta's tokens and the previous delta's."""
+    text = "Réponse : 观察：今天天气很好 🛑🌧️ naïve café, 답변: 42. " * 8
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    widths: list[int] = []
+
+    def detokenize(tokens):
+        widths.append(len(tokens))
+        return engine.detokenize(tokens)
+
+    sent: list[str] = []
+    stream = TextStream(detokenize, (), sent.append)
+    for token in ids:
+        stream.feed(token)
+    stream.close(engine.detokenize(ids))
+    assert "".join(sent) == engine.detokenize(ids) and len(sent) > len(ids) // 2
+    assert len(ids) > 200 and max(widths) <= 12
+
+
 def test_tool_messages_in_the_history_are_contents_and_are_reused(engine) -> None:
     turns = turns_on(engine)
     messages = [ChatMessage("system", SYSTEMS[0]), ChatMessage("user", QUESTIONS[0], "user"),
@@ -444,3 +464,19 @@ def test_a_chat_over_the_replicas_prompt_limit_is_refused_before_any_of_its_kv(e
     assert len(turns.contents) == 0 and len(engine.agents) == templates
     within = ask(turns, [ChatMessage("user", QUESTIONS[0], "user")])
     assert 0 < within.prompt_tokens <= 64 and turns.contents.holds("ns", QUESTIONS[0])
+
+
+def test_a_message_whose_own_prefill_passes_the_context_is_the_clients_error(engine) -> None:
+    """A message's base KV is prefilled after an input lead-in (a user header, with the model's default system
+    prompt): when the chat's own fixed text is shorter than that lead-in, a message can fit the prompt and not its
+    own prefill. That is a 400 naming ``messages`` (ChatRequestError), not an internal error."""
+    turns = turns_on(engine)
+    system = ChatMessage("system", "Be brief.")
+    fixed = sum(map(len, engine.agent_state(chat_template([system, ChatMessage("user", "x")])[0]).rendered.fixed))
+    lead_in, context = len(engine.inputs.lead_in), engine.spec.max_position_embeddings
+    assert fixed + 2 <= lead_in                        # so the prompt below fits: the size check lets it through
+    ids = engine.encode(" ".join(["apple"] * context))
+    text = engine.detokenize(ids[:context - lead_in + 1])    # its prefill is one token over the context
+    with pytest.raises(ChatRequestError, match="the model's context") as err:
+        ask(turns, [system, ChatMessage("user", text, "user")])
+    assert err.value.param == "messages" and len(turns.contents) == 0

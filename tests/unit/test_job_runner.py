@@ -70,6 +70,18 @@ def test_cut_at_stop_string_keeps_the_tokens_before_the_earliest_stop(smollm2_en
     assert cut_at_stop_string(ids, ("absent",), detok) == (detok(ids), len(ids))
 
 
+def test_a_stop_string_of_multi_byte_characters_is_seen_when_its_last_token_comes(smollm2_engine_parts):
+    """A CJK character or an emoji is several byte-level tokens: the decoding step sees the stop string complete
+    at its last token (a window counted in characters missed it, and decoding ran on to max_new_tokens)."""
+    from kvcomm.generation import _ends_in_stop
+    _, tokenizer = smollm2_engine_parts
+    detok = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)   # noqa: E731
+    for stop in ("观察：", "답변:", "🛑🛑", "END"):
+        ids = tokenizer.encode(f"Thought: fine. {stop} more", add_special_tokens=False)
+        seen = [n for n in range(1, len(ids) + 1) if _ends_in_stop(ids[:n], (stop,), detok)]
+        assert seen and stop in detok(ids[:seen[0]]) and stop not in detok(ids[:seen[0] - 1]), stop
+
+
 def test_stop_strings_end_decoding_and_cut_what_downstream_agents_read(smollm2_engine_parts):
     engine = _engine(smollm2_engine_parts)
     gen = GenerationParams(max_new_tokens=24)

@@ -75,11 +75,16 @@ def test_the_plan_adds_up_and_names_the_knob_when_it_cannot_fit():
     with pytest.raises(MemoryPlanError, match="set memory.device_memory_bytes"):   # no figure, no GPU to measure
         plan_memory(spec, torch.bfloat16, MemoryConfig(), device_type="cuda")
 
-    with pytest.raises(KVBudgetError, match="memory.max_prompt_tokens = 8192"):
+    with pytest.raises(KVBudgetError, match="memory.max_prompt_tokens = 8192") as err:
         plan.check_request(9000, 10)
+    assert err.value.too_long == "prompt"                  # what the client must shorten: its messages
     small = dataclasses.replace(plan, kv_bytes=1000 * plan.kv_bytes_per_token)
-    with pytest.raises(KVBudgetError, match="KV budget is 1000 tokens"):
-        small.check_request(900, 200)
+    with pytest.raises(KVBudgetError, match="KV budget is 1000 tokens") as err:
+        small.check_request(500, 600)
+    assert err.value.too_long == "output"                  # the prompt fits; its output budget does not
+    with pytest.raises(KVBudgetError, match="KV budget is 1000 tokens") as err:
+        small.check_request(900, 200)                      # its slot's size class (1024) is over it even alone
+    assert err.value.too_long == "prompt"
     small.check_request(700, 20)
 
 
