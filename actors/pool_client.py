@@ -215,17 +215,21 @@ class RemoteAnchorPool(TransactionHost):
             held.count += 1
             held.pairs = _union(held.pairs, wanted)
             pending = list(self._pending.get(namespace, ()))
-        concurrent.futures.wait(pending, timeout=self.call_timeout_s)
-        while True:
-            with self._lock:
-                covering = held.pairs
-            snap = self.fetch(namespace, covering)
-            with self._lock:
-                if held.pairs != covering:
-                    continue                              # another turn joined with other pairs meanwhile
-                if held.snapshot is None or snap.version >= held.snapshot.version:
-                    held.snapshot = snap
-                return held.snapshot
+        try:
+            concurrent.futures.wait(pending, timeout=self.call_timeout_s)
+            while True:
+                with self._lock:
+                    covering = held.pairs
+                snap = self.fetch(namespace, covering)
+                with self._lock:
+                    if held.pairs != covering:
+                        continue                          # another turn joined with other pairs meanwhile
+                    if held.snapshot is None or snap.version >= held.snapshot.version:
+                        held.snapshot = snap
+                    return held.snapshot
+        except BaseException:
+            self.release(namespace)                       # a failed hold is no hold (its caller releases nothing)
+            raise
 
     def release(self, namespace: str) -> None:
         """A turn that `hold` fetched for is done: the snapshot is let go once no turn holds it."""

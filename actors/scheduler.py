@@ -178,6 +178,14 @@ class TurnScheduler:
 
     # ---- the model thread ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:                   # however the thread ends (an error no turn caught included), nothing queued
+            with self._cv:         # waits on it forever and nothing more is queued
+                self._stopping = True
+            self._fail_everything(SchedulerStopped("the worker's model thread stopped"))
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not (self._calls or self._pending or self._batch.active or self._stopping):
@@ -208,7 +216,6 @@ class TurnScheduler:
                 with self._cv:
                     self._cv.wait(timeout=0.01)
             self.busy_s += time.perf_counter() - t0
-        self._fail_everything(SchedulerStopped("the worker's model thread stopped"))
 
     def _admit_pending(self) -> int:
         """Admit queued turns in arrival order while the batch has room by count and its KV budget by bytes (the first

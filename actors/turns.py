@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from kvcomm.engine import SharedContent, TurnRequest, learn_gate_state
@@ -108,6 +108,14 @@ class TurnOrder:
     contents: Mapping[str, ContentHandle]
     consumed_names: frozenset[str]          # every placeholder name some agent of the job reads
     pooled: bool
+
+    def frozen(self) -> "TurnOrder":
+        """This order with its contents' gate state copied: what a transport that serializes the order later (Ray
+        Serve pickles it on its router's loop, once a replica is chosen) must send, while the driver's thread goes
+        on teaching the shared handles what sibling turns staged."""
+        return replace(self, contents={
+            name: replace(handle, anchor_ids=dict(handle.anchor_ids), gate_reason=dict(handle.gate_reason))
+            for name, handle in self.contents.items()})
 
     def routing_hint(self) -> RoutingHint:
         generation = self.agent.get("generation") or {}

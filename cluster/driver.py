@@ -129,8 +129,9 @@ class DagJob:
         self._levels = levels
         for level in levels:
             orders = [self._order(inputs) for inputs in level]
-            calls = [self._send(order) for order in orders]
+            calls: list[Any] = []
             try:
+                calls.extend(self._send(order) for order in orders)
                 for inputs, order, call in zip(level, orders, calls):
                     reply = self._wait(order, call)
                     self._take(levels, inputs, order, reply)

@@ -74,6 +74,7 @@ class _JobCalls:
     def __init__(self, runner: "ClusterRunner", pinned: int | None):
         self.runner, self.pinned = runner, pinned
         self._just_lost: int | None = None    # the worker the last lost order ran on: the resend avoids it
+        self._release_lock = threading.Lock()  # `cancel` (any thread) and `wait` (the driver's) both release
 
     def send(self, order: TurnOrder | ContentOrder) -> _WorkerCall:
         runner = self.runner
@@ -106,9 +107,11 @@ class _JobCalls:
         self._release(call)
 
     def _release(self, call: _WorkerCall) -> None:
-        if not call.released:
+        with self._release_lock:
+            if call.released:
+                return
             call.released = True
-            self.runner.release_worker(call.index)
+        self.runner.release_worker(call.index)
 
     def commit(self, staged: list[Any]) -> None:
         runner = self.runner

@@ -45,7 +45,8 @@ class ReplicaCalls:
 
     def send(self, order: TurnOrder | ContentOrder) -> _ReplicaCall:
         method = "execute_turn" if isinstance(order, TurnOrder) else "execute_content"
-        return _ReplicaCall(order, getattr(self.workers.options(stream=True), method).remote(order))
+        sent = order.frozen() if isinstance(order, TurnOrder) else order   # pickled later, on Serve's loop
+        return _ReplicaCall(order, getattr(self.workers.options(stream=True), method).remote(sent))
 
     def wait(self, call: _ReplicaCall) -> Reply:
         expected = 4 if isinstance(call.order, TurnOrder) else 3

@@ -128,7 +128,7 @@ class JobService:
     async def events(self, request: Request, caller: Caller) -> Response:
         record = await self._readable(request, caller)
         after = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-        if not after.strip().isdigit():
+        if not (after.strip().isascii() and after.strip().isdigit()):
             raise APIError(400, f"Last-Event-ID: expected an event number, got {after[:40]!r}", param="Last-Event-ID")
         return ClosingStreamingResponse(self._event_stream(record["id"], int(after)), media_type="text/event-stream",
                                         headers={"Cache-Control": "no-cache"})
@@ -216,14 +216,18 @@ class JobService:
             except BaseException as exc:  # noqa: BLE001 - the job's failure, reported as its error
                 error = job_error(job_id, exc)
             finally:
-                events.put_nowait(None)
-                await publisher
-                if status != "cancelled":
-                    await self.store.finish.remote(job_id, self.replica_id, status, result, error)
-                self.metrics.observe_job(mode, status)
-                end_job_span(span, status, result, error)
-                self._drivers.pop(job_id, None)
-                self._release(tenant)
+                try:
+                    events.put_nowait(None)
+                    try:
+                        await publisher
+                    finally:               # the job's end is recorded even when an event could not be
+                        if status != "cancelled":
+                            await self.store.finish.remote(job_id, self.replica_id, status, result, error)
+                    self.metrics.observe_job(mode, status)
+                    end_job_span(span, status, result, error)
+                finally:                   # never left renewing a lease for a job no one drives, nor its slot taken
+                    self._drivers.pop(job_id, None)
+                    self._release(tenant)
 
         return asyncio.ensure_future(run())
 
@@ -249,12 +253,22 @@ class JobService:
                 room = self.slots.limit - self.slots.total
                 if room > 0:
                     for record in await self.store.claim_orphans.remote(self.replica_id, lease, min(room, 8)):
-                        log.warning("job %s: taken over from a replica that stopped answering", record["id"])
-                        self.slots.take(record["owner"][0], force=True)
-                        self._drive(record, JobSpec.from_dict(record["spec"]))
+                        await self._adopt(record)
             except Exception as exc:  # noqa: BLE001 - the store restarting: try again next period
                 log.warning("job store unavailable for lease renewal: %s", exc)
             await asyncio.sleep(RENEW_EVERY_S)
+
+    async def _adopt(self, record: dict[str, Any]) -> None:
+        """Drive an orphaned job this replica claimed; one whose stored spec no longer reads (a replica of another
+        version wrote it) fails with its error, holding no slot."""
+        log.warning("job %s: taken over from a replica that stopped answering", record["id"])
+        try:
+            spec = JobSpec.from_dict(record["spec"])
+        except Exception as exc:  # noqa: BLE001 - reported as the job's error
+            await self.store.finish.remote(record["id"], self.replica_id, "failed", None, job_error(record["id"], exc))
+            return
+        self.slots.take(record["owner"][0], force=True)
+        self._drive(record, spec)
 
     # ---- validation ---------------------------------------------------------------------------------------------
     async def _job_spec(self, request: Request, caller: Caller, default_id: str) -> JobSpec:

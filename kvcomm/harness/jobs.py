@@ -150,6 +150,8 @@ class JobSpec:
             object.__setattr__(self, "agents", tuple(self.agents))
         if self.edges is None:
             if isinstance(self.agents, tuple) and all(isinstance(a, AgentSpec) for a in self.agents):
+                for index, agent in enumerate(self.agents):   # its templates must be text before edges are read
+                    _validate_agent_fields(agent, f"agents[{index}]")
                 object.__setattr__(self, "edges", derive_edges(self.agents))
         elif isinstance(self.edges, (list, tuple)):
             object.__setattr__(self, "edges", tuple(tuple(e) if isinstance(e, (list, tuple)) else e
@@ -238,6 +240,8 @@ class JobSpec:
                         raise JobSpecError(f"agents[{index}].{template_field}",
                                            f"{{{name}}} names unknown agent {name.split('_')[1]!r} "
                                            f"(agents: {', '.join(ids)})")
+        if self.decision_agent is not None and not isinstance(self.decision_agent, str):
+            raise JobSpecError("decision_agent", f"expected an agent id, got {type(self.decision_agent).__name__}")
         if self.decision_agent is not None and self.decision_agent not in seen_ids:
             raise JobSpecError("decision_agent", f"{self.decision_agent!r} is not one of the agents "
                                                  f"({', '.join(ids)})")

@@ -234,6 +234,9 @@ def test_any_ingress_replica_serves_any_job_and_a_lost_one_loses_no_job(app, ora
         events = record["events"]
         assert [name for _, name, _ in events].count("retry") == 1
         resumed = sse_events(http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "2"}).text)
+        for bad in ("two", "-1", "²"):            # "²".isdigit() is True; int("²") raised: a 500
+            refused = http.get(f"/v1/jobs/{job_id}/events", params={"after": bad})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "Last-Event-ID", refused.text
     assert [n for n, _, _ in resumed[:-1]] == [number for number, _, _ in events if number > 2]
     assert resumed[-1][1] == "done" and resumed[-1][2]["status"] == "succeeded"
 
@@ -263,6 +266,24 @@ def test_a_restarted_job_store_gives_no_live_job_away(app, oracle, ray_cluster) 
     assert done["attempts"] == 1 and record["driver"] == driver
     assert "retry" not in [name for _, name, _ in record["events"]]
     assert tokens_of(done["result"]) == expected_tokens(expected)
+
+
+def test_an_orphan_whose_stored_spec_no_longer_reads_fails_and_holds_no_slot(app, ray_cluster) -> None:
+    """A job left by a replica that stopped answering, whose stored spec this version cannot read (a replica of
+    another version wrote it): the replica that claims it records it failed with the reason, and keeps no in-flight
+    slot for it (it took one first and never gave it back, so every such orphan cost a slot for good)."""
+    import ray
+    store = ray.get_actor(app["store"], namespace=NAMESPACE)
+    job_id = f"job-orphan-{uuid.uuid4().hex[:8]}"
+    record = {"id": job_id, "owner": [None, "default"], "spec": {"id": "old", "agents": "not a list"},
+              "spec_id": "old", "mode": "dense", "namespace": "default", "created_at": time.time()}
+    ray.get(store.create.remote(record, "replica-that-stopped-answering", 0.0), timeout=30)
+    failed = wait_for(lambda: (r := store_record(ray, app, job_id))["status"] == "failed" and r, 60, "the orphan taken")
+    assert failed["error"]["status"] == 400 and "agents" in failed["error"]["message"], failed["error"]
+    for _ in range(12):          # either ingress replica may have claimed it: each answers some of these
+        lines = [line for line in httpx.get(f"{app['url']}/metrics", timeout=30).text.splitlines()
+                 if line.startswith("kvcomm_queue_length")]
+        assert lines and all(float(line.split()[-1]) == 0 for line in lines), lines   # no slot kept
 
 
 def test_a_cancelled_job_stops_its_turns_and_commits_nothing(app, ray_cluster) -> None:

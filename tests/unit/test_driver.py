@@ -1,5 +1,6 @@
-"""The job driver's recovery of lost KV objects (`cluster.driver.DagJob`), with a stand-in executor: orders run in
-this process and their outputs are named by stand-in object refs, so which object is lost, and when, is chosen
+"""The job driver (`cluster.driver.DagJob`) and its orders.
+
+Its recovery of lost KV objects, with a stand-in executor: orders run in this process and their outputs are named by stand-in object refs, so which object is lost, and when, is chosen
 exactly (the simulated-node drill in tests/multinode loses a node at a moment it cannot choose).
 
 When a node dies, the objects stored there are lost; every order that reads one fails with Ray's
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from ray.exceptions import ObjectLostError
 
-from actors.turns import ContentOrder, ProducedContent, SegmentMeta, TurnOrder, TurnOutcome
+from actors.turns import ContentHandle, ContentOrder, ProducedContent, SegmentMeta, TurnOrder, TurnOutcome
 from cluster.driver import DagJob, Reply
 from kvcomm.harness.jobs import JobSpec
 from kvcomm.job_runner import TurnRecord
@@ -91,3 +93,42 @@ def test_an_object_made_again_and_lost_again_is_made_a_third_time() -> None:
     assert len(dag.run()["turns"]) == 3
     assert dag.reruns == 2 and len(executor.inputs_made) == 3
     assert {read for _, read in executor.turns_run} == {executor.inputs_made[2]}
+
+
+def test_an_order_sent_for_later_serialization_keeps_the_gate_state_it_was_sent_with() -> None:
+    """Serve pickles an order on its router's loop once a replica is chosen, while the driver's thread teaches the
+    shared handles what sibling turns staged: the order it sends is `frozen()`, whose contents own their dicts."""
+    shared = ContentHandle("input", (1, 2), "key", None, "cache", "worker-0", anchor_ids={"user_question": "a1"},
+                           gate_reason={"user_question": "reused"})
+    order = TurnOrder("job", "ns", "kvcomm", {"id": "a"}, 0, {"user_question": shared}, frozenset(), True)
+    sent = order.frozen()
+    shared.learn_gate_state({"user_question": "a2"}, {"user_question": "new_anchor:high_entropy"})
+    assert (shared.anchor_ids, shared.gate_reason) != ({"user_question": "a1"}, {"user_question": "reused"})
+    assert sent.contents["user_question"].anchor_ids == {"user_question": "a1"}
+    assert sent.contents["user_question"].gate_reason == {"user_question": "reused"}
+    assert sent.contents["user_question"].token_ids == shared.token_ids and sent.agent == order.agent
+    assert order.contents["user_question"] is shared        # the driver's own order keeps the shared handle
+
+
+def test_a_level_whose_send_fails_cancels_the_orders_it_already_sent() -> None:
+    """Sending the second of a level's three orders fails (no worker to take it): the first, already running on a
+    worker, is cancelled, not left to run for a job that has failed."""
+    class FailingSecondSend(StandInExecutor):
+        def __init__(self) -> None:
+            super().__init__(lose_input_before_turns=0)
+            self.turns_sent, self.cancelled = [], []
+
+        def send(self, order):
+            if isinstance(order, TurnOrder):
+                self.turns_sent.append(order)
+                if len(self.turns_sent) == 2:
+                    raise RuntimeError("no worker to take it")
+            return order
+
+        def cancel(self, call) -> None:
+            self.cancelled.append(call)
+
+    executor = FailingSecondSend()
+    with pytest.raises(RuntimeError, match="no worker"):
+        DagJob(fan_out_job(), "dense", executor).run()
+    assert executor.cancelled == executor.turns_sent[:1]
