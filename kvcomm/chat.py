@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .base_cache import shared_prefix
-from .chat_template import (CONTEXT_LENGTH_EXCEEDED, QUOTE_PROBE_CHARS, ChatMessage, ChatRequestError, ChatTemplate, as_rendered, chat_template,
-                            quoted_suffix, trims_contents)
+from .chat_template import (CONTEXT_LENGTH_EXCEEDED, QUOTE_PROBE_CHARS, ChatMessage, ChatRequestError, ChatTemplate,
+                            as_rendered, chat_template, quoted_suffix, trims_contents)
 from .engine import ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult, learn_gate_state
 from .generation import Sampling, first_stop_at
 from .kv import KVSegment

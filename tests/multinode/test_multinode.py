@@ -7,8 +7,9 @@ cannot share a process with another cluster; the drill asserts what it checks an
 * ``spread``: jobs from `kvcomm submit` (worker actors placed SPREAD) and over HTTP (one worker replica per node)
   run their turns on two nodes, with the in-process oracle's tokens;
 * ``node_lost``: a node holding the anchor pool and two of four workers is removed without warning while 16 dense
-  jobs run (half of them stars, whose level-0 agents read the question at once); every job completes with the oracle's tokens, the pool restarts on a surviving node from its
-  snapshot, and kvcomm jobs reuse its anchors again;
+  jobs run (half of them stars, whose level-0 agents read the question at once); every job completes with the
+  oracle's tokens, the pool restarts on a surviving node from its snapshot, and kvcomm jobs reuse its anchors
+  again;
 * ``store_per_node``: the pool's byte budget is checked against each node's object store, not their sum.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The job driver (`cluster.driver.DagJob`) and its orders.
 
-Its recovery of lost KV objects, with a stand-in executor: orders run in this process and their outputs are named by stand-in object refs, so which object is lost, and when, is chosen
-exactly (the simulated-node drill in tests/multinode loses a node at a moment it cannot choose).
+Its recovery of lost KV objects, with a stand-in executor: orders run in this process and their outputs are named
+by stand-in object refs, so which object is lost, and when, is chosen exactly (the simulated-node drill in
+tests/multinode loses a node at a moment it cannot choose).
 
 When a node dies, the objects stored there are lost; every order that reads one fails with Ray's
 `ObjectLostError`. The first such order has the object made again; the others that read it, a level's fan-out,
