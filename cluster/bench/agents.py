@@ -1,11 +1,13 @@
-"""`kvcomm bench agents`: unmodified agent frameworks against the OpenAI chat API, KV reuse off and on.
+"""`kvcomm bench agents`: unmodified agent frameworks against the OpenAI chat API: no reuse, prefix caching, KVCOMM.
 
 The frameworks' drivers and the recording of what they send live in `cluster.bench.frameworks`; this module owns
 the benchmark:
 
 * `run`: the Serve app (``configs/local.yaml``: the embedded model on the CPU, one replica), every question
-  through each framework with reuse off (``mode: dense``) and on (``kvcomm``), in namespaces of their own, the two
-  alternating question by question; then, in this process, a dense prefill of every reused prompt's very tokens:
+  through each framework with reuse off (``mode: dense``), with exact prefix caching only (``dense-prefix``: each
+  chat template's leading segment, the system prompt and first header, kept exact, as a prefix cache serves it)
+  and with KVCOMM (``kvcomm``), in namespaces of their own, the three alternating question by question; then, in
+  this process, a dense prefill of every reused prompt's very tokens:
   first-token agreement and KL. `warmup` questions first teach the anchor pool (the entropy gate turns a
   namespace's first two contents of each kind into anchors) and are not counted. `markdown_table` and `plot`
   (docs/img/agents.png) show TTFT per agent position, reuse rate and wall time per conversation.
@@ -29,7 +31,7 @@ from kvcomm.names import EMBEDDED_MODEL
 from .frameworks import NEEDS, RUNNERS, Conversation, need
 
 FRAMEWORKS = ("autogen", "langgraph")   # the default; `RUNNERS` has every framework
-MODES = ("dense", "kvcomm")          # reuse off, reuse on
+MODES = ("dense", "dense-prefix", "kvcomm")   # reuse off, exact prefix caching, KVCOMM
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -54,7 +56,7 @@ def fidelity(engine: Any, conversations: Sequence[Conversation]) -> None:
     import numpy as np
     import torch
     for conversation in conversations:
-        if conversation.mode == "dense":
+        if conversation.mode != "kvcomm":             # the others are exact
             continue
         for turn in conversation.turns:
             logits, _ = engine.runner.prefill(turn["prompt_ids"])
@@ -65,8 +67,9 @@ def fidelity(engine: Any, conversations: Sequence[Conversation]) -> None:
 
 
 def summarize(conversations: Sequence[Conversation]) -> dict[str, Any]:
-    """Per framework: TTFT per agent position off and on, reuse rate, first-token agreement and KL of reused
-    turns, wall time per conversation (measured questions only)."""
+    """Per framework: TTFT per agent position in each mode, kvcomm's speedup over no reuse and over prefix caching,
+    reuse rate, first-token agreement and KL of reused turns, wall time per conversation (measured questions
+    only)."""
     out: dict[str, Any] = {}
     for framework in sorted({c.framework for c in conversations}):
         measured = [c for c in conversations if c.framework == framework and not c.warmup]
@@ -81,6 +84,7 @@ def summarize(conversations: Sequence[Conversation]) -> dict[str, Any]:
             turns = [c.turns[index] for c in by_mode["kvcomm"] if index < len(c.turns)]
             reused = [t for t in turns if t["reused"]]
             row.update(speedup=row["ttft_ms_dense"] / row["ttft_ms_kvcomm"],
+                       speedup_vs_prefix=row["ttft_ms_dense-prefix"] / row["ttft_ms_kvcomm"],
                        reuse_rate=len(reused) / len(turns),
                        cached_share=sum(t["cached_tokens"] for t in turns) / sum(t["prompt_tokens"] for t in turns),
                        agreement=(sum(t["agree"] for t in reused) / len(reused)) if reused else None,
@@ -134,9 +138,9 @@ def run(*, frameworks: Sequence[str] = FRAMEWORKS, questions: int = 8, warmup: i
                     conversation.warmup = number < warmup
                     done.append(conversation)
                 reasons = " ".join(t["reason"] for t in done[-1].turns)
+                walls = ", ".join(f"{c.mode} {c.wall_s:.1f} s" for c in done[-len(MODES):])
                 progress(f"[agents] {framework} question {number + 1}/{len(picked)} (line {line})"
-                         f"{' warm-up' if number < warmup else ''}: off {done[-2].wall_s:.1f} s, "
-                         f"on {done[-1].wall_s:.1f} s [{reasons}]")
+                         f"{' warm-up' if number < warmup else ''}: {walls} [{reasons}]")
         return {"conversations": done}
 
     conversations = run_with_app(config, drills, num_cpus=num_cpus)["conversations"]
@@ -152,25 +156,29 @@ def run(*, frameworks: Sequence[str] = FRAMEWORKS, questions: int = 8, warmup: i
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    lines = ["| framework | agent | prompt tokens | TTFT reuse off (ms) | TTFT reuse on (ms) | speedup | reuse rate "
-             "| reused tokens | first-token agreement | KL (reused) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| framework | agent | prompt tokens | TTFT reuse off (ms) | TTFT prefix cache (ms) | TTFT kvcomm (ms) "
+             "| kvcomm vs off | kvcomm vs prefix cache | reuse rate | reused tokens | first-token agreement "
+             "| KL (reused) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for framework, summary in report["summary"].items():
         for row in summary["agents"]:
             agreement = "-" if row["agreement"] is None else f"{row['agreement']:.0%}"
             kl = "-" if row["kl_mean"] is None else f"{row['kl_mean']:.3f}"
             lines.append(f"| {framework} | {row['agent']} | {row['prompt_tokens_dense']:.0f} | "
-                         f"{row['ttft_ms_dense']:.0f} | {row['ttft_ms_kvcomm']:.0f} | {row['speedup']:.2f}x | "
-                         f"{row['reuse_rate']:.0%} | {row['cached_share']:.0%} | {agreement} | {kl} |")
+                         f"{row['ttft_ms_dense']:.0f} | {row['ttft_ms_dense-prefix']:.0f} | "
+                         f"{row['ttft_ms_kvcomm']:.0f} | "
+                         f"{row['speedup']:.2f}x | {row['speedup_vs_prefix']:.2f}x | {row['reuse_rate']:.0%} | "
+                         f"{row['cached_share']:.0%} | {agreement} | {kl} |")
     lines.append("")
     for framework, summary in report["summary"].items():
         wall = summary["wall_s"]
         lines.append(f"{framework}: {summary['questions']} questions; wall time per conversation {wall['dense']:.1f} s "
-                     f"off, {wall['kvcomm']:.1f} s on; reuse rate {summary['reuse_rate']:.0%}")
+                     f"off, {wall['dense-prefix']:.1f} s with the prefix cache, {wall['kvcomm']:.1f} s with kvcomm; "
+                     f"reuse rate {summary['reuse_rate']:.0%}")
     return "\n".join(lines)
 
 
 def plot(report: dict[str, Any], png_path: str) -> str:
-    """TTFT per agent position, reuse off against on, one panel per framework."""
+    """TTFT per agent position in each mode, one panel per framework."""
     from matplotlib.figure import Figure   # no pyplot: no global backend state
 
     summaries = report["summary"]
@@ -179,14 +187,15 @@ def plot(report: dict[str, Any], png_path: str) -> str:
     for ax, (framework, summary) in zip(axes, summaries.items()):
         rows = summary["agents"]
         xs = range(len(rows))
-        off = [r["ttft_ms_dense"] for r in rows]
-        on = [r["ttft_ms_kvcomm"] for r in rows]
-        ax.bar([x - 0.2 for x in xs], off, 0.4, label="reuse off (dense)", color="#999999")
-        ax.bar([x + 0.2 for x in xs], on, 0.4, label="reuse on (kvcomm)", color="#1f77b4")
+        for offset, mode, label, color in ((-0.27, "dense", "reuse off (dense)", "#999999"),
+                                           (0.0, "dense-prefix", "prefix cache (dense-prefix)", "#bbbb77"),
+                                           (0.27, "kvcomm", "kvcomm", "#1f77b4")):
+            ax.bar([x + offset for x in xs], [r[f"ttft_ms_{mode}"] for r in rows], 0.27, label=label, color=color)
         for x, row in zip(xs, rows):
             agree = "" if row["agreement"] is None else f"\nagree {row['agreement']:.0%}"
-            ax.annotate(f"{row['speedup']:.1f}x\nreuse {row['reuse_rate']:.0%}{agree}",
-                        (x + 0.2, row["ttft_ms_kvcomm"]), ha="center", va="bottom", fontsize=8)
+            speedups = f"{row['speedup']:.1f}x / {row['speedup_vs_prefix']:.1f}x"      # vs off / vs prefix cache
+            ax.annotate(f"{speedups}\nreuse {row['reuse_rate']:.0%}{agree}",
+                        (x + 0.27, row["ttft_ms_kvcomm"]), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(xs), [f"agent {r['agent']}" for r in rows])
         ax.set_ylabel("TTFT (ms, median)")
         ax.set_title(f"{framework}: {summary['questions']} GSM8K questions")
