@@ -260,9 +260,11 @@ class ChatResult:
         return len(self.prompt_ids)
 
 
-def _code(exc: Exception) -> str | None:
-    """OpenAI's error code for an engine error a chat gets: a prompt too long is `CONTEXT_LENGTH_EXCEEDED`."""
-    return CONTEXT_LENGTH_EXCEEDED if isinstance(exc, ContextLengthError) else None
+def _messages_error(exc: TemplateError | ContextLengthError) -> ChatRequestError:
+    """An engine's refusal of a chat's messages as the client's error naming ``messages``, with OpenAI's code
+    `CONTEXT_LENGTH_EXCEEDED` when something is too long."""
+    return ChatRequestError("messages", str(exc).removeprefix("messages: "),
+                            CONTEXT_LENGTH_EXCEEDED if isinstance(exc, ContextLengthError) else None)
 
 
 class ChatTurns:
@@ -292,7 +294,7 @@ class ChatTurns:
             self._check_size(template, slots)
             state = self.engine.agent_state(template)
         except (TemplateError, ContextLengthError) as exc:
-            raise ChatRequestError("messages", str(exc).removeprefix("messages: "), _code(exc)) from None
+            raise _messages_error(exc) from None
         consumer = state.rendered.key
         txn = self.engine.pool.begin(request.namespace) if request.mode in POOL_MODES else None
         try:
@@ -301,7 +303,7 @@ class ChatTurns:
                 try:
                     entry, contents[name] = self._content(request, name, slots[name], consumer, txn)
                 except (TemplateError, ContextLengthError) as exc:   # a message too long for its own prefill
-                    raise ChatRequestError("messages", str(exc), _code(exc)) from None
+                    raise _messages_error(exc) from None
                 if entry is not None:
                     entries[name] = entry
             prompt_tokens = len(state.rendered.fill({n: c.token_ids for n, c in contents.items()}))

@@ -239,7 +239,8 @@ def check_recipe_cost(runner: ModelRunner, tokenizer: Any, settings: CheckSettin
     path = calibration.find(EMBEDDED_MODEL, "auto")
     if path is None:
         raise FileNotFoundError(f"no calibration for {EMBEDDED_MODEL} in {calibration.calibration_dir()}")
-    recipe = {name: calibration.Calibration.load(path).knobs[name] for name in RECIPE_KNOBS}
+    knobs = calibration.Calibration.load(path).knobs
+    recipe = {name: knobs[name] for name in RECIPE_KNOBS}
     config = ttft.bench_config(**recipe, gate_min_margin=0.0, gate_max_kl=float("inf"))
     setting = replace(settings.ttft, modes=("naive", "kvcomm"))
     report = ttft.measure(runner, tokenizer, setting, config=config, progress=False, desc="gpu_check recipe cost")

@@ -149,10 +149,9 @@ class JobSpec:
         if isinstance(self.agents, (list, tuple)):
             object.__setattr__(self, "agents", tuple(self.agents))
         if self.edges is None:
-            if isinstance(self.agents, tuple) and all(isinstance(a, AgentSpec) for a in self.agents):
-                for index, agent in enumerate(self.agents):   # its templates must be text before edges are read
-                    _validate_agent_fields(agent, f"agents[{index}]")
-                object.__setattr__(self, "edges", derive_edges(self.agents))
+            if isinstance(self.agents, tuple) and all(isinstance(a, AgentSpec) and _templates_are_text(a)
+                                                      for a in self.agents):
+                object.__setattr__(self, "edges", derive_edges(self.agents))   # else `validate` names the field
         elif isinstance(self.edges, (list, tuple)):
             object.__setattr__(self, "edges", tuple(tuple(e) if isinstance(e, (list, tuple)) else e
                                                     for e in self.edges))
@@ -350,6 +349,11 @@ class JobSpec:
 
 
 # ---- edges ---------------------------------------------------------------------------------------------
+
+def _templates_are_text(agent: AgentSpec) -> bool:
+    """Whether the templates edges are read from are strings (`validate` names the field of one that is not)."""
+    return isinstance(agent.user_template, str) and isinstance(agent.first_round_template, (str, type(None)))
+
 
 def derive_edges(agents: Iterable[AgentSpec]) -> tuple[tuple[str, str], ...]:
     """One edge writer -> reader for each ``{agent_<writer>_current}`` / ``{condition_<writer>_current}`` that
