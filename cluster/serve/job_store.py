@@ -16,6 +16,11 @@ one and run again from its record (`claim_orphans`), announced by a ``retry`` ev
   actor (re)starts: Ray restarts it (``max_restarts=-1``) on a surviving node after a crash. A running job read
   back from the snapshot stays its driver's: only when no renewal came for two leases after the restart does a
   live replica claim it (the restart must not hand live jobs to whichever replica asks first).
+* A job's end is durable at once: its whole record is appended to a journal beside the snapshot
+  (``<snapshot>.ends``, flushed and synced) before the call returns, and replayed over the snapshot on load; a
+  save empties it. Without it a crash within ``snapshot_every_s`` of an end read the job back as running, and a
+  live replica ran it again (in kvcomm mode committing its anchors twice). Saving the whole snapshot on every
+  end would rewrite every record per job.
 
 Why an actor and not a database: it needs no service besides Ray (and reads as fast as an actor call), Ray
 restarts it, and the snapshot gives it durability across a restart; the records are small (turn texts and token
@@ -59,8 +64,12 @@ class JobStore:
         self._saver: asyncio.Task | None = None
         self.saves = 0
         self._started = time.time()   # a running job loaded from the snapshot is claimable two leases after this
-        if self.snapshot_path is not None and self.snapshot_path.exists():
-            self._load()
+        self.journal_path = None if self.snapshot_path is None else \
+            self.snapshot_path.with_name(self.snapshot_path.name + ".ends")
+        if self.snapshot_path is not None:
+            if self.snapshot_path.exists():
+                self._load()
+            self._replay_ends()
 
     # ---- jobs ---------------------------------------------------------------------------------------------------
     async def create(self, record: dict[str, Any], driver: str, lease_s: float) -> None:
@@ -187,12 +196,48 @@ class JobStore:
     # ---- internals ----------------------------------------------------------------------------------------------
     def _end(self, job: dict[str, Any], status: str, result: Any, error: Any) -> None:
         job.update(status=status, result=result, error=error, finished_at=time.time(), lease_until=0.0)
-        self._finished[job["id"]] = None
+        self._journal_end(job)
+        self._keep_finished(job["id"])
+        self._touch(job["id"])
+
+    def _keep_finished(self, job_id: str) -> None:
+        """`job_id` is the latest finished job; forget the ones finished longest ago beyond `max_jobs_kept`."""
+        self._finished[job_id] = None
+        self._finished.move_to_end(job_id)
         while len(self._finished) > self.max_jobs_kept:
             oldest, _ = self._finished.popitem(last=False)
             self._jobs.pop(oldest, None)
             self._changed.pop(oldest, None)
-        self._touch(job["id"])
+
+    def _journal_end(self, job: dict[str, Any]) -> None:
+        """Append the finished job's whole record to the journal, synced (module docstring)."""
+        if self.journal_path is None:
+            return
+        try:
+            with open(self.journal_path, "ab") as journal:
+                journal.write(msgpack.packb(job, use_bin_type=True))
+                journal.flush()
+                os.fsync(journal.fileno())
+        except OSError as exc:
+            log.warning("job store: the end of %s not journaled to %s (%s); the next snapshot keeps it", job["id"],
+                        self.journal_path, exc)
+
+    def _replay_ends(self) -> None:
+        """Apply the journaled ends over what the snapshot held, in order; a torn last record is ignored."""
+        if self.journal_path is None or not self.journal_path.exists():
+            return
+        replayed = 0
+        try:
+            with self.journal_path.open("rb") as journal:
+                for job in msgpack.Unpacker(journal, raw=False, strict_map_key=False):
+                    job["events"] = [tuple(e) for e in job["events"]]
+                    self._jobs[job["id"]] = job
+                    self._keep_finished(job["id"])
+                    replayed += 1
+        except (OSError, ValueError, msgpack.UnpackException) as exc:
+            log.warning("job store: journal %s read up to a bad record (%s)", self.journal_path, exc)
+        self._dirty = self._dirty or replayed > 0
+        log.info("job store: %d job ends replayed from %s", replayed, self.journal_path)
 
     def _touch(self, job_id: str) -> None:
         event = self._changed.pop(job_id, None)
@@ -218,6 +263,8 @@ class JobStore:
             tmp.write_bytes(msgpack.packb(state, use_bin_type=True))
             os.replace(tmp, path)
             self.saves += 1
+            if self.journal_path is not None:
+                self.journal_path.unlink(missing_ok=True)     # every end it held is in the snapshot now
         except OSError as exc:
             self._dirty = True
             log.warning("job store: snapshot not saved to %s (%s)", path, exc)

@@ -63,6 +63,35 @@ def test_a_store_restarted_from_its_snapshot_gives_a_running_job_to_no_one_for_t
     assert first_to_ask == [] and [job["id"] for job in later] == ["j1"]
 
 
+def test_a_jobs_end_survives_a_store_crash_before_the_next_snapshot(tmp_path):
+    """The store saves its snapshot at most every `snapshot_every_s`; a job that ended since is read back ended (from
+    the journal of ends), so no live replica claims it and runs it again. A torn last record (a crash while it was
+    written) is skipped; a save empties the journal."""
+    path = str(tmp_path / "jobs.msgpack")
+
+    async def scenario():
+        store = JobStore(snapshot_path=path, snapshot_every_s=3600.0)
+        for job_id in ("j1", "j2", "j3"):
+            await store.create({"id": job_id, "spec_id": job_id}, driver="ingress-a", lease_s=0.0)
+        await store.flush()                                       # all three running in the snapshot
+        await store.finish("j1", "ingress-a", "succeeded", {"answer": "8"}, None)
+        await store.cancel("j2")
+        with open(path + ".ends", "ab") as journal:               # the crash tore the next record
+            journal.write(b"\x85\xa2id\xa2j3")
+        restarted = JobStore(snapshot_path=path, snapshot_every_s=3600.0)      # what Ray's restart runs
+        ended = {job_id: await restarted.get(job_id) for job_id in ("j1", "j2", "j3")}
+        orphans = await JobStore(snapshot_path=path).claim_orphans("ingress-b", lease_s=0.0, limit=10)
+        await restarted.flush()
+        return ended, orphans, (tmp_path / "jobs.msgpack.ends").exists(), await JobStore(snapshot_path=path).get("j1")
+
+    ended, orphans, journal_left, after_save = asyncio.run(scenario())
+    assert (ended["j1"]["status"], ended["j1"]["result"]) == ("succeeded", {"answer": "8"})
+    assert ended["j2"]["status"] == "cancelled" and ended["j2"]["last_event"] == 1
+    assert ended["j3"]["status"] == "running"
+    assert [job["id"] for job in orphans] == ["j3"]               # only the job that had not ended
+    assert not journal_left and after_save["status"] == "succeeded"
+
+
 def test_a_job_no_replica_admits_is_the_clients_error_naming_the_knob():
     """A prompt over the memory plan's limit is refused like one over the model's context: 400, not 500."""
     from cluster.serve.jobs import job_error
