@@ -76,8 +76,11 @@ class ChatService:
                 if first["event"] == "error":
                     raise _event_error(first)
             except BaseException as exc:
-                stream.cancel()
+                _cancel(stream)
                 end_chat_span(span, None, None, error=f"{type(exc).__name__}: {exc}")
+                unserved = _unserved(exc, self.settings.retry_after_s)
+                if unserved is not None:
+                    raise unserved from None
                 raise
             completion_id, created = new_completion_id(), int(time.time())
             if chat.stream:
@@ -102,7 +105,7 @@ class ChatService:
             except Exception as exc:  # noqa: BLE001 - the worker replica was lost mid-completion (a RayActorError...)
                 raise APIError(502, f"the worker replica was lost mid-completion ({type(exc).__name__})") from None
             except BaseException:
-                stream.cancel()        # the client went away: the worker stops decoding this chat
+                _cancel(stream)        # the client went away: the worker stops decoding this chat
                 raise
             finally:
                 end_chat_span(span, first.get("worker"), done, None if done else "ended without finishing")
@@ -148,9 +151,37 @@ class ChatService:
             yield sse("[DONE]" if finished else failure.body())
         finally:
             if not finished:
-                stream.cancel()            # the client went away: the worker stops decoding this chat
+                _cancel(stream)            # the client went away: the worker stops decoding this chat
             end_chat_span(span, worker, done, None if finished else "the client went away")
             self._release(tenant)
+
+
+def _cancel(stream: Any) -> None:
+    """Cancel a chat's call to its worker; a call never assigned to a replica (Serve's handle then raises why, as
+    `BackPressureError`) has nothing to cancel."""
+    try:
+        stream.cancel()
+    except Exception:  # noqa: BLE001 - the assignment's own error, already handled where the call was awaited
+        pass
+
+
+def _unserved(exc: BaseException, retry_after_s: int) -> APIError | None:
+    """A chat no worker replica took up: Serve's queue for the workers is full (`BackPressureError`, with the
+    deployment's ``max_queued_requests``), or the replica it went to is gone or unreachable before its first event.
+    The client may send it again: a 503 with ``Retry-After`` (OpenAI's clients wait and retry), not a 500. None for
+    anything else."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+    if isinstance(exc, StopAsyncIteration):
+        return APIError(502, "the worker ended the completion before it started")
+    if isinstance(exc, BackPressureError):
+        why = "every worker replica is busy and the queue for them is full"
+    elif isinstance(exc, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)):
+        why = f"the worker replica it was sent to is unavailable ({type(exc).__name__})"
+    else:
+        return None
+    return APIError(503, f"the chat was not started: {why}; retry after {retry_after_s} s", code="server_busy",
+                    headers={"Retry-After": str(retry_after_s)})
 
 
 def _event_error(event: dict[str, Any]) -> APIError:

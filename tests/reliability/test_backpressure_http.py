@@ -1,0 +1,56 @@
+"""Chats beyond what the worker replicas take (their ``max_ongoing_requests``, then Serve's ``max_queued_requests``
+for them) are refused at once with 503 and ``Retry-After``, not an internal error; the chats let in are served, and
+a client that honours ``Retry-After`` (the official one retries 503s) then gets its answer.
+
+An app of its own: one worker replica of tiny-llama taking one request at a time with one queued
+(``deployments:`` overrides, as a config file gives them), so a burst of concurrent streaming chats passes the
+queue at once; all loopback.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.support.serve_app import running_app, tiny_app_args
+
+MODEL = "tiny-backpressure"
+RETRY_AFTER_S = 1
+BURST = 6
+
+
+def _chat(i: int, stream: bool) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": f"Count from {i} to {i + 100}."}],
+            "max_tokens": 160, "temperature": 0, "stream": stream, "kvcomm": {"mode": "dense"}}
+
+
+def test_chats_beyond_the_workers_queue_get_503_with_retry_after_and_a_retrying_client_is_served(
+        ray_cluster, tiny_model_dir) -> None:
+    import openai
+    args = tiny_app_args(tiny_model_dir, "backpressure-pool", {"served_model_name": MODEL,
+                                                               "retry_after_s": RETRY_AFTER_S})
+    one_at_a_time = {"AgentWorkerDeployment": {"max_ongoing_requests": 1, "max_queued_requests": 1}}
+    with running_app(args, "kvcomm-backpressure", deployments=one_at_a_time) as url:
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                async def one(i: int) -> httpx.Response:
+                    async with client.stream("POST", "/v1/chat/completions", json=_chat(i, True)) as response:
+                        await response.aread()
+                        return response
+                return await asyncio.gather(*(one(i) for i in range(BURST)))
+
+        responses = asyncio.run(burst())
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=5, timeout=120)
+        retried = api.chat.completions.create(**{k: v for k, v in _chat(0, False).items() if k != "kvcomm"},
+                                              extra_body={"kvcomm": {"mode": "dense"}})
+    busy = [r for r in responses if r.status_code == 503]
+    served = [r for r in responses if r.status_code == 200]
+    assert len(busy) + len(served) == BURST, [(r.status_code, r.text[:200]) for r in responses]
+    assert busy and served, [r.status_code for r in responses]
+    for response in busy:
+        error = response.json()["error"]
+        assert response.headers["Retry-After"] == str(RETRY_AFTER_S)
+        assert (error["type"], error["code"]) == ("server_error", "server_busy") and "queue" in error["message"]
+    for response in served:
+        assert response.text.rstrip().endswith("data: [DONE]")
+    assert retried.choices[0].finish_reason in ("stop", "length") and retried.usage.completion_tokens > 0
