@@ -15,6 +15,11 @@ pydantic), so a chat runs on the very path an agent turn of a job runs on, in an
   placeholder name the first time it is seen there, one pool transaction per chat), `finish` it (the response
   remembered, the transaction committed, the gate's state kept with the content). Single-threaded: a worker runs
   both on its model thread; `run` is the in-process path (prepare, `engine.run_turn`, finish).
+* A chat none of whose contents has base KV yet (a new conversation's first message: agent 1 reading a new task)
+  is a first read (`kvcomm.names.FIRST_READ_REASON`): prefilled as a prefix cache would, exact, and its contents
+  take their KV in it as their base KV (the gate sees them when it ends). A chat that mixes kept and new contents
+  computes each new one's base KV in isolation first (after a kept input's shared start, when one has it), and
+  reuses.
 * `TextStream`: a response's text as deltas while its tokens come, holding back what may still become a stop string.
 
 Gate state across requests. In a job a content flagged as a new anchor sends every consumer of that job to a dense
@@ -110,6 +115,11 @@ class ChatContents:
         """Whether `text` is kept for `namespace` (no use recorded: the LRU order and the counts stay)."""
         return self._key(namespace, text) in self._entries
 
+    def has_base(self, namespace: str, text: str) -> bool:
+        """Whether `text` is kept for `namespace` with its base KV (no use recorded)."""
+        entry = self._entries.get(self._key(namespace, text))
+        return entry is not None and entry.base is not None
+
     def get(self, namespace: str, text: str) -> ChatContent | None:
         entry = self._entries.get(self._key(namespace, text))
         if entry is None:
@@ -130,6 +140,20 @@ class ChatContents:
             self.nbytes -= old.nbytes
         self._entries[key] = content
         self.nbytes += content.nbytes
+        self._evict()
+
+    def set_base(self, namespace: str, text: str, content: ChatContent, base: KVSegment) -> None:
+        """Give kept `content` (what `text` maps to, or a copy no longer kept) the base KV its first read made."""
+        kept = self._entries.get(self._key(namespace, text)) is content
+        if kept:
+            self.nbytes -= content.nbytes
+        content.base = base
+        if kept:
+            self.nbytes += content.nbytes
+            self._evict()
+
+    def _evict(self) -> None:
+        """The least recently used entries out until within the budget (the newest is kept, even over it)."""
         while self.nbytes > self.budget_bytes and len(self._entries) > 1:
             _, evicted = self._entries.popitem(last=False)
             self.nbytes -= evicted.nbytes
@@ -229,6 +253,7 @@ class PreparedChat:
     turn: TurnRequest
     consumer: str                               # the template's consumer key (anchors' deltas are kept per key)
     entries: dict[str, ChatContent]             # placeholder name -> the cached content it reads
+    texts: dict[str, str]                       # placeholder name -> that content's text (its key in the cache)
     prompt_tokens: int
     arrived: float                              # time.perf_counter() when the chat reached this replica
     stream: TextStream | None = None
@@ -296,12 +321,14 @@ class ChatTurns:
         except (TemplateError, ContextLengthError) as exc:
             raise _messages_error(exc) from None
         consumer = state.rendered.key
+        first_read = request.mode in BASE_MODES and not any(
+            self.contents.has_base(request.namespace, slots[name]) for name in template.names)
         txn = self.engine.pool.begin(request.namespace) if request.mode in POOL_MODES else None
         try:
             contents, entries = {}, {}
             for name in template.names:
                 try:
-                    entry, contents[name] = self._content(request, name, slots[name], consumer, txn)
+                    entry, contents[name] = self._content(request, name, slots[name], consumer, txn, first_read)
                 except (TemplateError, ContextLengthError) as exc:   # a message too long for its own prefill
                     raise _messages_error(exc) from None
                 if entry is not None:
@@ -316,7 +343,8 @@ class ChatTurns:
             raise
         turn = TurnRequest(template, contents, mode=request.mode, sampling=sampling, namespace=request.namespace,
                            transaction=txn, force_dense=request.force_dense)
-        prepared = PreparedChat(request, turn, consumer, entries, prompt_tokens, arrived,
+        prepared = PreparedChat(request, turn, consumer, entries, {name: slots[name] for name in entries},
+                                prompt_tokens, arrived,
                                 None if on_text is None else TextStream(self.engine.detokenize, request.stop, on_text))
 
         def on_token(token: int) -> None:
@@ -362,24 +390,26 @@ class ChatTurns:
                                                            text=text))
         return text
 
-    def _content(self, request: ChatRequest, name: str, text: str, consumer: str, txn: Any
+    def _content(self, request: ChatRequest, name: str, text: str, consumer: str, txn: Any, first_read: bool
                  ) -> tuple[ChatContent | None, SharedContent]:
-        """The content of placeholder `name` for this turn: kept from an earlier chat of the namespace, or made now
-        (its base KV in the modes that assemble from it); offered to the gate under `name` the first time."""
+        """The content of placeholder `name` for this turn: kept from an earlier chat of the namespace, or made now;
+        offered to the gate under `name` the first time. In the modes that assemble from base KV a content without
+        one gets it now by an isolated prefill, unless the whole chat is a `first_read` (none of its contents has a
+        base: the engine takes them from the chat's own prefill, and offers them to the gate then)."""
         entry = self.contents.get(request.namespace, text)
-        if request.mode in BASE_MODES and (entry is None or entry.base is None):
+        if request.mode in BASE_MODES and not first_read and (entry is None or entry.base is None):
             made = self.engine.make_input(text, known=lambda ids: self.contents.sharing_start(request.namespace, ids))
             entry = ChatContent("input", made.token_ids, made.base, made.content_key)
             self.contents.put(request.namespace, text, entry)
-        if entry is None:            # a dense mode: the tokens are all it needs (kept: the text was seen whole)
-            made = SharedContent("input", self.engine.encode(text))
+        if entry is None:            # a dense mode or a first read: the tokens are all it needs now (kept: the text
+            made = SharedContent("input", self.engine.encode(text))          # was seen whole)
             entry = ChatContent("input", made.token_ids, None, made.content_key)
             self.contents.put(request.namespace, text, entry)
         content = entry.for_turn(name, consumer)
         if txn is not None:
             for anchor_id in content.anchor_ids.values():    # committed by an earlier chat (or since evicted)
                 txn.adopt_anchor(anchor_id, content.num_tokens)
-            if name not in entry.gate_reason:
+            if name not in entry.gate_reason and content.base is not None:
                 self.engine.offer_content(request.namespace, name, content, txn)
         return entry, content
 
@@ -421,6 +451,10 @@ class ChatTurns:
         request = prepared.request
         if prepared.stream is not None:
             prepared.stream.close(result.text)
+        for name, entry in prepared.entries.items():     # a first read: the chat's prefill made the base KV
+            base = prepared.turn.contents[name].base
+            if entry.base is None and base is not None:
+                self.contents.set_base(request.namespace, prepared.texts[name], entry, base)
         response = result.response
         if response is not None and self.engine.detokenize(response.token_ids) == result.text:
             self.contents.put(request.namespace, result.text,

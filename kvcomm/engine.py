@@ -18,6 +18,12 @@ outside `dense` mode (a forced one, a gate's fallback, dense-prefix) starts from
 segment, whose KV is exact (computed once from position 0): a turn a reuse mode sends dense never costs more than
 dense-prefix's.
 
+A first read (`FIRST_READ_REASON`): in the modes that assemble from base KV, a turn whose contents have no base KV
+yet (a chat's new messages) is prefilled like dense-prefix, and each content's KV in that very prompt becomes its
+base (as a response's KV in its producer's prompt is); only then, in kvcomm and hybrid modes, is it offered to the
+entropy gate and, as a new anchor, given this consumer's deltas. Its first reader gets its first token as soon as
+a prefix cache would, and exactly; no isolated prefill is ever run for it.
+
 The engine orchestrates: it picks the path (the gates, dense or reuse) and times its stages (`kvcomm.stages`).
 The work is elsewhere: base caches in `kvcomm.base_cache`, alignment and offsets in `kvcomm.alignment`, what a
 reused turn still prefills in `kvcomm.tail_prefill`; anchors are read and staged through an `AnchorPool`-like
@@ -43,7 +49,7 @@ from .generation import DecodeBatch, Sampling, SequenceState, cut_at_stop_string
 from .kv import KVSegment
 from .memory_plan import MemoryConfig
 from .model_loading import load_model
-from .names import DENSE_MODES, EMBEDDED_MODEL, MODES, POOL_MODES
+from .names import BASE_MODES, DENSE_MODES, EMBEDDED_MODEL, FIRST_READ_REASON, MODES, POOL_MODES
 from .offsets import compatible_anchors
 from .runner import ModelRunner, SequenceKV
 from .stages import StageListener, StageTimes
@@ -142,6 +148,7 @@ class PreparedPrompt:
     timings: dict[str, float]        # seconds per stage (kvcomm.stages), becomes TurnResult.timings
     recomputed: int
     forecast: TurnForecast | None = None
+    first_read: tuple[str, ...] = ()  # placeholders whose content has no base KV yet: this prefill makes it
 
 
 class KVCommEngine:
@@ -281,6 +288,11 @@ class KVCommEngine:
         self._check_fits(len(prompt_ids), request.sampling.max_new_tokens, f"agent {request.agent.agent_id!r}")
 
         mode = request.mode
+        first_read = self._first_read(request, state, contents)
+        if first_read:
+            return self._dense(request, state, contents, prompt_ids, started,
+                               "forced_dense" if request.force_dense else FIRST_READ_REASON, record=False,
+                               first_read=first_read)
         if request.force_dense and mode not in DENSE_MODES:
             return self._dense(request, state, contents, prompt_ids, started, "forced_dense",
                                record=mode in POOL_MODES)
@@ -294,6 +306,20 @@ class KVCommEngine:
         if mode == "dense-prefix":
             return self._dense(request, state, contents, prompt_ids, started, "dense_prefix_mode", record=False)
         return self._reuse(request, state, contents, prompt_ids, started, gated=not force_reuse)
+
+    @staticmethod
+    def _first_read(request: TurnRequest, state: AgentState, contents: Sequence[SharedContent]) -> tuple[str, ...]:
+        """The placeholders whose content has no base KV yet, in the modes that assemble from it: every one that
+        holds tokens, or none (a turn cannot reuse some contents and read the others for the first time)."""
+        if request.mode not in BASE_MODES:
+            return ()
+        names = state.rendered.placeholders
+        missing = tuple(name for name, c in zip(names, contents) if c.base is None)
+        known = [name for name, c in zip(names, contents) if c.base is not None and c.num_tokens]
+        if missing and known:
+            raise ValueError(f"agent {request.agent.agent_id!r}: placeholder(s) {', '.join(missing)} have no base KV "
+                             f"while {', '.join(known)} have: a turn reads all its contents for the first time or none")
+        return missing
 
     def _needs_dense(self, request: TurnRequest, state: AgentState,
                      contents: Sequence[SharedContent]) -> str | None:
@@ -323,9 +349,10 @@ class KVCommEngine:
 
     def _dense(self, request: TurnRequest, state: AgentState, contents: Sequence[SharedContent],
                prompt_ids: list[int], started: float, reason: str, *, record: bool,
-               reuse_prefix: bool = True) -> PreparedPrompt:
+               reuse_prefix: bool = True, first_read: tuple[str, ...] = ()) -> PreparedPrompt:
         """Prefill the whole prompt exactly: after the agent's leading fixed segment's KV (`reuse_prefix`), or all
-        of it (dense mode, the oracle); with `record`, stage the deltas of the turn's new anchors."""
+        of it (dense mode, the oracle); with `record`, stage the deltas of the turn's new anchors; `first_read`:
+        the placeholders whose base KV `finish` takes from this prefill."""
         times = StageTimes(listener=self.stage_listener)
         n_prefix = len(state.rendered.fixed[0]) if reuse_prefix else 0
         with times.stage("prefill"):
@@ -340,7 +367,7 @@ class KVCommEngine:
                 record_deltas(state, contents, kv, self.pool.snapshot(request.namespace), request.transaction,
                               self.runner.rope, self.config)
         return PreparedPrompt(request, kv, logits, prompt_ids, False, reason, started, times.seconds,
-                              len(prompt_ids) - n_prefix)
+                              len(prompt_ids) - n_prefix, first_read=first_read)
 
     def _reuse(self, request: TurnRequest, state: AgentState, contents: Sequence[SharedContent],
                prompt_ids: list[int], started: float, *, gated: bool = True) -> PreparedPrompt:
@@ -402,10 +429,13 @@ class KVCommEngine:
         gen.token_ids = gen.token_ids[:keep]
         response = None
         if gen.token_ids:
-            seg = gen.kv.segment(gen.prompt_len, gen.prompt_len + len(gen.token_ids))
-            base = KVSegment(seg.keys.clone(), seg.values.clone(), seg.start).shifted(self.runner.rope, 0)
-            response = SharedContent(kind="response", token_ids=tuple(gen.token_ids), base=base)
+            response = SharedContent(kind="response", token_ids=tuple(gen.token_ids),
+                                     base=self._base_from(gen.kv, gen.prompt_len, gen.prompt_len + len(gen.token_ids)))
         timings = dict(prepared.timings)
+        if prepared.first_read:
+            started = time.perf_counter()
+            self._learn_first_read(prepared, gen.kv)
+            timings["record"] = timings.get("record", 0.0) + time.perf_counter() - started
         timings["decode"] = gen.total_s - gen.ttft_s
         return TurnResult(
             agent_id=request.agent.agent_id, mode=request.mode, token_ids=gen.token_ids, text=text,
@@ -413,6 +443,30 @@ class KVCommEngine:
             prompt_ids=prepared.prompt_ids, ttft_s=gen.ttft_s, total_s=gen.total_s, timings=timings,
             recomputed_tokens=prepared.recomputed, response=response, finish_reason=gen.finish_reason,
             predicted_kl=None if prepared.forecast is None else prepared.forecast.predicted_kl)
+
+
+    def _base_from(self, kv: SequenceKV, begin: int, end: int) -> KVSegment:
+        """[layers, kv_heads, end - begin, head_dim]: a copy of the turn's KV of tokens [begin, end), keys
+        re-rotated to start at position 0 (a content's base KV taken from the prompt it was read or made in)."""
+        seg = kv.segment(begin, end)
+        return KVSegment(seg.keys.clone(), seg.values.clone(), seg.start).shifted(self.runner.rope, 0)
+
+    def _learn_first_read(self, prepared: PreparedPrompt, kv: SequenceKV) -> None:
+        """A first read's contents take their KV in this exact prompt as their base; in the pool modes each is then
+        offered to the entropy gate and, as a new anchor, gets this consumer's deltas (`record_deltas`)."""
+        request = prepared.request
+        state = self.agent_state(request.agent)
+        contents = [request.contents[p] for p in state.rendered.placeholders]
+        layout = state.rendered.layout([c.num_tokens for c in contents])
+        for name, (begin, end) in zip(state.rendered.placeholders, layout.placeholder_spans):
+            if name in prepared.first_read:
+                request.contents[name].base = self._base_from(kv, begin, end)
+        if request.mode not in POOL_MODES or request.transaction is None:
+            return
+        for name in prepared.first_read:
+            self.offer_content(request.namespace, name, request.contents[name], request.transaction)
+        record_deltas(state, contents, kv, self.pool.snapshot(request.namespace), request.transaction,
+                      self.runner.rope, self.config)
 
 
 def build_engine(model: str = EMBEDDED_MODEL, *, device: str = "cpu", dtype: str | None = None,

@@ -10,6 +10,8 @@ DENSE_MODES = ("dense", "dense-prefix")                # prefill every token; re
 BASE_MODES = ("naive", "cacheblend", "kvcomm", "hybrid")   # assemble shared contents from their base KV
 POOL_MODES = ("kvcomm", "hybrid")                      # read and write the anchor pool
 
+FIRST_READ_REASON = "first_read"     # a turn's reason when it read its contents first (kvcomm.engine)
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"   # the model shipped with the project, and every command's default
 
-__all__ = ["BASE_MODES", "DENSE_MODES", "EMBEDDED_MODEL", "MODES", "POOL_MODES"]
+__all__ = ["BASE_MODES", "DENSE_MODES", "EMBEDDED_MODEL", "FIRST_READ_REASON", "MODES", "POOL_MODES"]

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 from kvcomm.cli_args import add_model_args
 from kvcomm.harness.datasets import DEFAULT_GSM8K_PATH as DEFAULT_DATA
-from kvcomm.names import EMBEDDED_MODEL
+from kvcomm.names import EMBEDDED_MODEL, FIRST_READ_REASON
 
 from .frameworks import NEEDS, RUNNERS, Conversation, need
 
@@ -194,7 +194,9 @@ def plot(report: dict[str, Any], png_path: str) -> str:
         for x, row in zip(xs, rows):
             agree = "" if row["agreement"] is None else f"\nagree {row['agreement']:.0%}"
             speedups = f"{row['speedup']:.1f}x / {row['speedup_vs_prefix']:.1f}x"      # vs off / vs prefix cache
-            ax.annotate(f"{speedups}\nreuse {row['reuse_rate']:.0%}{agree}",
+            first_reads = row["reasons"].get(FIRST_READ_REASON, 0) / sum(row["reasons"].values())
+            read = f"\nfirst read {first_reads:.0%}" if first_reads else ""
+            ax.annotate(f"{speedups}\nreuse {row['reuse_rate']:.0%}{read}{agree}",
                         (x + 0.27, row["ttft_ms_kvcomm"]), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(xs), [f"agent {r['agent']}" for r in rows])
         ax.set_ylabel("TTFT (ms, median)")

@@ -85,12 +85,11 @@ def check_framework(run, url: str, oracle, framework: str, *, answers_inline: bo
             served = served_logprobs(turn["first_logprobs"]).double()
             kls.append(float((dense.exp() * (dense - served)).sum()))
             agree.append(int(dense.argmax()) == int(served.argmax()))
-    if answers_inline:      # every agent's message has pieces of new kinds: two questions teach, all reuse after
-        assert all(reason.startswith("new_anchor:") for row in reasons[:2] for reason in row), reasons
-        assert all(row == ["reused", "reused", "reused"] for row in reasons[2:]), reasons
-    else:
-        assert all(reason.startswith("new_anchor:") for row in reasons[:2] for reason in row), reasons
-        assert all(row[1:] == ["reused", "reused"] for row in reasons[2:]), reasons     # agents 2 and 3 reuse
+    # agent 1 reads each new task first (CrewAI's: its message's pieces): dense-prefix's prefill, whose KV becomes the
+    # task's base KV; the first two questions teach the pool, then agents 2 and 3 reuse
+    assert all(row[0] == "first_read" for row in reasons), reasons
+    assert all(reason.startswith("new_anchor:") for row in reasons[:2] for reason in row[1:]), reasons
+    assert all(row[1:] == ["reused", "reused"] for row in reasons[2:]), reasons
     print(f"\n{framework}: reuse on vs dense on the same tokens, {len(kls)} reused turns: first-token agreement "
           f"{sum(agree)}/{len(agree)}, KL mean {np.mean(kls):.2e}, max {max(kls):.2e}")
     assert max(kls) < 0.5                     # reuse stays close to dense (the tiny model: ~0)
@@ -117,8 +116,8 @@ def test_crewai_sequential_crew_reuses_across_requests(app_url, oracle) -> None:
     instructions. An earlier answer therefore reaches a later agent as text inside that message; the server cuts it
     out (`kvcomm.chat_template.quote_pieces`) and it enters as its producer's token ids and KV, as it does where a
     framework sends it as a message of its own. Every piece is a content of a new kind (the task text, each quoted
-    answer, each separator), so the first two questions teach the pool and all three agents reuse from the third
-    on.
+    answer, each separator): agent 1's are all new (its first read), the first two questions teach the pool, and
+    agents 2 and 3 reuse from the third on.
 
     CrewAI's telemetry and tracing are off (`crewai_telemetry_off`, ``tracing=False``): while the crews run, this
     process tries to reach no host but loopback."""
@@ -137,7 +136,7 @@ def test_streaming_stop_strings_and_tool_messages_work_with_reuse(app_url, oracl
                 {"role": "user", "content": "What does the tool say?"}]
     first, second = (api.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=24, temperature=0,
                                                  extra_body=options) for _ in range(2))
-    assert first.model_extra["kvcomm"]["reason"].startswith("new_anchor:")
+    assert first.model_extra["kvcomm"]["reason"] == "first_read"
     assert first.usage.prompt_tokens_details.cached_tokens > 0     # the leading system prompt's exact prefix only
     assert "<|im_start|>tool\n3 + 5 = 8<|im_end|>" in oracle.tokenizer.decode(
         first.model_extra["kvcomm"]["prompt_token_ids"])
@@ -201,10 +200,10 @@ def test_chat_errors_name_the_field_and_metrics_count_reuse(app_url) -> None:
     def grew(sample: str) -> float:
         return after.get(sample, 0.0) - before.get(sample, 0.0)
     cached = [a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers]
-    # the cold pool's dense turn still starts from the template's exact prefix; the reused turn reuses far more
+    # the first read still starts from the template's exact prefix; the reused turn reuses far more
     assert 0 < cached[0] < cached[1] and grew('kvcomm_reused_prompt_tokens_total{source="chat"}') == sum(cached)
     assert grew('kvcomm_chat_decisions_total{mode="kvcomm",reason="reused"}') == 1
-    assert grew('kvcomm_chat_decisions_total{mode="kvcomm",reason="new_anchor:cold_pool"}') == 1
+    assert grew('kvcomm_chat_decisions_total{mode="kvcomm",reason="first_read"}') == 1
     assert grew('kvcomm_ttft_seconds_count{mode="chat-kvcomm"}') == 2
 
 

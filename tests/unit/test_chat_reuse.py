@@ -111,7 +111,11 @@ def test_every_engine_mode_serves_a_chat_on_the_same_prompt_tokens(engine) -> No
     results = {mode: ask(turns, messages, mode=mode) for mode in MODES}
     assert len({tuple(r.prompt_ids) for r in results.values()}) == 1
     assert results["dense"].token_ids == results["dense-prefix"].token_ids
-    assert all(results[mode].reused for mode in ("naive", "cacheblend")), {m: r.reason for m, r in results.items()}
+    # the first reuse mode reads the contents first (the dense modes keep no base KV): dense-prefix's prefill, exact
+    assert (results["naive"].reason, results["naive"].reused) == ("first_read", False)
+    assert results["naive"].token_ids == results["dense-prefix"].token_ids
+    assert results["naive"].cached_tokens == results["dense-prefix"].cached_tokens
+    assert all(results[mode].reused for mode in ("cacheblend", "hybrid")), {m: r.reason for m, r in results.items()}
 
 
 def test_dense_chats_equal_generation_on_their_prompt_tokens(engine) -> None:
@@ -164,7 +168,8 @@ def test_a_group_chat_reuses_from_its_third_question_and_is_dense_with_reuse_off
             assert 0 < result.cached_tokens < result.prompt_tokens
             kls.append(kl_divergence(oracle.first_logits, result.first_logits))
             agree.append(int(oracle.first_logits.argmax()) == int(result.first_logits.argmax()))
-    assert all(reason.startswith("new_anchor:") for row in reasons[:2] for reason in row), reasons
+    assert all(row[0] == "first_read" for row in reasons), reasons     # agent 1 reads each new task first
+    assert all(reason.startswith("new_anchor:") for row in reasons[:2] for reason in row[1:]), reasons
     assert all(row[1:] == ["reused", "reused"] for row in reasons[2:]), reasons
     print(f"\nreuse on vs dense, {len(kls)} reused turns: first-token agreement {sum(agree)}/{len(agree)}, "
           f"KL mean {sum(kls) / len(kls):.2e} max {max(kls):.2e}")
@@ -289,7 +294,7 @@ def test_answers_quoted_inside_a_message_enter_as_their_producers_ids_and_are_no
                     assert kl_divergence(oracle.first_logits, result.first_logits) < 0.5
             if mode == "kvcomm":
                 reasons.append([r.reason for r in results])
-    assert all(row == ["reused", "reused", "reused"] for row in reasons[2:]), reasons
+    assert all(row == ["first_read", "reused", "reused"] for row in reasons[2:]), reasons
     # agent 2's task text begins as agent 1's message did: only what follows that start was computed for its base
     assert reuse_turns.contents.stats()["shared_start_tokens"] > 0
 
@@ -300,7 +305,8 @@ def test_each_consumer_records_an_anchor_once_then_reuses_it(engine) -> None:
     turns = turns_on(engine)
     messages = [ChatMessage("system", SYSTEMS[1]), ChatMessage("user", QUESTIONS[2], "user")]
     first, second, third = (ask(turns, messages) for _ in range(3))
-    assert first.reason == "new_anchor:cold_pool" and (second.reason, third.reason) == ("reused", "reused")
+    # the first read's prefill is dense: its KV there becomes the base, and it records this consumer's deltas
+    assert first.reason == "first_read" and (second.reason, third.reason) == ("reused", "reused")
     assert kl_divergence(dense_oracle(engine, second.prompt_ids).first_logits, second.first_logits) < 1e-3
     other = ask(turns, [ChatMessage("system", SYSTEMS[2]), ChatMessage("user", QUESTIONS[2], "user")])
     assert other.reason == "new_anchor:cold_pool"            # another consumer records its own deltas first
@@ -315,7 +321,7 @@ def test_a_chat_forced_dense_is_exactly_dense_and_still_records(engine) -> None:
     from cluster.serve.openai_api import ChatCompletionRequest
     turns = turns_on(engine)
     messages = [ChatMessage("system", SYSTEMS[0]), ChatMessage("user", QUESTIONS[3], "user")]
-    assert ask(turns, messages).reason == "new_anchor:cold_pool"
+    assert ask(turns, messages).reason == "first_read"
     assert ask(turns, messages).reason == "reused"
     forced = ask(turns, messages, force_dense=True)
     assert (forced.reason, forced.reused) == ("forced_dense", False)
@@ -344,7 +350,7 @@ def test_namespaces_share_neither_contents_nor_anchors(engine) -> None:
         ask(turns, messages)
     assert ask(turns, messages).reused
     elsewhere = ask(turns, messages, namespace="other")
-    assert elsewhere.reason == "new_anchor:cold_pool" and turns.contents.get("other", QUESTIONS[3]) is not None
+    assert elsewhere.reason == "first_read" and turns.contents.get("other", QUESTIONS[3]) is not None
     assert engine.pool.snapshot("other").anchors("chat_user_user_0")[0].anchor_id not in {
         a.anchor_id for a in engine.pool.snapshot("ns").anchors("chat_user_user_0")}
 
@@ -396,7 +402,7 @@ def test_tool_messages_in_the_history_are_contents_and_are_reused(engine) -> Non
     assert chat_placeholder("tool", "call_1", 0) in chat_template(messages)[0].names
     assert results[0].prompt_ids == chat_prompt_ids(engine.tokenizer, messages)
     assert "<|im_start|>tool\n8<|im_end|>" in engine.tokenizer.decode(results[0].prompt_ids)
-    assert results[0].reason.startswith("new_anchor:") and results[1].reused and results[1].cached_tokens > 0
+    assert results[0].reason == "first_read" and results[1].reused and results[1].cached_tokens > 0
 
 
 def test_the_content_cache_keeps_the_most_recently_used_within_its_budget() -> None:
@@ -411,6 +417,11 @@ def test_the_content_cache_keeps_the_most_recently_used_within_its_budget() -> N
     cache.put("ns", "d", content(8))
     assert cache.get("ns", "b") is None and cache.get("ns", "a") is not None and cache.get("other", "a") is None
     assert cache.nbytes <= cache.budget_bytes and cache.evictions == 1
+    late = ChatContent("input", tuple(range(8)), None, "late")   # kept without base KV until its first read ends
+    cache.put("ns", "late", late)
+    before = cache.nbytes
+    cache.set_base("ns", "late", late, content(8).base)
+    assert cache.nbytes == before + late.base.nbytes and cache.evictions == 2 and cache.get("ns", "late") is late
     cache.put("ns", "huge", content(100))                  # one entry beyond the budget is kept alone
     assert len(cache) == 1 and cache.get("ns", "huge") is not None
     assert len(ChatContents(0).__dict__["_entries"]) == 0
@@ -466,17 +477,32 @@ def test_a_chat_over_the_replicas_prompt_limit_is_refused_before_any_of_its_kv(e
     assert 0 < within.prompt_tokens <= 64 and turns.contents.holds("ns", QUESTIONS[0])
 
 
-def test_a_message_whose_own_prefill_passes_the_context_is_the_clients_error(engine) -> None:
-    """A message's base KV is prefilled after an input lead-in (a user header, with the model's default system
-    prompt): when the chat's own fixed text is shorter than that lead-in, a message can fit the prompt and not its
-    own prefill. That is a 400 naming ``messages`` (ChatRequestError), not an internal error."""
+def test_a_message_too_long_for_an_isolated_prefill_is_served_by_its_first_read(engine) -> None:
+    """An isolated prefill of a message runs after an input lead-in (a user header, with the model's default system
+    prompt) longer than this chat's own fixed text, so a message can fit the prompt and not its own prefill. Read
+    for the first time, it needs none: the chat's prefill is dense-prefix's, and the message's KV there becomes its
+    base KV (as long as the message's tokens)."""
     turns = turns_on(engine)
     system = ChatMessage("system", "Be brief.")
     fixed = sum(map(len, engine.agent_state(chat_template([system, ChatMessage("user", "x")])[0]).rendered.fixed))
     lead_in, context = len(engine.inputs.lead_in), engine.spec.max_position_embeddings
     assert fixed + 2 <= lead_in                        # so the prompt below fits: the size check lets it through
     ids = engine.encode(" ".join(["apple"] * context))
-    text = engine.detokenize(ids[:context - lead_in + 1])    # its prefill is one token over the context
-    with pytest.raises(ChatRequestError, match="the model's context") as err:
-        ask(turns, [system, ChatMessage("user", text, "user")])
-    assert err.value.param == "messages" and len(turns.contents) == 0
+    text = engine.detokenize(ids[:context - lead_in + 1])    # an isolated prefill would be one token over
+    result = ask(turns, [system, ChatMessage("user", text, "user")], max_tokens=1)
+    assert result.reason == "first_read" and result.prompt_tokens > context - lead_in
+    entry = turns.contents.get("ns", text)
+    assert entry.base is not None and entry.base.num_tokens == len(entry.token_ids) > context - lead_in
+
+def test_a_turn_reads_all_its_contents_for_the_first_time_or_none(engine) -> None:
+    """The engine's first read is a whole turn's: contents with and without base KV in one turn are refused, naming
+    the placeholders, before any prefill."""
+    from kvcomm.engine import SharedContent, TurnRequest
+    from kvcomm.templates import AgentTemplate
+    agent = AgentTemplate("a", "Be brief.", "Q: {user_question}\nA: {agent_1_current}\nSo:")
+    known, new = engine.make_input(QUESTIONS[0]), SharedContent("input", engine.encode("Agent 1 says 6."))
+    q, a = "user_question", "agent_1_current"
+    with pytest.raises(ValueError, match=f"placeholder\\(s\\) {a} have no base KV while {q} have"):
+        engine.prepare(TurnRequest(agent, {q: known, a: new}, mode="naive"))
+    prepared = engine.prepare(TurnRequest(agent, {q: SharedContent("input", known.token_ids), a: new}, mode="naive"))
+    assert (prepared.reason, prepared.first_read) == ("first_read", (q, a))
