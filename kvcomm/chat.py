@@ -144,12 +144,14 @@ class ChatContents:
 
     def set_base(self, namespace: str, text: str, content: ChatContent, base: KVSegment) -> None:
         """Give kept `content` (what `text` maps to, or a copy no longer kept) the base KV its first read made."""
-        kept = self._entries.get(self._key(namespace, text)) is content
+        key = self._key(namespace, text)
+        kept = self._entries.get(key) is content
         if kept:
             self.nbytes -= content.nbytes
         content.base = base
         if kept:
             self.nbytes += content.nbytes
+            self._entries.move_to_end(key)      # just read: the newest, kept even when alone over the budget
             self._evict()
 
     def _evict(self) -> None:

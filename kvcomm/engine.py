@@ -32,6 +32,7 @@ object. It holds no global state: a Ray worker owns one engine.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ from .templates import AgentTemplate, PromptTemplate, TemplateError
 # consumers that go dense anyway.
 TURN_GATE_REASON = "predicted_kl"
 FIDELITY_GATE_REASON = "low_margin"
+
+log = logging.getLogger(__name__)
 
 
 def learn_gate_state(anchor_ids: dict[str, str], gate_reason: dict[str, str], turn_anchor_ids: Mapping[str, str],
@@ -289,6 +292,9 @@ class KVCommEngine:
 
         mode = request.mode
         first_read = self._first_read(request, state, contents)
+        if first_read and force_reuse:
+            raise ValueError(f"force_reuse needs every content's base KV; placeholder(s) {', '.join(first_read)} "
+                             "have none")
         if first_read:
             return self._dense(request, state, contents, prompt_ids, started,
                                "forced_dense" if request.force_dense else FIRST_READ_REASON, record=False,
@@ -433,9 +439,19 @@ class KVCommEngine:
                                      base=self._base_from(gen.kv, gen.prompt_len, gen.prompt_len + len(gen.token_ids)))
         timings = dict(prepared.timings)
         if prepared.first_read:
-            started = time.perf_counter()
-            self._learn_first_read(prepared, gen.kv)
-            timings["record"] = timings.get("record", 0.0) + time.perf_counter() - started
+            times = StageTimes(listener=self.stage_listener)
+            try:
+                with times.stage("record"):
+                    self._learn_first_read(prepared, gen.kv)
+            except Exception:  # noqa: BLE001 - the answer stands: what was learned is only ever reused later
+                log.exception("agent %r: learning from a first read failed; its contents get base KV when next "
+                              "read", request.agent.agent_id)
+                for name in prepared.first_read:     # read first again next time; no gate state kept
+                    content = request.contents[name]
+                    content.base = None
+                    content.anchor_ids.pop(name, None)
+                    content.gate_reason.pop(name, None)
+            timings["record"] = timings.get("record", 0.0) + times.seconds["record"]
         timings["decode"] = gen.total_s - gen.ttft_s
         return TurnResult(
             agent_id=request.agent.agent_id, mode=request.mode, token_ids=gen.token_ids, text=text,

@@ -167,20 +167,23 @@ def _cancel(stream: Any) -> None:
 
 def _unserved(exc: BaseException, retry_after_s: int) -> APIError | None:
     """A chat no worker replica took up: Serve's queue for the workers is full (`BackPressureError`, with the
-    deployment's ``max_queued_requests``), or the replica it went to is gone or unreachable before its first event.
-    The client may send it again: a 503 with ``Retry-After`` (OpenAI's clients wait and retry), not a 500. None for
-    anything else."""
-    from ray.exceptions import RayActorError
+    deployment's ``max_queued_requests``), or the replica it went to is unreachable. The client may send it again: a
+    503 with ``Retry-After`` (OpenAI's clients wait and retry), not a 500. A replica that died before the chat's
+    first token (its prefill included: the chat may be what killed it) is a 502, without an invitation to retry.
+    None for anything else."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
     if isinstance(exc, StopAsyncIteration):
-        return APIError(502, "the worker ended the completion before it started")
+        return APIError(502, "the worker ended the completion before its first token")
     if isinstance(exc, BackPressureError):
         why = "every worker replica is busy and the queue for them is full"
-    elif isinstance(exc, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)):
-        why = f"the worker replica it was sent to is unavailable ({type(exc).__name__})"
+    elif isinstance(exc, (ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)):
+        why = f"the worker replica it was sent to is unreachable ({type(exc).__name__})"
+    elif isinstance(exc, RayActorError):
+        return APIError(502, f"the worker replica was lost before the chat's first token ({type(exc).__name__})")
     else:
         return None
-    return APIError(503, f"the chat was not started: {why}; retry after {retry_after_s} s", code="server_busy",
+    return APIError(503, f"the chat was not served: {why}; retry after {retry_after_s} s", code="server_busy",
                     headers={"Retry-After": str(retry_after_s)})
 
 

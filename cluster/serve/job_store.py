@@ -214,11 +214,17 @@ class JobStore:
         if self.journal_path is None:
             return
         try:
+            record = msgpack.packb(job, use_bin_type=True)
             with open(self.journal_path, "ab") as journal:
-                journal.write(msgpack.packb(job, use_bin_type=True))
-                journal.flush()
-                os.fsync(journal.fileno())
-        except OSError as exc:
+                start = journal.tell()
+                try:
+                    journal.write(record)
+                    journal.flush()
+                    os.fsync(journal.fileno())
+                except OSError:
+                    journal.truncate(start)     # no torn record for the next end to be read into
+                    raise
+        except (OSError, ValueError, TypeError) as exc:
             log.warning("job store: the end of %s not journaled to %s (%s); the next snapshot keeps it", job["id"],
                         self.journal_path, exc)
 
@@ -226,16 +232,25 @@ class JobStore:
         """Apply the journaled ends over what the snapshot held, in order; a torn last record is ignored."""
         if self.journal_path is None or not self.journal_path.exists():
             return
-        replayed = 0
+        replayed, good = 0, 0
         try:
-            with self.journal_path.open("rb") as journal:
-                for job in msgpack.Unpacker(journal, raw=False, strict_map_key=False):
-                    job["events"] = [tuple(e) for e in job["events"]]
-                    self._jobs[job["id"]] = job
-                    self._keep_finished(job["id"])
-                    replayed += 1
-        except (OSError, ValueError, msgpack.UnpackException) as exc:
-            log.warning("job store: journal %s read up to a bad record (%s)", self.journal_path, exc)
+            with self.journal_path.open("r+b") as journal:
+                unpacker = msgpack.Unpacker(journal, raw=False, strict_map_key=False)
+                try:
+                    for job in unpacker:
+                        if not (isinstance(job, dict) and isinstance(job.get("id"), str)
+                                and isinstance(job.get("events"), list) and job.get("status") in FINISHED):
+                            raise ValueError("not a finished job's record")
+                        job["events"] = [tuple(e) for e in job["events"]]
+                        self._jobs[job["id"]] = job
+                        self._keep_finished(job["id"])
+                        replayed, good = replayed + 1, unpacker.tell()
+                except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                    log.warning("job store: journal %s has a bad record after %d ends (%s); dropped from there",
+                                self.journal_path, replayed, exc)
+                journal.truncate(good)          # a torn tail (a crash mid-write) is cut, not read into later ends
+        except OSError as exc:
+            log.warning("job store: journal %s not read (%s)", self.journal_path, exc)
         self._dirty = self._dirty or replayed > 0
         log.info("job store: %d job ends replayed from %s", replayed, self.journal_path)
 
@@ -263,11 +278,15 @@ class JobStore:
             tmp.write_bytes(msgpack.packb(state, use_bin_type=True))
             os.replace(tmp, path)
             self.saves += 1
-            if self.journal_path is not None:
-                self.journal_path.unlink(missing_ok=True)     # every end it held is in the snapshot now
         except OSError as exc:
             self._dirty = True
             log.warning("job store: snapshot not saved to %s (%s)", path, exc)
+            return
+        if self.journal_path is not None:
+            try:
+                self.journal_path.unlink(missing_ok=True)     # every end it held is in the snapshot now
+            except OSError as exc:                            # replayed again on load: harmless
+                log.warning("job store: journal %s not emptied (%s)", self.journal_path, exc)
 
     def _load(self) -> None:
         try:

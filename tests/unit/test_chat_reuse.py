@@ -506,3 +506,28 @@ def test_a_turn_reads_all_its_contents_for_the_first_time_or_none(engine) -> Non
         engine.prepare(TurnRequest(agent, {q: known, a: new}, mode="naive"))
     prepared = engine.prepare(TurnRequest(agent, {q: SharedContent("input", known.token_ids), a: new}, mode="naive"))
     assert (prepared.reason, prepared.first_read) == ("first_read", (q, a))
+
+
+def test_a_first_read_whose_learning_fails_still_answers_and_is_read_first_again(engine) -> None:
+    """What a first read learns when it ends (base KV, gate, deltas) is only ever reused later: when it fails (here
+    the pool is unreachable by then) the chat still gets its answer, dense's, and its contents stay without base KV
+    and gate state, so the next chat reads them first again and learns."""
+    from kvcomm.anchor_pool import AnchorPool
+
+    class PoolGoneAtFinish(AnchorPool):
+        reachable = False
+
+        def snapshot(self, namespace):
+            if not self.reachable:
+                raise RuntimeError("anchor pool unreachable")
+            return super().snapshot(namespace)
+
+    pool = PoolGoneAtFinish(engine.config, engine.runner.rope)
+    turns = ChatTurns(KVCommEngine(engine.runner, engine.tokenizer, engine.config, pool), ChatContents(64 << 20))
+    messages = [ChatMessage("system", SYSTEMS[0]), ChatMessage("user", QUESTIONS[2], "user")]
+    failed = ask(turns, messages)
+    assert failed.reason == "first_read" and failed.token_ids == dense_oracle(engine, failed.prompt_ids).token_ids
+    entry = turns.contents.get("ns", QUESTIONS[2])
+    assert entry.base is None and not entry.gate_reason and not entry.anchor_ids
+    pool.reachable = True
+    assert [ask(turns, messages).reason for _ in range(2)] == ["first_read", "reused"]

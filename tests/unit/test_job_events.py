@@ -81,14 +81,19 @@ def test_a_jobs_end_survives_a_store_crash_before_the_next_snapshot(tmp_path):
         restarted = JobStore(snapshot_path=path, snapshot_every_s=3600.0)      # what Ray's restart runs
         ended = {job_id: await restarted.get(job_id) for job_id in ("j1", "j2", "j3")}
         orphans = await JobStore(snapshot_path=path).claim_orphans("ingress-b", lease_s=0.0, limit=10)
+        # the torn tail was cut on load: the next end is not read into it
+        await restarted.finish("j3", "ingress-a", "failed", None, {"status": 500})
+        after_crash = await JobStore(snapshot_path=path).get("j3")
         await restarted.flush()
-        return ended, orphans, (tmp_path / "jobs.msgpack.ends").exists(), await JobStore(snapshot_path=path).get("j1")
+        return (ended, orphans, after_crash, (tmp_path / "jobs.msgpack.ends").exists(),
+                await JobStore(snapshot_path=path).get("j1"))
 
-    ended, orphans, journal_left, after_save = asyncio.run(scenario())
+    ended, orphans, after_crash, journal_left, after_save = asyncio.run(scenario())
     assert (ended["j1"]["status"], ended["j1"]["result"]) == ("succeeded", {"answer": "8"})
     assert ended["j2"]["status"] == "cancelled" and ended["j2"]["last_event"] == 1
     assert ended["j3"]["status"] == "running"
     assert [job["id"] for job in orphans] == ["j3"]               # only the job that had not ended
+    assert after_crash["status"] == "failed"
     assert not journal_left and after_save["status"] == "succeeded"
 
 
