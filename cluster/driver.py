@@ -44,6 +44,15 @@ class WorkerLost(RuntimeError):
     """The worker running an order died (or left) before answering; the order may be sent again."""
 
 
+class WorkersBusy(RuntimeError):
+    """No worker took the order (every replica busy and the queue for them full); it may be sent again later."""
+
+
+BUSY_FIRST_PAUSE_S = 0.05     # an order no worker took is sent again after this pause, doubled each time ...
+BUSY_LONGEST_PAUSE_S = 2.0    # ... up to this pause ...
+BUSY_GIVE_UP_S = 300.0        # ... until it has waited this long in all; then the job fails with WorkersBusy
+
+
 class JobCancelled(RuntimeError):
     """The job was cancelled: its running turns were stopped and nothing of it was committed to the pool."""
 
@@ -58,7 +67,8 @@ class Reply:
 
 class TurnExecutor(Protocol):
     """Where a driver's orders run. `send` starts one (never blocks on its result), `wait` returns its `Reply` or
-    raises `WorkerLost` (the driver then sends it again) or the error the worker raised; `cancel` stops it."""
+    raises `WorkerLost` (the driver then sends it again), `WorkersBusy` (sent again after a pause, not counted as a
+    retry) or the error the worker raised; `cancel` stops it."""
 
     def send(self, order: TurnOrder | ContentOrder) -> Any: ...
 
@@ -236,10 +246,20 @@ class DagJob:
                 pass
 
     def _wait(self, order: TurnOrder | ContentOrder, call: Any) -> Reply:
-        """The order's reply; an order whose worker was lost is sent again while the job has retries left."""
+        """The order's reply; an order whose worker was lost is sent again while the job has retries left, one no
+        worker took is sent again after a pause (`BUSY_FIRST_PAUSE_S`, doubling, for `BUSY_GIVE_UP_S` at most)."""
+        pause, busy_s = BUSY_FIRST_PAUSE_S, 0.0
         while True:
             try:
                 reply = self.executor.wait(call)
+            except WorkersBusy:
+                self._forget(call)
+                if busy_s >= BUSY_GIVE_UP_S:
+                    raise
+                self._cancelled.wait(pause)                  # a cancel ends the pause at once
+                busy_s, pause = busy_s + pause, min(2 * pause, BUSY_LONGEST_PAUSE_S)
+                call = self._send(order)                     # raises JobCancelled when cancelled meanwhile
+                continue
             except WorkerLost as exc:
                 self._forget(call)
                 self._check_cancelled()

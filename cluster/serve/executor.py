@@ -5,8 +5,9 @@ Each order is one streamed call through the worker deployment's handle, so Serve
 the outcome last (`cluster.serve.worker`); `wait` takes the items as ObjectRefs (`_to_object_ref_gen_sync`), which
 this process (the ingress replica hosting the driver) owns: KV never passes through the driver, and a turn's
 output outlives the replica that produced it. A replica lost mid-call is `WorkerLost` (the driver sends the order
-again; the router no longer offers the dead replica). `cancel` cancels the Serve request, which cancels the turn
-on its replica. Commits go to the anchor pool actor in one call per job.
+again; the router no longer offers the dead replica); one Serve refused for a full queue (the deployment's
+``max_queued_requests``) is `WorkersBusy` (the driver sends it again after a pause). `cancel` cancels the Serve
+request, which cancels the turn on its replica. Commits go to the anchor pool actor in one call per job.
 
 Called from driver threads, never from the replica's event loop.
 """
@@ -18,11 +19,12 @@ from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from actors.turns import ContentOrder, TurnOrder
 from kvcomm.errors import first_line
 
-from ..driver import Reply, WorkerLost
+from ..driver import Reply, WorkerLost, WorkersBusy
 
 log = logging.getLogger(__name__)
 REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -57,6 +59,8 @@ class ReplicaCalls:
             outcome = ray.get(refs[-1])          # raises what the replica raised, or that it was lost
         except REPLICA_LOST as exc:
             raise WorkerLost(f"worker replica lost ({first_line(exc)})") from None
+        except BackPressureError as exc:     # the deployment's max_queued_requests: no replica took it yet
+            raise WorkersBusy(first_line(exc)) from None
         if len(refs) != expected:
             raise RuntimeError(f"the worker replica answered {len(refs)} items, expected {expected}")
         return Reply(outcome, refs[:-1])

@@ -36,7 +36,7 @@ from kvcomm.memory_plan import KVBudgetError
 from kvcomm.names import MODES
 from kvcomm.templates import TemplateError
 
-from ..driver import DagJob, JobCancelled, WorkerLost
+from ..driver import BUSY_GIVE_UP_S, DagJob, JobCancelled, WorkerLost, WorkersBusy
 from .executor import ReplicaCalls
 from .http import (INT64_MAX, INT64_MIN, APIError, Caller, ClosingStreamingResponse, InFlightSlots,
                    internal_error_message, limit_error, query_flag, read_json, sse)
@@ -359,6 +359,9 @@ def job_error(job_id: str, exc: BaseException) -> dict[str, Any]:
         error = APIError(400, f"{type(cause).__name__}: {cause}", param=getattr(cause, "field", None) or "job")
     elif isinstance(cause, WorkerLost):
         error = APIError(502, f"job: {cause}; the job's retries are used up (cluster.job_retries)")
+    elif isinstance(cause, WorkersBusy):
+        error = APIError(503, f"job: no worker replica took a turn for {BUSY_GIVE_UP_S:.0f} s ({cause})",
+                         code="server_busy")
     else:
         error = APIError(500, internal_error_message(f"job {job_id}"))
     return {"status": error.status, "message": error.message, "type": error.error_type, "param": error.param,
