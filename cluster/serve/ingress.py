@@ -30,10 +30,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from actors.anchor_pool_actor import get_or_create_pool_actor
 from kvcomm.config import KVCommConfig
 
+from ..driver import BUSY_FIRST_PAUSE_S, BUSY_GIVE_UP_S, BUSY_LONGEST_PAUSE_S
 from .chat import ChatService
 from .config import ServeAppConfig
 from .http import APIError, Caller, InFlightSlots, api, authenticate, internal_error_message
@@ -107,6 +109,7 @@ class KVCommIngress:
         self._metrics = ServiceMetrics(export_to_ray=True)
         self._slots = InFlightSlots(settings.max_in_flight, settings.max_in_flight_per_key, settings.retry_after_s)
         self._model_info: dict[str, Any] | None = None
+        self._model_info_lock = asyncio.Lock()
         self._started = int(time.time())
         self._pool = None
         if settings.pool is not None:   # outside this replica's placement group; the workers join the same spec
@@ -141,8 +144,22 @@ class KVCommIngress:
         return response
 
     async def _worker_model(self) -> dict[str, Any]:
-        if self._model_info is None:
-            self._model_info = await self._workers.model_info.remote()
+        """The served model's facts, asked of a worker replica once (concurrent first callers share the call). A
+        call Serve refuses for a full worker queue is asked again after a pause, as a job's turn is
+        (`cluster.driver.BUSY_*`); past the last, a 503 with Retry-After."""
+        async with self._model_info_lock:
+            pause, waited = BUSY_FIRST_PAUSE_S, 0.0
+            while self._model_info is None:
+                try:
+                    self._model_info = await self._workers.model_info.remote()
+                except BackPressureError:
+                    if waited >= BUSY_GIVE_UP_S:
+                        retry = self._settings.retry_after_s
+                        raise APIError(503, f"model: every worker replica stayed busy for {waited:.0f} s; retry "
+                                            f"after {retry} s", code="server_busy",
+                                       headers={"Retry-After": str(retry)}) from None
+                    await asyncio.sleep(pause)
+                    waited, pause = waited + pause, min(2 * pause, BUSY_LONGEST_PAUSE_S)
         return self._model_info
 
     # ---- routes: health, models, metrics ------------------------------------------------------------------------

@@ -39,6 +39,18 @@ def busy_url(ray_cluster, tiny_model_dir):
         yield url
 
 
+def test_the_first_model_lookups_at_once_share_one_call_to_the_workers(busy_url) -> None:
+    """The ingress asks a worker replica for the model's facts once (`/v1/models`, a job's context check); the first
+    requests arriving together wait for that one call rather than each queueing their own past the queue."""
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=busy_url, timeout=120) as client:
+            return await asyncio.gather(*(client.get("/v1/models") for _ in range(BURST)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * BURST, [r.text[:200] for r in responses]
+    assert len({r.json()["data"][0]["max_model_len"] for r in responses}) == 1
+
+
 def test_chats_beyond_the_workers_queue_get_503_with_retry_after_and_a_retrying_client_is_served(busy_url) -> None:
     import openai
 
