@@ -1,5 +1,5 @@
-"""Chat completions as engine turns: a chat's messages as a template with placeholders, its contents reused across
-requests, and the text it streams.
+"""Chat completions as engine turns: a chat's messages as a template with placeholders, and its contents reused
+across requests.
 
 This module owns how an OpenAI-style chat becomes a `kvcomm.engine.TurnRequest` (nothing HTTP here: no Ray, no
 pydantic), so a chat runs on the very path an agent turn of a job runs on, in any of the engine's modes:
@@ -20,7 +20,7 @@ pydantic), so a chat runs on the very path an agent turn of a job runs on, in an
   take their KV in it as their base KV (the gate sees them when it ends). A chat that mixes kept and new contents
   computes each new one's base KV in isolation first (after a kept input's shared start, when one has it), and
   reuses.
-* `TextStream`: a response's text as deltas while its tokens come, holding back what may still become a stop string.
+* `kvcomm.text_stream.TextStream` sends a response's text as deltas while its tokens come.
 
 Gate state across requests. In a job a content flagged as a new anchor sends every consumer of that job to a dense
 prefill that records its deltas. A chat content lives longer, so the flag is kept per consumer: a consumer (one
@@ -40,10 +40,11 @@ from .base_cache import shared_prefix
 from .chat_template import (CONTEXT_LENGTH_EXCEEDED, QUOTE_PROBE_CHARS, ChatMessage, ChatRequestError, ChatTemplate,
                             as_rendered, chat_template, quoted_suffix, trims_contents)
 from .engine import ContextLengthError, KVCommEngine, SharedContent, TurnRequest, TurnResult, learn_gate_state
-from .generation import Sampling, first_stop_at
+from .generation import Sampling
 from .kv import KVSegment
 from .names import BASE_MODES, MODES, POOL_MODES
 from .templates import TemplateError, render_template
+from .text_stream import TextStream
 
 MIN_QUOTE_TOKENS = 4     # a response this short is never looked for inside a longer message (too little to reuse)
 
@@ -189,60 +190,6 @@ class ChatContents:
         return {"entries": len(self._entries), "bytes": self.nbytes, "budget_bytes": self.budget_bytes,
                 "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
                 "shared_start_tokens": self.shared_start_tokens}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Streaming text
-# ------------------------------------------------------------------------------------------------------------
-class TextStream:
-    """A response's text as its tokens come, sent as deltas to `emit`: decoded incrementally (each token decoded
-    after the tokens of the previous delta only, for the tokenizers whose pieces depend on what precedes them;
-    an incomplete UTF-8 character waits for the next token), cut at the first stop string, and holding back the
-    last characters that could still begin one. `close(text)` sends what is left of the final text. Each token
-    costs a decode of a few tokens, not of the whole response (which on the model thread, for every chat in the
-    batch, grew with the square of the response's length)."""
-
-    def __init__(self, detokenize: Callable[[Sequence[int]], str], stops: Sequence[str],
-                 emit: Callable[[str], None]):
-        self.detokenize, self.stops, self.emit = detokenize, tuple(stops), emit
-        self.hold = max((len(stop) - 1 for stop in self.stops), default=0)
-        self.tokens: list[int] = []
-        self.text = ""              # the text of tokens[:self._read_at]
-        self.sent = ""
-        self.stopped = False
-        self._context_at = 0        # tokens[_context_at:_read_at]: the previous delta's, decoded again as context
-        self._read_at = 0
-        self._searched = 0          # characters of `text` searched for a stop string
-
-    def feed(self, token: int) -> None:
-        if self.stopped:
-            return
-        self.tokens.append(token)
-        context = self.detokenize(self.tokens[self._context_at:self._read_at])
-        text = self.detokenize(self.tokens[self._context_at:])
-        if text.endswith("\ufffd") or len(text) <= len(context):
-            return
-        if text.startswith(context):
-            self.text += text[len(context):]
-        else:                       # a tokenizer that rewrote the context: decode the whole response once
-            self.text = self.detokenize(self.tokens)
-        self._context_at, self._read_at = self._read_at, len(self.tokens)
-        start = max(0, self._searched - self.hold)
-        at = first_stop_at(self.text[start:], self.stops)
-        self._searched = len(self.text)
-        if at is not None:
-            self.stopped = True
-            self._send(self.text[:start + at])
-        else:
-            self._send(self.text[:max(len(self.sent), len(self.text) - self.hold)])
-
-    def close(self, text: str) -> None:
-        self._send(text)
-
-    def _send(self, text: str) -> None:
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            self.emit(text[len(self.sent):])
-            self.sent = text
 
 
 # ------------------------------------------------------------------------------------------------------------

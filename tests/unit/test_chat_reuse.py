@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from kvcomm.bench.fidelity import kl_divergence
-from kvcomm.chat import ChatContent, ChatContents, ChatRequest, ChatTurns, TextStream
+from kvcomm.chat import ChatContent, ChatContents, ChatRequest, ChatTurns
+from kvcomm.text_stream import TextStream
 from kvcomm.chat_template import (ChatMessage, ChatRequestError, chat_placeholder, chat_prompt_ids, chat_template,
                                   quote_pieces, quoted_suffix, trims_contents)
 from kvcomm.config import KVCommConfig
