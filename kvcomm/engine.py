@@ -460,7 +460,6 @@ class KVCommEngine:
             recomputed_tokens=prepared.recomputed, response=response, finish_reason=gen.finish_reason,
             predicted_kl=None if prepared.forecast is None else prepared.forecast.predicted_kl)
 
-
     def _base_from(self, kv: SequenceKV, begin: int, end: int) -> KVSegment:
         """[layers, kv_heads, end - begin, head_dim]: a copy of the turn's KV of tokens [begin, end), keys
         re-rotated to start at position 0 (a content's base KV taken from the prompt it was read or made in)."""
