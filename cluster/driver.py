@@ -18,8 +18,10 @@ driver's process owns every object a worker returns, so when a worker dies mid-t
 and the lost turn is simply sent again (up to ``retries`` times per job). When a node dies, the objects stored
 there are lost even though the driver owns them: a turn that can no longer read one gets it back by running the
 turn (or user input) that produced it again, from the driver's record of every order it sent, and is then sent
-again itself; dense decoding is deterministic, so the answers do not change. `cancel()` (from any thread) cancels
-the turns in flight, which leave their decode batch at the next step, and ends the job with `JobCancelled`.
+again itself; dense decoding is deterministic, so the answers do not change. An order no worker took (every
+replica busy and the queue for them full: `WorkersBusy`) is sent again after a pause, not counted as a retry.
+`cancel()` (from any thread) cancels the turns in flight, which leave their decode batch at the next step, and ends
+the job with `JobCancelled`.
 """
 from __future__ import annotations
 
@@ -222,7 +224,7 @@ class DagJob:
             handle = self._replaced[_object_id(handle)]
         return handle
 
-    # ---- orders, with retries on worker loss --------------------------------------------------------------------
+    # ---- orders, with retries on worker loss and resends when busy ----------------------------------------------
     def _check_cancelled(self) -> None:
         if self._cancelled.is_set():
             raise JobCancelled(f"job {self.job.id} was cancelled")
@@ -254,6 +256,7 @@ class DagJob:
                 reply = self.executor.wait(call)
             except WorkersBusy:
                 self._forget(call)
+                self._check_cancelled()
                 if busy_s >= BUSY_GIVE_UP_S:
                     raise
                 self._cancelled.wait(pause)                  # a cancel ends the pause at once

@@ -147,19 +147,20 @@ class KVCommIngress:
         """The served model's facts, asked of a worker replica once (concurrent first callers share the call). A
         call Serve refuses for a full worker queue is asked again after a pause, as a job's turn is
         (`cluster.driver.BUSY_*`); past the last, a 503 with Retry-After."""
+        deadline = time.monotonic() + BUSY_GIVE_UP_S       # from the caller's arrival, the wait for the lock too
         async with self._model_info_lock:
-            pause, waited = BUSY_FIRST_PAUSE_S, 0.0
+            pause = BUSY_FIRST_PAUSE_S
             while self._model_info is None:
                 try:
                     self._model_info = await self._workers.model_info.remote()
                 except BackPressureError:
-                    if waited >= BUSY_GIVE_UP_S:
+                    if time.monotonic() >= deadline:
                         retry = self._settings.retry_after_s
-                        raise APIError(503, f"model: every worker replica stayed busy for {waited:.0f} s; retry "
-                                            f"after {retry} s", code="server_busy",
+                        raise APIError(503, f"model: every worker replica stayed busy for {BUSY_GIVE_UP_S:.0f} s; "
+                                            f"retry after {retry} s", code="server_busy",
                                        headers={"Retry-After": str(retry)}) from None
                     await asyncio.sleep(pause)
-                    waited, pause = waited + pause, min(2 * pause, BUSY_LONGEST_PAUSE_S)
+                    pause = min(2 * pause, BUSY_LONGEST_PAUSE_S)
         return self._model_info
 
     # ---- routes: health, models, metrics ------------------------------------------------------------------------

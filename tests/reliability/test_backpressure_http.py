@@ -41,7 +41,8 @@ def busy_url(ray_cluster, tiny_model_dir):
 
 def test_the_first_model_lookups_at_once_share_one_call_to_the_workers(busy_url) -> None:
     """The ingress asks a worker replica for the model's facts once (`/v1/models`, a job's context check); the first
-    requests arriving together wait for that one call rather than each queueing their own past the queue."""
+    requests arriving together wait for that one call rather than each queueing their own past the queue. (First in
+    the module: the app's ingress has not looked the model up yet.)"""
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=busy_url, timeout=120) as client:
             return await asyncio.gather(*(client.get("/v1/models") for _ in range(BURST)))

@@ -10,12 +10,14 @@ must read the new one (they failed with the same lost id, which no longer names 
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 
 import pytest
 from ray.exceptions import ObjectLostError
 
 from actors.turns import ContentHandle, ContentOrder, ProducedContent, SegmentMeta, TurnOrder, TurnOutcome
-from cluster.driver import DagJob, Reply
+from cluster.driver import BUSY_LONGEST_PAUSE_S, DagJob, JobCancelled, Reply, WorkersBusy
 from kvcomm.harness.jobs import JobSpec
 from kvcomm.job_runner import TurnRecord
 
@@ -133,3 +135,36 @@ def test_a_level_whose_send_fails_cancels_the_orders_it_already_sent() -> None:
     with pytest.raises(RuntimeError, match="no worker"):
         DagJob(fan_out_job(), "dense", executor).run()
     assert executor.cancelled == executor.turns_sent[:1]
+
+
+class BusyExecutor(StandInExecutor):
+    """The stand-in whose workers refuse each turn `refusals` times first (Serve's full queue: `WorkersBusy`)."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__(lose_input_before_turns=0)
+        self.refusals = refusals
+        self.refused: dict[str, int] = {}
+
+    def wait(self, order) -> Reply:
+        if isinstance(order, TurnOrder) and self.refused.get(order.agent["id"], 0) < self.refusals:
+            self.refused[order.agent["id"]] = self.refused.get(order.agent["id"], 0) + 1
+            raise WorkersBusy("Request dropped due to backpressure")
+        return super().wait(order)
+
+
+def test_an_order_no_worker_took_is_sent_again_after_a_pause_and_not_counted_as_a_retry() -> None:
+    executor = BusyExecutor(refusals=3)
+    job = DagJob(fan_out_job(), "dense", executor, retries=0)
+    result = job.run()
+    assert [t["agent_id"] for t in result["turns"]] == ["a", "b", "c"]
+    assert executor.refused == {"a": 3, "b": 3, "c": 3} and job.retries_left == 0 and not job._calls
+
+
+def test_a_cancel_ends_the_pause_of_an_order_no_worker_took() -> None:
+    executor = BusyExecutor(refusals=10 ** 6)
+    job = DagJob(fan_out_job(), "dense", executor)
+    threading.Timer(0.3, job.cancel).start()
+    started = time.monotonic()
+    with pytest.raises(JobCancelled):
+        job.run()
+    assert time.monotonic() - started < BUSY_LONGEST_PAUSE_S + 1.0 and not job._calls
