@@ -30,7 +30,7 @@ import threading
 import time
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from ray.exceptions import ObjectLostError, RayTaskError
 
@@ -53,6 +53,15 @@ class WorkersBusy(RuntimeError):
 BUSY_FIRST_PAUSE_S = 0.05     # an order no worker took is sent again after this pause, doubled each time ...
 BUSY_LONGEST_PAUSE_S = 2.0    # ... up to this pause ...
 BUSY_GIVE_UP_S = 300.0        # ... until it has waited this long in all; then the job fails with WorkersBusy
+
+
+def busy_pauses() -> Iterator[float]:
+    """The pauses before each resend of work no worker took: `BUSY_FIRST_PAUSE_S`, doubling up to
+    `BUSY_LONGEST_PAUSE_S`, while less than `BUSY_GIVE_UP_S` was waited in all (then none: give up)."""
+    pause, waited = BUSY_FIRST_PAUSE_S, 0.0
+    while waited < BUSY_GIVE_UP_S:
+        yield pause
+        waited, pause = waited + pause, min(2 * pause, BUSY_LONGEST_PAUSE_S)
 
 
 class JobCancelled(RuntimeError):
@@ -249,18 +258,18 @@ class DagJob:
 
     def _wait(self, order: TurnOrder | ContentOrder, call: Any) -> Reply:
         """The order's reply; an order whose worker was lost is sent again while the job has retries left, one no
-        worker took is sent again after a pause (`BUSY_FIRST_PAUSE_S`, doubling, for `BUSY_GIVE_UP_S` at most)."""
-        pause, busy_s = BUSY_FIRST_PAUSE_S, 0.0
+        worker took is sent again after a pause (`busy_pauses`)."""
+        pauses = busy_pauses()
         while True:
             try:
                 reply = self.executor.wait(call)
             except WorkersBusy:
                 self._forget(call)
                 self._check_cancelled()
-                if busy_s >= BUSY_GIVE_UP_S:
+                pause = next(pauses, None)
+                if pause is None:
                     raise
                 self._cancelled.wait(pause)                  # a cancel ends the pause at once
-                busy_s, pause = busy_s + pause, min(2 * pause, BUSY_LONGEST_PAUSE_S)
                 call = self._send(order)                     # raises JobCancelled when cancelled meanwhile
                 continue
             except WorkerLost as exc:

@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from ..config import describe_validation_error
-from .http import APIError, Caller, ClosingStreamingResponse, InFlightSlots, field_path, read_json, sse
+from .http import (APIError, Caller, ClosingStreamingResponse, InFlightSlots, busy_error, field_path, read_json,
+                   sse)
 from .metrics import ServiceMetrics
 from .openai_api import (ChatCompletionRequest, ChatRequestError, chunk_body, completion_body, kvcomm_body,
                          new_completion_id, usage_body)
@@ -183,8 +184,7 @@ def _unserved(exc: BaseException, retry_after_s: int) -> APIError | None:
         return APIError(502, f"the worker replica was lost before the chat's first token ({type(exc).__name__})")
     else:
         return None
-    return APIError(503, f"the chat was not served: {why}; retry after {retry_after_s} s", code="server_busy",
-                    headers={"Retry-After": str(retry_after_s)})
+    return busy_error(f"the chat was not served: {why}", retry_after_s)
 
 
 def _event_error(event: dict[str, Any]) -> APIError:

@@ -42,6 +42,13 @@ def internal_error_message(what: str) -> str:
     return f"internal error (error id {error_id}); the server log has the details"
 
 
+def busy_error(message: str, retry_after_s: int) -> "APIError":
+    """Work the server could not take now and the client may send again: a 503 with ``Retry-After`` and OpenAI's
+    ``server_busy`` code (OpenAI's clients wait and retry)."""
+    return APIError(503, f"{message}; retry after {retry_after_s} s", code="server_busy",
+                    headers={"Retry-After": str(retry_after_s)})
+
+
 class APIError(Exception):
     """An error response: HTTP status, a message starting with the offending field, OpenAI's ``param``."""
 

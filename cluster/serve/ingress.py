@@ -35,10 +35,10 @@ from ray.serve.exceptions import BackPressureError
 from actors.anchor_pool_actor import get_or_create_pool_actor
 from kvcomm.config import KVCommConfig
 
-from ..driver import BUSY_FIRST_PAUSE_S, BUSY_GIVE_UP_S, BUSY_LONGEST_PAUSE_S
+from ..driver import BUSY_GIVE_UP_S, busy_pauses
 from .chat import ChatService
 from .config import ServeAppConfig
-from .http import APIError, Caller, InFlightSlots, api, authenticate, internal_error_message
+from .http import APIError, Caller, InFlightSlots, api, authenticate, busy_error, internal_error_message
 from .job_store import get_or_create_job_store
 from .jobs import JobService
 from .metrics import ServiceMetrics
@@ -146,21 +146,19 @@ class KVCommIngress:
     async def _worker_model(self) -> dict[str, Any]:
         """The served model's facts, asked of a worker replica once (concurrent first callers share the call). A
         call Serve refuses for a full worker queue is asked again after a pause, as a job's turn is
-        (`cluster.driver.BUSY_*`); past the last, a 503 with Retry-After."""
+        (`cluster.driver.busy_pauses`); past the last, a 503 with Retry-After."""
         deadline = time.monotonic() + BUSY_GIVE_UP_S       # from the caller's arrival, the wait for the lock too
         async with self._model_info_lock:
-            pause = BUSY_FIRST_PAUSE_S
+            pauses = busy_pauses()
             while self._model_info is None:
                 try:
                     self._model_info = await self._workers.model_info.remote()
                 except BackPressureError:
-                    if time.monotonic() >= deadline:
-                        retry = self._settings.retry_after_s
-                        raise APIError(503, f"model: every worker replica stayed busy for {BUSY_GIVE_UP_S:.0f} s; "
-                                            f"retry after {retry} s", code="server_busy",
-                                       headers={"Retry-After": str(retry)}) from None
+                    pause = next(pauses, None)
+                    if pause is None or time.monotonic() >= deadline:
+                        raise busy_error(f"model: every worker replica stayed busy for {BUSY_GIVE_UP_S:.0f} s",
+                                         self._settings.retry_after_s) from None
                     await asyncio.sleep(pause)
-                    pause = min(2 * pause, BUSY_LONGEST_PAUSE_S)
         return self._model_info
 
     # ---- routes: health, models, metrics ------------------------------------------------------------------------
